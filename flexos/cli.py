@@ -1,0 +1,89 @@
+"""The ``flexos`` command: ``check`` an image, ``run`` an unmodified app under it."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+import click
+
+from flexos.errors import ConfigError, FlexosError
+from flexos.image import DEFAULT_CONFIG
+
+_config_option = click.option(
+    "-c", "--config", default=DEFAULT_CONFIG, show_default=True, metavar="FILE", help="The image's flexos.yaml."
+)
+
+
+@click.group()
+@click.version_option(package_name="flexos")
+def main() -> None:
+    """FlexOS-style flexible isolation for Python applications."""
+
+
+@main.command()
+@_config_option
+def check(config: str) -> None:
+    """Validate FILE and print the image: compartments, drivers, who is where."""
+    from flexos.config import parse
+    from flexos.drivers import unavailable
+
+    try:
+        image, notes = parse(config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(problem, err=True)
+        sys.exit(2)
+    for note in notes:
+        click.echo(note, err=True)
+    refused = []
+    click.echo(f"image {image.source}")
+    click.echo("compartments:")
+    for spec in image.compartments.values():
+        options = ", ".join(f"{k}={v}" for k, v in spec.options.items())
+        role = "default (the app's own code)" if spec.default else f"restart: {spec.restart}"
+        reason = unavailable(spec.driver)
+        status = "ok" if reason is None else "UNAVAILABLE"
+        click.echo(f"  {spec.name:<14} {spec.driver:<10} {status:<12} {role}" + (f"  [{options}]" if options else ""))
+        if reason:
+            refused.append(f"{image.source}: compartment {spec.name!r}: {reason}")
+    click.echo("libraries:")
+    for module, owner in sorted(image.libraries.items()):
+        click.echo(f"  {module:<30} -> {owner}")
+    click.echo("  (modules not listed are imported locally by each compartment that uses them)")
+    for reason in refused:
+        click.echo(reason, err=True)
+    if refused:
+        sys.exit(2)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@_config_option
+@click.option("-m", "module", metavar="MODULE", help="Run a module, as python -m does.")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def run(config: str, module: str | None, args: tuple[str, ...]) -> None:
+    """Run an unmodified app (SCRIPT [ARGS]... or -m MODULE [ARGS]...) under the image."""
+    from flexos.runtime import run_module, run_path
+
+    if module is None and not args:
+        raise click.UsageError("give a script to run, or -m MODULE")
+    try:
+        if module is not None:
+            run_module(module, list(args), config)
+        else:
+            run_path(args[0], list(args[1:]), config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(problem, err=True)
+        sys.exit(2)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except FlexosError as exc:
+        traceback.print_exc()
+        click.echo(f"flexos: {exc}", err=True)
+        sys.exit(1)
+    except BaseException:
+        traceback.print_exc()  # the app's own uncaught exception, as python would print it
+        sys.exit(1)

@@ -1,0 +1,71 @@
+"""Entry point of a compartment process: ``python -m flexos.compartment FD``.
+
+Receives its identity and the image over the control socket, installs the gates for modules that
+live elsewhere, answers "ready", then serves the channels its parent opens until the parent goes
+away. It imports none of the config/validation stack.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import sys
+import traceback
+
+import msgpack
+
+from flexos.errors import CompartmentCrashed
+from flexos.image import Image
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+    if os.getppid() == 1:  # the parent died before we asked
+        os._exit(1)
+
+
+def main() -> None:
+    from flexos.gates.link import Link
+    from flexos.runtime import Runtime
+    from flexos.transports.shm import ShmTransport
+
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    os.set_inheritable(sock.fileno(), False)
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the app, which sees it first
+    boot = msgpack.unpackb(sock.recv(1 << 20))
+    try:
+        sys.path[:] = boot["sys_path"]
+        sys.argv[:] = boot["argv"]
+        image = Image.from_dict(boot["image"])
+        name = boot["name"]
+        runtime = Runtime(image, local=name)
+        parent = Link(image.default, importer=runtime.serve_import)
+        transport = ShmTransport(
+            sock,
+            sock.fileno(),
+            0,
+            death=lambda: CompartmentCrashed(image.default, None, "the app went away"),
+            spin_us=boot["spin_us"],
+        )
+        parent.attach(transport)
+        runtime.connect(image.default, parent)
+        runtime.start()
+    except Exception:
+        sock.send(msgpack.packb(["error", traceback.format_exc()]))
+        os._exit(1)
+    sock.send(msgpack.packb(["ready"]))
+    transport.accept_loop(parent)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

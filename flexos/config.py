@@ -1,0 +1,301 @@
+"""Load and validate flexos.yaml into an :class:`~flexos.image.Image`.
+
+Structure and types are checked by pydantic, the rules between entries (one default, declared
+compartments, unique names) here; every problem is reported with the file, the line, and what to
+change. YAML is read with ruamel.yaml because it keeps the line of every key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+from flexos.errors import ConfigError
+from flexos.image import DEFAULT_CONFIG, CompartmentSpec, Image
+
+_NAME = r"^[A-Za-z_][A-Za-z0-9_-]*$"
+_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+class ConfigWarning(UserWarning):
+    """A flexos.yaml that works but is probably not what its author meant."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# -- per-driver mechanism options (FlexOS puts driver options inside ``mechanism:`` too) --------
+class FcallsMechanism(_Model):
+    driver: Literal["fcalls"]
+    strict: bool = False
+
+
+class ProcessMechanism(_Model):
+    driver: Literal["process"]
+    spin_us: int = Field(200, ge=0, le=1_000_000)
+    start_timeout: float = Field(30.0, gt=0)
+
+
+class _NotImplementedMechanism(_Model):
+    driver: str
+
+
+MECHANISMS: dict[str, type[_Model]] = {
+    "fcalls": FcallsMechanism,
+    "process": ProcessMechanism,
+    "subinterp": _NotImplementedMechanism,
+    "vm": _NotImplementedMechanism,
+    "intel-pku": _NotImplementedMechanism,
+}
+
+
+class _Compartment(_Model):
+    name: str = Field(pattern=_NAME)
+    mechanism: dict[str, Any]
+    default: bool = False
+    restart: Literal["on-failure", "never"] = "on-failure"
+
+
+class _Library(_Model):
+    compartment: str
+
+
+class _Config(_Model):
+    name: str | None = None
+    compartments: list[_Compartment] = Field(min_length=1)
+    libraries: dict[str, _Library] = Field(default_factory=dict)
+
+
+_HINTS = {
+    "bool_type": "use true or false",
+    "int_type": "use a whole number",
+    "float_type": "use a number",
+    "string_type": "use a string",
+    "list_type": "use a YAML list (lines starting with '- ')",
+    "dict_type": "use a YAML mapping (key: value)",
+    "model_type": "use a YAML mapping (key: value)",
+    "literal_error": "",
+    "string_pattern_mismatch": "names use letters, digits, '_' and '-', and start with a letter or '_'",
+}
+
+
+class _Source:
+    """A parsed YAML document that can answer "which line is this path on?"."""
+
+    def __init__(self, path: str, doc: Any) -> None:
+        self.path = path
+        self.doc = doc
+
+    def line(self, loc: tuple[Any, ...]) -> int:
+        node, line = self.doc, 1
+        for key in loc:
+            if isinstance(node, CommentedMap) and key in node:
+                line = node.lc.key(key)[0] + 1
+                node = node[key]
+            elif isinstance(node, CommentedSeq) and isinstance(key, int) and key < len(node):
+                line = node.lc.item(key)[0] + 1
+                node = node[key]
+            else:
+                break
+        return line
+
+    def error(self, loc: tuple[Any, ...], message: str) -> str:
+        return f"{self.path}:{self.line(loc)}: {message}"
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    text = ""
+    for key in loc:
+        text += f"[{key}]" if isinstance(key, int) else (f".{key}" if text else str(key))
+    return text
+
+
+def _allowed_keys(model: type[BaseModel]) -> str:
+    return ", ".join(model.model_fields)
+
+
+def _model_at(loc: tuple[Any, ...], mechanism_model: type[BaseModel] | None = None) -> type[BaseModel]:
+    if mechanism_model is not None:
+        return mechanism_model
+    if loc and loc[0] == "compartments":
+        return _Compartment
+    if loc and loc[0] == "libraries":
+        return _Library
+    return _Config
+
+
+def _pydantic_problems(
+    src: _Source, exc: ValidationError, prefix: tuple[Any, ...] = (), mechanism: type[BaseModel] | None = None
+) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        loc = prefix + tuple(err["loc"])
+        kind = err["type"]
+        where = _where(loc)
+        if kind == "extra_forbidden":
+            key = loc[-1]
+            allowed = _allowed_keys(_model_at(loc, mechanism))
+            guess = difflib.get_close_matches(str(key), allowed.split(", "), n=1)
+            hint = f"; did you mean {guess[0]!r}?" if guess else ""
+            problems.append(
+                src.error(
+                    loc, f"unknown key {key!r} in {_where(loc[:-1]) or 'the top level'}{hint} (allowed: {allowed})"
+                )
+            )
+        elif kind == "missing":
+            problems.append(
+                src.error(loc[:-1], f"{_where(loc[:-1]) or 'the top level'} is missing the required key {loc[-1]!r}")
+            )
+        else:
+            hint = _HINTS.get(kind, "")
+            problems.append(src.error(loc, f"{where}: {err['msg']}" + (f" ({hint})" if hint else "")))
+    return problems
+
+
+def _read(path: Path) -> _Source:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file (create a flexos.yaml, or pass -c FILE)"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    try:
+        doc = YAML(typ="rt").load(text)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        problem = " ".join(str(part) for part in (exc.context, exc.problem) if part)
+        raise ConfigError([f"{path}:{line}: not valid YAML: {problem}"]) from None
+    except YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+    if doc is None:
+        raise ConfigError([f"{path}:1: the file is empty; it needs a 'compartments:' list (see docs/config.md)"])
+    if not isinstance(doc, CommentedMap):
+        raise ConfigError([f"{path}:1: the top level must be a mapping with 'compartments:' and 'libraries:'"])
+    return _Source(str(path), doc)
+
+
+def parse(path: str | Path) -> tuple[Image, list[str]]:
+    """Validate ``path``; return the image and the warnings, or raise ConfigError listing every problem."""
+    src = _read(Path(path))
+    try:
+        config = _Config.model_validate(dict(src.doc))
+    except ValidationError as exc:
+        raise ConfigError(_pydantic_problems(src, exc)) from None
+
+    problems: list[str] = []
+    specs: dict[str, CompartmentSpec] = {}
+    first_line: dict[str, int] = {}
+    for index, comp in enumerate(config.compartments):
+        loc = ("compartments", index)
+        if comp.name in specs:
+            problems.append(
+                src.error(
+                    loc + ("name",),
+                    f"compartment {comp.name!r} is declared twice (first on line "
+                    f"{first_line[comp.name]}); give each compartment its own name",
+                )
+            )
+            continue
+        first_line[comp.name] = src.line(loc + ("name",))
+        driver = comp.mechanism.get("driver")
+        mloc = loc + ("mechanism",)
+        if driver is None:
+            problems.append(
+                src.error(
+                    mloc, f"compartment {comp.name!r}: mechanism needs a 'driver' (one of: {', '.join(MECHANISMS)})"
+                )
+            )
+            continue
+        model = MECHANISMS.get(driver) if isinstance(driver, str) else None
+        if model is None:
+            guess = difflib.get_close_matches(str(driver), list(MECHANISMS), n=1)
+            hint = f"; did you mean {guess[0]!r}?" if guess else ""
+            problems.append(
+                src.error(
+                    mloc + ("driver",), f"unknown driver {driver!r}{hint} (known drivers: {', '.join(MECHANISMS)})"
+                )
+            )
+            continue
+        try:
+            options = model.model_validate(dict(comp.mechanism)).model_dump()
+        except ValidationError as exc:
+            problems.extend(_pydantic_problems(src, exc, mloc, model))
+            continue
+        options.pop("driver")
+        specs[comp.name] = CompartmentSpec(comp.name, driver, options, comp.default, comp.restart)
+
+    defaults = [i for i, c in enumerate(config.compartments) if c.default]
+    if not defaults:
+        problems.append(
+            src.error(
+                ("compartments",),
+                "no compartment has 'default: true'; mark exactly one (the app's own code runs there)",
+            )
+        )
+    elif len(defaults) > 1:
+        lines = ", ".join(str(src.line(("compartments", i, "default"))) for i in defaults)
+        problems.append(
+            src.error(
+                ("compartments", defaults[1], "default"),
+                f"{len(defaults)} compartments have 'default: true' (lines {lines}); keep exactly one",
+            )
+        )
+
+    libraries: dict[str, str] = {}
+    for module, lib in config.libraries.items():
+        loc = ("libraries", module)
+        if not _MODULE.match(module):
+            problems.append(
+                src.error(
+                    loc,
+                    f"library {module!r} is not an importable module name "
+                    "(dotted Python identifiers, e.g. 'sqlite3' or 'myapp.parsers')",
+                )
+            )
+            continue
+        if lib.compartment not in first_line:
+            guess = difflib.get_close_matches(lib.compartment, list(first_line), n=1)
+            hint = f"did you mean {guess[0]!r}? " if guess else ""
+            problems.append(
+                src.error(
+                    loc + ("compartment",),
+                    f"library {module!r} is placed in compartment "
+                    f"{lib.compartment!r}, which is not declared; {hint}declared: "
+                    f"{', '.join(first_line)}",
+                )
+            )
+            continue
+        libraries[module] = lib.compartment
+    if problems:
+        raise ConfigError(problems)
+
+    notes = []
+    used = set(libraries.values())
+    for index, comp in enumerate(config.compartments):
+        if not comp.default and comp.name not in used:
+            notes.append(
+                src.error(
+                    ("compartments", index, "name"),
+                    f"warning: compartment {comp.name!r} is "
+                    "declared but no library is placed in it; place a library in it or remove it",
+                )
+            )
+    return Image(specs, libraries, source=str(path)), notes
+
+
+def load(path: str | Path = DEFAULT_CONFIG) -> Image:
+    """Load a flexos.yaml; problems raise ConfigError, suspicious parts emit a ConfigWarning."""
+    image, notes = parse(path)
+    for note in notes:
+        warnings.warn(note, ConfigWarning, stacklevel=2)
+    return image

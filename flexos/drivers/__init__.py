@@ -1,0 +1,52 @@
+"""Isolation mechanisms, one module per driver behind :class:`flexos.drivers.base.Driver`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from flexos.errors import DriverUnavailable
+
+_DRIVERS = {
+    "fcalls": "flexos.drivers.fcalls:FcallsDriver",
+    "process": "flexos.drivers.process:ProcessDriver",
+}
+
+
+def _cpu_has_pku() -> bool:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and " pku" in line for line in cpuinfo)
+    except OSError:
+        return False
+
+
+def unavailable(driver: str) -> str | None:
+    """Why ``driver`` cannot be used on this machine, or None."""
+    if driver == "intel-pku":
+        if not _cpu_has_pku():
+            return (
+                "intel-pku needs a CPU with memory protection keys (PKU); this CPU has none "
+                "(no 'pku' flag in /proc/cpuinfo). Use driver 'process' instead."
+            )
+        return "intel-pku cannot separate Python objects; use driver 'process' instead."
+    if driver == "subinterp":
+        if sys.version_info < (3, 13):
+            return (
+                f"subinterp needs CPython 3.13+ (per-interpreter GIL); this is "
+                f"{sys.version_info.major}.{sys.version_info.minor}. Use driver 'process' instead."
+            )
+        return "the subinterp driver is not built yet in this version of flexos; use driver 'process'."
+    if driver == "vm":
+        return "the vm driver is not built yet in this version of flexos; use driver 'process'."
+    if driver not in _DRIVERS:
+        return f"unknown driver {driver!r}"
+    return driver_class(driver).unavailable()
+
+
+def driver_class(driver: str):
+    reason = None if driver in _DRIVERS else unavailable(driver)
+    if reason:
+        raise DriverUnavailable(reason)
+    module, _, name = _DRIVERS[driver].partition(":")
+    return getattr(importlib.import_module(module), name)

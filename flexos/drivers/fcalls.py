@@ -1,0 +1,55 @@
+"""``fcalls``: the compartment shares the caller's process; gates are plain function calls.
+
+FlexOS's debugging backend and the zero-cost baseline. With ``strict: true`` every call still goes
+through the real wire encoding (in-process, no copy to another process), so that whatever would
+break under real isolation — an object that cannot cross, an identity or mutation assumption,
+a missing gate — breaks here first.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from flexos.drivers.base import Driver
+from flexos.gates.link import Link
+from flexos.transports.loopback import LoopbackTransport
+
+
+class FcallsDriver(Driver):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.strict = bool(self.spec.options.get("strict", False))
+        # Modules of this compartment, kept out of sys.modules so the app only sees their gates.
+        self._modules: dict[str, object] = {}
+        self._links: tuple[Link, Link] | None = None
+
+    @property
+    def direct(self) -> bool:  # type: ignore[override]
+        return not self.strict
+
+    def start(self, exception_classes: dict) -> Link:
+        caller = Link(self.spec.name, exception_classes=exception_classes)
+        compartment = Link(self.image.default, importer=self._import)
+        caller.attach(LoopbackTransport(compartment.dispatch))
+        compartment.attach(LoopbackTransport(caller.dispatch))
+        self._links = (caller, compartment)
+        return caller
+
+    def _import(self, name: str) -> object:
+        module = self._modules.get(name)
+        if module is not None:
+            return module
+        before = set(sys.modules)
+        with self.host.bypass_gates():
+            module = importlib.import_module(name)
+        for key in set(sys.modules) - before | {name}:
+            if self.image.compartment_of(key) == self.spec.name and key in sys.modules:
+                self._modules[key] = sys.modules.pop(key)
+        return module
+
+    def stop(self) -> None:
+        if self._links:
+            for link in self._links:
+                link.close()
+        self._links = None

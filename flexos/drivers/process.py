@@ -1,0 +1,99 @@
+"""``process``: the compartment is its own OS process (page-table isolation).
+
+The child is a fresh interpreter (``python -m flexos.compartment``), not a fork, so it inherits
+none of the app's threads, objects or open files beyond what flexos hands it. Gates run over
+shared-memory channels (:mod:`flexos.transports.shm`); the parent watches the child through a
+pidfd, so a killed or crashed child wakes every waiting caller with CompartmentCrashed.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+
+import msgpack
+
+from flexos.drivers.base import Driver
+from flexos.errors import CompartmentCrashed, CompartmentStartError
+from flexos.gates.link import Link
+from flexos.transports.shm import ShmTransport
+
+
+class ProcessDriver(Driver):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._proc: subprocess.Popen | None = None
+        self._transport: ShmTransport | None = None
+        self._pidfd: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def start(self, exception_classes: dict) -> Link:
+        name, options = self.spec.name, self.spec.options
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-u", "-m", "flexos.compartment", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+            )
+        finally:
+            theirs.close()
+        self._proc = proc
+        boot = {
+            "name": name,
+            "image": self.image.to_dict(),
+            "sys_path": sys.path,
+            "argv": sys.argv,
+            "spin_us": options.get("spin_us", 200),
+        }
+        try:
+            ours.settimeout(options.get("start_timeout", 30.0))
+            ours.sendall(msgpack.packb(boot))
+            answer = msgpack.unpackb(ours.recv(1 << 16))
+            ours.settimeout(None)
+        except (OSError, ValueError) as exc:
+            answer = ["error", f"no answer ({exc})"]
+        if answer != ["ready"]:
+            ours.close()
+            proc.kill()
+            proc.wait()
+            detail = answer[1] if isinstance(answer, list) and len(answer) == 2 else repr(answer)
+            raise CompartmentStartError(f"compartment {name!r} failed to boot: {detail}")
+        self._pidfd = os.pidfd_open(proc.pid)
+        link = Link(name, importer=self.host.serve_import, exception_classes=exception_classes)
+        self._transport = ShmTransport(
+            ours, self._pidfd, select.POLLIN, death=lambda: self._death(proc), spin_us=options.get("spin_us", 200)
+        )
+        link.attach(self._transport)
+        threading.Thread(
+            target=self._transport.accept_loop, args=(link,), daemon=True, name=f"flexos-{name}-control"
+        ).start()
+        return link
+
+    def _death(self, proc: subprocess.Popen) -> CompartmentCrashed:
+        try:
+            returncode = proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        return CompartmentCrashed(self.spec.name, returncode)
+
+    def stop(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None

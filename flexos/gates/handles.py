@@ -1,0 +1,109 @@
+"""Handle tables: which local objects a peer holds, and which peer objects we hold proxies for.
+
+Lifetimes use distributed reference counting. The owner counts every time it sends a handle; the
+holder counts every time it receives it, and when its proxy dies sends back ``(handle, received)``.
+The owner drops the object when its count reaches zero, which stays correct when a handle is sent
+again while a release for it is still in flight.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from flexos.errors import ProtocolError
+
+
+class ExportTable:
+    """Local objects the peer may name by handle. Handles are stable while the object is held."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._objects: dict[int, list[Any]] = {}  # handle -> [object, count]
+        self._handles: dict[int, int] = {}  # id(object) -> handle
+        self._next = 1
+
+    def export(self, obj: Any) -> int:
+        with self._lock:
+            handle = self._handles.get(id(obj))
+            if handle is not None:
+                self._objects[handle][1] += 1
+                return handle
+            handle = self._next
+            self._next += 1
+            self._objects[handle] = [obj, 1]
+            self._handles[id(obj)] = handle
+            return handle
+
+    def get(self, handle: int) -> Any:
+        entry = self._objects.get(handle)
+        if entry is None:
+            raise ProtocolError(f"compartment named handle {handle}, which it does not hold")
+        return entry[0]
+
+    def release(self, releases: list[list[int]]) -> None:
+        with self._lock:
+            for handle, count in releases:
+                entry = self._objects.get(handle)
+                if entry is None:
+                    continue  # a confused or hostile peer: releasing twice must not hurt us
+                entry[1] -= count
+                if entry[1] <= 0:
+                    del self._objects[handle]
+                    del self._handles[id(entry[0])]
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._objects.clear()
+            self._handles.clear()
+
+
+class _ProxyRef(weakref.ref):
+    __slots__ = ("count", "handle")
+
+
+class ImportTable:
+    """Proxies of peer objects, one live proxy per handle, so identity survives the gate."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._refs: dict[int, _ProxyRef] = {}
+        # Weakref callbacks may run inside any allocation (even while _lock is held), so they
+        # only append here; releases are computed when the next frame is sent.
+        self._dead: collections.deque[_ProxyRef] = collections.deque()
+
+    def lookup_or_create(self, handle: int, create: Callable[[], Any]) -> Any:
+        with self._lock:
+            ref = self._refs.get(handle)
+            proxy = ref() if ref is not None else None
+            if proxy is not None:
+                ref.count += 1
+                return proxy
+            proxy = create()
+            ref = _ProxyRef(proxy, self._dead.append)
+            ref.handle = handle
+            ref.count = 1
+            self._refs[handle] = ref
+            return proxy
+
+    def take_releases(self) -> list[list[int]]:
+        """Release records for proxies that died since the last call."""
+        if not self._dead:
+            return []
+        releases = []
+        with self._lock:
+            while self._dead:
+                ref = self._dead.popleft()
+                if self._refs.get(ref.handle) is ref:
+                    del self._refs[ref.handle]
+                releases.append([ref.handle, ref.count])
+        return releases
+
+    def __len__(self) -> int:
+        return len(self._refs)

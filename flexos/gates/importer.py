@@ -1,0 +1,76 @@
+"""Gate insertion at import time: the counterpart of FlexOS's Coccinelle gate rewriting.
+
+A meta-path finder placed first in ``sys.meta_path``: when code in this compartment imports a
+module that the image places in another compartment, the module is imported *there* and this
+side gets a :class:`~flexos.gates.proxies.ModuleProxy`. Modules placed here, and modules not
+listed at all, import normally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import types
+from collections.abc import Iterator
+from importlib.abc import Loader, MetaPathFinder
+from importlib.machinery import ModuleSpec
+from typing import TYPE_CHECKING, Any
+
+from flexos.gates.proxies import ModuleProxy
+
+if TYPE_CHECKING:
+    from flexos.image import Image
+    from flexos.runtime import Compartment
+
+
+class GateLoader(Loader):
+    def __init__(self, compartment: Compartment, names: list[str]) -> None:
+        self.compartment = compartment
+        self.names = names
+
+    def create_module(self, spec: ModuleSpec) -> ModuleProxy:
+        proxy = ModuleProxy(spec.name, self.compartment)
+        self.compartment.register(proxy)
+        return proxy
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        types.ModuleType.__setattr__(module, "__all__", self.names)
+
+
+class GateFinder(MetaPathFinder):
+    def __init__(self, image: Image, local: str, compartments: dict[str, Compartment]) -> None:
+        self.image = image
+        self.local = local
+        self.compartments = compartments
+        self._bypass = threading.local()
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> ModuleSpec | None:
+        if getattr(self._bypass, "on", False):
+            return None
+        owner = self.image.compartment_of(fullname)
+        if owner is None or owner == self.local:
+            return None
+        compartment = self.compartments.get(owner)
+        if compartment is None:
+            raise ImportError(
+                f"module {fullname!r} is placed in compartment {owner!r}, which compartment {self.local!r} "
+                f"has no gate to (only the default compartment {self.image.default!r} reaches every compartment); "
+                f"place {fullname!r} in {self.local!r} or {self.image.default!r}, or leave it unlisted",
+                name=fullname,
+            )
+        if compartment.direct:
+            return None
+        is_package, names = compartment.import_module(fullname)
+        return ModuleSpec(
+            fullname, GateLoader(compartment, names), origin=f"flexos compartment {owner!r}", is_package=is_package
+        )
+
+    @contextlib.contextmanager
+    def bypass(self) -> Iterator[None]:
+        """Imports in this thread load real modules (used where a compartment imports its own)."""
+        previous = getattr(self._bypass, "on", False)
+        self._bypass.on = True
+        try:
+            yield
+        finally:
+            self._bypass.on = previous

@@ -1,0 +1,253 @@
+"""A link: this process's side of the gates to one peer compartment.
+
+It makes calls (encode, exchange over a channel, decode), serves the peer's calls on its own
+objects, and implements the codec's :class:`~flexos.gates.protocol.ReferenceSpace` with the two
+handle tables. Each thread gets its own channel for the length of its outermost call, so replies
+always reach their caller; a call the peer makes while serving ours (a callback) arrives on that
+same channel and runs on the waiting thread, which makes A→B→A→B nesting plain recursion.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from flexos.errors import FlexosError, ProtocolError
+from flexos.gates.handles import ExportTable, ImportTable
+from flexos.gates.protocol import (
+    OPERATORS,
+    Call,
+    Codec,
+    Error,
+    Kind,
+    Op,
+    Reply,
+    decode_frame,
+    encode_call,
+    encode_error,
+    encode_reply,
+    frame_kind,
+)
+from flexos.gates.proxies import DUNDERS, RemoteClass, RemoteObject, describe_class, mirror_class, new_proxy
+from flexos.transports import Channel, PeerGone, Transport
+
+# Dunder attributes a peer may read or write through GETATTR/SETATTR. Everything else of the form
+# __x__ (e.g. __globals__, __dict__, __class__) would let a compartment walk from an object it was
+# given to objects it was not, so it is refused.
+_OPEN_DUNDERS = frozenset({"__name__", "__qualname__", "__doc__", "__module__", "__all__", "__version__", "__file__"})
+_WIRE_OPERATORS = frozenset(DUNDERS.values())
+_DESCRIPTION_KEYS = {"name", "qualname", "module", "bases", "exception", "methods", "dunders", "hash"}
+
+
+def _checked_name(name: Any) -> str:
+    if type(name) is not str:
+        raise ProtocolError("attribute name must be a string")
+    if name.startswith("__") and name.endswith("__") and name not in _OPEN_DUNDERS:
+        raise AttributeError(f"attribute {name!r} cannot be reached through a flexos gate")
+    return name
+
+
+def _checked_description(desc: Any) -> dict[str, Any]:
+    """Validate a class description from the peer before synthesizing a local class from it."""
+    if type(desc) is not dict or set(desc) != _DESCRIPTION_KEYS:
+        raise ProtocolError("malformed class description")
+    for key in ("name", "qualname", "module"):
+        if type(desc[key]) is not str:
+            raise ProtocolError("malformed class description")
+    if not desc["name"].isidentifier():
+        raise ProtocolError(f"class name {desc['name']!r} is not an identifier")
+    methods, dunders = desc["methods"], desc["dunders"]
+    if type(methods) is not list or type(dunders) is not list or type(desc["bases"]) is not list:
+        raise ProtocolError("malformed class description")
+    for method in methods:
+        if type(method) is not str or not method.isidentifier() or method.startswith(("__", "_flexos")):
+            raise ProtocolError(f"refused method name {method!r} in class description")
+    if not all(wire in _WIRE_OPERATORS for wire in dunders) or desc["hash"] not in ("none", "identity", "remote"):
+        raise ProtocolError("malformed class description")
+    if type(desc["exception"]) is not bool:
+        raise ProtocolError("malformed class description")
+    return desc
+
+
+class Link:
+    """Gates between this process and one peer compartment."""
+
+    def __init__(
+        self,
+        peer: str,
+        *,
+        importer: Callable[[str], Any] | None = None,
+        exception_classes: dict | None = None,
+    ) -> None:
+        self.peer = peer
+        self.codec = Codec(self)
+        self.exports = ExportTable()
+        self.imports = ImportTable()
+        self.closed = False
+        self._import = importer
+        self._exception_classes = exception_classes if exception_classes is not None else {}
+        self._classes: dict[int, type] = {}
+        self._class_lock = threading.RLock()
+        self._transport: Transport | None = None
+        self._free: list[Channel] = []
+        self._local = threading.local()
+
+    def attach(self, transport: Transport) -> None:
+        self._transport = transport
+
+    # -- calling the peer ---------------------------------------------------------------------
+    def call(self, op: int, target: int | str, name: str | None = None, args: Any = (), kwargs: Any = None) -> Any:
+        if self.closed:
+            raise self._closed_error()
+        frame = encode_call(
+            self.codec, op, target, name, list(args) if args else None, kwargs or None, self.imports.take_releases()
+        )
+        local = self._local
+        channel = getattr(local, "channel", None)
+        outermost = channel is None
+        if outermost:
+            try:
+                channel = self._free.pop()
+            except IndexError:
+                channel = self._transport.open_channel()
+            local.channel = channel
+        healthy = False
+        try:
+            reply = channel.exchange(frame)
+            while frame_kind(reply) == Kind.CALL:
+                reply = channel.exchange(self.dispatch(reply))
+            result = decode_frame(self.codec, reply)
+            healthy = True
+        except PeerGone:
+            self.closed = True
+            raise self._closed_error() from None
+        finally:
+            if outermost:
+                local.channel = None
+                if healthy and not self.closed:
+                    self._free.append(channel)
+                else:  # state unknown after an error mid-exchange: never reuse the channel
+                    channel.close()
+        if type(result) is Reply:
+            self.exports.release(result.releases)
+            return result.value
+        if type(result) is Error:
+            self.exports.release(result.releases)
+            exc = result.exception
+            if result.traceback:
+                exc.add_note(f"--- raised in compartment {self.peer!r} ---\n{result.traceback.rstrip()}")
+            raise exc
+        raise ProtocolError("compartment answered a call with a call frame")
+
+    def _closed_error(self) -> BaseException:
+        if self._transport is None:
+            return FlexosError(f"link to compartment {self.peer!r} is closed")
+        return self._transport.death()
+
+    # -- serving the peer ---------------------------------------------------------------------
+    def serve(self, channel: Channel) -> None:
+        """Serve calls arriving on ``channel`` until the peer closes it (a worker thread's loop)."""
+        self._local.channel = channel
+        try:
+            frame = channel.recv()
+            while True:
+                frame = channel.exchange(self.dispatch(frame))
+        except (PeerGone, ProtocolError, OSError, ValueError):
+            pass
+        finally:
+            channel.close()
+
+    def dispatch(self, data: bytes) -> bytes:
+        """Run one call from the peer and return the reply frame; never raises."""
+        codec = self.codec
+        try:
+            call = decode_frame(codec, data)
+            if type(call) is not Call:
+                raise ProtocolError("expected a call frame")
+            self.exports.release(call.releases)
+            result = self._execute(call)
+            return encode_reply(codec, result, self.imports.take_releases())
+        except BaseException as exc:  # everything, including SystemExit, belongs to the caller
+            return encode_error(codec, exc, self.imports.take_releases(), with_traceback=type(exc) is not StopIteration)
+
+    def _execute(self, call: Call) -> Any:
+        op = call.op
+        if op == Op.IMPORT:
+            if self._import is None or type(call.target) is not str:
+                raise ImportError(f"compartment {self.peer!r} may not import from here")
+            module = self._import(call.target)
+            names = getattr(module, "__all__", None)
+            if names is None:
+                names = [n for n in vars(module) if not n.startswith("_")]
+            return [module, hasattr(module, "__path__"), list(names)]
+        if type(call.target) is not int:
+            raise ProtocolError("call target must be a handle")
+        obj = self.exports.get(call.target)
+        if op == Op.CALL:
+            return obj(*call.args, **call.kwargs)
+        if op == Op.CALL_METHOD:
+            return getattr(obj, _checked_name(call.name))(*call.args, **call.kwargs)
+        if op == Op.GETATTR:
+            return getattr(obj, _checked_name(call.name))
+        if op == Op.OPERATOR:
+            function = OPERATORS.get(call.name)
+            if function is None:
+                raise ProtocolError(f"unknown operator {call.name!r}")
+            return function(obj, *call.args)
+        if op == Op.SETATTR:
+            if len(call.args) != 1:
+                raise ProtocolError("setattr takes one value")
+            setattr(obj, _checked_name(call.name), call.args[0])
+            return None
+        if op == Op.DELATTR:
+            delattr(obj, _checked_name(call.name))
+            return None
+        if op == Op.DESCRIBE:
+            if not isinstance(obj, type):
+                raise ProtocolError("describe needs a class handle")
+            return describe_class(obj)
+        raise ProtocolError(f"unsupported operation {op!r}")
+
+    # -- ReferenceSpace -------------------------------------------------------------------------
+    def export(self, obj: Any) -> int:
+        return self.exports.export(obj)
+
+    export_class = export
+
+    def peer_handle(self, obj: Any) -> int | None:
+        if isinstance(obj, RemoteObject):
+            return obj._flexos_handle if obj._flexos_link is self else None
+        if isinstance(obj, type):
+            attrs = obj.__dict__
+            if attrs.get("_flexos_class_link") is self:
+                return attrs["_flexos_class_handle"]
+        return None
+
+    def resolve(self, handle: int) -> Any:
+        return self.exports.get(handle)
+
+    def proxy(self, handle: int, class_handle: int) -> Any:
+        cls = self._classes.get(class_handle) or self.proxy_class(class_handle)
+        if not isinstance(cls, RemoteClass):
+            raise ProtocolError("object reference names a class that cannot have proxies")
+        return self.imports.lookup_or_create(handle, lambda: new_proxy(cls, self, handle))
+
+    def proxy_class(self, handle: int) -> type:
+        cls = self._classes.get(handle)
+        if cls is not None:
+            return cls
+        with self._class_lock:
+            cls = self._classes.get(handle)
+            if cls is None:
+                desc = _checked_description(self.call(Op.DESCRIBE, handle))
+                cls = mirror_class(self, handle, desc, self._exception_classes)
+                self._classes[handle] = cls
+            return cls
+
+    # -- lifetime -------------------------------------------------------------------------------
+    def close(self) -> None:
+        self.closed = True
+        while self._free:
+            self._free.pop().close()
+        self.exports.clear()

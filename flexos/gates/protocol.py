@@ -1,0 +1,375 @@
+"""The gate wire protocol: frames and values as msgpack, with no I/O and no pickle.
+
+This module is a pure, sans-IO core in the style of h11: it turns calls, replies and errors into
+bytes and back, and validates everything it decodes. It never touches a socket or shared memory;
+the objects it cannot send by value are handed to a :class:`ReferenceSpace`, which the link
+implements with its handle tables.
+
+Nothing here ever executes code named by the peer: decoding builds only builtin values, proxies,
+and exceptions whose class is checked to be an exception class. A frame that does not have the
+exact expected shape raises :class:`~flexos.errors.ProtocolError`.
+
+Frame layouts (all msgpack arrays)::
+
+    CALL  [1, op, target, name, args, kwargs, releases]
+    REPLY [2, value, releases]
+    ERROR [3, exception, traceback_text, releases]
+
+``releases`` is a list of ``[handle, count]`` pairs: references the sender dropped since its last
+frame, piggybacked so that releasing costs no extra round trip.
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+import traceback
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgpack
+
+from flexos.errors import GateError, ProtocolError
+
+
+class Kind:
+    """Frame kinds. Plain ints: msgpack's strict mode would send an IntEnum by reference."""
+
+    CALL = 1
+    REPLY = 2
+    ERROR = 3
+
+
+class Op:
+    """Operations a call frame can ask for."""
+
+    IMPORT = 1  # target: module name
+    GETATTR = 2  # name
+    SETATTR = 3  # name, args=[value]
+    DELATTR = 4  # name
+    CALL = 5  # args, kwargs
+    CALL_METHOD = 6  # name, args, kwargs
+    OPERATOR = 7  # name (a key of OPERATORS), args
+    DESCRIBE = 8  # target: a class handle
+
+
+_OPS = frozenset(range(Op.IMPORT, Op.DESCRIBE + 1))
+
+
+class Ext:
+    TUPLE = 1
+    SET = 2
+    FROZENSET = 3
+    BIGINT = 4
+    COMPLEX = 5
+    BYTEARRAY = 6
+    REF = 7  # an object owned by the sender: [handle, class handle]
+    CLASS = 8  # a class owned by the sender: handle
+    BACK = 9  # an object owned by the receiver: handle
+    BUILTIN = 10  # an object of the builtins module, by name
+    EXCEPTION = 11  # an exception, by value: [class, args, attrs]
+
+
+def _exit(obj: Any, *args: Any) -> Any:
+    return type(obj).__exit__(obj, *args)
+
+
+def _enter(obj: Any) -> Any:
+    return type(obj).__enter__(obj)
+
+
+# The dunder protocols a proxy forwards, by wire name. Only these run for an OPERATOR op: the
+# peer chooses a key, never a function.
+OPERATORS: dict[str, Any] = {
+    "len": len,
+    "iter": iter,
+    "next": next,
+    "bool": bool,
+    "repr": repr,
+    "str": str,
+    "dir": dir,
+    "hash": hash,
+    "int": int,
+    "float": float,
+    "index": operator.index,
+    "getitem": operator.getitem,
+    "setitem": operator.setitem,
+    "delitem": operator.delitem,
+    "contains": operator.contains,
+    "eq": operator.eq,
+    "ne": operator.ne,
+    "lt": operator.lt,
+    "le": operator.le,
+    "gt": operator.gt,
+    "ge": operator.ge,
+    "enter": _enter,
+    "exit": _exit,
+}
+
+# Builtins that travel by name because they are the same object on every side.
+_BUILTIN_SINGLETONS = {"NotImplemented": NotImplemented, "Ellipsis": Ellipsis}
+_BIGINT_LIMIT = 1 << 63
+
+
+class ReferenceSpace(Protocol):
+    """What the codec needs from a link to send and receive objects by reference."""
+
+    def export(self, obj: Any) -> int: ...
+    def export_class(self, cls: type) -> int: ...
+    def peer_handle(self, obj: Any) -> int | None: ...
+    def proxy(self, handle: int, class_handle: int) -> Any: ...
+    def proxy_class(self, handle: int) -> type: ...
+    def resolve(self, handle: int) -> Any: ...
+
+
+def builtin_name(obj: Any) -> str | None:
+    """The name under which ``obj`` is found in :mod:`builtins`, if it is one of its objects."""
+    for name, value in _BUILTIN_SINGLETONS.items():
+        if obj is value:
+            return name
+    name = getattr(obj, "__name__", None)
+    if isinstance(name, str) and getattr(builtins, name, None) is obj:
+        return name
+    return None
+
+
+def _build_exception(cls: Any, args: Any, attrs: Any) -> BaseException:
+    """Rebuild an exception from its wire record without running code chosen by the peer."""
+    if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+        raise ProtocolError(f"exception record names {cls!r}, which is not an exception class")
+    if not isinstance(args, tuple) or not isinstance(attrs, dict):
+        raise ProtocolError("exception record has malformed args or attributes")
+    if builtin_name(cls) is not None:
+        try:
+            exc = cls(*args)  # builtin constructors are safe and restore e.g. OSError.errno
+        except Exception:
+            exc = cls.__new__(cls)
+            exc.args = args
+    else:
+        # A library's own class: never run its __init__ on data from another compartment.
+        exc = cls.__new__(cls)
+        exc.args = args
+    for key, value in attrs.items():
+        if isinstance(key, str) and not key.startswith("__"):
+            try:
+                setattr(exc, key, value)
+            except (AttributeError, TypeError):
+                pass
+    return exc
+
+
+class Codec:
+    """msgpack encoding of values, with flexos's own extension types for everything else.
+
+    Immutable builtins and builtin containers travel by value; any other object travels by
+    reference (a handle the receiver wraps in a proxy).
+    """
+
+    def __init__(self, space: ReferenceSpace) -> None:
+        self._space = space
+        self._packer = msgpack.Packer(default=self._default, use_bin_type=True, strict_types=True)
+
+    # -- encoding ---------------------------------------------------------------------------
+    def pack(self, obj: Any) -> bytes:
+        # A fresh packer per call: packing is re-entrant (nested ext payloads) and thread-safe.
+        try:
+            return msgpack.packb(obj, default=self._default, use_bin_type=True, strict_types=True)
+        except ValueError as exc:  # msgpack reports deep/cyclic structures this way
+            raise GateError(f"value cannot cross a gate: {exc}") from None
+
+    def _default(self, obj: Any) -> Any:
+        cls = type(obj)
+        if cls is tuple:
+            return msgpack.ExtType(Ext.TUPLE, self.pack(list(obj)))
+        if cls is int or cls is bool:  # ints beyond 64 bits
+            length = (obj.bit_length() + 8) // 8
+            return msgpack.ExtType(Ext.BIGINT, obj.to_bytes(length, "little", signed=True))
+        if cls is set:
+            return msgpack.ExtType(Ext.SET, self.pack(list(obj)))
+        if cls is frozenset:
+            return msgpack.ExtType(Ext.FROZENSET, self.pack(list(obj)))
+        if cls is complex:
+            return msgpack.ExtType(Ext.COMPLEX, self.pack([obj.real, obj.imag]))
+        if cls is bytearray:
+            return msgpack.ExtType(Ext.BYTEARRAY, bytes(obj))
+        if cls is memoryview:
+            return obj.tobytes()
+        handle = self._space.peer_handle(obj)
+        if handle is not None:
+            return msgpack.ExtType(Ext.BACK, self.pack(handle))
+        name = builtin_name(obj)
+        if name is not None:
+            return msgpack.ExtType(Ext.BUILTIN, name.encode())
+        if isinstance(obj, BaseException):
+            return msgpack.ExtType(Ext.EXCEPTION, self.pack(self.exception_record(obj)))
+        if isinstance(obj, type):
+            return msgpack.ExtType(Ext.CLASS, self.pack(self._space.export_class(obj)))
+        handle = self._space.export(obj)
+        return msgpack.ExtType(Ext.REF, self.pack([handle, self._space.export_class(cls)]))
+
+    def exception_record(self, exc: BaseException) -> list[Any]:
+        """[class, args, attrs] with anything that cannot travel replaced by its repr."""
+        args = tuple(exc.args)
+        try:
+            self.pack(args)
+        except Exception:
+            args = tuple(repr(a) for a in args)
+        attrs = {}
+        for key, value in getattr(exc, "__dict__", {}).items():
+            if key.startswith("__") or key.startswith("_flexos"):
+                continue
+            try:
+                self.pack(value)
+            except Exception:
+                continue
+            attrs[key] = value
+        return [type(exc), args, attrs]
+
+    # -- decoding ---------------------------------------------------------------------------
+    def unpack(self, data: bytes) -> Any:
+        try:
+            return msgpack.unpackb(data, ext_hook=self._ext_hook, strict_map_key=False, raw=False)
+        except ProtocolError:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, RecursionError, OverflowError) as exc:
+            # msgpack's own errors derive from ValueError; unhashable keys give TypeError.
+            raise ProtocolError(f"malformed value from compartment: {type(exc).__name__}: {exc}") from None
+
+    def _ext_hook(self, code: int, payload: bytes) -> Any:
+        if code == Ext.TUPLE:
+            return tuple(self._expect(self.unpack(payload), list))
+        if code == Ext.BIGINT:
+            return int.from_bytes(payload, "little", signed=True)
+        if code == Ext.SET:
+            return set(self._expect(self.unpack(payload), list))
+        if code == Ext.FROZENSET:
+            return frozenset(self._expect(self.unpack(payload), list))
+        if code == Ext.COMPLEX:
+            real, imag = self._expect_pair(self.unpack(payload), float)
+            return complex(real, imag)
+        if code == Ext.BYTEARRAY:
+            return bytearray(payload)
+        if code == Ext.BACK:
+            return self._space.resolve(self._expect(self.unpack(payload), int))
+        if code == Ext.BUILTIN:
+            name = payload.decode("ascii", "replace")
+            if name in _BUILTIN_SINGLETONS:
+                return _BUILTIN_SINGLETONS[name]
+            if name.startswith("_") or not hasattr(builtins, name):
+                raise ProtocolError(f"unknown builtin {name!r}")
+            return getattr(builtins, name)
+        if code == Ext.EXCEPTION:
+            record = self._expect(self.unpack(payload), list)
+            if len(record) != 3:
+                raise ProtocolError("malformed exception record")
+            return _build_exception(*record)
+        if code == Ext.CLASS:
+            return self._space.proxy_class(self._expect(self.unpack(payload), int))
+        if code == Ext.REF:
+            handle, class_handle = self._expect_pair(self.unpack(payload), int)
+            return self._space.proxy(handle, class_handle)
+        raise ProtocolError(f"unknown extension type {code}")
+
+    @staticmethod
+    def _expect(value: Any, kind: type) -> Any:
+        if type(value) is not kind:
+            raise ProtocolError(f"expected {kind.__name__}, got {type(value).__name__}")
+        return value
+
+    @staticmethod
+    def _expect_pair(value: Any, kind: type) -> tuple[Any, Any]:
+        if type(value) is not list or len(value) != 2 or not all(isinstance(v, kind) for v in value):
+            raise ProtocolError(f"expected a pair of {kind.__name__}")
+        return value[0], value[1]
+
+
+# -- frames -------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Call:
+    op: int
+    target: int | str
+    name: str | None
+    args: list[Any]
+    kwargs: dict[str, Any]
+    releases: list[list[int]]
+
+
+@dataclass(slots=True)
+class Reply:
+    value: Any
+    releases: list[list[int]]
+
+
+@dataclass(slots=True)
+class Error:
+    exception: BaseException
+    traceback: str
+    releases: list[list[int]]
+
+
+def frame_kind(data: bytes) -> int:
+    """The kind of a frame without decoding it (frames are short fixarrays: 0x9N, kind)."""
+    if len(data) < 2 or data[0] & 0xF0 != 0x90:
+        raise ProtocolError("frame is not a flexos frame")
+    return data[1]
+
+
+def encode_call(
+    codec: Codec, op: int, target: int | str, name: str | None, args: Any, kwargs: Any, releases: list
+) -> bytes:
+    return codec.pack([Kind.CALL, op, target, name, args, kwargs, releases])
+
+
+def encode_reply(codec: Codec, value: Any, releases: list) -> bytes:
+    return codec.pack([Kind.REPLY, value, releases])
+
+
+def encode_error(codec: Codec, exc: BaseException, releases: list, with_traceback: bool = True) -> bytes:
+    text = "".join(traceback.format_exception(exc)) if with_traceback else ""
+    try:
+        record = codec.exception_record(exc)
+        return codec.pack([Kind.ERROR, msgpack.ExtType(Ext.EXCEPTION, codec.pack(record)), text, releases])
+    except Exception as fail:  # the exception's class itself cannot travel: degrade to a GateError
+        summary = f"{type(exc).__qualname__}: {exc} (could not be sent: {fail})"
+        record = [GateError, (summary,), {}]
+        return codec.pack([Kind.ERROR, msgpack.ExtType(Ext.EXCEPTION, codec.pack(record)), text, releases])
+
+
+def _check_releases(releases: Any) -> list[list[int]]:
+    if type(releases) is not list:
+        raise ProtocolError("malformed release list")
+    for pair in releases:
+        if type(pair) is not list or len(pair) != 2 or type(pair[0]) is not int or type(pair[1]) is not int:
+            raise ProtocolError("malformed release list")
+    return releases
+
+
+def decode_frame(codec: Codec, data: bytes) -> Call | Reply | Error:
+    """Decode and validate one frame; anything malformed raises ProtocolError."""
+    frame = codec.unpack(data)
+    if type(frame) is not list or not frame:
+        raise ProtocolError("frame is not a flexos frame")
+    kind = frame[0]
+    if kind == Kind.CALL and len(frame) == 7:
+        _, op, target, name, args, kwargs, releases = frame
+        if type(op) is not int or op not in _OPS:
+            raise ProtocolError(f"unknown operation {op!r}")
+        if type(target) not in (int, str) or (name is not None and type(name) is not str):
+            raise ProtocolError("malformed call target")
+        if args is None:
+            args = []
+        if kwargs is None:
+            kwargs = {}
+        if type(args) is not list or type(kwargs) is not dict or not all(type(k) is str for k in kwargs):
+            raise ProtocolError("malformed call arguments")
+        return Call(op, target, name, args, kwargs, _check_releases(releases))
+    if kind == Kind.REPLY and len(frame) == 3:
+        return Reply(frame[1], _check_releases(frame[2]))
+    if kind == Kind.ERROR and len(frame) == 4:
+        exc, text, releases = frame[1], frame[2], frame[3]
+        if not isinstance(exc, BaseException) or type(text) is not str:
+            raise ProtocolError("malformed error frame")
+        return Error(exc, text, _check_releases(releases))
+    raise ProtocolError(f"frame of unknown kind or length (kind {kind!r}, {len(frame)} fields)")

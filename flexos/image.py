@@ -1,0 +1,68 @@
+"""The image: which compartments exist, how each is isolated, and which modules live where.
+
+This is the validated, resolved form of flexos.yaml (the FlexOS kraft.yaml ``compartments:`` and
+``libraries:`` sections). It has no dependencies beyond the standard library so a compartment
+process can rebuild it from a plain dict without loading the YAML and validation stack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_CONFIG = "flexos.yaml"
+
+
+@dataclass(frozen=True)
+class CompartmentSpec:
+    name: str
+    driver: str
+    options: dict[str, Any] = field(default_factory=dict)
+    default: bool = False
+    restart: str = "on-failure"
+
+
+@dataclass(frozen=True)
+class Image:
+    compartments: dict[str, CompartmentSpec]
+    libraries: dict[str, str]  # module or package name -> compartment name
+    source: str = "<flexos.yaml>"
+
+    @property
+    def default(self) -> str:
+        return next(name for name, spec in self.compartments.items() if spec.default)
+
+    def compartment_of(self, module: str) -> str | None:
+        """The compartment a module is placed in, or None if it is not listed (replicated).
+
+        A package entry covers its submodules unless a submodule has its own entry: the longest
+        listed prefix wins.
+        """
+        libraries = self.libraries
+        name = module
+        while True:
+            owner = libraries.get(name)
+            if owner is not None:
+                return owner
+            cut = name.rfind(".")
+            if cut < 0:
+                return None
+            name = name[:cut]
+
+    def modules_in(self, compartment: str) -> list[str]:
+        return sorted(name for name, owner in self.libraries.items() if owner == compartment)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "libraries": dict(self.libraries),
+            "compartments": [
+                {"name": s.name, "driver": s.driver, "options": s.options, "default": s.default, "restart": s.restart}
+                for s in self.compartments.values()
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Image:
+        compartments = {c["name"]: CompartmentSpec(**c) for c in data["compartments"]}
+        return cls(compartments=compartments, libraries=dict(data["libraries"]), source=data["source"])

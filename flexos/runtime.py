@@ -1,0 +1,193 @@
+"""The runtime: boots an image in this process and keeps its compartments running.
+
+``Runtime`` is what ``flexos run`` and the Python API use: it installs the gate finder, starts
+compartments lazily on the first import that needs them, restarts crashed ones by policy, and
+tears everything down on exit.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import runpy
+import sys
+import threading
+import weakref
+from pathlib import Path
+from typing import Any
+
+from flexos.drivers import driver_class, unavailable
+from flexos.drivers.base import Driver, Host
+from flexos.errors import DriverUnavailable, ProtocolError
+from flexos.gates.importer import GateFinder
+from flexos.gates.link import Link
+from flexos.gates.protocol import Op
+from flexos.gates.proxies import ModuleProxy
+from flexos.image import DEFAULT_CONFIG, CompartmentSpec, Image
+
+
+class Compartment:
+    """One compartment as seen from this process: its driver, its current link, its modules."""
+
+    def __init__(
+        self, name: str, spec: CompartmentSpec | None = None, driver: Driver | None = None, link: Link | None = None
+    ) -> None:
+        self.name = name
+        self.spec = spec
+        self.driver = driver
+        self.restarts = 0
+        self._link = link
+        self._lock = threading.Lock()
+        self._modules: dict[str, tuple[Link, Any]] = {}
+        self._exception_classes: dict = {}
+        self._proxies: weakref.WeakSet[ModuleProxy] = weakref.WeakSet()
+
+    @property
+    def direct(self) -> bool:
+        return self.driver is not None and self.driver.direct
+
+    @property
+    def pid(self) -> int | None:
+        return self.driver.pid if self.driver else None
+
+    def link(self) -> Link:
+        """The live link, booting or restarting the compartment if needed."""
+        link = self._link
+        if link is not None and not link.closed:
+            return link
+        with self._lock:
+            link = self._link
+            if link is not None and not link.closed:
+                return link
+            if self.driver is None or (link is not None and self.spec.restart == "never"):
+                raise link._closed_error()
+            if link is not None:
+                self.driver.stop()
+                self.restarts += 1
+                for proxy in list(self._proxies):
+                    proxy._flexos_unbind()
+            self._modules.clear()
+            self._link = self.driver.start(self._exception_classes)
+            return self._link
+
+    def import_module(self, name: str) -> tuple[bool, list[str]]:
+        link = self.link()
+        answer = link.call(Op.IMPORT, name)
+        if (
+            type(answer) is not list
+            or len(answer) != 3
+            or type(answer[1]) is not bool
+            or type(answer[2]) is not list
+            or not all(type(n) is str for n in answer[2])
+        ):
+            raise ProtocolError(f"compartment {self.name!r} answered an import with a malformed record")
+        self._modules[name] = (link, answer[0])
+        return answer[1], answer[2]
+
+    def module_object(self, name: str) -> Any:
+        link = self.link()
+        entry = self._modules.get(name)
+        if entry is None or entry[0] is not link:
+            self.import_module(name)
+            entry = self._modules[name]
+        return entry[1]
+
+    def register(self, proxy: ModuleProxy) -> None:
+        self._proxies.add(proxy)
+
+    def stop(self) -> None:
+        if self.driver is not None:
+            self.driver.stop()
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+
+
+class Runtime(Host):
+    """An image booted in this process, which runs compartment ``local`` (the default one)."""
+
+    def __init__(self, image: Image, local: str | None = None) -> None:
+        self.image = image
+        self.local = local or image.default
+        self.compartments: dict[str, Compartment] = {}
+        if self.local == image.default:
+            for name, spec in image.compartments.items():
+                if name == self.local:
+                    continue
+                reason = unavailable(spec.driver)
+                if reason:
+                    raise DriverUnavailable(f"{image.source}: compartment {name!r}: {reason}")
+                self.compartments[name] = Compartment(name, spec, driver_class(spec.driver)(spec, image, self))
+        self.finder = GateFinder(image, self.local, self.compartments)
+        self.started = False
+
+    def connect(self, name: str, link: Link) -> None:
+        """Reach compartment ``name`` through an existing link (a compartment's way to its parent)."""
+        self.compartments[name] = Compartment(name, link=link)
+
+    def start(self) -> Runtime:
+        if self.started:
+            return self
+        sys.meta_path.insert(0, self.finder)
+        self.started = True
+        return self
+
+    def stop(self) -> None:
+        if not self.started:
+            return
+        self.started = False
+        if self.finder in sys.meta_path:
+            sys.meta_path.remove(self.finder)
+        for name, module in list(sys.modules.items()):
+            if isinstance(module, ModuleProxy):
+                del sys.modules[name]
+        for compartment in self.compartments.values():
+            compartment.stop()
+
+    def __enter__(self) -> Runtime:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # -- Host ---------------------------------------------------------------------------------
+    def serve_import(self, name: str) -> Any:
+        if self.image.compartment_of(name) != self.local:
+            raise ImportError(f"module {name!r} is not placed in compartment {self.local!r}", name=name)
+        with self.finder.bypass():
+            return importlib.import_module(name)
+
+    def bypass_gates(self) -> Any:
+        return self.finder.bypass()
+
+
+def boot(config: str | os.PathLike[str] | Image = DEFAULT_CONFIG) -> Runtime:
+    """Boot an image in this process and return its running :class:`Runtime`.
+
+    Use it as a context manager; imports made inside go through the gates::
+
+        with flexos.boot("flexos.yaml"):
+            import sqlite3          # a gate to the compartment sqlite3 is placed in
+    """
+    if not isinstance(config, Image):
+        from flexos.config import load  # the YAML/validation stack is only needed here
+
+        config = load(config)
+    image = config
+    return Runtime(image).start()
+
+
+def run_path(path: str, args: list[str] = (), config: str | os.PathLike[str] | Image = DEFAULT_CONFIG) -> None:
+    """Run a script unmodified under ``config``, as ``python path args...`` would."""
+    sys.argv = [path, *args]
+    sys.path[0] = str(Path(path).resolve().parent)
+    with boot(config):
+        runpy.run_path(path, run_name="__main__")
+
+
+def run_module(module: str, args: list[str] = (), config: str | os.PathLike[str] | Image = DEFAULT_CONFIG) -> None:
+    """Run a module unmodified under ``config``, as ``python -m module args...`` would."""
+    sys.argv = [module, *args]
+    sys.path[0] = os.getcwd()
+    with boot(config):
+        runpy.run_module(module, run_name="__main__", alter_sys=True)

@@ -1,0 +1,27 @@
+"""Transports carry frames between two compartments; they know nothing of what a frame means.
+
+A channel is a strictly alternating conversation used by one thread at a time: ``exchange``
+sends a frame and returns the peer's next frame (a reply, or a nested call the peer makes while
+serving ours). A transport hands out channels to one peer and says what to raise when the peer
+is gone.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class PeerGone(Exception):
+    """The other end of a channel died or closed it; the link turns this into a typed error."""
+
+
+class Channel(Protocol):
+    def exchange(self, frame: bytes) -> bytes: ...
+    def recv(self) -> bytes: ...
+    def close(self) -> None: ...
+
+
+class Transport(Protocol):
+    def open_channel(self) -> Channel: ...
+    def death(self) -> BaseException: ...
+    def close(self) -> None: ...

@@ -1,0 +1,42 @@
+"""An in-process transport: the peer's dispatcher runs on the caller's own stack.
+
+Used by ``fcalls`` in strict mode, where every call still goes through the full encode/decode
+path so that whatever would break under real isolation breaks here first. Nested calls (the
+callee calling back) are plain recursion, so ``exchange`` always returns the final reply.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flexos.errors import FlexosError
+
+
+class LoopbackChannel:
+    def __init__(self, dispatch: Callable[[bytes], bytes]) -> None:
+        self._dispatch = dispatch
+
+    def exchange(self, frame: bytes) -> bytes:
+        return self._dispatch(frame)
+
+    def recv(self) -> bytes:  # a loopback peer never sends unprompted
+        raise FlexosError("a loopback channel has no independent peer to receive from")
+
+    def close(self) -> None:
+        pass
+
+
+class LoopbackTransport:
+    """Hands out one stateless, re-entrant channel that dispatches into ``peer``."""
+
+    def __init__(self, dispatch: Callable[[bytes], bytes]) -> None:
+        self._channel = LoopbackChannel(dispatch)
+
+    def open_channel(self) -> LoopbackChannel:
+        return self._channel
+
+    def death(self) -> BaseException:
+        return FlexosError("loopback peer closed")
+
+    def close(self) -> None:
+        pass
