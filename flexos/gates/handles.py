@@ -77,6 +77,7 @@ class ImportTable:
         # Weakref callbacks may run inside any allocation (even while _lock is held), so they
         # only append here; releases are computed when the next frame is sent.
         self._dead: collections.deque[_ProxyRef] = collections.deque()
+        self.dying = self._dead  # truthy when releases are waiting to be sent
 
     def lookup_or_create(self, handle: int, create: Callable[[], Any]) -> Any:
         with self._lock:

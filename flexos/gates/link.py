@@ -17,12 +17,9 @@ from flexos.errors import FlexosError, ProtocolError
 from flexos.gates.handles import ExportTable, ImportTable
 from flexos.gates.protocol import (
     OPERATORS,
-    Call,
     Codec,
-    Error,
     Kind,
     Op,
-    Reply,
     decode_frame,
     encode_call,
     encode_error,
@@ -37,6 +34,7 @@ from flexos.transports import Channel, PeerGone, Transport
 # given to objects it was not, so it is refused.
 _OPEN_DUNDERS = frozenset({"__name__", "__qualname__", "__doc__", "__module__", "__all__", "__version__", "__file__"})
 _WIRE_OPERATORS = frozenset(DUNDERS.values())
+_NO_RELEASES: list = []
 _DESCRIPTION_KEYS = {"name", "qualname", "module", "bases", "exception", "methods", "dunders", "hash"}
 
 
@@ -100,8 +98,10 @@ class Link:
     def call(self, op: int, target: int | str, name: str | None = None, args: Any = (), kwargs: Any = None) -> Any:
         if self.closed:
             raise self._closed_error()
-        frame = encode_call(
-            self.codec, op, target, name, list(args) if args else None, kwargs or None, self.imports.take_releases()
+        imports = self.imports
+        frame = self.codec.pack_frame(
+            [Kind.CALL, op, target, name, list(args) if args else None, kwargs or None,
+             imports.take_releases() if imports.dying else _NO_RELEASES]
         )
         local = self._local
         channel = getattr(local, "channel", None)
@@ -129,14 +129,17 @@ class Link:
                     self._free.append(channel)
                 else:  # state unknown after an error mid-exchange: never reuse the channel
                     channel.close()
-        if type(result) is Reply:
-            self.exports.release(result.releases)
-            return result.value
-        if type(result) is Error:
-            self.exports.release(result.releases)
-            exc = result.exception
-            if result.traceback:
-                exc.add_note(f"--- raised in compartment {self.peer!r} ---\n{result.traceback.rstrip()}")
+        kind = result[0]
+        if kind == Kind.REPLY:
+            if result[2]:
+                self.exports.release(result[2])
+            return result[1]
+        if kind == Kind.ERROR:
+            if result[3]:
+                self.exports.release(result[3])
+            exc = result[1]
+            if result[2]:
+                exc.add_note(f"--- raised in compartment {self.peer!r} ---\n{result[2].rstrip()}")
             raise exc
         raise ProtocolError("compartment answered a call with a call frame")
 
@@ -161,53 +164,55 @@ class Link:
     def dispatch(self, data: bytes) -> bytes:
         """Run one call from the peer and return the reply frame; never raises."""
         codec = self.codec
+        imports = self.imports
         try:
             call = decode_frame(codec, data)
-            if type(call) is not Call:
+            if call[0] != Kind.CALL:
                 raise ProtocolError("expected a call frame")
-            self.exports.release(call.releases)
-            result = self._execute(call)
-            return encode_reply(codec, result, self.imports.take_releases())
+            if call[6]:
+                self.exports.release(call[6])
+            result = self._execute(call[1], call[2], call[3], call[4], call[5])
+            return codec.pack_frame(
+                [Kind.REPLY, result, imports.take_releases() if imports.dying else _NO_RELEASES]
+            )
         except BaseException as exc:  # everything, including SystemExit, belongs to the caller
-            return encode_error(codec, exc, self.imports.take_releases(), with_traceback=type(exc) is not StopIteration)
+            return encode_error(codec, exc, imports.take_releases(), with_traceback=type(exc) is not StopIteration)
 
-    def _execute(self, call: Call) -> Any:
-        op = call.op
-        if op == Op.IMPORT:
-            if self._import is None or type(call.target) is not str:
+    def _execute(self, op: int, target: int | str, name: str | None, args: list, kwargs: dict) -> Any:
+        if type(target) is int:
+            obj = self.exports.get(target)
+            if op == Op.CALL:
+                return obj(*args, **kwargs)
+            if op == Op.CALL_METHOD:
+                return getattr(obj, _checked_name(name))(*args, **kwargs)
+            if op == Op.GETATTR:
+                return getattr(obj, _checked_name(name))
+            if op == Op.OPERATOR:
+                function = OPERATORS.get(name)
+                if function is None:
+                    raise ProtocolError(f"unknown operator {name!r}")
+                return function(obj, *args)
+            if op == Op.SETATTR:
+                if len(args) != 1:
+                    raise ProtocolError("setattr takes one value")
+                setattr(obj, _checked_name(name), args[0])
+                return None
+            if op == Op.DELATTR:
+                delattr(obj, _checked_name(name))
+                return None
+            if op == Op.DESCRIBE:
+                if not isinstance(obj, type):
+                    raise ProtocolError("describe needs a class handle")
+                return describe_class(obj)
+        elif op == Op.IMPORT:
+            if self._import is None:
                 raise ImportError(f"compartment {self.peer!r} may not import from here")
-            module = self._import(call.target)
+            module = self._import(target)
             names = getattr(module, "__all__", None)
             if names is None:
                 names = [n for n in vars(module) if not n.startswith("_")]
             return [module, hasattr(module, "__path__"), list(names)]
-        if type(call.target) is not int:
-            raise ProtocolError("call target must be a handle")
-        obj = self.exports.get(call.target)
-        if op == Op.CALL:
-            return obj(*call.args, **call.kwargs)
-        if op == Op.CALL_METHOD:
-            return getattr(obj, _checked_name(call.name))(*call.args, **call.kwargs)
-        if op == Op.GETATTR:
-            return getattr(obj, _checked_name(call.name))
-        if op == Op.OPERATOR:
-            function = OPERATORS.get(call.name)
-            if function is None:
-                raise ProtocolError(f"unknown operator {call.name!r}")
-            return function(obj, *call.args)
-        if op == Op.SETATTR:
-            if len(call.args) != 1:
-                raise ProtocolError("setattr takes one value")
-            setattr(obj, _checked_name(call.name), call.args[0])
-            return None
-        if op == Op.DELATTR:
-            delattr(obj, _checked_name(call.name))
-            return None
-        if op == Op.DESCRIBE:
-            if not isinstance(obj, type):
-                raise ProtocolError("describe needs a class handle")
-            return describe_class(obj)
-        raise ProtocolError(f"unsupported operation {op!r}")
+        raise ProtocolError(f"operation {op} does not take target {target!r}")
 
     # -- ReferenceSpace -------------------------------------------------------------------------
     def export(self, obj: Any) -> int:

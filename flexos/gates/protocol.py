@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import builtins
 import operator
+import threading
 import traceback
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import msgpack
@@ -167,11 +167,28 @@ class Codec:
 
     def __init__(self, space: ReferenceSpace) -> None:
         self._space = space
-        self._packer = msgpack.Packer(default=self._default, use_bin_type=True, strict_types=True)
+        self._packers = threading.local()
 
     # -- encoding ---------------------------------------------------------------------------
+    def pack_frame(self, frame: list[Any]) -> bytes:
+        """Encode a whole frame with this thread's reusable packer (the hot path)."""
+        # Taken out while in use: a __del__ run by the GC mid-pack may make a gated call itself.
+        packer = self._packers.__dict__.pop("packer", None)
+        if packer is None:
+            packer = msgpack.Packer(default=self._default, use_bin_type=True, strict_types=True)
+        try:
+            data = packer.pack(frame)
+        except ValueError as exc:  # msgpack reports deep/cyclic structures this way
+            packer.reset()
+            raise GateError(f"value cannot cross a gate: {exc}") from None
+        except BaseException:
+            packer.reset()
+            raise
+        self._packers.packer = packer
+        return data
+
     def pack(self, obj: Any) -> bytes:
-        # A fresh packer per call: packing is re-entrant (nested ext payloads) and thread-safe.
+        """Encode a nested value (re-entrant: a fresh packer each time)."""
         try:
             return msgpack.packb(obj, default=self._default, use_bin_type=True, strict_types=True)
         except ValueError as exc:  # msgpack reports deep/cyclic structures this way
@@ -284,29 +301,9 @@ class Codec:
 
 
 # -- frames -------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Call:
-    op: int
-    target: int | str
-    name: str | None
-    args: list[Any]
-    kwargs: dict[str, Any]
-    releases: list[list[int]]
-
-
-@dataclass(slots=True)
-class Reply:
-    value: Any
-    releases: list[list[int]]
-
-
-@dataclass(slots=True)
-class Error:
-    exception: BaseException
-    traceback: str
-    releases: list[list[int]]
+# Decoded frames are the validated msgpack lists themselves (no per-frame objects on the hot
+# path): [CALL, op, target, name, args, kwargs, releases], [REPLY, value, releases] or
+# [ERROR, exception, traceback, releases].
 
 
 def frame_kind(data: bytes) -> int:
@@ -319,11 +316,11 @@ def frame_kind(data: bytes) -> int:
 def encode_call(
     codec: Codec, op: int, target: int | str, name: str | None, args: Any, kwargs: Any, releases: list
 ) -> bytes:
-    return codec.pack([Kind.CALL, op, target, name, args, kwargs, releases])
+    return codec.pack_frame([Kind.CALL, op, target, name, args, kwargs, releases])
 
 
 def encode_reply(codec: Codec, value: Any, releases: list) -> bytes:
-    return codec.pack([Kind.REPLY, value, releases])
+    return codec.pack_frame([Kind.REPLY, value, releases])
 
 
 def encode_error(codec: Codec, exc: BaseException, releases: list, with_traceback: bool = True) -> bytes:
@@ -337,39 +334,50 @@ def encode_error(codec: Codec, exc: BaseException, releases: list, with_tracebac
         return codec.pack([Kind.ERROR, msgpack.ExtType(Ext.EXCEPTION, codec.pack(record)), text, releases])
 
 
-def _check_releases(releases: Any) -> list[list[int]]:
+def _check_releases(releases: Any) -> None:
     if type(releases) is not list:
         raise ProtocolError("malformed release list")
     for pair in releases:
         if type(pair) is not list or len(pair) != 2 or type(pair[0]) is not int or type(pair[1]) is not int:
             raise ProtocolError("malformed release list")
-    return releases
 
 
-def decode_frame(codec: Codec, data: bytes) -> Call | Reply | Error:
+def decode_frame(codec: Codec, data: bytes) -> list[Any]:
     """Decode and validate one frame; anything malformed raises ProtocolError."""
     frame = codec.unpack(data)
-    if type(frame) is not list or not frame:
+    if type(frame) is not list or not frame or type(frame[0]) is not int:
         raise ProtocolError("frame is not a flexos frame")
-    kind = frame[0]
-    if kind == Kind.CALL and len(frame) == 7:
+    kind, size = frame[0], len(frame)
+    if kind == Kind.REPLY and size == 3:
+        if frame[2]:
+            _check_releases(frame[2])
+        return frame
+    if kind == Kind.CALL and size == 7:
         _, op, target, name, args, kwargs, releases = frame
         if type(op) is not int or op not in _OPS:
             raise ProtocolError(f"unknown operation {op!r}")
-        if type(target) not in (int, str) or (name is not None and type(name) is not str):
+        if type(target) is not int and type(target) is not str:
+            raise ProtocolError("malformed call target")
+        if name is not None and type(name) is not str:
             raise ProtocolError("malformed call target")
         if args is None:
-            args = []
-        if kwargs is None:
-            kwargs = {}
-        if type(args) is not list or type(kwargs) is not dict or not all(type(k) is str for k in kwargs):
+            frame[4] = ()
+        elif type(args) is not list:
             raise ProtocolError("malformed call arguments")
-        return Call(op, target, name, args, kwargs, _check_releases(releases))
-    if kind == Kind.REPLY and len(frame) == 3:
-        return Reply(frame[1], _check_releases(frame[2]))
-    if kind == Kind.ERROR and len(frame) == 4:
-        exc, text, releases = frame[1], frame[2], frame[3]
-        if not isinstance(exc, BaseException) or type(text) is not str:
+        if kwargs is None:
+            frame[5] = _NO_KWARGS
+        elif type(kwargs) is not dict or not all(type(k) is str for k in kwargs):
+            raise ProtocolError("malformed call arguments")
+        if releases:
+            _check_releases(releases)
+        return frame
+    if kind == Kind.ERROR and size == 4:
+        if not isinstance(frame[1], BaseException) or type(frame[2]) is not str:
             raise ProtocolError("malformed error frame")
-        return Error(exc, text, _check_releases(releases))
-    raise ProtocolError(f"frame of unknown kind or length (kind {kind!r}, {len(frame)} fields)")
+        if frame[3]:
+            _check_releases(frame[3])
+        return frame
+    raise ProtocolError(f"frame of unknown kind or length (kind {kind!r}, {size} fields)")
+
+
+_NO_KWARGS: dict[str, Any] = {}

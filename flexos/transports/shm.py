@@ -5,14 +5,15 @@ write in ~1 µs, so a waiting side polls the shared sequence number for a short 
 of one wake-up) and only then sleeps. Layout of the shared region::
 
     0    side 0 "sleeping" flag (u32)        64   side 1 "sleeping" flag (u32)
-    128  direction 0->1: seq u64, ack u64, len u32, flags u32
+    128  direction 0->1: len u32, flags u32, seq u64, ack u64
     192  direction 1->0: same
     256  payload 0->1 [capacity]            256+capacity  payload 1->0 [capacity]
 
-A writer publishes a fragment by storing its payload and length, then the next sequence number;
-a reader waits for that exact number (``struct.pack_into`` is not atomic, so "non-zero" is not
-a safe signal) and acknowledges it. Frames larger than the capacity travel as fragments, each
-acknowledged before the next is written.
+A writer publishes a fragment by storing its payload, then len, flags and the next sequence
+number in one ``pack_into`` (which stores fields in order, so seq lands last); a reader waits for
+that exact number (``pack_into`` is not atomic, so "non-zero" is not a safe signal). A channel is
+a strictly alternating conversation, so a frame from the peer proves it consumed ours: only the
+fragments of a frame larger than the capacity are acknowledged one by one.
 
 Going to sleep is a Dekker handshake (store my flag, load the peer's sequence number) against the
 writer's (store the sequence number, load my flag). x86 may reorder a store before a later load,
@@ -39,37 +40,19 @@ from flexos.transports import PeerGone
 
 _SEQ = struct.Struct("<Q")
 _FLAG = struct.Struct("<I")
+_FRAGMENT = struct.Struct("<IIQ")  # len, flags, seq: one store sequence, seq last
 _LEN_FLAGS = struct.Struct("<II")
+_SEQ_AT, _ACK_AT = 8, 16
 _MORE = 1
 _HEADER = 256
 _BLOCK_POLL_MS = 100
 DEFAULT_CAPACITY = 1 << 20
 DEFAULT_SPIN_US = 200
-
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _OPEN = b"open"
 
 _fence_lock = threading.Lock()
-
-
-def _spin_checks_for(spin_us: float) -> int:
-    """How many sequence checks fit in ``spin_us`` on this machine (calibrated once)."""
-    global _check_cost_s
-    if _check_cost_s is None:
-        mm = mmap.mmap(-1, 64)
-        unpack = _SEQ.unpack_from
-        start = time.perf_counter()
-        for _ in range(20000):
-            if unpack(mm, 0)[0] == 1:
-                break
-        _check_cost_s = max((time.perf_counter() - start) / 20000, 1e-8)
-        mm.close()
-    return max(1, int(spin_us * 1e-6 / _check_cost_s))
-
-
-_check_cost_s: float | None = None
-
-
+_CHECKS_PER_CLOCK_READ = 64
 class ShmChannel:
     """One side (0 or 1) of a shared-memory channel."""
 
@@ -99,7 +82,7 @@ class ShmChannel:
         self._in_payload = _HEADER + capacity if side == 0 else _HEADER
         self._out_seq = 0
         self._in_seq = 0
-        self._spin_checks = _spin_checks_for(spin_us)
+        self._spin_s = spin_us * 1e-6
         self._watch_fd = watch_fd
         self._poll = select.poll()
         self._poll.register(self._my_efd, select.POLLIN)
@@ -122,72 +105,102 @@ class ShmChannel:
 
     # -- the hot path ---------------------------------------------------------------------------
     def exchange(self, frame: bytes) -> bytes:
-        self.send(frame)
-        return self.recv()
-
-    def send(self, frame: bytes) -> None:
-        mm = self._mm
-        hdr = self._out_hdr
+        # send() and recv() inlined for the common case: one small frame each way.
         size = len(frame)
-        if size <= self._capacity:
-            if _SEQ.unpack_from(mm, hdr + 8)[0] != self._out_seq:
-                self._wait(hdr + 8, self._out_seq)
-            start = self._out_payload
-            mm[start : start + size] = frame
-            _LEN_FLAGS.pack_into(mm, hdr + 16, size, 0)
-            self._publish(hdr)
-            return
-        view = memoryview(frame)
-        for pos in range(0, size, self._capacity):
-            chunk = view[pos : pos + self._capacity]
-            self._wait(hdr + 8, self._out_seq)
-            start = self._out_payload
-            mm[start : start + len(chunk)] = chunk
-            more = _MORE if pos + len(chunk) < size else 0
-            _LEN_FLAGS.pack_into(mm, hdr + 16, len(chunk), more)
-            self._publish(hdr)
-
-    def _publish(self, hdr: int) -> None:
-        self._out_seq += 1
-        _SEQ.pack_into(self._mm, hdr, self._out_seq)
+        if size > self._capacity:
+            self._send_fragments(frame)
+            return self.recv()
+        mm = self._mm
+        start = self._out_payload
+        mm[start : start + size] = frame
+        seq = self._out_seq = self._out_seq + 1
+        _FRAGMENT.pack_into(mm, self._out_hdr, size, 0, seq)
         _fence_lock.acquire()
         _fence_lock.release()
-        if _FLAG.unpack_from(self._mm, self._peer_sleep)[0]:
+        if _FLAG.unpack_from(mm, self._peer_sleep)[0]:
+            os.eventfd_write(self._peer_efd, 1)
+        hdr = self._in_hdr
+        expected = self._in_seq + 1
+        if _SEQ.unpack_from(mm, hdr + _SEQ_AT)[0] != expected:
+            self._wait(hdr + _SEQ_AT, expected)
+        size, flags = _LEN_FLAGS.unpack_from(mm, hdr)
+        if flags or size > self._capacity:
+            return self.recv(resume=True)
+        self._in_seq = expected
+        start = self._in_payload
+        return mm[start : start + size]
+
+    def send(self, frame: bytes) -> None:
+        size = len(frame)
+        if size > self._capacity:
+            return self._send_fragments(frame)
+        mm = self._mm
+        start = self._out_payload
+        mm[start : start + size] = frame
+        seq = self._out_seq = self._out_seq + 1
+        _FRAGMENT.pack_into(mm, self._out_hdr, size, 0, seq)
+        _fence_lock.acquire()
+        _fence_lock.release()
+        if _FLAG.unpack_from(mm, self._peer_sleep)[0]:
             os.eventfd_write(self._peer_efd, 1)
 
-    def recv(self) -> bytes:
+    def _send_fragments(self, frame: bytes) -> None:
+        mm, hdr, capacity = self._mm, self._out_hdr, self._capacity
+        view = memoryview(frame)
+        start = self._out_payload
+        for pos in range(0, len(frame), capacity):
+            if pos:  # the peer acknowledges each fragment before we overwrite it
+                self._wait(hdr + _ACK_AT, self._out_seq)
+            chunk = view[pos : pos + capacity]
+            mm[start : start + len(chunk)] = chunk
+            more = _MORE if pos + len(chunk) < len(frame) else 0
+            seq = self._out_seq = self._out_seq + 1
+            _FRAGMENT.pack_into(mm, hdr, len(chunk), more, seq)
+            _fence_lock.acquire()
+            _fence_lock.release()
+            if _FLAG.unpack_from(mm, self._peer_sleep)[0]:
+                os.eventfd_write(self._peer_efd, 1)
+
+    def recv(self, resume: bool = False) -> bytes:
+        """The peer's next frame. ``resume``: its first fragment has already been seen arriving."""
         mm = self._mm
         hdr = self._in_hdr
         parts = []
         while True:
             expected = self._in_seq + 1
-            if _SEQ.unpack_from(mm, hdr)[0] != expected:
-                self._wait(hdr, expected)
-            size, flags = _LEN_FLAGS.unpack_from(mm, hdr + 16)
+            if resume:
+                resume = False
+            elif _SEQ.unpack_from(mm, hdr + _SEQ_AT)[0] != expected:
+                self._wait(hdr + _SEQ_AT, expected)
+            size, flags = _LEN_FLAGS.unpack_from(mm, hdr)
             if size > self._capacity or flags & ~_MORE:
                 raise ProtocolError(f"corrupt channel header (length {size}, flags {flags})")
             start = self._in_payload
             data = mm[start : start + size]
             self._in_seq = expected
-            _SEQ.pack_into(mm, hdr + 8, expected)
-            if not flags & _MORE:
+            if not flags:
                 if parts:
                     parts.append(data)
                     return b"".join(parts)
                 return data
             parts.append(data)
+            _SEQ.pack_into(mm, hdr + _ACK_AT, expected)
             _fence_lock.acquire()
             _fence_lock.release()
             if _FLAG.unpack_from(mm, self._peer_sleep)[0]:
                 os.eventfd_write(self._peer_efd, 1)
 
     def _wait(self, offset: int, value: int) -> None:
+        """Spin for the configured window (reading the clock every few checks), then block."""
         mm = self._mm
         unpack = _SEQ.unpack_from
-        for _ in range(self._spin_checks):
-            if unpack(mm, offset)[0] == value:
-                return
-        self._block(offset, value)
+        deadline = time.perf_counter() + self._spin_s
+        while True:
+            for _ in range(_CHECKS_PER_CLOCK_READ):
+                if unpack(mm, offset)[0] == value:
+                    return
+            if time.perf_counter() > deadline:
+                return self._block(offset, value)
 
     def _block(self, offset: int, value: int) -> None:
         mm = self._mm
