@@ -21,9 +21,7 @@ from flexos.gates.protocol import (
     Kind,
     Op,
     decode_frame,
-    encode_call,
     encode_error,
-    encode_reply,
     frame_kind,
 )
 from flexos.gates.proxies import DUNDERS, RemoteClass, RemoteObject, describe_class, mirror_class, new_proxy
