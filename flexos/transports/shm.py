@@ -53,6 +53,9 @@ _OPEN = b"open"
 
 _fence_lock = threading.Lock()
 _CHECKS_PER_CLOCK_READ = 64
+# Threads of this process spinning right now. A spinning thread holds the GIL, so a second
+# spinner would only keep the first from seeing its reply: later waiters block at once.
+_spinners: list[int] = []
 class ShmChannel:
     """One side (0 or 1) of a shared-memory channel."""
 
@@ -192,15 +195,22 @@ class ShmChannel:
 
     def _wait(self, offset: int, value: int) -> None:
         """Spin for the configured window (reading the clock every few checks), then block."""
+        if _spinners:
+            return self._block(offset, value)
         mm = self._mm
         unpack = _SEQ.unpack_from
         deadline = time.perf_counter() + self._spin_s
-        while True:
-            for _ in range(_CHECKS_PER_CLOCK_READ):
-                if unpack(mm, offset)[0] == value:
-                    return
-            if time.perf_counter() > deadline:
-                return self._block(offset, value)
+        _spinners.append(1)
+        try:
+            while True:
+                for _ in range(_CHECKS_PER_CLOCK_READ):
+                    if unpack(mm, offset)[0] == value:
+                        return
+                if time.perf_counter() > deadline:
+                    break
+        finally:
+            _spinners.pop()
+        self._block(offset, value)
 
     def _block(self, offset: int, value: int) -> None:
         mm = self._mm
