@@ -7,11 +7,12 @@ away. It imports none of the config/validation stack.
 
 from __future__ import annotations
 
-import ctypes
 import os
+import select
 import signal
 import socket
 import sys
+import threading
 import traceback
 
 import msgpack
@@ -19,17 +20,23 @@ import msgpack
 from flexos.errors import CompartmentCrashed
 from flexos.image import Image
 
-_PR_SET_PDEATHSIG = 1
-
 
 def _die_with_parent() -> None:
+    """Exit when the parent process does (PR_SET_PDEATHSIG would fire when the parent *thread*
+    that spawned us exits, and compartments are spawned from whichever thread imports first)."""
+    parent = os.getppid()
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        pidfd = os.pidfd_open(parent)
     except OSError:
-        pass
-    if os.getppid() == 1:  # the parent died before we asked
         os._exit(1)
+    if os.getppid() != parent:  # it died before we could watch it
+        os._exit(1)
+
+    def watch() -> None:
+        select.select([pidfd], [], [])
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="flexos-parent-watch").start()
 
 
 def main() -> None:
@@ -57,13 +64,13 @@ def main() -> None:
             spin_us=boot["spin_us"],
         )
         parent.attach(transport)
-        runtime.connect(image.default, parent)
+        runtime.connect(image.default, parent, transport)
         runtime.start()
     except Exception:
         sock.send(msgpack.packb(["error", traceback.format_exc()]))
         os._exit(1)
     sock.send(msgpack.packb(["ready"]))
-    transport.accept_loop(parent)
+    transport.accept_loop(parent, lambda message, fds: runtime.control(image.default, message, fds))
     os._exit(0)
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import queue
 import runpy
+import socket
 import sys
 import threading
 import weakref
@@ -18,12 +20,14 @@ from typing import Any
 
 from flexos.drivers import driver_class, unavailable
 from flexos.drivers.base import Driver, Host
-from flexos.errors import DriverUnavailable, ProtocolError
+from flexos.drivers.sibling import SiblingDriver
+from flexos.errors import CompartmentCrashed, CompartmentStartError, DriverUnavailable, ProtocolError
 from flexos.gates.importer import GateFinder
 from flexos.gates.link import Link
 from flexos.gates.protocol import Op
 from flexos.gates.proxies import ModuleProxy
 from flexos.image import DEFAULT_CONFIG, CompartmentSpec, Image
+from flexos.transports.shm import ShmTransport
 
 
 class Compartment:
@@ -104,12 +108,19 @@ class Compartment:
 
 
 class Runtime(Host):
-    """An image booted in this process, which runs compartment ``local`` (the default one)."""
+    """An image booted in this process, which runs compartment ``local`` (the default one).
+
+    The default compartment boots every other compartment and brokers connections between
+    them; a compartment process runs a Runtime too, with ``local`` set to its own name.
+    """
 
     def __init__(self, image: Image, local: str | None = None) -> None:
         self.image = image
         self.local = local or image.default
         self.compartments: dict[str, Compartment] = {}
+        self._lock = threading.Lock()
+        self._parent: ShmTransport | None = None
+        self._sibling_requests: dict[str, queue.Queue] = {}
         if self.local == image.default:
             for name, spec in image.compartments.items():
                 if name == self.local:
@@ -118,12 +129,26 @@ class Runtime(Host):
                 if reason:
                     raise DriverUnavailable(f"{image.source}: compartment {name!r}: {reason}")
                 self.compartments[name] = Compartment(name, spec, driver_class(spec.driver)(spec, image, self))
-        self.finder = GateFinder(image, self.local, self.compartments)
+        self.finder = GateFinder(image, self.local, self.compartment_for)
         self.started = False
 
-    def connect(self, name: str, link: Link) -> None:
-        """Reach compartment ``name`` through an existing link (a compartment's way to its parent)."""
+    def connect(self, name: str, link: Link, transport: ShmTransport) -> None:
+        """Reach compartment ``name`` (our parent) through an existing link."""
         self.compartments[name] = Compartment(name, link=link)
+        self._parent = transport
+
+    def compartment_for(self, owner: str) -> Compartment:
+        """The compartment that serves modules placed in ``owner``, as reached from here."""
+        compartment = self.compartments.get(owner)
+        if compartment is not None:
+            return compartment
+        spec = self.image.compartments[owner]
+        if spec.driver == "fcalls":  # it lives inside the default compartment's process
+            return self.compartments[self.image.default]
+        with self._lock:
+            if owner not in self.compartments:
+                self.compartments[owner] = Compartment(owner, spec, SiblingDriver(spec, self.image, self))
+            return self.compartments[owner]
 
     def start(self) -> Runtime:
         if self.started:
@@ -152,13 +177,91 @@ class Runtime(Host):
 
     # -- Host ---------------------------------------------------------------------------------
     def serve_import(self, name: str) -> Any:
-        if self.image.compartment_of(name) != self.local:
-            raise ImportError(f"module {name!r} is not placed in compartment {self.local!r}", name=name)
-        with self.finder.bypass():
-            return importlib.import_module(name)
+        owner = self.image.compartment_of(name)
+        if owner != self.local:
+            compartment = self.compartments.get(owner) if owner else None
+            if self.local != self.image.default or compartment is None or compartment.spec.driver != "fcalls":
+                raise ImportError(f"module {name!r} is not placed in compartment {self.local!r}", name=name)
+            if not compartment.direct:  # strict fcalls: hand out its gate, never the bare module
+                return compartment.module_object(name)
+        return importlib.import_module(name)
 
-    def bypass_gates(self) -> Any:
-        return self.finder.bypass()
+    def bypass_gates(self, owner: str) -> Any:
+        return self.finder.bypass(owner)
+
+    def control(self, compartment: str, message: bytes, fds: list[int]) -> None:
+        verb, _, name = message.decode("utf-8", "replace").partition(" ")
+        if self.local == self.image.default:
+            for fd in fds:
+                os.close(fd)
+            if verb == "connect":
+                threading.Thread(target=self._broker, args=(compartment, name), daemon=True).start()
+            return
+        pending = self._sibling_requests.get(name)
+        if verb == "peer" and len(fds) == 1:
+            sock = socket.socket(fileno=fds[0])
+            if pending is not None:
+                pending.put(sock)
+            else:
+                self._adopt_sibling(name, sock)
+        else:
+            for fd in fds:
+                os.close(fd)
+            if verb == "refused" and pending is not None:
+                pending.put(name)
+
+    def _broker(self, requester: str, target: str) -> None:
+        """Connect compartment ``requester`` to ``target`` (booting it if needed)."""
+        asking = self.compartments.get(requester)
+        if asking is None:
+            return
+        try:
+            wanted = self.compartments.get(target)
+            if wanted is None or target == requester or wanted.spec.driver == "fcalls":
+                raise ImportError(f"compartment {target!r} cannot be connected to {requester!r}")
+            wanted.link()
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                wanted.driver.send_control(b"peer " + requester.encode(), [theirs.fileno()])
+                asking.driver.send_control(b"peer " + target.encode(), [ours.fileno()])
+            finally:
+                ours.close()
+                theirs.close()
+        except Exception as exc:
+            try:
+                asking.driver.send_control(f"refused {target} {exc}".encode())
+            except Exception:
+                pass
+
+    def request_sibling(self, name: str) -> socket.socket:
+        if self._parent is None:
+            raise ImportError(f"compartment {name!r} cannot be reached from here")
+        answers: queue.Queue = queue.Queue()
+        self._sibling_requests[name] = answers
+        try:
+            self._parent.send_control(b"connect " + name.encode())
+            answer = answers.get(timeout=_SIBLING_TIMEOUT_S)
+        except queue.Empty:
+            raise CompartmentStartError(f"no connection to compartment {name!r} within {_SIBLING_TIMEOUT_S} s")
+        finally:
+            self._sibling_requests.pop(name, None)
+        if not isinstance(answer, socket.socket):
+            raise CompartmentStartError(f"the default compartment refused a connection to {name!r}")
+        return answer
+
+    def _adopt_sibling(self, name: str, sock: socket.socket) -> None:
+        """A sibling connected to us: serve it, and call back through the same connection."""
+        link = Link(name, importer=self.serve_import)
+        transport = ShmTransport(
+            sock, sock.fileno(), 0, death=lambda: CompartmentCrashed(name, None, "the connection to it was lost")
+        )
+        link.attach(transport)
+        threading.Thread(target=transport.accept_loop, args=(link,), daemon=True, name="flexos-sibling").start()
+        with self._lock:
+            self.compartments.setdefault(name, Compartment(name, link=link))
+
+
+_SIBLING_TIMEOUT_S = 60
 
 
 def boot(config: str | os.PathLike[str] | Image = DEFAULT_CONFIG) -> Runtime:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
+
+from flexos.errors import DriverUnavailable
 
 if TYPE_CHECKING:
     from flexos.gates.link import Link
@@ -18,8 +22,17 @@ class Host(ABC):
         """Import a module placed in this process's compartment for a peer that asked for it."""
 
     @abstractmethod
-    def bypass_gates(self) -> Any:
-        """Context manager: imports in this thread load real modules, not gates."""
+    def bypass_gates(self, owner: str) -> Any:
+        """Context manager: in this thread, modules placed in ``owner`` load for real."""
+
+    def control(self, compartment: str, message: bytes, fds: list[int]) -> None:
+        """A compartment process sent a control message (e.g. asks to reach a sibling)."""
+        for fd in fds:
+            os.close(fd)
+
+    def request_sibling(self, name: str) -> socket.socket:
+        """A connected socket to sibling compartment ``name`` (compartment processes only)."""
+        raise ImportError(f"compartment {name!r} cannot be reached from here")
 
 
 class Driver(ABC):
@@ -51,3 +64,7 @@ class Driver(ABC):
     def pid(self) -> int | None:
         """The OS process the compartment runs in, when it has its own."""
         return None
+
+    def send_control(self, message: bytes, fds: list[int] = ()) -> None:
+        """Hand the compartment a control message (used to connect it to a sibling)."""
+        raise DriverUnavailable(f"driver {self.spec.driver!r} cannot be connected to other compartments")

@@ -41,7 +41,7 @@ class FcallsDriver(Driver):
         if module is not None:
             return module
         before = set(sys.modules)
-        with self.host.bypass_gates():
+        with self.host.bypass_gates(self.spec.name):
             module = importlib.import_module(name)
         for key in set(sys.modules) - before | {name}:
             if self.image.compartment_of(key) == self.spec.name and key in sys.modules:

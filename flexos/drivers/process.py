@@ -72,9 +72,17 @@ class ProcessDriver(Driver):
         )
         link.attach(self._transport)
         threading.Thread(
-            target=self._transport.accept_loop, args=(link,), daemon=True, name=f"flexos-{name}-control"
+            target=self._transport.accept_loop,
+            args=(link, lambda message, fds: self.host.control(name, message, fds)),
+            daemon=True,
+            name=f"flexos-{name}-control",
         ).start()
         return link
+
+    def send_control(self, message: bytes, fds: list[int] = ()) -> None:
+        if self._transport is None:
+            raise CompartmentCrashed(self.spec.name, None, "it is not running")
+        self._transport.send_control(message, fds)
 
     def _death(self, proc: subprocess.Popen) -> CompartmentCrashed:
         try:

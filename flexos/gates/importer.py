@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib.abc import Loader, MetaPathFinder
 from importlib.machinery import ModuleSpec
 from typing import TYPE_CHECKING, Any
@@ -38,26 +38,17 @@ class GateLoader(Loader):
 
 
 class GateFinder(MetaPathFinder):
-    def __init__(self, image: Image, local: str, compartments: dict[str, Compartment]) -> None:
+    def __init__(self, image: Image, local: str, resolve: Callable[[str], Compartment]) -> None:
         self.image = image
         self.local = local
-        self.compartments = compartments
+        self.resolve = resolve
         self._bypass = threading.local()
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> ModuleSpec | None:
-        if getattr(self._bypass, "on", False):
-            return None
         owner = self.image.compartment_of(fullname)
-        if owner is None or owner == self.local:
+        if owner is None or owner == self.local or owner == getattr(self._bypass, "owner", None):
             return None
-        compartment = self.compartments.get(owner)
-        if compartment is None:
-            raise ImportError(
-                f"module {fullname!r} is placed in compartment {owner!r}, which compartment {self.local!r} "
-                f"has no gate to (only the default compartment {self.image.default!r} reaches every compartment); "
-                f"place {fullname!r} in {self.local!r} or {self.image.default!r}, or leave it unlisted",
-                name=fullname,
-            )
+        compartment = self.resolve(owner)
         if compartment.direct:
             return None
         is_package, names = compartment.import_module(fullname)
@@ -66,11 +57,12 @@ class GateFinder(MetaPathFinder):
         )
 
     @contextlib.contextmanager
-    def bypass(self) -> Iterator[None]:
-        """Imports in this thread load real modules (used where a compartment imports its own)."""
-        previous = getattr(self._bypass, "on", False)
-        self._bypass.on = True
+    def bypass(self, owner: str) -> Iterator[None]:
+        """In this thread, modules placed in ``owner`` import for real (an in-process compartment
+        loading its own modules); modules placed anywhere else still get gates."""
+        previous = getattr(self._bypass, "owner", None)
+        self._bypass.owner = owner
         try:
             yield
         finally:
-            self._bypass.on = previous
+            self._bypass.owner = previous

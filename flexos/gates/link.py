@@ -98,8 +98,15 @@ class Link:
             raise self._closed_error()
         imports = self.imports
         frame = self.codec.pack_frame(
-            [Kind.CALL, op, target, name, list(args) if args else None, kwargs or None,
-             imports.take_releases() if imports.dying else _NO_RELEASES]
+            [
+                Kind.CALL,
+                op,
+                target,
+                name,
+                list(args) if args else None,
+                kwargs or None,
+                imports.take_releases() if imports.dying else _NO_RELEASES,
+            ]
         )
         local = self._local
         channel = getattr(local, "channel", None)
@@ -170,9 +177,7 @@ class Link:
             if call[6]:
                 self.exports.release(call[6])
             result = self._execute(call[1], call[2], call[3], call[4], call[5])
-            return codec.pack_frame(
-                [Kind.REPLY, result, imports.take_releases() if imports.dying else _NO_RELEASES]
-            )
+            return codec.pack_frame([Kind.REPLY, result, imports.take_releases() if imports.dying else _NO_RELEASES])
         except BaseException as exc:  # everything, including SystemExit, belongs to the caller
             return encode_error(codec, exc, imports.take_releases(), with_traceback=type(exc) is not StopIteration)
 

@@ -53,9 +53,12 @@ _OPEN = b"open"
 
 _fence_lock = threading.Lock()
 _CHECKS_PER_CLOCK_READ = 64
+_TIGHT_SPIN_S = 10e-6
 # Threads of this process spinning right now. A spinning thread holds the GIL, so a second
 # spinner would only keep the first from seeing its reply: later waiters block at once.
 _spinners: list[int] = []
+
+
 class ShmChannel:
     """One side (0 or 1) of a shared-memory channel."""
 
@@ -194,20 +197,31 @@ class ShmChannel:
                 os.eventfd_write(self._peer_efd, 1)
 
     def _wait(self, offset: int, value: int) -> None:
-        """Spin for the configured window (reading the clock every few checks), then block."""
+        """Spin, then spin yielding the CPU, then block.
+
+        A reply from another core arrives within a few µs, so the first stretch spins tight. If
+        the peer shares our core it cannot run while we spin, so after that stretch every batch
+        of checks yields the core (and the GIL) to it; past the window we sleep on the eventfd.
+        """
         if _spinners:
             return self._block(offset, value)
         mm = self._mm
         unpack = _SEQ.unpack_from
-        deadline = time.perf_counter() + self._spin_s
+        clock = time.perf_counter
+        start = clock()
+        tight_until = start + _TIGHT_SPIN_S
+        deadline = start + self._spin_s
         _spinners.append(1)
         try:
             while True:
                 for _ in range(_CHECKS_PER_CLOCK_READ):
                     if unpack(mm, offset)[0] == value:
                         return
-                if time.perf_counter() > deadline:
+                now = clock()
+                if now > deadline:
                     break
+                if now > tight_until:
+                    os.sched_yield()
         finally:
             _spinners.pop()
         self._block(offset, value)
@@ -286,8 +300,16 @@ class ShmTransport:
                 os.close(fd)
         return channel
 
-    def accept_loop(self, link: Any) -> None:
-        """Serve channels the peer opens until it goes away; then mark the link closed."""
+    def send_control(self, message: bytes, fds: list[int] = ()) -> None:
+        """Send a control message (with file descriptors) to the peer's accept loop."""
+        with self._send_lock:
+            socket.send_fds(self._sock, [message], list(fds))
+
+    def accept_loop(self, link: Any, on_control: Callable[[bytes, list[int]], None] | None = None) -> None:
+        """Serve channels the peer opens until it goes away; then mark the link closed.
+
+        Other control messages go to ``on_control``, which owns the fds it is given.
+        """
         try:
             while True:
                 try:
@@ -296,6 +318,9 @@ class ShmTransport:
                     break
                 if not message:
                     break
+                if message != _OPEN and on_control is not None:
+                    on_control(message, fds)
+                    continue
                 try:
                     if message != _OPEN or len(fds) != 3:
                         raise ProtocolError("unexpected control message")
