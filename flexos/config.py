@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.scalarbool import ScalarBoolean
 
 from flexos.errors import ConfigError
 from flexos.image import DEFAULT_CONFIG, CompartmentSpec, Image
@@ -42,7 +43,7 @@ class FcallsMechanism(_Model):
 class ProcessMechanism(_Model):
     driver: Literal["process"]
     spin_us: int = Field(200, ge=0, le=1_000_000)
-    start_timeout: float = Field(30.0, gt=0)
+    start_timeout: float = Field(30.0, gt=0, le=3600, allow_inf_nan=False)
 
 
 class _NotImplementedMechanism(_Model):
@@ -96,16 +97,20 @@ class _Source:
         self.doc = doc
 
     def line(self, loc: tuple[Any, ...]) -> int:
+        """The line of the deepest part of ``loc`` that ruamel recorded a position for."""
         node, line = self.doc, 1
         for key in loc:
-            if isinstance(node, CommentedMap) and key in node:
-                line = node.lc.key(key)[0] + 1
+            try:
+                if isinstance(node, CommentedMap) and key in node:
+                    position = node.lc.key(key)
+                elif isinstance(node, CommentedSeq) and isinstance(key, int) and key < len(node):
+                    position = node.lc.item(key)
+                else:
+                    break
                 node = node[key]
-            elif isinstance(node, CommentedSeq) and isinstance(key, int) and key < len(node):
-                line = node.lc.item(key)[0] + 1
-                node = node[key]
-            else:
-                break
+                line = position[0] + 1
+            except (KeyError, TypeError, IndexError, AttributeError):
+                break  # merged (<<:) keys and tagged nodes carry no position of their own
         return line
 
     def error(self, loc: tuple[Any, ...], message: str) -> str:
@@ -161,6 +166,20 @@ def _pydantic_problems(
     return problems
 
 
+def _plain(node: Any) -> Any:
+    """ruamel's round-trip types (anchored scalars are int/str subclasses) as plain Python."""
+    if isinstance(node, dict):
+        return {_plain(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    if isinstance(node, ScalarBoolean):
+        return bool(node)
+    for kind in (bool, int, float, str):
+        if isinstance(node, kind):
+            return kind(node)
+    return node
+
+
 def _read(path: Path) -> _Source:
     try:
         text = path.read_text()
@@ -175,7 +194,7 @@ def _read(path: Path) -> _Source:
         line = mark.line + 1 if mark is not None else 1
         problem = " ".join(str(part) for part in (exc.context, exc.problem) if part)
         raise ConfigError([f"{path}:{line}: not valid YAML: {problem}"]) from None
-    except YAMLError as exc:
+    except (YAMLError, ValueError, OverflowError, TypeError) as exc:  # e.g. an out-of-range timestamp
         raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
     if doc is None:
         raise ConfigError([f"{path}:1: the file is empty; it needs a 'compartments:' list (see docs/config.md)"])
@@ -188,7 +207,7 @@ def parse(path: str | Path) -> tuple[Image, list[str]]:
     """Validate ``path``; return the image and the warnings, or raise ConfigError listing every problem."""
     src = _read(Path(path))
     try:
-        config = _Config.model_validate(dict(src.doc))
+        config = _Config.model_validate(_plain(src.doc))
     except ValidationError as exc:
         raise ConfigError(_pydantic_problems(src, exc)) from None
 
@@ -197,7 +216,7 @@ def parse(path: str | Path) -> tuple[Image, list[str]]:
     first_line: dict[str, int] = {}
     for index, comp in enumerate(config.compartments):
         loc = ("compartments", index)
-        if comp.name in specs:
+        if comp.name in first_line:
             problems.append(
                 src.error(
                     loc + ("name",),
@@ -240,6 +259,14 @@ def parse(path: str | Path) -> tuple[Image, list[str]]:
             src.error(
                 ("compartments",),
                 "no compartment has 'default: true'; mark exactly one (the app's own code runs there)",
+            )
+        )
+    elif config.compartments[defaults[0]].mechanism.get("driver") == "process" and len(defaults) == 1:
+        problems.append(
+            src.error(
+                ("compartments", defaults[0], "mechanism", "driver"),
+                f"compartment {config.compartments[defaults[0]].name!r} is the default one, which is "
+                "the app's own process; give it driver 'fcalls' and isolate the other compartments",
             )
         )
     elif len(defaults) > 1:

@@ -123,12 +123,11 @@ class Runtime(Host):
         self._sibling_requests: dict[str, queue.Queue] = {}
         if self.local == image.default:
             for name, spec in image.compartments.items():
-                if name == self.local:
-                    continue
                 reason = unavailable(spec.driver)
                 if reason:
                     raise DriverUnavailable(f"{image.source}: compartment {name!r}: {reason}")
-                self.compartments[name] = Compartment(name, spec, driver_class(spec.driver)(spec, image, self))
+                if name != self.local:
+                    self.compartments[name] = Compartment(name, spec, driver_class(spec.driver)(spec, image, self))
         self.finder = GateFinder(image, self.local, self.compartment_for)
         self.started = False
 
