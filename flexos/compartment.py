@@ -55,7 +55,7 @@ def main() -> None:
         image = Image.from_dict(boot["image"])
         name = boot["name"]
         runtime = Runtime(image, local=name)
-        parent = Link(image.default, importer=runtime.serve_import)
+        parent = Link(image.default, importer=runtime.serve_import, replicated=image.is_replicated)
         transport = ShmTransport(
             sock,
             sock.fileno(),

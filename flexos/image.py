@@ -49,6 +49,10 @@ class Image:
                 return None
             name = name[:cut]
 
+    def is_replicated(self, module: str) -> bool:
+        """Unlisted modules are loaded by every compartment that imports them (own copy each)."""
+        return self.compartment_of(module) is None
+
     def modules_in(self, compartment: str) -> list[str]:
         return sorted(name for name, owner in self.libraries.items() if owner == compartment)
 

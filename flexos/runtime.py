@@ -250,7 +250,7 @@ class Runtime(Host):
 
     def _adopt_sibling(self, name: str, sock: socket.socket) -> None:
         """A sibling connected to us: serve it, and call back through the same connection."""
-        link = Link(name, importer=self.serve_import)
+        link = Link(name, importer=self.serve_import, replicated=self.image.is_replicated)
         transport = ShmTransport(
             sock, sock.fileno(), 0, death=lambda: CompartmentCrashed(name, None, "the connection to it was lost")
         )

@@ -29,8 +29,8 @@ class FcallsDriver(Driver):
         return not self.strict
 
     def start(self, exception_classes: dict) -> Link:
-        caller = Link(self.spec.name, exception_classes=exception_classes)
-        compartment = Link(self.image.default, importer=self._import)
+        caller = Link(self.spec.name, exception_classes=exception_classes, replicated=self.image.is_replicated)
+        compartment = Link(self.image.default, importer=self._import, replicated=self.image.is_replicated)
         caller.attach(LoopbackTransport(compartment.dispatch))
         compartment.attach(LoopbackTransport(caller.dispatch))
         self._links = (caller, compartment)

@@ -66,7 +66,12 @@ class ProcessDriver(Driver):
             detail = answer[1] if isinstance(answer, list) and len(answer) == 2 else repr(answer)
             raise CompartmentStartError(f"compartment {name!r} failed to boot: {detail}")
         self._pidfd = os.pidfd_open(proc.pid)
-        link = Link(name, importer=self.host.serve_import, exception_classes=exception_classes)
+        link = Link(
+            name,
+            importer=self.host.serve_import,
+            exception_classes=exception_classes,
+            replicated=self.image.is_replicated,
+        )
         self._transport = ShmTransport(
             ours, self._pidfd, select.POLLIN, death=lambda: self._death(proc), spin_us=options.get("spin_us", 200)
         )

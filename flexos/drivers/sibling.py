@@ -24,7 +24,12 @@ class SiblingDriver(Driver):
     def start(self, exception_classes: dict) -> Link:
         name = self.spec.name
         sock = self.host.request_sibling(name)
-        link = Link(name, importer=self.host.serve_import, exception_classes=exception_classes)
+        link = Link(
+            name,
+            importer=self.host.serve_import,
+            exception_classes=exception_classes,
+            replicated=self.image.is_replicated,
+        )
         self._transport = ShmTransport(
             sock,
             sock.fileno(),

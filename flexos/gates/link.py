@@ -9,6 +9,7 @@ same channel and runs on the waiting thread, which makes A→B→A→B nesting p
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -66,6 +67,18 @@ def _checked_description(desc: Any) -> dict[str, Any]:
     return desc
 
 
+def _local_class(module: str, qualname: str) -> type | None:
+    """This side's own class ``module.qualname``, if that module is already loaded (never imports)."""
+    obj = sys.modules.get(module)
+    for part in qualname.split("."):
+        if obj is None or part == "<locals>":
+            return None
+        obj = getattr(obj, part, None)
+    if isinstance(obj, type) and obj.__module__ == module and obj.__qualname__ == qualname:
+        return obj
+    return None
+
+
 class Link:
     """Gates between this process and one peer compartment."""
 
@@ -75,6 +88,7 @@ class Link:
         *,
         importer: Callable[[str], Any] | None = None,
         exception_classes: dict | None = None,
+        replicated: Callable[[str], bool] | None = None,
     ) -> None:
         self.peer = peer
         self.codec = Codec(self)
@@ -82,6 +96,7 @@ class Link:
         self.imports = ImportTable()
         self.closed = False
         self._import = importer
+        self._replicated = replicated or (lambda module: module == "builtins")
         self._exception_classes = exception_classes if exception_classes is not None else {}
         self._classes: dict[int, type] = {}
         self._class_lock = threading.RLock()
@@ -241,10 +256,15 @@ class Link:
             raise ProtocolError("object reference names a class that cannot have proxies")
         return self.imports.lookup_or_create(handle, lambda: new_proxy(cls, self, handle))
 
-    def proxy_class(self, handle: int) -> type:
+    def proxy_class(self, handle: int, module: str = "", qualname: str = "") -> type:
         cls = self._classes.get(handle)
         if cls is not None:
             return cls
+        if module and self._replicated(module):
+            cls = _local_class(module, qualname)
+            if cls is not None:  # a class of a module every compartment has its own copy of
+                self._classes[handle] = cls
+                return cls
         with self._class_lock:
             cls = self._classes.get(handle)
             if cls is None:

@@ -118,7 +118,7 @@ class ReferenceSpace(Protocol):
     def export_class(self, cls: type) -> int: ...
     def peer_handle(self, obj: Any) -> int | None: ...
     def proxy(self, handle: int, class_handle: int) -> Any: ...
-    def proxy_class(self, handle: int) -> type: ...
+    def proxy_class(self, handle: int, module: str = "", qualname: str = "") -> type: ...
     def resolve(self, handle: int) -> Any: ...
 
 
@@ -146,16 +146,25 @@ def _build_exception(cls: Any, args: Any, attrs: Any) -> BaseException:
             exc = cls.__new__(cls)
             exc.args = args
     else:
-        # A library's own class: never run its __init__ on data from another compartment.
+        # Any other class: never run its __init__ on data from another compartment.
         exc = cls.__new__(cls)
         exc.args = args
     for key, value in attrs.items():
-        if isinstance(key, str) and not key.startswith("__"):
+        if type(key) is not str or key.startswith("__"):
+            continue
+        if key in _BUILTIN_EXCEPTION_ATTRS:
             try:
-                setattr(exc, key, value)
+                setattr(exc, key, value)  # slots of builtin exceptions, e.g. OSError.filename
             except (AttributeError, TypeError):
                 pass
+        else:
+            exc.__dict__[key] = value  # never through a property setter of the class
     return exc
+
+
+# Attributes of builtin exceptions that live in slots rather than args or __dict__.
+_BUILTIN_EXCEPTION_ATTRS = frozenset({"filename", "filename2", "name", "path", "name_from"})
+_MAX_NESTING = 32
 
 
 class Codec:
@@ -168,6 +177,7 @@ class Codec:
     def __init__(self, space: ReferenceSpace) -> None:
         self._space = space
         self._packers = threading.local()
+        self._depth = threading.local()
 
     # -- encoding ---------------------------------------------------------------------------
     def pack_frame(self, frame: list[Any]) -> bytes:
@@ -178,7 +188,7 @@ class Codec:
             packer = msgpack.Packer(default=self._default, use_bin_type=True, strict_types=True)
         try:
             data = packer.pack(frame)
-        except ValueError as exc:  # msgpack reports deep/cyclic structures this way
+        except (ValueError, RecursionError) as exc:  # msgpack reports deep/cyclic structures this way
             packer.reset()
             raise GateError(f"value cannot cross a gate: {exc}") from None
         except BaseException:
@@ -188,11 +198,21 @@ class Codec:
         return data
 
     def pack(self, obj: Any) -> bytes:
-        """Encode a nested value (re-entrant: a fresh packer each time)."""
+        """Encode a nested value (re-entrant: a fresh packer each time).
+
+        Nesting is bounded explicitly: each level recurses through C, and a deep enough
+        structure would overflow the C stack long before Python's recursion limit.
+        """
+        depth = self._depth.__dict__.get("n", 0)
+        if depth >= _MAX_NESTING:
+            raise GateError(f"value nested more than {_MAX_NESTING} levels deep (or cyclic) cannot cross a gate")
+        self._depth.n = depth + 1
         try:
             return msgpack.packb(obj, default=self._default, use_bin_type=True, strict_types=True)
-        except ValueError as exc:  # msgpack reports deep/cyclic structures this way
+        except (ValueError, RecursionError) as exc:  # msgpack reports deep/cyclic structures this way
             raise GateError(f"value cannot cross a gate: {exc}") from None
+        finally:
+            self._depth.n = depth
 
     def _default(self, obj: Any) -> Any:
         cls = type(obj)
@@ -220,7 +240,8 @@ class Codec:
         if isinstance(obj, BaseException):
             return msgpack.ExtType(Ext.EXCEPTION, self.pack(self.exception_record(obj)))
         if isinstance(obj, type):
-            return msgpack.ExtType(Ext.CLASS, self.pack(self._space.export_class(obj)))
+            record = [self._space.export_class(obj), obj.__module__, obj.__qualname__]
+            return msgpack.ExtType(Ext.CLASS, self.pack(record))
         handle = self._space.export(obj)
         return msgpack.ExtType(Ext.REF, self.pack([handle, self._space.export_class(cls)]))
 
@@ -231,7 +252,7 @@ class Codec:
             self.pack(args)
         except Exception:
             args = tuple(repr(a) for a in args)
-        attrs = {}
+        attrs = {key: getattr(exc, key) for key in _BUILTIN_EXCEPTION_ATTRS if getattr(exc, key, None) is not None}
         for key, value in getattr(exc, "__dict__", {}).items():
             if key.startswith("__") or key.startswith("_flexos"):
                 continue
@@ -244,6 +265,10 @@ class Codec:
 
     # -- decoding ---------------------------------------------------------------------------
     def unpack(self, data: bytes) -> Any:
+        depth = self._depth.__dict__.get("n", 0)
+        if depth >= _MAX_NESTING:
+            raise ProtocolError(f"value from compartment nested more than {_MAX_NESTING} levels deep")
+        self._depth.n = depth + 1
         try:
             return msgpack.unpackb(data, ext_hook=self._ext_hook, strict_map_key=False, raw=False)
         except ProtocolError:
@@ -251,6 +276,8 @@ class Codec:
         except (ValueError, TypeError, KeyError, IndexError, RecursionError, OverflowError) as exc:
             # msgpack's own errors derive from ValueError; unhashable keys give TypeError.
             raise ProtocolError(f"malformed value from compartment: {type(exc).__name__}: {exc}") from None
+        finally:
+            self._depth.n = depth
 
     def _ext_hook(self, code: int, payload: bytes) -> Any:
         if code == Ext.TUPLE:
@@ -281,7 +308,10 @@ class Codec:
                 raise ProtocolError("malformed exception record")
             return _build_exception(*record)
         if code == Ext.CLASS:
-            return self._space.proxy_class(self._expect(self.unpack(payload), int))
+            record = self._expect(self.unpack(payload), list)
+            if len(record) != 3 or type(record[0]) is not int or not all(type(r) is str for r in record[1:]):
+                raise ProtocolError("malformed class reference")
+            return self._space.proxy_class(*record)
         if code == Ext.REF:
             handle, class_handle = self._expect_pair(self.unpack(payload), int)
             return self._space.proxy(handle, class_handle)
