@@ -51,7 +51,7 @@ class Image:
 
     def is_replicated(self, module: str) -> bool:
         """Unlisted modules are loaded by every compartment that imports them (own copy each)."""
-        return self.compartment_of(module) is None
+        return self.compartment_of(module) is None or module == "flexos" or module.startswith("flexos.")
 
     def modules_in(self, compartment: str) -> list[str]:
         return sorted(name for name, owner in self.libraries.items() if owner == compartment)

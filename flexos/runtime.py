@@ -14,7 +14,6 @@ import runpy
 import socket
 import sys
 import threading
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +42,7 @@ class Compartment:
         self._link = link
         self._lock = threading.Lock()
         self._modules: dict[str, tuple[Link, Any]] = {}
-        self._exception_classes: dict = {}
-        self._proxies: weakref.WeakSet[ModuleProxy] = weakref.WeakSet()
+        self._mirrors: dict = {}
 
     @property
     def direct(self) -> bool:
@@ -68,11 +66,18 @@ class Compartment:
             if link is not None:
                 self.driver.stop()
                 self.restarts += 1
-                for proxy in list(self._proxies):
-                    proxy._flexos_unbind()
             self._modules.clear()
-            self._link = self.driver.start(self._exception_classes)
-            return self._link
+            link = self.driver.start(self._mirrors)
+            link.rebind = self._rebind
+            self._link = link
+            return link
+
+    def _rebind(self, module: str, qualname: str) -> Any:
+        """Look a class up by name in the current instance (re-pointing its local mirror)."""
+        obj = self.module_object(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        return obj
 
     def import_module(self, name: str) -> tuple[bool, list[str]]:
         link = self.link()
@@ -95,9 +100,6 @@ class Compartment:
             self.import_module(name)
             entry = self._modules[name]
         return entry[1]
-
-    def register(self, proxy: ModuleProxy) -> None:
-        self._proxies.add(proxy)
 
     def stop(self) -> None:
         if self.driver is not None:

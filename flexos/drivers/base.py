@@ -52,9 +52,9 @@ class Driver(ABC):
         return None
 
     @abstractmethod
-    def start(self, exception_classes: dict) -> Link:
-        """Boot the compartment. ``exception_classes`` keeps mirrored exception classes stable
-        across restarts so that ``except lib.Error`` keeps matching."""
+    def start(self, mirrors: dict) -> Link:
+        """Boot the compartment. ``mirrors`` keeps the local mirrors of its classes stable across
+        restarts, so that ``except lib.Error`` and ``isinstance(x, lib.Thing)`` keep matching."""
 
     @abstractmethod
     def stop(self) -> None:

@@ -28,8 +28,8 @@ class FcallsDriver(Driver):
     def direct(self) -> bool:  # type: ignore[override]
         return not self.strict
 
-    def start(self, exception_classes: dict) -> Link:
-        caller = Link(self.spec.name, exception_classes=exception_classes, replicated=self.image.is_replicated)
+    def start(self, mirrors: dict) -> Link:
+        caller = Link(self.spec.name, mirrors=mirrors, replicated=self.image.is_replicated)
         compartment = Link(self.image.default, importer=self._import, replicated=self.image.is_replicated)
         caller.attach(LoopbackTransport(compartment.dispatch))
         compartment.attach(LoopbackTransport(caller.dispatch))

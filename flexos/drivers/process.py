@@ -34,7 +34,7 @@ class ProcessDriver(Driver):
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    def start(self, exception_classes: dict) -> Link:
+    def start(self, mirrors: dict) -> Link:
         name, options = self.spec.name, self.spec.options
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -69,7 +69,7 @@ class ProcessDriver(Driver):
         link = Link(
             name,
             importer=self.host.serve_import,
-            exception_classes=exception_classes,
+            mirrors=mirrors,
             replicated=self.image.is_replicated,
         )
         self._transport = ShmTransport(

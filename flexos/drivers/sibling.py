@@ -21,13 +21,13 @@ class SiblingDriver(Driver):
         super().__init__(*args, **kwargs)
         self._transport: ShmTransport | None = None
 
-    def start(self, exception_classes: dict) -> Link:
+    def start(self, mirrors: dict) -> Link:
         name = self.spec.name
         sock = self.host.request_sibling(name)
         link = Link(
             name,
             importer=self.host.serve_import,
-            exception_classes=exception_classes,
+            mirrors=mirrors,
             replicated=self.image.is_replicated,
         )
         self._transport = ShmTransport(

@@ -29,9 +29,7 @@ class GateLoader(Loader):
         self.names = names
 
     def create_module(self, spec: ModuleSpec) -> ModuleProxy:
-        proxy = ModuleProxy(spec.name, self.compartment)
-        self.compartment.register(proxy)
-        return proxy
+        return ModuleProxy(spec.name, self.compartment)
 
     def exec_module(self, module: types.ModuleType) -> None:
         types.ModuleType.__setattr__(module, "__all__", self.names)

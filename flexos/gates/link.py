@@ -32,15 +32,38 @@ from flexos.transports import Channel, PeerGone, Transport
 # __x__ (e.g. __globals__, __dict__, __class__) would let a compartment walk from an object it was
 # given to objects it was not, so it is refused.
 _OPEN_DUNDERS = frozenset({"__name__", "__qualname__", "__doc__", "__module__", "__all__", "__version__", "__file__"})
+# Non-dunder attributes that lead from an object to frames and their globals.
+_INTROSPECTION = frozenset(
+    {
+        "gi_frame",
+        "gi_code",
+        "gi_yieldfrom",
+        "cr_frame",
+        "cr_code",
+        "cr_await",
+        "cr_origin",
+        "ag_frame",
+        "ag_code",
+        "ag_await",
+        "f_globals",
+        "f_locals",
+        "f_builtins",
+        "f_back",
+        "f_code",
+        "tb_frame",
+        "tb_next",
+        "func_globals",
+    }
+)
 _WIRE_OPERATORS = frozenset(DUNDERS.values())
 _NO_RELEASES: list = []
-_DESCRIPTION_KEYS = {"name", "qualname", "module", "bases", "exception", "methods", "dunders", "hash"}
+_DESCRIPTION_KEYS = {"name", "qualname", "module", "bases", "exception", "methods", "dunders", "hash", "by_name"}
 
 
 def _checked_name(name: Any) -> str:
     if type(name) is not str:
         raise ProtocolError("attribute name must be a string")
-    if name.startswith("__") and name.endswith("__") and name not in _OPEN_DUNDERS:
+    if (name.startswith("__") and name.endswith("__") and name not in _OPEN_DUNDERS) or name in _INTROSPECTION:
         raise AttributeError(f"attribute {name!r} cannot be reached through a flexos gate")
     return name
 
@@ -62,9 +85,14 @@ def _checked_description(desc: Any) -> dict[str, Any]:
             raise ProtocolError(f"refused method name {method!r} in class description")
     if not all(wire in _WIRE_OPERATORS for wire in dunders) or desc["hash"] not in ("none", "identity", "remote"):
         raise ProtocolError("malformed class description")
-    if type(desc["exception"]) is not bool:
+    if type(desc["exception"]) is not bool or type(desc["by_name"]) is not bool:
         raise ProtocolError("malformed class description")
     return desc
+
+
+def _always_shared(module: str) -> bool:
+    """Modules every compartment has its own identical copy of, whatever the image says."""
+    return module == "builtins" or module == "flexos" or module.startswith("flexos.")
 
 
 def _local_class(module: str, qualname: str) -> type | None:
@@ -87,7 +115,7 @@ class Link:
         peer: str,
         *,
         importer: Callable[[str], Any] | None = None,
-        exception_classes: dict | None = None,
+        mirrors: dict | None = None,
         replicated: Callable[[str], bool] | None = None,
     ) -> None:
         self.peer = peer
@@ -96,8 +124,10 @@ class Link:
         self.imports = ImportTable()
         self.closed = False
         self._import = importer
-        self._replicated = replicated or (lambda module: module == "builtins")
-        self._exception_classes = exception_classes if exception_classes is not None else {}
+        self._replicated = replicated or _always_shared
+        # Set by whoever can restart the peer: re-resolves a class by name in its new instance.
+        self.rebind: Callable[[str, str], Any] | None = None
+        self._mirrors = mirrors if mirrors is not None else {}
         self._classes: dict[int, type] = {}
         self._class_lock = threading.RLock()
         self._transport: Transport | None = None
@@ -158,8 +188,8 @@ class Link:
             if result[3]:
                 self.exports.release(result[3])
             exc = result[1]
-            if result[2]:
-                exc.add_note(f"--- raised in compartment {self.peer!r} ---\n{result[2].rstrip()}")
+            if result[2]:  # unbound: the instance's own attributes come from the peer
+                BaseException.add_note(exc, f"--- raised in compartment {self.peer!r} ---\n{result[2].rstrip()}")
             raise exc
         raise ProtocolError("compartment answered a call with a call frame")
 
@@ -269,7 +299,7 @@ class Link:
             cls = self._classes.get(handle)
             if cls is None:
                 desc = _checked_description(self.call(Op.DESCRIBE, handle))
-                cls = mirror_class(self, handle, desc, self._exception_classes)
+                cls = mirror_class(self, handle, desc, self._mirrors)
                 self._classes[handle] = cls
             return cls
 

@@ -25,6 +25,7 @@ import builtins
 import operator
 import threading
 import traceback
+import types
 from typing import Any, Protocol
 
 import msgpack
@@ -150,8 +151,8 @@ def _build_exception(cls: Any, args: Any, attrs: Any) -> BaseException:
         exc = cls.__new__(cls)
         exc.args = args
     for key, value in attrs.items():
-        if type(key) is not str or key.startswith("__"):
-            continue
+        if type(key) is not str or key.startswith("__") or (key not in _BUILTIN_EXCEPTION_ATTRS and hasattr(cls, key)):
+            continue  # never shadow a method or property of the class (e.g. add_note = exec)
         if key in _BUILTIN_EXCEPTION_ATTRS:
             try:
                 setattr(exc, key, value)  # slots of builtin exceptions, e.g. OSError.filename
@@ -163,6 +164,7 @@ def _build_exception(cls: Any, args: Any, attrs: Any) -> BaseException:
 
 
 # Attributes of builtin exceptions that live in slots rather than args or __dict__.
+_INTROSPECTION_TYPES = (types.FrameType, types.CodeType, types.TracebackType)
 _BUILTIN_EXCEPTION_ATTRS = frozenset({"filename", "filename2", "name", "path", "name_from"})
 _MAX_NESTING = 32
 
@@ -237,6 +239,8 @@ class Codec:
         name = builtin_name(obj)
         if name is not None:
             return msgpack.ExtType(Ext.BUILTIN, name.encode())
+        if isinstance(obj, _INTROSPECTION_TYPES):
+            raise GateError(f"a {cls.__name__} object cannot cross a gate (it reaches the interpreter's internals)")
         if isinstance(obj, BaseException):
             return msgpack.ExtType(Ext.EXCEPTION, self.pack(self.exception_record(obj)))
         if isinstance(obj, type):
@@ -264,6 +268,16 @@ class Codec:
         return [type(exc), args, attrs]
 
     # -- decoding ---------------------------------------------------------------------------
+    def unpack_frame(self, data: bytes) -> Any:
+        """Decode a whole frame. Its nesting is counted afresh: decoding a value may issue a
+        nested gate call (to describe a class) whose reply is a frame of its own."""
+        outer = self._depth.__dict__.get("n", 0)
+        self._depth.n = 0
+        try:
+            return self.unpack(data)
+        finally:
+            self._depth.n = outer
+
     def unpack(self, data: bytes) -> Any:
         depth = self._depth.__dict__.get("n", 0)
         if depth >= _MAX_NESTING:
@@ -374,7 +388,7 @@ def _check_releases(releases: Any) -> None:
 
 def decode_frame(codec: Codec, data: bytes) -> list[Any]:
     """Decode and validate one frame; anything malformed raises ProtocolError."""
-    frame = codec.unpack(data)
+    frame = codec.unpack_frame(data)
     if type(frame) is not list or not frame or type(frame[0]) is not int:
         raise ProtocolError("frame is not a flexos frame")
     kind, size = frame[0], len(frame)

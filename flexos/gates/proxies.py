@@ -10,6 +10,7 @@ its mirrored class holding a handle.
 from __future__ import annotations
 
 import inspect
+import sys
 import types
 from typing import TYPE_CHECKING, Any
 
@@ -78,16 +79,29 @@ def describe_class(cls: type) -> dict[str, Any]:
         hashing = "identity"
     else:
         hashing = "remote"
+    module = getattr(cls, "__module__", None) or ""
+    qualname = getattr(cls, "__qualname__", cls.__name__)
     return {
         "name": cls.__name__,
-        "qualname": getattr(cls, "__qualname__", cls.__name__),
-        "module": getattr(cls, "__module__", None) or "",
+        "qualname": qualname,
+        "module": module,
         "bases": [base for base in cls.__bases__ if base is not object],
         "exception": issubclass(cls, BaseException),
         "methods": methods,
         "dunders": dunders,
         "hash": hashing,
+        # Reachable as module.qualname: its mirror can be found again after a restart.
+        "by_name": _named_path_reaches(module, qualname, cls),
     }
+
+
+def _named_path_reaches(module: str, qualname: str, cls: type) -> bool:
+    obj = sys.modules.get(module)
+    if isinstance(obj, ModuleProxy):  # in-process (strict fcalls): the name leads to the gate
+        return False
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None) if obj is not None and part != "<locals>" else None
+    return obj is cls
 
 
 class RemoteObject:
@@ -120,15 +134,28 @@ class RemoteObject:
 
 
 class RemoteClass(type):
-    """Metaclass of mirrored classes: instantiating one creates the object in its compartment."""
+    """Metaclass of mirrored classes: instantiating one creates the object in its compartment.
+
+    A class reachable by name survives a restart of its compartment: its first use after the
+    restart looks it up again, which re-points this same local class at the new instance.
+    """
+
+    def _flexos_live(cls) -> tuple[Link, int]:
+        link = cls._flexos_class_link
+        if link.closed and link.rebind is not None and cls._flexos_by_name:
+            link.rebind(cls.__module__, cls.__qualname__)
+            link = cls._flexos_class_link
+        return link, cls._flexos_class_handle
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        return cls._flexos_class_link.call(Op.CALL, cls._flexos_class_handle, None, args, kwargs)
+        link, handle = cls._flexos_live()
+        return link.call(Op.CALL, handle, None, args, kwargs)
 
     def __getattr__(cls, name: str) -> Any:
         if name.startswith("__") or name.startswith("_flexos_"):
             raise AttributeError(name)
-        return cls._flexos_class_link.call(Op.GETATTR, cls._flexos_class_handle, name)
+        link, handle = cls._flexos_live()
+        return link.call(Op.GETATTR, handle, name)
 
     def __repr__(cls) -> str:
         return f"<class '{cls.__module__}.{cls.__qualname__}' in compartment {cls._flexos_class_link.peer!r}>"
@@ -173,32 +200,38 @@ def _operator(wire: str) -> Any:
 _WIRE_TO_DUNDER = {wire: dunder for dunder, wire in DUNDERS.items()}
 
 
-def mirror_class(link: Link, handle: int, desc: dict[str, Any], exception_classes: dict) -> type:
-    """Synthesize the local mirror of a remote class from its description."""
-    name, qualname, module = desc["name"], desc["qualname"], desc["module"]
-    bases = desc["bases"]
-    if desc["exception"]:
-        key = (module, qualname)
-        cls = exception_classes.get(key)
-        if cls is None:
-            exc_bases = tuple(b for b in bases if isinstance(b, type) and issubclass(b, BaseException))
-            namespace = {"__module__": module, "__qualname__": qualname}
-            try:
-                cls = type(name, exc_bases or (Exception,), namespace)
-            except TypeError:
-                cls = type(name, (Exception,), namespace)
-            exception_classes[key] = cls
-        # Re-pointed on every (re)description so the class stays valid across restarts.
-        cls._flexos_class_link = link
-        cls._flexos_class_handle = handle
-        return cls
+def mirror_class(link: Link, handle: int, desc: dict[str, Any], mirrors: dict) -> type:
+    """The local mirror of a remote class, synthesized from its description.
 
+    Classes reachable by name are kept in ``mirrors`` (one dict per compartment, across its
+    restarts) and re-pointed rather than re-created, so identity, ``except`` and ``isinstance``
+    hold across restarts.
+    """
+    key = (desc["module"], desc["qualname"]) if desc["by_name"] else None
+    cls = mirrors.get(key) if key else None
+    if cls is None:
+        cls = _synthesize(desc)
+        if key:
+            mirrors[key] = cls
+    type.__setattr__(cls, "_flexos_class_link", link)
+    type.__setattr__(cls, "_flexos_class_handle", handle)
+    return cls
+
+
+def _synthesize(desc: dict[str, Any]) -> type:
+    name, qualname, module, bases = desc["name"], desc["qualname"], desc["module"], desc["bases"]
+    if desc["exception"]:  # a real exception class: its instances cross by value
+        exc_bases = tuple(b for b in bases if isinstance(b, type) and issubclass(b, BaseException))
+        namespace = {"__module__": module, "__qualname__": qualname}
+        try:
+            return type(name, exc_bases or (Exception,), namespace)
+        except TypeError:
+            return type(name, (Exception,), namespace)
     namespace: dict[str, Any] = {
         "__slots__": (),
         "__module__": module,
         "__qualname__": qualname,
-        "_flexos_class_link": link,
-        "_flexos_class_handle": handle,
+        "_flexos_by_name": desc["by_name"],
     }
     for method in desc["methods"]:
         namespace[method] = _method(method)
@@ -230,18 +263,48 @@ _LOCAL_MODULE_ATTRS = frozenset(
 )
 
 
+# Remote types whose instances a module proxy binds as by-name ModuleFunctions.
+_FUNCTION_TYPES = frozenset({"function", "builtin_function_or_method", "cython_function_or_method"})
+
+
+class ModuleFunction:
+    """A module-level function of another compartment, called by name.
+
+    Calling it resolves the module in the compartment's current instance, so a reference kept
+    by the app (``from lib import f``) keeps working after the compartment restarts.
+    """
+
+    __slots__ = ("__dict__", "__weakref__", "_flexos_bound", "_flexos_module")
+
+    def __init__(self, module: ModuleProxy, name: str) -> None:
+        self.__name__ = self.__qualname__ = name
+        self.__module__ = module.__name__
+        self._flexos_module = module
+        self._flexos_bound: tuple[Link, int] | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        bound = self._flexos_bound
+        if bound is None or bound[0].closed:
+            target = self._flexos_module._flexos_target()
+            bound = self._flexos_bound = (target._flexos_link, target._flexos_handle)
+        return bound[0].call(Op.CALL_METHOD, bound[1], self.__name__, args, kwargs)
+
+    def __repr__(self) -> str:
+        where = self._flexos_module._flexos_compartment.name
+        return f"<function {self.__module__}.{self.__name__} in compartment {where!r}>"
+
+
 class ModuleProxy(types.ModuleType):
     """A module that lives in another compartment, as seen by this one (a gate in sys.modules).
 
-    Functions, classes and submodules are bound once on first use, like ``from m import f``;
-    data attributes are read from the compartment on every access. After the compartment
-    restarts, bound attributes are dropped and resolved again.
+    Functions, classes and submodules are bound on first use (functions are called by name, so
+    they survive a restart of the compartment); data attributes are read from the compartment
+    on every access.
     """
 
     def __init__(self, name: str, compartment: Any) -> None:
         super().__init__(name)
         types.ModuleType.__setattr__(self, "_flexos_compartment", compartment)
-        types.ModuleType.__setattr__(self, "_flexos_bound", set())
 
     def _flexos_target(self) -> Any:
         return self._flexos_compartment.module_object(self.__name__)
@@ -250,27 +313,21 @@ class ModuleProxy(types.ModuleType):
         if name.startswith("_flexos_") or name in _LOCAL_MODULE_ATTRS:
             raise AttributeError(name)
         value = getattr(self._flexos_target(), name)
-        if callable(value) or isinstance(value, types.ModuleType):
+        if isinstance(value, RemoteObject) and type(value).__name__ in _FUNCTION_TYPES:
+            value = ModuleFunction(self, name)
+        if isinstance(value, (type, types.ModuleType, ModuleFunction)):
             types.ModuleType.__setattr__(self, name, value)
-            self._flexos_bound.add(name)
         return value
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _LOCAL_MODULE_ATTRS or isinstance(value, ModuleProxy):
             types.ModuleType.__setattr__(self, name, value)
         else:
-            self._flexos_bound.discard(name)
             self.__dict__.pop(name, None)
             setattr(self._flexos_target(), name, value)
 
     def __dir__(self) -> list[str]:
         return dir(self._flexos_target())
-
-    def _flexos_unbind(self) -> None:
-        """Forget attributes bound from a compartment instance that is gone."""
-        for name in self._flexos_bound:
-            self.__dict__.pop(name, None)
-        self._flexos_bound.clear()
 
     def __repr__(self) -> str:
         return f"<module {self.__name__!r} in compartment {self._flexos_compartment.name!r}>"
