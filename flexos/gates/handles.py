@@ -22,7 +22,7 @@ class ExportTable:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._objects: dict[int, list[Any]] = {}  # handle -> [object, count]
+        self.objects: dict[int, list[Any]] = {}  # handle -> [object, count]
         self._handles: dict[int, int] = {}  # id(object) -> handle
         self._next = 1
 
@@ -30,16 +30,16 @@ class ExportTable:
         with self._lock:
             handle = self._handles.get(id(obj))
             if handle is not None:
-                self._objects[handle][1] += 1
+                self.objects[handle][1] += 1
                 return handle
             handle = self._next
             self._next += 1
-            self._objects[handle] = [obj, 1]
+            self.objects[handle] = [obj, 1]
             self._handles[id(obj)] = handle
             return handle
 
     def get(self, handle: int) -> Any:
-        entry = self._objects.get(handle)
+        entry = self.objects.get(handle)
         if entry is None:
             raise ProtocolError(f"compartment named handle {handle}, which it does not hold")
         return entry[0]
@@ -47,20 +47,20 @@ class ExportTable:
     def release(self, releases: list[list[int]]) -> None:
         with self._lock:
             for handle, count in releases:
-                entry = self._objects.get(handle)
+                entry = self.objects.get(handle)
                 if entry is None:
                     continue  # a confused or hostile peer: releasing twice must not hurt us
                 entry[1] -= count
                 if entry[1] <= 0:
-                    del self._objects[handle]
+                    del self.objects[handle]
                     del self._handles[id(entry[0])]
 
     def __len__(self) -> int:
-        return len(self._objects)
+        return len(self.objects)
 
     def clear(self) -> None:
         with self._lock:
-            self._objects.clear()
+            self.objects.clear()
             self._handles.clear()
 
 

@@ -228,7 +228,10 @@ class Link:
 
     def _execute(self, op: int, target: int | str, name: str | None, args: list, kwargs: dict) -> Any:
         if type(target) is int:
-            obj = self.exports.get(target)
+            entry = self.exports.objects.get(target)
+            if entry is None:
+                raise ProtocolError(f"compartment named handle {target}, which it does not hold")
+            obj = entry[0]
             if op == Op.CALL:
                 return obj(*args, **kwargs)
             if op == Op.CALL_METHOD:

@@ -178,15 +178,17 @@ class Codec:
 
     def __init__(self, space: ReferenceSpace) -> None:
         self._space = space
-        self._packers = threading.local()
+        self._packers: list[msgpack.Packer] = []
         self._depth = threading.local()
 
     # -- encoding ---------------------------------------------------------------------------
     def pack_frame(self, frame: list[Any]) -> bytes:
-        """Encode a whole frame with this thread's reusable packer (the hot path)."""
-        # Taken out while in use: a __del__ run by the GC mid-pack may make a gated call itself.
-        packer = self._packers.__dict__.pop("packer", None)
-        if packer is None:
+        """Encode a whole frame with a reusable packer (the hot path)."""
+        # Taken out of the pool while in use: other threads, or a __del__ run by the GC
+        # mid-pack that makes a gated call itself, get a packer of their own.
+        try:
+            packer = self._packers.pop()
+        except IndexError:
             packer = msgpack.Packer(default=self._default, use_bin_type=True, strict_types=True)
         try:
             data = packer.pack(frame)
@@ -196,7 +198,7 @@ class Codec:
         except BaseException:
             packer.reset()
             raise
-        self._packers.packer = packer
+        self._packers.append(packer)
         return data
 
     def pack(self, obj: Any) -> bytes:
@@ -268,21 +270,7 @@ class Codec:
         return [type(exc), args, attrs]
 
     # -- decoding ---------------------------------------------------------------------------
-    def unpack_frame(self, data: bytes) -> Any:
-        """Decode a whole frame. Its nesting is counted afresh: decoding a value may issue a
-        nested gate call (to describe a class) whose reply is a frame of its own."""
-        outer = self._depth.__dict__.get("n", 0)
-        self._depth.n = 0
-        try:
-            return self.unpack(data)
-        finally:
-            self._depth.n = outer
-
     def unpack(self, data: bytes) -> Any:
-        depth = self._depth.__dict__.get("n", 0)
-        if depth >= _MAX_NESTING:
-            raise ProtocolError(f"value from compartment nested more than {_MAX_NESTING} levels deep")
-        self._depth.n = depth + 1
         try:
             return msgpack.unpackb(data, ext_hook=self._ext_hook, strict_map_key=False, raw=False)
         except ProtocolError:
@@ -290,10 +278,20 @@ class Codec:
         except (ValueError, TypeError, KeyError, IndexError, RecursionError, OverflowError) as exc:
             # msgpack's own errors derive from ValueError; unhashable keys give TypeError.
             raise ProtocolError(f"malformed value from compartment: {type(exc).__name__}: {exc}") from None
+
+    def _ext_hook(self, code: int, payload: bytes) -> Any:
+        # Extension values nest through C; bound their depth before the C stack runs out.
+        # Only values that carry extensions pay for the count.
+        depth = self._depth.__dict__.get("n", 0)
+        if depth >= _MAX_NESTING:
+            raise ProtocolError(f"value from compartment nested more than {_MAX_NESTING} levels deep")
+        self._depth.n = depth + 1
+        try:
+            return self._decode_ext(code, payload)
         finally:
             self._depth.n = depth
 
-    def _ext_hook(self, code: int, payload: bytes) -> Any:
+    def _decode_ext(self, code: int, payload: bytes) -> Any:
         if code == Ext.TUPLE:
             return tuple(self._expect(self.unpack(payload), list))
         if code == Ext.BIGINT:
@@ -388,7 +386,7 @@ def _check_releases(releases: Any) -> None:
 
 def decode_frame(codec: Codec, data: bytes) -> list[Any]:
     """Decode and validate one frame; anything malformed raises ProtocolError."""
-    frame = codec.unpack_frame(data)
+    frame = codec.unpack(data)
     if type(frame) is not list or not frame or type(frame[0]) is not int:
         raise ProtocolError("frame is not a flexos frame")
     kind, size = frame[0], len(frame)
@@ -398,12 +396,8 @@ def decode_frame(codec: Codec, data: bytes) -> list[Any]:
         return frame
     if kind == Kind.CALL and size == 7:
         _, op, target, name, args, kwargs, releases = frame
-        if type(op) is not int or op not in _OPS:
-            raise ProtocolError(f"unknown operation {op!r}")
-        if type(target) is not int and type(target) is not str:
-            raise ProtocolError("malformed call target")
-        if name is not None and type(name) is not str:
-            raise ProtocolError("malformed call target")
+        if op not in _OPS or type(op) is not int or type(target) not in _TARGETS or type(name) not in _NAMES:
+            raise ProtocolError("malformed call")
         if args is None:
             frame[4] = ()
         elif type(args) is not list:
@@ -425,3 +419,5 @@ def decode_frame(codec: Codec, data: bytes) -> list[Any]:
 
 
 _NO_KWARGS: dict[str, Any] = {}
+_TARGETS = frozenset({int, str})
+_NAMES = frozenset({str, type(None)})

@@ -268,10 +268,10 @@ _FUNCTION_TYPES = frozenset({"function", "builtin_function_or_method", "cython_f
 
 
 class ModuleFunction:
-    """A module-level function of another compartment, called by name.
+    """A module-level function of another compartment, bound by name.
 
-    Calling it resolves the module in the compartment's current instance, so a reference kept
-    by the app (``from lib import f``) keeps working after the compartment restarts.
+    It is looked up again in each new instance of the compartment, so a reference kept by the
+    app (``from lib import f``) keeps working after the compartment restarts.
     """
 
     __slots__ = ("__dict__", "__weakref__", "_flexos_bound", "_flexos_module")
@@ -280,14 +280,13 @@ class ModuleFunction:
         self.__name__ = self.__qualname__ = name
         self.__module__ = module.__name__
         self._flexos_module = module
-        self._flexos_bound: tuple[Link, int] | None = None
+        self._flexos_bound: RemoteObject | None = None  # the function in the current instance
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        bound = self._flexos_bound
-        if bound is None or bound[0].closed:
-            target = self._flexos_module._flexos_target()
-            bound = self._flexos_bound = (target._flexos_link, target._flexos_handle)
-        return bound[0].call(Op.CALL_METHOD, bound[1], self.__name__, args, kwargs)
+        function = self._flexos_bound
+        if function is None or function._flexos_link.closed:  # first call, or a restart since
+            function = self._flexos_bound = getattr(self._flexos_module._flexos_target(), self.__name__)
+        return function._flexos_link.call(Op.CALL, function._flexos_handle, None, args, kwargs)
 
     def __repr__(self) -> str:
         where = self._flexos_module._flexos_compartment.name
