@@ -258,11 +258,11 @@ class Link:
         elif op == Op.IMPORT:
             if self._import is None:
                 raise ImportError(f"compartment {self.peer!r} may not import from here")
-            module = self._import(target)
+            module = self._import(target)  # a module, or the gate to one (a strict fcalls module)
             names = getattr(module, "__all__", None)
             if names is None:
-                names = [n for n in vars(module) if not n.startswith("_")]
-            return [module, hasattr(module, "__path__"), list(names)]
+                names = [n for n in dir(module) if not n.startswith("_")]
+            return [module, isinstance(getattr(module, "__path__", None), list), list(names)]
         raise ProtocolError(f"operation {op} does not take target {target!r}")
 
     # -- ReferenceSpace -------------------------------------------------------------------------
@@ -284,20 +284,20 @@ class Link:
         return self.exports.get(handle)
 
     def proxy(self, handle: int, class_handle: int) -> Any:
-        cls = self._classes.get(class_handle) or self.proxy_class(class_handle)
+        cls = self._classes.get(class_handle) or self._mirror(class_handle)
         if not isinstance(cls, RemoteClass):
             raise ProtocolError("object reference names a class that cannot have proxies")
         return self.imports.lookup_or_create(handle, lambda: new_proxy(cls, self, handle))
 
     def proxy_class(self, handle: int, module: str = "", qualname: str = "") -> type:
-        cls = self._classes.get(handle)
-        if cls is not None:
-            return cls
+        """A class value from the peer: our own class if its module is replicated, else a mirror."""
         if module and self._replicated(module):
             cls = _local_class(module, qualname)
-            if cls is not None:  # a class of a module every compartment has its own copy of
-                self._classes[handle] = cls
+            if cls is not None:
                 return cls
+        return self._classes.get(handle) or self._mirror(handle)
+
+    def _mirror(self, handle: int) -> type:
         with self._class_lock:
             cls = self._classes.get(handle)
             if cls is None:
