@@ -129,6 +129,7 @@ class Link:
         self.rebind: Callable[[str, str], Any] | None = None
         self._mirrors = mirrors if mirrors is not None else {}
         self._classes: dict[int, type] = {}
+        self._class_handles: dict[type, int] = {}
         self._class_lock = threading.RLock()
         self._transport: Transport | None = None
         self._free: list[Channel] = []
@@ -269,7 +270,16 @@ class Link:
     def export(self, obj: Any) -> int:
         return self.exports.export(obj)
 
-    export_class = export
+    def export_class(self, cls: type) -> int:
+        # Peers keep their mirrors of our classes for good, so a class handle is exported once
+        # and pinned: no lock and no count on the hot path.
+        handle = self._class_handles.get(cls)
+        if handle is None:
+            handle = self._class_handles[cls] = self.exports.export(cls)
+        return handle
+
+    def is_proxy_type(self, cls: type) -> bool:
+        return issubclass(cls, RemoteObject)
 
     def peer_handle(self, obj: Any) -> int | None:
         if isinstance(obj, RemoteObject):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import builtins
 import operator
+import struct
 import threading
 import traceback
 import types
@@ -63,7 +64,6 @@ class Ext:
     FROZENSET = 3
     BIGINT = 4
     COMPLEX = 5
-    BYTEARRAY = 6
     REF = 7  # an object owned by the sender: [handle, class handle]
     CLASS = 8  # a class owned by the sender: handle
     BACK = 9  # an object owned by the receiver: handle
@@ -118,6 +118,7 @@ class ReferenceSpace(Protocol):
     def export(self, obj: Any) -> int: ...
     def export_class(self, cls: type) -> int: ...
     def peer_handle(self, obj: Any) -> int | None: ...
+    def is_proxy_type(self, cls: type) -> bool: ...
     def proxy(self, handle: int, class_handle: int) -> Any: ...
     def proxy_class(self, handle: int, module: str = "", qualname: str = "") -> type: ...
     def resolve(self, handle: int) -> Any: ...
@@ -165,6 +166,36 @@ def _build_exception(cls: Any, args: Any, attrs: Any) -> BaseException:
 
 # Attributes of builtin exceptions that live in slots rather than args or __dict__.
 _INTROSPECTION_TYPES = (types.FrameType, types.CodeType, types.TracebackType)
+_PAIR = struct.Struct("<QQ")  # REF payload: handle, class handle
+_HANDLE = struct.Struct("<Q")  # BACK payload
+# How a type crosses, as decided by Codec._classify.
+(
+    _PLAIN,
+    _PROXY,
+    _CLASS,
+    _TUPLE,
+    _BIGINT,
+    _SET,
+    _FROZENSET,
+    _COMPLEX,
+    _MEMORYVIEW,
+    _EXCEPTION,
+    _BUILTIN_FUNCTION,
+    _SINGLETON,
+    _REFUSED,
+) = range(13)
+_VALUE_KINDS = {
+    tuple: _TUPLE,
+    int: _BIGINT,  # msgpack packs ints natively up to 64 bits; only bigger ones come here
+    bool: _BIGINT,
+    set: _SET,
+    frozenset: _FROZENSET,
+    complex: _COMPLEX,
+    memoryview: _MEMORYVIEW,
+    types.BuiltinFunctionType: _BUILTIN_FUNCTION,
+    type(NotImplemented): _SINGLETON,
+    type(Ellipsis): _SINGLETON,
+}
 _BUILTIN_EXCEPTION_ATTRS = frozenset({"filename", "filename2", "name", "path", "name_from"})
 _MAX_NESTING = 32
 
@@ -179,6 +210,7 @@ class Codec:
     def __init__(self, space: ReferenceSpace) -> None:
         self._space = space
         self._packers: list[msgpack.Packer] = []
+        self._kinds: dict[type, int] = {}
         self._depth = threading.local()
 
     # -- encoding ---------------------------------------------------------------------------
@@ -219,37 +251,65 @@ class Codec:
             self._depth.n = depth
 
     def _default(self, obj: Any) -> Any:
+        """Called by msgpack for everything it does not pack natively."""
         cls = type(obj)
-        if cls is tuple:
+        kind = self._kinds.get(cls)
+        if kind is None:
+            kind = self._kinds[cls] = self._classify(cls)
+        space = self._space
+        if kind == _PLAIN:  # the common case: an object of an ordinary class, by reference
+            return msgpack.ExtType(Ext.REF, _PAIR.pack(space.export(obj), space.export_class(cls)))
+        if kind == _PROXY:
+            handle = space.peer_handle(obj)
+            if handle is not None:
+                return msgpack.ExtType(Ext.BACK, _HANDLE.pack(handle))
+            return msgpack.ExtType(Ext.REF, _PAIR.pack(space.export(obj), space.export_class(cls)))
+        if kind == _CLASS:
+            handle = space.peer_handle(obj)
+            if handle is not None:
+                return msgpack.ExtType(Ext.BACK, _HANDLE.pack(handle))
+            name = builtin_name(obj)
+            if name is not None:
+                return msgpack.ExtType(Ext.BUILTIN, name.encode())
+            record = [space.export_class(obj), obj.__module__, obj.__qualname__]
+            return msgpack.ExtType(Ext.CLASS, self.pack(record))
+        if kind == _TUPLE:
             return msgpack.ExtType(Ext.TUPLE, self.pack(list(obj)))
-        if cls is int or cls is bool:  # ints beyond 64 bits
+        if kind == _BIGINT:
             length = (obj.bit_length() + 8) // 8
             return msgpack.ExtType(Ext.BIGINT, obj.to_bytes(length, "little", signed=True))
-        if cls is set:
+        if kind == _SET:
             return msgpack.ExtType(Ext.SET, self.pack(list(obj)))
-        if cls is frozenset:
+        if kind == _FROZENSET:
             return msgpack.ExtType(Ext.FROZENSET, self.pack(list(obj)))
-        if cls is complex:
+        if kind == _COMPLEX:
             return msgpack.ExtType(Ext.COMPLEX, self.pack([obj.real, obj.imag]))
-        if cls is bytearray:
-            return msgpack.ExtType(Ext.BYTEARRAY, bytes(obj))
-        if cls is memoryview:
+        if kind == _MEMORYVIEW:
             return obj.tobytes()
-        handle = self._space.peer_handle(obj)
-        if handle is not None:
-            return msgpack.ExtType(Ext.BACK, self.pack(handle))
-        name = builtin_name(obj)
-        if name is not None:
-            return msgpack.ExtType(Ext.BUILTIN, name.encode())
-        if isinstance(obj, _INTROSPECTION_TYPES):
-            raise GateError(f"a {cls.__name__} object cannot cross a gate (it reaches the interpreter's internals)")
-        if isinstance(obj, BaseException):
+        if kind == _EXCEPTION:
             return msgpack.ExtType(Ext.EXCEPTION, self.pack(self.exception_record(obj)))
-        if isinstance(obj, type):
-            record = [self._space.export_class(obj), obj.__module__, obj.__qualname__]
-            return msgpack.ExtType(Ext.CLASS, self.pack(record))
-        handle = self._space.export(obj)
-        return msgpack.ExtType(Ext.REF, self.pack([handle, self._space.export_class(cls)]))
+        if kind == _BUILTIN_FUNCTION:
+            name = builtin_name(obj)
+            if name is not None:
+                return msgpack.ExtType(Ext.BUILTIN, name.encode())
+            return msgpack.ExtType(Ext.REF, _PAIR.pack(space.export(obj), space.export_class(cls)))
+        if kind == _SINGLETON:
+            return msgpack.ExtType(Ext.BUILTIN, builtin_name(obj).encode())
+        raise GateError(f"a {cls.__name__} object cannot cross a gate (it reaches the interpreter's internals)")
+
+    def _classify(self, cls: type) -> int:
+        """How values of type ``cls`` cross (decided once per type)."""
+        if cls in _VALUE_KINDS:
+            return _VALUE_KINDS[cls]
+        if issubclass(cls, type):
+            return _CLASS
+        if issubclass(cls, _INTROSPECTION_TYPES):
+            return _REFUSED
+        if issubclass(cls, BaseException):
+            return _EXCEPTION
+        if self._space.is_proxy_type(cls):
+            return _PROXY
+        return _PLAIN
 
     def exception_record(self, exc: BaseException) -> list[Any]:
         """[class, args, attrs] with anything that cannot travel replaced by its repr."""
@@ -280,8 +340,14 @@ class Codec:
             raise ProtocolError(f"malformed value from compartment: {type(exc).__name__}: {exc}") from None
 
     def _ext_hook(self, code: int, payload: bytes) -> Any:
-        # Extension values nest through C; bound their depth before the C stack runs out.
-        # Only values that carry extensions pay for the count.
+        try:
+            if code == Ext.REF:  # leaves first: they cannot nest
+                return self._space.proxy(*_PAIR.unpack(payload))
+            if code == Ext.BACK:
+                return self._space.resolve(*_HANDLE.unpack(payload))
+        except struct.error:
+            raise ProtocolError("malformed object reference") from None
+        # Other extension values nest through C; bound their depth before the C stack runs out.
         depth = self._depth.__dict__.get("n", 0)
         if depth >= _MAX_NESTING:
             raise ProtocolError(f"value from compartment nested more than {_MAX_NESTING} levels deep")
@@ -303,10 +369,6 @@ class Codec:
         if code == Ext.COMPLEX:
             real, imag = self._expect_pair(self.unpack(payload), float)
             return complex(real, imag)
-        if code == Ext.BYTEARRAY:
-            return bytearray(payload)
-        if code == Ext.BACK:
-            return self._space.resolve(self._expect(self.unpack(payload), int))
         if code == Ext.BUILTIN:
             name = payload.decode("ascii", "replace")
             if name in _BUILTIN_SINGLETONS:
@@ -324,9 +386,6 @@ class Codec:
             if len(record) != 3 or type(record[0]) is not int or not all(type(r) is str for r in record[1:]):
                 raise ProtocolError("malformed class reference")
             return self._space.proxy_class(*record)
-        if code == Ext.REF:
-            handle, class_handle = self._expect_pair(self.unpack(payload), int)
-            return self._space.proxy(handle, class_handle)
         raise ProtocolError(f"unknown extension type {code}")
 
     @staticmethod
@@ -391,12 +450,14 @@ def decode_frame(codec: Codec, data: bytes) -> list[Any]:
         raise ProtocolError("frame is not a flexos frame")
     kind, size = frame[0], len(frame)
     if kind == Kind.REPLY and size == 3:
+        if type(frame[2]) is not list:
+            raise ProtocolError("malformed release list")
         if frame[2]:
             _check_releases(frame[2])
         return frame
     if kind == Kind.CALL and size == 7:
         _, op, target, name, args, kwargs, releases = frame
-        if op not in _OPS or type(op) is not int or type(target) not in _TARGETS or type(name) not in _NAMES:
+        if type(op) is not int or op not in _OPS or type(target) not in _TARGETS or type(name) not in _NAMES:
             raise ProtocolError("malformed call")
         if args is None:
             frame[4] = ()
@@ -406,12 +467,16 @@ def decode_frame(codec: Codec, data: bytes) -> list[Any]:
             frame[5] = _NO_KWARGS
         elif type(kwargs) is not dict or not all(type(k) is str for k in kwargs):
             raise ProtocolError("malformed call arguments")
+        if type(releases) is not list:
+            raise ProtocolError("malformed release list")
         if releases:
             _check_releases(releases)
         return frame
     if kind == Kind.ERROR and size == 4:
         if not isinstance(frame[1], BaseException) or type(frame[2]) is not str:
             raise ProtocolError("malformed error frame")
+        if type(frame[3]) is not list:
+            raise ProtocolError("malformed release list")
         if frame[3]:
             _check_releases(frame[3])
         return frame
