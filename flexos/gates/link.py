@@ -203,17 +203,29 @@ class Link:
     def serve(self, channel: Channel) -> None:
         """Serve calls arriving on ``channel`` until the peer closes it (a worker thread's loop)."""
         self._local.channel = channel
+        deferred: list[list[int]] = []
         try:
             frame = channel.recv()
             while True:
-                frame = channel.exchange(self.dispatch(frame))
+                reply = self.dispatch(frame, deferred)
+                if deferred:  # free what the peer dropped while it reads our reply
+                    channel.send(reply)
+                    self.exports.release(deferred)
+                    deferred.clear()
+                    frame = channel.recv()
+                else:
+                    frame = channel.exchange(reply)
         except (PeerGone, ProtocolError, OSError, ValueError):
             pass
         finally:
             channel.close()
 
-    def dispatch(self, data: bytes) -> bytes:
-        """Run one call from the peer and return the reply frame; never raises."""
+    def dispatch(self, data: bytes, deferred: list | None = None) -> bytes:
+        """Run one call from the peer and return the reply frame; never raises.
+
+        Releases piggybacked on the call go to ``deferred`` when given, for the caller to apply
+        after sending the reply (counts are additive, so applying them late is safe).
+        """
         codec = self.codec
         imports = self.imports
         try:
@@ -221,7 +233,10 @@ class Link:
             if call[0] != Kind.CALL:
                 raise ProtocolError("expected a call frame")
             if call[6]:
-                self.exports.release(call[6])
+                if deferred is None:
+                    self.exports.release(call[6])
+                else:
+                    deferred.extend(call[6])
             result = self._execute(call[1], call[2], call[3], call[4], call[5])
             return codec.pack_frame([Kind.REPLY, result, imports.take_releases() if imports.dying else _NO_RELEASES])
         except BaseException as exc:  # everything, including SystemExit, belongs to the caller
