@@ -253,11 +253,9 @@ class Runtime(Host):
     def _adopt_sibling(self, name: str, sock: socket.socket) -> None:
         """A sibling connected to us: serve it, and call back through the same connection."""
         link = Link(name, importer=self.serve_import, replicated=self.image.is_replicated)
-        transport = ShmTransport(
+        ShmTransport(
             sock, sock.fileno(), 0, death=lambda: CompartmentCrashed(name, None, "the connection to it was lost")
-        )
-        link.attach(transport)
-        threading.Thread(target=transport.accept_loop, args=(link,), daemon=True, name="flexos-sibling").start()
+        ).run(link, name=f"flexos-{name}")
         with self._lock:
             self.compartments.setdefault(name, Compartment(name, link=link))
 

@@ -13,7 +13,6 @@ import select
 import socket
 import subprocess
 import sys
-import threading
 
 import msgpack
 
@@ -75,13 +74,7 @@ class ProcessDriver(Driver):
         self._transport = ShmTransport(
             ours, self._pidfd, select.POLLIN, death=lambda: self._death(proc), spin_us=options.get("spin_us", 200)
         )
-        link.attach(self._transport)
-        threading.Thread(
-            target=self._transport.accept_loop,
-            args=(link, lambda message, fds: self.host.control(name, message, fds)),
-            daemon=True,
-            name=f"flexos-{name}-control",
-        ).start()
+        self._transport.run(link, lambda message, fds: self.host.control(name, message, fds), f"flexos-{name}")
         return link
 
     def send_control(self, message: bytes, fds: list[int] = ()) -> None:

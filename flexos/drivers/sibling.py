@@ -8,8 +8,6 @@ link breaks and the next use asks again, so restarts work as for any other drive
 
 from __future__ import annotations
 
-import threading
-
 from flexos.drivers.base import Driver
 from flexos.errors import CompartmentCrashed
 from flexos.gates.link import Link
@@ -37,8 +35,7 @@ class SiblingDriver(Driver):
             death=lambda: CompartmentCrashed(name, None, "the connection to it was lost"),
             spin_us=self.spec.options.get("spin_us", 200),
         )
-        link.attach(self._transport)
-        threading.Thread(target=self._transport.accept_loop, args=(link,), daemon=True, name="flexos-sibling").start()
+        self._transport.run(link, name=f"flexos-{name}")
         return link
 
     def stop(self) -> None:

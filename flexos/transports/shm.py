@@ -336,6 +336,13 @@ class ShmTransport:
         finally:
             link.closed = True
 
+    def run(self, link: Any, on_control: Callable[[bytes, list[int]], None] | None = None, name: str = "") -> None:
+        """Carry ``link``'s channels, accepting the peer's in a background thread."""
+        link.attach(self)
+        threading.Thread(
+            target=self.accept_loop, args=(link, on_control), daemon=True, name=name or "flexos-accept"
+        ).start()
+
     def death(self) -> BaseException:
         return self._death()
 
