@@ -53,9 +53,6 @@ class Image:
         """Unlisted modules are loaded by every compartment that imports them (own copy each)."""
         return self.compartment_of(module) is None or module == "flexos" or module.startswith("flexos.")
 
-    def modules_in(self, compartment: str) -> list[str]:
-        return sorted(name for name, owner in self.libraries.items() if owner == compartment)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,

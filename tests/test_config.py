@@ -90,7 +90,7 @@ def test_good_file_gives_the_image(tmp_path: Path) -> None:
     )
     assert (checked.driver, checked.options) == ("fcalls", {"strict": True})
     assert image.libraries == {"sqlite3": "db", "json": "checked"}
-    assert image.modules_in("db") == ["sqlite3"]
+    assert image.compartment_of("sqlite3") == "db"
 
 
 def test_mechanism_defaults(tmp_path: Path) -> None:

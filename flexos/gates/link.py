@@ -22,7 +22,9 @@ from flexos.gates.protocol import (
     Kind,
     Op,
     decode_frame,
+    encode_call,
     encode_error,
+    encode_reply,
     frame_kind,
 )
 from flexos.gates.proxies import DUNDERS, RemoteClass, RemoteObject, describe_class, mirror_class, new_proxy
@@ -143,16 +145,14 @@ class Link:
         if self.closed:
             raise self._closed_error()
         imports = self.imports
-        frame = self.codec.pack_frame(
-            [
-                Kind.CALL,
-                op,
-                target,
-                name,
-                list(args) if args else None,
-                kwargs or None,
-                imports.take_releases() if imports.dying else _NO_RELEASES,
-            ]
+        frame = encode_call(
+            self.codec,
+            op,
+            target,
+            name,
+            list(args) if args else None,
+            kwargs or None,
+            imports.take_releases() if imports.dying else _NO_RELEASES,
         )
         local = self._local
         channel = getattr(local, "channel", None)
@@ -238,7 +238,7 @@ class Link:
                 else:
                     deferred.extend(call[6])
             result = self._execute(call[1], call[2], call[3], call[4], call[5])
-            return codec.pack_frame([Kind.REPLY, result, imports.take_releases() if imports.dying else _NO_RELEASES])
+            return encode_reply(codec, result, imports.take_releases() if imports.dying else _NO_RELEASES)
         except BaseException as exc:  # everything, including SystemExit, belongs to the caller
             return encode_error(codec, exc, imports.take_releases(), with_traceback=type(exc) is not StopIteration)
 
