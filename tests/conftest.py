@@ -6,7 +6,6 @@ restart or a compromised compartment in one test cannot leak into the next.
 
 from __future__ import annotations
 
-import faulthandler
 import importlib
 import os
 import subprocess
@@ -35,10 +34,6 @@ DRIVER_VARIANTS: dict[str, tuple[str, dict]] = {
 }
 GATED_DRIVERS = ["fcalls-strict", "process"]
 
-# No test may hang the suite: a stuck test dumps every thread's stack and ends the run.
-WATCHDOG_S = 180
-SLOW_WATCHDOG_S = 3600
-
 
 def make_image(variant: str, libraries: dict[str, str] | None = None, restart: str = "on-failure") -> Image:
     """An image with the app in ``app`` and the fixture libraries in ``box`` (driver ``variant``)."""
@@ -54,15 +49,6 @@ def _forget_fixture_modules() -> None:
     for name in list(sys.modules):
         if name.split(".")[0] in FIXTURE_MODULES:
             del sys.modules[name]
-
-
-@pytest.fixture(autouse=True)
-def watchdog(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Turn a hang (e.g. a reply that never comes) into a stack dump and a failed run."""
-    slow = request.node.get_closest_marker("slow") is not None
-    faulthandler.dump_traceback_later(SLOW_WATCHDOG_S if slow else WATCHDOG_S, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture

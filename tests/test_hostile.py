@@ -74,6 +74,14 @@ def test_crafted_reply_is_rejected(hostile, attack, tmp_path):
     assert hostile.echo("honest again") == "honest again"
 
 
+def test_a_serving_thread_that_dies_mid_call_does_not_hang_the_caller(hostile):
+    """The compartment stays alive but drops the conversation: the caller is told, promptly."""
+    assert hostile.kill_serving_thread() == "armed"
+    with pytest.raises(flexos.ProtocolError, match="dropped the call"):
+        hostile.echo("never answered")
+    assert hostile.echo("honest again") == "honest again"
+
+
 @pytest.mark.parametrize("attack", ["error-add-note-exec", "error-add-note-exit"])
 def test_exception_attributes_cannot_shadow_methods(hostile, attack, tmp_path):
     """An ERROR frame whose attributes name ``add_note`` as builtins exec/exit: flexos adds a note

@@ -28,7 +28,7 @@ from flexos.gates.protocol import (
     frame_kind,
 )
 from flexos.gates.proxies import DUNDERS, RemoteClass, RemoteObject, describe_class, mirror_class, new_proxy
-from flexos.transports import Channel, PeerGone, Transport
+from flexos.transports import Channel, ChannelClosed, PeerGone, Transport
 
 # Dunder attributes a peer may read or write through GETATTR/SETATTR. Everything else of the form
 # __x__ (e.g. __globals__, __dict__, __class__) would let a compartment walk from an object it was
@@ -173,6 +173,8 @@ class Link:
         except PeerGone:
             self.closed = True
             raise self._closed_error() from None
+        except ChannelClosed:
+            raise ProtocolError(f"compartment {self.peer!r} dropped the call without answering") from None
         finally:
             if outermost:
                 local.channel = None
@@ -215,10 +217,10 @@ class Link:
                     frame = channel.recv()
                 else:
                     frame = channel.exchange(reply)
-        except (PeerGone, ProtocolError, OSError, ValueError):
-            pass
+        except (PeerGone, ChannelClosed, ProtocolError, OSError, ValueError):
+            pass  # the peer went away or broke the conversation: this channel is done
         finally:
-            channel.close()
+            channel.close()  # on any exit, so that a caller waiting on it is told
 
     def dispatch(self, data: bytes, deferred: list | None = None) -> bytes:
         """Run one call from the peer and return the reply frame; never raises.

@@ -12,7 +12,11 @@ from typing import Protocol
 
 
 class PeerGone(Exception):
-    """The other end of a channel died or closed it; the link turns this into a typed error."""
+    """The peer process died; the link turns this into CompartmentCrashed."""
+
+
+class ChannelClosed(Exception):
+    """The peer, still alive, dropped this one channel (e.g. its serving thread failed)."""
 
 
 class Channel(Protocol):

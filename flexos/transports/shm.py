@@ -4,7 +4,7 @@ On these VMs a blocking wake-up that crosses cores costs ~70 µs while a spinnin
 write in ~1 µs, so a waiting side polls the shared sequence number for a short window (the cost
 of one wake-up) and only then sleeps. Layout of the shared region::
 
-    0    side 0 "sleeping" flag (u32)        64   side 1 "sleeping" flag (u32)
+    0    side 0 "sleeping", "closed" (u32s)  64   side 1 "sleeping", "closed" (u32s)
     128  direction 0->1: len u32, flags u32, seq u64, ack u64
     192  direction 1->0: same
     256  payload 0->1 [capacity]            256+capacity  payload 1->0 [capacity]
@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flexos.errors import ProtocolError
-from flexos.transports import PeerGone
+from flexos.transports import ChannelClosed, PeerGone
 
 _SEQ = struct.Struct("<Q")
 _FLAG = struct.Struct("<I")
@@ -83,6 +83,8 @@ class ShmChannel:
         self._capacity = capacity
         self._my_sleep = 0 if side == 0 else 64
         self._peer_sleep = 64 if side == 0 else 0
+        self._my_closed = self._my_sleep + 4
+        self._peer_closed = self._peer_sleep + 4
         self._out_hdr, self._in_hdr = (128, 192) if side == 0 else (192, 128)
         self._out_payload = _HEADER if side == 0 else _HEADER + capacity
         self._in_payload = _HEADER + capacity if side == 0 else _HEADER
@@ -235,6 +237,9 @@ class ShmChannel:
             if _SEQ.unpack_from(mm, offset)[0] == value:
                 _FLAG.pack_into(mm, self._my_sleep, 0)
                 return
+            if _FLAG.unpack_from(mm, self._peer_closed)[0]:
+                _FLAG.pack_into(mm, self._my_sleep, 0)
+                raise ChannelClosed()
             for fd, events in self._poll.poll(_BLOCK_POLL_MS):
                 if fd == self._watch_fd or events & select.POLLNVAL:
                     _FLAG.pack_into(mm, self._my_sleep, 0)
@@ -250,9 +255,17 @@ class ShmChannel:
                 return
 
     def close(self) -> None:
+        """Close this side, and tell a peer that may be waiting on it."""
         if self.closed:
             return
         self.closed = True
+        try:
+            _FLAG.pack_into(self._mm, self._my_closed, 1)
+            _fence_lock.acquire()
+            _fence_lock.release()
+            os.eventfd_write(self._peer_efd, 1)
+        except (OSError, ValueError):
+            pass
         for fd in self._efds:
             try:
                 os.close(fd)
