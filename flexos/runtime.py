@@ -14,6 +14,7 @@ import runpy
 import socket
 import sys
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,17 @@ class Compartment:
             entry = self._modules[name]
         return entry[1]
 
+    def forget(self) -> None:
+        """In a forked child: drop what belongs to the parent; the next use boots our own."""
+        self._lock = threading.Lock()  # another thread of the parent may have held it at fork()
+        if self.driver is not None and not self.driver.forget():
+            return  # it lives in this process's memory and still works
+        if self._link is not None:
+            self._link.forget()
+        if self.driver is not None:  # a fresh start on next use, whatever the restart policy
+            self._link = None
+        self._modules.clear()
+
     def stop(self) -> None:
         if self.driver is not None:
             self.driver.stop()
@@ -156,12 +168,14 @@ class Runtime(Host):
             return self
         sys.meta_path.insert(0, self.finder)
         self.started = True
+        _running.add(self)
         return self
 
     def stop(self) -> None:
         if not self.started:
             return
         self.started = False
+        _running.discard(self)
         if self.finder in sys.meta_path:
             sys.meta_path.remove(self.finder)
         for name, module in list(sys.modules.items()):
@@ -261,6 +275,17 @@ class Runtime(Host):
 
 
 _SIBLING_TIMEOUT_S = 60
+_running: weakref.WeakSet[Runtime] = weakref.WeakSet()
+
+
+def _forget_after_fork() -> None:
+    """A forked child shares the parent's channels; it must boot compartments of its own."""
+    for runtime in list(_running):
+        for compartment in runtime.compartments.values():
+            compartment.forget()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def boot(config: str | os.PathLike[str] | Image = DEFAULT_CONFIG) -> Runtime:

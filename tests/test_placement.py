@@ -11,6 +11,7 @@ import signal
 import sys
 import textwrap
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -180,3 +181,31 @@ def test_a_replicated_class_arrives_as_the_callers_own_class_and_its_instances_s
     assert lib.thing_class() is rep.Thing
     thing = lib.make_thing()  # an instance still crosses by reference
     assert thing.value() == 7
+
+
+def test_a_forked_app_boots_compartments_of_its_own(place) -> None:
+    """After fork() the child must not talk over the parent's channels: it gets its own box."""
+    place(
+        {"forklib": "import os\n\ndef pid():\n    return os.getpid()\n"},
+        {"box": {"driver": "process"}},
+        {"forklib": "box"},
+    )
+    import forklib
+
+    parent_box = forklib.pid()
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() of a multi-threaded process
+        child = os.fork()
+    if child == 0:
+        try:
+            os.write(write_end, str(forklib.pid()).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    answer = os.read(read_end, 64)
+    os.close(read_end)
+    os.waitpid(child, 0)
+    child_box = int(answer or 0)
+    assert child_box not in (0, parent_box, os.getpid(), child)
+    assert forklib.pid() == parent_box  # the parent's compartment is untouched and still answers

@@ -60,6 +60,14 @@ class Driver(ABC):
     def stop(self) -> None:
         """Shut the compartment down; safe to call on a dead or never-started compartment."""
 
+    def forget(self) -> bool:
+        """In a forked child of the app: let go of the parent's compartment without touching it.
+
+        Returns True when the compartment belonged to the parent (the child must boot its own),
+        False when it lives in this process's memory and stays usable (fcalls).
+        """
+        return False
+
     @property
     def pid(self) -> int | None:
         """The OS process the compartment runs in, when it has its own."""

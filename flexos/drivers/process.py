@@ -89,6 +89,16 @@ class ProcessDriver(Driver):
             returncode = None
         return CompartmentCrashed(self.spec.name, returncode)
 
+    def forget(self) -> bool:
+        if self._transport is not None:
+            self._transport.abandon()
+            self._transport = None
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+        self._proc = None  # the parent's child: never ours to wait for or kill
+        return True
+
     def stop(self) -> None:
         if self._transport is not None:
             self._transport.close()

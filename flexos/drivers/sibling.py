@@ -38,6 +38,12 @@ class SiblingDriver(Driver):
         self._transport.run(link, name=f"flexos-{name}")
         return link
 
+    def forget(self) -> bool:
+        if self._transport is not None:
+            self._transport.abandon()
+            self._transport = None
+        return True
+
     def stop(self) -> None:
         if self._transport is not None:
             self._transport.close()

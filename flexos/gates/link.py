@@ -109,6 +109,19 @@ def _local_class(module: str, qualname: str) -> type | None:
     return None
 
 
+class _ForkedAway:
+    """The transport of a link inherited through fork(): it belongs to the parent process."""
+
+    def __init__(self, peer: str) -> None:
+        self._peer = peer
+
+    def death(self) -> BaseException:
+        return FlexosError(
+            f"this object lives in compartment {self._peer!r} of the process this one was forked from; "
+            "a forked process reaches its own instance of that compartment through the module again"
+        )
+
+
 class Link:
     """Gates between this process and one peer compartment."""
 
@@ -200,6 +213,12 @@ class Link:
         if self._transport is None:
             return FlexosError(f"link to compartment {self.peer!r} is closed")
         return self._transport.death()
+
+    def forget(self) -> None:
+        """After a fork: this process must never use the parent's channels, nor close them."""
+        self.closed = True
+        self._free.clear()
+        self._transport = _ForkedAway(self.peer)
 
     # -- serving the peer ---------------------------------------------------------------------
     def serve(self, channel: Channel) -> None:

@@ -359,6 +359,11 @@ class ShmTransport:
     def death(self) -> BaseException:
         return self._death()
 
+    def abandon(self) -> None:
+        """Close only this process's descriptor, without shutting the connection down (after a
+        fork it is the parent's)."""
+        self._sock.close()
+
     def close(self) -> None:
         try:
             self._sock.shutdown(socket.SHUT_RDWR)
