@@ -290,6 +290,14 @@ def parse(path: str | Path) -> tuple[Image, list[str]]:
                 )
             )
             continue
+        if module == "flexos" or module.startswith("flexos."):
+            problems.append(
+                src.error(
+                    loc,
+                    f"library {module!r} cannot be placed: flexos itself runs in every compartment; remove this entry",
+                )
+            )
+            continue
         if lib.compartment not in first_line:
             guess = difflib.get_close_matches(lib.compartment, list(first_line), n=1)
             hint = f"did you mean {guess[0]!r}? " if guess else ""

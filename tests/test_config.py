@@ -1272,3 +1272,22 @@ def test_parse_never_crashes(tmp_path: Path, text: str) -> None:
 @given(text=yaml_documents(features=True))
 def test_parse_never_crashes_with_anchors_tags_and_merges(tmp_path: Path, text: str) -> None:
     _assert_parse_is_total(tmp_path, text)
+
+
+def test_flexos_itself_cannot_be_placed(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        compartments:
+          - name: app
+            mechanism: {driver: fcalls}
+            default: true
+          - name: box
+            mechanism: {driver: process}
+        libraries:
+          flexos.gates: {compartment: box}
+        """,
+    )
+    assert only_problem(path) == (
+        f"{path}:8: library 'flexos.gates' cannot be placed: flexos itself runs in every compartment; remove this entry"
+    )
