@@ -39,7 +39,6 @@ class Compartment:
         self.name = name
         self.spec = spec
         self.driver = driver
-        self.restarts = 0
         self._link = link
         self._lock = threading.Lock()
         self._modules: dict[str, tuple[Link, Any]] = {}
@@ -66,7 +65,6 @@ class Compartment:
                 raise link._closed_error()
             if link is not None:
                 self.driver.stop()
-                self.restarts += 1
             self._modules.clear()
             link = self.driver.start(self._mirrors)
             link.rebind = self._rebind
