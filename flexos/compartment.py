@@ -1,8 +1,9 @@
 """Entry point of a compartment process: ``python -m flexos.compartment FD``.
 
-Receives its identity and the image over the control socket, installs the gates for modules that
-live elsewhere, answers "ready", then serves the channels its parent opens until the parent goes
-away. It imports none of the config/validation stack.
+Receives its identity and the image over the control socket, applies the compartment's
+hardening (flexos/hardening.py) before any component code can run, installs the gates for
+modules that live elsewhere, answers "ready", then serves the channels its parent opens until the
+parent goes away. It imports none of the config/validation stack.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import traceback
 
 import msgpack
 
+from flexos import hardening
 from flexos.errors import CompartmentCrashed
 from flexos.image import Image
 
@@ -46,14 +48,18 @@ def main() -> None:
 
     sock = socket.socket(fileno=int(sys.argv[1]))
     os.set_inheritable(sock.fileno(), False)
-    _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the app, which sees it first
     boot = msgpack.unpackb(sock.recv(1 << 20))
     try:
-        sys.path[:] = boot["sys_path"]
-        sys.argv[:] = boot["argv"]
         image = Image.from_dict(boot["image"])
         name = boot["name"]
+        policy = image.compartments[name].hardening
+        if policy.get("network") == "none":
+            hardening.isolate_network()  # first: unshare needs a single-threaded process
+        _die_with_parent()
+        hardening.apply_limits(policy.get("limits") or {})
+        sys.path[:] = boot["sys_path"]
+        sys.argv[:] = boot["argv"]
         runtime = Runtime(image, local=name)
         parent = Link(image.default, importer=runtime.serve_import, replicated=image.is_replicated)
         transport = ShmTransport(
@@ -66,6 +72,7 @@ def main() -> None:
         parent.attach(transport)
         runtime.connect(image.default, parent, transport)
         runtime.start()
+        hardening.install_audit_policy((policy.get("audit") or {}).get("deny", []), name)  # last
     except Exception:
         sock.send(msgpack.packb(["error", traceback.format_exc()]))
         os._exit(1)

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
@@ -59,11 +59,61 @@ MECHANISMS: dict[str, type[_Model]] = {
 }
 
 
+_SIZE = re.compile(r"^(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?$")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+
+
+def parse_size(text: str | int) -> int:
+    """``512MiB`` -> bytes; a bare int is bytes."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(text.strip())
+    if match is None:
+        raise ValueError(f"{text!r} is not a size (write e.g. 512MiB, 2GiB or a number of bytes)")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+class _Limits(_Model):
+    memory: int | str | None = None
+    cpu_seconds: int | None = Field(None, gt=0)
+    open_files: int | None = Field(None, ge=16, le=1 << 20)
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, value: int | str | None) -> int | None:
+        if value is None:
+            return None
+        size = parse_size(value)
+        if size < 64 << 20:
+            raise ValueError("below 64MiB a Python interpreter cannot start")
+        return size
+
+
+class _Audit(_Model):
+    deny: list[str] = Field(default_factory=list)
+
+    @field_validator("deny")
+    @classmethod
+    def _events(cls, events: list[str]) -> list[str]:
+        for event in events:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_.]*$", event):
+                raise ValueError(f"{event!r} is not an audit event name (e.g. subprocess, socket.connect, ctypes)")
+        return events
+
+
+class _Hardening(_Model):
+    env: Literal["inherit", "clean"] = "inherit"
+    network: Literal["allow", "none"] = "allow"
+    limits: _Limits = Field(default_factory=_Limits)
+    audit: _Audit = Field(default_factory=_Audit)
+
+
 class _Compartment(_Model):
     name: str = Field(pattern=_NAME)
     mechanism: dict[str, Any]
     default: bool = False
     restart: Literal["on-failure", "never"] = "on-failure"
+    hardening: _Hardening | None = None
 
 
 class _Library(_Model):
@@ -251,7 +301,17 @@ def parse(path: str | Path) -> tuple[Image, list[str]]:
             problems.extend(_pydantic_problems(src, exc, mloc, model))
             continue
         options.pop("driver")
-        specs[comp.name] = CompartmentSpec(comp.name, driver, options, comp.default, comp.restart)
+        hardening = comp.hardening.model_dump() if comp.hardening else {}
+        if hardening and driver != "process":
+            problems.append(
+                src.error(
+                    loc + ("hardening",),
+                    f"compartment {comp.name!r}: hardening needs its own "
+                    f"process (driver 'process'); a {driver!r} compartment shares the app's",
+                )
+            )
+            continue
+        specs[comp.name] = CompartmentSpec(comp.name, driver, options, comp.default, comp.restart, hardening)
 
     defaults = [i for i, c in enumerate(config.compartments) if c.default]
     if not defaults:

@@ -20,6 +20,8 @@ class CompartmentSpec:
     options: dict[str, Any] = field(default_factory=dict)
     default: bool = False
     restart: str = "on-failure"
+    # Applied in the compartment's process before any component code runs (flexos/hardening.py).
+    hardening: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,14 @@ class Image:
             "source": self.source,
             "libraries": dict(self.libraries),
             "compartments": [
-                {"name": s.name, "driver": s.driver, "options": s.options, "default": s.default, "restart": s.restart}
+                {
+                    "name": s.name,
+                    "driver": s.driver,
+                    "options": s.options,
+                    "default": s.default,
+                    "restart": s.restart,
+                    "hardening": s.hardening,
+                }
                 for s in self.compartments.values()
             ],
         }

@@ -16,6 +16,7 @@ import sys
 
 import msgpack
 
+from flexos import hardening
 from flexos.drivers.base import Driver
 from flexos.errors import CompartmentCrashed, CompartmentStartError
 from flexos.gates.link import Link
@@ -40,6 +41,7 @@ class ProcessDriver(Driver):
             proc = subprocess.Popen(
                 [sys.executable, "-u", "-m", "flexos.compartment", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
+                env=hardening.environment(self.spec.hardening),
             )
         finally:
             theirs.close()

@@ -1,0 +1,221 @@
+"""Per-compartment hardening with real kernel features: each attack, with and without the option.
+
+The attacking library (tests/fixtures/attacker.py) knows nothing of flexos. Each test boots an
+image placing it in a ``process`` compartment, once hardened and once not, so that every test
+shows both that the option blocks the attack and that the attack works without it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import flexos
+from flexos import CompartmentSpec, Image
+from flexos.config import parse
+
+
+def _namespaces_work() -> str | None:
+    """None if this kernel lets a process make user+network namespaces, else why."""
+    probe = "import os; os.unshare(os.CLONE_NEWUSER | os.CLONE_NEWNET)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
+    return None if done.returncode == 0 else f"this kernel refuses new user+network namespaces: {done.stderr[-200:]}"
+
+
+@pytest.fixture
+def boot_attacker() -> Iterator[Callable[[dict], object]]:
+    """Boot an image with the attacker library in compartment ``box`` under ``hardening``."""
+    runtimes: list[flexos.Runtime] = []
+
+    def _boot(hardening: dict) -> object:
+        sys.modules.pop("attacker", None)
+        image = Image(
+            {
+                "app": CompartmentSpec("app", "fcalls", default=True),
+                "box": CompartmentSpec("box", "process", hardening=hardening),
+            },
+            {"attacker": "box"},
+            source="<test_hardening>",
+        )
+        runtimes.append(flexos.boot(image))
+        import attacker
+
+        return attacker
+
+    yield _boot
+    for runtime in runtimes:
+        runtime.stop()
+    sys.modules.pop("attacker", None)
+
+
+@pytest.fixture
+def loopback_server() -> Iterator[int]:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    yield server.getsockname()[1]
+    server.close()
+
+
+# -- configuration --------------------------------------------------------------------------------
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "flexos.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_hardening_is_parsed_into_the_image(tmp_path: Path) -> None:
+    image, _ = parse(
+        _write(
+            tmp_path,
+            """\
+            compartments:
+              - name: app
+                mechanism: {driver: fcalls}
+                default: true
+              - name: box
+                mechanism: {driver: process}
+                hardening:
+                  env: clean
+                  network: none
+                  limits: {memory: 512MiB, cpu_seconds: 30, open_files: 64}
+                  audit: {deny: [subprocess, socket.connect]}
+            libraries:
+              json: {compartment: box}
+            """,
+        )
+    )
+    assert image.compartments["box"].hardening == {
+        "env": "clean",
+        "network": "none",
+        "limits": {"memory": 512 << 20, "cpu_seconds": 30, "open_files": 64},
+        "audit": {"deny": ["subprocess", "socket.connect"]},
+    }
+    assert image.compartments["app"].hardening == {}
+
+
+@pytest.mark.parametrize(
+    ("mechanism", "hardening", "message"),
+    [
+        (
+            "{driver: process}",
+            "{limits: {memory: lots}}",
+            "compartments[1].hardening.limits.memory: Value error, "
+            "'lots' is not a size (write e.g. 512MiB, 2GiB or a number of bytes)",
+        ),
+        (
+            "{driver: process}",
+            "{limits: {open_files: 3}}",
+            "compartments[1].hardening.limits.open_files: Input should be greater than or equal to 16",
+        ),
+        ("{driver: process}", "{network: off}", "compartments[1].hardening.network: Input should be 'allow' or 'none'"),
+        (
+            "{driver: process}",
+            "{audit: {deny: ['rm -rf']}}",
+            "compartments[1].hardening.audit.deny: Value error, "
+            "'rm -rf' is not an audit event name (e.g. subprocess, socket.connect, ctypes)",
+        ),
+        (
+            "{driver: fcalls}",
+            "{env: clean}",
+            "compartment 'box': hardening needs its own process (driver "
+            "'process'); a 'fcalls' compartment shares the app's",
+        ),
+    ],
+)
+def test_bad_hardening_is_reported_with_its_line(tmp_path: Path, mechanism: str, hardening: str, message: str) -> None:
+    path = _write(
+        tmp_path,
+        f"""\
+        compartments:
+          - name: app
+            mechanism: {{driver: fcalls}}
+            default: true
+          - name: box
+            mechanism: {mechanism}
+            hardening: {hardening}
+        libraries:
+          json: {{compartment: box}}
+        """,
+    )
+    with pytest.raises(flexos.ConfigError) as info:
+        parse(path)
+    assert info.value.problems == [f"{path}:7: {message}"]
+
+
+# -- attacks, each with and without the option ------------------------------------------------------
+
+
+def test_env_clean_hides_the_apps_secrets(boot_attacker, monkeypatch) -> None:
+    monkeypatch.setenv("APP_SECRET", "hunter2")
+    assert boot_attacker({}).read_env("APP_SECRET") == "hunter2"  # inherited without the option
+    assert boot_attacker({"env": "clean"}).read_env("APP_SECRET") is None
+
+
+def test_network_none_blocks_connecting_to_the_apps_loopback_server(boot_attacker, loopback_server) -> None:
+    reason = _namespaces_work()
+    if reason:
+        pytest.skip(reason)
+    assert boot_attacker({}).connect("127.0.0.1", loopback_server) == "connected"
+    with pytest.raises(OSError) as info:
+        boot_attacker({"network": "none"}).connect("127.0.0.1", loopback_server)
+    assert info.value.errno in (errno.ENETUNREACH, errno.ECONNREFUSED)
+
+
+def test_audit_deny_refuses_spawning_a_process(boot_attacker) -> None:
+    assert boot_attacker({}).spawn(["/bin/true"]) == 0
+    with pytest.raises(PermissionError, match=re.escape("'subprocess.Popen' is denied in compartment 'box'")):
+        boot_attacker({"audit": {"deny": ["subprocess"]}}).spawn(["/bin/true"])
+
+
+def test_audit_deny_refuses_os_system_and_ctypes(boot_attacker) -> None:
+    attacker = boot_attacker({"audit": {"deny": ["subprocess", "ctypes"]}})
+    with pytest.raises(PermissionError, match=re.escape("'os.system'")):
+        attacker.shell("true")
+    with pytest.raises(PermissionError, match=re.escape("'ctypes.dlopen'")):
+        attacker.load_libc()
+    assert attacker.pid() != os.getpid()  # the compartment itself is fine and still serves calls
+
+
+def test_audit_policy_does_not_reach_the_app(boot_attacker) -> None:
+    """The hook lives in the compartment's interpreter: the app may still spawn processes."""
+    boot_attacker({"audit": {"deny": ["subprocess"]}}).pid()
+    assert os.system("true") == 0
+
+
+def test_memory_limit_turns_a_memory_bomb_into_an_error_and_the_compartment_goes_on(boot_attacker) -> None:
+    attacker = boot_attacker({"limits": {"memory": 256 << 20}})
+    with pytest.raises((MemoryError, flexos.CompartmentCrashed)):
+        attacker.allocate(2 << 30)
+    assert attacker.pid() > 0
+
+
+def test_memory_is_not_limited_without_the_option(boot_attacker) -> None:
+    assert boot_attacker({}).allocate(512 << 20) == 512 << 20
+
+
+def test_cpu_limit_ends_a_busy_loop_with_sigxcpu(boot_attacker) -> None:
+    attacker = boot_attacker({"limits": {"cpu_seconds": 1}})
+    with pytest.raises(flexos.CompartmentCrashed) as info:
+        attacker.spin_forever()
+    assert info.value.signal == signal.SIGXCPU
+    assert attacker.pid() > 0  # restarted on next use
+
+
+def test_open_files_limit(boot_attacker) -> None:
+    assert boot_attacker({}).open_many(200) == 200
+    with pytest.raises(OSError) as info:
+        boot_attacker({"limits": {"open_files": 64}}).open_many(200)
+    assert info.value.errno == errno.EMFILE
