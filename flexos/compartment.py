@@ -54,12 +54,15 @@ def main() -> None:
         image = Image.from_dict(boot["image"])
         name = boot["name"]
         policy = image.compartments[name].hardening
-        if policy.get("network") == "none":
-            hardening.isolate_network()  # first: unshare needs a single-threaded process
-        _die_with_parent()
-        hardening.apply_limits(policy.get("limits") or {})
         sys.path[:] = boot["sys_path"]
         sys.argv[:] = boot["argv"]
+        # Namespaces and Landlock bind only the calling thread: both go before any thread starts.
+        if policy.get("network") == "none":
+            hardening.isolate_network()
+        if policy.get("filesystem") is not None:
+            hardening.restrict_filesystem(policy["filesystem"]["read"], policy["filesystem"]["write"])
+        _die_with_parent()
+        hardening.apply_limits(policy.get("limits") or {})
         runtime = Runtime(image, local=name)
         parent = Link(image.default, importer=runtime.serve_import, replicated=image.is_replicated)
         transport = ShmTransport(

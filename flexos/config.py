@@ -101,9 +101,15 @@ class _Audit(_Model):
         return events
 
 
+class _Filesystem(_Model):
+    read: list[str] = Field(default_factory=list)
+    write: list[str] = Field(default_factory=list)
+
+
 class _Hardening(_Model):
     env: Literal["inherit", "clean"] = "inherit"
     network: Literal["allow", "none"] = "allow"
+    filesystem: _Filesystem | None = None
     limits: _Limits = Field(default_factory=_Limits)
     audit: _Audit = Field(default_factory=_Audit)
 

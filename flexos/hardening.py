@@ -8,6 +8,9 @@ never runs unhardened.
 
 - ``env: clean``       the process starts with an empty environment (no inherited secrets);
 - ``network: none``    a new user + network namespace: no interface but a loopback that is down;
+- ``filesystem``       Landlock: only the listed paths (plus what Python itself needs, read-only)
+                       can be read or written; with Landlock ABI >= 6 the compartment also cannot
+                       signal processes outside it (the app);
 - ``limits``           rlimits: ``memory`` (RLIMIT_DATA), ``cpu_seconds`` (RLIMIT_CPU),
                        ``open_files`` (RLIMIT_NOFILE);
 - ``audit: {deny}``    a Python audit hook refusing the listed events (PEP 578) when component
@@ -16,7 +19,9 @@ never runs unhardened.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 import resource
 import sys
 from collections.abc import Iterable
@@ -113,3 +118,102 @@ def install_audit_policy(deny: list[str], compartment: str) -> None:
             raise PermissionError(f"{event!r} is denied in compartment {compartment!r} (flexos.yaml hardening.audit)")
 
     sys.addaudithook(hook)
+
+
+# -- Landlock (linux/landlock.h); x86_64 syscall numbers -------------------------------------------
+_LANDLOCK_SYSCALLS = {"x86_64": (444, 445, 446)}
+_CREATE_RULESET_VERSION = 1
+_RULE_PATH_BENEATH = 1
+_PR_SET_NO_NEW_PRIVS = 38
+_SCOPE_SIGNAL = 1 << 1
+# Filesystem rights by the ABI that introduced them.
+_FS_RIGHTS_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 5: (1 << 16) - 1}
+_EXECUTE, _WRITE_FILE, _READ_FILE, _READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+_TRUNCATE, _IOCTL_DEV = 1 << 14, 1 << 15
+_FILE_RIGHTS = _EXECUTE | _WRITE_FILE | _READ_FILE | _TRUNCATE | _IOCTL_DEV
+_READ = _EXECUTE | _READ_FILE | _READ_DIR
+# What the interpreter itself reads after the restriction: its libraries and a few devices.
+_SYSTEM_READ = (
+    "/usr/lib",
+    "/usr/lib64",
+    "/lib",
+    "/lib64",
+    "/usr/local/lib",
+    "/etc/ld.so.cache",
+    "/dev/null",
+    "/dev/urandom",
+    "/dev/zero",
+)
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    ]
+
+
+class _PathBeneathAttr(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def landlock_abi() -> int:
+    """The Landlock ABI version this kernel enforces (0: none), asked of the kernel itself."""
+    numbers = _LANDLOCK_SYSCALLS.get(platform.machine())
+    if numbers is None:
+        return 0
+    version = _libc().syscall(numbers[0], None, ctypes.c_size_t(0), ctypes.c_uint32(_CREATE_RULESET_VERSION))
+    return max(version, 0)
+
+
+def restrict_filesystem(read: Iterable[str], write: Iterable[str]) -> None:
+    """Allow only ``read``/``write`` (and what Python needs, read-only) from now on.
+
+    landlock_restrict_self() binds the calling thread and the threads it starts later, so this
+    runs before the compartment starts any thread.
+    """
+    abi = landlock_abi()
+    if abi < 1:
+        raise HardeningError("filesystem: this kernel does not enforce Landlock (compiled out or disabled)")
+    create, add_rule, restrict = _LANDLOCK_SYSCALLS[platform.machine()]
+    handled = _FS_RIGHTS_BY_ABI[max(v for v in _FS_RIGHTS_BY_ABI if v <= abi)]
+    writable = handled & ~_IOCTL_DEV
+    libc = _libc()
+    attr = _RulesetAttr(handled_access_fs=handled, scoped=_SCOPE_SIGNAL if abi >= 6 else 0)
+    size = ctypes.sizeof(_RulesetAttr) if abi >= 6 else 8
+    ruleset = libc.syscall(create, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
+    if ruleset < 0:
+        raise HardeningError(f"filesystem: landlock_create_ruleset failed: {os.strerror(ctypes.get_errno())}")
+    try:
+        python_paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path, os.path.dirname(os.__file__)}
+        for path, rights in [
+            *((p, _READ) for p in (*_SYSTEM_READ, *python_paths)),
+            *((p, _READ) for p in read),
+            *((p, writable) for p in write),
+        ]:
+            _allow(libc, add_rule, ruleset, os.path.abspath(path), rights & handled)
+        if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or libc.syscall(restrict, ruleset, 0) != 0:
+            raise HardeningError(f"filesystem: landlock_restrict_self failed: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(ruleset)
+
+
+def _allow(libc: ctypes.CDLL, add_rule: int, ruleset: int, path: str, rights: int) -> None:
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return  # nothing there to allow
+    try:
+        if not os.path.isdir(path):
+            rights &= _FILE_RIGHTS
+        rule = _PathBeneathAttr(allowed_access=rights, parent_fd=fd)
+        if libc.syscall(add_rule, ruleset, _RULE_PATH_BENEATH, ctypes.byref(rule), 0) != 0:
+            raise HardeningError(f"filesystem: cannot allow {path}: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(fd)

@@ -100,6 +100,7 @@ def test_hardening_is_parsed_into_the_image(tmp_path: Path) -> None:
     assert image.compartments["box"].hardening == {
         "env": "clean",
         "network": "none",
+        "filesystem": None,
         "limits": {"memory": 512 << 20, "cpu_seconds": 30, "open_files": 64},
         "audit": {"deny": ["subprocess", "socket.connect"]},
     }
@@ -219,3 +220,62 @@ def test_open_files_limit(boot_attacker) -> None:
     with pytest.raises(OSError) as info:
         boot_attacker({"limits": {"open_files": 64}}).open_many(200)
     assert info.value.errno == errno.EMFILE
+
+
+# -- filesystem (Landlock) ------------------------------------------------------------------------
+
+
+def _landlock_abi_or_skip(minimum: int = 1) -> int:
+    from flexos.hardening import landlock_abi
+
+    abi = landlock_abi()
+    if abi < minimum:
+        pytest.skip(f"this kernel enforces Landlock ABI {abi}; the test needs ABI >= {minimum}")
+    return abi
+
+
+@pytest.fixture
+def places(tmp_path: Path) -> dict[str, Path]:
+    """A secret outside every allowlist, a readable directory and a writable one."""
+    (tmp_path / "secret.txt").write_text("hunter2")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "public.txt").write_text("public")
+    (tmp_path / "out").mkdir()
+    return {"secret": tmp_path / "secret.txt", "data": tmp_path / "data", "out": tmp_path / "out", "root": tmp_path}
+
+
+def _filesystem(places: dict[str, Path]) -> dict:
+    return {"filesystem": {"read": [str(places["data"])], "write": [str(places["out"])]}}
+
+
+def test_filesystem_blocks_reading_a_secret_outside_the_allowlist(boot_attacker, places) -> None:
+    _landlock_abi_or_skip()
+    assert boot_attacker({}).read_file(str(places["secret"])) == "hunter2"
+    attacker = boot_attacker(_filesystem(places))
+    with pytest.raises(PermissionError):
+        attacker.read_file(str(places["secret"]))
+    assert attacker.read_file(str(places["data"] / "public.txt")) == "public"
+
+
+def test_filesystem_blocks_writing_outside_the_allowlist(boot_attacker, places) -> None:
+    _landlock_abi_or_skip()
+    assert boot_attacker({}).write_file(str(places["root"] / "dropped.txt"), "x") == "written"
+    (places["root"] / "dropped.txt").unlink()
+    attacker = boot_attacker(_filesystem(places))
+    with pytest.raises(PermissionError):
+        attacker.write_file(str(places["root"] / "dropped.txt"), "x")
+    assert not (places["root"] / "dropped.txt").exists()
+    assert attacker.write_file(str(places["out"] / "allowed.txt"), "y") == "written"
+    assert (places["out"] / "allowed.txt").read_text() == "y"
+
+
+def test_filesystem_scope_blocks_signalling_the_app(boot_attacker, places) -> None:
+    _landlock_abi_or_skip(6)
+    assert boot_attacker({}).signal_process(os.getpid()) == "signalled"
+    with pytest.raises(PermissionError):
+        boot_attacker(_filesystem(places)).signal_process(os.getpid())
+
+
+def test_a_c_extension_still_works_inside_the_filesystem_allowlist(boot_attacker, places) -> None:
+    _landlock_abi_or_skip()
+    assert boot_attacker(_filesystem(places)).sqlite_roundtrip(str(places["out"])) == 42
