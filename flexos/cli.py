@@ -24,7 +24,7 @@ def main() -> None:
 @main.command()
 @_config_option
 def check(config: str) -> None:
-    """Validate FILE and print the image: compartments, drivers, who is where."""
+    """Validate FILE, print the image (compartments, drivers, who is where) and this machine's features."""
     from flexos.config import parse
     from flexos.drivers import unavailable
 
@@ -51,10 +51,21 @@ def check(config: str) -> None:
     for module, owner in sorted(image.libraries.items()):
         click.echo(f"  {module:<30} -> {owner}")
     click.echo("  (modules not listed are imported locally by each compartment that uses them)")
+    _echo_machine_report()
     for reason in refused:
         click.echo(reason, err=True)
     if refused:
         sys.exit(2)
+
+
+def _echo_machine_report() -> None:
+    """What this kernel and CPU offer for isolation and hardening, probed now (never assumed)."""
+    from flexos.probe import machine_report
+
+    click.echo("this machine:")
+    for feature in machine_report():
+        status = "available" if feature.available else "unavailable"
+        click.echo(f"  {feature.name:<14} {status:<12} {feature.detail}")
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})

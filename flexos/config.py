@@ -119,6 +119,7 @@ class _Compartment(_Model):
     mechanism: dict[str, Any]
     default: bool = False
     restart: Literal["on-failure", "never"] = "on-failure"
+    timeout: float | None = Field(None, gt=0, le=86400, allow_inf_nan=False)
     hardening: _Hardening | None = None
 
 
@@ -317,7 +318,18 @@ def parse(path: str | Path) -> tuple[Image, list[str]]:
                 )
             )
             continue
-        specs[comp.name] = CompartmentSpec(comp.name, driver, options, comp.default, comp.restart, hardening)
+        if comp.timeout is not None and driver != "process":
+            problems.append(
+                src.error(
+                    loc + ("timeout",),
+                    f"compartment {comp.name!r}: a timeout needs driver "
+                    f"'process' (a stuck {driver!r} call runs on the caller's own thread)",
+                )
+            )
+            continue
+        specs[comp.name] = CompartmentSpec(
+            comp.name, driver, options, comp.default, comp.restart, comp.timeout, hardening
+        )
 
     defaults = [i for i, c in enumerate(config.compartments) if c.default]
     if not defaults:

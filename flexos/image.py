@@ -20,6 +20,7 @@ class CompartmentSpec:
     options: dict[str, Any] = field(default_factory=dict)
     default: bool = False
     restart: str = "on-failure"
+    timeout: float | None = None  # seconds to wait for each answer; past it the compartment is ended
     # Applied in the compartment's process before any component code runs (flexos/hardening.py).
     hardening: dict[str, Any] = field(default_factory=dict)
 
@@ -66,6 +67,7 @@ class Image:
                     "options": s.options,
                     "default": s.default,
                     "restart": s.restart,
+                    "timeout": s.timeout,
                     "hardening": s.hardening,
                 }
                 for s in self.compartments.values()

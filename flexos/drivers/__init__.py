@@ -14,20 +14,22 @@ _DRIVERS = {
 
 
 def _cpu_has_pku() -> bool:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return any(line.startswith("flags") and " pku" in line for line in cpuinfo)
-    except OSError:
-        return False
+    """Whether memory protection keys are usable here: the CPU has them and the kernel hands them out."""
+    from flexos.probe import pku  # imported on use: compartment processes need not load ctypes
+
+    return pku().available
 
 
 def unavailable(driver: str) -> str | None:
     """Why ``driver`` cannot be used on this machine, or None."""
     if driver == "intel-pku":
-        if not _cpu_has_pku():
+        from flexos.probe import pku
+
+        keys = pku()
+        if not keys.available:
             return (
                 "intel-pku needs a CPU with memory protection keys (PKU); this CPU has none "
-                "(no 'pku' flag in /proc/cpuinfo). Use driver 'process' instead."
+                f"({keys.detail}). Use driver 'process' instead."
             )
         return "intel-pku cannot separate Python objects; use driver 'process' instead."
     if driver == "subinterp":

@@ -73,8 +73,14 @@ class ProcessDriver(Driver):
             mirrors=mirrors,
             replicated=self.image.is_replicated,
         )
+        link.timeout = self.spec.timeout
         self._transport = ShmTransport(
-            ours, self._pidfd, select.POLLIN, death=lambda: self._death(proc), spin_us=options.get("spin_us", 200)
+            ours,
+            self._pidfd,
+            select.POLLIN,
+            death=lambda: self._death(proc),
+            spin_us=options.get("spin_us", 200),
+            abort=proc.kill,
         )
         self._transport.run(link, lambda message, fds: self.host.control(name, message, fds), f"flexos-{name}")
         return link

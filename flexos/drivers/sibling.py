@@ -35,6 +35,7 @@ class SiblingDriver(Driver):
             death=lambda: CompartmentCrashed(name, None, "the connection to it was lost"),
             spin_us=self.spec.options.get("spin_us", 200),
         )
+        link.timeout = self.spec.timeout
         self._transport.run(link, name=f"flexos-{name}")
         return link
 

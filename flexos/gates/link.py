@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from flexos.errors import FlexosError, ProtocolError
+from flexos.errors import CompartmentCrashed, FlexosError, ProtocolError
 from flexos.gates.handles import ExportTable, ImportTable
 from flexos.gates.protocol import (
     OPERATORS,
@@ -28,7 +28,7 @@ from flexos.gates.protocol import (
     frame_kind,
 )
 from flexos.gates.proxies import DUNDERS, RemoteClass, RemoteObject, describe_class, mirror_class, new_proxy
-from flexos.transports import Channel, ChannelClosed, PeerGone, Transport
+from flexos.transports import CallTimeout, Channel, ChannelClosed, PeerGone, Transport
 
 # Dunder attributes a peer may read or write through GETATTR/SETATTR. Everything else of the form
 # __x__ (e.g. __globals__, __dict__, __class__) would let a compartment walk from an object it was
@@ -142,6 +142,8 @@ class Link:
         self._replicated = replicated or _always_shared
         # Set by whoever can restart the peer: re-resolves a class by name in its new instance.
         self.rebind: Callable[[str, str], Any] | None = None
+        # Seconds to wait for each answer of the peer (None: forever); past it the peer is ended.
+        self.timeout: float | None = None
         self._mirrors = mirrors if mirrors is not None else {}
         self._classes: dict[int, type] = {}
         self._class_handles: dict[type, int] = {}
@@ -177,15 +179,25 @@ class Link:
                 channel = self._transport.open_channel()
             local.channel = channel
         healthy = False
+        timeout = self.timeout
         try:
-            reply = channel.exchange(frame)
-            while frame_kind(reply) == Kind.CALL:
-                reply = channel.exchange(self.dispatch(reply))
+            reply = channel.exchange(frame, timeout)
+            while frame_kind(reply) == Kind.CALL:  # the peer calls back while serving us
+                reply = channel.exchange(self.dispatch(reply), timeout)
             result = decode_frame(self.codec, reply)
             healthy = True
         except PeerGone:
             self.closed = True
             raise self._closed_error() from None
+        except CallTimeout:
+            self.closed = True
+            self._transport.abort()
+            ended = self._closed_error()
+            raise CompartmentCrashed(
+                self.peer,
+                getattr(ended, "returncode", None),
+                f"no answer within its timeout of {timeout} s, so it was ended",
+            ) from None
         except ChannelClosed:
             raise ProtocolError(f"compartment {self.peer!r} dropped the call without answering") from None
         finally:

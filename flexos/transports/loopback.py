@@ -16,10 +16,10 @@ class LoopbackChannel:
     def __init__(self, dispatch: Callable[[bytes], bytes]) -> None:
         self._dispatch = dispatch
 
-    def exchange(self, frame: bytes) -> bytes:
-        return self._dispatch(frame)
+    def exchange(self, frame: bytes, timeout: float | None = None) -> bytes:
+        return self._dispatch(frame)  # the callee runs on our stack: nothing to time out
 
-    def recv(self) -> bytes:  # a loopback peer never sends unprompted
+    def recv(self, timeout: float | None = None) -> bytes:  # a loopback peer never sends unprompted
         raise FlexosError("a loopback channel has no independent peer to receive from")
 
     def close(self) -> None:
@@ -37,6 +37,9 @@ class LoopbackTransport:
 
     def death(self) -> BaseException:
         return FlexosError("loopback peer closed")
+
+    def abort(self) -> None:
+        pass
 
     def close(self) -> None:
         pass

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flexos.errors import ProtocolError
-from flexos.transports import ChannelClosed, PeerGone
+from flexos.transports import CallTimeout, ChannelClosed, PeerGone
 
 _SEQ = struct.Struct("<Q")
 _FLAG = struct.Struct("<I")
@@ -112,12 +112,13 @@ class ShmChannel:
         return cls((mem_fd, efd0, efd1), 0, watch_fd, watch_events, capacity, spin_us), peer_fds
 
     # -- the hot path ---------------------------------------------------------------------------
-    def exchange(self, frame: bytes) -> bytes:
+    def exchange(self, frame: bytes, timeout: float | None = None) -> bytes:
+        """Send ``frame`` and return the peer's next one (waiting at most ``timeout`` seconds)."""
         # send() and recv() inlined for the common case: one small frame each way.
         size = len(frame)
         if size > self._capacity:
             self._send_fragments(frame)
-            return self.recv()
+            return self.recv(timeout=timeout)
         mm = self._mm
         start = self._out_payload
         mm[start : start + size] = frame
@@ -130,10 +131,10 @@ class ShmChannel:
         hdr = self._in_hdr
         expected = self._in_seq + 1
         if _SEQ.unpack_from(mm, hdr + _SEQ_AT)[0] != expected:
-            self._wait(hdr + _SEQ_AT, expected)
+            self._wait(hdr + _SEQ_AT, expected, timeout)
         size, flags = _LEN_FLAGS.unpack_from(mm, hdr)
         if flags or size > self._capacity:
-            return self.recv(resume=True)
+            return self.recv(resume=True, timeout=timeout)
         self._in_seq = expected
         start = self._in_payload
         return mm[start : start + size]
@@ -169,7 +170,7 @@ class ShmChannel:
             if _FLAG.unpack_from(mm, self._peer_sleep)[0]:
                 os.eventfd_write(self._peer_efd, 1)
 
-    def recv(self, resume: bool = False) -> bytes:
+    def recv(self, resume: bool = False, timeout: float | None = None) -> bytes:
         """The peer's next frame. ``resume``: its first fragment has already been seen arriving."""
         mm = self._mm
         hdr = self._in_hdr
@@ -179,7 +180,7 @@ class ShmChannel:
             if resume:
                 resume = False
             elif _SEQ.unpack_from(mm, hdr + _SEQ_AT)[0] != expected:
-                self._wait(hdr + _SEQ_AT, expected)
+                self._wait(hdr + _SEQ_AT, expected, timeout)
             size, flags = _LEN_FLAGS.unpack_from(mm, hdr)
             if size > self._capacity or flags & ~_MORE:
                 raise ProtocolError(f"corrupt channel header (length {size}, flags {flags})")
@@ -198,7 +199,7 @@ class ShmChannel:
             if _FLAG.unpack_from(mm, self._peer_sleep)[0]:
                 os.eventfd_write(self._peer_efd, 1)
 
-    def _wait(self, offset: int, value: int) -> None:
+    def _wait(self, offset: int, value: int, timeout: float | None = None) -> None:
         """Spin, then spin yielding the CPU, then block.
 
         A reply from another core arrives within a few µs, so the first stretch spins tight. If
@@ -206,7 +207,7 @@ class ShmChannel:
         of checks yields the core (and the GIL) to it; past the window we sleep on the eventfd.
         """
         if _spinners:
-            return self._block(offset, value)
+            return self._block(offset, value, timeout)
         mm = self._mm
         unpack = _SEQ.unpack_from
         clock = time.perf_counter
@@ -226,10 +227,12 @@ class ShmChannel:
                     os.sched_yield()
         finally:
             _spinners.pop()
-        self._block(offset, value)
+        self._block(offset, value, timeout)
 
-    def _block(self, offset: int, value: int) -> None:
+    def _block(self, offset: int, value: int, timeout: float | None = None) -> None:
         mm = self._mm
+        deadline = None if timeout is None else time.monotonic() + timeout
+        wait_ms = _BLOCK_POLL_MS
         while True:
             _FLAG.pack_into(mm, self._my_sleep, 1)
             _fence_lock.acquire()
@@ -240,7 +243,13 @@ class ShmChannel:
             if _FLAG.unpack_from(mm, self._peer_closed)[0]:
                 _FLAG.pack_into(mm, self._my_sleep, 0)
                 raise ChannelClosed()
-            for fd, events in self._poll.poll(_BLOCK_POLL_MS):
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    _FLAG.pack_into(mm, self._my_sleep, 0)
+                    raise CallTimeout()
+                wait_ms = min(_BLOCK_POLL_MS, int(left * 1000) + 1)
+            for fd, events in self._poll.poll(wait_ms):
                 if fd == self._watch_fd or events & select.POLLNVAL:
                     _FLAG.pack_into(mm, self._my_sleep, 0)
                     raise PeerGone()
@@ -293,10 +302,12 @@ class ShmTransport:
         watch_events: int,
         death: Callable[[], BaseException],
         spin_us: float = DEFAULT_SPIN_US,
+        abort: Callable[[], None] | None = None,
     ) -> None:
         self._sock = sock
         self._watch = (watch_fd, watch_events)
         self._death = death
+        self._abort = abort
         self._spin_us = spin_us
         self._send_lock = threading.Lock()
 
@@ -358,6 +369,13 @@ class ShmTransport:
 
     def death(self) -> BaseException:
         return self._death()
+
+    def abort(self) -> None:
+        """The peer hangs: end it if we can (we started it), else drop the connection."""
+        if self._abort is not None:
+            self._abort()
+        else:
+            self.close()
 
     def abandon(self) -> None:
         """Close only this process's descriptor, without shutting the connection down (after a
