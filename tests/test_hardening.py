@@ -279,3 +279,29 @@ def test_filesystem_scope_blocks_signalling_the_app(boot_attacker, places) -> No
 def test_a_c_extension_still_works_inside_the_filesystem_allowlist(boot_attacker, places) -> None:
     _landlock_abi_or_skip()
     assert boot_attacker(_filesystem(places)).sqlite_roundtrip(str(places["out"])) == 42
+
+
+def test_filesystem_blocks_reading_the_apps_environment_through_proc(boot_attacker, places) -> None:
+    """/proc/<pid>/environ holds the environment the app was started with (secrets included)."""
+    _landlock_abi_or_skip()
+    environ = f"/proc/{os.getpid()}/environ"
+    with open(environ) as own:
+        started_with = own.read()
+    assert started_with and boot_attacker({}).read_file(environ) == started_with
+    with pytest.raises(PermissionError):
+        boot_attacker(_filesystem(places)).read_file(environ)
+
+
+def test_descriptors_of_the_app_are_not_inherited(boot_attacker, places) -> None:
+    """Even a descriptor the app made inheritable stays in the app: compartments get only theirs."""
+    with open(places["secret"]) as secret:
+        os.set_inheritable(secret.fileno(), True)
+        with pytest.raises(OSError) as info:
+            boot_attacker({}).read_fd(secret.fileno())
+        assert info.value.errno == errno.EBADF
+
+
+def test_audit_deny_refuses_fork(boot_attacker) -> None:
+    assert boot_attacker({}).fork() == "forked"
+    with pytest.raises(PermissionError, match=re.escape("'os.fork'")):
+        boot_attacker({"audit": {"deny": ["subprocess"]}}).fork()
