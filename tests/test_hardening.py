@@ -182,6 +182,9 @@ def test_audit_deny_refuses_spawning_a_process(boot_attacker) -> None:
 
 
 def test_audit_deny_refuses_os_system_and_ctypes(boot_attacker) -> None:
+    unhardened = boot_attacker({})
+    assert unhardened.shell("true") == 0
+    assert unhardened.load_libc() == unhardened.pid()
     attacker = boot_attacker({"audit": {"deny": ["subprocess", "ctypes"]}})
     with pytest.raises(PermissionError, match=re.escape("'os.system'")):
         attacker.shell("true")
