@@ -56,11 +56,13 @@ def main() -> None:
         policy = image.compartments[name].hardening
         sys.path[:] = boot["sys_path"]
         sys.argv[:] = boot["argv"]
-        # Namespaces and Landlock bind only the calling thread: both go before any thread starts.
+        # Namespaces, Landlock and seccomp bind only the calling thread: all go before any thread.
         if policy.get("network") == "none":
             hardening.isolate_network()
         if policy.get("filesystem") is not None:
             hardening.restrict_filesystem(policy["filesystem"]["read"], policy["filesystem"]["write"])
+        if policy.get("seccomp") is not None:
+            hardening.apply_seccomp(policy["seccomp"])
         _die_with_parent()
         hardening.apply_limits(policy.get("limits") or {})
         runtime = Runtime(image, local=name)

@@ -106,10 +106,34 @@ class _Filesystem(_Model):
     write: list[str] = Field(default_factory=list)
 
 
+_SYSCALL = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+class _Seccomp(_Model):
+    profile: Literal["compute-only"] | None = None
+    deny: list[str] = Field(default_factory=list)
+    allow: list[str] = Field(default_factory=list)
+
+    @field_validator("deny", "allow")
+    @classmethod
+    def _syscalls(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not _SYSCALL.match(name):
+                raise ValueError(f"{name!r} is not a system call name (e.g. execve, socket, ptrace)")
+        return names
+
+
 class _Hardening(_Model):
     env: Literal["inherit", "clean"] = "inherit"
     network: Literal["allow", "none"] = "allow"
     filesystem: _Filesystem | None = None
+    seccomp: _Seccomp | None = None  # a profile name, or {profile, deny, allow}
+
+    @field_validator("seccomp", mode="before")
+    @classmethod
+    def _seccomp(cls, value: Any) -> Any:
+        return {"profile": value} if isinstance(value, str) else value
+
     limits: _Limits = Field(default_factory=_Limits)
     audit: _Audit = Field(default_factory=_Audit)
 

@@ -11,6 +11,8 @@ never runs unhardened.
 - ``filesystem``       Landlock: only the listed paths (plus what Python itself needs, read-only)
                        can be read or written; with Landlock ABI >= 6 the compartment also cannot
                        signal processes outside it (the app);
+- ``seccomp``          a seccomp filter in the kernel: named profiles (``compute-only``) and
+                       deny/allow lists of system calls, answered with EPERM;
 - ``limits``           rlimits: ``memory`` (RLIMIT_DATA), ``cpu_seconds`` (RLIMIT_CPU),
                        ``open_files`` (RLIMIT_NOFILE);
 - ``audit: {deny}``    a Python audit hook refusing the listed events (PEP 578) when component
@@ -217,3 +219,46 @@ def _allow(libc: ctypes.CDLL, add_rule: int, ruleset: int, path: str, rights: in
             raise HardeningError(f"filesystem: cannot allow {path}: {os.strerror(ctypes.get_errno())}")
     finally:
         os.close(fd)
+
+
+# -- seccomp ------------------------------------------------------------------------------------------
+# compute-only: no new programs, processes, sockets, tracing, namespaces, mounts, kernel modules,
+# or io_uring (which would bypass the filter). Threads remain (clone with CLONE_THREAD).
+SECCOMP_PROFILES: dict[str, tuple[str, ...]] = {
+    "compute-only": (
+        "execve", "execveat", "fork", "vfork",
+        "socket", "socketpair", "connect", "bind", "listen", "accept", "accept4",
+        "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd",
+        "setns", "unshare", "mount", "umount2", "pivot_root", "chroot", "open_by_handle_at",
+        "bpf", "perf_event_open", "userfaultfd", "keyctl", "add_key", "request_key",
+        "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load", "reboot",
+        "swapon", "swapoff", "io_uring_setup", "io_uring_enter", "io_uring_register",
+    ),
+}  # fmt: skip
+_CLONE_THREAD = 0x00010000
+
+
+def apply_seccomp(policy: dict[str, Any]) -> None:
+    """Load a filter answering the denied system calls with EPERM (runs before any thread)."""
+    import errno
+
+    try:
+        import pyseccomp as seccomp
+    except (ImportError, OSError) as exc:  # libseccomp.so missing
+        raise HardeningError(f"seccomp: libseccomp is not available: {exc}") from None
+    deny = set(SECCOMP_PROFILES.get(policy.get("profile") or "", ())) | set(policy.get("deny") or ())
+    deny -= set(policy.get("allow") or ())
+    arch = seccomp.system_arch()
+    for name in sorted(deny):
+        if seccomp.resolve_syscall(arch, name) < 0:
+            raise HardeningError(f"seccomp: {name!r} is not a system call on this machine")
+    try:
+        rules = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
+        for name in sorted(deny):
+            rules.add_rule(seccomp.ERRNO(errno.EPERM), name)
+        if "fork" in deny:  # a process is clone() without CLONE_THREAD; clone3 hides its flags
+            rules.add_rule(seccomp.ERRNO(errno.EPERM), "clone", seccomp.Arg(0, seccomp.MASKED_EQ, _CLONE_THREAD, 0))
+            rules.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")  # the C library falls back to clone
+        rules.load()
+    except OSError as exc:
+        raise HardeningError(f"seccomp: loading the filter failed: {exc}") from None

@@ -101,6 +101,7 @@ def test_hardening_is_parsed_into_the_image(tmp_path: Path) -> None:
         "env": "clean",
         "network": "none",
         "filesystem": None,
+        "seccomp": None,
         "limits": {"memory": 512 << 20, "cpu_seconds": 30, "open_files": 64},
         "audit": {"deny": ["subprocess", "socket.connect"]},
     }
@@ -308,3 +309,60 @@ def test_audit_deny_refuses_fork(boot_attacker) -> None:
     assert boot_attacker({}).fork() == "forked"
     with pytest.raises(PermissionError, match=re.escape("'os.fork'")):
         boot_attacker({"audit": {"deny": ["subprocess"]}}).fork()
+
+
+# -- seccomp --------------------------------------------------------------------------------------
+
+
+def test_seccomp_compute_only_blocks_processes_sockets_and_native_exec(boot_attacker) -> None:
+    unhardened = boot_attacker({})
+    assert unhardened.spawn(["/bin/true"]) == 0
+    assert unhardened.make_socket() == "socket"
+    attacker = boot_attacker({"seccomp": {"profile": "compute-only", "deny": [], "allow": []}})
+    with pytest.raises(PermissionError):
+        attacker.spawn(["/bin/true"])
+    with pytest.raises(PermissionError):
+        attacker.make_socket()
+    assert attacker.native_execve() == errno.EPERM  # what an audit hook cannot see, the kernel refuses
+    with pytest.raises(PermissionError):
+        attacker.fork()
+    assert attacker.run_threads(4) == [0, 1, 2, 3]  # threads are not processes
+
+
+def test_seccomp_allow_and_deny_lists_adjust_the_profile(boot_attacker) -> None:
+    attacker = boot_attacker({"seccomp": {"profile": "compute-only", "deny": ["getcwd"], "allow": ["socket"]}})
+    assert attacker.make_socket() == "socket"
+    with pytest.raises(PermissionError):
+        attacker.spawn(["/bin/true"])
+    with pytest.raises(PermissionError):
+        attacker.cwd()
+
+
+def test_an_unknown_system_call_stops_the_compartment_from_starting(boot_attacker) -> None:
+    with pytest.raises(flexos.CompartmentStartError, match="'no_such_call' is not a system call"):
+        boot_attacker({"seccomp": {"profile": None, "deny": ["no_such_call"], "allow": []}})
+
+
+def test_seccomp_is_written_as_a_profile_name_or_a_mapping(tmp_path: Path) -> None:
+    for text, expected in (
+        ("seccomp: compute-only", {"profile": "compute-only", "deny": [], "allow": []}),
+        ("seccomp: {deny: [ptrace]}", {"profile": None, "deny": ["ptrace"], "allow": []}),
+    ):
+        image, _ = parse(
+            _write(
+                tmp_path,
+                f"""\
+                compartments:
+                  - name: app
+                    mechanism: {{driver: fcalls}}
+                    default: true
+                  - name: box
+                    mechanism: {{driver: process}}
+                    hardening:
+                      {text}
+                libraries:
+                  json: {{compartment: box}}
+                """,
+            )
+        )
+        assert image.compartments["box"].hardening["seccomp"] == expected
