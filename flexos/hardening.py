@@ -238,14 +238,19 @@ SECCOMP_PROFILES: dict[str, tuple[str, ...]] = {
 _CLONE_THREAD = 0x00010000
 
 
-def apply_seccomp(policy: dict[str, Any]) -> None:
+def seccomp_library() -> Any:
+    """Load libseccomp. Do it before Landlock: finding the library needs the filesystem."""
+    try:
+        import pyseccomp
+    except (ImportError, OSError) as exc:  # libseccomp.so missing
+        raise HardeningError(f"seccomp: libseccomp is not available: {exc}") from None
+    return pyseccomp
+
+
+def apply_seccomp(policy: dict[str, Any], seccomp: Any) -> None:
     """Load a filter answering the denied system calls with EPERM (runs before any thread)."""
     import errno
 
-    try:
-        import pyseccomp as seccomp
-    except (ImportError, OSError) as exc:  # libseccomp.so missing
-        raise HardeningError(f"seccomp: libseccomp is not available: {exc}") from None
     deny = set(SECCOMP_PROFILES.get(policy.get("profile") or "", ())) | set(policy.get("deny") or ())
     deny -= set(policy.get("allow") or ())
     arch = seccomp.system_arch()

@@ -366,3 +366,32 @@ def test_seccomp_is_written_as_a_profile_name_or_a_mapping(tmp_path: Path) -> No
             )
         )
         assert image.compartments["box"].hardening["seccomp"] == expected
+
+
+def test_every_option_together(boot_attacker, places, loopback_server) -> None:
+    """The full profile boots (the order of application matters) and each part still holds."""
+    _landlock_abi_or_skip()
+    reason = _namespaces_work()
+    if reason:
+        pytest.skip(reason)
+    attacker = boot_attacker(
+        {
+            "env": "clean",
+            "network": "none",
+            "filesystem": {"read": [str(places["data"])], "write": [str(places["out"])]},
+            "seccomp": {"profile": "compute-only", "deny": [], "allow": []},
+            "limits": {"memory": 512 << 20, "cpu_seconds": 30, "open_files": 64},
+            "audit": {"deny": ["subprocess", "ctypes"]},
+        }
+    )
+    assert attacker.read_file(str(places["data"] / "public.txt")) == "public"
+    assert attacker.sqlite_roundtrip(str(places["out"])) == 42
+    assert attacker.run_threads(3) == [0, 1, 2]
+    for attempt in (
+        lambda: attacker.read_file(str(places["secret"])),
+        lambda: attacker.spawn(["/bin/true"]),
+        lambda: attacker.connect("127.0.0.1", loopback_server),
+        lambda: attacker.load_libc(),
+    ):
+        with pytest.raises(OSError):  # PermissionError and ENETUNREACH are both OSErrors
+            attempt()
