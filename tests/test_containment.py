@@ -92,3 +92,14 @@ def test_a_timeout_needs_the_process_driver(tmp_path: Path) -> None:
         f"{path}:7: compartment 'box': a timeout needs driver 'process' (a stuck 'fcalls' call runs on the "
         "caller's own thread)"
     ]
+
+
+@pytest.mark.parametrize(("fault", "expected_signal"), [("segfault", signal.SIGSEGV), ("abort", signal.SIGABRT)])
+def test_a_crashing_compartment_becomes_a_typed_exception_and_restarts(attacker_with, fault, expected_signal) -> None:
+    attacker = attacker_with(timeout=None)
+    first = attacker.pid()
+    with pytest.raises(flexos.CompartmentCrashed) as info:
+        getattr(attacker, fault)()
+    assert info.value.signal == expected_signal
+    assert info.value.compartment == "box"
+    assert attacker.pid() not in (first, None)
