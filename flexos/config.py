@@ -275,8 +275,12 @@ def _read(path: Path) -> _Source:
         line = mark.line + 1 if mark is not None else 1
         problem = " ".join(str(part) for part in (exc.context, exc.problem) if part)
         raise ConfigError([f"{path}:{line}: not valid YAML: {problem}"]) from None
-    except (YAMLError, ValueError, OverflowError, TypeError) as exc:  # e.g. an out-of-range timestamp
+    except YAMLError as exc:
         raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+    except Exception as exc:  # the YAML library failing on odd input (e.g. key `-_`, huge timestamps)
+        raise ConfigError(
+            [f"{path}: cannot be read as YAML ({type(exc).__name__}: {exc}); simplify the odd value"]
+        ) from None
     if doc is None:
         raise ConfigError([f"{path}:1: the file is empty; it needs a 'compartments:' list (see docs/config.md)"])
     if not isinstance(doc, CommentedMap):

@@ -1291,3 +1291,12 @@ def test_flexos_itself_cannot_be_placed(tmp_path: Path) -> None:
     assert only_problem(path) == (
         f"{path}:8: library 'flexos.gates' cannot be placed: flexos itself runs in every compartment; remove this entry"
     )
+
+
+def test_a_crash_inside_the_yaml_library_is_a_config_error(tmp_path: Path) -> None:
+    """Found by bench/fuzz.py: ruamel.yaml raises IndexError resolving the key ``-_`` as an int."""
+    path = tmp_path / "flexos.yaml"
+    path.write_text("name:\n  -_: ~\n")
+    with pytest.raises(flexos.ConfigError) as info:
+        parse(path)
+    assert info.value.problems[0].startswith(f"{path}: cannot be read as YAML (IndexError")
