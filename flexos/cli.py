@@ -47,25 +47,69 @@ def check(config: str) -> None:
         click.echo(f"  {spec.name:<14} {spec.driver:<10} {status:<12} {role}" + (f"  [{options}]" if options else ""))
         if reason:
             refused.append(f"{image.source}: compartment {spec.name!r}: {reason}")
+        if spec.hardening:
+            click.echo(f"  {'':<14} hardening: {_describe_hardening(spec.hardening)}")
     click.echo("libraries:")
     for module, owner in sorted(image.libraries.items()):
         click.echo(f"  {module:<30} -> {owner}")
     click.echo("  (modules not listed are imported locally by each compartment that uses them)")
-    _echo_machine_report()
+    features = _echo_machine_report()
+    for spec in image.compartments.values():
+        for option, feature in _needed_features(spec.hardening):
+            if not features[feature].available:
+                refused.append(
+                    f"{image.source}: compartment {spec.name!r}: hardening {option} needs {feature}, which this "
+                    f"machine lacks ({features[feature].detail}); remove the option or run on a machine that has it"
+                )
     for reason in refused:
         click.echo(reason, err=True)
     if refused:
         sys.exit(2)
 
 
-def _echo_machine_report() -> None:
+def _echo_machine_report() -> dict:
     """What this kernel and CPU offer for isolation and hardening, probed now (never assumed)."""
     from flexos.probe import machine_report
 
     click.echo("this machine:")
+    features = {}
     for feature in machine_report():
         status = "available" if feature.available else "unavailable"
         click.echo(f"  {feature.name:<14} {status:<12} {feature.detail}")
+        features[feature.name] = feature
+    return features
+
+
+def _needed_features(hardening: dict) -> list[tuple[str, str]]:
+    """(option, machine feature) pairs a compartment's hardening depends on."""
+    needed = []
+    if hardening.get("network") == "none":
+        needed += [("network: none", "userns"), ("network: none", "netns")]
+    if hardening.get("filesystem") is not None:
+        needed.append(("filesystem", "landlock"))
+    if hardening.get("seccomp") is not None:
+        needed.append(("seccomp", "seccomp"))
+    return needed
+
+
+def _describe_hardening(hardening: dict) -> str:
+    parts = []
+    if hardening.get("env") == "clean":
+        parts.append("env clean")
+    if hardening.get("network") == "none":
+        parts.append("no network")
+    if hardening.get("filesystem") is not None:
+        fs = hardening["filesystem"]
+        parts.append(f"filesystem read {fs['read'] or '-'} write {fs['write'] or '-'}")
+    if hardening.get("seccomp") is not None:
+        parts.append(f"seccomp {hardening['seccomp'].get('profile') or 'custom'}")
+    limits = {k: v for k, v in (hardening.get("limits") or {}).items() if v is not None}
+    if limits:
+        parts.append("limits " + ", ".join(f"{k}={v}" for k, v in limits.items()))
+    deny = (hardening.get("audit") or {}).get("deny")
+    if deny:
+        parts.append(f"audit deny {', '.join(deny)}")
+    return "; ".join(parts) or "none"
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})

@@ -395,3 +395,50 @@ def test_every_option_together(boot_attacker, places, loopback_server) -> None:
     ):
         with pytest.raises(OSError):  # PermissionError and ENETUNREACH are both OSErrors
             attempt()
+
+
+def test_check_refuses_hardening_this_machine_cannot_provide(tmp_path: Path) -> None:
+    """Run `flexos check` where namespaces are refused (a seccomp filter denies unshare)."""
+    path = _write(
+        tmp_path,
+        """\
+        compartments:
+          - name: app
+            mechanism: {driver: fcalls}
+            default: true
+          - name: box
+            mechanism: {driver: process}
+            hardening: {network: none}
+        libraries:
+          json: {compartment: box}
+        """,
+    )
+    without_namespaces = textwrap.dedent(
+        f"""\
+        import errno, sys
+        import pyseccomp
+        rules = pyseccomp.SyscallFilter(defaction=pyseccomp.ALLOW)
+        rules.add_rule(pyseccomp.ERRNO(errno.EPERM), "unshare")
+        rules.load()
+        from flexos.cli import main
+        sys.argv = ["flexos", "check", "-c", {str(path)!r}]
+        main()
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", without_namespaces], capture_output=True, text=True, check=False)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"{path}: compartment 'box': hardening network: none needs userns, which this machine lacks" in done.stderr
+    assert "hardening: no network" in done.stdout
+    # The same file on this machine as it is:
+    plain = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import sys; from flexos.cli import main; sys.argv = ['flexos', 'check', '-c', {str(path)!r}]; main()",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if _namespaces_work() is None:
+        assert plain.returncode == 0, plain.stderr
