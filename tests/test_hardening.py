@@ -442,3 +442,35 @@ def test_check_refuses_hardening_this_machine_cannot_provide(tmp_path: Path) -> 
     )
     if _namespaces_work() is None:
         assert plain.returncode == 0, plain.stderr
+
+
+# -- the app's memory -----------------------------------------------------------------------------
+
+
+def _secret_in_memory() -> tuple[bytes, int]:
+    """A secret and the address of its bytes in this process (CPython lays them after the header)."""
+    import ctypes
+
+    secret = b"the-apps-secret-" + os.urandom(8).hex().encode()
+    address = id(secret) + bytes.__basicsize__ - 1
+    assert ctypes.string_at(address, len(secret)) == secret
+    return secret, address
+
+
+def test_filesystem_blocks_reading_the_apps_memory_through_proc(boot_attacker, places) -> None:
+    _landlock_abi_or_skip()
+    secret, address = _secret_in_memory()
+    assert boot_attacker({}).read_memory(os.getpid(), address, len(secret)) == secret
+    # seccomp alone does not help here: /proc/<pid>/mem is a file, not the ptrace system call.
+    compute_only = {"seccomp": {"profile": "compute-only", "deny": [], "allow": []}}
+    assert boot_attacker(compute_only).read_memory(os.getpid(), address, len(secret)) == secret
+    with pytest.raises(PermissionError):
+        boot_attacker(_filesystem(places)).read_memory(os.getpid(), address, len(secret))
+
+
+def test_ptrace_of_the_app_is_blocked_by_seccomp_and_by_landlock(boot_attacker, places) -> None:
+    _landlock_abi_or_skip()
+    assert boot_attacker({}).ptrace_attach(os.getpid()) == 0
+    compute_only = {"seccomp": {"profile": "compute-only", "deny": [], "allow": []}}
+    assert boot_attacker(compute_only).ptrace_attach(os.getpid()) == errno.EPERM
+    assert boot_attacker(_filesystem(places)).ptrace_attach(os.getpid()) == errno.EPERM
