@@ -89,6 +89,8 @@ def _needed_features(hardening: dict) -> list[tuple[str, str]]:
         needed.append(("filesystem", "landlock"))
     if hardening.get("seccomp") is not None:
         needed.append(("seccomp", "seccomp"))
+    if (hardening.get("limits") or {}).get("processes") == 0:
+        needed.append(("limits.processes", "seccomp"))
     return needed
 
 

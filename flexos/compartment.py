@@ -57,13 +57,14 @@ def main() -> None:
         sys.path[:] = boot["sys_path"]
         sys.argv[:] = boot["argv"]
         # Namespaces, Landlock and seccomp bind only the calling thread: all go before any thread.
-        seccomp = hardening.seccomp_library() if policy.get("seccomp") is not None else None
+        filter_policy = hardening.seccomp_policy(policy)
+        seccomp = hardening.seccomp_library() if filter_policy is not None else None
         if policy.get("network") == "none":
             hardening.isolate_network()
         if policy.get("filesystem") is not None:
             hardening.restrict_filesystem(policy["filesystem"]["read"], policy["filesystem"]["write"])
-        if policy.get("seccomp") is not None:
-            hardening.apply_seccomp(policy["seccomp"], seccomp)
+        if filter_policy is not None:
+            hardening.apply_seccomp(filter_policy, seccomp)
         _die_with_parent()
         hardening.apply_limits(policy.get("limits") or {})
         runtime = Runtime(image, local=name)

@@ -77,6 +77,17 @@ class _Limits(_Model):
     memory: int | str | None = None
     cpu_seconds: int | None = Field(None, gt=0)
     open_files: int | None = Field(None, ge=16, le=1 << 20)
+    processes: int | None = None
+
+    @field_validator("processes")
+    @classmethod
+    def _processes(cls, value: int | None) -> int | None:
+        if value not in (None, 0):
+            raise ValueError(
+                "only 0 can be enforced for one compartment (Linux counts processes per user): "
+                "0 forbids creating processes"
+            )
+        return value
 
     @field_validator("memory")
     @classmethod

@@ -14,7 +14,7 @@ never runs unhardened.
 - ``seccomp``          a seccomp filter in the kernel: named profiles (``compute-only``) and
                        deny/allow lists of system calls, answered with EPERM;
 - ``limits``           rlimits: ``memory`` (RLIMIT_DATA), ``cpu_seconds`` (RLIMIT_CPU),
-                       ``open_files`` (RLIMIT_NOFILE);
+                       ``open_files`` (RLIMIT_NOFILE); ``processes: 0`` through seccomp;
 - ``audit: {deny}``    a Python audit hook refusing the listed events (PEP 578) when component
                        code is on the stack.
 """
@@ -77,7 +77,7 @@ def apply_limits(limits: dict[str, Any]) -> None:
         ("memory", resource.RLIMIT_DATA, 0),
         ("cpu_seconds", resource.RLIMIT_CPU, 1),  # hard = soft + 1: SIGXCPU first, then SIGKILL
         ("open_files", resource.RLIMIT_NOFILE, 0),
-    )
+    )  # ``processes`` is enforced by seccomp_policy()
     for key, which, slack in table:
         value = limits.get(key)
         if value is None:
@@ -236,6 +236,17 @@ SECCOMP_PROFILES: dict[str, tuple[str, ...]] = {
     ),
 }  # fmt: skip
 _CLONE_THREAD = 0x00010000
+
+
+def seccomp_policy(policy: dict[str, Any]) -> dict[str, Any] | None:
+    """The seccomp filter to load: the declared one, plus the fork family for ``processes: 0``."""
+    declared = policy.get("seccomp")
+    if (policy.get("limits") or {}).get("processes") != 0:
+        return declared
+    merged = dict(declared or {"profile": None, "deny": [], "allow": []})
+    merged["deny"] = [*merged.get("deny", []), "fork", "vfork"]
+    merged["allow"] = [name for name in merged.get("allow", []) if name not in ("fork", "vfork")]
+    return merged
 
 
 def seccomp_library() -> Any:

@@ -102,7 +102,7 @@ def test_hardening_is_parsed_into_the_image(tmp_path: Path) -> None:
         "network": "none",
         "filesystem": None,
         "seccomp": None,
-        "limits": {"memory": 512 << 20, "cpu_seconds": 30, "open_files": 64},
+        "limits": {"memory": 512 << 20, "cpu_seconds": 30, "open_files": 64, "processes": None},
         "audit": {"deny": ["subprocess", "socket.connect"]},
     }
     assert image.compartments["app"].hardening == {}
@@ -380,7 +380,7 @@ def test_every_option_together(boot_attacker, places, loopback_server) -> None:
             "network": "none",
             "filesystem": {"read": [str(places["data"])], "write": [str(places["out"])]},
             "seccomp": {"profile": "compute-only", "deny": [], "allow": []},
-            "limits": {"memory": 512 << 20, "cpu_seconds": 30, "open_files": 64},
+            "limits": {"memory": 512 << 20, "cpu_seconds": 30, "open_files": 64, "processes": None},
             "audit": {"deny": ["subprocess", "ctypes"]},
         }
     )
@@ -474,3 +474,33 @@ def test_ptrace_of_the_app_is_blocked_by_seccomp_and_by_landlock(boot_attacker, 
     compute_only = {"seccomp": {"profile": "compute-only", "deny": [], "allow": []}}
     assert boot_attacker(compute_only).ptrace_attach(os.getpid()) == errno.EPERM
     assert boot_attacker(_filesystem(places)).ptrace_attach(os.getpid()) == errno.EPERM
+
+
+def test_processes_zero_forbids_new_processes_but_not_threads(boot_attacker) -> None:
+    attacker = boot_attacker({"limits": {"processes": 0}})
+    with pytest.raises(PermissionError):
+        attacker.fork()
+    with pytest.raises(PermissionError):
+        attacker.spawn(["/bin/true"])
+    assert attacker.run_threads(3) == [0, 1, 2]
+    assert attacker.make_socket() == "socket"  # only processes are forbidden, not the rest of compute-only
+
+
+def test_only_zero_processes_can_be_enforced(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        """\
+        compartments:
+          - name: app
+            mechanism: {driver: fcalls}
+            default: true
+          - name: box
+            mechanism: {driver: process}
+            hardening: {limits: {processes: 4}}
+        libraries:
+          json: {compartment: box}
+        """,
+    )
+    with pytest.raises(flexos.ConfigError) as info:
+        parse(path)
+    assert "only 0 can be enforced for one compartment (Linux counts processes per user)" in info.value.problems[0]
