@@ -79,7 +79,12 @@ def main() -> None:
         parent.attach(transport)
         runtime.connect(image.default, parent, transport)
         runtime.start()
-        hardening.install_audit_policy((policy.get("audit") or {}).get("deny", []), name)  # last
+        libraries = {
+            module: rules["audit"]["deny"]
+            for module, rules in image.library_hardening.items()
+            if image.compartment_of(module) == name
+        }
+        hardening.install_audit_policy((policy.get("audit") or {}).get("deny", []), name, libraries)  # last
     except Exception:
         sock.send(msgpack.packb(["error", traceback.format_exc()]))
         os._exit(1)

@@ -158,8 +158,15 @@ class _Compartment(_Model):
     hardening: _Hardening | None = None
 
 
+class _LibraryHardening(_Model):
+    """What can be enforced for one library inside a shared process: its audit policy."""
+
+    audit: _Audit
+
+
 class _Library(_Model):
     compartment: str
+    hardening: _LibraryHardening | None = None
 
 
 class _Config(_Model):
@@ -396,6 +403,7 @@ def parse(path: str | Path) -> tuple[Image, list[str]]:
         )
 
     libraries: dict[str, str] = {}
+    library_hardening: dict[str, dict[str, Any]] = {}
     for module, lib in config.libraries.items():
         loc = ("libraries", module)
         if not _MODULE.match(module):
@@ -427,6 +435,18 @@ def parse(path: str | Path) -> tuple[Image, list[str]]:
                 )
             )
             continue
+        if lib.hardening is not None:
+            owner = specs.get(lib.compartment)
+            if owner is not None and owner.driver != "process":
+                problems.append(
+                    src.error(
+                        loc + ("hardening",),
+                        f"library {module!r}: hardening needs a 'process' "
+                        f"compartment; {lib.compartment!r} shares the app's process",
+                    )
+                )
+                continue
+            library_hardening[module] = lib.hardening.model_dump()
         libraries[module] = lib.compartment
     if problems:
         raise ConfigError(problems)
@@ -442,7 +462,7 @@ def parse(path: str | Path) -> tuple[Image, list[str]]:
                     "declared but no library is placed in it; place a library in it or remove it",
                 )
             )
-    return Image(specs, libraries, source=str(path)), notes
+    return Image(specs, libraries, source=str(path), library_hardening=library_hardening), notes
 
 
 def load(path: str | Path = DEFAULT_CONFIG) -> Image:

@@ -16,7 +16,8 @@ never runs unhardened.
 - ``limits``           rlimits: ``memory`` (RLIMIT_DATA), ``cpu_seconds`` (RLIMIT_CPU),
                        ``open_files`` (RLIMIT_NOFILE); ``processes: 0`` through seccomp;
 - ``audit: {deny}``    a Python audit hook refusing the listed events (PEP 578) when component
-                       code is on the stack.
+                       code is on the stack; a library's own ``hardening.audit`` applies when that
+                       library's code is the innermost component frame.
 """
 
 from __future__ import annotations
@@ -96,28 +97,55 @@ def expand_events(deny: Iterable[str]) -> tuple[frozenset[str], tuple[str, ...]]
     return frozenset(exact), tuple(f"{event}." for event in exact)
 
 
-def _component_on_stack(frame: Any) -> bool:
-    """Whether code other than the standard library and flexos's machinery is running."""
+def _component_frames(frame: Any) -> Iterable[str]:
+    """Modules of the frames on the stack that are neither the standard library nor flexos,
+    innermost first."""
     stdlib = sys.stdlib_module_names
     while frame is not None:
         module = frame.f_globals.get("__name__") or ""
         top = module.partition(".")[0]
         if top not in stdlib and top not in _MACHINERY and top not in ("__main__", ""):
-            return True
+            yield module
         frame = frame.f_back
-    return False
 
 
-def install_audit_policy(deny: list[str], compartment: str) -> None:
-    """Refuse the denied events whenever component code is on the stack. Audit hooks cannot be
-    removed, so the policy holds for the life of the process."""
+def _owning_library(module: str, libraries: dict[str, Any]) -> str | None:
+    """The per-library entry covering ``module`` (longest dotted prefix), if any."""
+    name = module
+    while name:
+        if name in libraries:
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+def install_audit_policy(deny: list[str], compartment: str, libraries: dict[str, list[str]] | None = None) -> None:
+    """Refuse denied audit events: the compartment's while any component code is on the stack,
+    a library's when that library's own code is the innermost component frame. Audit hooks
+    cannot be removed, so the policy holds for the life of the process."""
     exact, prefixes = expand_events(deny)
-    if not exact:
+    per_library = {name: expand_events(events) for name, events in (libraries or {}).items()}
+    watched = frozenset(exact.union(*(events for events, _ in per_library.values())))
+    watched_prefixes = tuple(f"{event}." for event in watched)
+    if not watched:
         return
 
     def hook(event: str, args: tuple[Any, ...]) -> None:
-        if (event in exact or event.startswith(prefixes)) and _component_on_stack(sys._getframe(1)):
+        if event not in watched and not event.startswith(watched_prefixes):
+            return
+        components = _component_frames(sys._getframe(1))
+        innermost = next(components, None)
+        if innermost is None:
+            return  # flexos's own machinery: never component code
+        if event in exact or event.startswith(prefixes):
             raise PermissionError(f"{event!r} is denied in compartment {compartment!r} (flexos.yaml hardening.audit)")
+        library = _owning_library(innermost, per_library)
+        if library is not None:
+            library_exact, library_prefixes = per_library[library]
+            if event in library_exact or event.startswith(library_prefixes):
+                raise PermissionError(
+                    f"{event!r} is denied for library {library!r} (flexos.yaml libraries.{library}.hardening.audit)"
+                )
 
     sys.addaudithook(hook)
 

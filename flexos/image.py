@@ -30,6 +30,8 @@ class Image:
     compartments: dict[str, CompartmentSpec]
     libraries: dict[str, str]  # module or package name -> compartment name
     source: str = "<flexos.yaml>"
+    # Per-library hardening (the audit policy of events raised from that library's own frames).
+    library_hardening: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def default(self) -> str:
@@ -60,6 +62,7 @@ class Image:
         return {
             "source": self.source,
             "libraries": dict(self.libraries),
+            "library_hardening": dict(self.library_hardening),
             "compartments": [
                 {
                     "name": s.name,
@@ -77,4 +80,9 @@ class Image:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Image:
         compartments = {c["name"]: CompartmentSpec(**c) for c in data["compartments"]}
-        return cls(compartments=compartments, libraries=dict(data["libraries"]), source=data["source"])
+        return cls(
+            compartments=compartments,
+            libraries=dict(data["libraries"]),
+            source=data["source"],
+            library_hardening=dict(data.get("library_hardening", {})),
+        )

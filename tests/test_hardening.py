@@ -504,3 +504,73 @@ def test_only_zero_processes_can_be_enforced(tmp_path: Path) -> None:
     with pytest.raises(flexos.ConfigError) as info:
         parse(path)
     assert "only 0 can be enforced for one compartment (Linux counts processes per user)" in info.value.problems[0]
+
+
+# -- per-library hardening ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def shared_compartment() -> Iterator[Callable[[dict], tuple]]:
+    """attacker and bystander in one process compartment; per-library rules as given."""
+    runtimes: list[flexos.Runtime] = []
+
+    def _boot(library_hardening: dict) -> tuple:
+        for name in ("attacker", "bystander"):
+            sys.modules.pop(name, None)
+        image = Image(
+            {"app": CompartmentSpec("app", "fcalls", default=True), "box": CompartmentSpec("box", "process")},
+            {"attacker": "box", "bystander": "box"},
+            library_hardening=library_hardening,
+        )
+        runtimes.append(flexos.boot(image))
+        import attacker
+        import bystander
+
+        return attacker, bystander
+
+    yield _boot
+    for runtime in runtimes:
+        runtime.stop()
+    for name in ("attacker", "bystander"):
+        sys.modules.pop(name, None)
+
+
+def test_a_library_policy_applies_to_that_librarys_own_frames(shared_compartment) -> None:
+    attacker, bystander = shared_compartment({"attacker": {"audit": {"deny": ["subprocess"]}}})
+    with pytest.raises(PermissionError, match=re.escape("denied for library 'attacker'")):
+        attacker.spawn(["/bin/true"])
+    assert bystander.spawn(["/bin/true"]) == 0  # same process, no policy of its own
+
+
+def test_library_hardening_is_configured_under_libraries(tmp_path: Path) -> None:
+    good = _write(
+        tmp_path,
+        """\
+        compartments:
+          - name: app
+            mechanism: {driver: fcalls}
+            default: true
+          - name: box
+            mechanism: {driver: process}
+        libraries:
+          json: {compartment: box, hardening: {audit: {deny: [subprocess]}}}
+        """,
+    )
+    image, _ = parse(good)
+    assert image.library_hardening == {"json": {"audit": {"deny": ["subprocess"]}}}
+    bad = _write(
+        tmp_path,
+        """\
+        compartments:
+          - name: app
+            mechanism: {driver: fcalls}
+            default: true
+        libraries:
+          json: {compartment: app, hardening: {audit: {deny: [subprocess]}}}
+        """,
+    )
+    with pytest.raises(flexos.ConfigError) as info:
+        parse(bad)
+    assert info.value.problems == [
+        f"{bad}:6: library 'json': hardening needs a 'process' compartment; 'app' shares the app's process"
+    ]
