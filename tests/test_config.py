@@ -527,7 +527,9 @@ def test_unknown_library_key(tmp_path: Path) -> None:
             compartment: db
         """,
     )
-    assert only_problem(path) == f"{path}:9: unknown key 'version' in libraries.sqlite3 (allowed: compartment, hardening)"
+    assert (
+        only_problem(path) == f"{path}:9: unknown key 'version' in libraries.sqlite3 (allowed: compartment, hardening)"
+    )
 
 
 def test_misspelled_library_key(tmp_path: Path) -> None:
@@ -545,7 +547,8 @@ def test_misspelled_library_key(tmp_path: Path) -> None:
     )
     assert problems(path) == [
         f"{path}:6: libraries.sqlite3 is missing the required key 'compartment'",
-        f"{path}:7: unknown key 'compartmnt' in libraries.sqlite3; did you mean 'compartment'? (allowed: compartment, hardening)",
+        f"{path}:7: unknown key 'compartmnt' in libraries.sqlite3; did you mean 'compartment'? "
+        "(allowed: compartment, hardening)",
     ]
 
 

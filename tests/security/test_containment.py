@@ -3,46 +3,18 @@
 from __future__ import annotations
 
 import signal
-import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 import flexos
-from flexos import CompartmentSpec, Image
 from flexos.config import parse
 
 
-@pytest.fixture
-def attacker_with() -> Iterator[Callable[..., object]]:
-    runtimes: list[flexos.Runtime] = []
-
-    def _boot(timeout: float | None, restart: str = "on-failure") -> object:
-        sys.modules.pop("attacker", None)
-        image = Image(
-            {
-                "app": CompartmentSpec("app", "fcalls", default=True),
-                "box": CompartmentSpec("box", "process", restart=restart, timeout=timeout),
-            },
-            {"attacker": "box"},
-            source="<test_containment>",
-        )
-        runtimes.append(flexos.boot(image))
-        import attacker
-
-        return attacker
-
-    yield _boot
-    for runtime in runtimes:
-        runtime.stop()
-    sys.modules.pop("attacker", None)
-
-
-def test_a_hung_call_is_ended_within_the_timeout_and_the_compartment_restarts(attacker_with) -> None:
-    attacker = attacker_with(timeout=1.0)
+def test_a_hung_call_is_ended_within_the_timeout_and_the_compartment_restarts(boot_attacker) -> None:
+    attacker = boot_attacker(timeout=1.0)
     first = attacker.pid()
     started = time.monotonic()
     with pytest.raises(flexos.CompartmentCrashed, match=r"no answer within its timeout of 1\.0 s") as info:
@@ -52,17 +24,17 @@ def test_a_hung_call_is_ended_within_the_timeout_and_the_compartment_restarts(at
     assert attacker.pid() != first  # a fresh instance answers the next call
 
 
-def test_calls_shorter_than_the_timeout_are_untouched(attacker_with) -> None:
-    attacker = attacker_with(timeout=5.0)
+def test_calls_shorter_than_the_timeout_are_untouched(boot_attacker) -> None:
+    attacker = boot_attacker(timeout=5.0)
     assert attacker.hang(0.2) == "woke up"
 
 
-def test_without_a_timeout_a_slow_call_is_waited_for(attacker_with) -> None:
-    assert attacker_with(timeout=None).hang(1.5) == "woke up"
+def test_without_a_timeout_a_slow_call_is_waited_for(boot_attacker) -> None:
+    assert boot_attacker(timeout=None).hang(1.5) == "woke up"
 
 
-def test_restart_never_keeps_a_timed_out_compartment_down(attacker_with) -> None:
-    attacker = attacker_with(timeout=0.5, restart="never")
+def test_restart_never_keeps_a_timed_out_compartment_down(boot_attacker) -> None:
+    attacker = boot_attacker(timeout=0.5, restart="never")
     with pytest.raises(flexos.CompartmentCrashed):
         attacker.hang(60)
     with pytest.raises(flexos.CompartmentCrashed):
@@ -95,8 +67,8 @@ def test_a_timeout_needs_the_process_driver(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("fault", "expected_signal"), [("segfault", signal.SIGSEGV), ("abort", signal.SIGABRT)])
-def test_a_crashing_compartment_becomes_a_typed_exception_and_restarts(attacker_with, fault, expected_signal) -> None:
-    attacker = attacker_with(timeout=None)
+def test_a_crashing_compartment_becomes_a_typed_exception_and_restarts(boot_attacker, fault, expected_signal) -> None:
+    attacker = boot_attacker(timeout=None)
     first = attacker.pid()
     with pytest.raises(flexos.CompartmentCrashed) as info:
         getattr(attacker, fault)()

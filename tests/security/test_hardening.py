@@ -33,32 +33,6 @@ def _namespaces_work() -> str | None:
 
 
 @pytest.fixture
-def boot_attacker() -> Iterator[Callable[[dict], object]]:
-    """Boot an image with the attacker library in compartment ``box`` under ``hardening``."""
-    runtimes: list[flexos.Runtime] = []
-
-    def _boot(hardening: dict) -> object:
-        sys.modules.pop("attacker", None)
-        image = Image(
-            {
-                "app": CompartmentSpec("app", "fcalls", default=True),
-                "box": CompartmentSpec("box", "process", hardening=hardening),
-            },
-            {"attacker": "box"},
-            source="<test_hardening>",
-        )
-        runtimes.append(flexos.boot(image))
-        import attacker
-
-        return attacker
-
-    yield _boot
-    for runtime in runtimes:
-        runtime.stop()
-    sys.modules.pop("attacker", None)
-
-
-@pytest.fixture
 def loopback_server() -> Iterator[int]:
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
