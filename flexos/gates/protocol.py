@@ -164,7 +164,6 @@ def _build_exception(cls: Any, args: Any, attrs: Any) -> BaseException:
     return exc
 
 
-# Attributes of builtin exceptions that live in slots rather than args or __dict__.
 _INTROSPECTION_TYPES = (types.FrameType, types.CodeType, types.TracebackType)
 _PAIR = struct.Struct("<QQ")  # REF payload: handle, class handle
 _HANDLE = struct.Struct("<Q")  # BACK payload
@@ -196,6 +195,7 @@ _VALUE_KINDS = {
     type(NotImplemented): _SINGLETON,
     type(Ellipsis): _SINGLETON,
 }
+# Attributes of builtin exceptions that live in slots rather than args or __dict__.
 _BUILTIN_EXCEPTION_ATTRS = frozenset({"filename", "filename2", "name", "path", "name_from"})
 _MAX_NESTING = 32
 
@@ -287,7 +287,7 @@ class Codec:
         if kind == _MEMORYVIEW:
             return obj.tobytes()
         if kind == _EXCEPTION:
-            return msgpack.ExtType(Ext.EXCEPTION, self.pack(self.exception_record(obj)))
+            return msgpack.ExtType(Ext.EXCEPTION, self.pack_exception(obj))
         if kind == _BUILTIN_FUNCTION:
             name = builtin_name(obj)
             if name is not None:
@@ -311,23 +311,36 @@ class Codec:
             return _PROXY
         return _PLAIN
 
-    def exception_record(self, exc: BaseException) -> list[Any]:
-        """[class, args, attrs] with anything that cannot travel replaced by its repr."""
+    def pack_exception(self, exc: BaseException) -> bytes:
+        """The packed record [class, args, attrs] of an exception, which crosses by value.
+
+        Packed once; only if that fails are args replaced by their reprs and attributes that
+        cannot travel dropped (trial packs export handles the peer never gets, so never on the
+        common path).
+        """
+        attrs = {key: getattr(exc, key) for key in _BUILTIN_EXCEPTION_ATTRS if getattr(exc, key, None) is not None}
+        attrs.update(
+            (key, value)
+            for key, value in getattr(exc, "__dict__", {}).items()
+            if not key.startswith("__") and not key.startswith("_flexos")
+        )
+        try:
+            return self.pack([type(exc), tuple(exc.args), attrs])
+        except GateError:
+            pass
         args = tuple(exc.args)
         try:
             self.pack(args)
-        except Exception:
+        except GateError:
             args = tuple(repr(a) for a in args)
-        attrs = {key: getattr(exc, key) for key in _BUILTIN_EXCEPTION_ATTRS if getattr(exc, key, None) is not None}
-        for key, value in getattr(exc, "__dict__", {}).items():
-            if key.startswith("__") or key.startswith("_flexos"):
-                continue
+        kept = {}
+        for key, value in attrs.items():
             try:
                 self.pack(value)
-            except Exception:
+            except GateError:
                 continue
-            attrs[key] = value
-        return [type(exc), args, attrs]
+            kept[key] = value
+        return self.pack([type(exc), args, kept])
 
     # -- decoding ---------------------------------------------------------------------------
     def unpack(self, data: bytes) -> Any:
@@ -427,8 +440,7 @@ def encode_reply(codec: Codec, value: Any, releases: list) -> bytes:
 def encode_error(codec: Codec, exc: BaseException, releases: list, with_traceback: bool = True) -> bytes:
     text = "".join(traceback.format_exception(exc)) if with_traceback else ""
     try:
-        record = codec.exception_record(exc)
-        return codec.pack([Kind.ERROR, msgpack.ExtType(Ext.EXCEPTION, codec.pack(record)), text, releases])
+        return codec.pack([Kind.ERROR, msgpack.ExtType(Ext.EXCEPTION, codec.pack_exception(exc)), text, releases])
     except Exception as fail:  # the exception's class itself cannot travel: degrade to a GateError
         summary = f"{type(exc).__qualname__}: {exc} (could not be sent: {fail})"
         record = [GateError, (summary,), {}]
