@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import flexos
 from flexos import ConfigError, Image
 from flexos.config import ConfigWarning, parse
-from flexos.drivers import _cpu_has_pku
+from flexos.probe import pku
 
 FLEXOS = Path(sys.executable).parent / "flexos"
 
@@ -1054,12 +1054,12 @@ def test_check_refuses_intel_pku(tmp_path: Path) -> None:
     line = next(line for line in result.stdout.splitlines() if line.split()[:1] == ["secure"])
     assert line.split()[:3] == ["secure", "intel-pku", "UNAVAILABLE"]
     assert result.stderr.startswith(f"{path}: compartment 'secure': intel-pku ")
-    if not _cpu_has_pku():
+    if not pku().available:
         assert "needs a CPU with memory protection keys (PKU); this CPU has none" in result.stderr
     assert "Use driver 'process' instead." in result.stderr or "use driver 'process' instead." in result.stderr
 
 
-@pytest.mark.skipif(_cpu_has_pku(), reason="this CPU has PKU")
+@pytest.mark.skipif(pku().available, reason="this CPU has PKU")
 def test_boot_refuses_intel_pku(tmp_path: Path) -> None:
     path = write(
         tmp_path,
@@ -1078,7 +1078,7 @@ def test_boot_refuses_intel_pku(tmp_path: Path) -> None:
         flexos.boot(str(path))
 
 
-@pytest.mark.skipif(_cpu_has_pku(), reason="this CPU has PKU")
+@pytest.mark.skipif(pku().available, reason="this CPU has PKU")
 def test_boot_refuses_intel_pku_for_the_default_compartment(tmp_path: Path) -> None:
     """Regression: ``flexos check`` refused an unavailable driver on the default compartment, but
     ``flexos.boot``/``flexos run`` did not look at the default compartment's driver and ran anyway."""

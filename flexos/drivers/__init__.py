@@ -13,17 +13,10 @@ _DRIVERS = {
 }
 
 
-def _cpu_has_pku() -> bool:
-    """Whether memory protection keys are usable here: the CPU has them and the kernel hands them out."""
-    from flexos.probe import pku  # imported on use: compartment processes need not load ctypes
-
-    return pku().available
-
-
 def unavailable(driver: str) -> str | None:
     """Why ``driver`` cannot be used on this machine, or None."""
     if driver == "intel-pku":
-        from flexos.probe import pku
+        from flexos.probe import pku  # imported on use: compartment processes need not load ctypes
 
         keys = pku()
         if not keys.available:
