@@ -46,6 +46,10 @@ class ProcessMechanism(_Model):
     start_timeout: float = Field(30.0, gt=0, le=3600, allow_inf_nan=False)
 
 
+class SubinterpMechanism(_Model):
+    driver: Literal["subinterp"]
+
+
 class _NotImplementedMechanism(_Model):
     driver: str
 
@@ -53,7 +57,7 @@ class _NotImplementedMechanism(_Model):
 MECHANISMS: dict[str, type[_Model]] = {
     "fcalls": FcallsMechanism,
     "process": ProcessMechanism,
-    "subinterp": _NotImplementedMechanism,
+    "subinterp": SubinterpMechanism,
     "vm": _NotImplementedMechanism,
     "intel-pku": _NotImplementedMechanism,
 }
@@ -308,7 +312,11 @@ def _read(path: Path) -> _Source:
 
 def parse(path: str | Path) -> tuple[Image, list[str]]:
     """Validate ``path``; return the image and the warnings, or raise ConfigError listing every problem."""
-    src = _read(Path(path))
+    return parse_document(_read(Path(path)))
+
+
+def parse_document(src: _Source) -> tuple[Image, list[str]]:
+    """Validate a document already read (the base of an explore space is one without its ``explore:``)."""
     try:
         config = _Config.model_validate(_plain(src.doc))
     except ValidationError as exc:
@@ -462,7 +470,7 @@ def parse(path: str | Path) -> tuple[Image, list[str]]:
                     "declared but no library is placed in it; place a library in it or remove it",
                 )
             )
-    return Image(specs, libraries, source=str(path), library_hardening=library_hardening), notes
+    return Image(specs, libraries, source=src.path, library_hardening=library_hardening), notes
 
 
 def load(path: str | Path = DEFAULT_CONFIG) -> Image:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import importlib
-import sys
 
 from flexos.errors import DriverUnavailable
 
 _DRIVERS = {
     "fcalls": "flexos.drivers.fcalls:FcallsDriver",
     "process": "flexos.drivers.process:ProcessDriver",
+    "subinterp": "flexos.drivers.subinterp:SubinterpDriver",
 }
 
 
@@ -25,13 +25,6 @@ def unavailable(driver: str) -> str | None:
                 f"({keys.detail}). Use driver 'process' instead."
             )
         return "intel-pku cannot separate Python objects; use driver 'process' instead."
-    if driver == "subinterp":
-        if sys.version_info < (3, 13):
-            return (
-                f"subinterp needs CPython 3.13+ (per-interpreter GIL); this is "
-                f"{sys.version_info.major}.{sys.version_info.minor}. Use driver 'process' instead."
-            )
-        return "the subinterp driver is not built yet in this version of flexos; use driver 'process'."
     if driver == "vm":
         return "the vm driver is not built yet in this version of flexos; use driver 'process'."
     if driver not in _DRIVERS:

@@ -341,6 +341,13 @@ class Link:
     def resolve(self, handle: int) -> Any:
         return self.exports.get(handle)
 
+    def borrow(self, payload: bytes) -> Any:
+        """A buffer the peer lent us without a copy; only same-process transports can lend."""
+        borrow = getattr(self._transport, "borrow", None)
+        if borrow is None:
+            raise ProtocolError("compartment sent a buffer loan over a transport that cannot carry one")
+        return borrow(payload)
+
     def proxy(self, handle: int, class_handle: int) -> Any:
         cls = self._classes.get(class_handle) or self._mirror(class_handle)
         if not isinstance(cls, RemoteClass):

@@ -1,0 +1,744 @@
+/* msgpack for subinterpreters: the subset of msgpack-python's API the gate protocol uses.
+ *
+ * msgpack-python's C extension cannot be loaded into an interpreter with its own GIL (it keeps
+ * Python objects in C globals), and its pure-Python fallback makes a gate ~6x slower. This module
+ * is per-interpreter safe (all state in module state) and mirrors exactly the options the
+ * protocol uses: Packer(default, use_bin_type=True, strict_types=True).pack/reset, packb, and
+ * unpackb(data, ext_hook, strict_map_key=False, raw=False). Output is byte-for-byte what
+ * msgpack-python produces; tests check both directions against it. One addition: `lend`, a hook
+ * that replaces a large buffer by an ExtType naming memory shared with the peer (zero-copy).
+ *
+ * The decoder treats its input as hostile: every length is checked against what is left, and
+ * nesting is bounded, so no input can make it read out of bounds or recurse without limit.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define NEST_LIMIT 511
+
+typedef struct {
+    PyObject *ext_type; /* msgpack.ext.ExtType of this interpreter */
+    PyTypeObject *packer_type;
+} ModuleState;
+
+/* -- encoding ------------------------------------------------------------------------------ */
+
+typedef struct {
+    char *data;
+    Py_ssize_t len;
+    Py_ssize_t cap;
+} Buffer;
+
+static int
+reserve(Buffer *buf, Py_ssize_t extra)
+{
+    if (buf->len + extra <= buf->cap) {
+        return 0;
+    }
+    Py_ssize_t cap = buf->cap ? buf->cap : 256;
+    while (cap < buf->len + extra) {
+        cap *= 2;
+    }
+    char *data = PyMem_Realloc(buf->data, cap);
+    if (data == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    buf->data = data;
+    buf->cap = cap;
+    return 0;
+}
+
+static int
+put(Buffer *buf, const void *bytes, Py_ssize_t n)
+{
+    if (reserve(buf, n) < 0) {
+        return -1;
+    }
+    memcpy(buf->data + buf->len, bytes, n);
+    buf->len += n;
+    return 0;
+}
+
+/* A type byte followed by an n-byte big-endian number. */
+static int
+put_be(Buffer *buf, unsigned char type, uint64_t value, int n)
+{
+    unsigned char out[9];
+    out[0] = type;
+    for (int i = 0; i < n; i++) {
+        out[n - i] = (unsigned char)(value >> (8 * i));
+    }
+    return put(buf, out, n + 1);
+}
+
+static int
+put_byte(Buffer *buf, unsigned char byte)
+{
+    return put(buf, &byte, 1);
+}
+
+static int
+put_length(Buffer *buf, Py_ssize_t n, unsigned char fix, Py_ssize_t fix_max, unsigned char t8,
+           unsigned char t16, unsigned char t32)
+{
+    if (n < fix_max) {
+        return put_byte(buf, (unsigned char)(fix | n));
+    }
+    if (t8 && n < 256) {
+        return put_be(buf, t8, (uint64_t)n, 1);
+    }
+    if (n < 65536) {
+        return put_be(buf, t16, (uint64_t)n, 2);
+    }
+    if ((uint64_t)n <= 0xffffffffULL) {
+        return put_be(buf, t32, (uint64_t)n, 4);
+    }
+    PyErr_SetString(PyExc_ValueError, "object too large to pack");
+    return -1;
+}
+
+static int
+pack_signed(Buffer *buf, long long v)
+{
+    if (v >= 0) {
+        if (v < 128) {
+            return put_byte(buf, (unsigned char)v);
+        }
+        if (v < 256) {
+            return put_be(buf, 0xcc, (uint64_t)v, 1);
+        }
+        if (v < 65536) {
+            return put_be(buf, 0xcd, (uint64_t)v, 2);
+        }
+        if (v <= 0xffffffffLL) {
+            return put_be(buf, 0xce, (uint64_t)v, 4);
+        }
+        return put_be(buf, 0xcf, (uint64_t)v, 8);
+    }
+    if (v >= -32) {
+        return put_byte(buf, (unsigned char)(int8_t)v);
+    }
+    if (v >= -128) {
+        return put_be(buf, 0xd0, (uint64_t)v, 1);
+    }
+    if (v >= -32768) {
+        return put_be(buf, 0xd1, (uint64_t)v, 2);
+    }
+    if (v >= -2147483648LL) {
+        return put_be(buf, 0xd2, (uint64_t)v, 4);
+    }
+    return put_be(buf, 0xd3, (uint64_t)v, 8);
+}
+
+static int
+pack_raw(Buffer *buf, const char *data, Py_ssize_t n, int is_str)
+{
+    int rc = is_str ? put_length(buf, n, 0xa0, 32, 0xd9, 0xda, 0xdb) : put_length(buf, n, 0, 0, 0xc4, 0xc5, 0xc6);
+    return rc < 0 ? -1 : put(buf, data, n);
+}
+
+/* Large buffers may be handed to `lend` (which returns an ExtType to pack in their place). */
+typedef struct {
+    PyObject *fallback;
+    PyObject *lend;
+    Py_ssize_t lend_threshold;
+} Hooks;
+
+static int pack_object(ModuleState *state, Buffer *buf, PyObject *obj, const Hooks *hooks, int depth);
+
+static int
+pack_ext(ModuleState *state, Buffer *buf, PyObject *ext)
+{
+    PyObject *code_obj = PyTuple_GET_ITEM(ext, 0);
+    PyObject *data_obj = PyTuple_GET_ITEM(ext, 1);
+    long code = PyLong_AsLong(code_obj);
+    if (code == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (code < -128 || code > 127 || !PyBytes_Check(data_obj)) {
+        PyErr_SetString(PyExc_ValueError, "ExtType needs a code in -128..127 and bytes data");
+        return -1;
+    }
+    Py_ssize_t n = PyBytes_GET_SIZE(data_obj);
+    int rc;
+    switch (n) {
+    case 1: rc = put_byte(buf, 0xd4); break;
+    case 2: rc = put_byte(buf, 0xd5); break;
+    case 4: rc = put_byte(buf, 0xd6); break;
+    case 8: rc = put_byte(buf, 0xd7); break;
+    case 16: rc = put_byte(buf, 0xd8); break;
+    default:
+        if (n < 256) {
+            rc = put_be(buf, 0xc7, (uint64_t)n, 1);
+        }
+        else if (n < 65536) {
+            rc = put_be(buf, 0xc8, (uint64_t)n, 2);
+        }
+        else if ((uint64_t)n <= 0xffffffffULL) {
+            rc = put_be(buf, 0xc9, (uint64_t)n, 4);
+        }
+        else {
+            PyErr_SetString(PyExc_ValueError, "ExtType data too large");
+            rc = -1;
+        }
+    }
+    if (rc < 0 || put_byte(buf, (unsigned char)(int8_t)code) < 0) {
+        return -1;
+    }
+    return put(buf, PyBytes_AS_STRING(data_obj), n);
+}
+
+static int
+lend_or_pack(ModuleState *state, Buffer *buf, PyObject *obj, const char *data, Py_ssize_t n, const Hooks *hooks)
+{
+    if (hooks->lend == NULL || hooks->lend == Py_None || n < hooks->lend_threshold) {
+        return pack_raw(buf, data, n, 0);
+    }
+    PyObject *ext = PyObject_CallOneArg(hooks->lend, obj);
+    if (ext == NULL) {
+        return -1;
+    }
+    int rc;
+    if (Py_IS_TYPE(ext, (PyTypeObject *)state->ext_type) && PyTuple_GET_SIZE(ext) == 2) {
+        rc = pack_ext(state, buf, ext);
+    }
+    else {
+        PyErr_SetString(PyExc_TypeError, "lend() must return an ExtType");
+        rc = -1;
+    }
+    Py_DECREF(ext);
+    return rc;
+}
+
+static int
+pack_object(ModuleState *state, Buffer *buf, PyObject *obj, const Hooks *hooks, int depth)
+{
+    PyObject *fallback = hooks->fallback;
+    if (depth > NEST_LIMIT) {
+        PyErr_SetString(PyExc_ValueError, "recursion limit exceeded.");
+        return -1;
+    }
+    Py_INCREF(obj);
+    int default_used = 0, rc = -1;
+    for (;;) {
+        if (obj == Py_None) {
+            rc = put_byte(buf, 0xc0);
+        }
+        else if (obj == Py_True || obj == Py_False) {
+            rc = put_byte(buf, obj == Py_True ? 0xc3 : 0xc2);
+        }
+        else if (PyLong_CheckExact(obj)) {
+            int overflow;
+            long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
+            if (overflow == 0) {
+                rc = v == -1 && PyErr_Occurred() ? -1 : pack_signed(buf, v);
+            }
+            else {
+                unsigned long long u = overflow > 0 ? PyLong_AsUnsignedLongLong(obj) : 0;
+                if (overflow > 0 && !PyErr_Occurred()) {
+                    rc = put_be(buf, 0xcf, u, 8);
+                }
+                else {
+                    PyErr_Clear();
+                    goto use_default;
+                }
+            }
+        }
+        else if (PyFloat_CheckExact(obj)) {
+            double d = PyFloat_AS_DOUBLE(obj);
+            uint64_t bits;
+            memcpy(&bits, &d, 8);
+            rc = put_be(buf, 0xcb, bits, 8);
+        }
+        else if (PyUnicode_CheckExact(obj)) {
+            Py_ssize_t n;
+            const char *utf8 = PyUnicode_AsUTF8AndSize(obj, &n);
+            rc = utf8 == NULL ? -1 : pack_raw(buf, utf8, n, 1);
+        }
+        else if (PyBytes_CheckExact(obj)) {
+            rc = lend_or_pack(state, buf, obj, PyBytes_AS_STRING(obj), PyBytes_GET_SIZE(obj), hooks);
+        }
+        else if (PyByteArray_CheckExact(obj)) {
+            rc = lend_or_pack(state, buf, obj, PyByteArray_AS_STRING(obj), PyByteArray_GET_SIZE(obj), hooks);
+        }
+        else if (Py_IS_TYPE(obj, &PyMemoryView_Type)) {
+            Py_buffer view;
+            if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0) {
+                rc = -1;
+            }
+            else {
+                rc = lend_or_pack(state, buf, obj, view.buf, view.len, hooks);
+                PyBuffer_Release(&view);
+            }
+        }
+        else if (PyDict_CheckExact(obj)) {
+            rc = put_length(buf, PyDict_GET_SIZE(obj), 0x80, 16, 0, 0xde, 0xdf);
+            PyObject *key, *value;
+            Py_ssize_t pos = 0;
+            while (rc == 0 && PyDict_Next(obj, &pos, &key, &value)) {
+                Py_INCREF(key);
+                Py_INCREF(value); /* `fallback` may run code that changes the dict */
+                rc = pack_object(state, buf, key, hooks, depth + 1);
+                if (rc == 0) {
+                    rc = pack_object(state, buf, value, hooks, depth + 1);
+                }
+                Py_DECREF(key);
+                Py_DECREF(value);
+            }
+        }
+        else if (PyList_CheckExact(obj)) {
+            Py_ssize_t n = PyList_GET_SIZE(obj);
+            rc = put_length(buf, n, 0x90, 16, 0, 0xdc, 0xdd);
+            for (Py_ssize_t i = 0; rc == 0 && i < n; i++) {
+                if (i >= PyList_GET_SIZE(obj)) {
+                    PyErr_SetString(PyExc_RuntimeError, "list changed size while it was packed");
+                    rc = -1;
+                    break;
+                }
+                PyObject *item = Py_NewRef(PyList_GET_ITEM(obj, i));
+                rc = pack_object(state, buf, item, hooks, depth + 1);
+                Py_DECREF(item);
+            }
+        }
+        else if (Py_IS_TYPE(obj, (PyTypeObject *)state->ext_type) && PyTuple_GET_SIZE(obj) == 2) {
+            rc = pack_ext(state, buf, obj);
+        }
+        else {
+            goto use_default;
+        }
+        break;
+    use_default:
+        if (default_used || fallback == NULL || fallback == Py_None) {
+            PyErr_Format(PyExc_TypeError, "can not serialize '%.200s' object", Py_TYPE(obj)->tp_name);
+            rc = -1;
+            break;
+        }
+        PyObject *replacement = PyObject_CallOneArg(fallback, obj);
+        Py_DECREF(obj);
+        if (replacement == NULL) {
+            return -1;
+        }
+        obj = replacement;
+        default_used = 1;
+    }
+    Py_DECREF(obj);
+    return rc;
+}
+
+static int
+check_fixed_options(PyObject *use_bin_type, PyObject *strict_types)
+{
+    if ((use_bin_type && !PyObject_IsTrue(use_bin_type)) || (strict_types && !PyObject_IsTrue(strict_types))) {
+        PyErr_SetString(PyExc_ValueError, "flexos._msgpack supports only use_bin_type=True, strict_types=True");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+packb(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"o", "default", "use_bin_type", "strict_types", "lend", "lend_threshold", NULL};
+    PyObject *obj, *use_bin_type = NULL, *strict_types = NULL;
+    Hooks hooks = {NULL, NULL, 0};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|$OOOOn:packb", keywords, &obj, &hooks.fallback, &use_bin_type,
+                                     &strict_types, &hooks.lend, &hooks.lend_threshold) ||
+        check_fixed_options(use_bin_type, strict_types) < 0) {
+        return NULL;
+    }
+    Buffer buf = {NULL, 0, 0};
+    PyObject *result = NULL;
+    if (pack_object(PyModule_GetState(module), &buf, obj, &hooks, 0) == 0) {
+        result = PyBytes_FromStringAndSize(buf.data, buf.len);
+    }
+    PyMem_Free(buf.data);
+    return result;
+}
+
+/* A reusable packer, as msgpack.Packer: keeps its buffer between calls. */
+typedef struct {
+    PyObject_HEAD
+    Hooks hooks;
+    Buffer buf;
+    int busy;
+} Packer;
+
+static int
+packer_init(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"default", "use_bin_type", "strict_types", "lend", "lend_threshold", NULL};
+    PyObject *fallback = NULL, *use_bin_type = NULL, *strict_types = NULL, *lend = NULL;
+    Py_ssize_t lend_threshold = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|$OOOOn:Packer", keywords, &fallback, &use_bin_type,
+                                     &strict_types, &lend, &lend_threshold) ||
+        check_fixed_options(use_bin_type, strict_types) < 0) {
+        return -1;
+    }
+    Packer *packer = (Packer *)self;
+    Py_XSETREF(packer->hooks.fallback, Py_XNewRef(fallback));
+    Py_XSETREF(packer->hooks.lend, Py_XNewRef(lend));
+    packer->hooks.lend_threshold = lend_threshold;
+    return 0;
+}
+
+static PyObject *
+packer_pack(PyObject *self, PyObject *obj)
+{
+    Packer *packer = (Packer *)self;
+    ModuleState *state = PyType_GetModuleState(Py_TYPE(self));
+    if (state == NULL) {
+        return NULL;
+    }
+    Buffer local = {NULL, 0, 0};
+    Buffer *buf = packer->busy ? &local : &packer->buf; /* re-entered from `default`: own buffer */
+    int was_busy = packer->busy;
+    packer->busy = 1;
+    buf->len = 0;
+    PyObject *result = NULL;
+    if (pack_object(state, buf, obj, &packer->hooks, 0) == 0) {
+        result = PyBytes_FromStringAndSize(buf->data, buf->len);
+    }
+    buf->len = 0;
+    packer->busy = was_busy;
+    PyMem_Free(local.data);
+    if (buf == &packer->buf && packer->buf.cap > (1 << 20)) { /* do not pin a huge buffer */
+        PyMem_Free(packer->buf.data);
+        packer->buf.data = NULL;
+        packer->buf.cap = 0;
+    }
+    return result;
+}
+
+static PyObject *
+packer_reset(PyObject *self, PyObject *unused)
+{
+    ((Packer *)self)->buf.len = 0;
+    Py_RETURN_NONE;
+}
+
+static int
+packer_traverse(PyObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(((Packer *)self)->hooks.fallback);
+    Py_VISIT(((Packer *)self)->hooks.lend);
+    Py_VISIT(Py_TYPE(self));
+    return 0;
+}
+
+static int
+packer_clear(PyObject *self)
+{
+    Py_CLEAR(((Packer *)self)->hooks.fallback);
+    Py_CLEAR(((Packer *)self)->hooks.lend);
+    return 0;
+}
+
+static void
+packer_dealloc(PyObject *self)
+{
+    PyTypeObject *type = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    packer_clear(self);
+    PyMem_Free(((Packer *)self)->buf.data);
+    type->tp_free(self);
+    Py_DECREF(type);
+}
+
+static PyMethodDef packer_methods[] = {
+    {"pack", packer_pack, METH_O, "pack(obj) -> bytes"},
+    {"reset", packer_reset, METH_NOARGS, "forget any partial output"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot packer_slots[] = {
+    {Py_tp_init, packer_init},
+    {Py_tp_methods, packer_methods},
+    {Py_tp_traverse, packer_traverse},
+    {Py_tp_clear, packer_clear},
+    {Py_tp_dealloc, packer_dealloc},
+    {Py_tp_new, PyType_GenericNew},
+    {0, NULL},
+};
+
+static PyType_Spec packer_spec = {
+    .name = "flexos._msgpack.Packer",
+    .basicsize = sizeof(Packer),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = packer_slots,
+};
+
+/* -- decoding ------------------------------------------------------------------------------ */
+
+typedef struct {
+    const unsigned char *p;
+    const unsigned char *end;
+    PyObject *ext_hook;
+    ModuleState *state;
+} Reader;
+
+static int
+need(Reader *r, Py_ssize_t n)
+{
+    if (n < 0 || r->end - r->p < n) {
+        PyErr_SetString(PyExc_ValueError, "Unpack failed: incomplete input");
+        return -1;
+    }
+    return 0;
+}
+
+static uint64_t
+read_be(Reader *r, int n)
+{
+    uint64_t value = 0;
+    for (int i = 0; i < n; i++) {
+        value = (value << 8) | r->p[i];
+    }
+    r->p += n;
+    return value;
+}
+
+static PyObject *unpack_object(Reader *r, int depth);
+
+static PyObject *
+unpack_array(Reader *r, Py_ssize_t n, int depth)
+{
+    if (need(r, n) < 0) { /* each element takes at least one byte */
+        return NULL;
+    }
+    PyObject *list = PyList_New(n);
+    for (Py_ssize_t i = 0; list != NULL && i < n; i++) {
+        PyObject *item = unpack_object(r, depth + 1);
+        if (item == NULL) {
+            Py_CLEAR(list);
+            break;
+        }
+        PyList_SET_ITEM(list, i, item);
+    }
+    return list;
+}
+
+static PyObject *
+unpack_map(Reader *r, Py_ssize_t n, int depth)
+{
+    if (need(r, 2 * n) < 0) {
+        return NULL;
+    }
+    PyObject *dict = PyDict_New();
+    for (Py_ssize_t i = 0; dict != NULL && i < n; i++) {
+        PyObject *key = unpack_object(r, depth + 1);
+        PyObject *value = key ? unpack_object(r, depth + 1) : NULL;
+        if (value == NULL || PyDict_SetItem(dict, key, value) < 0) {
+            Py_CLEAR(dict);
+        }
+        Py_XDECREF(key);
+        Py_XDECREF(value);
+    }
+    return dict;
+}
+
+static PyObject *
+unpack_ext(Reader *r, Py_ssize_t n)
+{
+    if (need(r, n + 1) < 0) {
+        return NULL;
+    }
+    int code = (int8_t)*r->p++;
+    PyObject *data = PyBytes_FromStringAndSize((const char *)r->p, n);
+    r->p += n;
+    if (data == NULL) {
+        return NULL;
+    }
+    PyObject *result;
+    if (r->ext_hook != NULL && r->ext_hook != Py_None) {
+        result = PyObject_CallFunction(r->ext_hook, "iO", code, data);
+    }
+    else {
+        result = PyObject_CallFunction(r->state->ext_type, "iO", code, data);
+    }
+    Py_DECREF(data);
+    return result;
+}
+
+static PyObject *
+unpack_raw(Reader *r, Py_ssize_t n, int is_str)
+{
+    if (need(r, n) < 0) {
+        return NULL;
+    }
+    const char *start = (const char *)r->p;
+    r->p += n;
+    return is_str ? PyUnicode_DecodeUTF8(start, n, "strict") : PyBytes_FromStringAndSize(start, n);
+}
+
+static PyObject *
+unpack_object(Reader *r, int depth)
+{
+    if (depth > NEST_LIMIT) {
+        PyErr_SetString(PyExc_ValueError, "Unpack failed: nested too deeply");
+        return NULL;
+    }
+    if (need(r, 1) < 0) {
+        return NULL;
+    }
+    unsigned char c = *r->p++;
+    if (c <= 0x7f) {
+        return PyLong_FromLong(c);
+    }
+    if (c >= 0xe0) {
+        return PyLong_FromLong((int8_t)c);
+    }
+    if (c <= 0x8f) {
+        return unpack_map(r, c & 0x0f, depth);
+    }
+    if (c <= 0x9f) {
+        return unpack_array(r, c & 0x0f, depth);
+    }
+    if (c <= 0xbf) {
+        return unpack_raw(r, c & 0x1f, 1);
+    }
+    static const int width[] = {
+        /* c0 */ 0, 0, 0, 0, 1, 2, 4, 1, 2, 4, 4, 8, 1, 2, 4, 8,
+        /* d0 */ 1, 2, 4, 8, 0, 0, 0, 0, 0, 1, 2, 4, 2, 4, 2, 4,
+    };
+    int n = width[c - 0xc0];
+    if (need(r, n) < 0) {
+        return NULL;
+    }
+    switch (c) {
+    case 0xc0: Py_RETURN_NONE;
+    case 0xc2: Py_RETURN_FALSE;
+    case 0xc3: Py_RETURN_TRUE;
+    case 0xc4: case 0xc5: case 0xc6: return unpack_raw(r, (Py_ssize_t)read_be(r, n), 0);
+    case 0xc7: case 0xc8: case 0xc9: return unpack_ext(r, (Py_ssize_t)read_be(r, n));
+    case 0xca: {
+        uint32_t bits = (uint32_t)read_be(r, 4);
+        float f;
+        memcpy(&f, &bits, 4);
+        return PyFloat_FromDouble(f);
+    }
+    case 0xcb: {
+        uint64_t bits = read_be(r, 8);
+        double d;
+        memcpy(&d, &bits, 8);
+        return PyFloat_FromDouble(d);
+    }
+    case 0xcc: case 0xcd: case 0xce: case 0xcf: return PyLong_FromUnsignedLongLong(read_be(r, n));
+    case 0xd0: return PyLong_FromLong((int8_t)read_be(r, 1));
+    case 0xd1: return PyLong_FromLong((int16_t)read_be(r, 2));
+    case 0xd2: return PyLong_FromLong((int32_t)read_be(r, 4));
+    case 0xd3: return PyLong_FromLongLong((int64_t)read_be(r, 8));
+    case 0xd4: return unpack_ext(r, 1);
+    case 0xd5: return unpack_ext(r, 2);
+    case 0xd6: return unpack_ext(r, 4);
+    case 0xd7: return unpack_ext(r, 8);
+    case 0xd8: return unpack_ext(r, 16);
+    case 0xd9: case 0xda: case 0xdb: return unpack_raw(r, (Py_ssize_t)read_be(r, n), 1);
+    case 0xdc: case 0xdd: return unpack_array(r, (Py_ssize_t)read_be(r, n), depth);
+    case 0xde: case 0xdf: return unpack_map(r, (Py_ssize_t)read_be(r, n), depth);
+    default:
+        return PyErr_Format(PyExc_ValueError, "Unpack failed: unknown type byte 0x%02x", c);
+    }
+}
+
+static PyObject *
+unpackb(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"packed", "ext_hook", "strict_map_key", "raw", NULL};
+    Py_buffer data;
+    PyObject *ext_hook = NULL;
+    int strict_map_key = 0, raw = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*|$Opp:unpackb", keywords, &data, &ext_hook, &strict_map_key,
+                                     &raw)) {
+        return NULL;
+    }
+    if (strict_map_key || raw) {
+        PyBuffer_Release(&data);
+        return PyErr_Format(PyExc_ValueError, "flexos._msgpack supports only strict_map_key=False, raw=False");
+    }
+    Reader reader = {data.buf, (const unsigned char *)data.buf + data.len, ext_hook, PyModule_GetState(module)};
+    PyObject *result = unpack_object(&reader, 0);
+    if (result != NULL && reader.p != reader.end) {
+        Py_CLEAR(result);
+        PyErr_SetString(PyExc_ValueError, "Unpack failed: extra data after the value");
+    }
+    PyBuffer_Release(&data);
+    return result;
+}
+
+/* -- module -------------------------------------------------------------------------------- */
+
+static PyMethodDef methods[] = {
+    {"packb", (PyCFunction)(void (*)(void))packb, METH_VARARGS | METH_KEYWORDS, "packb(o, *, default) -> bytes"},
+    {"unpackb", (PyCFunction)(void (*)(void))unpackb, METH_VARARGS | METH_KEYWORDS, "unpackb(packed, *, ext_hook)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static int
+module_exec(PyObject *module)
+{
+    ModuleState *state = PyModule_GetState(module);
+    PyObject *ext = PyImport_ImportModule("msgpack.ext");
+    if (ext == NULL) {
+        return -1;
+    }
+    state->ext_type = PyObject_GetAttrString(ext, "ExtType");
+    Py_DECREF(ext);
+    if (state->ext_type == NULL) {
+        return -1;
+    }
+    state->packer_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &packer_spec, NULL);
+    if (state->packer_type == NULL) {
+        return -1;
+    }
+    if (PyModule_AddObjectRef(module, "Packer", (PyObject *)state->packer_type) < 0 ||
+        PyModule_AddObjectRef(module, "ExtType", state->ext_type) < 0) {
+        return -1;
+    }
+    return 0;
+}
+
+static int
+module_traverse(PyObject *module, visitproc visit, void *arg)
+{
+    ModuleState *state = PyModule_GetState(module);
+    Py_VISIT(state->ext_type);
+    Py_VISIT(state->packer_type);
+    return 0;
+}
+
+static int
+module_clear(PyObject *module)
+{
+    ModuleState *state = PyModule_GetState(module);
+    Py_CLEAR(state->ext_type);
+    Py_CLEAR(state->packer_type);
+    return 0;
+}
+
+static PyModuleDef_Slot slots[] = {
+    {Py_mod_exec, module_exec},
+#ifdef Py_mod_multiple_interpreters
+    {Py_mod_multiple_interpreters, Py_MOD_PER_INTERPRETER_GIL_SUPPORTED},
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "flexos._msgpack",
+    .m_doc = "msgpack encoding for gates in subinterpreters (per-interpreter state).",
+    .m_size = sizeof(ModuleState),
+    .m_methods = methods,
+    .m_slots = slots,
+    .m_traverse = module_traverse,
+    .m_clear = module_clear,
+};
+
+PyMODINIT_FUNC
+PyInit__msgpack(void)
+{
+    return PyModuleDef_Init(&module_def);
+}

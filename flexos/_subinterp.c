@@ -1,0 +1,811 @@
+/* Gates between CPython subinterpreters that switch the calling thread, like an MPK gate.
+ *
+ * A call does not hand work to another thread: the calling OS thread detaches from its own
+ * interpreter (releasing that interpreter's GIL), attaches a thread state of the target
+ * interpreter (taking the target's GIL), runs the target's dispatcher on the frame, and switches
+ * back. No thread hop, no queue, no polling. Each OS thread gets one thread state per interpreter
+ * it enters, created on first use and kept for the next call; nested calls back into the caller's
+ * interpreter re-attach the caller's own, still-detached thread state.
+ *
+ * Frames are copied into the target interpreter (objects never cross); a large read-only buffer
+ * can be lent without a copy (`lend`), pinned by the lender until the borrower lets go.
+ *
+ * Python API (all ids are ints):
+ *   create() -> interp_id               a new interpreter with its own GIL and allocator
+ *   run(interp_id, source) -> int|str|None   exec source there; returns its `result` variable
+ *   register(dispatch) -> endpoint_id   dispatch(bytes) -> bytes, served in the current interpreter
+ *   unregister(endpoint_id)
+ *   call(endpoint_id, frame) -> bytes   switch into the endpoint's interpreter and dispatch
+ *   destroy(interp_id)                  end an interpreter (no call may be running in it)
+ *   lend(buffer) -> (loan_id, address, length)  pin a read-only buffer for another interpreter
+ *   borrow(loan_id, address, length) -> memoryview  (in the borrower) zero-copy view of a loan
+ *   pending_loans() -> int              buffers this interpreter has lent and not got back
+ * Pins whose borrowers let go are dropped in the lender at its next call or loan.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+#if PY_VERSION_HEX >= 0x030D0000
+#define FLEXOS_OWN_GIL 1
+#endif
+
+#ifdef FLEXOS_OWN_GIL
+
+#define MAX_INTERPRETERS 256
+#define MAX_ENDPOINTS 1024
+#define MAX_THREAD_SLOTS 32
+#define MAX_LOANS 4096
+
+typedef struct {
+    int64_t id; /* 0: free */
+    PyInterpreterState *interp;
+} Interp;
+
+typedef struct {
+    int64_t id; /* 0: free; else (generation << 10) | index */
+    int64_t interp_id;
+    PyInterpreterState *interp;
+    PyObject *dispatch; /* a strong reference owned by `interp` */
+    long active;        /* calls in flight */
+} Endpoint;
+
+typedef struct Created {
+    PyThreadState *tstate;
+    int64_t interp_id;
+    struct Created *next;
+} Created;
+
+typedef struct {
+    int64_t interp_id;
+    PyThreadState *tstate;
+} ThreadSlot;
+
+typedef struct {
+    int64_t id; /* 0: free */
+    int64_t lender;       /* interpreter that owns `object` */
+    PyObject *object;     /* strong reference, owned by the lender */
+    Py_buffer view;
+    int returned;         /* the borrower let go; the lender may drop the pin */
+} Loan;
+
+static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static Interp interpreters[MAX_INTERPRETERS];
+static Endpoint endpoints[MAX_ENDPOINTS];
+static int64_t endpoint_generation = 1;
+static Created *created; /* thread states this module made, so `destroy` can delete them */
+static Loan loans[MAX_LOANS];
+static int64_t loan_generation = 1;
+static long loans_returned; /* loans whose borrower let go, not yet unpinned */
+
+static _Thread_local ThreadSlot thread_slots[MAX_THREAD_SLOTS];
+static _Thread_local int thread_slot_count;
+
+static int64_t
+current_interp_id(void)
+{
+    return PyInterpreterState_GetID(PyInterpreterState_Get());
+}
+
+static ThreadSlot *
+find_slot(int64_t interp_id)
+{
+    for (int i = 0; i < thread_slot_count; i++) {
+        if (thread_slots[i].interp_id == interp_id) {
+            return &thread_slots[i];
+        }
+    }
+    return NULL;
+}
+
+static int
+add_slot(int64_t interp_id, PyThreadState *tstate)
+{
+    for (int i = 0; i < thread_slot_count; i++) {
+        if (thread_slots[i].tstate == NULL) {
+            thread_slots[i].interp_id = interp_id;
+            thread_slots[i].tstate = tstate;
+            return 0;
+        }
+    }
+    if (thread_slot_count == MAX_THREAD_SLOTS) {
+        return -1;
+    }
+    thread_slots[thread_slot_count].interp_id = interp_id;
+    thread_slots[thread_slot_count].tstate = tstate;
+    thread_slot_count++;
+    return 0;
+}
+
+static void
+drop_slot(int64_t interp_id)
+{
+    ThreadSlot *slot = find_slot(interp_id);
+    if (slot != NULL) {
+        slot->interp_id = 0;
+        slot->tstate = NULL;
+    }
+}
+
+/* This thread's state in `interp`, made on first use. Also remembers the thread's state in the
+ * interpreter it is leaving, so that a nested call back re-attaches that very state. */
+static PyThreadState *
+thread_state_for(PyInterpreterState *interp, int64_t interp_id, PyThreadState *here, int64_t here_id)
+{
+    if (find_slot(here_id) == NULL && add_slot(here_id, here) < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "flexos: this thread entered too many interpreters");
+        return NULL;
+    }
+    ThreadSlot *slot = find_slot(interp_id);
+    if (slot != NULL) {
+        return slot->tstate;
+    }
+    Created *record = PyMem_RawMalloc(sizeof(Created));
+    if (record == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    PyThreadState *tstate = PyThreadState_New(interp);
+    if (tstate == NULL || add_slot(interp_id, tstate) < 0) {
+        PyMem_RawFree(record);
+        if (tstate != NULL) {
+            PyThreadState_Delete(tstate);
+        }
+        PyErr_SetString(PyExc_RuntimeError, "flexos: cannot make a thread state for the compartment");
+        return NULL;
+    }
+    record->tstate = tstate;
+    record->interp_id = interp_id;
+    pthread_mutex_lock(&registry_lock);
+    record->next = created;
+    created = record;
+    pthread_mutex_unlock(&registry_lock);
+    return tstate;
+}
+
+static Interp *
+find_interp(int64_t interp_id)
+{
+    for (int i = 0; i < MAX_INTERPRETERS; i++) {
+        if (interpreters[i].id == interp_id && interp_id != 0) {
+            return &interpreters[i];
+        }
+    }
+    return NULL;
+}
+
+/* The current exception as malloc'd UTF-8 text "Type: message"; clears it. */
+static char *
+exception_text(void)
+{
+    PyObject *exc = PyErr_GetRaisedException();
+    char *text = NULL;
+    if (exc != NULL) {
+        PyObject *formatted = PyUnicode_FromFormat("%s: %S", Py_TYPE(exc)->tp_name, exc);
+        if (formatted != NULL) {
+            const char *utf8 = PyUnicode_AsUTF8(formatted);
+            if (utf8 != NULL) {
+                text = strdup(utf8);
+            }
+            Py_DECREF(formatted);
+        }
+        Py_DECREF(exc);
+    }
+    PyErr_Clear();
+    return text != NULL ? text : strdup("unknown error");
+}
+
+static PyObject *
+subinterp_create(PyObject *module, PyObject *unused)
+{
+    PyThreadState *here = PyThreadState_Get();
+    int64_t here_id = current_interp_id();
+    if (find_slot(here_id) == NULL && add_slot(here_id, here) < 0) {
+        return PyErr_Format(PyExc_RuntimeError, "flexos: this thread entered too many interpreters");
+    }
+    Created *record = PyMem_RawMalloc(sizeof(Created));
+    if (record == NULL) {
+        return PyErr_NoMemory();
+    }
+    PyInterpreterConfig config = {
+        .use_main_obmalloc = 0,
+        .allow_fork = 0,
+        .allow_exec = 0,
+        .allow_threads = 1,
+        .allow_daemon_threads = 0,
+        .check_multi_interp_extensions = 1,
+        .gil = PyInterpreterConfig_OWN_GIL,
+    };
+    PyThreadState *sub = NULL;
+    PyStatus status = Py_NewInterpreterFromConfig(&sub, &config);
+    if (PyStatus_Exception(status) || sub == NULL) {
+        PyThreadState_Swap(here);
+        PyMem_RawFree(record);
+        return PyErr_Format(PyExc_RuntimeError, "cannot create a subinterpreter: %s",
+                            status.err_msg ? status.err_msg : "unknown error");
+    }
+    int64_t sub_id = PyInterpreterState_GetID(PyThreadState_GetInterpreter(sub));
+    PyInterpreterState *interp = PyThreadState_GetInterpreter(sub);
+    PyThreadState_Swap(here);
+
+    pthread_mutex_lock(&registry_lock);
+    Interp *free_entry = NULL;
+    for (int i = 0; i < MAX_INTERPRETERS && free_entry == NULL; i++) {
+        if (interpreters[i].id == 0) {
+            free_entry = &interpreters[i];
+        }
+    }
+    if (free_entry != NULL) {
+        free_entry->id = sub_id;
+        free_entry->interp = interp;
+        record->tstate = sub;
+        record->interp_id = sub_id;
+        record->next = created;
+        created = record;
+    }
+    pthread_mutex_unlock(&registry_lock);
+    if (free_entry == NULL || add_slot(sub_id, sub) < 0) {
+        /* Out of room: end it again rather than leak it. */
+        PyThreadState_Swap(sub);
+        Py_EndInterpreter(sub);
+        PyThreadState_Swap(here);
+        if (free_entry != NULL) {
+            pthread_mutex_lock(&registry_lock);
+            free_entry->id = 0;
+            created = record->next;
+            pthread_mutex_unlock(&registry_lock);
+        }
+        PyMem_RawFree(record);
+        return PyErr_Format(PyExc_RuntimeError, "flexos: too many subinterpreters");
+    }
+    return PyLong_FromLongLong(sub_id);
+}
+
+/* Switch this thread into interpreter `interp_id`; NULL with an exception set on failure. */
+static PyThreadState *
+enter(int64_t interp_id, PyInterpreterState *interp, PyThreadState **here_out)
+{
+    PyThreadState *here = PyThreadState_Get();
+    int64_t here_id = current_interp_id();
+    PyThreadState *there = thread_state_for(interp, interp_id, here, here_id);
+    if (there == NULL) {
+        return NULL;
+    }
+    *here_out = here;
+    PyThreadState_Swap(there);
+    return there;
+}
+
+static PyObject *
+subinterp_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyLong_Check(args[0]) || !PyUnicode_Check(args[1])) {
+        return PyErr_Format(PyExc_TypeError, "run(interp_id: int, source: str)");
+    }
+    int64_t interp_id = PyLong_AsLongLong(args[0]);
+    const char *source = PyUnicode_AsUTF8(args[1]);
+    if (source == NULL) {
+        return NULL;
+    }
+    pthread_mutex_lock(&registry_lock);
+    Interp *entry = find_interp(interp_id);
+    PyInterpreterState *interp = entry ? entry->interp : NULL;
+    pthread_mutex_unlock(&registry_lock);
+    if (interp == NULL) {
+        return PyErr_Format(PyExc_LookupError, "no subinterpreter %lld", (long long)interp_id);
+    }
+    PyThreadState *here;
+    if (enter(interp_id, interp, &here) == NULL) {
+        return NULL;
+    }
+    /* In the target: run, then carry `result` out as plain C data. */
+    char *error = NULL, *text = NULL;
+    long long number = 0;
+    int kind = 0; /* 0 None, 1 int, 2 str */
+    PyObject *globals = PyDict_New();
+    PyObject *builtins = PyImport_ImportModule("builtins");
+    if (globals == NULL || builtins == NULL || PyDict_SetItemString(globals, "__builtins__", builtins) < 0) {
+        error = exception_text();
+    }
+    else {
+        PyObject *done = PyRun_String(source, Py_file_input, globals, globals);
+        if (done == NULL) {
+            error = exception_text();
+        }
+        else {
+            Py_DECREF(done);
+            PyObject *result = PyDict_GetItemString(globals, "result");
+            if (result != NULL && PyLong_Check(result)) {
+                number = PyLong_AsLongLong(result);
+                kind = 1;
+            }
+            else if (result != NULL && PyUnicode_Check(result)) {
+                const char *utf8 = PyUnicode_AsUTF8(result);
+                text = strdup(utf8 ? utf8 : "");
+                kind = 2;
+            }
+            if (PyErr_Occurred()) {
+                error = exception_text();
+            }
+        }
+    }
+    Py_XDECREF(builtins);
+    Py_XDECREF(globals);
+    PyThreadState_Swap(here);
+    if (error != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, error);
+        free(error);
+        free(text);
+        return NULL;
+    }
+    if (kind == 1) {
+        return PyLong_FromLongLong(number);
+    }
+    if (kind == 2) {
+        PyObject *value = PyUnicode_FromString(text);
+        free(text);
+        return value;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+subinterp_register(PyObject *module, PyObject *dispatch)
+{
+    if (!PyCallable_Check(dispatch)) {
+        return PyErr_Format(PyExc_TypeError, "register(dispatch): dispatch must be callable");
+    }
+    int64_t interp_id = current_interp_id();
+    pthread_mutex_lock(&registry_lock);
+    for (int i = 0; i < MAX_ENDPOINTS; i++) {
+        if (endpoints[i].id == 0) {
+            int64_t id = (endpoint_generation++ << 10) | i;
+            endpoints[i].id = id;
+            endpoints[i].interp_id = interp_id;
+            endpoints[i].interp = PyInterpreterState_Get();
+            endpoints[i].dispatch = Py_NewRef(dispatch);
+            endpoints[i].active = 0;
+            pthread_mutex_unlock(&registry_lock);
+            return PyLong_FromLongLong(id);
+        }
+    }
+    pthread_mutex_unlock(&registry_lock);
+    return PyErr_Format(PyExc_RuntimeError, "flexos: too many subinterpreter gates");
+}
+
+static PyObject *
+subinterp_unregister(PyObject *module, PyObject *arg)
+{
+    int64_t id = PyLong_AsLongLong(arg);
+    if (id == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    int64_t here_id = current_interp_id();
+    PyObject *dispatch = NULL;
+    pthread_mutex_lock(&registry_lock);
+    Endpoint *endpoint = &endpoints[id & (MAX_ENDPOINTS - 1)];
+    if (endpoint->id == id && endpoint->interp_id == here_id) {
+        dispatch = endpoint->dispatch;
+        endpoint->id = 0;
+        endpoint->dispatch = NULL;
+    }
+    pthread_mutex_unlock(&registry_lock);
+    Py_XDECREF(dispatch); /* we are in its interpreter */
+    Py_RETURN_NONE;
+}
+
+static void release_returned_loans(void);
+
+static PyObject *
+subinterp_call(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyBytes_Check(args[1])) {
+        return PyErr_Format(PyExc_TypeError, "call(endpoint_id: int, frame: bytes)");
+    }
+    int64_t id = PyLong_AsLongLong(args[0]);
+    if (id == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    pthread_mutex_lock(&registry_lock);
+    Endpoint *endpoint = &endpoints[id & (MAX_ENDPOINTS - 1)];
+    if (endpoint->id != id) {
+        pthread_mutex_unlock(&registry_lock);
+        return PyErr_Format(PyExc_ConnectionResetError, "the compartment's gate is closed");
+    }
+    endpoint->active++;
+    int64_t interp_id = endpoint->interp_id;
+    PyInterpreterState *interp = endpoint->interp;
+    PyObject *dispatch = endpoint->dispatch; /* kept alive by `active` */
+    pthread_mutex_unlock(&registry_lock);
+
+    PyObject *result = NULL;
+    if (interp_id == current_interp_id()) {
+        result = PyObject_CallOneArg(dispatch, args[1]);
+    }
+    else {
+        PyThreadState *here;
+        const char *data = PyBytes_AS_STRING(args[1]);
+        Py_ssize_t size = PyBytes_GET_SIZE(args[1]);
+        if (enter(interp_id, interp, &here) != NULL) {
+            /* In the target interpreter: the caller's frame stays alive (we hold it) and bytes
+             * are immutable, so reading it without the caller's GIL is safe. */
+            char *reply = NULL, *error = NULL;
+            Py_ssize_t reply_size = 0;
+            PyObject *frame = PyBytes_FromStringAndSize(data, size);
+            PyObject *answer = frame ? PyObject_CallOneArg(dispatch, frame) : NULL;
+            Py_XDECREF(frame);
+            if (answer != NULL && PyBytes_Check(answer)) {
+                reply_size = PyBytes_GET_SIZE(answer);
+                reply = malloc(reply_size ? reply_size : 1);
+                if (reply != NULL) {
+                    memcpy(reply, PyBytes_AS_STRING(answer), reply_size);
+                }
+                else {
+                    error = strdup("out of memory for the reply");
+                }
+            }
+            else if (answer != NULL) {
+                error = strdup("the compartment's dispatcher returned a non-bytes reply");
+            }
+            else {
+                error = exception_text();
+            }
+            Py_XDECREF(answer);
+            PyThreadState_Swap(here);
+            if (error != NULL) {
+                PyErr_SetString(PyExc_RuntimeError, error);
+                free(error);
+            }
+            else {
+                result = PyBytes_FromStringAndSize(reply, reply_size);
+            }
+            free(reply);
+        }
+    }
+    pthread_mutex_lock(&registry_lock);
+    endpoint->active--;
+    pthread_mutex_unlock(&registry_lock);
+    release_returned_loans();
+    return result;
+}
+
+static PyObject *
+subinterp_destroy(PyObject *module, PyObject *arg)
+{
+    int64_t interp_id = PyLong_AsLongLong(arg);
+    if (interp_id == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (interp_id == current_interp_id()) {
+        return PyErr_Format(PyExc_RuntimeError, "a subinterpreter cannot destroy itself");
+    }
+    pthread_mutex_lock(&registry_lock);
+    Interp *entry = find_interp(interp_id);
+    PyInterpreterState *interp = entry ? entry->interp : NULL;
+    int busy = 0;
+    for (int i = 0; i < MAX_ENDPOINTS; i++) {
+        if (endpoints[i].id != 0 && endpoints[i].interp_id == interp_id && endpoints[i].active) {
+            busy = 1;
+        }
+    }
+    pthread_mutex_unlock(&registry_lock);
+    if (interp == NULL) {
+        Py_RETURN_NONE;
+    }
+    if (busy) {
+        return PyErr_Format(PyExc_RuntimeError, "calls are still running in the subinterpreter");
+    }
+    PyThreadState *here;
+    PyThreadState *there = enter(interp_id, interp, &here);
+    if (there == NULL) {
+        return NULL;
+    }
+    PyFrameObject *frame = PyThreadState_GetFrame(there);
+    if (frame != NULL) {
+        Py_DECREF(frame);
+        PyThreadState_Swap(here);
+        return PyErr_Format(PyExc_RuntimeError, "cannot end a subinterpreter from inside a call into it");
+    }
+    /* Inside the dying interpreter: drop its gates and the thread states we made. */
+    pthread_mutex_lock(&registry_lock);
+    PyObject *dispatches[MAX_ENDPOINTS];
+    int count = 0;
+    for (int i = 0; i < MAX_ENDPOINTS; i++) {
+        if (endpoints[i].id != 0 && endpoints[i].interp_id == interp_id) {
+            dispatches[count++] = endpoints[i].dispatch;
+            endpoints[i].id = 0;
+            endpoints[i].dispatch = NULL;
+        }
+    }
+    Created **link = &created, *others = NULL;
+    while (*link != NULL) {
+        Created *record = *link;
+        if (record->interp_id == interp_id) {
+            *link = record->next;
+            if (record->tstate == there) {
+                PyMem_RawFree(record);
+            }
+            else {
+                record->next = others;
+                others = record;
+            }
+        }
+        else {
+            link = &record->next;
+        }
+    }
+    entry->id = 0;
+    entry->interp = NULL;
+    pthread_mutex_unlock(&registry_lock);
+    for (int i = 0; i < count; i++) {
+        Py_DECREF(dispatches[i]);
+    }
+    while (others != NULL) {
+        Created *next = others->next;
+        PyThreadState_Clear(others->tstate);
+        PyThreadState_Delete(others->tstate);
+        PyMem_RawFree(others);
+        others = next;
+    }
+    drop_slot(interp_id);
+    Py_EndInterpreter(there);
+    PyThreadState_Swap(here);
+    Py_RETURN_NONE;
+}
+
+/* -- zero-copy loans ---------------------------------------------------------------------- */
+
+static PyObject *
+subinterp_lend(PyObject *module, PyObject *object)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(object, &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    release_returned_loans();
+    int64_t lender = current_interp_id();
+    pthread_mutex_lock(&registry_lock);
+    for (int i = 0; i < MAX_LOANS; i++) {
+        if (loans[i].id == 0) {
+            int64_t id = (loan_generation++ << 12) | i;
+            loans[i].id = id;
+            loans[i].lender = lender;
+            loans[i].object = Py_NewRef(object);
+            loans[i].view = view;
+            loans[i].returned = 0;
+            pthread_mutex_unlock(&registry_lock);
+            return Py_BuildValue("(LKn)", (long long)id, (unsigned long long)(uintptr_t)view.buf, view.len);
+        }
+    }
+    pthread_mutex_unlock(&registry_lock);
+    PyBuffer_Release(&view);
+    return PyErr_Format(PyExc_RuntimeError, "flexos: too many buffers lent at once");
+}
+
+/* The borrower's side: a read-only exporter over the lender's memory. */
+typedef struct {
+    PyObject_HEAD
+    int64_t loan;
+    void *address;
+    Py_ssize_t length;
+    Py_ssize_t exports;
+} Borrowed;
+
+static int
+borrowed_getbuffer(PyObject *self, Py_buffer *view, int flags)
+{
+    Borrowed *borrowed = (Borrowed *)self;
+    if (PyBuffer_FillInfo(view, self, borrowed->address, borrowed->length, 1, flags) < 0) {
+        return -1;
+    }
+    borrowed->exports++;
+    return 0;
+}
+
+static void
+borrowed_releasebuffer(PyObject *self, Py_buffer *view)
+{
+    ((Borrowed *)self)->exports--;
+}
+
+static void
+borrowed_dealloc(PyObject *self)
+{
+    Borrowed *borrowed = (Borrowed *)self;
+    int64_t id = borrowed->loan;
+    pthread_mutex_lock(&registry_lock);
+    Loan *loan = &loans[id & (MAX_LOANS - 1)];
+    if (loan->id == id) {
+        loan->returned = 1; /* the lender drops its pin under its own GIL */
+        loans_returned++;
+    }
+    pthread_mutex_unlock(&registry_lock);
+    PyTypeObject *type = Py_TYPE(self);
+    type->tp_free(self);
+    Py_DECREF(type);
+}
+
+static PyType_Slot borrowed_slots[] = {
+    {Py_bf_getbuffer, borrowed_getbuffer},
+    {Py_bf_releasebuffer, borrowed_releasebuffer},
+    {Py_tp_dealloc, borrowed_dealloc},
+    {Py_tp_doc, "Memory lent by another compartment of this process, read-only, not copied."},
+    {0, NULL},
+};
+
+static PyType_Spec borrowed_spec = {
+    .name = "flexos._subinterp.Borrowed",
+    .basicsize = sizeof(Borrowed),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = borrowed_slots,
+};
+
+typedef struct {
+    PyTypeObject *borrowed_type;
+} ModuleState;
+
+static PyObject *
+subinterp_borrow(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    long long id;
+    unsigned long long address;
+    Py_ssize_t length;
+    if (nargs != 3) {
+        return PyErr_Format(PyExc_TypeError, "borrow(loan, address, length)");
+    }
+    id = PyLong_AsLongLong(args[0]);
+    address = PyLong_AsUnsignedLongLong(args[1]);
+    length = PyLong_AsSsize_t(args[2]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    /* Only a live loan, and exactly its memory: a peer cannot make us read arbitrary addresses. */
+    pthread_mutex_lock(&registry_lock);
+    Loan *loan = &loans[id & (MAX_LOANS - 1)];
+    int valid = loan->id == id && !loan->returned && (uintptr_t)loan->view.buf == (uintptr_t)address &&
+                loan->view.len == length;
+    pthread_mutex_unlock(&registry_lock);
+    if (!valid) {
+        return PyErr_Format(PyExc_ValueError, "no such lent buffer");
+    }
+    ModuleState *state = PyModule_GetState(module);
+    Borrowed *borrowed = PyObject_New(Borrowed, state->borrowed_type);
+    if (borrowed == NULL) {
+        return NULL;
+    }
+    borrowed->loan = id;
+    borrowed->address = (void *)(uintptr_t)address;
+    borrowed->length = length;
+    borrowed->exports = 0;
+    PyObject *view = PyMemoryView_FromObject((PyObject *)borrowed);
+    Py_DECREF(borrowed);
+    return view;
+}
+
+/* Unpin what borrowers let go of; called in the lender's interpreter after each call. */
+static void
+release_returned_loans(void)
+{
+    if (loans_returned == 0) { /* racy read: a miss is caught on the next call */
+        return;
+    }
+    int64_t lender = current_interp_id();
+    for (int i = 0; i < MAX_LOANS; i++) {
+        PyObject *object = NULL;
+        Py_buffer view;
+        pthread_mutex_lock(&registry_lock);
+        if (loans[i].id != 0 && loans[i].lender == lender && loans[i].returned) {
+            object = loans[i].object;
+            view = loans[i].view;
+            loans[i].id = 0;
+            loans[i].object = NULL;
+            loans_returned--;
+        }
+        pthread_mutex_unlock(&registry_lock);
+        if (object != NULL) {
+            PyBuffer_Release(&view);
+            Py_DECREF(object);
+        }
+    }
+}
+
+static PyObject *
+subinterp_pending_loans(PyObject *module, PyObject *unused)
+{
+    int64_t lender = current_interp_id();
+    long count = 0;
+    pthread_mutex_lock(&registry_lock);
+    for (int i = 0; i < MAX_LOANS; i++) {
+        count += loans[i].id != 0 && loans[i].lender == lender;
+    }
+    pthread_mutex_unlock(&registry_lock);
+    return PyLong_FromLong(count);
+}
+
+static PyMethodDef methods[] = {
+    {"create", subinterp_create, METH_NOARGS, "create() -> id of a new interpreter with its own GIL"},
+    {"run", (PyCFunction)(void (*)(void))subinterp_run, METH_FASTCALL, "run(id, source) -> its `result`"},
+    {"register", subinterp_register, METH_O, "register(dispatch) -> endpoint id in this interpreter"},
+    {"unregister", subinterp_unregister, METH_O, "unregister(endpoint id)"},
+    {"call", (PyCFunction)(void (*)(void))subinterp_call, METH_FASTCALL, "call(endpoint, frame) -> reply"},
+    {"destroy", subinterp_destroy, METH_O, "destroy(id): end an interpreter"},
+    {"lend", subinterp_lend, METH_O, "lend(buffer) -> (loan, address, length)"},
+    {"borrow", (PyCFunction)(void (*)(void))subinterp_borrow, METH_FASTCALL, "borrow(loan, address, length)"},
+    {"pending_loans", subinterp_pending_loans, METH_NOARGS, "buffers this interpreter has lent out"},
+    {NULL, NULL, 0, NULL},
+};
+
+static int
+module_exec(PyObject *module)
+{
+    ModuleState *state = PyModule_GetState(module);
+    state->borrowed_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &borrowed_spec, NULL);
+    if (state->borrowed_type == NULL) {
+        return -1;
+    }
+    return PyModule_AddIntConstant(module, "AVAILABLE", 1);
+}
+
+static int
+module_traverse(PyObject *module, visitproc visit, void *arg)
+{
+    ModuleState *state = PyModule_GetState(module);
+    Py_VISIT(state->borrowed_type);
+    return 0;
+}
+
+static int
+module_clear(PyObject *module)
+{
+    ModuleState *state = PyModule_GetState(module);
+    Py_CLEAR(state->borrowed_type);
+    return 0;
+}
+
+static PyModuleDef_Slot slots[] = {
+    {Py_mod_exec, module_exec},
+    {Py_mod_multiple_interpreters, Py_MOD_PER_INTERPRETER_GIL_SUPPORTED},
+    {0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "flexos._subinterp",
+    .m_doc = "Thread-switching gates between subinterpreters (CPython 3.13+).",
+    .m_size = sizeof(ModuleState),
+    .m_methods = methods,
+    .m_slots = slots,
+    .m_traverse = module_traverse,
+    .m_clear = module_clear,
+};
+
+#else /* before 3.13: the module exists so that importing it says why the driver is unavailable */
+
+static int
+module_exec(PyObject *module)
+{
+    return PyModule_AddIntConstant(module, "AVAILABLE", 0);
+}
+
+static PyModuleDef_Slot slots[] = {
+    {Py_mod_exec, module_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "flexos._subinterp",
+    .m_doc = "Thread-switching gates between subinterpreters (needs CPython 3.13+).",
+    .m_size = 0,
+    .m_slots = slots,
+};
+
+#endif
+
+PyMODINIT_FUNC
+PyInit__subinterp(void)
+{
+    return PyModuleDef_Init(&module_def);
+}

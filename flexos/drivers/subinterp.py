@@ -1,0 +1,144 @@
+"""``subinterp``: the compartment is a CPython subinterpreter of the app's own process (PEP 684).
+
+Our counterpart of FlexOS's Intel MPK backend: one address space, separate protection domains
+for Python objects. The subinterpreter has its own GIL, its own module state and its own
+allocator, and shares nothing with the app but what crosses its gates. A gate switches the
+calling thread into the compartment and back (``flexos._subinterp``), as an MPK gate switches
+the protection key: no second thread, no queue, no polling. Two threads calling two subinterp
+compartments run in parallel.
+
+It is not a security boundary against native code: a C extension in the compartment can read
+and write the whole process, and a crash in it ends the app (docs/security.md).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from flexos.drivers.base import Driver
+from flexos.errors import CompartmentCrashed, CompartmentStartError
+from flexos.gates.link import Link
+from flexos.image import Image
+from flexos.transports.interp import InterpreterTransport
+
+_INCOMPATIBLE = "does not support loading in subinterpreters"
+
+# Runs inside the new interpreter; BOOT is a dict literal of plain values.
+_BOOTSTRAP = """
+import sys
+sys.path[:] = BOOT["sys_path"]
+sys.argv[:] = BOOT["argv"]
+from flexos.drivers.subinterp import serve_in_compartment
+result = serve_in_compartment(BOOT)
+"""
+
+
+class SubinterpDriver(Driver):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._interp: int | None = None
+        self._gate: int | None = None  # our dispatcher, which the compartment calls back into
+        self._link: Link | None = None
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        if sys.version_info < (3, 13):
+            return (
+                f"subinterp needs CPython 3.13+ (a GIL per interpreter and isolated extension modules); this is "
+                f"{sys.version_info.major}.{sys.version_info.minor}. Use driver 'process' instead."
+            )
+        try:
+            from flexos import _subinterp
+        except ImportError as exc:
+            return f"flexos's subinterpreter gate is not built ({exc}); reinstall flexos (scripts/setup)"
+        if not _subinterp.AVAILABLE:
+            return "flexos's subinterpreter gate was built for a Python without per-interpreter GILs"
+        return None
+
+    def start(self, mirrors: dict) -> Link:
+        from flexos import _subinterp
+
+        name = self.spec.name
+        link = Link(name, importer=self.host.serve_import, mirrors=mirrors, replicated=self.image.is_replicated)
+        link.codec.lend_buffers(InterpreterTransport.lend, InterpreterTransport.LEND_THRESHOLD)
+        self._gate = _subinterp.register(link.dispatch)
+        boot = {
+            "name": name,
+            "image": self.image.to_dict(),
+            "sys_path": list(sys.path),
+            "argv": list(sys.argv),
+            "parent": self._gate,
+        }
+        try:
+            self._interp = _subinterp.create()
+            answer = _subinterp.run(self._interp, f"BOOT = {boot!r}\n{_BOOTSTRAP}")
+        except RuntimeError as exc:
+            answer = str(exc)
+        if not isinstance(answer, int):
+            self.stop()
+            raise CompartmentStartError(f"compartment {name!r} failed to boot in a subinterpreter: {answer}")
+        link.attach(InterpreterTransport(answer, death=lambda: CompartmentCrashed(name, None, "it was stopped")))
+        self._link = link
+        return link
+
+    def stop(self) -> None:
+        from flexos import _subinterp
+
+        if self._link is not None:
+            self._link.closed = True
+            self._link = None
+        if self._gate is not None:
+            _subinterp.unregister(self._gate)
+            self._gate = None
+        if self._interp is not None:
+            interp, self._interp = self._interp, None
+            _subinterp.destroy(interp)
+
+
+# -- inside the compartment's interpreter --------------------------------------------------------
+_compartment: dict[str, Any] = {}
+
+
+def serve_in_compartment(boot: dict) -> int | str:
+    """Boot this interpreter's side of the compartment; returns the gate the app calls into."""
+    try:
+        from flexos import _subinterp
+        from flexos.runtime import Runtime
+
+        image = Image.from_dict(boot["image"])
+        name = boot["name"]
+        runtime = Runtime(image, local=name)
+        parent = Link(image.default, importer=_importer(runtime.serve_import, name), replicated=image.is_replicated)
+        parent.attach(
+            InterpreterTransport(
+                boot["parent"], death=lambda: CompartmentCrashed(image.default, None, "the app went away")
+            )
+        )
+        runtime.connect(image.default, parent, None)
+        runtime.start()
+        _compartment.update(runtime=runtime, link=parent)
+        return _subinterp.register(parent.dispatch)
+    except Exception as exc:
+        import traceback
+
+        return "".join(traceback.format_exception(exc))
+
+
+def _importer(serve_import: Any, name: str) -> Any:
+    """Import for the app, explaining extension modules that cannot live in a subinterpreter."""
+
+    def import_for_peer(module: str) -> Any:
+        try:
+            return serve_import(module)
+        except ImportError as exc:
+            if _INCOMPATIBLE not in str(exc):
+                raise
+            raise ImportError(
+                f"{exc}: compartment {name!r} is a subinterpreter (driver 'subinterp'), and this extension "
+                f"module supports only the main interpreter (single-phase init). Place {module!r} in a "
+                f"compartment with driver 'process' instead.",
+                name=module,
+            ) from None
+
+    return import_for_peer

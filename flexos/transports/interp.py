@@ -1,0 +1,78 @@
+"""A transport between two interpreters of one process: the calling thread switches over.
+
+``exchange`` enters the peer interpreter on the caller's own OS thread (``flexos._subinterp``:
+release our GIL, take the peer's, dispatch, switch back), so there is no thread hop and nothing
+to poll. Nested calls back are recursion on the same thread, as with the loopback transport.
+Large buffers can be lent to the peer instead of copied (:meth:`lend` / :meth:`borrow`).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+from flexos import _subinterp
+from flexos.errors import FlexosError, ProtocolError
+from flexos.transports import PeerGone
+
+# loan id, address, length
+_LOAN = struct.Struct("<qQq")
+
+
+class InterpreterChannel:
+    def __init__(self, endpoint: int) -> None:
+        self._endpoint = endpoint
+
+    def exchange(self, frame: bytes, timeout: float | None = None) -> bytes:
+        # The callee runs on our thread: there is nothing to time out, and nothing to kill.
+        try:
+            return _subinterp.call(self._endpoint, frame)
+        except ConnectionResetError:
+            raise PeerGone from None
+        except RuntimeError as exc:  # the peer's dispatcher itself failed: not a reply
+            raise ProtocolError(f"compartment failed to answer: {exc}") from None
+
+    def recv(self, timeout: float | None = None) -> bytes:
+        raise FlexosError("an interpreter channel has no independent peer to receive from")
+
+    def close(self) -> None:
+        pass
+
+
+class InterpreterTransport:
+    """One stateless, re-entrant channel into the interpreter that registered ``endpoint``."""
+
+    #: Buffers at least this large are lent, not copied (below it a copy is cheaper than a loan).
+    LEND_THRESHOLD = 1 << 16
+
+    def __init__(self, endpoint: int, death: Callable[[], BaseException]) -> None:
+        self._channel = InterpreterChannel(endpoint)
+        self._death = death
+
+    def open_channel(self) -> InterpreterChannel:
+        return self._channel
+
+    def death(self) -> BaseException:
+        return self._death()
+
+    def abort(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    # -- zero-copy buffers ----------------------------------------------------------------------
+    @staticmethod
+    def lend(buffer: bytes | bytearray | memoryview) -> bytes:
+        """Pin ``buffer`` for the peer and describe it; the peer maps it without a copy."""
+        return _LOAN.pack(*_subinterp.lend(buffer))
+
+    @staticmethod
+    def borrow(payload: bytes) -> memoryview:
+        """A read-only view of a buffer the peer lent (only a live loan, exactly its bytes)."""
+        if len(payload) != _LOAN.size:
+            raise ProtocolError("malformed buffer loan")
+        try:
+            return _subinterp.borrow(*_LOAN.unpack(payload))
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from None
