@@ -144,3 +144,19 @@ def run(config: str, module: str | None, args: tuple[str, ...]) -> None:
     except BaseException:
         traceback.print_exc()  # the app's own uncaught exception, as python would print it
         sys.exit(1)
+
+
+@main.command()
+@click.argument("space", type=click.Path(dir_okay=False))
+@click.option("--budget", type=float, help="The performance the configurations must meet (the benchmark's metric).")
+@click.option("--order", "order_file", metavar="FILE", help="An explicit safety order (Graphviz digraph).")
+@click.option("--out", metavar="DIR", help="Where results go (default: SPACE's directory, STEM.explore).")
+@click.option("--exhaustive", is_flag=True, help="Measure every configuration instead of inferring.")
+@click.option("--list", "list_only", is_flag=True, help="Print the space's configurations; run nothing.")
+def explore(
+    space: str, budget: float | None, order_file: str | None, out: str | None, exhaustive: bool, list_only: bool
+) -> None:
+    """Find the safest configurations of SPACE whose benchmark meets --budget (docs/explore.md)."""
+    from flexos.explore import command
+
+    sys.exit(command(space, budget, order_file, out, exhaustive, list_only))

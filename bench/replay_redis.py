@@ -1,0 +1,141 @@
+"""Replay FlexOS's measured Redis configurations as a benchmark for ``flexos explore``.
+
+FlexOS (ASPLOS'22, figures 6 and 8) measured Redis GET throughput in 80 configurations: redis,
+newlib, uksched and lwip in up to three MPK compartments, each library with or without software
+hardening (SFI). Given a generated flexos.yaml, this benchmark answers with the throughput FlexOS
+measured for the same partition and hardening (CHUNK 5, METHOD GET): run ``FLEXOS_REPEAT=k``
+answers FlexOS's iteration ``k mod 5 + 1``, so the mean of 5 runs is FlexOS's mean. A library
+counts as hardened when its flexos.yaml entry has ``hardening`` (replay_redis.yaml's toggle ``H``,
+an audit policy, stands for SFI). Run::
+
+    FLEXOS_CONFIG=FILE .venv/bin/python bench/replay_redis.py   # one configuration: prints req/s
+    .venv/bin/python bench/replay_redis.py [--data DIR]          # the exploration side by side with
+                                                                 # measuring all 80 (FlexOS's way)
+
+The data is ``shared/data/flexos-asplos22-redis/`` beside the repository (or ``--data DIR`` /
+``FLEXOS_REDIS_DATA``), from the public artifact project-flexos/asplos22-ae.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+
+HERE = Path(__file__).resolve().parent
+SPACE = HERE / "replay_redis.yaml"
+DATA = HERE.parent.parent / "shared" / "data" / "flexos-asplos22-redis"
+# flexos.yaml module name -> the column prefix in redis-perm.csv
+LIBRARIES = {"redis": "LIBREDIS", "newlib": "LIBNEWLIB", "uksched": "LIBUKSCHED", "lwip": "LIBLWIP"}
+CHUNK, METHOD = "5", "GET"  # what FlexOS plotted
+
+Key = tuple[frozenset[frozenset[str]], frozenset[str]]  # (partition of the libraries, hardened ones)
+
+
+def data_dir(given: str | None = None) -> Path:
+    return Path(given or os.environ.get("FLEXOS_REDIS_DATA") or DATA)
+
+
+def load_data(directory: Path) -> dict[Key, list[float]]:
+    """The 80 valid configurations (NUM_COMPARTMENTS 3, lwip in compartment <= 2, compartment 3 used
+    only if 2 is) -> FlexOS's GET throughput per iteration, in iteration order."""
+    runs: dict[str, dict[int, float]] = {}
+    with (directory / "redis-res.csv").open() as stream:
+        for row in csv.DictReader(stream):
+            if row["CHUNK"] == CHUNK and row["METHOD"] == METHOD:
+                runs.setdefault(row["TASKID"], {})[int(row["ITERATION"])] = float(row["VALUE"])
+    found: dict[Key, list[float]] = {}
+    with (directory / "redis-perm.csv").open() as stream:
+        for row in csv.DictReader(stream):
+            where = {lib: int(row[f"{col}_COMPARTMENT"]) for lib, col in LIBRARIES.items()}
+            used = set(where.values())
+            if row["NUM_COMPARTMENTS"] != "3" or where["lwip"] > 2 or (3 in used and 2 not in used):
+                continue
+            blocks: dict[int, set[str]] = {}
+            for lib, number in where.items():
+                blocks.setdefault(number, set()).add(lib)
+            hardened = frozenset(lib for lib, col in LIBRARIES.items() if row[f"{col}_SFI"] == "y")
+            key = (frozenset(frozenset(b) for b in blocks.values()), hardened)
+            found[key] = [runs[row["TASKID"]][i] for i in sorted(runs[row["TASKID"]])]
+    return found
+
+
+def key_of(document: dict[str, Any]) -> Key:
+    """The partition and hardening a flexos.yaml document gives the four libraries."""
+    libraries = document.get("libraries") or {}
+    missing = [lib for lib in LIBRARIES if lib not in libraries]
+    if missing:
+        raise SystemExit(f"replay_redis: the flexos.yaml places no {', '.join(missing)}; use bench/replay_redis.yaml")
+    blocks: dict[str, set[str]] = {}
+    for lib in LIBRARIES:
+        blocks.setdefault(libraries[lib]["compartment"], set()).add(lib)
+    hardened = frozenset(lib for lib in LIBRARIES if libraries[lib].get("hardening"))
+    return frozenset(frozenset(b) for b in blocks.values()), hardened
+
+
+def metric(runs: list[float], run: int | None) -> float:
+    """Iteration ``run mod len(runs)``, or the mean of all when no run is given."""
+    return statistics.fmean(runs) if run is None else runs[run % len(runs)]
+
+
+def replay(config_path: str, directory: Path) -> float:
+    document = YAML(typ="safe", pure=True).load(Path(config_path).read_text())
+    runs = load_data(directory).get(key_of(document))
+    if runs is None:
+        raise SystemExit(f"replay_redis: {config_path} is none of FlexOS's 80 measured configurations")
+    repeat = os.environ.get("FLEXOS_REPEAT")
+    return metric(runs, int(repeat) if repeat is not None else None)
+
+
+def compare(directory: Path) -> None:
+    """Explore the replayed space under both orders and many budgets, beside measuring everything."""
+    from flexos.explore.order import documented_order, read_order, safety_facts
+    from flexos.explore.search import Goal, search
+    from flexos.explore.space import load_space
+
+    data = load_data(directory)
+    space, _ = load_space(SPACE)
+    configs = space.configurations()
+    runs = [data[key_of(space.flexos_document(c))] for c in configs]
+    facts = [safety_facts(c) for c in configs]
+    orders = {
+        "documented": documented_order(configs),
+        "poset.dot": read_order(directory / "poset.dot", space, configs),
+    }
+    print(f"FlexOS's Redis space: {len(configs)} configurations; FlexOS measured all of them.")
+    print(f"{'budget':>8}  {'order':<10}  {'stars':>5}  {'measured':>8}  {'fraction':>8}  = measuring all")
+    for budget in range(300_000, 1_100_001, 50_000):
+        goal = Goal(budget, higher_is_better=True, statistic="mean")
+        for name, order in orders.items():
+            found = search(order, goal, facts, lambda i: runs[i])
+            brute = search(order, goal, facts, lambda i: runs[i], exhaustive=True)
+            same = "yes" if sorted(found.stars) == sorted(brute.stars) else "NO"
+            fraction = len(found.measured) / len(configs)
+            print(
+                f"{budget:>8}  {name:<10}  {len(found.stars):>5}  {len(found.measured):>5}/{len(configs)}"
+                f"  {fraction:>8.1%}  {same}"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", help="directory with redis-perm.csv, redis-res.csv and poset.dot")
+    args = parser.parse_args()
+    directory = data_dir(args.data)
+    if not (directory / "redis-perm.csv").exists():
+        raise SystemExit(f"replay_redis: no FlexOS data in {directory} (pass --data DIR)")
+    config = os.environ.get("FLEXOS_CONFIG")
+    if config:
+        print(f"{replay(config, directory):.2f}")
+    else:
+        compare(directory)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""``flexos explore``: the safest configurations of a space whose performance meets a budget.
+
+The pieces (docs/explore.md): ``space`` reads the ``explore:`` section and enumerates the
+configurations; ``order`` orders them by safety; ``search`` decides which to measure and infers
+the rest; ``runner`` runs the benchmark command (cached, resumable); ``report`` writes the table,
+CSV, JSON and figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from flexos.errors import ConfigError, DriverUnavailable
+from flexos.explore import report
+from flexos.explore.order import SafetyOrder, documented_order, read_order, safety_facts
+from flexos.explore.runner import BenchmarkFailed, Runner, cached_runs
+from flexos.explore.search import Answer, Goal, Search
+from flexos.explore.space import Configuration, Space, load_space
+
+__all__ = ["Exploration", "command", "explore", "load_space"]
+
+
+@dataclass(frozen=True)
+class Exploration:
+    space: Space
+    configs: list[Configuration]
+    order: SafetyOrder
+    goal: Goal
+    answer: Answer
+    out: Path
+    files: list[Path]  # what was written under ``out`` besides the cache and the generated configs
+    runs: int  # benchmark runs made now (the others came from the cache)
+    notes: list[str]  # warnings about the space file and the order
+
+
+def refusals(space: Space) -> list[str]:
+    """Why this machine cannot run some of the space's configurations (drivers, hardening options)."""
+    from flexos.cli import _needed_features
+    from flexos.drivers import unavailable
+    from flexos.probe import machine_report
+
+    refused = []
+    for driver in space.drivers:
+        reason = unavailable(driver)
+        if reason:
+            refused.append(f"{space.source}:{space.drivers_line}: driver {driver!r}: {reason}")
+    needed = {
+        (toggle, option, feature)
+        for toggle, hardening in space.compartment_toggles.items()
+        for option, feature in _needed_features(hardening)
+    }
+    if needed:
+        features = {f.name: f for f in machine_report()}
+        for toggle, option, feature in sorted(needed):
+            if not features[feature].available:
+                refused.append(
+                    f"{space.source}: toggle {toggle!r}: {option} needs {feature}, which this machine lacks "
+                    f"({features[feature].detail}); remove the toggle or explore on a machine that has it"
+                )
+    return refused
+
+
+def explore(
+    space_path: str | Path,
+    budget: float,
+    order_path: str | Path | None = None,
+    out: str | Path | None = None,
+    exhaustive: bool = False,
+) -> Exploration:
+    """Explore ``space_path`` under ``budget``; raises ConfigError, DriverUnavailable or BenchmarkFailed."""
+    space, notes = load_space(space_path)
+    refused = refusals(space)
+    if refused:
+        raise DriverUnavailable("\n".join(refused))
+    configs = space.configurations()
+    order = read_order(order_path, space, configs) if order_path else documented_order(configs)
+    notes = [*notes, *order.notes]
+    goal = Goal(budget, space.benchmark.higher_is_better, space.benchmark.statistic)
+    out = Path(out) if out is not None else default_out(space.source)
+    runner = Runner(space, configs, out)
+    state = Search(order, goal, [safety_facts(c) for c in configs], exhaustive)
+    with runner.progress(len(configs)) as bar:
+        while (index := state.next()) is not None:
+            state.record(index, runner.measure(index))
+            bar.update(state.resolved - bar.n)
+    answer = state.answer()
+    paths = {i: runner.config_path(i) for i in answer.measured}
+    records = report.rows(configs, answer, paths)
+    files = [out / "results.csv", out / "results.json", out / "performance.svg"]
+    report.write_csv(files[0], records)
+    report.write_json(files[1], report.summary(space, configs, order, goal, answer), records)
+    report.performance_figure(files[2], space, configs, goal, answer)
+    if report.poset_figure(out / "poset.svg", configs, order, goal, answer):
+        files.append(out / "poset.svg")
+    else:
+        notes.append(f"poset.svg not drawn: more than {report.MAX_POSET_NODES} configurations")
+    return Exploration(space, configs, order, goal, answer, out, files, runner.runs_done, notes)
+
+
+def default_out(space_path: Path) -> Path:
+    """``DIR/STEM.explore`` beside the space file."""
+    return space_path.parent / f"{space_path.stem}.explore"
+
+
+def command(
+    space_path: str, budget: float | None, order_path: str | None, out: str | None, exhaustive: bool, list_only: bool
+) -> int:
+    """The ``flexos explore`` command; returns the exit status."""
+    if list_only:
+        try:
+            space, notes = load_space(space_path)
+        except ConfigError as exc:
+            return _problems(exc.problems)
+        configs = space.configurations()
+        for note in notes:
+            click.echo(note, err=True)
+        click.echo(f"{len(configs)} configurations in {space.source}:")
+        width = max(len(c.name) for c in configs)
+        for config in configs:
+            click.echo(f"  {config.name:<{width}}  {report.describe(config)}")
+        return 0
+    if budget is None:
+        raise click.UsageError("give --budget (or --list to see the configurations)")
+    target = Path(out) if out is not None else default_out(Path(space_path))
+    try:
+        done = explore(space_path, budget, order_path, out, exhaustive)
+    except ConfigError as exc:
+        return _problems(exc.problems)
+    except DriverUnavailable as exc:
+        return _problems(str(exc).splitlines())
+    except BenchmarkFailed as exc:
+        click.echo(f"\nflexos explore: {exc}", err=True)
+        click.echo(_resume_hint(target), err=True)
+        return 1
+    except KeyboardInterrupt:
+        click.echo(f"\nflexos explore: interrupted. {_resume_hint(target)}", err=True)
+        return 130
+    for note in done.notes:
+        click.echo(note, err=True)
+    click.echo(report.table(done.space, done.configs, done.order, done.goal, done.answer))
+    click.echo(f"benchmark runs: {done.runs} now, the rest from {done.out / 'cache.jsonl'}")
+    click.echo("wrote: " + ", ".join(str(f) for f in done.files))
+    return 0
+
+
+def _problems(problems: list[str]) -> int:
+    for problem in problems:
+        click.echo(problem, err=True)
+    return 2
+
+
+def _resume_hint(out: Path) -> str:
+    return f"{cached_runs(out)} runs are cached in {out / 'cache.jsonl'}; run the same command again to resume."
