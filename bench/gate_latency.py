@@ -31,6 +31,7 @@ from rpyc.utils.server import ThreadedServer
 
 import flexos
 from flexos import CompartmentSpec, Image
+from flexos.drivers import unavailable as driver_unavailable
 
 ECHO_SOURCE = '''"""A one-function library for the gate latency benchmark."""
 
@@ -45,6 +46,8 @@ MECHANISMS = {
     "fcalls": "flexos fcalls (non-strict)",
     "fcalls_strict": "flexos fcalls strict",
     "process": "flexos process",
+    "subinterp": "flexos subinterp",
+    "stdlib_interp": "stdlib _interpreters.call (3.13)",
     "managers": "multiprocessing.managers proxy",
     "rpyc": "RPyC (unix socket, cached netref)",
 }
@@ -55,7 +58,18 @@ GOALS = [
     ("process gate vs RPyC", lambda m: m["rpyc"] / m["process"], ">=", 20.0, "x faster"),
     ("process gate median", lambda m: m["process"], "<=", 5.0, "us"),
     ("fcalls vs direct", lambda m: m["fcalls"] / m["direct"], "<=", 1.2, "x direct"),
+    ("subinterp gate median", lambda m: m["subinterp"], "<=", 3.0, "us"),
 ]
+# Mechanisms this machine's Python may lack (subinterpreters need 3.13): key -> why not.
+UNAVAILABLE: dict[str, str] = {}
+if driver_unavailable("subinterp"):
+    UNAVAILABLE["subinterp"] = UNAVAILABLE["stdlib_interp"] = driver_unavailable("subinterp")
+    del MECHANISMS["subinterp"], MECHANISMS["stdlib_interp"]
+    GOALS = [goal for goal in GOALS if "subinterp" not in goal[0]]
+
+
+def _noop() -> None:
+    """What the stdlib peer runs in its subinterpreter (``_interpreters.call`` passes no arguments)."""
 
 
 class Echo:
@@ -120,6 +134,7 @@ class Peers:
         self._rpyc_proc: multiprocessing.Process | None = None
         self._rpyc_conn = None
         self._runtime: flexos.Runtime | None = None
+        self._stdlib_interp: int | None = None
 
     def __enter__(self) -> Peers:
         try:
@@ -155,6 +170,14 @@ class Peers:
             "fcalls_strict": ("fcalls", {"strict": True}),
             "process": ("process", {}),
         }
+        if "subinterp" in MECHANISMS:
+            import _interpreters
+
+            placements["subinterp"] = ("subinterp", {})
+            interp = _interpreters.create("isolated")
+            self._stdlib_interp = interp
+            call = _interpreters.call
+            self.calls["stdlib_interp"] = lambda x: (call(interp, _noop), x)[1]
         for key in ("direct", *placements):
             (self.workdir / f"flexos_bench_echo_{key}.py").write_text(ECHO_SOURCE)
         sys.path.insert(0, str(self.workdir))  # compartment processes inherit sys.path
@@ -173,6 +196,10 @@ class Peers:
     def __exit__(self, *exc: object) -> None:
         if self._runtime is not None:
             self._runtime.stop()
+        if self._stdlib_interp is not None:
+            import _interpreters
+
+            _interpreters.destroy(self._stdlib_interp)
         if self._rpyc_conn is not None:
             self._rpyc_conn.close()
         if self._rpyc_proc is not None:
@@ -247,6 +274,8 @@ def report(result: dict) -> None:
         print(
             f"{row['label']:<36} {row['median_us']:>10.3f} {row['p99_us']:>10.3f} {row['x_direct']:>10.1f}   {spread}"
         )
+    for key, reason in UNAVAILABLE.items():
+        print(f"{key:<36} not measured: {reason}")
     print()
     for goal in result["goals"]:
         unit = "us" if goal["target"].endswith("us") else "x"

@@ -1,9 +1,9 @@
-/* msgpack for subinterpreters: the subset of msgpack-python's API the gate protocol uses.
+/* The gate protocol's msgpack: the subset of msgpack-python's API the protocol uses.
  *
  * msgpack-python's C extension cannot be loaded into an interpreter with its own GIL (it keeps
  * Python objects in C globals), and its pure-Python fallback makes a gate ~6x slower. This module
- * is per-interpreter safe (all state in module state) and mirrors exactly the options the
- * protocol uses: Packer(default, use_bin_type=True, strict_types=True).pack/reset, packb, and
+ * is per-interpreter safe (all state in module state), avoids keyword parsing on the hot path,
+ * and mirrors exactly the options the protocol uses: Packer(default, use_bin_type=True, strict_types=True).pack/reset, packb, and
  * unpackb(data, ext_hook, strict_map_key=False, raw=False). Output is byte-for-byte what
  * msgpack-python produces; tests check both directions against it. One addition: `lend`, a hook
  * that replaces a large buffer by an ExtType naming memory shared with the peer (zero-copy).
@@ -21,6 +21,7 @@
 typedef struct {
     PyObject *ext_type; /* msgpack.ext.ExtType of this interpreter */
     PyTypeObject *packer_type;
+    PyObject *kw_ext_hook, *kw_strict_map_key, *kw_raw; /* interned: keywords match by identity */
 } ModuleState;
 
 /* -- encoding ------------------------------------------------------------------------------ */
@@ -643,22 +644,41 @@ unpack_object(Reader *r, int depth)
     }
 }
 
+/* unpackb(packed, *, ext_hook=None, strict_map_key=False, raw=False): vectorcall, because a
+ * gate decodes two frames per call and keyword parsing would cost as much as the decoding. */
 static PyObject *
-unpackb(PyObject *module, PyObject *args, PyObject *kwargs)
+unpackb(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
-    static char *keywords[] = {"packed", "ext_hook", "strict_map_key", "raw", NULL};
-    Py_buffer data;
+    if (nargs != 1) {
+        return PyErr_Format(PyExc_TypeError, "unpackb() takes one positional argument");
+    }
+    ModuleState *state = PyModule_GetState(module);
     PyObject *ext_hook = NULL;
-    int strict_map_key = 0, raw = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*|$Opp:unpackb", keywords, &data, &ext_hook, &strict_map_key,
-                                     &raw)) {
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, i), *value = args[nargs + i];
+        if (key == state->kw_ext_hook || PyUnicode_CompareWithASCIIString(key, "ext_hook") == 0) {
+            ext_hook = value;
+        }
+        else if (key == state->kw_strict_map_key || key == state->kw_raw ||
+                 PyUnicode_CompareWithASCIIString(key, "strict_map_key") == 0 ||
+                 PyUnicode_CompareWithASCIIString(key, "raw") == 0) {
+            int truth = PyObject_IsTrue(value);
+            if (truth != 0) {
+                return truth < 0 ? NULL
+                                 : PyErr_Format(PyExc_ValueError,
+                                                "flexos._msgpack supports only strict_map_key=False, raw=False");
+            }
+        }
+        else {
+            return PyErr_Format(PyExc_TypeError, "unpackb() got an unexpected keyword argument %R", key);
+        }
+    }
+    Py_buffer data;
+    if (PyObject_GetBuffer(args[0], &data, PyBUF_SIMPLE) < 0) {
         return NULL;
     }
-    if (strict_map_key || raw) {
-        PyBuffer_Release(&data);
-        return PyErr_Format(PyExc_ValueError, "flexos._msgpack supports only strict_map_key=False, raw=False");
-    }
-    Reader reader = {data.buf, (const unsigned char *)data.buf + data.len, ext_hook, PyModule_GetState(module)};
+    Reader reader = {data.buf, (const unsigned char *)data.buf + data.len, ext_hook, state};
     PyObject *result = unpack_object(&reader, 0);
     if (result != NULL && reader.p != reader.end) {
         Py_CLEAR(result);
@@ -672,7 +692,7 @@ unpackb(PyObject *module, PyObject *args, PyObject *kwargs)
 
 static PyMethodDef methods[] = {
     {"packb", (PyCFunction)(void (*)(void))packb, METH_VARARGS | METH_KEYWORDS, "packb(o, *, default) -> bytes"},
-    {"unpackb", (PyCFunction)(void (*)(void))unpackb, METH_VARARGS | METH_KEYWORDS, "unpackb(packed, *, ext_hook)"},
+    {"unpackb", (PyCFunction)(void (*)(void))unpackb, METH_FASTCALL | METH_KEYWORDS, "unpackb(packed, *, ext_hook)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -690,7 +710,10 @@ module_exec(PyObject *module)
         return -1;
     }
     state->packer_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &packer_spec, NULL);
-    if (state->packer_type == NULL) {
+    state->kw_ext_hook = PyUnicode_InternFromString("ext_hook");
+    state->kw_strict_map_key = PyUnicode_InternFromString("strict_map_key");
+    state->kw_raw = PyUnicode_InternFromString("raw");
+    if (state->packer_type == NULL || !state->kw_ext_hook || !state->kw_strict_map_key || !state->kw_raw) {
         return -1;
     }
     if (PyModule_AddObjectRef(module, "Packer", (PyObject *)state->packer_type) < 0 ||
@@ -706,6 +729,9 @@ module_traverse(PyObject *module, visitproc visit, void *arg)
     ModuleState *state = PyModule_GetState(module);
     Py_VISIT(state->ext_type);
     Py_VISIT(state->packer_type);
+    Py_VISIT(state->kw_ext_hook);
+    Py_VISIT(state->kw_strict_map_key);
+    Py_VISIT(state->kw_raw);
     return 0;
 }
 
@@ -715,6 +741,9 @@ module_clear(PyObject *module)
     ModuleState *state = PyModule_GetState(module);
     Py_CLEAR(state->ext_type);
     Py_CLEAR(state->packer_type);
+    Py_CLEAR(state->kw_ext_hook);
+    Py_CLEAR(state->kw_strict_map_key);
+    Py_CLEAR(state->kw_raw);
     return 0;
 }
 

@@ -15,7 +15,8 @@
  *   run(interp_id, source) -> int|str|None   exec source there; returns its `result` variable
  *   register(dispatch) -> endpoint_id   dispatch(bytes) -> bytes, served in the current interpreter
  *   unregister(endpoint_id)
- *   call(endpoint_id, frame) -> bytes   switch into the endpoint's interpreter and dispatch
+ *   call(endpoint_id, frame[, timeout]) -> bytes   switch into the endpoint's interpreter and
+ *                                       dispatch; PeerGone once it is ended
  *   destroy(interp_id)                  end an interpreter (no call may be running in it)
  *   lend(buffer) -> (loan_id, address, length)  pin a read-only buffer for another interpreter
  *   borrow(loan_id, address, length) -> memoryview  (in the borrower) zero-copy view of a loan
@@ -70,6 +71,12 @@ typedef struct {
     Py_buffer view;
     int returned;         /* the borrower let go; the lender may drop the pin */
 } Loan;
+
+typedef struct {
+    PyTypeObject *borrowed_type;
+    PyObject *peer_gone;      /* flexos.transports.PeerGone: the peer interpreter was ended */
+    PyObject *protocol_error; /* flexos.errors.ProtocolError: its dispatcher failed */
+} ModuleState;
 
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
 static Interp interpreters[MAX_INTERPRETERS];
@@ -398,12 +405,15 @@ subinterp_unregister(PyObject *module, PyObject *arg)
 
 static void release_returned_loans(void);
 
+/* call(endpoint, frame[, timeout]): the transport's `exchange` itself (a timeout means nothing
+ * here: the callee runs on our own thread). */
 static PyObject *
 subinterp_call(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2 || !PyBytes_Check(args[1])) {
-        return PyErr_Format(PyExc_TypeError, "call(endpoint_id: int, frame: bytes)");
+    if (nargs < 2 || nargs > 3 || !PyBytes_Check(args[1])) {
+        return PyErr_Format(PyExc_TypeError, "call(endpoint_id: int, frame: bytes, timeout=None)");
     }
+    ModuleState *state = PyModule_GetState(module);
     int64_t id = PyLong_AsLongLong(args[0]);
     if (id == -1 && PyErr_Occurred()) {
         return NULL;
@@ -412,7 +422,7 @@ subinterp_call(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Endpoint *endpoint = &endpoints[id & (MAX_ENDPOINTS - 1)];
     if (endpoint->id != id) {
         pthread_mutex_unlock(&registry_lock);
-        return PyErr_Format(PyExc_ConnectionResetError, "the compartment's gate is closed");
+        return PyErr_Format(state->peer_gone, "the compartment's gate is closed");
     }
     endpoint->active++;
     int64_t interp_id = endpoint->interp_id;
@@ -455,7 +465,7 @@ subinterp_call(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             Py_XDECREF(answer);
             PyThreadState_Swap(here);
             if (error != NULL) {
-                PyErr_SetString(PyExc_RuntimeError, error);
+                PyErr_Format(state->protocol_error, "compartment failed to answer: %s", error);
                 free(error);
             }
             else {
@@ -642,9 +652,6 @@ static PyType_Spec borrowed_spec = {
     .slots = borrowed_slots,
 };
 
-typedef struct {
-    PyTypeObject *borrowed_type;
-} ModuleState;
 
 static PyObject *
 subinterp_borrow(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -745,6 +752,17 @@ module_exec(PyObject *module)
     if (state->borrowed_type == NULL) {
         return -1;
     }
+    PyObject *transports = PyImport_ImportModule("flexos.transports");
+    PyObject *errors = PyImport_ImportModule("flexos.errors");
+    if (transports != NULL && errors != NULL) {
+        state->peer_gone = PyObject_GetAttrString(transports, "PeerGone");
+        state->protocol_error = PyObject_GetAttrString(errors, "ProtocolError");
+    }
+    Py_XDECREF(transports);
+    Py_XDECREF(errors);
+    if (state->peer_gone == NULL || state->protocol_error == NULL) {
+        return -1;
+    }
     return PyModule_AddIntConstant(module, "AVAILABLE", 1);
 }
 
@@ -753,6 +771,8 @@ module_traverse(PyObject *module, visitproc visit, void *arg)
 {
     ModuleState *state = PyModule_GetState(module);
     Py_VISIT(state->borrowed_type);
+    Py_VISIT(state->peer_gone);
+    Py_VISIT(state->protocol_error);
     return 0;
 }
 
@@ -761,6 +781,8 @@ module_clear(PyObject *module)
 {
     ModuleState *state = PyModule_GetState(module);
     Py_CLEAR(state->borrowed_type);
+    Py_CLEAR(state->peer_gone);
+    Py_CLEAR(state->protocol_error);
     return 0;
 }
 

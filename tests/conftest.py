@@ -24,15 +24,26 @@ FIXTURES = Path(__file__).parent / "fixtures"
 if str(FIXTURES) not in sys.path:
     sys.path.insert(0, str(FIXTURES))
 
-FIXTURE_MODULES = ("complib", "hostile", "appside")
+FIXTURE_MODULES = ("complib", "hostile", "appside", "interplib")
 
 # Driver variants a test can be parametrized over: (driver, options).
 DRIVER_VARIANTS: dict[str, tuple[str, dict]] = {
     "fcalls": ("fcalls", {}),
     "fcalls-strict": ("fcalls", {"strict": True}),
     "process": ("process", {}),
+    "subinterp": ("subinterp", {}),
 }
-GATED_DRIVERS = ["fcalls-strict", "process"]
+
+
+def _needs(driver: str) -> list[pytest.MarkDecorator]:
+    """Skip (printing why) where this machine cannot run ``driver``."""
+    from flexos.drivers import unavailable
+
+    reason = unavailable(driver)
+    return [pytest.mark.skip(reason=f"driver {driver!r} unavailable here: {reason}")] if reason else []
+
+
+GATED_DRIVERS = ["fcalls-strict", "process", pytest.param("subinterp", marks=_needs("subinterp"))]
 
 
 def make_image(variant: str, libraries: dict[str, str] | None = None, restart: str = "on-failure") -> Image:

@@ -1,8 +1,8 @@
 """Everything an app does with a library must work across a gate exactly as without flexos.
 
-Every test runs twice: with ``fcalls`` in strict mode (the full wire encoding, in-process) and
-with ``process`` (a separate OS process over shared memory). The library, tests/fixtures/complib,
-knows nothing of flexos.
+Every test runs once per gated driver: ``fcalls`` in strict mode (the full wire encoding,
+in-process), ``process`` (a separate OS process over shared memory) and ``subinterp`` (a
+subinterpreter of this process). The library, tests/fixtures/complib, knows nothing of flexos.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ class SubinterpDriver(Driver):
         if sys.version_info < (3, 13):
             return (
                 f"subinterp needs CPython 3.13+ (a GIL per interpreter and isolated extension modules); this is "
-                f"{sys.version_info.major}.{sys.version_info.minor}. Use driver 'process' instead."
+                f"{sys.version_info[0]}.{sys.version_info[1]}. Use driver 'process' instead."
             )
         try:
             from flexos import _subinterp

@@ -22,7 +22,6 @@ from flexos.gates.protocol import (
     Kind,
     Op,
     decode_frame,
-    encode_call,
     encode_error,
     encode_reply,
     frame_kind,
@@ -160,14 +159,16 @@ class Link:
         if self.closed:
             raise self._closed_error()
         imports = self.imports
-        frame = encode_call(
-            self.codec,
-            op,
-            target,
-            name,
-            list(args) if args else None,
-            kwargs or None,
-            imports.take_releases() if imports.dying else _NO_RELEASES,
+        frame = self.codec.pack_frame(  # encode_call, inlined: this is the hottest path
+            [
+                Kind.CALL,
+                op,
+                target,
+                name,
+                list(args) if args else None,
+                kwargs or None,
+                imports.take_releases() if imports.dying else _NO_RELEASES,
+            ]
         )
         local = self._local
         channel = getattr(local, "channel", None)

@@ -8,12 +8,12 @@ Large buffers can be lent to the peer instead of copied (:meth:`lend` / :meth:`b
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable
 
 from flexos import _subinterp
 from flexos.errors import FlexosError, ProtocolError
-from flexos.transports import PeerGone
 
 # loan id, address, length
 _LOAN = struct.Struct("<qQq")
@@ -21,16 +21,10 @@ _LOAN = struct.Struct("<qQq")
 
 class InterpreterChannel:
     def __init__(self, endpoint: int) -> None:
-        self._endpoint = endpoint
-
-    def exchange(self, frame: bytes, timeout: float | None = None) -> bytes:
-        # The callee runs on our thread: there is nothing to time out, and nothing to kill.
-        try:
-            return _subinterp.call(self._endpoint, frame)
-        except ConnectionResetError:
-            raise PeerGone from None
-        except RuntimeError as exc:  # the peer's dispatcher itself failed: not a reply
-            raise ProtocolError(f"compartment failed to answer: {exc}") from None
+        # ``exchange(frame, timeout)`` is the C gate itself (no Python frame on the hot path). It
+        # raises PeerGone once the peer is ended and ProtocolError if its dispatcher fails; a
+        # timeout means nothing: the callee runs on our own thread.
+        self.exchange = functools.partial(_subinterp.call, endpoint)
 
     def recv(self, timeout: float | None = None) -> bytes:
         raise FlexosError("an interpreter channel has no independent peer to receive from")
