@@ -143,8 +143,9 @@ class Runtime(Host):
         self.finder = GateFinder(image, self.local, self.compartment_for)
         self.started = False
 
-    def connect(self, name: str, link: Link, transport: ShmTransport) -> None:
-        """Reach compartment ``name`` (our parent) through an existing link."""
+    def connect(self, name: str, link: Link, transport: ShmTransport | None) -> None:
+        """Reach compartment ``name`` (our parent) through an existing link (its control channel
+        brokers siblings; a subinterp compartment has none)."""
         self.compartments[name] = Compartment(name, link=link)
         self._parent = transport
 
@@ -247,8 +248,12 @@ class Runtime(Host):
                 pass
 
     def request_sibling(self, name: str) -> socket.socket:
-        if self._parent is None:
-            raise ImportError(f"compartment {name!r} cannot be reached from here")
+        if self._parent is None:  # a subinterp compartment: no control channel to ask for a sibling
+            raise ImportError(
+                f"compartment {name!r} cannot be reached from compartment {self.local!r}: a subinterp "
+                "compartment reaches the app's compartment and fcalls compartments only",
+                name=name,
+            )
         answers: queue.Queue = queue.Queue()
         self._sibling_requests[name] = answers
         try:

@@ -24,7 +24,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 if str(FIXTURES) not in sys.path:
     sys.path.insert(0, str(FIXTURES))
 
-FIXTURE_MODULES = ("complib", "hostile", "appside", "interplib")
+FIXTURE_MODULES = ("complib", "hostile", "appside", "interplib", "interpflag")
 
 # Driver variants a test can be parametrized over: (driver, options).
 DRIVER_VARIANTS: dict[str, tuple[str, dict]] = {

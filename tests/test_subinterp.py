@@ -13,6 +13,7 @@ import importlib
 import struct
 import sys
 import threading
+import time
 
 import pytest
 
@@ -84,6 +85,26 @@ def test_threads_from_both_sides(interplib):
 
     assert interplib.call_from_new_thread(callback, 21) == 42
     assert app_thread_ids and app_thread_ids[0] != threading.get_ident()
+
+
+def test_each_compartment_has_its_own_gil(boot, tmp_path):
+    """A compartment that never releases its GIL does not stop another compartment.
+
+    Compartment box spins holding its GIL (switch interval 60 s) until compartment other sets a
+    flag in shared memory. Under one GIL the setter could not run before the interval ran out.
+    """
+    boot("subinterp", {"interplib": "box", "interpflag": "other"})
+    interplib = importlib.import_module("interplib")
+    interpflag = importlib.import_module("interpflag")
+    flag = tmp_path / "flag"
+    flag.write_bytes(b"\0")
+    result: list[bool] = []
+    spinner = threading.Thread(target=lambda: result.append(interplib.hold_gil_until_flag(str(flag), 60.0)))
+    spinner.start()
+    time.sleep(0.2)  # let it take its GIL and start spinning
+    assert interpflag.set_flag(str(flag)) is True
+    spinner.join(70)
+    assert result == [True]
 
 
 def test_large_buffer_crosses_without_a_copy(interplib):
@@ -176,6 +197,24 @@ def test_placing_a_single_phase_extension_names_the_process_driver(boot):
         importlib.import_module("_curses")
     message = str(info.value)
     assert "_curses" in message and "driver 'process'" in message
+
+
+def test_a_subinterp_compartment_cannot_reach_a_process_compartment(boot):
+    """It has no control channel to ask the app for a sibling: a clear ImportError, no hang."""
+    from flexos import CompartmentSpec, Image
+
+    image = Image(
+        compartments={
+            "app": CompartmentSpec("app", "fcalls", default=True),
+            "box": CompartmentSpec("box", "subinterp"),
+            "other": CompartmentSpec("other", "process"),
+        },
+        libraries={"interplib": "box", "complib": "other"},
+    )
+    with flexos.boot(image):
+        interplib = importlib.import_module("interplib")
+        with pytest.raises(ImportError, match="reaches the app's compartment and fcalls compartments only"):
+            interplib.import_module("complib")
 
 
 def test_refused_before_313(monkeypatch):
