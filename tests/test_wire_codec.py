@@ -24,8 +24,9 @@ leaves = (
 )
 values = st.recursive(
     leaves,
-    lambda children: st.lists(children, max_size=20)
-    | st.dictionaries(st.text() | st.integers(-1000, 1000), children, max_size=20),
+    lambda children: (
+        st.lists(children, max_size=20) | st.dictionaries(st.text() | st.integers(-1000, 1000), children, max_size=20)
+    ),
     max_leaves=60,
 )
 OPTIONS = {"use_bin_type": True, "strict_types": True}
@@ -90,7 +91,12 @@ def test_hostile_bytes_raise_only_value_or_type_errors(data):
 
 
 def test_declared_lengths_beyond_the_input_are_refused_before_allocating():
-    for header in (b"\xdd\xff\xff\xff\xff", b"\xdf\xff\xff\xff\xff", b"\xdb\xff\xff\xff\xff", b"\xc9\xff\xff\xff\xff\x01"):
+    for header in (
+        b"\xdd\xff\xff\xff\xff",
+        b"\xdf\xff\xff\xff\xff",
+        b"\xdb\xff\xff\xff\xff",
+        b"\xc9\xff\xff\xff\xff\x01",
+    ):
         with pytest.raises(ValueError, match="incomplete"):
             _msgpack.unpackb(header)
     with pytest.raises(ValueError, match="deeply"):
