@@ -15,12 +15,17 @@ import socket
 import sys
 import threading
 import traceback
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from flexos import hardening
 from flexos.errors import CompartmentCrashed
 from flexos.image import Image
+
+if TYPE_CHECKING:
+    from flexos.gates.link import Link
+    from flexos.runtime import Runtime
 
 
 def _die_with_parent() -> None:
@@ -41,9 +46,20 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="flexos-parent-watch").start()
 
 
-def main() -> None:
+def link_back(image: Image, name: str, transport: Any) -> tuple[Runtime, Link]:
+    """Compartment ``name``'s runtime, linked to the default compartment over ``transport``, gates installed."""
     from flexos.gates.link import Link
     from flexos.runtime import Runtime
+
+    runtime = Runtime(image, local=name)
+    parent = Link(image.default, importer=runtime.serve_import, replicated=image.is_replicated)
+    parent.attach(transport)
+    runtime.connect(image.default, parent, transport)
+    runtime.start()
+    return runtime, parent
+
+
+def main() -> None:
     from flexos.transports.shm import ShmTransport
 
     sock = socket.socket(fileno=int(sys.argv[1]))
@@ -67,8 +83,6 @@ def main() -> None:
             hardening.apply_seccomp(filter_policy, seccomp)
         _die_with_parent()
         hardening.apply_limits(policy.get("limits") or {})
-        runtime = Runtime(image, local=name)
-        parent = Link(image.default, importer=runtime.serve_import, replicated=image.is_replicated)
         transport = ShmTransport(
             sock,
             sock.fileno(),
@@ -76,9 +90,7 @@ def main() -> None:
             death=lambda: CompartmentCrashed(image.default, None, "the app went away"),
             spin_us=boot["spin_us"],
         )
-        parent.attach(transport)
-        runtime.connect(image.default, parent, transport)
-        runtime.start()
+        runtime, parent = link_back(image, name, transport)
         libraries = {
             module: rules["audit"]["deny"]
             for module, rules in image.library_hardening.items()

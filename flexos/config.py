@@ -50,6 +50,31 @@ class SubinterpMechanism(_Model):
     driver: Literal["subinterp"]
 
 
+class _GuestFiles(_Model):
+    read: list[str] = Field(default_factory=list)
+    write: list[str] = Field(default_factory=list)
+
+
+class VmMechanism(_Model):
+    driver: Literal["vm"]
+    memory: int | str = "256MiB"
+    vcpus: int = Field(1, ge=1, le=64)
+    accelerator: Literal["auto", "kvm", "tcg"] = "auto"
+    boot_timeout: float = Field(120.0, gt=0, le=3600, allow_inf_nan=False)
+    start_timeout: float = Field(30.0, gt=0, le=3600, allow_inf_nan=False)
+    spin_us: int = Field(200, ge=0, le=1_000_000)
+    network: Literal["none", "user"] = "none"
+    filesystem: _GuestFiles = Field(default_factory=_GuestFiles)
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, value: int | str) -> int:
+        size = parse_size(value)
+        if size < 128 << 20:
+            raise ValueError("a guest needs at least 128MiB to start Python")
+        return size
+
+
 class _NotImplementedMechanism(_Model):
     driver: str
 
@@ -58,7 +83,7 @@ MECHANISMS: dict[str, type[_Model]] = {
     "fcalls": FcallsMechanism,
     "process": ProcessMechanism,
     "subinterp": SubinterpMechanism,
-    "vm": _NotImplementedMechanism,
+    "vm": VmMechanism,
     "intel-pku": _NotImplementedMechanism,
 }
 
@@ -372,12 +397,12 @@ def parse_document(src: _Source) -> tuple[Image, list[str]]:
                 )
             )
             continue
-        if comp.timeout is not None and driver != "process":
+        if comp.timeout is not None and driver not in ("process", "vm"):
             problems.append(
                 src.error(
                     loc + ("timeout",),
                     f"compartment {comp.name!r}: a timeout needs driver "
-                    f"'process' (a stuck {driver!r} call runs on the caller's own thread)",
+                    f"'process' or 'vm' (a stuck {driver!r} call runs on the caller's own thread)",
                 )
             )
             continue

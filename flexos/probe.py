@@ -314,14 +314,20 @@ def network_namespaces() -> Feature:
     return Feature("netns", True, f"a new network namespace works ({how}); {inside}")
 
 
-def _kvm_backend() -> str:
+def kvm_backend() -> str | None:
+    """The loaded KVM module (kvm_intel, kvm_amd, or kvm_pvm, which cannot boot a stock kernel), if known."""
     modules = Path("/sys/module")
-    if (modules / "kvm_pvm").exists():
-        return "; backend kvm_pvm (nested PVM: guests need a PVM-enabled kernel)"
-    for module in ("kvm_intel", "kvm_amd"):
+    for module in ("kvm_pvm", "kvm_intel", "kvm_amd"):
         if (modules / module).exists():
-            return f"; backend {module}"
-    return ""
+            return module
+    return None
+
+
+def _kvm_backend() -> str:
+    backend = kvm_backend()
+    if backend == "kvm_pvm":
+        return "; backend kvm_pvm (nested PVM: guests need a PVM-enabled kernel)"
+    return f"; backend {backend}" if backend else ""
 
 
 def kvm() -> Feature:

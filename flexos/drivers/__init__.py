@@ -10,11 +10,12 @@ _DRIVERS = {
     "fcalls": "flexos.drivers.fcalls:FcallsDriver",
     "process": "flexos.drivers.process:ProcessDriver",
     "subinterp": "flexos.drivers.subinterp:SubinterpDriver",
+    "vm": "flexos.drivers.vm:VmDriver",
 }
 
 
-def unavailable(driver: str) -> str | None:
-    """Why ``driver`` cannot be used on this machine, or None."""
+def unavailable(driver: str, options: dict | None = None) -> str | None:
+    """Why ``driver`` (with ``options``, when given) cannot be used on this machine, or None."""
     if driver == "intel-pku":
         from flexos.probe import pku  # imported on use: compartment processes need not load ctypes
 
@@ -25,8 +26,10 @@ def unavailable(driver: str) -> str | None:
                 f"({keys.detail}). Use driver 'process' instead."
             )
         return "intel-pku cannot separate Python objects; use driver 'process' instead."
-    if driver == "vm":
-        return "the vm driver is not built yet in this version of flexos; use driver 'process'."
+    if driver == "vm":  # qemu, a kernel and busybox; an explicit accelerator must work here
+        from flexos.drivers.vm import unavailable as vm_unavailable
+
+        return vm_unavailable(options)
     if driver not in _DRIVERS:
         return f"unknown driver {driver!r}"
     return driver_class(driver).unavailable()

@@ -80,21 +80,25 @@ class ShmChannel:
         self._efds = (efd0, efd1)
         self._my_efd = efd0 if side == 0 else efd1
         self._peer_efd = efd1 if side == 0 else efd0
-        self._capacity = capacity
-        self._my_sleep = 0 if side == 0 else 64
-        self._peer_sleep = 64 if side == 0 else 0
-        self._my_closed = self._my_sleep + 4
-        self._peer_closed = self._peer_sleep + 4
-        self._out_hdr, self._in_hdr = (128, 192) if side == 0 else (192, 128)
-        self._out_payload = _HEADER if side == 0 else _HEADER + capacity
-        self._in_payload = _HEADER + capacity if side == 0 else _HEADER
-        self._out_seq = 0
-        self._in_seq = 0
-        self._spin_s = spin_us * 1e-6
+        self._lay_out(0, side, capacity, spin_us)
         self._watch_fd = watch_fd
         self._poll = select.poll()
         self._poll.register(self._my_efd, select.POLLIN)
         self._poll.register(watch_fd, watch_events)
+
+    def _lay_out(self, base: int, side: int, capacity: int, spin_us: float) -> None:
+        """Where this side's fields are, for a channel laid out at offset ``base`` of ``self._mm``."""
+        self._capacity = capacity
+        self._my_sleep = base + (0 if side == 0 else 64)
+        self._peer_sleep = base + (64 if side == 0 else 0)
+        self._my_closed = self._my_sleep + 4
+        self._peer_closed = self._peer_sleep + 4
+        self._out_hdr, self._in_hdr = (base + 128, base + 192) if side == 0 else (base + 192, base + 128)
+        self._out_payload = base + (_HEADER if side == 0 else _HEADER + capacity)
+        self._in_payload = base + (_HEADER + capacity if side == 0 else _HEADER)
+        self._out_seq = 0
+        self._in_seq = 0
+        self._spin_s = spin_us * 1e-6
         self.closed = False
 
     @classmethod

@@ -1,0 +1,314 @@
+"""Channels laid out in one shared window between a host and a QEMU guest (``ivshmem-plain``).
+
+Eventfds and file descriptors cannot cross into a virtual machine, so everything the shm transport
+passes over its control socket lives in one window of shared memory instead: a memfd on the host,
+the BAR2 of a stock ``ivshmem-plain`` PCI device in the guest. Layout::
+
+    0       header: magic, layout version, slot count, capacity; the compartment's status word
+    4096    slot 0: the agent's mailbox          slot 1: the compartment's mailbox
+            slots 2 .. 2+OPENER_SLOTS-1: channels the host opens
+            the rest: channels the guest opens
+
+Every slot has the layout of a :class:`~flexos.transports.shm.ShmChannel` region (the same class
+moves the frames: exact-sequence publish, fragments acknowledged one by one), so only waiting
+differs. Nothing here can wake the other side, so a waiter spins like a shm channel does, then
+polls with a pause that doubles up to ``MAX_PAUSE_S``; the host's pause is a ``select`` on QEMU's
+pidfd, so a dying VM wakes it at once.
+
+A mailbox is a slot used as two independent queues of one message each (the receiver acknowledges
+every message): channel openings, control messages and the agent's commands travel there.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+from flexos.errors import FlexosError, ProtocolError
+from flexos.transports import CallTimeout, ChannelClosed, PeerGone
+from flexos.transports.shm import (
+    _FLAG,
+    _FRAGMENT,
+    _HEADER,
+    _LEN_FLAGS,
+    _SEQ,
+    DEFAULT_SPIN_US,
+    ShmChannel,
+    ShmTransport,
+    _fence_lock,
+)
+
+MAGIC = b"flexosvm"
+LAYOUT_VERSION = 1
+WINDOW_SIZE = 16 << 20  # a power of two, as a PCI BAR must be
+SLOTS = 64
+OPENER_SLOTS = 31  # per side: slots 2..32 are the host's, 33..63 the guest's
+AGENT_SLOT, COMPARTMENT_SLOT = 0, 1
+_SLOTS_AT = 4096
+_SLOT_SIZE = (WINDOW_SIZE - _SLOTS_AT) // SLOTS
+CAPACITY = ((_SLOT_SIZE - _HEADER) // 2) & ~4095
+_HEAD = struct.Struct("<8sIII")  # magic, layout version, slots, capacity
+_STATUS_AT = 128
+_STATUS = struct.Struct("<QiII")  # epoch, returncode, guest pid, state: one store, state last
+IDLE, RUNNING, EXITED = 0, 1, 2
+FIRST_PAUSE_S = 20e-6
+MAX_PAUSE_S = 2e-3
+_SEQ_AT, _ACK_AT = 8, 16
+
+
+def slot_offset(slot: int) -> int:
+    return _SLOTS_AT + slot * _SLOT_SIZE
+
+
+def host_slots() -> range:
+    return range(2, 2 + OPENER_SLOTS)
+
+
+def guest_slots() -> range:
+    return range(2 + OPENER_SLOTS, SLOTS)
+
+
+def format_window(mm: mmap.mmap) -> None:
+    """Write the header of a fresh window (host side, before the guest boots)."""
+    _HEAD.pack_into(mm, 0, MAGIC, LAYOUT_VERSION, SLOTS, CAPACITY)
+
+
+def check_window(mm: mmap.mmap) -> None:
+    """The guest's check that the host laid the window out as this version of flexos expects."""
+    if len(mm) < WINDOW_SIZE or _HEAD.unpack_from(mm, 0) != (MAGIC, LAYOUT_VERSION, SLOTS, CAPACITY):
+        raise ProtocolError("the shared window does not have this flexos version's layout")
+
+
+def reset_slots(mm: mmap.mmap, slots: range) -> None:
+    """Zero the flags and sequence numbers of ``slots`` (their payloads need no clearing)."""
+    for slot in slots:
+        base = slot_offset(slot)
+        mm[base : base + _HEADER] = bytes(_HEADER)
+
+
+def read_status(mm: mmap.mmap) -> tuple[int, int, int, int]:
+    """(epoch, returncode, guest pid, state) of the compartment the agent runs."""
+    return _STATUS.unpack_from(mm, _STATUS_AT)
+
+
+def write_status(mm: mmap.mmap, epoch: int, returncode: int, pid: int, state: int) -> None:
+    _STATUS.pack_into(mm, _STATUS_AT, epoch, returncode, pid, state)
+
+
+class Liveness:
+    """How one side waits when there is nothing to read: a pause, and a check that the peer lives."""
+
+    def pause(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def check(self) -> None:
+        """Raise PeerGone if the peer is known to be dead."""
+
+    def wait_for(
+        self, mm: mmap.mmap, offset: int, value: int, timeout: float | None, interrupted: Callable[[], None]
+    ) -> None:
+        """Poll until the sequence number at ``offset`` is ``value``, pausing longer each time;
+        ``interrupted`` raises to give up (the waiter or the peer closed)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = FIRST_PAUSE_S
+        while _SEQ.unpack_from(mm, offset)[0] != value:
+            interrupted()
+            self.check()
+            if deadline is not None and time.monotonic() > deadline:
+                raise CallTimeout()
+            self.pause(pause)
+            pause = min(pause * 2, MAX_PAUSE_S)
+
+
+class WindowChannel(ShmChannel):
+    """One side of a channel in a slot of the window: ShmChannel's frames, polling instead of eventfds."""
+
+    def __init__(
+        self, mm: mmap.mmap, slot: int, side: int, liveness: Liveness, spin_us: float = DEFAULT_SPIN_US
+    ) -> None:
+        self._mm = mm
+        self._slot = slot
+        self._liveness = liveness
+        # Nobody here sets the "sleeping" flags; should a hostile peer set one, the writer's
+        # eventfd_write lands in an eventfd nobody reads.
+        self._peer_efd = _sink_eventfd()
+        self._lay_out(slot_offset(slot), side, CAPACITY, spin_us)
+
+    def _block(self, offset: int, value: int, timeout: float | None = None) -> None:
+        self._liveness.wait_for(self._mm, offset, value, timeout, self._interrupted)
+
+    def _interrupted(self) -> None:
+        if _FLAG.unpack_from(self._mm, self._peer_closed)[0]:
+            raise ChannelClosed()
+        if self.closed:
+            raise PeerGone()
+
+    @property
+    def peer_done(self) -> bool:
+        """The peer closed its side too: the slot may be used again."""
+        return bool(_FLAG.unpack_from(self._mm, self._peer_closed)[0])
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            _FLAG.pack_into(self._mm, self._my_closed, 1)
+        except (ValueError, TypeError):  # the window is already unmapped
+            pass
+
+
+_sink: list[int] = []
+
+
+def _sink_eventfd() -> int:
+    if not _sink:
+        _sink.append(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+    return _sink[0]
+
+
+class Mailbox:
+    """A slot used as two one-message queues (one per direction), each message acknowledged."""
+
+    def __init__(self, mm: mmap.mmap, slot: int, side: int, liveness: Liveness) -> None:
+        base = slot_offset(slot)
+        self._mm = mm
+        self._liveness = liveness
+        self._out_hdr, self._in_hdr = (base + 128, base + 192) if side == 0 else (base + 192, base + 128)
+        self._out_payload = base + (_HEADER if side == 0 else _HEADER + CAPACITY)
+        self._in_payload = base + (_HEADER + CAPACITY if side == 0 else _HEADER)
+        self._out_seq = 0
+        self._in_seq = 0
+        self._send_lock = threading.Lock()
+        self.closed = False
+
+    def _wait(self, offset: int, value: int, timeout: float | None) -> None:
+        self._liveness.wait_for(self._mm, offset, value, timeout, self._interrupted)
+
+    def _interrupted(self) -> None:
+        if self.closed:
+            raise PeerGone()
+
+    def send(self, message: list, timeout: float | None = None) -> None:
+        data = msgpack.packb(message)
+        if len(data) > CAPACITY:
+            raise FlexosError(f"a control message of {len(data)} bytes does not fit the window ({CAPACITY})")
+        with self._send_lock:
+            self._wait(self._out_hdr + _ACK_AT, self._out_seq, timeout)  # the previous one was read
+            mm = self._mm
+            mm[self._out_payload : self._out_payload + len(data)] = data
+            self._out_seq += 1
+            _FRAGMENT.pack_into(mm, self._out_hdr, len(data), 0, self._out_seq)
+            _fence_lock.acquire()
+            _fence_lock.release()
+
+    def recv(self, timeout: float | None = None) -> list:
+        """The peer's next message (a list); anything else is a ProtocolError."""
+        expected = self._in_seq + 1
+        self._wait(self._in_hdr + _SEQ_AT, expected, timeout)
+        mm = self._mm
+        size, _flags = _LEN_FLAGS.unpack_from(mm, self._in_hdr)
+        if size > CAPACITY:
+            raise ProtocolError(f"corrupt mailbox header (length {size})")
+        data = mm[self._in_payload : self._in_payload + size]
+        self._in_seq = expected
+        _SEQ.pack_into(mm, self._in_hdr + _ACK_AT, expected)
+        try:
+            message = msgpack.unpackb(data, strict_map_key=True)
+        except Exception as exc:
+            raise ProtocolError(f"undecodable control message ({type(exc).__name__})") from None
+        if type(message) is not list or not message or type(message[0]) is not str:
+            raise ProtocolError("malformed control message")
+        return message
+
+
+class WindowTransport(ShmTransport):
+    """Channels to the peer on the other side of the window, opened and announced over a mailbox.
+
+    The opener of a channel is its side 0: it takes a free slot of its own range, zeroes it, and
+    tells the peer's accept loop (``["open", slot]``), which serves it on a new thread. A slot is
+    free again once both sides have closed it.
+    """
+
+    def __init__(
+        self,
+        mm: mmap.mmap,
+        host: bool,
+        liveness: Liveness,
+        death: Callable[[], BaseException],
+        spin_us: float = DEFAULT_SPIN_US,
+        abort: Callable[[], None] | None = None,
+    ) -> None:  # nothing of ShmTransport's socket: only its run(), death() and abort() apply
+        self._mm = mm
+        self._mine, self._theirs = (host_slots(), guest_slots()) if host else (guest_slots(), host_slots())
+        self._mailbox = Mailbox(mm, COMPARTMENT_SLOT, 0 if host else 1, liveness)
+        self._liveness = liveness
+        self._death = death
+        self._abort = abort
+        self._spin_us = spin_us
+        self._opened: dict[int, WindowChannel] = {}
+        self._accepted: list[WindowChannel] = []
+        self._lock = threading.Lock()
+
+    @property
+    def mailbox(self) -> Mailbox:
+        return self._mailbox
+
+    def open_channel(self) -> WindowChannel:
+        with self._lock:
+            for slot in self._mine:
+                previous = self._opened.get(slot)
+                if previous is None or (previous.closed and previous.peer_done):
+                    break
+            else:
+                raise FlexosError(f"all {len(self._mine)} channels of the window are in use (one per thread in a call)")
+            reset_slots(self._mm, range(slot, slot + 1))
+            channel = WindowChannel(self._mm, slot, 0, self._liveness, self._spin_us)
+            self._opened[slot] = channel
+        try:
+            self._mailbox.send(["open", slot])
+        except PeerGone:
+            channel.close()
+            raise
+        return channel
+
+    def send_control(self, message: bytes, fds: list[int] = ()) -> None:
+        if fds:
+            raise FlexosError("file descriptors cannot be passed into a virtual machine")
+        self._mailbox.send(["control", message])
+
+    def accept_loop(self, link: Any, on_control: Callable[[bytes, list[int]], None] | None = None) -> None:
+        """Serve the channels the peer opens until it goes away; then mark the link closed."""
+        try:
+            while True:
+                try:
+                    message = self._mailbox.recv()
+                except (PeerGone, ProtocolError):
+                    break
+                if message[0] == "open" and len(message) == 2 and message[1] in self._theirs:
+                    channel = WindowChannel(self._mm, message[1], 1, self._liveness, self._spin_us)
+                    with self._lock:
+                        self._accepted = [*(c for c in self._accepted if not c.closed), channel]
+                    threading.Thread(target=link.serve, args=(channel,), daemon=True, name="flexos-serve").start()
+                elif message[0] == "control" and len(message) == 2 and type(message[1]) is bytes:
+                    if on_control is not None:
+                        on_control(message[1], [])
+        finally:
+            link.closed = True
+
+    def abandon(self) -> None:
+        """After a fork: the window belongs to the parent; stop without touching it."""
+        self._mailbox.closed = True
+
+    def close(self) -> None:
+        self._mailbox.closed = True
+        with self._lock:
+            for channel in [*self._opened.values(), *self._accepted]:
+                channel.close()
