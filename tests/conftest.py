@@ -32,6 +32,7 @@ DRIVER_VARIANTS: dict[str, tuple[str, dict]] = {
     "fcalls-strict": ("fcalls", {"strict": True}),
     "process": ("process", {}),
     "subinterp": ("subinterp", {}),
+    "vm": ("vm", {}),
 }
 
 
@@ -43,7 +44,14 @@ def _needs(driver: str) -> list[pytest.MarkDecorator]:
     return [pytest.mark.skip(reason=f"driver {driver!r} unavailable here: {reason}")] if reason else []
 
 
-GATED_DRIVERS = ["fcalls-strict", "process", pytest.param("subinterp", marks=_needs("subinterp"))]
+GATED_DRIVERS = [
+    "fcalls-strict",
+    "process",
+    pytest.param("subinterp", marks=_needs("subinterp")),
+    # A booted guest is reused from test to test (the vm driver's pool); each test restarts only the
+    # compartment's Python inside it.
+    pytest.param("vm", marks=[*_needs("vm"), pytest.mark.slow]),
+]
 
 
 def make_image(variant: str, libraries: dict[str, str] | None = None, restart: str = "on-failure") -> Image:
@@ -99,9 +107,10 @@ def complib(runtime: flexos.Runtime):
 
 @pytest.fixture
 def library_pid(runtime: flexos.Runtime, complib) -> int:
-    """The pid the library runs in: the compartment's own process, or ours for fcalls."""
+    """The pid the library runs in: the compartment's own process (inside its guest for vm), or ours for fcalls."""
     complib.getpid()  # make sure the compartment has started
-    return runtime.compartments["box"].pid or os.getpid()
+    compartment = runtime.compartments["box"]
+    return getattr(compartment.driver, "guest_pid", None) or compartment.pid or os.getpid()
 
 
 @pytest.fixture
