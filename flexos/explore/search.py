@@ -8,10 +8,10 @@ below one that meets the budget meets it, and one above a configuration that mis
   value lies on the measured side of the budget (normal approximation). Only decisive
   measurements (certainty >= ``decisive``) are used to infer others; the rest stand for
   themselves, so the configurations around them get measured too.
-- Choice: a performance model (each safety fact adds a cost per unit of work, fitted by least
-  squares to what was measured) predicts the unknown configurations. The search measures the
-  predicted boundary first: predicted stars and predicted first misses, which are what a
-  certificate of the answer consists of.
+- Choice: a performance model (each safety fact adds a non-negative cost per unit of work,
+  fitted by least squares to what was measured) predicts the unknown configurations. The search
+  measures the predicted boundary: predicted stars and predicted first misses, which are what a
+  certificate of the answer consists of, the one expected to settle the most unknowns first.
 - Verification: a configuration immediately above a star that was only inferred to miss the
   budget, but that the model predicts might meet it, is measured too (monotonicity may not hold).
 """

@@ -1,0 +1,243 @@
+"""``flexos explore`` end to end: real benchmark commands, the results cache, resuming, errors, and
+the sqlite example (sqlite3 moving between the app's process and hardened compartment processes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flexos.config import parse
+from flexos.drivers import unavailable
+from flexos.explore.order import documented_order, members
+from flexos.explore.space import load_space
+
+ROOT = Path(__file__).resolve().parent.parent
+FLEXOS = Path(sys.executable).parent / "flexos"
+
+# A real benchmark program: it loads the generated flexos.yaml with flexos itself, logs the call,
+# fails once on request (an interruption), and scores a configuration by how much it isolates.
+BENCH = """\
+import os, sys
+from pathlib import Path
+from flexos.config import parse
+
+here = Path(__file__).parent
+image, _ = parse(os.environ["FLEXOS_CONFIG"])
+with open(here / "calls.log", "a") as log:
+    log.write(f"{image.source} {os.environ['FLEXOS_REPEAT']}\\n")
+calls = len((here / "calls.log").read_text().splitlines())
+if (here / "fail-at").exists() and calls == int((here / "fail-at").read_text()):
+    (here / "fail-at").unlink()
+    print("simulated crash", file=sys.stderr)
+    sys.exit(3)
+processes = sum(spec.driver == "process" for spec in image.compartments.values())
+hardened = sum(bool(spec.hardening) for spec in image.compartments.values()) + len(image.library_hardening)
+print("warming up")
+print(1000 / (1 + processes + 0.5 * hardened))
+"""
+
+SPACE = """\
+compartments:
+  - name: app
+    mechanism: {driver: fcalls}
+    default: true
+explore:
+  components: {json: {short: J, modules: [json, _json]}, csv: {short: C, modules: [csv, _csv]}}
+  compartments: 2
+  drivers: [fcalls, process]
+  hardening: {library: {H: {audit: {deny: [subprocess]}}}}
+  benchmark:
+    command: python bench.py
+    repeats: 2
+"""
+
+
+def make(tmp_path: Path, space: str = SPACE, bench: str = BENCH) -> Path:
+    (tmp_path / "bench.py").write_text(bench)
+    path = tmp_path / "space.yaml"
+    path.write_text(space)
+    return path
+
+
+def explore(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(FLEXOS), "explore", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def calls(tmp_path: Path) -> list[str]:
+    log = tmp_path / "calls.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def test_explore_runs_the_command_and_writes_results(tmp_path: Path) -> None:
+    space_path = make(tmp_path)
+    out = tmp_path / "out"
+    done = explore(str(space_path), "--budget", "300", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    results = json.loads((out / "results.json").read_text())
+    space, _ = load_space(space_path)
+    configs = space.configurations()
+    score = {}
+    for record in results["results"]:
+        image, _ = parse(out / "configs" / f"{record['name']}.yaml") if record["status"] == "measured" else (None, 0)
+        if image is not None:
+            processes = sum(s.driver == "process" for s in image.compartments.values())
+            hardened = sum(bool(s.hardening) for s in image.compartments.values()) + len(image.library_hardening)
+            score[record["name"]] = 1000 / (1 + processes + 0.5 * hardened)
+            assert record["runs"] == [pytest.approx(score[record["name"]])] * 2
+    # the command ran exactly twice (repeats) for each measured configuration, with the run number
+    log = calls(tmp_path)
+    assert len(log) == 2 * results["measured"] == 2 * len(score)
+    assert sorted(line.split()[1] for line in log) == sorted(["0", "1"] * len(score))
+    # the stars are the safest configurations scoring >= 300 (the score falls as isolation grows)
+    order = documented_order(configs)
+    index = {c.name: i for i, c in enumerate(configs)}
+    for name in results["stars"]:
+        assert score[name] >= 300
+        for safer in members(order.above[index[name]]):
+            record = results["results"][safer]
+            assert not record["meets_budget"]
+    assert results["measured"] + results["inferred"] == len(configs) == 13
+    assert f"measured {results['measured']} of {len(configs)} configurations" in done.stdout
+    assert "confidence 1.000" in done.stdout  # identical runs: no doubt about any side of the budget
+    assert {p.name for p in out.iterdir()} == {
+        "cache.jsonl",
+        "configs",
+        "results.csv",
+        "results.json",
+        "performance.svg",
+        "poset.svg",
+    }
+
+    # Run again: everything comes from the cache, nothing runs.
+    again = explore(str(space_path), "--budget", "300", "--out", str(out))
+    assert again.returncode == 0, again.stderr
+    assert "benchmark runs: 0 now" in again.stdout
+    assert len(calls(tmp_path)) == len(log)
+    assert json.loads((out / "results.json").read_text())["stars"] == results["stars"]
+
+
+def test_an_interrupted_exploration_resumes(tmp_path: Path) -> None:
+    space_path = make(tmp_path)
+    (tmp_path / "fail-at").write_text("3")
+    out = tmp_path / "out"
+    first = explore(str(space_path), "--budget", "300", "--out", str(out))
+    assert first.returncode == 1
+    assert "the command exited with status 3; its last output:\nsimulated crash" in first.stderr
+    assert f"2 runs are cached in {out / 'cache.jsonl'}; run the same command again to resume." in first.stderr
+    second = explore(str(space_path), "--budget", "300", "--out", str(out))
+    assert second.returncode == 0, second.stderr
+    results = json.loads((out / "results.json").read_text())
+    # nothing ran twice: the two cached runs, the crashed one, then the rest
+    assert len(calls(tmp_path)) == 2 * results["measured"] + 1
+    assert f"benchmark runs: {2 * results['measured'] - 2} now" in second.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "timeout", "message"),
+    [
+        ("echo 12 apples", 60, "the last line of its stdout must be the metric (a finite number), got '12 apples'"),
+        ("echo nan", 60, "got 'nan'"),
+        ("sleep 5; echo 1", 0.5, "still running after 0.5 s; raise benchmark.timeout or shorten the run"),
+        ("echo oops >&2; exit 4", 60, "the command exited with status 4; its last output:\noops"),
+    ],
+)
+def test_a_failing_benchmark_is_reported(tmp_path: Path, command: str, timeout: float, message: str) -> None:
+    space = SPACE.replace("command: python bench.py", f"command: '{command}'\n    timeout: {timeout}")
+    done = explore(str(make(tmp_path, space)), "--budget", "1", "--out", str(tmp_path / "out"))
+    assert done.returncode == 1
+    assert f"space.yaml: benchmark for J1C1_f (run 1, config {tmp_path / 'out' / 'configs' / 'J1C1_f.yaml'})" in (
+        done.stderr
+    )
+    assert message in done.stderr
+
+
+def test_list_check_and_usage(tmp_path: Path) -> None:
+    space_path = make(tmp_path)
+    listed = explore(str(space_path), "--list")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[0] == f"13 configurations in {space_path}:"
+    assert "  J1HC2H_pp  c1 process: json[H] | c2 process: csv[H]" in listed.stdout
+    assert calls(tmp_path) == []
+    no_budget = explore(str(space_path))
+    assert no_budget.returncode == 2 and "give --budget (or --list to see the configurations)" in no_budget.stderr
+    space_path.write_text(SPACE.replace("compartments: 2", "compartments: two"))
+    bad = explore(str(space_path), "--budget", "1")
+    assert bad.returncode == 2
+    assert f"{space_path}:7: explore.compartments: Input should be a valid integer" in bad.stderr
+
+
+def test_unavailable_drivers_are_refused(tmp_path: Path) -> None:
+    refused = next((d for d in ("vm", "subinterp") if unavailable(d)), None)
+    if refused is None:
+        pytest.skip("every explorable driver is available on this machine")
+    space_path = make(tmp_path, SPACE.replace("drivers: [fcalls, process]", f"drivers: [process, {refused}]"))
+    done = explore(str(space_path), "--budget", "1")
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"{space_path}:8: driver {refused!r}: {unavailable(refused)}")
+    assert calls(tmp_path) == []
+
+
+EXAMPLE = ROOT / "examples" / "explore_sqlite" / "space.yaml"
+
+
+def test_sqlite_example_end_to_end(tmp_path: Path) -> None:
+    """The real workload: inserts.py under `flexos run`, sqlite3 in the app's process or a process."""
+    # A budget every configuration meets: the safest one is the answer, found by measuring two.
+    done = explore(str(EXAMPLE), "--budget", "1", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["stars"] == ["Q1Audit_pEnvSeccomp"]
+    assert results["measured"] == 2 and results["inferred"] == 7
+    measured = {r["name"]: r for r in results["results"] if r["status"] == "measured"}
+    assert set(measured) == {"Q1_f", "Q1Audit_pEnvSeccomp"}
+    for record in measured.values():
+        assert len(record["runs"]) == 3 and all(v > 0 for v in record["runs"])
+        image, _ = parse(record["config"])
+        assert image.libraries["sqlite3"] == image.libraries["_sqlite3"] == "c1"
+    assert "* Q1Audit_pEnvSeccomp " in done.stdout
+
+    # A budget nothing meets, from the cache: the least safe misses it, so every other does.
+    done = explore(str(EXAMPLE), "--budget", "1e12", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "no configuration meets it" in done.stdout and "benchmark runs: 0 now" in done.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["stars"] == [] and results["measured"] == 1
+
+    # A budget between the two measured: the answer must agree with what was measured.
+    low, high = sorted(r["value"] for r in measured.values())
+    done = explore(str(EXAMPLE), "--budget", str((low * high) ** 0.5), "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    space, _ = load_space(EXAMPLE)
+    configs = space.configurations()
+    order = documented_order(configs)
+    records = results["results"]
+    assert results["stars"]
+    for star in results["stars"]:
+        index = next(i for i, c in enumerate(configs) if c.name == star)
+        assert records[index]["status"] == "measured" and records[index]["value"] >= results["budget"]
+        assert not any(records[j]["meets_budget"] for j in members(order.above[index]))
+    for index, record in enumerate(records):
+        if record["status"] == "measured" and record["meets_budget"]:
+            assert record["star"] or any(records[j]["star"] for j in members(order.above[index]))
+
+
+def test_sqlite_example_lists_nine_configurations() -> None:
+    done = explore(str(EXAMPLE), "--list")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == f"9 configurations in {EXAMPLE}:"
+    assert [line.split()[0] for line in done.stdout.splitlines()[1:]] == [
+        "Q1_f",
+        "Q1_p",
+        "Q1Audit_p",
+        "Q1_pEnv",
+        "Q1Audit_pEnv",
+        "Q1_pSeccomp",
+        "Q1Audit_pSeccomp",
+        "Q1_pEnvSeccomp",
+        "Q1Audit_pEnvSeccomp",
+    ]
