@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import warnings
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,7 +123,9 @@ def read_order(path: str | Path, space: Space, configs: Sequence[Configuration])
         text = path.read_text()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
-    graphs = pydot.graph_from_dot_data(text)
+    with warnings.catch_warnings():  # pydot's parser uses pyparsing names pyparsing now deprecates
+        warnings.simplefilter("ignore", DeprecationWarning)
+        graphs = pydot.graph_from_dot_data(text)
     if not graphs:
         raise ConfigError([f"{path}: not a Graphviz file (write e.g. 'digraph {{ R1N1S1L1 -> R1N1S1L2 }}')"])
     graph = graphs[0]
@@ -162,7 +165,8 @@ def read_order(path: str | Path, space: Space, configs: Sequence[Configuration])
     if problems:
         raise ConfigError(problems)
     if not nx.is_directed_acyclic_graph(order):
-        cycle = " -> ".join(configs[u].name for u, _ in nx.find_cycle(order))
+        edges = nx.find_cycle(order)
+        cycle = " -> ".join(configs[u].name for u in [*(u for u, _ in edges), edges[0][0]])
         raise ConfigError([f"{path}: the order has a cycle ({cycle}); a configuration cannot be safer than itself"])
     above = tuple(sum(1 << j for j in nx.descendants(order, i)) for i in range(len(configs)))
     below = tuple(sum(1 << j for j in nx.ancestors(order, i)) for i in range(len(configs)))
