@@ -89,9 +89,6 @@ class Answer:
     edges_compared: int
     exhaustive: bool
 
-    def meets(self, index: int) -> bool:
-        return self.measured[index].meets if index in self.measured else self.inferred[index]
-
 
 class Search:
     """The search as a state machine: ``next()`` names a configuration to measure, ``record()`` takes its runs."""
