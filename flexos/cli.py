@@ -42,13 +42,17 @@ def check(config: str) -> None:
     for spec in image.compartments.values():
         options = ", ".join(f"{k}={v}" for k, v in spec.options.items())
         role = "default (the app's own code)" if spec.default else f"restart: {spec.restart}"
-        reason = unavailable(spec.driver)
+        reason = unavailable(spec.driver, spec.options)
         status = "ok" if reason is None else "UNAVAILABLE"
         click.echo(f"  {spec.name:<14} {spec.driver:<10} {status:<12} {role}" + (f"  [{options}]" if options else ""))
         if reason:
             refused.append(f"{image.source}: compartment {spec.name!r}: {reason}")
         if spec.hardening:
             click.echo(f"  {'':<14} hardening: {_describe_hardening(spec.hardening)}")
+        if spec.driver == "vm":  # which accelerator QEMU will use here, and why
+            from flexos.drivers.vm import describe
+
+            click.echo(f"  {'':<14} vm: {describe(spec.options)}")
     click.echo("libraries:")
     for module, owner in sorted(image.libraries.items()):
         click.echo(f"  {module:<30} -> {owner}")

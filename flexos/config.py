@@ -57,7 +57,7 @@ class _GuestFiles(_Model):
 
 class VmMechanism(_Model):
     driver: Literal["vm"]
-    memory: int | str = "256MiB"
+    memory: int | str = 256 << 20  # bytes, or a size such as 512MiB
     vcpus: int = Field(1, ge=1, le=64)
     accelerator: Literal["auto", "kvm", "tcg"] = "auto"
     boot_timeout: float = Field(120.0, gt=0, le=3600, allow_inf_nan=False)

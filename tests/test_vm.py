@@ -390,3 +390,58 @@ def test_default_exports_are_the_code_and_the_interpreter(tmp_path) -> None:
     assert "/" not in paths and "/etc" not in paths and "/root" not in paths
     mounts, _ = guest_paths(write=[str(tmp_path)])
     assert (os.path.realpath(tmp_path), True) in mounts
+
+
+VM_YAML = """\
+compartments:
+  - name: app
+    mechanism: {{driver: fcalls}}
+    default: true
+  - name: box
+    mechanism: {{driver: vm, {options}}}
+    timeout: 5
+libraries:
+  colorsys: {{compartment: box}}
+"""
+
+
+def test_vm_options_are_validated_with_their_line(tmp_path) -> None:
+    from flexos.config import parse
+
+    config = tmp_path / "flexos.yaml"
+    config.write_text(VM_YAML.format(options="memory: 64MiB, accelerator: fast, netwrk: user"))
+    with pytest.raises(flexos.ConfigError) as info:
+        parse(config)
+    problems = "\n".join(info.value.problems)
+    assert f"{config}:6:" in problems
+    assert "at least 128MiB" in problems
+    assert "'auto', 'kvm' or 'tcg'" in problems
+    assert "did you mean 'network'?" in problems
+
+
+def test_vm_options_get_their_defaults(tmp_path) -> None:
+    from flexos.config import parse
+
+    config = tmp_path / "flexos.yaml"
+    config.write_text(VM_YAML.format(options="memory: 512MiB, filesystem: {read: [./data]}"))
+    image, _ = parse(config)
+    spec = image.compartments["box"]
+    assert spec.timeout == 5.0
+    assert spec.options == {**DEFAULTS, "memory": 512 << 20, "filesystem": {"read": ["./data"], "write": []}}
+
+
+def test_check_says_which_accelerator_and_why(tmp_path) -> None:
+    flexos_cli = Path(sys.executable).parent / "flexos"
+    config = tmp_path / "flexos.yaml"
+    config.write_text(VM_YAML.format(options="accelerator: auto"))
+    done = subprocess.run([str(flexos_cli), "check", "-c", str(config)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    accelerator, why = choose_accelerator("auto")
+    assert f"vm: accelerator {accelerator}: {why}" in done.stdout
+    config.write_text(VM_YAML.format(options="accelerator: kvm"))
+    done = subprocess.run([str(flexos_cli), "check", "-c", str(config)], capture_output=True, text=True, timeout=60)
+    if choose_accelerator("kvm")[0] is None:
+        assert done.returncode == 2
+        assert "compartment 'box': accelerator kvm cannot be used here" in done.stderr
+    else:
+        assert done.returncode == 0, done.stderr

@@ -96,7 +96,7 @@ def describe(options: dict[str, Any]) -> str:
     """What ``flexos check`` prints for a vm compartment: the accelerator that will be used and why."""
     accelerator, why = choose_accelerator(options.get("accelerator", "auto"))
     kernel = guest_image.find_kernel()
-    parts = [f"accelerator {accelerator or 'NONE'}: {why}"]
+    parts = [f"accelerator {accelerator}: {why}" if accelerator else why]
     if kernel is not None:
         parts.append(f"kernel {kernel.version}")
     return "; ".join(parts)
