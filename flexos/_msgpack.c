@@ -657,12 +657,17 @@ unpackb(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwn
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
     for (Py_ssize_t i = 0; i < nkw; i++) {
         PyObject *key = PyTuple_GET_ITEM(kwnames, i), *value = args[nargs + i];
-        if (key == state->kw_ext_hook || PyUnicode_CompareWithASCIIString(key, "ext_hook") == 0) {
+        int is_hook = key == state->kw_ext_hook;
+        int is_flag = key == state->kw_strict_map_key || key == state->kw_raw;
+        if (!is_hook && !is_flag) { /* not interned: compare the text */
+            is_hook = PyUnicode_CompareWithASCIIString(key, "ext_hook") == 0;
+            is_flag = PyUnicode_CompareWithASCIIString(key, "strict_map_key") == 0 ||
+                      PyUnicode_CompareWithASCIIString(key, "raw") == 0;
+        }
+        if (is_hook) {
             ext_hook = value;
         }
-        else if (key == state->kw_strict_map_key || key == state->kw_raw ||
-                 PyUnicode_CompareWithASCIIString(key, "strict_map_key") == 0 ||
-                 PyUnicode_CompareWithASCIIString(key, "raw") == 0) {
+        else if (is_flag) {
             int truth = PyObject_IsTrue(value);
             if (truth != 0) {
                 return truth < 0 ? NULL

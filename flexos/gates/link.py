@@ -150,9 +150,13 @@ class Link:
         self._transport: Transport | None = None
         self._free: list[Channel] = []
         self._local = threading.local()
+        self._inline: Channel | None = None
 
     def attach(self, transport: Transport) -> None:
         self._transport = transport
+        # The peer runs on the caller's own stack (loopback, subinterp): one re-entrant channel for
+        # every thread, nested calls are recursion, and no per-thread bookkeeping is needed.
+        self._inline = transport.open_channel() if getattr(transport, "inline", False) else None
 
     # -- calling the peer ---------------------------------------------------------------------
     def call(self, op: int, target: int | str, name: str | None = None, args: Any = (), kwargs: Any = None) -> Any:
@@ -170,20 +174,23 @@ class Link:
                 imports.take_releases() if imports.dying else _NO_RELEASES,
             ]
         )
-        local = self._local
-        channel = getattr(local, "channel", None)
-        outermost = channel is None
-        if outermost:
-            try:
-                channel = self._free.pop()
-            except IndexError:
-                channel = self._transport.open_channel()
-            local.channel = channel
+        channel = self._inline
+        outermost = False
+        if channel is None:
+            local = self._local
+            channel = getattr(local, "channel", None)
+            outermost = channel is None
+            if outermost:
+                try:
+                    channel = self._free.pop()
+                except IndexError:
+                    channel = self._transport.open_channel()
+                local.channel = channel
         healthy = False
         timeout = self.timeout
         try:
             reply = channel.exchange(frame, timeout)
-            while frame_kind(reply) == Kind.CALL:  # the peer calls back while serving us
+            while self._inline is None and frame_kind(reply) == Kind.CALL:  # the peer calls back mid-call
                 reply = channel.exchange(self.dispatch(reply), timeout)
             result = decode_frame(self.codec, reply)
             healthy = True

@@ -36,6 +36,8 @@ class InterpreterChannel:
 class InterpreterTransport:
     """One stateless, re-entrant channel into the interpreter that registered ``endpoint``."""
 
+    inline = True  # the peer runs on the caller's thread
+
     #: Buffers at least this large are lent, not copied (below it a copy is cheaper than a loan).
     LEND_THRESHOLD = 1 << 16
 

@@ -29,6 +29,8 @@ class LoopbackChannel:
 class LoopbackTransport:
     """Hands out one stateless, re-entrant channel that dispatches into ``peer``."""
 
+    inline = True  # the peer runs on the caller's stack
+
     def __init__(self, dispatch: Callable[[bytes], bytes]) -> None:
         self._channel = LoopbackChannel(dispatch)
 
