@@ -204,6 +204,24 @@ exception_text(void)
     return text != NULL ? text : strdup("unknown error");
 }
 
+/* In a forked child CPython has deleted every subinterpreter: forget them all (their objects are
+ * gone with them), and unpin buffers lent to them at the app's next call. */
+static void
+after_fork_child(void)
+{
+    pthread_mutex_init(&registry_lock, NULL); /* another thread may have held it at fork() */
+    memset(interpreters, 0, sizeof(interpreters));
+    memset(endpoints, 0, sizeof(endpoints));
+    created = NULL;
+    thread_slot_count = 0;
+    for (int i = 0; i < MAX_LOANS; i++) {
+        if (loans[i].id != 0 && !loans[i].returned) {
+            loans[i].returned = 1;
+            loans_returned++;
+        }
+    }
+}
+
 static PyObject *
 subinterp_create(PyObject *module, PyObject *unused)
 {
@@ -744,9 +762,18 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static pthread_once_t fork_handler_once = PTHREAD_ONCE_INIT;
+
+static void
+install_fork_handler(void)
+{
+    pthread_atfork(NULL, NULL, after_fork_child);
+}
+
 static int
 module_exec(PyObject *module)
 {
+    pthread_once(&fork_handler_once, install_fork_handler);
     ModuleState *state = PyModule_GetState(module);
     state->borrowed_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &borrowed_spec, NULL);
     if (state->borrowed_type == NULL) {

@@ -14,6 +14,7 @@ import runpy
 import socket
 import sys
 import threading
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any
@@ -288,7 +289,23 @@ def _forget_after_fork() -> None:
             compartment.forget()
 
 
-os.register_at_fork(after_in_child=_forget_after_fork)
+def _warn_before_fork() -> None:
+    """CPython 3.13 aborts a forked child while subinterpreters exist: say why, before it does."""
+    for runtime in list(_running):
+        for name, compartment in runtime.compartments.items():
+            live = compartment._link is not None and not compartment._link.closed
+            if compartment.spec is not None and compartment.spec.driver == "subinterp" and live:
+                warnings.warn(
+                    f"fork() while subinterp compartment {name!r} is running: CPython deletes subinterpreters "
+                    "in the child and 3.13 aborts doing so. Start children with subprocess or the 'spawn'/"
+                    "'forkserver' multiprocessing start methods, or stop the runtime before fork().",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return
+
+
+os.register_at_fork(before=_warn_before_fork, after_in_child=_forget_after_fork)
 
 
 def boot(config: str | os.PathLike[str] | Image = DEFAULT_CONFIG) -> Runtime:

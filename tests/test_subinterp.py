@@ -217,6 +217,21 @@ def test_a_subinterp_compartment_cannot_reach_a_process_compartment(boot):
             interplib.import_module("complib")
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # fork() of a multi-threaded process
+def test_fork_with_a_running_compartment_warns_and_the_parent_keeps_working(interplib):
+    """CPython 3.13 aborts a fork child while subinterpreters exist; flexos says so beforehand."""
+    import os
+
+    box = interplib.interpreter_id()
+    with pytest.warns(RuntimeWarning, match="subinterp compartment 'box' is running"):
+        child = os.fork()
+        if child == 0:  # pragma: no cover - only where CPython lets the child live
+            os._exit(0)
+    os.waitpid(child, 0)
+    assert interplib.interpreter_id() == box
+    assert interplib.spin(10) == 45
+
+
 def test_refused_before_313(monkeypatch):
     from flexos.drivers.subinterp import SubinterpDriver
 

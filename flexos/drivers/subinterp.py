@@ -82,6 +82,11 @@ class SubinterpDriver(Driver):
         self._link = link
         return link
 
+    def forget(self) -> bool:
+        # In a forked child CPython has already deleted every subinterpreter: nothing to end.
+        self._link = self._gate = self._interp = None
+        return True
+
     def stop(self) -> None:
         from flexos import _subinterp
 
