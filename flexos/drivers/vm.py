@@ -377,9 +377,11 @@ class _Pool:
         self._idle: list[Machine] = []
         self._lock = threading.Lock()
 
-    def take(self, key: tuple) -> Machine | None:
+    def take(self, key: tuple, preferred: Machine | None = None) -> Machine | None:
+        """An idle guest for ``key``: ``preferred`` (the one a restarting compartment just left) if idle."""
         with self._lock:
-            for machine in self._idle:
+            candidates = sorted(self._idle, key=lambda machine: machine is not preferred)
+            for machine in candidates:
                 if machine.key == key:
                     self._idle.remove(machine)
                     if machine.alive:
@@ -431,6 +433,7 @@ class VmDriver(Driver):
             raise DriverUnavailable(f"{self.image.source}: compartment {self.spec.name!r}: {why}")
         self.accelerator = accelerator
         self._machine: Machine | None = None
+        self._previous: Machine | None = None  # the guest this compartment last ran in
         self._transport: WindowTransport | None = None
 
     @classmethod
@@ -462,7 +465,7 @@ class VmDriver(Driver):
         key = self._machine_key()
         machine = self._machine if self._machine is not None and self._machine.alive else None
         if machine is None:
-            machine = _pool.take(key)
+            machine = _pool.take(key, self._previous)
         if machine is None:
             machine = Machine(key, self.accelerator)
             machine.boot(name, options, list(key[4]), list(key[5]), options["boot_timeout"])
@@ -536,6 +539,7 @@ class VmDriver(Driver):
         if self._machine is not None:
             self._machine.forget()
             self._machine = None
+        self._previous = None
         return True
 
     def stop(self) -> None:
@@ -545,6 +549,7 @@ class VmDriver(Driver):
         machine, self._machine = self._machine, None
         if machine is None:
             return
+        self._previous = machine
         if machine.alive and machine.kill_compartment():
             _pool.give(machine)
         else:

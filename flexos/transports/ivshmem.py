@@ -12,7 +12,7 @@ the BAR2 of a stock ``ivshmem-plain`` PCI device in the guest. Layout::
 Every slot has the layout of a :class:`~flexos.transports.shm.ShmChannel` region (the same class
 moves the frames: exact-sequence publish, fragments acknowledged one by one), so only waiting
 differs. Nothing here can wake the other side, so a waiter spins like a shm channel does, then
-polls with a pause that doubles up to ``MAX_PAUSE_S``; the host's pause is a ``select`` on QEMU's
+polls with a pause that doubles up to ``CHANNEL_MAX_PAUSE_S``; the host's pause is a ``select`` on QEMU's
 pidfd, so a dying VM wakes it at once.
 
 A mailbox is a slot used as two independent queues of one message each (the receiver acknowledges
@@ -59,7 +59,12 @@ _STATUS_AT = 128
 _STATUS = struct.Struct("<QiII")  # epoch, returncode, guest pid, state: one store, state last
 IDLE, RUNNING, EXITED = 0, 1, 2
 FIRST_PAUSE_S = 20e-6
-MAX_PAUSE_S = 2e-3
+# A waiter's pause doubles up to these. Under emulation every wake-up of an idle guest costs host
+# CPU, so the longer a side waits the less often it looks: a call after a pause in the traffic
+# waits up to CHANNEL_MAX_PAUSE_S longer; a control message (a new thread's first call, a restart)
+# up to MAILBOX_MAX_PAUSE_S.
+CHANNEL_MAX_PAUSE_S = 5e-3
+MAILBOX_MAX_PAUSE_S = 50e-3
 _SEQ_AT, _ACK_AT = 8, 16
 
 
@@ -112,7 +117,13 @@ class Liveness:
         """Raise PeerGone if the peer is known to be dead."""
 
     def wait_for(
-        self, mm: mmap.mmap, offset: int, value: int, timeout: float | None, interrupted: Callable[[], None]
+        self,
+        mm: mmap.mmap,
+        offset: int,
+        value: int,
+        timeout: float | None,
+        interrupted: Callable[[], None],
+        max_pause: float,
     ) -> None:
         """Poll until the sequence number at ``offset`` is ``value``, pausing longer each time;
         ``interrupted`` raises to give up (the waiter or the peer closed)."""
@@ -124,7 +135,7 @@ class Liveness:
             if deadline is not None and time.monotonic() > deadline:
                 raise CallTimeout()
             self.pause(pause)
-            pause = min(pause * 2, MAX_PAUSE_S)
+            pause = min(pause * 2, max_pause)
 
 
 class WindowChannel(ShmChannel):
@@ -142,7 +153,7 @@ class WindowChannel(ShmChannel):
         self._lay_out(slot_offset(slot), side, CAPACITY, spin_us)
 
     def _block(self, offset: int, value: int, timeout: float | None = None) -> None:
-        self._liveness.wait_for(self._mm, offset, value, timeout, self._interrupted)
+        self._liveness.wait_for(self._mm, offset, value, timeout, self._interrupted, CHANNEL_MAX_PAUSE_S)
 
     def _interrupted(self) -> None:
         if _FLAG.unpack_from(self._mm, self._peer_closed)[0]:
@@ -190,7 +201,7 @@ class Mailbox:
         self.closed = False
 
     def _wait(self, offset: int, value: int, timeout: float | None) -> None:
-        self._liveness.wait_for(self._mm, offset, value, timeout, self._interrupted)
+        self._liveness.wait_for(self._mm, offset, value, timeout, self._interrupted, MAILBOX_MAX_PAUSE_S)
 
     def _interrupted(self) -> None:
         if self.closed:
