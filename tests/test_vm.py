@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import signal
@@ -445,3 +446,16 @@ def test_check_says_which_accelerator_and_why(tmp_path) -> None:
         assert "compartment 'box': accelerator kvm cannot be used here" in done.stderr
     else:
         assert done.returncode == 0, done.stderr
+
+
+def test_the_vm_benchmark_runs(tmp_path) -> None:
+    bench = Path(__file__).parent.parent / "bench" / "vm_gate.py"
+    out = tmp_path / "vm.json"
+    done = subprocess.run(
+        [sys.executable, str(bench), "--quick", "--json", str(out)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    assert "vm gate median" in done.stdout and "boot to first call" in done.stdout
+    results = json.loads(out.read_text())
+    assert results["vm_median_us"] > results["direct_median_us"] > 0
+    assert results["vm_rss_mib"] > 0 and results["vm_boot_s"] > 0

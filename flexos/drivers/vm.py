@@ -41,6 +41,7 @@ from flexos.transports import CallTimeout, PeerGone
 from flexos.transports.ivshmem import (
     AGENT_SLOT,
     EXITED,
+    HOST_CHANNEL_MAX_PAUSE_S,
     SLOTS,
     WINDOW_SIZE,
     Liveness,
@@ -188,6 +189,8 @@ class _Launcher:
 class _HostLiveness(Liveness):
     """The host pauses in select() on QEMU's pidfd (a dying VM wakes it at once) and reads the
     compartment's status word (its exit in the guest)."""
+
+    channel_max_pause = HOST_CHANNEL_MAX_PAUSE_S
 
     def __init__(self, machine: Machine, epoch: int | None = None) -> None:
         self._machine = machine

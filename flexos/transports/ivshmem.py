@@ -12,7 +12,7 @@ the BAR2 of a stock ``ivshmem-plain`` PCI device in the guest. Layout::
 Every slot has the layout of a :class:`~flexos.transports.shm.ShmChannel` region (the same class
 moves the frames: exact-sequence publish, fragments acknowledged one by one), so only waiting
 differs. Nothing here can wake the other side, so a waiter spins like a shm channel does, then
-polls with a pause that doubles up to ``CHANNEL_MAX_PAUSE_S``; the host's pause is a ``select`` on QEMU's
+polls with a pause that doubles up to a few ms; the host's pause is a ``select`` on QEMU's
 pidfd, so a dying VM wakes it at once.
 
 A mailbox is a slot used as two independent queues of one message each (the receiver acknowledges
@@ -60,10 +60,11 @@ _STATUS = struct.Struct("<QiII")  # epoch, returncode, guest pid, state: one sto
 IDLE, RUNNING, EXITED = 0, 1, 2
 FIRST_PAUSE_S = 20e-6
 # A waiter's pause doubles up to these. Under emulation every wake-up of an idle guest costs host
-# CPU, so the longer a side waits the less often it looks: a call after a pause in the traffic
-# waits up to CHANNEL_MAX_PAUSE_S longer; a control message (a new thread's first call, a restart)
-# up to MAILBOX_MAX_PAUSE_S.
-CHANNEL_MAX_PAUSE_S = 5e-3
+# CPU (a guest thread looking every 5 ms kept ~14% of a host core busy), so the guest looks less
+# often than the host: a call after a lull in the traffic waits up to GUEST_CHANNEL_MAX_PAUSE_S
+# longer; a control message (a new thread's first call, a restart) up to MAILBOX_MAX_PAUSE_S.
+HOST_CHANNEL_MAX_PAUSE_S = 5e-3
+GUEST_CHANNEL_MAX_PAUSE_S = 20e-3
 MAILBOX_MAX_PAUSE_S = 50e-3
 _SEQ_AT, _ACK_AT = 8, 16
 
@@ -110,6 +111,8 @@ def write_status(mm: mmap.mmap, epoch: int, returncode: int, pid: int, state: in
 class Liveness:
     """How one side waits when there is nothing to read: a pause, and a check that the peer lives."""
 
+    channel_max_pause = GUEST_CHANNEL_MAX_PAUSE_S
+
     def pause(self, seconds: float) -> None:
         time.sleep(seconds)
 
@@ -153,7 +156,7 @@ class WindowChannel(ShmChannel):
         self._lay_out(slot_offset(slot), side, CAPACITY, spin_us)
 
     def _block(self, offset: int, value: int, timeout: float | None = None) -> None:
-        self._liveness.wait_for(self._mm, offset, value, timeout, self._interrupted, CHANNEL_MAX_PAUSE_S)
+        self._liveness.wait_for(self._mm, offset, value, timeout, self._interrupted, self._liveness.channel_max_pause)
 
     def _interrupted(self) -> None:
         if _FLAG.unpack_from(self._mm, self._peer_closed)[0]:
