@@ -183,8 +183,8 @@ def poset_figure(path: Path, configs: Sequence[Configuration], order: SafetyOrde
     axes.set_ylabel("safety level (longest chain below)")
     axes.set_xticks([])
     axes.set_title(
-        f"{len(configs)} configurations, {len(answer.measured)} measured (filled), others inferred (hollow: "
-        f"solid meets, dotted misses); stars: safest meeting {goal.budget:g}",
+        f"{len(configs)} configurations, {len(answer.measured)} measured (filled), others inferred\n"
+        f"(hollow: solid meets, dotted misses); stars: safest meeting {goal.budget:g}",
         fontsize=9,
     )
     figure.tight_layout()
