@@ -124,13 +124,15 @@ def test_two_vm_compartments_each_get_a_guest(boot_vm) -> None:
 # -- what the guest can see of the host ----------------------------------------------------------
 
 
-def test_the_guest_sees_only_its_own_memory_and_processes(boot_vm) -> None:
+def test_the_guest_sees_only_its_own_memory_and_processes(boot_vm, monkeypatch) -> None:
     marker = "FLEXOS_SECRET_4711"
+    monkeypatch.setenv("FLEXOS_TEST_SECRET", marker)  # a process compartment would inherit it
     holder = subprocess.Popen(["sleep", "60"], env={"FLEXOS_TEST_SECRET": marker})
     try:
         boot_vm()
         import guestlib
 
+        assert guestlib.getenv("FLEXOS_TEST_SECRET") is None
         assert guestlib.processes_mentioning(marker) == []
         # The same probe run here finds the host process, so it would find it from the guest if it could.
         spec = importlib.util.spec_from_file_location("guestlib_here", FIXTURES / "guestlib.py")

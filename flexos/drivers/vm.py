@@ -197,7 +197,8 @@ class _HostLiveness(Liveness):
         self._epoch = epoch
 
     def pause(self, seconds: float) -> None:
-        if select.select([self._machine.pidfd], [], [], seconds)[0]:
+        pidfd = self._machine.pidfd
+        if pidfd < 0 or select.select([pidfd], [], [], seconds)[0]:  # shut down, or QEMU exited
             raise PeerGone()
 
     def check(self) -> None:
@@ -264,7 +265,11 @@ class Machine:
                 f"compartment {name!r}: its virtual machine {why} ({timeout} s){self.console_tail()}"
             ) from None
         self.boot_seconds = time.monotonic() - started
-        _progress(name, f"ready ({self.accelerator}, Python {hello[1].get('python', '?')})", self.boot_seconds, True)
+        if hello[0] != "agent" or len(hello) != 2 or type(hello[1]) is not dict:
+            self.shutdown()
+            raise CompartmentStartError(f"compartment {name!r}: its guest greeted with {hello!r}")
+        python = hello[1].get("python")
+        _progress(name, f"ready ({self.accelerator}, Python {python})", self.boot_seconds, True)
 
     def _argv(self, options: dict[str, Any], kernel: Path, initrd: Path, memfd: int, mounts: list) -> list[str]:
         accel = "kvm" if self.accelerator == "kvm" else "tcg,tb-size=64"
@@ -511,7 +516,7 @@ class VmDriver(Driver):
         return link
 
     def _death(self, machine: Machine, epoch: int) -> CompartmentCrashed:
-        if machine.process is not None and machine.process.poll() is None:
+        if machine.alive and machine.pidfd >= 0:
             if select.select([machine.pidfd], [], [], 0)[0] == []:
                 status_epoch, returncode, _pid, state = read_status(machine.window)
                 if state == EXITED and status_epoch == epoch:

@@ -306,8 +306,9 @@ class WindowTransport(ShmTransport):
                     message = self._mailbox.recv()
                 except (PeerGone, ProtocolError):
                     break
-                if message[0] == "open" and len(message) == 2 and message[1] in self._theirs:
-                    channel = WindowChannel(self._mm, message[1], 1, self._liveness, self._spin_us)
+                slot = message[1] if len(message) == 2 else None
+                if message[0] == "open" and type(slot) is int and slot in self._theirs:
+                    channel = WindowChannel(self._mm, slot, 1, self._liveness, self._spin_us)
                     with self._lock:
                         self._accepted = [*(c for c in self._accepted if not c.closed), channel]
                     threading.Thread(target=link.serve, args=(channel,), daemon=True, name="flexos-serve").start()

@@ -63,6 +63,7 @@ def run_compartment(window: mmap.mmap, boot: dict) -> None:
     """The forked compartment: boot the image's compartment ``boot['name']`` and serve the host."""
     from flexos.compartment import link_back
 
+    image = Image.from_dict(boot["image"])
     transport = WindowTransport(
         window,
         host=False,
@@ -71,7 +72,6 @@ def run_compartment(window: mmap.mmap, boot: dict) -> None:
         spin_us=boot["spin_us"],
     )
     try:
-        image = Image.from_dict(boot["image"])
         sys.path[:] = boot["sys_path"]
         sys.argv[:] = boot["argv"]
         if os.path.isdir(boot["cwd"]):
