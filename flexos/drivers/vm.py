@@ -265,6 +265,8 @@ class Machine:
                 f"compartment {name!r}: its virtual machine {why} ({timeout} s){self.console_tail()}"
             ) from None
         self.boot_seconds = time.monotonic() - started
+        shutil.rmtree(self._rundir, ignore_errors=True)  # QEMU loaded the initrd before the guest ran
+        self._rundir = None
         if hello[0] != "agent" or len(hello) != 2 or type(hello[1]) is not dict:
             self.shutdown()
             raise CompartmentStartError(f"compartment {name!r}: its guest greeted with {hello!r}")
