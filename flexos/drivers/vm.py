@@ -461,10 +461,6 @@ class VmDriver(Driver):
         """The compartment's own pid inside its guest."""
         return self._machine.guest_pid if self._machine is not None else None
 
-    @property
-    def machine(self) -> Machine | None:
-        return self._machine
-
     def _machine_key(self) -> tuple:
         options = self.options
         mounts, links = guest_paths(options["filesystem"]["read"], options["filesystem"]["write"])
