@@ -205,7 +205,8 @@ class Runtime(Host):
         return self.finder.bypass(owner)
 
     def control(self, compartment: str, message: bytes, fds: list[int]) -> None:
-        verb, _, name = message.decode("utf-8", "replace").partition(" ")
+        verb, _, rest = message.decode("utf-8", "replace").partition(" ")
+        name, _, reason = rest.partition(" ")  # "connect NAME", "peer NAME", "refused NAME REASON"
         if self.local == self.image.default:
             for fd in fds:
                 os.close(fd)
@@ -223,7 +224,7 @@ class Runtime(Host):
             for fd in fds:
                 os.close(fd)
             if verb == "refused" and pending is not None:
-                pending.put(name)
+                pending.put(reason or "no reason given")
 
     def _broker(self, requester: str, target: str) -> None:
         """Connect compartment ``requester`` to ``target`` (booting it if needed)."""
@@ -265,7 +266,7 @@ class Runtime(Host):
         finally:
             self._sibling_requests.pop(name, None)
         if not isinstance(answer, socket.socket):
-            raise CompartmentStartError(f"the default compartment refused a connection to {name!r}")
+            raise CompartmentStartError(f"the default compartment refused a connection to {name!r}: {answer}")
         return answer
 
     def _adopt_sibling(self, name: str, sock: socket.socket) -> None:

@@ -90,6 +90,19 @@ def test_a_callback_travels_through_two_compartments_and_runs_in_the_app(place) 
     assert liba.relay(lambda value: value + os.getpid()) == 20 + os.getpid() + 1
 
 
+def test_a_sibling_that_cannot_boot_is_refused_at_once_with_the_reason(place) -> None:
+    """The broker's refusal reaches the asking compartment (it does not wait out its timeout)."""
+    place(
+        SIBLINGS,
+        {"a": {"driver": "process"}, "b": {"driver": "process", "start_timeout": 0.001}},
+        {"liba": "a", "libb": "b"},
+    )
+    started = time.monotonic()
+    with pytest.raises(flexos.CompartmentStartError, match=r"refused a connection to 'b': .*failed to boot"):
+        import liba  # noqa: F401  (liba imports libb, placed in b, which cannot start in 1 ms)
+    assert time.monotonic() - started < 30
+
+
 def test_a_sibling_that_dies_is_reached_again_after_its_restart(place) -> None:
     runtime = place(SIBLINGS, {"a": {"driver": "process"}, "b": {"driver": "process"}}, {"liba": "a", "libb": "b"})
     import liba
