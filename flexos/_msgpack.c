@@ -149,6 +149,7 @@ typedef struct {
 } Hooks;
 
 static int pack_object(ModuleState *state, Buffer *buf, PyObject *obj, const Hooks *hooks, int depth);
+static int pack_native(ModuleState *state, Buffer *buf, PyObject *obj, const Hooks *hooks, int depth);
 
 static int
 pack_ext(ModuleState *state, Buffer *buf, PyObject *ext)
@@ -214,118 +215,117 @@ lend_or_pack(ModuleState *state, Buffer *buf, PyObject *obj, const char *data, P
     return rc;
 }
 
+/* Packs `obj` if msgpack has a type for it: 0 done, -1 error, 1 not a msgpack type. */
+static int
+pack_native(ModuleState *state, Buffer *buf, PyObject *obj, const Hooks *hooks, int depth)
+{
+    if (obj == Py_None) {
+        return put_byte(buf, 0xc0);
+    }
+    if (obj == Py_True || obj == Py_False) {
+        return put_byte(buf, obj == Py_True ? 0xc3 : 0xc2);
+    }
+    if (PyLong_CheckExact(obj)) {
+        int overflow;
+        long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
+        if (overflow == 0) {
+            return v == -1 && PyErr_Occurred() ? -1 : pack_signed(buf, v);
+        }
+        unsigned long long u = overflow > 0 ? PyLong_AsUnsignedLongLong(obj) : 0;
+        if (overflow > 0 && !PyErr_Occurred()) {
+            return put_be(buf, 0xcf, u, 8);
+        }
+        PyErr_Clear();
+        return 1; /* beyond 64 bits: the `default` hook's business */
+    }
+    if (PyFloat_CheckExact(obj)) {
+        double d = PyFloat_AS_DOUBLE(obj);
+        uint64_t bits;
+        memcpy(&bits, &d, 8);
+        return put_be(buf, 0xcb, bits, 8);
+    }
+    if (PyUnicode_CheckExact(obj)) {
+        Py_ssize_t n;
+        const char *utf8 = PyUnicode_AsUTF8AndSize(obj, &n);
+        return utf8 == NULL ? -1 : pack_raw(buf, utf8, n, 1);
+    }
+    if (PyBytes_CheckExact(obj)) {
+        return lend_or_pack(state, buf, obj, PyBytes_AS_STRING(obj), PyBytes_GET_SIZE(obj), hooks);
+    }
+    if (PyByteArray_CheckExact(obj)) {
+        return lend_or_pack(state, buf, obj, PyByteArray_AS_STRING(obj), PyByteArray_GET_SIZE(obj), hooks);
+    }
+    if (Py_IS_TYPE(obj, &PyMemoryView_Type)) {
+        Py_buffer view;
+        if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0) {
+            return -1;
+        }
+        int rc = lend_or_pack(state, buf, obj, view.buf, view.len, hooks);
+        PyBuffer_Release(&view);
+        return rc;
+    }
+    if (PyList_CheckExact(obj)) {
+        Py_ssize_t n = PyList_GET_SIZE(obj);
+        int rc = put_length(buf, n, 0x90, 16, 0, 0xdc, 0xdd);
+        for (Py_ssize_t i = 0; rc == 0 && i < n; i++) {
+            if (i >= PyList_GET_SIZE(obj)) {
+                PyErr_SetString(PyExc_RuntimeError, "list changed size while it was packed");
+                return -1;
+            }
+            PyObject *item = Py_NewRef(PyList_GET_ITEM(obj, i)); /* `default` may change the list */
+            rc = pack_object(state, buf, item, hooks, depth + 1);
+            Py_DECREF(item);
+        }
+        return rc;
+    }
+    if (PyDict_CheckExact(obj)) {
+        int rc = put_length(buf, PyDict_GET_SIZE(obj), 0x80, 16, 0, 0xde, 0xdf);
+        PyObject *key, *value;
+        Py_ssize_t pos = 0;
+        while (rc == 0 && PyDict_Next(obj, &pos, &key, &value)) {
+            Py_INCREF(key);
+            Py_INCREF(value); /* `default` may change the dict */
+            rc = pack_object(state, buf, key, hooks, depth + 1);
+            if (rc == 0) {
+                rc = pack_object(state, buf, value, hooks, depth + 1);
+            }
+            Py_DECREF(key);
+            Py_DECREF(value);
+        }
+        return rc;
+    }
+    if (Py_IS_TYPE(obj, (PyTypeObject *)state->ext_type) && PyTuple_GET_SIZE(obj) == 2) {
+        return pack_ext(state, buf, obj);
+    }
+    return 1;
+}
+
+/* msgpack's types, else what `default` returns for it (once: its answer must be packable). */
 static int
 pack_object(ModuleState *state, Buffer *buf, PyObject *obj, const Hooks *hooks, int depth)
 {
-    PyObject *fallback = hooks->fallback;
     if (depth > NEST_LIMIT) {
         PyErr_SetString(PyExc_ValueError, "recursion limit exceeded.");
         return -1;
     }
-    Py_INCREF(obj);
-    int default_used = 0, rc = -1;
-    for (;;) {
-        if (obj == Py_None) {
-            rc = put_byte(buf, 0xc0);
-        }
-        else if (obj == Py_True || obj == Py_False) {
-            rc = put_byte(buf, obj == Py_True ? 0xc3 : 0xc2);
-        }
-        else if (PyLong_CheckExact(obj)) {
-            int overflow;
-            long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
-            if (overflow == 0) {
-                rc = v == -1 && PyErr_Occurred() ? -1 : pack_signed(buf, v);
-            }
-            else {
-                unsigned long long u = overflow > 0 ? PyLong_AsUnsignedLongLong(obj) : 0;
-                if (overflow > 0 && !PyErr_Occurred()) {
-                    rc = put_be(buf, 0xcf, u, 8);
-                }
-                else {
-                    PyErr_Clear();
-                    goto use_default;
-                }
-            }
-        }
-        else if (PyFloat_CheckExact(obj)) {
-            double d = PyFloat_AS_DOUBLE(obj);
-            uint64_t bits;
-            memcpy(&bits, &d, 8);
-            rc = put_be(buf, 0xcb, bits, 8);
-        }
-        else if (PyUnicode_CheckExact(obj)) {
-            Py_ssize_t n;
-            const char *utf8 = PyUnicode_AsUTF8AndSize(obj, &n);
-            rc = utf8 == NULL ? -1 : pack_raw(buf, utf8, n, 1);
-        }
-        else if (PyBytes_CheckExact(obj)) {
-            rc = lend_or_pack(state, buf, obj, PyBytes_AS_STRING(obj), PyBytes_GET_SIZE(obj), hooks);
-        }
-        else if (PyByteArray_CheckExact(obj)) {
-            rc = lend_or_pack(state, buf, obj, PyByteArray_AS_STRING(obj), PyByteArray_GET_SIZE(obj), hooks);
-        }
-        else if (Py_IS_TYPE(obj, &PyMemoryView_Type)) {
-            Py_buffer view;
-            if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0) {
-                rc = -1;
-            }
-            else {
-                rc = lend_or_pack(state, buf, obj, view.buf, view.len, hooks);
-                PyBuffer_Release(&view);
-            }
-        }
-        else if (PyDict_CheckExact(obj)) {
-            rc = put_length(buf, PyDict_GET_SIZE(obj), 0x80, 16, 0, 0xde, 0xdf);
-            PyObject *key, *value;
-            Py_ssize_t pos = 0;
-            while (rc == 0 && PyDict_Next(obj, &pos, &key, &value)) {
-                Py_INCREF(key);
-                Py_INCREF(value); /* `fallback` may run code that changes the dict */
-                rc = pack_object(state, buf, key, hooks, depth + 1);
-                if (rc == 0) {
-                    rc = pack_object(state, buf, value, hooks, depth + 1);
-                }
-                Py_DECREF(key);
-                Py_DECREF(value);
-            }
-        }
-        else if (PyList_CheckExact(obj)) {
-            Py_ssize_t n = PyList_GET_SIZE(obj);
-            rc = put_length(buf, n, 0x90, 16, 0, 0xdc, 0xdd);
-            for (Py_ssize_t i = 0; rc == 0 && i < n; i++) {
-                if (i >= PyList_GET_SIZE(obj)) {
-                    PyErr_SetString(PyExc_RuntimeError, "list changed size while it was packed");
-                    rc = -1;
-                    break;
-                }
-                PyObject *item = Py_NewRef(PyList_GET_ITEM(obj, i));
-                rc = pack_object(state, buf, item, hooks, depth + 1);
-                Py_DECREF(item);
-            }
-        }
-        else if (Py_IS_TYPE(obj, (PyTypeObject *)state->ext_type) && PyTuple_GET_SIZE(obj) == 2) {
-            rc = pack_ext(state, buf, obj);
-        }
-        else {
-            goto use_default;
-        }
-        break;
-    use_default:
-        if (default_used || fallback == NULL || fallback == Py_None) {
-            PyErr_Format(PyExc_TypeError, "can not serialize '%.200s' object", Py_TYPE(obj)->tp_name);
-            rc = -1;
-            break;
-        }
-        PyObject *replacement = PyObject_CallOneArg(fallback, obj);
-        Py_DECREF(obj);
+    int rc = pack_native(state, buf, obj, hooks, depth);
+    if (rc <= 0) {
+        return rc;
+    }
+    PyObject *replacement = NULL;
+    if (hooks->fallback != NULL && hooks->fallback != Py_None) {
+        replacement = PyObject_CallOneArg(hooks->fallback, obj);
         if (replacement == NULL) {
             return -1;
         }
-        obj = replacement;
-        default_used = 1;
+        rc = pack_native(state, buf, replacement, hooks, depth);
     }
-    Py_DECREF(obj);
+    if (rc == 1) {
+        PyErr_Format(PyExc_TypeError, "can not serialize '%.200s' object",
+                     Py_TYPE(replacement ? replacement : obj)->tp_name);
+        rc = -1;
+    }
+    Py_XDECREF(replacement);
     return rc;
 }
 

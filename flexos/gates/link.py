@@ -23,7 +23,6 @@ from flexos.gates.protocol import (
     Op,
     decode_frame,
     encode_error,
-    encode_reply,
     frame_kind,
 )
 from flexos.gates.proxies import DUNDERS, RemoteClass, RemoteObject, describe_class, mirror_class, new_proxy
@@ -163,7 +162,7 @@ class Link:
         if self.closed:
             raise self._closed_error()
         imports = self.imports
-        frame = self.codec.pack_frame(  # encode_call, inlined: this is the hottest path
+        frame = self.codec.pack_frame(  # a CALL frame (layout: protocol.py, "frames")
             [
                 Kind.CALL,
                 op,
@@ -279,7 +278,8 @@ class Link:
                 else:
                     deferred.extend(call[6])
             result = self._execute(call[1], call[2], call[3], call[4], call[5])
-            return encode_reply(codec, result, imports.take_releases() if imports.dying else _NO_RELEASES)
+            # a REPLY frame (layout: protocol.py, "frames")
+            return codec.pack_frame([Kind.REPLY, result, imports.take_releases() if imports.dying else _NO_RELEASES])
         except BaseException as exc:  # everything, including SystemExit, belongs to the caller
             return encode_error(codec, exc, imports.take_releases(), with_traceback=type(exc) is not StopIteration)
 

@@ -216,6 +216,9 @@ _VALUE_KINDS = {
 # Attributes of builtin exceptions that live in slots rather than args or __dict__.
 _BUILTIN_EXCEPTION_ATTRS = frozenset({"filename", "filename2", "name", "path", "name_from"})
 _MAX_NESTING = 32
+# What decoding malformed bytes can raise: the codec's errors derive from ValueError; unhashable
+# map keys give TypeError.
+_DECODE_ERRORS = (ValueError, TypeError, KeyError, IndexError, RecursionError, OverflowError)
 
 
 class Codec:
@@ -378,8 +381,7 @@ class Codec:
             return _wire.unpackb(data, ext_hook=self._decode_ext_hook, strict_map_key=False, raw=False)
         except ProtocolError:
             raise
-        except (ValueError, TypeError, KeyError, IndexError, RecursionError, OverflowError) as exc:
-            # msgpack's own errors derive from ValueError; unhashable keys give TypeError.
+        except _DECODE_ERRORS as exc:
             raise ProtocolError(f"malformed value from compartment: {type(exc).__name__}: {exc}") from None
 
     def _ext_hook(self, code: int, payload: bytes) -> Any:
@@ -459,16 +461,6 @@ def frame_kind(data: bytes) -> int:
     return data[1]
 
 
-def encode_call(
-    codec: Codec, op: int, target: int | str, name: str | None, args: Any, kwargs: Any, releases: list
-) -> bytes:
-    return codec.pack_frame([Kind.CALL, op, target, name, args, kwargs, releases])
-
-
-def encode_reply(codec: Codec, value: Any, releases: list) -> bytes:
-    return codec.pack_frame([Kind.REPLY, value, releases])
-
-
 def encode_error(codec: Codec, exc: BaseException, releases: list, with_traceback: bool = True) -> bytes:
     text = "".join(traceback.format_exception(exc)) if with_traceback else ""
     try:
@@ -489,7 +481,12 @@ def _check_releases(releases: Any) -> None:
 
 def decode_frame(codec: Codec, data: bytes) -> list[Any]:
     """Decode and validate one frame; anything malformed raises ProtocolError."""
-    frame = codec.unpack(data)
+    try:  # Codec.unpack, inlined: two frames per gate call come through here
+        frame = _wire.unpackb(data, ext_hook=codec._decode_ext_hook, strict_map_key=False, raw=False)
+    except ProtocolError:
+        raise
+    except _DECODE_ERRORS as exc:
+        raise ProtocolError(f"malformed value from compartment: {type(exc).__name__}: {exc}") from None
     if type(frame) is not list or not frame or type(frame[0]) is not int:
         raise ProtocolError("frame is not a flexos frame")
     kind, size = frame[0], len(frame)
