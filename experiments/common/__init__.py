@@ -1,0 +1,1 @@
+"""What every experiment shares: steps (prepare/run/plot), app servers, real clients, plots."""
