@@ -7,6 +7,5 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 APPS = REPO / "apps"
-EXPERIMENTS = REPO / "experiments"
 PYTHON = sys.executable
 FLEXOS = str(Path(sys.executable).with_name("flexos"))
