@@ -124,6 +124,7 @@ def plot(context: Context) -> None:
     bars = right.bar(labels, ratios, color=colors)
     right.bar_label(bars, fmt="%.2fx")
     right.axhline(1.0, color="black", linewidth=0.8)
+    right.axvline(len(measured) - 0.5, color="grey", linestyle=":")  # flexos | FlexOS
     right.set_ylabel("x its own no-isolation baseline")
     right.set_title("ratios: flexos vs FlexOS (ASPLOS'22 fig. 10)")
     right.tick_params(axis="x", labelsize=8)
