@@ -49,18 +49,23 @@ def runnable(app: str, config: str | None) -> Variant:
     return chosen
 
 
-def exchange(port: int, payload: bytes, expect_close: bool = False) -> bytes:
-    """Send ``payload`` on a new connection; return what came back until a pause (or the close)."""
+def exchange(port: int, payload: bytes, size: int | None = None) -> bytes:
+    """Send ``payload`` on a new connection; return ``size`` bytes of answer, or all of it until the close."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(payload)
-        chunks = []
-        sock.settimeout(10 if expect_close else 1.0)
-        try:
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        except TimeoutError:
-            pass
+        chunks, received = [], 0
+        while size is None or received < size:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            received += len(chunk)
     return b"".join(chunks)
+
+
+def ask(port: int, payload: bytes, expected: bytes) -> None:
+    """Send RESP commands; the replies must be exactly ``expected``."""
+    assert exchange(port, payload, len(expected)) == expected
 
 
 def resp(*args: bytes) -> bytes:
@@ -108,10 +113,13 @@ def test_kv_serves_redis_benchmark_and_commands(config, tmp_path):
         port = server.wait_listening()
         rates = redis_benchmark(port, requests=2000)
         assert set(rates) == {"SET", "GET"} and all(rate > 0 for rate in rates.values())
-        reply = exchange(port, resp(b"SET", b"k", b"v") + resp(b"GET", b"k") + resp(b"INCR", b"n") + resp(b"GETX"))
-        assert reply == b"+OK\r\n$1\r\nv\r\n:1\r\n-ERR unknown command 'GETX'\r\n"
-        assert exchange(port, resp(b"DEL", b"k", b"missing") + resp(b"GET", b"k")) == b":1\r\n$-1\r\n"
-        assert exchange(port, b"!not resp\r\n", expect_close=True).startswith(b"-ERR Protocol error")
+        ask(
+            port,
+            resp(b"SET", b"k", b"v") + resp(b"GET", b"k") + resp(b"INCR", b"n") + resp(b"GETX"),
+            b"+OK\r\n$1\r\nv\r\n:1\r\n-ERR unknown command 'GETX'\r\n",
+        )
+        ask(port, resp(b"DEL", b"k", b"missing") + resp(b"GET", b"k"), b":1\r\n$-1\r\n")
+        assert exchange(port, b"!not resp\r\n").startswith(b"-ERR Protocol error")  # and the server closes
         if config in ("parser-process.yaml", "parser-process-hardened.yaml", "all-process.yaml"):
             assert_isolated(server, "hiredis.cpython")
     aof = (tmp_path / "data" / "appendonly.aof").read_bytes()
@@ -123,13 +131,11 @@ def test_kv_replays_its_persistence_after_a_restart(persistence, tmp_path):
     args = ["--port", "0", "--persistence", persistence]
     with AppProcess("kv", PLAIN, args, tmp_path) as server:
         port = server.wait_listening()
-        assert exchange(port, resp(b"SET", b"a", b"1") + resp(b"INCR", b"a") + resp(b"SET", b"b", b"x")) == (
-            b"+OK\r\n:2\r\n+OK\r\n"
-        )
-        assert exchange(port, resp(b"DEL", b"b")) == b":1\r\n"
+        ask(port, resp(b"SET", b"a", b"1") + resp(b"INCR", b"a") + resp(b"SET", b"b", b"x"), b"+OK\r\n:2\r\n+OK\r\n")
+        ask(port, resp(b"DEL", b"b"), b":1\r\n")
     with AppProcess("kv", PLAIN, args, tmp_path) as server:
         port = server.wait_listening()
-        assert exchange(port, resp(b"GET", b"a") + resp(b"GET", b"b") + resp(b"DBSIZE")) == b"$1\r\n2\r\n$-1\r\n:1\r\n"
+        ask(port, resp(b"GET", b"a") + resp(b"GET", b"b") + resp(b"DBSIZE"), b"$1\r\n2\r\n$-1\r\n:1\r\n")
 
 
 def test_kv_refuses_a_corrupt_append_only_file_saying_what_to_do(tmp_path):
@@ -152,21 +158,25 @@ def test_http_serves_pages_files_and_errors(config, tmp_path):
             return
         port = server.wait_listening()
         assert wrk(port, "/", seconds=1)["requests"] > 0
-        page = exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nUser-Agent: <tester>\r\n\r\n")
+        page = exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nUser-Agent: <tester>\r\nConnection: close\r\n\r\n")
         assert page.startswith(b"HTTP/1.1 200 OK\r\n") and b"25 items, served to &lt;tester&gt;" in page
         assert b"item &lt;3&gt;" in page  # autoescaped
-        item = exchange(port, b"GET /item/3 HTTP/1.1\r\nHost: x\r\n\r\n")
+        item = exchange(port, b"GET /item/3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert b"<h1>item &lt;3&gt;</h1>" in item
-        css = exchange(port, b"GET /static/style.css HTTP/1.1\r\nHost: x\r\n\r\n")
+        css = exchange(port, b"GET /static/style.css HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert b"Content-Type: text/css" in css and b"border-collapse" in css
         two = exchange(
-            port, b"HEAD /static/index.html HTTP/1.1\r\nHost: x\r\n\r\nGET /nope HTTP/1.1\r\nHost: x\r\n\r\n"
+            port,
+            b"HEAD /static/index.html HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
         )
         assert two.startswith(b"HTTP/1.1 200 OK\r\n") and b"Welcome" not in two and b"404 Not Found" in two
-        escape = exchange(port, b"GET /static/../web/net.py HTTP/1.1\r\nHost: x\r\n\r\n")
+        escape = exchange(port, b"GET /static/../web/net.py HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert escape.startswith(b"HTTP/1.1 404") and b"asyncio" not in escape
-        assert exchange(port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").startswith(b"HTTP/1.1 405")
-        bad = exchange(port, b"NOT HTTP AT ALL\r\n\r\n", expect_close=True)
+        assert exchange(
+            port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        ).startswith(b"HTTP/1.1 405")
+        bad = exchange(port, b"NOT HTTP AT ALL\r\n\r\n")
         assert bad.startswith(b"HTTP/1.1 400 Bad Request")
         if config in ("parser-process.yaml", "parser-process-hardened.yaml", "all-process.yaml"):
             assert_isolated(server, "httptools/parser/parser.cpython")
@@ -206,7 +216,7 @@ def test_iperf_receives_a_real_iperf_stream(config, tmp_path):
 def test_stopping_an_app_ends_every_compartment_process(tmp_path):
     chosen = runnable("kv", "all-process.yaml")
     with AppProcess("kv", chosen, ["--port", "0"], tmp_path) as server:
-        exchange(server.wait_listening(), resp(b"SET", b"k", b"v"))  # every compartment has started
+        ask(server.wait_listening(), resp(b"SET", b"k", b"v"), b"+OK\r\n")  # every compartment has started
         group = group_members(server.proc.pid)
         assert len(group) == 5, f"expected the app and 4 compartment processes, found {group}"
     deadline = time.monotonic() + 10  # SIGKILL is delivered asynchronously
