@@ -69,6 +69,7 @@ typedef struct {
     int64_t lender;       /* interpreter that owns `object` */
     PyObject *object;     /* strong reference, owned by the lender */
     Py_buffer view;
+    int borrowed;         /* a loan is borrowed once: one view, one release */
     int returned;         /* the borrower let go; the lender may drop the pin */
 } Loan;
 
@@ -85,7 +86,8 @@ static int64_t endpoint_generation = 1;
 static Created *created; /* thread states this module made, so `destroy` can delete them */
 static Loan loans[MAX_LOANS];
 static int64_t loan_generation = 1;
-static long loans_returned; /* loans whose borrower let go, not yet unpinned */
+static int returned_slots[MAX_LOANS]; /* loans whose borrower let go, not yet unpinned */
+static int returned_count;
 
 static _Thread_local ThreadSlot thread_slots[MAX_THREAD_SLOTS];
 static _Thread_local int thread_slot_count;
@@ -214,10 +216,11 @@ after_fork_child(void)
     memset(endpoints, 0, sizeof(endpoints));
     created = NULL;
     thread_slot_count = 0;
+    returned_count = 0;
     for (int i = 0; i < MAX_LOANS; i++) {
-        if (loans[i].id != 0 && !loans[i].returned) {
+        if (loans[i].id != 0) {
             loans[i].returned = 1;
-            loans_returned++;
+            returned_slots[returned_count++] = i;
         }
     }
 }
@@ -602,6 +605,7 @@ subinterp_lend(PyObject *module, PyObject *object)
             loans[i].lender = lender;
             loans[i].object = Py_NewRef(object);
             loans[i].view = view;
+            loans[i].borrowed = 0;
             loans[i].returned = 0;
             pthread_mutex_unlock(&registry_lock);
             return Py_BuildValue("(LKn)", (long long)id, (unsigned long long)(uintptr_t)view.buf, view.len);
@@ -645,9 +649,9 @@ borrowed_dealloc(PyObject *self)
     int64_t id = borrowed->loan;
     pthread_mutex_lock(&registry_lock);
     Loan *loan = &loans[id & (MAX_LOANS - 1)];
-    if (loan->id == id) {
+    if (loan->id == id && !loan->returned) {
         loan->returned = 1; /* the lender drops its pin under its own GIL */
-        loans_returned++;
+        returned_slots[returned_count++] = (int)(id & (MAX_LOANS - 1));
     }
     pthread_mutex_unlock(&registry_lock);
     PyTypeObject *type = Py_TYPE(self);
@@ -689,15 +693,22 @@ subinterp_borrow(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     /* Only a live loan, and exactly its memory: a peer cannot make us read arbitrary addresses. */
     pthread_mutex_lock(&registry_lock);
     Loan *loan = &loans[id & (MAX_LOANS - 1)];
-    int valid = loan->id == id && !loan->returned && (uintptr_t)loan->view.buf == (uintptr_t)address &&
+    int valid = loan->id == id && !loan->borrowed && (uintptr_t)loan->view.buf == (uintptr_t)address &&
                 loan->view.len == length;
+    if (valid) {
+        loan->borrowed = 1; /* one view per loan: its release is the loan's return */
+    }
     pthread_mutex_unlock(&registry_lock);
     if (!valid) {
         return PyErr_Format(PyExc_ValueError, "no such lent buffer");
     }
     ModuleState *state = PyModule_GetState(module);
     Borrowed *borrowed = PyObject_New(Borrowed, state->borrowed_type);
-    if (borrowed == NULL) {
+    if (borrowed == NULL) { /* give the loan back at once */
+        pthread_mutex_lock(&registry_lock);
+        loan->returned = 1;
+        returned_slots[returned_count++] = (int)(id & (MAX_LOANS - 1));
+        pthread_mutex_unlock(&registry_lock);
         return NULL;
     }
     borrowed->loan = id;
@@ -709,29 +720,40 @@ subinterp_borrow(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return view;
 }
 
-/* Unpin what borrowers let go of; called in the lender's interpreter after each call. */
+/* Unpin what borrowers let go of; called in the lender's interpreter after each call. Only the
+ * returned loans are visited, and objects are released outside the lock (a dealloc may lend). */
 static void
 release_returned_loans(void)
 {
-    if (loans_returned == 0) { /* racy read: a miss is caught on the next call */
+    if (returned_count == 0) { /* racy read: a miss is caught on the next call */
         return;
     }
     int64_t lender = current_interp_id();
-    for (int i = 0; i < MAX_LOANS; i++) {
-        PyObject *object = NULL;
-        Py_buffer view;
+    for (;;) {
+        PyObject *objects[64];
+        Py_buffer views[64];
+        int n = 0, kept = 0;
         pthread_mutex_lock(&registry_lock);
-        if (loans[i].id != 0 && loans[i].lender == lender && loans[i].returned) {
-            object = loans[i].object;
-            view = loans[i].view;
-            loans[i].id = 0;
-            loans[i].object = NULL;
-            loans_returned--;
+        for (int k = 0; k < returned_count; k++) {
+            Loan *loan = &loans[returned_slots[k]];
+            if (n < 64 && loan->lender == lender) {
+                objects[n] = loan->object;
+                views[n++] = loan->view;
+                loan->id = 0;
+                loan->object = NULL;
+            }
+            else {
+                returned_slots[kept++] = returned_slots[k];
+            }
         }
+        returned_count = kept;
         pthread_mutex_unlock(&registry_lock);
-        if (object != NULL) {
-            PyBuffer_Release(&view);
-            Py_DECREF(object);
+        for (int j = 0; j < n; j++) {
+            PyBuffer_Release(&views[j]);
+            Py_DECREF(objects[j]);
+        }
+        if (n < 64) {
+            return;
         }
     }
 }

@@ -146,7 +146,10 @@ def test_forged_loan_is_refused():
 
     payload = InterpreterTransport.lend(b"z" * 100_000)
     loan, address, length = struct.unpack("<qQq", payload)
-    assert bytes(InterpreterTransport.borrow(payload)[:3]) == b"zzz"
+    view = InterpreterTransport.borrow(payload)
+    assert bytes(view[:3]) == b"zzz"
+    with pytest.raises(ProtocolError):  # a loan is borrowed once: one view, one release
+        InterpreterTransport.borrow(payload)
     with pytest.raises(ProtocolError):
         InterpreterTransport.borrow(struct.pack("<qQq", loan, address + 4096, length))
     with pytest.raises(ProtocolError):
