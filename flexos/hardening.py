@@ -222,23 +222,29 @@ def restrict_filesystem(read: Iterable[str], write: Iterable[str]) -> None:
         raise HardeningError(f"filesystem: landlock_create_ruleset failed: {os.strerror(ctypes.get_errno())}")
     try:
         python_paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path, os.path.dirname(os.__file__)}
-        for path, rights in [
-            *((p, _READ) for p in (*_SYSTEM_READ, *python_paths)),
-            *((p, _READ) for p in read),
-            *((p, writable) for p in write),
-        ]:
-            _allow(libc, add_rule, ruleset, os.path.abspath(path), rights & handled)
+        for path in (*_SYSTEM_READ, *python_paths):  # what exists of these (sys.path may list zips)
+            _allow(libc, add_rule, ruleset, os.path.abspath(path), _READ & handled, required=False)
+        for kind, paths, rights in (("read", read, _READ), ("write", write, writable)):
+            for path in paths:  # the operator's own list: a missing path is a mistake, said now
+                _allow(libc, add_rule, ruleset, os.path.abspath(path), rights & handled, required=kind)
         if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or libc.syscall(restrict, ruleset, 0) != 0:
             raise HardeningError(f"filesystem: landlock_restrict_self failed: {os.strerror(ctypes.get_errno())}")
     finally:
         os.close(ruleset)
 
 
-def _allow(libc: ctypes.CDLL, add_rule: int, ruleset: int, path: str, rights: int) -> None:
+def _allow(libc: ctypes.CDLL, add_rule: int, ruleset: int, path: str, rights: int, required: str | bool) -> None:
+    """Allow ``rights`` beneath ``path``; a missing path is skipped unless ``required`` (then it
+    names the option the path came from, for the error)."""
     try:
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except FileNotFoundError:
-        return  # nothing there to allow
+        if required:
+            raise HardeningError(
+                f"filesystem.{required}: {path} does not exist (Landlock allows paths that exist when the "
+                "compartment starts: create it first)"
+            ) from None
+        return
     try:
         if not os.path.isdir(path):
             rights &= _FILE_RIGHTS

@@ -247,6 +247,14 @@ def test_filesystem_blocks_writing_outside_the_allowlist(boot_attacker, places) 
     assert (places["out"] / "allowed.txt").read_text() == "y"
 
 
+def test_filesystem_path_that_does_not_exist_stops_the_compartment_with_the_reason(boot_attacker, places) -> None:
+    """A missing allowlisted path is a mistake in the config: said at start, not at first use."""
+    _landlock_abi_or_skip()
+    missing = places["root"] / "not-created-yet"
+    with pytest.raises(flexos.CompartmentStartError, match=r"filesystem\.write: .*not-created-yet does not exist"):
+        boot_attacker({"filesystem": {"read": [], "write": [str(missing)]}})
+
+
 def test_filesystem_scope_blocks_signalling_the_app(boot_attacker, places) -> None:
     _landlock_abi_or_skip(6)
     assert boot_attacker({}).signal_process(os.getpid()) == "signalled"
