@@ -12,8 +12,8 @@ an audit policy, stands for SFI). Run::
     .venv/bin/python bench/replay_redis.py [--data DIR]          # the exploration side by side with
                                                                  # measuring all 80 (FlexOS's way)
 
-The data is ``shared/data/flexos-asplos22-redis/`` beside the repository (or ``--data DIR`` /
-``FLEXOS_REDIS_DATA``), from the public artifact project-flexos/asplos22-ae.
+The data is ``bench/data/flexos-asplos22-redis/`` (or ``--data DIR`` / ``FLEXOS_REDIS_DATA``),
+copied from the public artifact project-flexos/asplos22-ae.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ruamel.yaml import YAML
 
 HERE = Path(__file__).resolve().parent
 SPACE = HERE / "replay_redis.yaml"
-DATA = HERE.parent.parent / "shared" / "data" / "flexos-asplos22-redis"
+DATA = HERE / "data" / "flexos-asplos22-redis"
 # flexos.yaml module name -> the column prefix in redis-perm.csv
 LIBRARIES = {"redis": "LIBREDIS", "newlib": "LIBNEWLIB", "uksched": "LIBUKSCHED", "lwip": "LIBLWIP"}
 CHUNK, METHOD = "5", "GET"  # what FlexOS plotted

@@ -61,7 +61,7 @@ def test_a_timeout_needs_the_process_driver(tmp_path: Path) -> None:
     with pytest.raises(flexos.ConfigError) as info:
         parse(path)
     assert info.value.problems == [
-        f"{path}:7: compartment 'box': a timeout needs driver 'process' (a stuck 'fcalls' call runs on the "
+        f"{path}:7: compartment 'box': a timeout needs driver 'process' or 'vm' (a stuck 'fcalls' call runs on the "
         "caller's own thread)"
     ]
 
