@@ -155,6 +155,53 @@ def test_a_failing_benchmark_is_reported(tmp_path: Path, command: str, timeout: 
     assert message in done.stderr
 
 
+# Fails (as a C extension refusing a subinterpreter would) when json and csv share a process.
+FAILING_BENCH = BENCH.replace(
+    'print("warming up")',
+    """json_at, csv_at = image.libraries["json"], image.libraries["csv"]
+if json_at == csv_at and image.compartments[json_at].driver == "process":
+    print("traceback ...", file=sys.stderr)
+    print("cannot run: json and csv share a process", file=sys.stderr)
+    sys.exit(5)
+print("warming up")""",
+)
+
+
+def test_recorded_failures_are_results_not_stops(tmp_path: Path) -> None:
+    space = SPACE.replace("    repeats: 2\n", "    repeats: 2\n    failures: record\n")
+    space_path = make(tmp_path, space, FAILING_BENCH)
+    out = tmp_path / "out"
+    done = explore(str(space_path), "--budget", "0", "--exhaustive", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    results = json.loads((out / "results.json").read_text())
+    failed = {r["name"]: r for r in results["results"] if r["status"] == "failed"}
+    assert set(failed) == {"J1C1_p", "J1HC1_p", "J1C1H_p", "J1HC1H_p"}
+    for record in failed.values():
+        assert record["failure"] == "exit status 5: cannot run: json and csv share a process"
+        assert not record["star"] and not record["meets_budget"] and record["runs"] == []
+    assert results["failed"] == 4 and results["measured"] == 13 - 4 and results["inferred"] == 0
+    assert not set(results["stars"]) & set(failed)
+    assert "failed 4 (could not run; never stars):" in done.stdout
+    assert "  4: J1C1_p J1C1H_p J1HC1_p J1HC1H_p: exit status 5: cannot run" in done.stdout
+    # Exhaustive runs go in rounds: every configuration's run 0, then every run 1, the second round
+    # starting halfway through the configurations; a failed configuration is not run again.
+    log = [line.split() for line in calls(tmp_path)]
+    assert [run for _, run in log] == ["0"] * 13 + ["1"] * 9
+    order = [Path(config).stem for config, _ in log]
+    names = [config.name for config in load_space(space_path)[0].configurations()]
+    assert order[:13] == names
+    assert order[13:] == [n for n in names[6:] + names[:6] if n not in failed]
+    # The failures are cached with their reason: nothing runs again, the answer is the same.
+    again = explore(str(space_path), "--budget", "0", "--exhaustive", "--out", str(out))
+    assert again.returncode == 0, again.stderr
+    assert "benchmark runs: 0 now" in again.stdout and len(calls(tmp_path)) == 22
+    assert json.loads((out / "results.json").read_text())["results"] == results["results"]
+    # Without failures: record, the first failure stops the exploration, as before (a cached one runs again).
+    stopped = explore(str(make(tmp_path, SPACE, FAILING_BENCH)), "--budget", "0", "--exhaustive", "--out", str(out))
+    assert stopped.returncode == 1
+    assert "the command exited with status 5; its last output:\ntraceback ...\ncannot run" in stopped.stderr
+
+
 def test_list_check_and_usage(tmp_path: Path) -> None:
     space_path = make(tmp_path)
     listed = explore(str(space_path), "--list")

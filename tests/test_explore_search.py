@@ -153,3 +153,27 @@ def test_confidence_multiplies_the_certificate(space) -> None:
         product *= answer.measured[i].certainty
     assert answer.confidence == pytest.approx(product)
     assert set(answer.stars) <= set(answer.certificate) <= set(answer.measured)
+
+
+def test_failed_configurations_settle_only_themselves(space) -> None:
+    configs, order, facts = space
+    values = monotone_values(facts, {f: 0.1 for f in set().union(*facts)}, base=1.0)
+    bottom = next(i for i in range(len(configs)) if order.below[i] == 0)
+    state = Search(order, Goal(min(values) * 0.5), facts)
+    assert state.next() == bottom
+    state.record_failure(bottom, "cannot run")
+    assert state.resolved == 1  # a failure says nothing about the configurations around it
+    # The safest configurations cannot run either: the stars are the safest of the others.
+    tops = {i for i in range(len(configs)) if order.above[i] == 0}
+    failed = tops | {bottom}
+    while (index := state.next()) is not None:
+        if index in failed:
+            state.record_failure(index, "cannot run")
+        else:
+            state.record(index, [values[index]])
+    answer = state.answer()
+    runnable = [v if i not in failed else 0.0 for i, v in enumerate(values)]
+    assert sorted(answer.stars) == brute_force(order, Goal(min(values) * 0.5), runnable)
+    assert set(answer.failed) == failed and all(reason == "cannot run" for reason in answer.failed.values())
+    assert not failed & (set(answer.stars) | set(answer.inferred) | set(answer.measured) | set(answer.certificate))
+    assert set(answer.measured) | set(answer.inferred) | failed == set(range(len(configs)))

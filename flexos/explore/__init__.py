@@ -82,9 +82,28 @@ def explore(
     out = Path(out) if out is not None else default_out(space.source)
     runner = Runner(space, configs, out)
     state = Search(order, goal, [safety_facts(c) for c in configs], exhaustive)
+
+    def measure(index: int, runs: int | None = None) -> list[float] | BenchmarkFailed:
+        """The runs of ``index``, or its failure when failures are recorded (else it is raised)."""
+        try:
+            return runner.measure(index, runs)
+        except BenchmarkFailed as failed:
+            if not space.benchmark.record_failures:
+                raise
+            return failed
+
     with runner.progress(len(configs)) as bar:
+        if exhaustive:  # in rounds: every configuration's first run, then every second run, ...
+            for run in range(space.benchmark.repeats):
+                start = run * len(configs) // space.benchmark.repeats  # each round starts elsewhere
+                for index in [*range(start, len(configs)), *range(start)]:
+                    measure(index, run + 1)
         while (index := state.next()) is not None:
-            state.record(index, runner.measure(index))
+            outcome = measure(index)
+            if isinstance(outcome, BenchmarkFailed):
+                state.record_failure(index, outcome.reason)
+            else:
+                state.record(index, outcome)
             bar.update(state.resolved - bar.n)
     answer = state.answer()
     paths = {i: runner.config_path(i) for i in answer.measured}

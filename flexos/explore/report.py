@@ -16,7 +16,7 @@ from typing import Any
 
 from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
+from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure  # a Figure without pyplot draws to files only (Agg)
 
 from flexos.explore.order import SafetyOrder
@@ -25,6 +25,8 @@ from flexos.explore.space import Configuration, Space
 
 # Above this many configurations the poset figure would be unreadable; it is not drawn.
 MAX_POSET_NODES = 600
+# Up to this many configurations the poset figure names every node, as FlexOS's figure 8 does.
+MAX_NAMED_NODES = 100
 _COMPARTMENT_COLORS = ["#7f7f7f", "#4c72b0", "#c44e52", "#55a868", "#8172b2", "#ccb974", "#64b5cd", "#8c8c8c"]
 
 
@@ -47,17 +49,19 @@ def rows(configs: Sequence[Configuration], answer: Answer, paths: dict[int, Path
     records = []
     for i, config in enumerate(configs):
         measured = answer.measured.get(i)
+        failed = answer.failed.get(i)
         records.append(
             {
                 "name": config.name,
                 "layout": describe(config),
-                "status": "measured" if measured else "inferred",
-                "meets_budget": measured.meets if measured else answer.inferred[i],
+                "status": "measured" if measured else "failed" if failed is not None else "inferred",
+                "meets_budget": measured.meets if measured else False if failed is not None else answer.inferred[i],
                 "star": i in stars,
                 "value": measured.value if measured else None,
                 "runs": list(measured.values) if measured else [],
                 "certainty": measured.certainty if measured else None,
                 "config": str(paths[i]) if i in paths else None,
+                "failure": failed,
             }
         )
     return records
@@ -78,6 +82,7 @@ def summary(
         "configurations": total,
         "measured": len(answer.measured),
         "inferred": len(answer.inferred),
+        "failed": len(answer.failed),
         "measured_fraction": len(answer.measured) / total,
         "stars": [configs[i].name for i in answer.stars],
         "confidence": answer.confidence,
@@ -110,6 +115,13 @@ def table(space: Space, configs: Sequence[Configuration], order: SafetyOrder, go
         + (" (exhaustive)" if answer.exhaustive else "")
         + f"; order: {order.source}"
     )
+    if answer.failed:
+        lines.append(f"failed {len(answer.failed)} (could not run; never stars):")
+        by_reason: dict[str, list[str]] = {}
+        for i, reason in answer.failed.items():
+            by_reason.setdefault(reason, []).append(configs[i].name)
+        for reason, names in by_reason.items():
+            lines.append(f"  {len(names)}: {' '.join(names)}: {reason}")
     if answer.confidence is not None:
         lines.append(
             f"confidence {answer.confidence:.3f}: that each of the {len(answer.certificate)} measurements the answer "
@@ -139,10 +151,18 @@ def write_json(path: Path, summary_data: dict[str, Any], records: Sequence[dict[
 
 
 # -- figures ----------------------------------------------------------------------------------------
-def poset_figure(path: Path, configs: Sequence[Configuration], order: SafetyOrder, goal: Goal, answer: Answer) -> bool:
+def poset_figure(
+    path: Path,
+    configs: Sequence[Configuration],
+    order: SafetyOrder,
+    goal: Goal,
+    answer: Answer,
+    title: str | None = None,
+) -> bool:
     """The Hasse diagram, safer upwards, nodes shaded by performance (darker = better), stars in red.
 
-    Returns False (and draws nothing) past MAX_POSET_NODES configurations.
+    ``title`` goes above the legend line. Returns False (and draws nothing) past MAX_POSET_NODES
+    configurations.
     """
     if len(configs) > MAX_POSET_NODES:
         return False
@@ -160,9 +180,12 @@ def poset_figure(path: Path, configs: Sequence[Configuration], order: SafetyOrde
             x[i] = slot - (len(nodes) - 1) / 2
     values = [m.value for m in answer.measured.values()]
     shade = Normalize(min(values), max(values)) if values else Normalize(0, 1)
-    cmap = colormaps["Greys" if goal.higher_is_better else "Greys_r"]
+    # Darker = better; the worst measured value is light grey, not white: no filled node looks hollow.
+    steps = [0.15 + 0.85 * k / 255 for k in range(256)]
+    cmap = ListedColormap(colormaps["Greys"](steps if goal.higher_is_better else steps[::-1]))
     widest = max(len(r) for r in rows_at.values())
-    figure = Figure(figsize=(max(6.0, widest * 0.35), max(4.0, len(rows_at) * 1.1)))
+    named = len(configs) <= MAX_NAMED_NODES
+    figure = Figure(figsize=(max(6.0, widest * (0.75 if named else 0.35)), max(4.0, len(rows_at) * 1.1)))
     axes = figure.subplots()
     for lower, upper in graph.edges:
         axes.plot([x[lower], x[upper]], [level[lower], level[upper]], color="#999999", linewidth=0.6, zorder=1)
@@ -174,16 +197,29 @@ def poset_figure(path: Path, configs: Sequence[Configuration], order: SafetyOrde
             axes.scatter(x[i], level[i], s=320, marker="*", color=color, edgecolors="red", linewidths=1.8, zorder=3)
         elif measured is not None:
             axes.scatter(x[i], level[i], s=90, color=cmap(shade(measured.value)), edgecolors="black", zorder=2)
+        elif i in answer.failed:
+            axes.scatter(x[i], level[i], s=60, marker="x", color="#c44e52", zorder=2)
         else:
             style = "solid" if answer.inferred[i] else "dotted"
             axes.scatter(x[i], level[i], s=60, facecolors="none", edgecolors="#555555", linestyles=style, zorder=2)
+        if named:
+            axes.annotate(
+                configs[i].name,
+                (x[i], level[i]),
+                xytext=(0, -12 if i in stars else -9),
+                textcoords="offset points",
+                ha="center",
+                fontsize=5,
+            )
     mapped = ScalarMappable(norm=shade, cmap=cmap)
     figure.colorbar(mapped, ax=axes, label=f"measured value ({goal.statistic})", shrink=0.7)
     axes.set_yticks(sorted(rows_at))
     axes.set_ylabel("safety level (longest chain below)")
     axes.set_xticks([])
+    failed = f", {len(answer.failed)} failed (x)" if answer.failed else ""
     axes.set_title(
-        f"{len(configs)} configurations, {len(answer.measured)} measured (filled), others inferred\n"
+        (f"{title}\n" if title else "")
+        + f"{len(configs)} configurations, {len(answer.measured)} measured (filled){failed}, others inferred\n"
         f"(hollow: solid meets, dotted misses); stars: safest meeting {goal.budget:g}",
         fontsize=9,
     )
@@ -196,8 +232,9 @@ def performance_figure(path: Path, space: Space, configs: Sequence[Configuration
     """Bars of the measured configurations (best first) over a grid: each component's compartment
     (colour) and hardening (filled = hardened), as FlexOS's figure 6."""
     measured = sorted(answer.measured, key=lambda i: answer.measured[i].value, reverse=goal.higher_is_better)
+    shown = measured + sorted(answer.failed)  # failed ones last, marked x on the axis
     stars = set(answer.stars)
-    width = max(6.0, len(measured) * 0.3)
+    width = max(6.0, len(shown) * 0.3)
     height_ratios = [3, max(1, len(space.components)) * 0.35]
     figure = Figure(figsize=(width, 5))
     bars, grid = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": height_ratios})
@@ -212,16 +249,20 @@ def performance_figure(path: Path, space: Space, configs: Sequence[Configuration
         edgecolor="black",
         linewidth=0.4,
     )
+    if answer.failed:
+        failed = range(len(measured), len(shown))
+        bars.scatter(failed, [0] * len(failed), marker="x", color="#c44e52", clip_on=False, zorder=3, label="failed")
     bars.axhline(goal.budget, color="black", linestyle="--", linewidth=1, label=f"budget {goal.budget:g}")
     bars.set_ylabel(f"metric ({goal.statistic}, {'higher' if goal.higher_is_better else 'lower'} is better)")
     bars.legend(loc="upper right", fontsize=8)
-    inferred = len(configs) - len(measured)
+    inferred = len(configs) - len(shown)
     bars.set_title(
         f"{len(measured)} measured configurations (stars in red)"
+        + (f"; {len(answer.failed)} failed (x)" if answer.failed else "")
         + (f"; {inferred} inferred, not shown" if inferred else ""),
         fontsize=9,
     )
-    for column, i in enumerate(measured):
+    for column, i in enumerate(shown):
         config = configs[i]
         for row, component in enumerate(space.components):
             number = config.compartment_of(component.name)
@@ -232,7 +273,7 @@ def performance_figure(path: Path, space: Space, configs: Sequence[Configuration
     grid.set_yticks(range(len(space.components)), [c.name for c in space.components], fontsize=8)
     grid.set_ylim(-0.6, len(space.components) - 0.4)
     grid.invert_yaxis()
-    grid.set_xticks(range(len(measured)), [configs[i].name for i in measured], rotation=90, fontsize=6)
+    grid.set_xticks(range(len(shown)), [configs[i].name for i in shown], rotation=90, fontsize=6)
     grid.set_xlabel("colour = compartment (c1 grey, c2 blue, c3 red, ...); filled = hardened")
     figure.tight_layout()
     figure.savefig(path)

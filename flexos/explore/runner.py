@@ -8,7 +8,8 @@ metric.
 
 Every finished run is appended to ``cache.jsonl`` (JSON lines, never pickle) under the output
 directory, keyed by the command and a digest of the generated flexos.yaml, so an interrupted
-exploration resumes where it stopped and a changed space or command is measured afresh.
+exploration resumes where it stopped and a changed space or command is measured afresh. With
+``failures: record`` a failed run is cached too, with its reason, so its configuration stays failed.
 """
 
 from __future__ import annotations
@@ -33,7 +34,11 @@ CACHE = "cache.jsonl"
 
 
 class BenchmarkFailed(FlexosError):
-    """The benchmark command failed or printed no metric."""
+    """The benchmark command failed or printed no metric; ``reason`` says why in one line."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class Runner:
@@ -45,6 +50,7 @@ class Runner:
         self.out = out
         (out / "configs").mkdir(parents=True, exist_ok=True)
         self.cache_path = out / CACHE
+        self.failures: dict[str, str] = {}  # key -> why its configuration failed (failures: record)
         self.cached = self._load_cache()
         self.runs_done = 0  # runs of the command made by this runner (not answered from the cache)
         self.bar: tqdm | None = None
@@ -71,30 +77,51 @@ class Runner:
         for line in self.cache_path.read_text().splitlines():
             try:
                 entry = json.loads(line)
-                cached[(str(entry["key"]), int(entry["run"]))] = float(entry["value"])
+                if "failed" in entry:
+                    self.failures[str(entry["key"])] = str(entry["failed"])
+                else:  # a later success (a failure retried without failures: record) wins
+                    cached[(str(entry["key"]), int(entry["run"]))] = float(entry["value"])
+                    self.failures.pop(str(entry["key"]), None)
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut short by an interruption
         return cached
 
-    def _remember(self, key: str, run: int, config: str, value: float, seconds: float) -> None:
-        entry = {"key": key, "run": run, "configuration": config, "value": value, "seconds": round(seconds, 3)}
+    def _remember(self, key: str, run: int, config: str, seconds: float, **outcome: float | str) -> None:
+        """Append a run to the cache: its ``value``, or why it ``failed``."""
+        entry = {"key": key, "run": run, "configuration": config, **outcome, "seconds": round(seconds, 3)}
         with self.cache_path.open("a") as stream:
             stream.write(json.dumps(entry) + "\n")
-        self.cached[(key, run)] = value
 
     # -- running ------------------------------------------------------------------------------------
-    def measure(self, index: int) -> list[float]:
-        """All runs of configuration ``index`` (``benchmark.repeats`` of them), cached or run now."""
+    def measure(self, index: int, runs: int | None = None) -> list[float]:
+        """The first ``runs`` runs (default: ``benchmark.repeats``) of configuration ``index``, cached or run now.
+
+        Raises BenchmarkFailed; with ``failures: record`` the failure is cached, and raised again
+        without running when the configuration is measured again (``failures: stop`` runs it again).
+        """
+        benchmark = self.space.benchmark
+        name = self.configs[index].name
         key = self._key(index)
+        if benchmark.record_failures and key in self.failures:
+            reason = self.failures[key]
+            raise BenchmarkFailed(f"{self.space.source}: benchmark for {name} failed (cached): {reason}", reason)
         values = []
-        for run in range(self.space.benchmark.repeats):
+        for run in range(benchmark.repeats if runs is None else runs):
             if (key, run) not in self.cached:
                 if self.bar is not None:
-                    self.bar.set_postfix_str(f"{self.configs[index].name} run {run + 1}/{self.space.benchmark.repeats}")
+                    self.bar.set_postfix_str(f"{name} run {run + 1}/{benchmark.repeats}")
                 started = time.monotonic()
-                value = self.run_once(index, run)
-                self._remember(key, run, self.configs[index].name, value, time.monotonic() - started)
-                self.runs_done += 1
+                try:
+                    value = self.run_once(index, run)
+                except BenchmarkFailed as failed:
+                    if benchmark.record_failures:
+                        self._remember(key, run, name, time.monotonic() - started, failed=failed.reason)
+                        self.failures[key] = failed.reason
+                    raise
+                finally:
+                    self.runs_done += 1
+                self._remember(key, run, name, time.monotonic() - started, value=value)
+                self.cached[(key, run)] = value
             values.append(self.cached[(key, run)])
         return values
 
@@ -122,12 +149,14 @@ class Runner:
             )
         except subprocess.TimeoutExpired:
             raise BenchmarkFailed(
-                f"{where}: still running after {benchmark.timeout:g} s; raise benchmark.timeout or shorten the run"
+                f"{where}: still running after {benchmark.timeout:g} s; raise benchmark.timeout or shorten the run",
+                f"still running after {benchmark.timeout:g} s",
             ) from None
         if done.returncode != 0:
+            output = done.stderr or done.stdout
             raise BenchmarkFailed(
-                f"{where}: the command exited with status {done.returncode}; its last output:\n"
-                + _tail(done.stderr or done.stdout)
+                f"{where}: the command exited with status {done.returncode}; its last output:\n" + _tail(output),
+                f"exit status {done.returncode}: {_tail(output, 1)}",
             )
         lines = done.stdout.strip().splitlines()
         last = lines[-1].strip() if lines else ""
@@ -137,7 +166,8 @@ class Runner:
             value = math.nan
         if not math.isfinite(value):
             raise BenchmarkFailed(
-                f"{where}: the last line of its stdout must be the metric (a finite number), got {last!r}"
+                f"{where}: the last line of its stdout must be the metric (a finite number), got {last!r}",
+                f"printed no metric (last line {last!r})",
             )
         return value
 

@@ -14,6 +14,9 @@ below one that meets the budget meets it, and one above a configuration that mis
   certificate of the answer consists of, the one expected to settle the most unknowns first.
 - Verification: a configuration immediately above a star that was only inferred to miss the
   budget, but that the model predicts might meet it, is measured too (monotonicity may not hold).
+- Failures: a configuration whose benchmark cannot run is settled as failed. It says nothing about
+  its neighbours (a C extension that refuses a subinterpreter runs in a safer process), so nothing
+  is inferred from it, and it is never a star.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ class Answer:
     measured: dict[int, Measurement]  # in the order they were measured
     inferred: dict[int, bool]  # configuration -> meets the budget, by monotonicity
     verified: tuple[int, ...]  # configurations measured to verify a star's neighbours
+    failed: dict[int, str]  # configuration -> why its benchmark could not run
     certificate: tuple[int, ...]  # the measurements the answer rests on: stars and first misses
     confidence: float | None  # P(every certificate measurement is on its side of the budget)
     violations: tuple[tuple[int, int], ...]  # measured (less safe, safer) pairs where the safer did better
@@ -105,9 +109,11 @@ class Search:
         self.exhaustive = exhaustive
         self.everyone = (1 << len(order)) - 1
         self.measured: dict[int, Measurement] = {}
+        self.failed: dict[int, str] = {}
         self.verified: list[int] = []
         self._verifying: int | None = None  # the configuration next() named to verify a star
         self._measured_bits = 0
+        self._failed_bits = 0
         self._meets_below = 0  # configurations below a decisive measurement that meets the budget
         self._misses_above = 0  # configurations above a decisive measurement that misses it
         self._features = _features(facts)
@@ -129,14 +135,25 @@ class Search:
                 self._misses_above |= self.order.above[index]
         return measurement
 
+    def record_failure(self, index: int, reason: str) -> None:
+        """Configuration ``index`` could not be measured: settled, used for nothing else."""
+        self.failed[index] = reason
+        self._failed_bits |= 1 << index
+        if index == self._verifying:
+            self.verified.append(index)
+
+    @property
+    def _settled_bits(self) -> int:
+        return self._measured_bits | self._failed_bits
+
     def _inferred_meets(self) -> int:
-        return self._meets_below & ~self._misses_above & ~self._measured_bits
+        return self._meets_below & ~self._misses_above & ~self._settled_bits
 
     def _inferred_misses(self) -> int:
-        return self._misses_above & ~self._meets_below & ~self._measured_bits
+        return self._misses_above & ~self._meets_below & ~self._settled_bits
 
     def _unknown(self) -> int:
-        return self.everyone & ~self._measured_bits & ~(self._meets_below ^ self._misses_above)
+        return self.everyone & ~self._settled_bits & ~(self._meets_below ^ self._misses_above)
 
     def _meeting(self) -> int:
         measured = sum(1 << i for i, m in self.measured.items() if m.meets)
@@ -155,7 +172,7 @@ class Search:
     def next(self) -> int | None:
         """The configuration to measure next, or None when the answer is settled."""
         if self.exhaustive:
-            rest = self.everyone & ~self._measured_bits
+            rest = self.everyone & ~self._settled_bits
             return members(rest)[0] if rest else None
         unknown = self._unknown()
         if unknown:
@@ -200,7 +217,9 @@ class Search:
 
     def _suspect(self) -> int | None:
         """A configuration immediately above a star, inferred to miss, that the model says might not."""
-        unmeasured = [c for s in self.stars() for c in self.order.covers(s) if c not in self.measured]
+        unmeasured = [
+            c for s in self.stars() for c in self.order.covers(s) if c not in self.measured and c not in self.failed
+        ]
         if not unmeasured:
             return None
         predicted = self._predict(unmeasured)
@@ -257,7 +276,7 @@ class Search:
         order = self.order
         stars = self.stars()
         meeting = self._meeting()
-        missing = self.everyone & ~meeting & ~self._unknown()
+        missing = self.everyone & ~meeting & ~self._unknown() & ~self._failed_bits
         first_misses = [i for i in members(missing) if not order.below[i] & missing]
         certificate = tuple(sorted(stars + first_misses))
         certainties = [self.measured[i].certainty if i in self.measured else None for i in certificate]
@@ -279,6 +298,7 @@ class Search:
             measured=dict(self.measured),
             inferred=inferred,
             verified=tuple(self.verified),
+            failed=dict(self.failed),
             certificate=certificate,
             confidence=confidence,
             violations=tuple(violations),

@@ -65,6 +65,7 @@ class _BenchmarkSpec(_Model):
     better: Literal["higher", "lower"] = "higher"
     statistic: Literal["median", "mean"] = "median"
     timeout: float = Field(600.0, gt=0, le=86400, allow_inf_nan=False)
+    failures: Literal["stop", "record"] = "stop"
 
 
 class _Explore(_Model):
@@ -108,6 +109,7 @@ class Benchmark:
     higher_is_better: bool
     statistic: str  # "median" or "mean"
     timeout: float
+    record_failures: bool = False  # a failing command marks its configuration failed instead of stopping
 
 
 @dataclass(frozen=True)
@@ -417,6 +419,7 @@ def load_space(path: str | Path) -> tuple[Space, list[str]]:
             spec.benchmark.better == "higher",
             spec.benchmark.statistic,
             spec.benchmark.timeout,
+            spec.benchmark.failures == "record",
         ),
         drivers_line=src.line(("explore", "drivers")),
     )
