@@ -105,3 +105,53 @@ def test_throughput_smoke_covers_every_configuration(app, tmp_path):
     assert by_config["none"]["x_no_flexos"] == "1.00"
     for row in rows:
         assert row["median_rps"] or row["note"], row
+
+
+# fig-06 explores kv and http (smoke: one compartment, one run each); fig-07 and fig-08 are drawn
+# from its output. The figure names each folder writes.
+PERM = {
+    "fig-06_kv-http-perm": ["fig-06_kv-http-perm-kv", "fig-06_kv-http-perm-http"],
+    "fig-07_kv-http-normalized": ["fig-07_kv-http-normalized"],
+    "fig-08_config-poset": ["fig-08_config-poset"],
+}
+
+
+def test_fig06_explores_and_fig07_fig08_reuse_it(tmp_path):
+    needs(["redis-benchmark", "wrk"])
+    from flexos.drivers import unavailable
+
+    if unavailable("subinterp"):
+        pytest.skip(f"fig-06's spaces explore subinterp: {unavailable('subinterp')}")
+    out = {folder: tmp_path / folder for folder in PERM}
+    env = {**os.environ, "FIG06_OUT": str(out["fig-06_kv-http-perm"])}
+    for folder in PERM:
+        proc = subprocess.run(
+            ["make", "-C", str(EXPERIMENTS / folder), "smoke", f"OUT={out[folder]}", f"PYTHON={sys.executable}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, f"{folder}: make smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        for figure in PERM[folder]:
+            for suffix in ("png", "svg"):
+                assert (out[folder] / f"{figure}.{suffix}").stat().st_size > 5000
+    expected = {"P1L1B1_f", "P1L1B1_s", "P1L1B1_p", "P1L1B1_pH"}
+    runs = read_rows(out["fig-06_kv-http-perm"] / "fig-06_runs.csv")
+    for app in ("kv", "http"):
+        rows = [row for row in runs if row["app"] == app]
+        assert {row["config"] for row in rows} == expected
+        for row in rows:  # hiredis and httptools refuse subinterpreters: recorded with the reason
+            if row["config"] == "P1L1B1_s":
+                assert "does not support loading in subinterpreters" in row["failed"] and not row["rps"], row
+            else:
+                assert float(row["rps"]) > 0 and not row["failed"], row
+    pairs = {row["config"]: row for row in read_rows(out["fig-07_kv-http-normalized"] / "fig-07_pairs.csv")}
+    assert set(pairs) == expected
+    assert pairs["P1L1B1_f"]["kv_x"] == pairs["P1L1B1_f"]["http_x"] == "1.00"
+    assert pairs["P1L1B1_s"]["kv_failed"] and pairs["P1L1B1_s"]["http_failed"]
+    stars = read_rows(out["fig-08_config-poset"] / "fig-08_stars.csv")
+    assert [row["mode"] for row in stars] == ["exhaustive", "search"]
+    for row in stars:
+        assert row["measured_now"] == "0"  # answered from fig-06's cache: nothing measured again
+        assert row["stars"] and "P1L1B1_s" not in row["stars"].split()
