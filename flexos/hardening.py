@@ -97,16 +97,20 @@ def expand_events(deny: Iterable[str]) -> tuple[frozenset[str], tuple[str, ...]]
     return frozenset(exact), tuple(f"{event}." for event in exact)
 
 
-def _component_frames(frame: Any) -> Iterable[str]:
-    """Modules of the frames on the stack that are neither the standard library nor flexos,
-    innermost first."""
+def _acting_code(frame: Any) -> str | None:
+    """The module whose code caused an event: the innermost frame that is not the standard
+    library. None when that is flexos's own machinery (opening a channel or reaching a sibling
+    for a gate the component crossed), or when only the standard library is on the stack."""
     stdlib = sys.stdlib_module_names
     while frame is not None:
         module = frame.f_globals.get("__name__") or ""
         top = module.partition(".")[0]
-        if top not in stdlib and top not in _MACHINERY and top not in ("__main__", ""):
-            yield module
+        if top in _MACHINERY:
+            return None
+        if top not in stdlib and top not in ("__main__", ""):
+            return module
         frame = frame.f_back
+    return None
 
 
 def _owning_library(module: str, libraries: dict[str, Any]) -> str | None:
@@ -120,9 +124,11 @@ def _owning_library(module: str, libraries: dict[str, Any]) -> str | None:
 
 
 def install_audit_policy(deny: list[str], compartment: str, libraries: dict[str, list[str]] | None = None) -> None:
-    """Refuse denied audit events: the compartment's while any component code is on the stack,
-    a library's when that library's own code is the innermost component frame. Audit hooks
-    cannot be removed, so the policy holds for the life of the process."""
+    """Refuse denied audit events raised on behalf of component code: the compartment's for any
+    component, a library's for that library's own code (the innermost frame outside the standard
+    library). Events flexos's own gate machinery raises (sending a channel's descriptors, reaching
+    a sibling) are not the component's. Audit hooks cannot be removed, so the policy holds for
+    the life of the process."""
     exact, prefixes = expand_events(deny)
     per_library = {name: expand_events(events) for name, events in (libraries or {}).items()}
     watched = frozenset(exact.union(*(events for events, _ in per_library.values())))
@@ -133,10 +139,9 @@ def install_audit_policy(deny: list[str], compartment: str, libraries: dict[str,
     def hook(event: str, args: tuple[Any, ...]) -> None:
         if event not in watched and not event.startswith(watched_prefixes):
             return
-        components = _component_frames(sys._getframe(1))
-        innermost = next(components, None)
+        innermost = _acting_code(sys._getframe(1))
         if innermost is None:
-            return  # flexos's own machinery: never component code
+            return  # flexos's own machinery, or the standard library alone: never component code
         if event in exact or event.startswith(prefixes):
             raise PermissionError(f"{event!r} is denied in compartment {compartment!r} (flexos.yaml hardening.audit)")
         library = _owning_library(innermost, per_library)

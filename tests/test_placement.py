@@ -103,6 +103,36 @@ def test_a_sibling_that_cannot_boot_is_refused_at_once_with_the_reason(place) ->
     assert time.monotonic() - started < 30
 
 
+def test_an_audit_policy_does_not_stop_flexos_reaching_a_sibling(tmp_path) -> None:
+    """flexos's own socket use for a gate is not the component's: `deny: [socket]` still lets a
+    compartment reach its sibling, and still stops the component's own sockets."""
+    for name, source in {**SIBLINGS, "libc_sock": "import socket\n\ndef make():\n    socket.socket()\n"}.items():
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+    sys.path.insert(0, str(tmp_path))
+    image = Image(
+        {
+            "app": CompartmentSpec("app", "fcalls", default=True),
+            "a": CompartmentSpec("a", "process", hardening={"audit": {"deny": ["socket"]}}),
+            "b": CompartmentSpec("b", "process"),
+        },
+        {"liba": "a", "libc_sock": "a", "libb": "b"},
+        source="<test_placement>",
+    )
+    try:
+        with flexos.boot(image):
+            import liba
+            import libc_sock
+
+            a_pid, b_pid = liba.pids()
+            assert len({os.getpid(), a_pid, b_pid}) == 3
+            with pytest.raises(PermissionError, match=r"'socket\.__new__' is denied in compartment 'a'"):
+                libc_sock.make()
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in ("liba", "libb", "libc_sock"):
+            sys.modules.pop(name, None)
+
+
 def test_a_sibling_that_dies_is_reached_again_after_its_restart(place) -> None:
     runtime = place(SIBLINGS, {"a": {"driver": "process"}, "b": {"driver": "process"}}, {"liba": "a", "libb": "b"})
     import liba

@@ -59,6 +59,10 @@ _TIGHT_SPIN_S = 10e-6
 _spinners: list[int] = []
 
 
+# Largest control message (a refusal carries its reason); SOCK_SEQPACKET truncates longer ones.
+_CONTROL_MAX = 4096
+
+
 class ShmChannel:
     """One side (0 or 1) of a shared-memory channel."""
 
@@ -341,7 +345,7 @@ class ShmTransport:
         try:
             while True:
                 try:
-                    message, fds, _flags, _addr = socket.recv_fds(self._sock, 64, 3)
+                    message, fds, _flags, _addr = socket.recv_fds(self._sock, _CONTROL_MAX, 3)
                 except OSError:
                     break
                 if not message:
