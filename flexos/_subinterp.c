@@ -291,12 +291,12 @@ subinterp_create(PyObject *module, PyObject *unused)
     return PyLong_FromLongLong(sub_id);
 }
 
-/* Switch this thread into interpreter `interp_id`; NULL with an exception set on failure. */
+/* Switch this thread from interpreter `here_id` (the current one) into interpreter `interp_id`;
+ * NULL with an exception set on failure. */
 static PyThreadState *
-enter(int64_t interp_id, PyInterpreterState *interp, PyThreadState **here_out)
+enter(int64_t interp_id, PyInterpreterState *interp, int64_t here_id, PyThreadState **here_out)
 {
     PyThreadState *here = PyThreadState_Get();
-    int64_t here_id = current_interp_id();
     PyThreadState *there = thread_state_for(interp, interp_id, here, here_id);
     if (there == NULL) {
         return NULL;
@@ -325,7 +325,7 @@ subinterp_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return PyErr_Format(PyExc_LookupError, "no subinterpreter %lld", (long long)interp_id);
     }
     PyThreadState *here;
-    if (enter(interp_id, interp, &here) == NULL) {
+    if (enter(interp_id, interp, current_interp_id(), &here) == NULL) {
         return NULL;
     }
     /* In the target: run, then carry `result` out as plain C data. */
@@ -452,14 +452,15 @@ subinterp_call(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     pthread_mutex_unlock(&registry_lock);
 
     PyObject *result = NULL;
-    if (interp_id == current_interp_id()) {
+    int64_t here_id = current_interp_id();
+    if (interp_id == here_id) {
         result = PyObject_CallOneArg(dispatch, args[1]);
     }
     else {
         PyThreadState *here;
         const char *data = PyBytes_AS_STRING(args[1]);
         Py_ssize_t size = PyBytes_GET_SIZE(args[1]);
-        if (enter(interp_id, interp, &here) != NULL) {
+        if (enter(interp_id, interp, here_id, &here) != NULL) {
             /* In the target interpreter: the caller's frame stays alive (we hold it) and bytes
              * are immutable, so reading it without the caller's GIL is safe. */
             char *reply = NULL, *error = NULL;
@@ -529,7 +530,7 @@ subinterp_destroy(PyObject *module, PyObject *arg)
         return PyErr_Format(PyExc_RuntimeError, "calls are still running in the subinterpreter");
     }
     PyThreadState *here;
-    PyThreadState *there = enter(interp_id, interp, &here);
+    PyThreadState *there = enter(interp_id, interp, current_interp_id(), &here);
     if (there == NULL) {
         return NULL;
     }
