@@ -28,7 +28,7 @@ from gate_latency import percentile, time_calls, timer_overhead_ns
 import flexos
 from flexos import CompartmentSpec, Image
 from flexos.drivers import unavailable
-from flexos.drivers.vm import choose_accelerator
+from flexos.vm.machine import choose_accelerator
 
 LIBRARY = '''"""A library for the vm benchmark."""
 

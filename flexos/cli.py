@@ -50,7 +50,7 @@ def check(config: str) -> None:
         if spec.hardening:
             click.echo(f"  {'':<14} hardening: {_describe_hardening(spec.hardening)}")
         if spec.driver == "vm":  # which accelerator QEMU will use here, and why
-            from flexos.drivers.vm import describe
+            from flexos.vm.machine import describe
 
             click.echo(f"  {'':<14} vm: {describe(spec.options)}")
     click.echo("libraries:")

@@ -2,7 +2,7 @@
 with the Linux and Python mechanisms a Python compartment can use.
 
 Declared under ``hardening:`` of a ``process`` compartment in flexos.yaml and applied inside the
-compartment's process before any component code runs (flexos/compartment.py calls these in
+compartment's process before any component code runs (flexos/runtime/child.py calls these in
 order). A requested protection that cannot be applied stops the compartment from starting: it
 never runs unhardened.
 

@@ -164,8 +164,8 @@ def test_loans_are_refused_over_a_process_link():
     import msgpack
 
     from flexos.gates.link import Link
-    from flexos.gates.protocol import Ext, Kind
     from flexos.transports.loopback import LoopbackTransport
+    from flexos.wire.protocol import Ext, Kind
 
     link = Link("peer")
     link.attach(LoopbackTransport(lambda frame: frame))

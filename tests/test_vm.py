@@ -28,7 +28,8 @@ import pytest
 import flexos
 from flexos import CompartmentSpec, Image
 from flexos.drivers import unavailable
-from flexos.drivers.vm import DEFAULTS, choose_accelerator, guest_paths
+from flexos.drivers.vm import DEFAULTS
+from flexos.vm.machine import choose_accelerator, guest_paths
 
 REASON = unavailable("vm")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(REASON is not None, reason=f"driver 'vm' unavailable: {REASON}")]

@@ -27,7 +27,7 @@ def unavailable(driver: str, options: dict | None = None) -> str | None:
             )
         return "intel-pku cannot separate Python objects; use driver 'process' instead."
     if driver == "vm":  # qemu, a kernel and busybox; an explicit accelerator must work here
-        from flexos.drivers.vm import unavailable as vm_unavailable
+        from flexos.vm.machine import unavailable as vm_unavailable
 
         return vm_unavailable(options)
     if driver not in _DRIVERS:

@@ -1,6 +1,6 @@
 """``process``: the compartment is its own OS process (page-table isolation).
 
-The child is a fresh interpreter (``python -m flexos.compartment``), not a fork, so it inherits
+The child is a fresh interpreter (``python -m flexos.runtime.child``), not a fork, so it inherits
 none of the app's threads, objects or open files beyond what flexos hands it. Gates run over
 shared-memory channels (:mod:`flexos.transports.shm`); the parent watches the child through a
 pidfd, so a killed or crashed child wakes every waiting caller with CompartmentCrashed.
@@ -39,7 +39,7 @@ class ProcessDriver(Driver):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-u", "-m", "flexos.compartment", str(theirs.fileno())],
+                [sys.executable, "-u", "-m", "flexos.runtime.child", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 env=hardening.environment(self.spec.hardening),
             )

@@ -3,60 +3,30 @@
 FlexOS's ``vmept`` backend with stock parts: Debian's kernel and a busybox initramfs flexos builds
 (:mod:`flexos.vm.image`), the host directories the compartment's code needs shared read-only over
 virtio-9p, the host's own Python started in the guest (:mod:`flexos.vm.guest`), and a stock
-``ivshmem-plain`` device carrying the channels (:mod:`flexos.transports.ivshmem`).
+``ivshmem-plain`` device carrying the channels (:mod:`flexos.transports.ivshmem`). The machine
+itself (QEMU, the window, the guest agent, the pool) is :mod:`flexos.vm.machine`.
 
-A guest boots once and is then reused: a compartment (re)start is a fork by the guest's agent, and a
-stopped compartment's guest goes back to a small pool that later runtimes of this process take
-from (bounded; shut down at exit). QEMU is started from one long-lived thread with
-``PR_SET_PDEATHSIG`` so it dies with this process however that ends. A guest that dies (QEMU exits,
-the guest kernel panics) or whose compartment dies, or that does not answer within ``timeout``,
-becomes CompartmentCrashed, and ``restart:`` applies as for a process compartment.
+A guest that dies (QEMU exits, the guest kernel panics) or whose compartment dies, or that does not
+answer within ``timeout``, becomes CompartmentCrashed, and ``restart:`` applies as for a process
+compartment.
 """
 
 from __future__ import annotations
 
-import atexit
-import collections
-import logging
-import mmap
 import os
-import queue
-import re
 import select
-import shutil
-import subprocess
 import sys
-import tempfile
-import threading
-import time
-from pathlib import Path
 from typing import Any
 
-import flexos
-from flexos import probe
 from flexos.drivers.base import Driver
 from flexos.errors import CompartmentCrashed, CompartmentStartError, DriverUnavailable
 from flexos.gates.link import Link
 from flexos.transports import CallTimeout, PeerGone
-from flexos.transports.ivshmem import (
-    AGENT_SLOT,
-    EXITED,
-    HOST_CHANNEL_MAX_PAUSE_S,
-    SLOTS,
-    WINDOW_SIZE,
-    Liveness,
-    Mailbox,
-    WindowTransport,
-    format_window,
-    read_status,
-    reset_slots,
-)
-from flexos.vm import image as guest_image
+from flexos.transports.ivshmem import EXITED, WindowTransport, read_status
+from flexos.vm.machine import HostLiveness, Machine, _pool, choose_accelerator, guest_paths
+from flexos.vm.machine import unavailable as machine_unavailable
 
-log = logging.getLogger("flexos.vm")
-
-POOL_SIZE = 2  # idle guests kept per process for reuse
-# The mechanism options flexos.yaml leaves out (flexos/config.py fills in the same values).
+# The mechanism options flexos.yaml leaves out (flexos/config/__init__.py fills in the same values).
 DEFAULTS: dict[str, Any] = {
     "memory": 256 << 20,
     "vcpus": 1,
@@ -67,371 +37,6 @@ DEFAULTS: dict[str, Any] = {
     "network": "none",
     "filesystem": {"read": [], "write": []},
 }
-_KILL_TIMEOUT_S = 10
-_CONSOLE_LINES = 200  # a kernel panic's register dump follows its one telling line
-_STAGES = {
-    "flexos-init: kernel up": "kernel up",
-    "flexos-init: modules loaded": "virtio and 9p loaded",
-    "flexos-init: host files mounted": "host files mounted, starting Python",
-}
-
-
-def choose_accelerator(requested: str) -> tuple[str | None, str]:
-    """(accelerator, why) for ``requested`` (auto | kvm | tcg); None when the requested one cannot run here."""
-    if requested == "tcg":
-        return "tcg", "software emulation, as configured"
-    kvm = probe.kvm()
-    backend = probe.kvm_backend()
-    if not kvm.available:
-        problem = kvm.detail
-    elif backend == "kvm_pvm":
-        problem = "/dev/kvm is backed by kvm_pvm (nested PVM), which cannot boot a stock kernel"
-    else:
-        return "kvm", f"hardware virtualization ({backend or 'kvm'})"
-    if requested == "kvm":
-        return None, f"accelerator kvm cannot be used here: {problem}; use accelerator auto or tcg"
-    return "tcg", f"software emulation (TCG), because {problem}"
-
-
-def describe(options: dict[str, Any]) -> str:
-    """What ``flexos check`` prints for a vm compartment: the accelerator that will be used and why."""
-    accelerator, why = choose_accelerator(options.get("accelerator", "auto"))
-    kernel = guest_image.find_kernel()
-    parts = [f"accelerator {accelerator}: {why}" if accelerator else why]
-    if kernel is not None:
-        parts.append(f"kernel {kernel.version}")
-    return "; ".join(parts)
-
-
-def unavailable(options: dict[str, Any] | None = None) -> str | None:
-    reason = guest_image.unavailable()
-    if reason is None and options is not None:
-        accelerator, why = choose_accelerator(options.get("accelerator", "auto"))
-        if accelerator is None:
-            return why
-    return reason
-
-
-def guest_paths(read: list[str] = (), write: list[str] = ()) -> tuple[list[tuple[str, bool]], list[tuple[str, str]]]:
-    """The host directories a guest mounts, as (path, writable), and the symlinks it recreates.
-
-    By default only what the compartment's code needs, read-only: the system's /usr (shared
-    libraries), the interpreter's prefixes, flexos itself, and the app's sys.path entries. ``read``
-    and ``write`` add directories.
-    """
-    wanted: dict[str, bool] = {}
-
-    def add(path: str, writable: bool) -> None:
-        real = os.path.realpath(path or os.getcwd())
-        if os.path.isfile(real):
-            real = os.path.dirname(real)
-        if os.path.isdir(real):
-            wanted[real] = wanted.get(real, False) or writable
-
-    flexos_home = Path(flexos.__file__).resolve().parent
-    for path in ("/usr", sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, str(flexos_home)):
-        add(path, False)
-    for path in sys.path:
-        add(path, False)
-    for path in read:
-        add(os.path.abspath(path), False)
-    for path in write:
-        add(os.path.abspath(path), True)
-    mounts = []
-    for path in sorted(wanted, key=lambda p: (p.count("/"), p)):
-        covered = any(path.startswith(outer.rstrip("/") + "/") and wanted[outer] == wanted[path] for outer, _ in mounts)
-        if not covered:
-            mounts.append((path, wanted[path]))
-    links = []
-    for name in ("/bin", "/lib", "/lib64", "/sbin"):  # merged-/usr systems: /lib -> usr/lib ...
-        if os.path.islink(name):
-            links.append((os.readlink(name), name))
-        elif os.path.isdir(name):
-            mounts.append((name, False))
-    return mounts, links
-
-
-class _Launcher:
-    """Starts QEMU from one thread that lives as long as this process.
-
-    PR_SET_PDEATHSIG fires when the *thread* that forked the child ends, and compartments start
-    from whichever thread imports first; from this thread, QEMU gets SIGKILL exactly when this
-    process ends, however it ends.
-    """
-
-    def __init__(self) -> None:
-        self._requests: queue.Queue = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def spawn(self, argv: list[str], **kwargs: Any) -> subprocess.Popen:
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._serve, daemon=True, name="flexos-vm-launcher")
-                self._thread.start()
-        answer: queue.Queue = queue.Queue()
-        setpriv = shutil.which("setpriv")
-        self._requests.put(([setpriv, "--pdeathsig", "KILL", *argv] if setpriv else argv, kwargs, answer))
-        result = answer.get()
-        if isinstance(result, BaseException):
-            raise result
-        return result
-
-    def _serve(self) -> None:
-        while True:
-            argv, kwargs, answer = self._requests.get()
-            try:
-                answer.put(subprocess.Popen(argv, **kwargs))
-            except BaseException as exc:
-                answer.put(exc)
-
-
-class _HostLiveness(Liveness):
-    """The host pauses in select() on QEMU's pidfd (a dying VM wakes it at once) and reads the
-    compartment's status word (its exit in the guest)."""
-
-    channel_max_pause = HOST_CHANNEL_MAX_PAUSE_S
-
-    def __init__(self, machine: Machine, epoch: int | None = None) -> None:
-        self._machine = machine
-        self._epoch = epoch
-
-    def pause(self, seconds: float) -> None:
-        pidfd = self._machine.pidfd
-        if pidfd < 0 or select.select([pidfd], [], [], seconds)[0]:  # shut down, or QEMU exited
-            raise PeerGone()
-
-    def check(self) -> None:
-        if self._epoch is not None:
-            epoch, _returncode, _pid, state = read_status(self._machine.window)
-            if state == EXITED and epoch == self._epoch:
-                raise PeerGone()
-
-
-class Machine:
-    """One QEMU guest: its process, the shared window, the agent's mailbox, its console's last lines."""
-
-    def __init__(self, key: tuple, accelerator: str) -> None:
-        self.key = key
-        self.accelerator = accelerator
-        self.process: subprocess.Popen | None = None
-        self.pidfd = -1
-        self.window: mmap.mmap | None = None
-        self.console: collections.deque[str] = collections.deque(maxlen=_CONSOLE_LINES)
-        self.boot_seconds = 0.0
-        self.epoch = 0
-        self.guest_pid: int | None = None
-        self._rundir: str | None = None
-        self._lock = threading.Lock()
-        self._stage = threading.Event()
-        self._agent: Mailbox | None = None
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def boot(self, name: str, options: dict[str, Any], mounts: list, links: list, timeout: float) -> None:
-        """Start QEMU and wait (at most ``timeout`` s) for the guest's agent, showing progress."""
-        started = time.monotonic()
-        built = guest_image.build()
-        memfd = os.memfd_create("flexos-vm-window", 0)
-        try:
-            os.ftruncate(memfd, WINDOW_SIZE)
-            self.window = mmap.mmap(memfd, WINDOW_SIZE)
-            format_window(self.window)
-            self._rundir = tempfile.mkdtemp(prefix="flexos-vm-")
-            initrd = Path(self._rundir) / "initrd"
-            config = [f"mount fx{i} {'rw' if writable else 'ro'} {path}" for i, (path, writable) in enumerate(mounts)]
-            config += [f"link {target} {path}" for target, path in links if " " not in target]
-            if options["network"] == "user":
-                config.append("net")
-            config.append(f"python {sys.executable} {Path(flexos.__file__).resolve().parent.parent}")
-            initrd.write_bytes(built.initramfs.read_bytes() + guest_image.boot_archive(config))
-            argv = self._argv(options, built.kernel, initrd, memfd, mounts)
-            self.process = _launcher.spawn(
-                argv, pass_fds=(memfd,), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-            )
-        finally:
-            os.close(memfd)
-        self.pidfd = os.pidfd_open(self.process.pid)
-        threading.Thread(target=self._read_console, args=(name, started), daemon=True, name="flexos-vm-console").start()
-        self._agent = Mailbox(self.window, AGENT_SLOT, 0, _HostLiveness(self))
-        try:
-            hello = self._agent.recv(timeout=timeout)
-        except (PeerGone, CallTimeout) as exc:
-            why = "did not come up within its boot_timeout" if isinstance(exc, CallTimeout) else "stopped"
-            self.shutdown()
-            raise CompartmentStartError(
-                f"compartment {name!r}: its virtual machine {why} ({timeout} s){self.console_tail()}"
-            ) from None
-        self.boot_seconds = time.monotonic() - started
-        shutil.rmtree(self._rundir, ignore_errors=True)  # QEMU loaded the initrd before the guest ran
-        self._rundir = None
-        if hello[0] != "agent" or len(hello) != 2 or type(hello[1]) is not dict:
-            self.shutdown()
-            raise CompartmentStartError(f"compartment {name!r}: its guest greeted with {hello!r}")
-        python = hello[1].get("python")
-        _progress(name, f"ready ({self.accelerator}, Python {python})", self.boot_seconds, True)
-
-    def _argv(self, options: dict[str, Any], kernel: Path, initrd: Path, memfd: int, mounts: list) -> list[str]:
-        accel = "kvm" if self.accelerator == "kvm" else "tcg,tb-size=64"
-        argv = [
-            guest_image.QEMU,
-            *("-M", "pc", "-accel", accel, "-m", f"{options['memory'] >> 20}M", "-smp", str(options["vcpus"])),
-            *("-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"),
-            *("-kernel", str(kernel), "-initrd", str(initrd)),
-            *("-append", "console=ttyS0 quiet panic=-1 rdinit=/init"),
-            *("-object", f"memory-backend-file,id=window,share=on,mem-path=/proc/self/fd/{memfd},size={WINDOW_SIZE}"),
-            *("-device", "ivshmem-plain,memdev=window"),
-        ]
-        argv += ["-nic", "user,model=virtio-net-pci"] if options["network"] == "user" else ["-nic", "none"]
-        for index, (path, writable) in enumerate(mounts):
-            readonly = "" if writable else ",readonly=on"
-            escaped = path.replace(",", ",,")
-            argv += [
-                "-virtfs",
-                f"local,path={escaped},mount_tag=fx{index},security_model=none,multidevs=remap{readonly}",
-            ]
-        return argv
-
-    def _read_console(self, name: str, started: float) -> None:
-        for raw in self.process.stdout:
-            line = _ANSI.sub("", raw.decode("utf-8", "replace")).rstrip()
-            if not line:
-                continue
-            self.console.append(line)
-            log.debug("vm %s console: %s", name, line)
-            for marker, stage in _STAGES.items():
-                if marker in line:
-                    _progress(name, stage, time.monotonic() - started)
-
-    def console_tail(self, lines: int = 6) -> str:
-        """The console's last telling lines: flexos's and Python's own, and the kernel's panic line
-        (not the register dump that follows it)."""
-        console = list(self.console)
-        telling = [line for line in console if not line.startswith("[") or "panic" in line.lower()]
-        tail = (telling or console)[-lines:]
-        return ("; its console ended with:\n  " + "\n  ".join(tail)) if tail else ""
-
-    def start_compartment(self, boot: dict, timeout: float) -> tuple[int, int]:
-        """Ask the agent to fork compartment ``boot``; (epoch, guest pid). Its mailbox is slot 1, zeroed here."""
-        with self._lock:
-            self.epoch += 1
-            reset_slots(self.window, range(1, SLOTS))
-            self._agent.send(["start", self.epoch, boot], timeout=timeout)
-            answer = self._agent.recv(timeout=timeout)
-            if answer[0] != "started" or len(answer) != 2 or type(answer[1]) is not int:
-                raise CompartmentStartError(f"the guest agent answered {answer!r} to start")
-            self.guest_pid = answer[1]
-            return self.epoch, answer[1]
-
-    def kill_compartment(self) -> bool:
-        """SIGKILL the compartment in the guest; False if the agent does not confirm in time."""
-        with self._lock:
-            try:
-                self._agent.send(["kill"], timeout=_KILL_TIMEOUT_S)
-                answer = self._agent.recv(timeout=_KILL_TIMEOUT_S)
-            except (PeerGone, CallTimeout, OSError, ValueError):
-                return False
-            return answer[0] == "killed"
-
-    def returncode(self) -> int | None:
-        if self.process is None:
-            return None
-        try:
-            return self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def shutdown(self) -> None:
-        """End QEMU (SIGKILL: the guest keeps nothing worth a clean shutdown) and free the window."""
-        if self._agent is not None:
-            self._agent.closed = True
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait()
-            self.process.stdout.close()
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
-        if self._rundir is not None:
-            shutil.rmtree(self._rundir, ignore_errors=True)
-            self._rundir = None
-
-    def forget(self) -> None:
-        """In a forked child: the parent's guest; let go of it without touching it."""
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
-        self.process = None
-        self._rundir = None
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1bc")
-
-
-def _progress(name: str, stage: str, elapsed: float, done: bool = False) -> None:
-    """Boot progress: a log record always, and a status line on an interactive stderr."""
-    log.info("vm compartment %r: %s (%.1f s)", name, stage, elapsed)
-    if sys.stderr is not None and sys.stderr.isatty():
-        end = "\n" if done else ""
-        sys.stderr.write(f"\r\x1b[Kflexos: booting vm compartment {name!r}: {stage} ({elapsed:.1f} s){end}")
-        sys.stderr.flush()
-
-
-class _Pool:
-    """Booted guests no compartment uses right now, reused by the next start with the same machine."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._idle: list[Machine] = []
-        self._lock = threading.Lock()
-
-    def take(self, key: tuple, preferred: Machine | None = None) -> Machine | None:
-        """An idle guest for ``key``: ``preferred`` (the one a restarting compartment just left) if idle."""
-        with self._lock:
-            candidates = sorted(self._idle, key=lambda machine: machine is not preferred)
-            for machine in candidates:
-                if machine.key == key:
-                    self._idle.remove(machine)
-                    if machine.alive:
-                        return machine
-                    machine.shutdown()
-        return None
-
-    def give(self, machine: Machine) -> None:
-        with self._lock:
-            self._idle.append(machine)
-            evicted = self._idle[: -self._size] if len(self._idle) > self._size else []
-            del self._idle[: len(evicted)]
-        for old in evicted:
-            old.shutdown()
-
-    def shutdown(self) -> None:
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for machine in idle:
-            machine.shutdown()
-
-    def forget(self) -> None:
-        for machine in self._idle:
-            machine.forget()
-        self._idle = []
-        self._lock = threading.Lock()
-
-
-_launcher = _Launcher()
-_pool = _Pool(POOL_SIZE)
-atexit.register(_pool.shutdown)
-
-
-def _after_fork_in_child() -> None:
-    global _launcher
-    _launcher = _Launcher()
-    _pool.forget()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class VmDriver(Driver):
@@ -448,7 +53,7 @@ class VmDriver(Driver):
 
     @classmethod
     def unavailable(cls) -> str | None:
-        return unavailable()
+        return machine_unavailable()
 
     @property
     def pid(self) -> int | None:
@@ -493,7 +98,7 @@ class VmDriver(Driver):
         transport = WindowTransport(
             machine.window,
             host=True,
-            liveness=_HostLiveness(machine, epoch),
+            liveness=HostLiveness(machine, epoch),
             death=lambda: self._death(machine, epoch),
             spin_us=options["spin_us"],
             abort=lambda: self._abort(machine),

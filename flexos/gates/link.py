@@ -1,7 +1,7 @@
 """A link: this process's side of the gates to one peer compartment.
 
 It makes calls (encode, exchange over a channel, decode), serves the peer's calls on its own
-objects, and implements the codec's :class:`~flexos.gates.protocol.ReferenceSpace` with the two
+objects, and implements the codec's :class:`~flexos.wire.protocol.ReferenceSpace` with the two
 handle tables. Each thread gets its own channel for the length of its outermost call, so replies
 always reach their caller; a call the peer makes while serving ours (a callback) arrives on that
 same channel and runs on the waiting thread, which makes A→B→A→B nesting plain recursion.
@@ -16,7 +16,9 @@ from typing import Any
 
 from flexos.errors import CompartmentCrashed, FlexosError, ProtocolError
 from flexos.gates.handles import ExportTable, ImportTable
-from flexos.gates.protocol import (
+from flexos.gates.proxies import DUNDERS, RemoteClass, RemoteObject, describe_class, mirror_class, new_proxy
+from flexos.transports import CallTimeout, Channel, ChannelClosed, PeerGone, Transport
+from flexos.wire.protocol import (
     OPERATORS,
     Codec,
     Kind,
@@ -25,8 +27,6 @@ from flexos.gates.protocol import (
     encode_error,
     frame_kind,
 )
-from flexos.gates.proxies import DUNDERS, RemoteClass, RemoteObject, describe_class, mirror_class, new_proxy
-from flexos.transports import CallTimeout, Channel, ChannelClosed, PeerGone, Transport
 
 # Dunder attributes a peer may read or write through GETATTR/SETATTR. Everything else of the form
 # __x__ (e.g. __globals__, __dict__, __class__) would let a compartment walk from an object it was

@@ -14,7 +14,7 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
-from flexos.gates.protocol import Op
+from flexos.wire.protocol import Op
 
 if TYPE_CHECKING:
     from flexos.gates.link import Link

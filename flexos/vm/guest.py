@@ -5,7 +5,7 @@ ivshmem window, imports once what every compartment needs, tells the host it is 
 host's commands on the agent mailbox:
 
 - ``["start", epoch, boot]``: fork a compartment, which boots the image as ``python -m
-  flexos.compartment`` does and answers ``["ready"]`` (or ``["error", traceback]``) on the
+  flexos.runtime.child`` does and answers ``["ready"]`` (or ``["error", traceback]``) on the
   compartment mailbox; the agent answers ``["started", pid]``. A restart costs a fork, not a boot.
 - ``["kill"]``: SIGKILL the compartment, answer ``["killed", returncode]`` once it is reaped.
 
@@ -61,7 +61,7 @@ def map_window() -> mmap.mmap:
 
 def run_compartment(window: mmap.mmap, boot: dict) -> None:
     """The forked compartment: boot the image's compartment ``boot['name']`` and serve the host."""
-    from flexos.compartment import link_back
+    from flexos.runtime.child import link_back
 
     image = Image.from_dict(boot["image"])
     transport = WindowTransport(
@@ -173,7 +173,7 @@ def main() -> None:
     window = map_window()
     check_window(window)
     # What every compartment imports, once, so that a forked compartment starts warm.
-    import flexos.compartment  # noqa: F401
+    import flexos.runtime.child  # noqa: F401
 
     Agent(window).serve()
 

@@ -25,10 +25,10 @@ from flexos.drivers.sibling import SiblingDriver
 from flexos.errors import CompartmentCrashed, CompartmentStartError, DriverUnavailable, ProtocolError
 from flexos.gates.importer import GateFinder
 from flexos.gates.link import Link
-from flexos.gates.protocol import Op
 from flexos.gates.proxies import ModuleProxy
 from flexos.image import DEFAULT_CONFIG, CompartmentSpec, Image
 from flexos.transports.shm import ShmTransport
+from flexos.wire.protocol import Op
 
 
 class Compartment:

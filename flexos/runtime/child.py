@@ -1,4 +1,4 @@
-"""Entry point of a compartment process: ``python -m flexos.compartment FD``.
+"""Entry point of a compartment process: ``python -m flexos.runtime.child FD``.
 
 Receives its identity and the image over the control socket, applies the compartment's
 hardening (flexos/hardening.py) before any component code can run, installs the gates for

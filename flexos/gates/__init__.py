@@ -1,0 +1,1 @@
+"""Gates: the proxies, handle tables and links through which compartments call each other."""
