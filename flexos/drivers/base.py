@@ -36,7 +36,31 @@ class Host(ABC):
 
 
 class Driver(ABC):
-    """Boots one compartment and returns the link its gates go through."""
+    """Boots one compartment and returns the link its gates go through.
+
+    A driver class is the only place that knows its mechanism: config, runtime, cli and explore
+    ask these class attributes instead of comparing driver names.
+    """
+
+    #: The name flexos.yaml gives the driver (``mechanism: {driver: NAME}``).
+    name: ClassVar[str]
+    #: May back the default compartment, where the app's own code runs (only one that adds no
+    #: boundary can: the app's code is in the app's process whatever the file says).
+    may_be_default: ClassVar[bool] = False
+    #: The compartment lives in the app's own process (it shares the app's address space).
+    in_app_process: ClassVar[bool] = False
+    #: Compartments of this driver can be connected to each other directly (without the app in
+    #: between) by handing both a socket.
+    direct_siblings: ClassVar[bool] = False
+    #: ``hardening:`` can be enforced (the compartment has an OS process of its own).
+    hardenable: ClassVar[bool] = False
+    #: ``timeout:`` can be enforced (a stuck call runs on a thread that is not the caller's).
+    supports_timeout: ClassVar[bool] = False
+    #: How strong a boundary it puts around its compartment, for explore's safety order
+    #: (0 = same compartment; a higher number separates more).
+    strength: ClassVar[int] = 0
+    #: The letter a configuration name writes for this driver (explore: ``R1pN2s``).
+    letter: ClassVar[str] = ""
 
     #: The compartment's modules are imported directly: no gate, no link (fcalls, non-strict).
     direct: ClassVar[bool] = False

@@ -17,6 +17,12 @@ from flexos.transports.loopback import LoopbackTransport
 
 
 class FcallsDriver(Driver):
+    name = "fcalls"
+    may_be_default = True
+    in_app_process = True
+    strength = 1
+    letter = "f"
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.strict = bool(self.spec.options.get("strict", False))

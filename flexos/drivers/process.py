@@ -24,6 +24,13 @@ from flexos.transports.shm import ShmTransport
 
 
 class ProcessDriver(Driver):
+    name = "process"
+    direct_siblings = True
+    hardenable = True
+    supports_timeout = True
+    strength = 3
+    letter = "p"
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._proc: subprocess.Popen | None = None

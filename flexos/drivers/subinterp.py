@@ -35,6 +35,11 @@ result = serve_in_compartment(BOOT)
 
 
 class SubinterpDriver(Driver):
+    name = "subinterp"
+    in_app_process = True
+    strength = 2
+    letter = "s"
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._interp: int | None = None

@@ -40,6 +40,11 @@ DEFAULTS: dict[str, Any] = {
 
 
 class VmDriver(Driver):
+    name = "vm"
+    supports_timeout = True
+    strength = 4
+    letter = "v"
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.options = options = {**DEFAULTS, **self.spec.options}
