@@ -26,7 +26,7 @@ def main() -> None:
 def check(config: str) -> None:
     """Validate FILE, print the image (compartments, drivers, who is where) and this machine's features."""
     from flexos.config import parse
-    from flexos.drivers import unavailable
+    from flexos.drivers import driver_class
 
     try:
         image, notes = parse(config)
@@ -40,19 +40,20 @@ def check(config: str) -> None:
     click.echo(f"image {image.source}")
     click.echo("compartments:")
     for spec in image.compartments.values():
-        options = ", ".join(f"{k}={v}" for k, v in spec.options.items())
+        driver = driver_class(spec.driver)
+        options = driver.read_options(spec.options)
+        listed = ", ".join(f"{k}={v}" for k, v in spec.options.items())
         role = "default (the app's own code)" if spec.default else f"restart: {spec.restart}"
-        reason = unavailable(spec.driver, spec.options)
+        reason = driver.unavailable(options)
         status = "ok" if reason is None else "UNAVAILABLE"
-        click.echo(f"  {spec.name:<14} {spec.driver:<10} {status:<12} {role}" + (f"  [{options}]" if options else ""))
+        click.echo(f"  {spec.name:<14} {spec.driver:<10} {status:<12} {role}" + (f"  [{listed}]" if listed else ""))
         if reason:
             refused.append(f"{image.source}: compartment {spec.name!r}: {reason}")
         if spec.hardening:
             click.echo(f"  {'':<14} hardening: {_describe_hardening(spec.hardening)}")
-        if spec.driver == "vm":  # which accelerator QEMU will use here, and why
-            from flexos.vm.machine import describe
-
-            click.echo(f"  {'':<14} vm: {describe(spec.options)}")
+        described = driver.describe(options)  # e.g. which accelerator QEMU will use here, and why
+        if described:
+            click.echo(f"  {'':<14} {spec.driver}: {described}")
     click.echo("libraries:")
     for module, owner in sorted(image.libraries.items()):
         click.echo(f"  {module:<30} -> {owner}")

@@ -7,6 +7,7 @@ gate semantics themselves run with the vm driver in tests/test_gates.py.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import importlib
 import importlib.util
@@ -28,7 +29,7 @@ import pytest
 import flexos
 from flexos import CompartmentSpec, Image
 from flexos.drivers import unavailable
-from flexos.drivers.vm import DEFAULTS
+from flexos.drivers.vm import VmOptions
 from flexos.vm.machine import choose_accelerator, guest_paths
 
 REASON = unavailable("vm")
@@ -143,7 +144,7 @@ def test_the_guest_sees_only_its_own_memory_and_processes(boot_vm, monkeypatch) 
     finally:
         holder.kill()
         holder.wait()
-    assert guestlib.memory_total_kib() <= DEFAULTS["memory"] >> 10
+    assert guestlib.memory_total_kib() <= VmOptions().memory >> 10
     assert guestlib.shared_memory_sizes() == [16 << 20]  # the gate window, and nothing else
 
 
@@ -431,7 +432,11 @@ def test_vm_options_get_their_defaults(tmp_path) -> None:
     image, _ = parse(config)
     spec = image.compartments["box"]
     assert spec.timeout == 5.0
-    assert spec.options == {**DEFAULTS, "memory": 512 << 20, "filesystem": {"read": ["./data"], "write": []}}
+    assert spec.options == {
+        **dataclasses.asdict(VmOptions()),
+        "memory": 512 << 20,
+        "filesystem": {"read": ["./data"], "write": []},
+    }
 
 
 def test_check_says_which_accelerator_and_why(tmp_path) -> None:

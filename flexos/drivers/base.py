@@ -2,16 +2,76 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import socket
+import typing
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from flexos.drivers import driver_class
 from flexos.errors import DriverUnavailable
+from flexos.gates.link import Link
 
 if TYPE_CHECKING:
-    from flexos.gates.link import Link
     from flexos.image import CompartmentSpec, Image
+
+
+# -- mechanism options ----------------------------------------------------------------------------
+# A driver declares what ``mechanism:`` may say as one frozen dataclass (its ``Options``): one field
+# per option, with its one default. Constraints flexos.yaml must respect go in the field's metadata,
+# which flexos.config turns into its validation (so compartment processes, which import drivers,
+# never load pydantic): ``ge``/``gt``/``le`` bound a number (floats are also finite), ``size``
+# accepts ``512MiB`` and gives the minimum with the reason for it; Literal types are choices, a
+# nested dataclass is a nested mapping.
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """A mechanism that takes no options beyond ``driver``."""
+
+
+def option(default: Any, **limits: float) -> Any:
+    """A mechanism option with its default and the bounds (``ge``, ``gt``, ``le``) a value must keep."""
+    return dataclasses.field(default=default, metadata=limits)
+
+
+def size_option(default: int, minimum: int, why: str) -> Any:
+    """A size in bytes (flexos.yaml may write ``512MiB``); ``why`` says what fails below ``minimum``."""
+    return dataclasses.field(default=default, metadata={"size": (minimum, why)})
+
+
+def spin_us_option() -> Any:
+    """How long (µs) a caller polls shared memory for an answer before it sleeps on the peer."""
+    from flexos.transports.shm import DEFAULT_SPIN_US  # only drivers over shared memory load it
+
+    return option(DEFAULT_SPIN_US, ge=0, le=1_000_000)
+
+
+def start_timeout_option() -> Any:
+    """Seconds a new compartment has to say it is ready."""
+    return option(30.0, gt=0, le=3600)
+
+
+@functools.cache
+def option_types(options: type) -> dict[str, Any]:
+    """The resolved field types of an options dataclass (its module writes them as strings)."""
+    return typing.get_type_hints(options)
+
+
+def _from_mapping(options: type, values: Mapping[str, Any]) -> Any:
+    """``values`` as an ``options`` dataclass (nested mappings as their nested dataclasses)."""
+    types = option_types(options)
+    return options(
+        **{
+            name: _from_mapping(types[name], value)
+            if dataclasses.is_dataclass(types.get(name)) and isinstance(value, Mapping)
+            else value
+            for name, value in values.items()
+        }
+    )
 
 
 class Host(ABC):
@@ -62,6 +122,13 @@ class Driver(ABC):
     #: The letter a configuration name writes for this driver (explore: ``R1pN2s``).
     letter: ClassVar[str] = ""
 
+    #: flexos can run this mechanism somewhere. False: a FlexOS backend known by name only, which
+    #: ``unavailable()`` always refuses with the reason; explore leaves it out, and the default
+    #: compartment rule leaves its refusal to ``flexos check`` and boot.
+    implemented: ClassVar[bool] = True
+    #: What ``mechanism:`` may say besides ``driver``: a frozen dataclass (see ``option`` above).
+    Options: ClassVar[type] = NoOptions
+
     #: The compartment's modules are imported directly: no gate, no link (fcalls, non-strict).
     direct: ClassVar[bool] = False
 
@@ -69,11 +136,35 @@ class Driver(ABC):
         self.spec = spec
         self.image = image
         self.host = host
+        # The options of the spec's own driver: this class's, except for a connection to a sibling.
+        self.options: Any = driver_class(spec.driver).read_options(spec.options)
 
     @classmethod
-    def unavailable(cls) -> str | None:
-        """Why this mechanism cannot run here, or None if it can."""
+    def read_options(cls, values: Mapping[str, Any]) -> Any:
+        """``values`` (flexos.yaml's, as an Image carries them) as this driver's ``Options``.
+
+        Options left out get their defaults; a name ``Options`` does not declare is a TypeError.
+        """
+        return _from_mapping(cls.Options, values)
+
+    @classmethod
+    def unavailable(cls, options: Any = None) -> str | None:
+        """Why this mechanism (with ``options``, an ``Options``, when given) cannot run here, or None."""
         return None
+
+    @classmethod
+    def describe(cls, options: Any) -> str | None:
+        """What ``flexos check`` adds about a compartment with these ``options`` on this machine."""
+        return None
+
+    def make_link(self, mirrors: dict) -> Link:
+        """The link to this compartment: it may import what this process serves, and a call waits at
+        most the compartment's ``timeout``."""
+        link = Link(
+            self.spec.name, importer=self.host.serve_import, mirrors=mirrors, replicated=self.image.is_replicated
+        )
+        link.timeout = self.spec.timeout
+        return link
 
     @abstractmethod
     def start(self, mirrors: dict) -> Link:

@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import importlib
 import sys
+from dataclasses import dataclass
 
 from flexos.drivers.base import Driver
 from flexos.gates.link import Link
 from flexos.transports.loopback import LoopbackTransport
+
+
+@dataclass(frozen=True)
+class FcallsOptions:
+    strict: bool = False  # every call still goes through the real wire encoding
 
 
 class FcallsDriver(Driver):
@@ -22,17 +28,18 @@ class FcallsDriver(Driver):
     in_app_process = True
     strength = 1
     letter = "f"
+    Options = FcallsOptions
+    options: FcallsOptions
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.strict = bool(self.spec.options.get("strict", False))
         # Modules of this compartment, kept out of sys.modules so the app only sees their gates.
         self._modules: dict[str, object] = {}
         self._links: tuple[Link, Link] | None = None
 
     @property
     def direct(self) -> bool:  # type: ignore[override]
-        return not self.strict
+        return not self.options.strict
 
     def start(self, mirrors: dict) -> Link:
         caller = Link(self.spec.name, mirrors=mirrors, replicated=self.image.is_replicated)

@@ -13,14 +13,21 @@ import select
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import msgpack
 
 from flexos import hardening
-from flexos.drivers.base import Driver
+from flexos.drivers.base import Driver, spin_us_option, start_timeout_option
 from flexos.errors import CompartmentCrashed, CompartmentStartError
 from flexos.gates.link import Link
 from flexos.transports.shm import ShmTransport
+
+
+@dataclass(frozen=True)
+class ProcessOptions:
+    spin_us: int = spin_us_option()
+    start_timeout: float = start_timeout_option()
 
 
 class ProcessDriver(Driver):
@@ -30,6 +37,8 @@ class ProcessDriver(Driver):
     supports_timeout = True
     strength = 3
     letter = "p"
+    Options = ProcessOptions
+    options: ProcessOptions
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -42,7 +51,7 @@ class ProcessDriver(Driver):
         return self._proc.pid if self._proc else None
 
     def start(self, mirrors: dict) -> Link:
-        name, options = self.spec.name, self.spec.options
+        name, options = self.spec.name, self.options
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             proc = subprocess.Popen(
@@ -58,10 +67,10 @@ class ProcessDriver(Driver):
             "image": self.image.to_dict(),
             "sys_path": sys.path,
             "argv": sys.argv,
-            "spin_us": options.get("spin_us", 200),
+            "spin_us": options.spin_us,
         }
         try:
-            ours.settimeout(options.get("start_timeout", 30.0))
+            ours.settimeout(options.start_timeout)
             ours.sendall(msgpack.packb(boot))
             answer = msgpack.unpackb(ours.recv(1 << 16))
             ours.settimeout(None)
@@ -74,19 +83,13 @@ class ProcessDriver(Driver):
             detail = answer[1] if isinstance(answer, list) and len(answer) == 2 else repr(answer)
             raise CompartmentStartError(f"compartment {name!r} failed to boot: {detail}")
         self._pidfd = os.pidfd_open(proc.pid)
-        link = Link(
-            name,
-            importer=self.host.serve_import,
-            mirrors=mirrors,
-            replicated=self.image.is_replicated,
-        )
-        link.timeout = self.spec.timeout
+        link = self.make_link(mirrors)
         self._transport = ShmTransport(
             ours,
             self._pidfd,
             select.POLLIN,
             death=lambda: self._death(proc),
-            spin_us=options.get("spin_us", 200),
+            spin_us=options.spin_us,
             abort=proc.kill,
         )
         self._transport.run(link, lambda message, fds: self.host.control(name, message, fds), f"flexos-{name}")

@@ -22,20 +22,14 @@ class SiblingDriver(Driver):
     def start(self, mirrors: dict) -> Link:
         name = self.spec.name
         sock = self.host.request_sibling(name)
-        link = Link(
-            name,
-            importer=self.host.serve_import,
-            mirrors=mirrors,
-            replicated=self.image.is_replicated,
-        )
+        link = self.make_link(mirrors)
         self._transport = ShmTransport(
             sock,
             sock.fileno(),
             0,  # only hang-ups: the sibling dying closes its end
             death=lambda: CompartmentCrashed(name, None, "the connection to it was lost"),
-            spin_us=self.spec.options.get("spin_us", 200),
+            spin_us=self.options.spin_us,
         )
-        link.timeout = self.spec.timeout
         self._transport.run(link, name=f"flexos-{name}")
         return link
 

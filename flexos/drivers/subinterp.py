@@ -47,7 +47,7 @@ class SubinterpDriver(Driver):
         self._link: Link | None = None
 
     @classmethod
-    def unavailable(cls) -> str | None:
+    def unavailable(cls, options: Any = None) -> str | None:
         if sys.version_info < (3, 13):
             return (
                 f"subinterp needs CPython 3.13+ (a GIL per interpreter and isolated extension modules); this is "
@@ -65,7 +65,7 @@ class SubinterpDriver(Driver):
         from flexos import _subinterp
 
         name = self.spec.name
-        link = Link(name, importer=self.host.serve_import, mirrors=mirrors, replicated=self.image.is_replicated)
+        link = self.make_link(mirrors)
         link.codec.lend_buffers(InterpreterTransport.lend, InterpreterTransport.LEND_THRESHOLD)
         self._gate = _subinterp.register(link.dispatch)
         boot = {

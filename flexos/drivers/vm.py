@@ -16,27 +16,36 @@ from __future__ import annotations
 import os
 import select
 import sys
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-from flexos.drivers.base import Driver
+from flexos.drivers.base import Driver, option, size_option, spin_us_option, start_timeout_option
 from flexos.errors import CompartmentCrashed, CompartmentStartError, DriverUnavailable
 from flexos.gates.link import Link
 from flexos.transports import CallTimeout, PeerGone
 from flexos.transports.ivshmem import EXITED, WindowTransport, read_status
+from flexos.vm import image as guest_image
 from flexos.vm.machine import HostLiveness, Machine, _pool, choose_accelerator, guest_paths
-from flexos.vm.machine import unavailable as machine_unavailable
 
-# The mechanism options flexos.yaml leaves out (flexos/config/__init__.py fills in the same values).
-DEFAULTS: dict[str, Any] = {
-    "memory": 256 << 20,
-    "vcpus": 1,
-    "accelerator": "auto",
-    "boot_timeout": 120.0,
-    "start_timeout": 30.0,
-    "spin_us": 200,
-    "network": "none",
-    "filesystem": {"read": [], "write": []},
-}
+
+@dataclass(frozen=True)
+class GuestFiles:
+    """Host directories the guest sees besides its code, read-only or writable."""
+
+    read: list[str] = field(default_factory=list)
+    write: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class VmOptions:
+    memory: int = size_option(256 << 20, 128 << 20, "a guest needs at least 128MiB to start Python")
+    vcpus: int = option(1, ge=1, le=64)
+    accelerator: Literal["auto", "kvm", "tcg"] = "auto"
+    boot_timeout: float = option(120.0, gt=0, le=3600)
+    start_timeout: float = start_timeout_option()
+    spin_us: int = spin_us_option()
+    network: Literal["none", "user"] = "none"
+    filesystem: GuestFiles = field(default_factory=GuestFiles)
 
 
 class VmDriver(Driver):
@@ -44,11 +53,12 @@ class VmDriver(Driver):
     supports_timeout = True
     strength = 4
     letter = "v"
+    Options = VmOptions
+    options: VmOptions
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.options = options = {**DEFAULTS, **self.spec.options}
-        accelerator, why = choose_accelerator(options["accelerator"])
+        accelerator, why = choose_accelerator(self.options.accelerator)
         if accelerator is None:
             raise DriverUnavailable(f"{self.image.source}: compartment {self.spec.name!r}: {why}")
         self.accelerator = accelerator
@@ -57,8 +67,24 @@ class VmDriver(Driver):
         self._transport: WindowTransport | None = None
 
     @classmethod
-    def unavailable(cls) -> str | None:
-        return machine_unavailable()
+    def unavailable(cls, options: VmOptions | None = None) -> str | None:
+        """QEMU, a kernel and busybox must be here; an explicit accelerator must work here too."""
+        reason = guest_image.unavailable()
+        if reason is None and options is not None:
+            accelerator, why = choose_accelerator(options.accelerator)
+            if accelerator is None:
+                return why
+        return reason
+
+    @classmethod
+    def describe(cls, options: VmOptions) -> str:
+        """The accelerator QEMU will use here and why, and the guest's kernel."""
+        accelerator, why = choose_accelerator(options.accelerator)
+        kernel = guest_image.find_kernel()
+        parts = [f"accelerator {accelerator}: {why}" if accelerator else why]
+        if kernel is not None:
+            parts.append(f"kernel {kernel.version}")
+        return "; ".join(parts)
 
     @property
     def pid(self) -> int | None:
@@ -73,8 +99,8 @@ class VmDriver(Driver):
 
     def _machine_key(self) -> tuple:
         options = self.options
-        mounts, links = guest_paths(options["filesystem"]["read"], options["filesystem"]["write"])
-        return (options["memory"], options["vcpus"], self.accelerator, options["network"], tuple(mounts), tuple(links))
+        mounts, links = guest_paths(options.filesystem.read, options.filesystem.write)
+        return (options.memory, options.vcpus, self.accelerator, options.network, tuple(mounts), tuple(links))
 
     def start(self, mirrors: dict) -> Link:
         name, options = self.spec.name, self.options
@@ -84,7 +110,7 @@ class VmDriver(Driver):
             machine = _pool.take(key, self._previous)
         if machine is None:
             machine = Machine(key, self.accelerator)
-            machine.boot(name, options, list(key[4]), list(key[5]), options["boot_timeout"])
+            machine.boot(name, options, list(key[4]), list(key[5]), options.boot_timeout)
         self._machine = machine
         boot = {
             "name": name,
@@ -92,10 +118,10 @@ class VmDriver(Driver):
             "sys_path": sys.path,
             "argv": sys.argv,
             "cwd": os.getcwd(),
-            "spin_us": options["spin_us"],
+            "spin_us": options.spin_us,
         }
         try:
-            epoch, _pid = machine.start_compartment(boot, options["start_timeout"])
+            epoch, _pid = machine.start_compartment(boot, options.start_timeout)
         except (PeerGone, CallTimeout) as exc:
             machine.shutdown()
             self._machine = None
@@ -105,20 +131,19 @@ class VmDriver(Driver):
             host=True,
             liveness=HostLiveness(machine, epoch),
             death=lambda: self._death(machine, epoch),
-            spin_us=options["spin_us"],
+            spin_us=options.spin_us,
             abort=lambda: self._abort(machine),
         )
         try:
-            answer = transport.mailbox.recv(timeout=options["start_timeout"])
+            answer = transport.mailbox.recv(timeout=options.start_timeout)
         except (PeerGone, CallTimeout):
-            answer = ["error", f"no answer within {options['start_timeout']} s"]
+            answer = ["error", f"no answer within {options.start_timeout} s"]
         if answer != ["ready"]:
             transport.close()
             self.stop()
             detail = answer[1] if len(answer) == 2 else repr(answer)
             raise CompartmentStartError(f"compartment {name!r} failed to boot in its virtual machine: {detail}")
-        link = Link(name, importer=self.host.serve_import, mirrors=mirrors, replicated=self.image.is_replicated)
-        link.timeout = self.spec.timeout
+        link = self.make_link(mirrors)
         self._transport = transport
         transport.run(link, lambda message, fds: self.host.control(name, message, fds), f"flexos-{name}")
         return link

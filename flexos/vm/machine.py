@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flexos import probe
 from flexos.errors import CompartmentStartError
@@ -43,6 +43,9 @@ from flexos.transports.ivshmem import (
     reset_slots,
 )
 from flexos.vm import image as guest_image
+
+if TYPE_CHECKING:
+    from flexos.drivers.vm import VmOptions
 
 FLEXOS_HOME = Path(__file__).resolve().parent.parent  # the flexos package directory
 
@@ -73,25 +76,6 @@ def choose_accelerator(requested: str) -> tuple[str | None, str]:
     if requested == "kvm":
         return None, f"accelerator kvm cannot be used here: {problem}; use accelerator auto or tcg"
     return "tcg", f"software emulation (TCG), because {problem}"
-
-
-def describe(options: dict[str, Any]) -> str:
-    """What ``flexos check`` prints for a vm compartment: the accelerator that will be used and why."""
-    accelerator, why = choose_accelerator(options.get("accelerator", "auto"))
-    kernel = guest_image.find_kernel()
-    parts = [f"accelerator {accelerator}: {why}" if accelerator else why]
-    if kernel is not None:
-        parts.append(f"kernel {kernel.version}")
-    return "; ".join(parts)
-
-
-def unavailable(options: dict[str, Any] | None = None) -> str | None:
-    reason = guest_image.unavailable()
-    if reason is None and options is not None:
-        accelerator, why = choose_accelerator(options.get("accelerator", "auto"))
-        if accelerator is None:
-            return why
-    return reason
 
 
 def guest_paths(read: list[str] = (), write: list[str] = ()) -> tuple[list[tuple[str, bool]], list[tuple[str, str]]]:
@@ -211,7 +195,7 @@ class Machine:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def boot(self, name: str, options: dict[str, Any], mounts: list, links: list, timeout: float) -> None:
+    def boot(self, name: str, options: VmOptions, mounts: list, links: list, timeout: float) -> None:
         """Start QEMU and wait (at most ``timeout`` s) for the guest's agent, showing progress."""
         started = time.monotonic()
         built = guest_image.build()
@@ -224,7 +208,7 @@ class Machine:
             initrd = Path(self._rundir) / "initrd"
             config = [f"mount fx{i} {'rw' if writable else 'ro'} {path}" for i, (path, writable) in enumerate(mounts)]
             config += [f"link {target} {path}" for target, path in links if " " not in target]
-            if options["network"] == "user":
+            if options.network == "user":
                 config.append("net")
             config.append(f"python {sys.executable} {FLEXOS_HOME.parent}")
             initrd.write_bytes(built.initramfs.read_bytes() + guest_image.boot_archive(config))
@@ -254,18 +238,18 @@ class Machine:
         python = hello[1].get("python")
         _progress(name, f"ready ({self.accelerator}, Python {python})", self.boot_seconds, True)
 
-    def _argv(self, options: dict[str, Any], kernel: Path, initrd: Path, memfd: int, mounts: list) -> list[str]:
+    def _argv(self, options: VmOptions, kernel: Path, initrd: Path, memfd: int, mounts: list) -> list[str]:
         accel = "kvm" if self.accelerator == "kvm" else "tcg,tb-size=64"
         argv = [
             guest_image.QEMU,
-            *("-M", "pc", "-accel", accel, "-m", f"{options['memory'] >> 20}M", "-smp", str(options["vcpus"])),
+            *("-M", "pc", "-accel", accel, "-m", f"{options.memory >> 20}M", "-smp", str(options.vcpus)),
             *("-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot"),
             *("-kernel", str(kernel), "-initrd", str(initrd)),
             *("-append", "console=ttyS0 quiet panic=-1 rdinit=/init"),
             *("-object", f"memory-backend-file,id=window,share=on,mem-path=/proc/self/fd/{memfd},size={WINDOW_SIZE}"),
             *("-device", "ivshmem-plain,memdev=window"),
         ]
-        argv += ["-nic", "user,model=virtio-net-pci"] if options["network"] == "user" else ["-nic", "none"]
+        argv += ["-nic", "user,model=virtio-net-pci"] if options.network == "user" else ["-nic", "none"]
         for index, (path, writable) in enumerate(mounts):
             readonly = "" if writable else ",readonly=on"
             escaped = path.replace(",", ",,")
