@@ -289,6 +289,31 @@ def test_default_compartment_cannot_be_a_process(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("driver", ["subinterp", "vm"])
+def test_default_compartment_cannot_be_isolated(tmp_path: Path, driver: str) -> None:
+    """Regression: only ``process`` was refused here; a subinterp or vm default compartment was
+    accepted and the app's own code ran unisolated in the app's process."""
+    path = write(
+        tmp_path,
+        f"""\
+        compartments:
+          - name: box
+            mechanism: {{driver: process}}
+          - name: app
+            default: true
+            mechanism: {{driver: {driver}}}
+        libraries:
+          sqlite3: {{compartment: box}}
+        """,
+    )
+    assert only_problem(path) == (
+        f"{path}:6: compartment 'app' is the default one, which is the app's own process; "
+        "give it driver 'fcalls' and isolate the other compartments"
+    )
+    with pytest.raises(ConfigError):
+        flexos.boot(str(path))
+
+
 def test_duplicate_compartment_names(tmp_path: Path) -> None:
     path = write(
         tmp_path,

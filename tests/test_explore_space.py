@@ -200,6 +200,14 @@ def test_problems_name_the_line_and_the_fix(tmp_path: Path) -> None:
     assert any(p.startswith(f"{path}:14: together: 'jsn' is not a component; did you mean 'json'?") for p in found)
 
 
+def test_only_drivers_flexos_implements_are_explored(tmp_path: Path) -> None:
+    """intel-pku is a driver flexos.yaml may name (and is refused at boot), but not one to explore."""
+    found = problems(tmp_path, "components: {json: {short: J}}\ncompartments: 1\ndrivers: [intel-pku]\n" + BENCH)
+    assert found == [
+        f"{tmp_path / 'space.yaml'}:9: driver 'intel-pku' cannot be explored; (drivers: fcalls, subinterp, process, vm)"
+    ]
+
+
 def test_missing_section_and_bad_types(tmp_path: Path) -> None:
     path = tmp_path / "plain.yaml"
     path.write_text(BASE)

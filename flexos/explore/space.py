@@ -17,24 +17,38 @@ import difflib
 import functools
 import itertools
 import re
-import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from flexos.config import _HINTS, _MODULE, _Hardening, _LibraryHardening, _Model, _plain, _read, _Source, _where
-from flexos.config import parse_document as _parse_base
+from flexos.config import (
+    Hardening,
+    LibraryHardening,
+    Source,
+    StrictModel,
+    is_module_name,
+    parse_document,
+    plain,
+    read_source,
+    validation_problems,
+)
+from flexos.drivers import driver_class, names
 from flexos.errors import ConfigError
 
+# The drivers a space may explore (every one flexos implements), weakest boundary first.
+_EXPLORABLE = sorted((d for d in map(driver_class, names()) if d.implemented), key=lambda d: d.strength)
 # Strength of the boundary each driver puts around its compartment (0 = same compartment).
-STRENGTH = {"fcalls": 1, "subinterp": 2, "process": 3, "vm": 4}
+STRENGTH = {d.name: d.strength for d in _EXPLORABLE}
 # A configuration name writes each compartment's driver as one letter.
-DRIVER_LETTERS = {"fcalls": "f", "subinterp": "s", "process": "p", "vm": "v"}
-# Hardening needs a process of the compartment's own (flexos.config refuses it elsewhere).
-HARDENABLE = frozenset({"process"})
+DRIVER_LETTERS = {d.name: d.letter for d in _EXPLORABLE}
+# The drivers whose compartments can be hardened (flexos.config refuses hardening elsewhere).
+HARDENABLE = tuple(d.name for d in _EXPLORABLE if d.hardenable)
+# Compartments of a driver that draws no boundary (one that may be the default) are all the app's
+# own code, so two of them are one.
+_UNBOUNDED = frozenset(d.name for d in _EXPLORABLE if d.may_be_default)
 # The app's own code, pinned in the base's default compartment; it counts as a component when
 # the safety order asks how well two components are separated.
 APP = "(app)"
@@ -44,22 +58,22 @@ MAX_CONFIGURATIONS = 10_000
 _WORD = r"^[A-Z][a-z]*$"  # shorts and toggle names: they are concatenated in configuration names
 
 
-class _ComponentSpec(_Model):
+class _ComponentSpec(StrictModel):
     short: str | None = Field(None, pattern=_WORD)
     modules: list[str] | None = Field(None, min_length=1)
 
 
-class _Toggles(_Model):
-    compartment: dict[str, _Hardening] = Field(default_factory=dict)
-    library: dict[str, _LibraryHardening] = Field(default_factory=dict)
+class _Toggles(StrictModel):
+    compartment: dict[str, Hardening] = Field(default_factory=dict)
+    library: dict[str, LibraryHardening] = Field(default_factory=dict)
 
 
-class _Constraints(_Model):
+class _Constraints(StrictModel):
     together: list[list[str]] = Field(default_factory=list)
     apart: list[list[str]] = Field(default_factory=list)
 
 
-class _BenchmarkSpec(_Model):
+class _BenchmarkSpec(StrictModel):
     command: str = Field(min_length=1)
     repeats: int = Field(3, ge=1, le=1000)
     better: Literal["higher", "lower"] = "higher"
@@ -68,7 +82,7 @@ class _BenchmarkSpec(_Model):
     failures: Literal["stop", "record"] = "stop"
 
 
-class _Explore(_Model):
+class _Explore(StrictModel):
     components: dict[str, _ComponentSpec | None] = Field(min_length=1)
     compartments: int = Field(ge=1, le=64)
     drivers: list[str] = Field(min_length=1)
@@ -85,7 +99,9 @@ class Component:
 
 
 @dataclass(frozen=True)
-class Compartment:
+class Group:
+    """One compartment of a configuration: the components it holds, its driver, its toggles."""
+
     components: tuple[str, ...]  # component names, in the order the space lists them
     driver: str
     hardening: frozenset[str] = frozenset()  # compartment toggles that are on
@@ -94,7 +110,7 @@ class Compartment:
 @dataclass(frozen=True)
 class Configuration:
     name: str
-    compartments: tuple[Compartment, ...]  # numbered c1, c2, ... in the order of their first component
+    compartments: tuple[Group, ...]  # numbered c1, c2, ... in the order of their first component
     library_hardening: frozenset[tuple[str, str]] = frozenset()  # (component, library toggle) pairs on
 
     def compartment_of(self, component: str) -> int:
@@ -132,7 +148,7 @@ class Space:
         """Whether configuration names need the per-compartment suffix (drivers, compartment toggles)."""
         return len(self.drivers) > 1 or bool(self.compartment_toggles)
 
-    def name(self, compartments: tuple[Compartment, ...], library_hardening: frozenset[tuple[str, str]]) -> str:
+    def name(self, compartments: tuple[Group, ...], library_hardening: frozenset[tuple[str, str]]) -> str:
         """``R1HN1S2L1`` (FlexOS's style), plus ``_`` and a driver letter and toggles per compartment when needed."""
         text = ""
         for component in self.components:
@@ -194,7 +210,7 @@ class Space:
         compartments = []
         for label in sorted(labels, key=lambda lab: min(self._index[n] for n in labels[lab])):
             driver, toggles_on = drivers.get(label, (self.drivers[0], frozenset()))
-            compartments.append(Compartment(tuple(labels[label]), driver, toggles_on))
+            compartments.append(Group(tuple(labels[label]), driver, toggles_on))
         return self.name(tuple(compartments), frozenset(library_hardening))
 
     @functools.cached_property
@@ -224,8 +240,8 @@ class Space:
             if any(len(set(group) & set(block)) > 1 for group in self.apart for block in members):
                 continue
             for drivers in itertools.product(self.drivers, repeat=len(members)):
-                if drivers.count("fcalls") > 1:
-                    continue  # fcalls compartments all run in the app's own process: two of them are one
+                if sum(driver in _UNBOUNDED for driver in drivers) > 1:
+                    continue
                 yield from self._hardened(members, drivers)
 
     def _hardened(self, members: list[tuple[str, ...]], drivers: tuple[str, ...]) -> Iterator[Configuration]:
@@ -237,8 +253,7 @@ class Space:
         library_choices = [_subsets(tuple(self.library_toggles))] * len(libraries)
         for on_compartments in itertools.product(*compartment_choices):
             compartments = tuple(
-                Compartment(block, driver, on)
-                for block, driver, on in zip(members, drivers, on_compartments, strict=True)
+                Group(block, driver, on) for block, driver, on in zip(members, drivers, on_compartments, strict=True)
             )
             for on_libraries in itertools.product(*library_choices):
                 library_hardening = frozenset(
@@ -325,18 +340,18 @@ def _merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
 def load_space(path: str | Path) -> tuple[Space, list[str]]:
     """Read and validate a space file; return the space and the base's warnings, or raise ConfigError."""
     path = Path(path)
-    src = _read(path)
+    src = read_source(path)
     if "explore" not in src.doc:
         raise ConfigError([f"{path}:1: no 'explore:' section; add one (see docs/explore.md)"])
     try:
-        spec = _Explore.model_validate(_plain(src.doc["explore"]))
+        spec = _Explore.model_validate(plain(src.doc["explore"]))
     except ValidationError as exc:
-        raise ConfigError(_problems(src, exc)) from None
+        raise ConfigError(validation_problems(src, exc, _Explore, ("explore",))) from None
 
-    base_src = _read(path)
+    base_src = read_source(path)
     del base_src.doc["explore"]
-    _, notes = _parse_base(base_src)
-    base = _plain(base_src.doc)
+    _, notes = parse_document(base_src)
+    base = plain(base_src.doc)
 
     problems: list[str] = []
     components = _components(src, spec, base, problems)
@@ -370,11 +385,12 @@ def load_space(path: str | Path) -> tuple[Space, list[str]]:
                     f"library toggle {toggle!r} is also a component's short name; rename one",
                 )
             )
-    if (spec.hardening.compartment or spec.hardening.library) and not HARDENABLE & set(drivers):
+    if (spec.hardening.compartment or spec.hardening.library) and not set(HARDENABLE) & set(drivers):
         problems.append(
             src.error(
                 ("explore", "hardening"),
-                "hardening needs a compartment with its own process: add 'process' to explore.drivers",
+                "hardening needs a compartment with its own process: add "
+                f"{' or '.join(map(repr, HARDENABLE))} to explore.drivers",
             )
         )
     compartment_toggles = {t: h.model_dump(exclude_unset=True) for t, h in spec.hardening.compartment.items()}
@@ -428,7 +444,7 @@ def load_space(path: str | Path) -> tuple[Space, list[str]]:
     return space, notes
 
 
-def _components(src: _Source, spec: _Explore, base: dict[str, Any], problems: list[str]) -> list[Component]:
+def _components(src: Source, spec: _Explore, base: dict[str, Any], problems: list[str]) -> list[Component]:
     listed = base.get("libraries") or {}
     owner: dict[str, str] = {}
     short_line: dict[str, tuple[str, int]] = {}
@@ -437,7 +453,7 @@ def _components(src: _Source, spec: _Explore, base: dict[str, Any], problems: li
         loc = ("explore", "components", name)
         modules = tuple(entry.modules) if entry and entry.modules else (name,)
         for module in modules:
-            if not _MODULE.match(module) or module == "flexos" or module.startswith("flexos."):
+            if not is_module_name(module) or module == "flexos" or module.startswith("flexos."):
                 problems.append(
                     src.error(loc, f"{module!r} is not a module that can move (dotted Python names, not flexos)")
                 )
@@ -465,7 +481,7 @@ def _components(src: _Source, spec: _Explore, base: dict[str, Any], problems: li
     return components
 
 
-def _drivers(src: _Source, spec: _Explore, problems: list[str]) -> list[str]:
+def _drivers(src: Source, spec: _Explore, problems: list[str]) -> list[str]:
     drivers = []
     for index, driver in enumerate(spec.drivers):
         if driver not in STRENGTH:
@@ -485,7 +501,7 @@ def _drivers(src: _Source, spec: _Explore, problems: list[str]) -> list[str]:
 
 
 def _groups(
-    src: _Source, groups: list[list[str]], kind: str, names: list[str], problems: list[str]
+    src: Source, groups: list[list[str]], kind: str, names: list[str], problems: list[str]
 ) -> tuple[tuple[str, ...], ...]:
     checked = []
     for index, group in enumerate(groups):
@@ -502,50 +518,3 @@ def _groups(
         elif not unknown:
             checked.append(tuple(group))
     return tuple(checked)
-
-
-def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model that validates the mapping at ``path`` under ``explore:``."""
-    annotation: Any = _Explore
-    for key in path:
-        annotation = _unwrap(annotation)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            field = annotation.model_fields.get(key)
-            if field is None:
-                return None
-            annotation = field.annotation
-        elif typing.get_origin(annotation) in (list, dict):
-            annotation = typing.get_args(annotation)[-1]
-        else:
-            return None
-    annotation = _unwrap(annotation)
-    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-
-
-def _unwrap(annotation: Any) -> Any:
-    """``X | None`` -> ``X``."""
-    arguments = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, type(int | None)) and len(arguments) == 1:
-        return arguments[0]
-    return annotation
-
-
-def _problems(src: _Source, exc: ValidationError) -> list[str]:
-    problems = []
-    for err in exc.errors():
-        loc = ("explore", *err["loc"])
-        kind = err["type"]
-        if kind == "extra_forbidden":
-            model = _model_at(tuple(err["loc"][:-1]))
-            allowed = list(model.model_fields) if model else []
-            guess = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            hint = f"; did you mean {guess[0]!r}?" if guess else ""
-            problems.append(
-                src.error(loc, f"unknown key {loc[-1]!r} in {_where(loc[:-1])}{hint} (allowed: {', '.join(allowed)})")
-            )
-        elif kind == "missing":
-            problems.append(src.error(loc[:-1], f"{_where(loc[:-1])} is missing the required key {loc[-1]!r}"))
-        else:
-            hint = _HINTS.get(kind, "")
-            problems.append(src.error(loc, f"{_where(loc)}: {err['msg']}" + (f" ({hint})" if hint else "")))
-    return problems
