@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import sys
 import traceback
+from pathlib import Path
+from typing import NoReturn
 
 import click
 
-from flexos.errors import ConfigError, FlexosError
+from flexos.errors import ConfigError, DriverUnavailable, FlexosError
 from flexos.image import DEFAULT_CONFIG
 
 _config_option = click.option(
@@ -27,15 +29,13 @@ def check(config: str) -> None:
     """Validate FILE, print the image (compartments, drivers, who is where) and this machine's features."""
     from flexos.config import parse
     from flexos.drivers import driver_class
+    from flexos.hardening import needed_features
 
     try:
         image, notes = parse(config)
     except ConfigError as exc:
-        for problem in exc.problems:
-            click.echo(problem, err=True)
-        sys.exit(2)
-    for note in notes:
-        click.echo(note, err=True)
+        _fail(exc.problems)
+    _echo_err(notes)
     refused = []
     click.echo(f"image {image.source}")
     click.echo("compartments:")
@@ -60,16 +60,14 @@ def check(config: str) -> None:
     click.echo("  (modules not listed are imported locally by each compartment that uses them)")
     features = _echo_machine_report()
     for spec in image.compartments.values():
-        for option, feature in _needed_features(spec.hardening):
+        for option, feature in needed_features(spec.hardening):
             if not features[feature].available:
                 refused.append(
                     f"{image.source}: compartment {spec.name!r}: hardening {option} needs {feature}, which this "
                     f"machine lacks ({features[feature].detail}); remove the option or run on a machine that has it"
                 )
-    for reason in refused:
-        click.echo(reason, err=True)
     if refused:
-        sys.exit(2)
+        _fail(refused)
 
 
 def _echo_machine_report() -> dict:
@@ -83,20 +81,6 @@ def _echo_machine_report() -> dict:
         click.echo(f"  {feature.name:<14} {status:<12} {feature.detail}")
         features[feature.name] = feature
     return features
-
-
-def _needed_features(hardening: dict) -> list[tuple[str, str]]:
-    """(option, machine feature) pairs a compartment's hardening depends on."""
-    needed = []
-    if hardening.get("network") == "none":
-        needed += [("network: none", "userns"), ("network: none", "netns")]
-    if hardening.get("filesystem") is not None:
-        needed.append(("filesystem", "landlock"))
-    if hardening.get("seccomp") is not None:
-        needed.append(("seccomp", "seccomp"))
-    if (hardening.get("limits") or {}).get("processes") == 0:
-        needed.append(("limits.processes", "seccomp"))
-    return needed
 
 
 def _describe_hardening(hardening: dict) -> str:
@@ -125,19 +109,19 @@ def _describe_hardening(hardening: dict) -> str:
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def run(config: str, module: str | None, args: tuple[str, ...]) -> None:
     """Run an unmodified app (SCRIPT [ARGS]... or -m MODULE [ARGS]...) under the image."""
+    from flexos.config import load
     from flexos.runtime import run_module, run_path
 
     if module is None and not args:
         raise click.UsageError("give a script to run, or -m MODULE")
     try:
+        image = load(config)
         if module is not None:
-            run_module(module, list(args), config)
+            run_module(module, list(args), image)
         else:
-            run_path(args[0], list(args[1:]), config)
+            run_path(args[0], list(args[1:]), image)
     except ConfigError as exc:
-        for problem in exc.problems:
-            click.echo(problem, err=True)
-        sys.exit(2)
+        _fail(exc.problems)
     except SystemExit:
         raise
     except KeyboardInterrupt:
@@ -162,6 +146,46 @@ def explore(
     space: str, budget: float | None, order_file: str | None, out: str | None, exhaustive: bool, list_only: bool
 ) -> None:
     """Find the safest configurations of SPACE whose benchmark meets --budget (docs/explore.md)."""
-    from flexos.explore import command
+    from flexos.explore import BenchmarkFailed, default_out, listing, load_space, report, resume_hint
+    from flexos.explore import explore as run_exploration
 
-    sys.exit(command(space, budget, order_file, out, exhaustive, list_only))
+    if list_only:
+        try:
+            found, notes = load_space(space)
+        except ConfigError as exc:
+            _fail(exc.problems)
+        _echo_err(notes)
+        for line in listing(found):
+            click.echo(line)
+        return
+    if budget is None:
+        raise click.UsageError("give --budget (or --list to see the configurations)")
+    target = Path(out) if out is not None else default_out(Path(space))
+    try:
+        done = run_exploration(space, budget, order_file, out, exhaustive)
+    except ConfigError as exc:
+        _fail(exc.problems)
+    except DriverUnavailable as exc:
+        _fail(str(exc).splitlines())
+    except BenchmarkFailed as exc:
+        click.echo(f"\nflexos explore: {exc}", err=True)
+        click.echo(resume_hint(target), err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo(f"\nflexos explore: interrupted. {resume_hint(target)}", err=True)
+        sys.exit(130)
+    _echo_err(done.notes)
+    click.echo(report.table(done.space, done.configs, done.order, done.goal, done.answer))
+    click.echo(f"benchmark runs: {done.runs} now, the rest from {done.out / 'cache.jsonl'}")
+    click.echo("wrote: " + ", ".join(str(f) for f in done.files))
+
+
+def _echo_err(lines: list[str]) -> None:
+    for line in lines:
+        click.echo(line, err=True)
+
+
+def _fail(problems: list[str]) -> NoReturn:
+    """Print the problems (each names its file and line) and exit 2, as for a usage error."""
+    _echo_err(problems)
+    sys.exit(2)

@@ -317,3 +317,17 @@ def apply_seccomp(policy: dict[str, Any], seccomp: Any) -> None:
         rules.load()
     except OSError as exc:
         raise HardeningError(f"seccomp: loading the filter failed: {exc}") from None
+
+
+def needed_features(hardening: dict[str, Any]) -> list[tuple[str, str]]:
+    """(option, machine feature of flexos.probe) pairs a compartment's ``hardening`` depends on."""
+    needed = []
+    if hardening.get("network") == "none":
+        needed += [("network: none", "userns"), ("network: none", "netns")]
+    if hardening.get("filesystem") is not None:
+        needed.append(("filesystem", "landlock"))
+    if hardening.get("seccomp") is not None:
+        needed.append(("seccomp", "seccomp"))
+    if (hardening.get("limits") or {}).get("processes") == 0:
+        needed.append(("limits.processes", "seccomp"))
+    return needed

@@ -11,16 +11,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
-
-from flexos.errors import ConfigError, DriverUnavailable
+from flexos import drivers
+from flexos.errors import DriverUnavailable
 from flexos.explore import report
 from flexos.explore.order import SafetyOrder, documented_order, read_order, safety_facts
 from flexos.explore.runner import BenchmarkFailed, Runner, cached_runs
 from flexos.explore.search import Answer, Goal, Search
 from flexos.explore.space import Configuration, Space, load_space
+from flexos.hardening import needed_features
+from flexos.probe import machine_report
 
-__all__ = ["Exploration", "command", "explore", "load_space"]
+__all__ = [
+    "BenchmarkFailed",
+    "Exploration",
+    "default_out",
+    "explore",
+    "listing",
+    "load_space",
+    "refusals",
+    "report",
+    "resume_hint",
+]
 
 
 @dataclass(frozen=True)
@@ -38,19 +49,15 @@ class Exploration:
 
 def refusals(space: Space) -> list[str]:
     """Why this machine cannot run some of the space's configurations (drivers, hardening options)."""
-    from flexos.cli import _needed_features
-    from flexos.drivers import unavailable
-    from flexos.probe import machine_report
-
     refused = []
     for driver in space.drivers:
-        reason = unavailable(driver)
+        reason = drivers.unavailable(driver)
         if reason:
             refused.append(f"{space.source}:{space.drivers_line}: driver {driver!r}: {reason}")
     needed = {
         (toggle, option, feature)
         for toggle, hardening in space.compartment_toggles.items()
-        for option, feature in _needed_features(hardening)
+        for option, feature in needed_features(hardening)
     }
     if needed:
         features = {f.name: f for f in machine_report()}
@@ -124,52 +131,16 @@ def default_out(space_path: Path) -> Path:
     return space_path.parent / f"{space_path.stem}.explore"
 
 
-def command(
-    space_path: str, budget: float | None, order_path: str | None, out: str | None, exhaustive: bool, list_only: bool
-) -> int:
-    """The ``flexos explore`` command; returns the exit status."""
-    if list_only:
-        try:
-            space, notes = load_space(space_path)
-        except ConfigError as exc:
-            return _problems(exc.problems)
-        configs = space.configurations()
-        for note in notes:
-            click.echo(note, err=True)
-        click.echo(f"{len(configs)} configurations in {space.source}:")
-        width = max(len(c.name) for c in configs)
-        for config in configs:
-            click.echo(f"  {config.name:<{width}}  {report.describe(config)}")
-        return 0
-    if budget is None:
-        raise click.UsageError("give --budget (or --list to see the configurations)")
-    target = Path(out) if out is not None else default_out(Path(space_path))
-    try:
-        done = explore(space_path, budget, order_path, out, exhaustive)
-    except ConfigError as exc:
-        return _problems(exc.problems)
-    except DriverUnavailable as exc:
-        return _problems(str(exc).splitlines())
-    except BenchmarkFailed as exc:
-        click.echo(f"\nflexos explore: {exc}", err=True)
-        click.echo(_resume_hint(target), err=True)
-        return 1
-    except KeyboardInterrupt:
-        click.echo(f"\nflexos explore: interrupted. {_resume_hint(target)}", err=True)
-        return 130
-    for note in done.notes:
-        click.echo(note, err=True)
-    click.echo(report.table(done.space, done.configs, done.order, done.goal, done.answer))
-    click.echo(f"benchmark runs: {done.runs} now, the rest from {done.out / 'cache.jsonl'}")
-    click.echo("wrote: " + ", ".join(str(f) for f in done.files))
-    return 0
+def listing(space: Space) -> list[str]:
+    """What ``flexos explore --list`` prints: each configuration's name and layout."""
+    configs = space.configurations()
+    width = max(len(c.name) for c in configs)
+    return [
+        f"{len(configs)} configurations in {space.source}:",
+        *(f"  {config.name:<{width}}  {report.describe(config)}" for config in configs),
+    ]
 
 
-def _problems(problems: list[str]) -> int:
-    for problem in problems:
-        click.echo(problem, err=True)
-    return 2
-
-
-def _resume_hint(out: Path) -> str:
+def resume_hint(out: Path) -> str:
+    """How many runs a stopped exploration keeps in ``out``, and how to go on."""
     return f"{cached_runs(out)} runs are cached in {out / 'cache.jsonl'}; run the same command again to resume."
