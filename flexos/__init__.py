@@ -5,7 +5,14 @@ isolation mechanism, and change it all in one flexos.yaml, with no change to the
 
     with flexos.boot("flexos.yaml"):
         import sqlite3            # lives in the compartment flexos.yaml places it in
+
+This package is a lazy facade (PEP 562): the errors are imported with it, everything else on
+first use, so that ``import flexos.errors`` in a compartment loads no runtime and no config stack.
 """
+
+from __future__ import annotations
+
+import os
 
 from flexos.errors import (
     CompartmentCrashed,
@@ -16,15 +23,80 @@ from flexos.errors import (
     GateError,
     ProtocolError,
 )
-from flexos.image import CompartmentSpec, Image
-from flexos.runtime import Runtime, boot, run_module, run_path
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (5 ms), as type checkers allow
+if TYPE_CHECKING:
+    from typing import Any
+
+    from flexos.config import load
+    from flexos.image import CompartmentSpec, Image
+    from flexos.runtime import Runtime
+
+__version__ = "0.1.0"
+
+# Public name -> the module that defines it, imported when the name is first used.
+_LAZY = {
+    "CompartmentSpec": "flexos.image",
+    "Image": "flexos.image",
+    "Runtime": "flexos.runtime",
+    "load": "flexos.config",  # load(path="flexos.yaml") -> Image; ConfigError, warns ConfigWarning
+}
 
 
-def load(path: str = "flexos.yaml") -> Image:
-    """Validate a flexos.yaml and return its image (raises ConfigError naming file and line)."""
-    from flexos.config import load as _load
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flexos' has no attribute {name!r}")
+    import importlib
 
-    return _load(path)
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later uses skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+def _image(config: str | os.PathLike[str] | Image | None) -> Image:
+    """``config`` itself if it is an Image, else the flexos.yaml at that path (None: the default file)."""
+    from flexos.image import Image
+
+    if isinstance(config, Image):
+        return config
+    from flexos.config import load
+
+    return load() if config is None else load(os.fspath(config))
+
+
+def boot(config: str | os.PathLike[str] | Image | None = None) -> Runtime:
+    """Boot an image (a flexos.yaml path, default ./flexos.yaml, or an Image) in this process and
+    return its running :class:`Runtime`; use it as a context manager::
+
+        with flexos.boot("flexos.yaml"):
+            import sqlite3          # a gate to the compartment sqlite3 is placed in
+    """
+    from flexos import runtime
+
+    return runtime.boot(_image(config))
+
+
+def run_path(
+    path: str, args: list[str] | tuple[str, ...] = (), config: str | os.PathLike[str] | Image | None = None
+) -> None:
+    """Run a script unmodified under ``config`` (as :func:`boot`), as ``python path args...`` would."""
+    from flexos import runtime
+
+    runtime.run_path(path, list(args), _image(config))
+
+
+def run_module(
+    module: str, args: list[str] | tuple[str, ...] = (), config: str | os.PathLike[str] | Image | None = None
+) -> None:
+    """Run a module unmodified under ``config`` (as :func:`boot`), as ``python -m module args...`` would."""
+    from flexos import runtime
+
+    runtime.run_module(module, list(args), _image(config))
 
 
 __all__ = [
@@ -38,6 +110,7 @@ __all__ = [
     "Image",
     "ProtocolError",
     "Runtime",
+    "__version__",
     "boot",
     "load",
     "run_module",

@@ -39,6 +39,14 @@
 #define MAX_ENDPOINTS 1024
 #define MAX_THREAD_SLOTS 32
 #define MAX_LOANS 4096
+/* An endpoint's or a loan's id is (generation << SHIFT) | its index in the table, and the index is
+ * read back with `id & (MAX - 1)`: that needs a power-of-two table no larger than 1 << SHIFT. */
+#define ENDPOINT_ID_SHIFT 10
+#define LOAN_ID_SHIFT 12
+_Static_assert((MAX_ENDPOINTS & (MAX_ENDPOINTS - 1)) == 0, "MAX_ENDPOINTS must be a power of two");
+_Static_assert(MAX_ENDPOINTS <= (1 << ENDPOINT_ID_SHIFT), "an endpoint's index must fit below its generation");
+_Static_assert((MAX_LOANS & (MAX_LOANS - 1)) == 0, "MAX_LOANS must be a power of two");
+_Static_assert(MAX_LOANS <= (1 << LOAN_ID_SHIFT), "a loan's index must fit below its generation");
 
 typedef struct {
     int64_t id; /* 0: free */
@@ -46,7 +54,7 @@ typedef struct {
 } Interp;
 
 typedef struct {
-    int64_t id; /* 0: free; else (generation << 10) | index */
+    int64_t id; /* 0: free; else (generation << ENDPOINT_ID_SHIFT) | index */
     int64_t interp_id;
     PyInterpreterState *interp;
     PyObject *dispatch; /* a strong reference owned by `interp` */
@@ -185,7 +193,8 @@ find_interp(int64_t interp_id)
     return NULL;
 }
 
-/* The current exception as malloc'd UTF-8 text "Type: message"; clears it. */
+/* The current exception as malloc'd UTF-8 text "Type: message"; clears it. NULL when even that
+ * copy runs out of memory, so callers keep "it failed" apart from the text (see Failure). */
 static char *
 exception_text(void)
 {
@@ -204,6 +213,36 @@ exception_text(void)
     }
     PyErr_Clear();
     return text != NULL ? text : strdup("unknown error");
+}
+
+/* What went wrong inside another interpreter, carried out of it as C data: `failed` is the
+ * verdict, `text` its malloc'd description (NULL if that could not be allocated). */
+typedef struct {
+    int failed;
+    char *text;
+} Failure;
+
+static void
+fail_with(Failure *failure, const char *message)
+{
+    failure->failed = 1;
+    failure->text = strdup(message);
+}
+
+static void
+fail_with_exception(Failure *failure)
+{
+    failure->failed = 1;
+    failure->text = exception_text();
+}
+
+/* Back in the caller's interpreter: raise `type` with the failure's text, and free it. */
+static void
+raise_failure(Failure *failure, PyObject *type, const char *context)
+{
+    PyErr_Format(type, "%s%s", context, failure->text != NULL ? failure->text : "(out of memory describing the error)");
+    free(failure->text);
+    failure->text = NULL;
 }
 
 /* In a forked child CPython has deleted every subinterpreter: forget them all (their objects are
@@ -329,18 +368,19 @@ subinterp_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     /* In the target: run, then carry `result` out as plain C data. */
-    char *error = NULL, *text = NULL;
+    Failure failure = {0, NULL};
+    char *text = NULL;
     long long number = 0;
     int kind = 0; /* 0 None, 1 int, 2 str */
     PyObject *globals = PyDict_New();
     PyObject *builtins = PyImport_ImportModule("builtins");
     if (globals == NULL || builtins == NULL || PyDict_SetItemString(globals, "__builtins__", builtins) < 0) {
-        error = exception_text();
+        fail_with_exception(&failure);
     }
     else {
         PyObject *done = PyRun_String(source, Py_file_input, globals, globals);
         if (done == NULL) {
-            error = exception_text();
+            fail_with_exception(&failure);
         }
         else {
             Py_DECREF(done);
@@ -351,20 +391,22 @@ subinterp_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             }
             else if (result != NULL && PyUnicode_Check(result)) {
                 const char *utf8 = PyUnicode_AsUTF8(result);
-                text = strdup(utf8 ? utf8 : "");
+                text = utf8 != NULL ? strdup(utf8) : NULL;
                 kind = 2;
             }
             if (PyErr_Occurred()) {
-                error = exception_text();
+                fail_with_exception(&failure);
+            }
+            else if (kind == 2 && text == NULL) {
+                fail_with(&failure, "MemoryError: no memory to copy `result` out of the subinterpreter");
             }
         }
     }
     Py_XDECREF(builtins);
     Py_XDECREF(globals);
     PyThreadState_Swap(here);
-    if (error != NULL) {
-        PyErr_SetString(PyExc_RuntimeError, error);
-        free(error);
+    if (failure.failed) {
+        raise_failure(&failure, PyExc_RuntimeError, "");
         free(text);
         return NULL;
     }
@@ -389,7 +431,7 @@ subinterp_register(PyObject *module, PyObject *dispatch)
     pthread_mutex_lock(&registry_lock);
     for (int i = 0; i < MAX_ENDPOINTS; i++) {
         if (endpoints[i].id == 0) {
-            int64_t id = (endpoint_generation++ << 10) | i;
+            int64_t id = (endpoint_generation++ << ENDPOINT_ID_SHIFT) | i;
             endpoints[i].id = id;
             endpoints[i].interp_id = interp_id;
             endpoints[i].interp = PyInterpreterState_Get();
@@ -463,7 +505,8 @@ subinterp_call(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (enter(interp_id, interp, here_id, &here) != NULL) {
             /* In the target interpreter: the caller's frame stays alive (we hold it) and bytes
              * are immutable, so reading it without the caller's GIL is safe. */
-            char *reply = NULL, *error = NULL;
+            Failure failure = {0, NULL};
+            char *reply = NULL;
             Py_ssize_t reply_size = 0;
             PyObject *frame = PyBytes_FromStringAndSize(data, size);
             PyObject *answer = frame ? PyObject_CallOneArg(dispatch, frame) : NULL;
@@ -475,20 +518,19 @@ subinterp_call(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                     memcpy(reply, PyBytes_AS_STRING(answer), reply_size);
                 }
                 else {
-                    error = strdup("out of memory for the reply");
+                    fail_with(&failure, "out of memory for the reply");
                 }
             }
             else if (answer != NULL) {
-                error = strdup("the compartment's dispatcher returned a non-bytes reply");
+                fail_with(&failure, "the compartment's dispatcher returned a non-bytes reply");
             }
             else {
-                error = exception_text();
+                fail_with_exception(&failure);
             }
             Py_XDECREF(answer);
             PyThreadState_Swap(here);
-            if (error != NULL) {
-                PyErr_Format(state->protocol_error, "compartment failed to answer: %s", error);
-                free(error);
+            if (failure.failed) {
+                raise_failure(&failure, state->protocol_error, "compartment failed to answer: ");
             }
             else {
                 result = PyBytes_FromStringAndSize(reply, reply_size);
@@ -601,7 +643,7 @@ subinterp_lend(PyObject *module, PyObject *object)
     pthread_mutex_lock(&registry_lock);
     for (int i = 0; i < MAX_LOANS; i++) {
         if (loans[i].id == 0) {
-            int64_t id = (loan_generation++ << 12) | i;
+            int64_t id = (loan_generation++ << LOAN_ID_SHIFT) | i;
             loans[i].id = id;
             loans[i].lender = lender;
             loans[i].object = Py_NewRef(object);

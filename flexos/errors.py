@@ -1,7 +1,25 @@
-"""Exceptions flexos raises into application code.
+"""Every exception flexos raises, so that an app can tell isolation failures from its own errors.
 
-Every error that crosses from flexos into an app is one of these, so an operator can catch
-``flexos.FlexosError`` to tell isolation failures apart from the app's own exceptions.
+Every error that crosses from flexos into an app is a ``flexos.FlexosError``. The whole tree
+(classes defined elsewhere name their module)::
+
+    FlexosError
+    ├── ConfigError               a flexos.yaml is invalid: one "FILE:LINE: what to change" per problem
+    ├── DriverUnavailable         an isolation mechanism cannot run on this machine or Python
+    ├── CompartmentStartError     a compartment failed to boot
+    │   └── HardeningError        a protection it asks for cannot be applied (raised in its process)
+    ├── CompartmentCrashed        the compartment serving a call died; it restarts on next use
+    ├── GateError                 a value cannot cross a gate
+    ├── ProtocolError             a peer sent bytes that are not a valid flexos frame
+    ├── PeerGone                  (flexos.transports) the peer is dead      ┐ a transport's signals to
+    ├── CallTimeout               (flexos.transports) no answer in time     │ its link, which raises
+    ├── ChannelClosed             (flexos.transports) one channel dropped   ┘ the errors above instead
+    └── BenchmarkFailed           (flexos.explore.runner) flexos explore's benchmark failed
+
+    UserWarning
+    └── ConfigWarning             (flexos.config) a flexos.yaml is valid but likely not what was meant
+
+Each keeps its full message when pickled or copied (an app may log or send it elsewhere).
 """
 
 from __future__ import annotations
@@ -19,6 +37,9 @@ class ConfigError(FlexosError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("\n".join(problems))
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.problems,), self.__dict__)
 
 
 class DriverUnavailable(FlexosError):
@@ -41,6 +62,14 @@ class CompartmentStartError(FlexosError):
     """A compartment failed to boot."""
 
 
+class HardeningError(CompartmentStartError):
+    """A requested protection could not be applied; the compartment must not start.
+
+    Raised inside the compartment's process (flexos/hardening.py), which then reports its boot as
+    failed: the app sees the CompartmentStartError naming the option.
+    """
+
+
 class CompartmentCrashed(FlexosError):
     """The compartment serving a call died (killed, crashed, exited) before replying.
 
@@ -52,6 +81,7 @@ class CompartmentCrashed(FlexosError):
     def __init__(self, compartment: str, returncode: int | None, detail: str = "") -> None:
         self.compartment = compartment
         self.returncode = returncode
+        self.detail = detail
         self.signal: int | None = -returncode if returncode is not None and returncode < 0 else None
         self.exitcode: int | None = returncode if returncode is not None and returncode >= 0 else None
         super().__init__(self._describe(detail))
@@ -69,5 +99,5 @@ class CompartmentCrashed(FlexosError):
         text = f"compartment {self.compartment!r} {how}"
         return f"{text}: {detail}" if detail else text
 
-    def __reduce__(self):  # keep the exception copyable/pickle-safe for app-side logging
-        return (type(self), (self.compartment, self.returncode))
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.compartment, self.returncode, self.detail), self.__dict__)

@@ -23,12 +23,15 @@ never runs unhardened.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
-import platform
 import resource
 import sys
 from collections.abc import Iterable
 from typing import Any
+
+from flexos import _linux
+from flexos.errors import HardeningError
 
 # Friendly names for groups of audit events.
 AUDIT_ALIASES: dict[str, tuple[str, ...]] = {
@@ -48,10 +51,6 @@ _MACHINERY = frozenset({"flexos", "msgpack"})
 CLEAN_ENVIRONMENT = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 
-class HardeningError(RuntimeError):
-    """A requested protection could not be applied; the compartment must not start."""
-
-
 def environment(hardening: dict[str, Any]) -> dict[str, str] | None:
     """The environment to start the compartment process with (None: inherit the app's)."""
     return dict(CLEAN_ENVIRONMENT) if hardening.get("env") == "clean" else None
@@ -61,7 +60,7 @@ def isolate_network() -> None:
     """Enter a new user and network namespace. Must run while the process has one thread."""
     uid, gid = os.getuid(), os.getgid()
     try:
-        os.unshare(os.CLONE_NEWUSER | os.CLONE_NEWNET)
+        os.unshare(_linux.CLONE_NEWUSER | _linux.CLONE_NEWNET)
     except OSError as exc:
         raise HardeningError(f"network: none needs user and network namespaces: unshare failed: {exc}") from None
     # Keep our own uid/gid inside, so files keep the ownership they have outside.
@@ -155,11 +154,7 @@ def install_audit_policy(deny: list[str], compartment: str, libraries: dict[str,
     sys.addaudithook(hook)
 
 
-# -- Landlock (linux/landlock.h); x86_64 syscall numbers -------------------------------------------
-_LANDLOCK_SYSCALLS = {"x86_64": (444, 445, 446)}
-_CREATE_RULESET_VERSION = 1
-_RULE_PATH_BENEATH = 1
-_PR_SET_NO_NEW_PRIVS = 38
+# -- Landlock (linux/landlock.h; system call numbers in flexos/_linux.py) ---------------------------
 _SCOPE_SIGNAL = 1 << 1
 # Filesystem rights by the ABI that introduced them.
 _FS_RIGHTS_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 5: (1 << 16) - 1}
@@ -194,17 +189,11 @@ class _PathBeneathAttr(ctypes.Structure):
     _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
-
-
 def landlock_abi() -> int:
-    """The Landlock ABI version this kernel enforces (0: none), asked of the kernel itself."""
-    numbers = _LANDLOCK_SYSCALLS.get(platform.machine())
-    if numbers is None:
-        return 0
-    version = _libc().syscall(numbers[0], None, ctypes.c_size_t(0), ctypes.c_uint32(_CREATE_RULESET_VERSION))
-    return max(version, 0)
+    """The Landlock ABI version this kernel enforces (0: none, or unknown system call numbers
+    on this architecture), asked of the kernel itself."""
+    answer = _linux.landlock_abi()
+    return max(answer[0], 0) if answer is not None else 0
 
 
 def restrict_filesystem(read: Iterable[str], write: Iterable[str]) -> None:
@@ -213,32 +202,38 @@ def restrict_filesystem(read: Iterable[str], write: Iterable[str]) -> None:
     landlock_restrict_self() binds the calling thread and the threads it starts later, so this
     runs before the compartment starts any thread.
     """
+    create = _linux.syscall_number("landlock_create_ruleset")
+    add_rule = _linux.syscall_number("landlock_add_rule")
+    restrict = _linux.syscall_number("landlock_restrict_self")
+    if create is None or add_rule is None or restrict is None:
+        raise HardeningError(f"filesystem: Landlock's system call numbers on {_linux.arch()} are unknown to flexos")
     abi = landlock_abi()
     if abi < 1:
         raise HardeningError("filesystem: this kernel does not enforce Landlock (compiled out or disabled)")
-    create, add_rule, restrict = _LANDLOCK_SYSCALLS[platform.machine()]
     handled = _FS_RIGHTS_BY_ABI[max(v for v in _FS_RIGHTS_BY_ABI if v <= abi)]
     writable = handled & ~_IOCTL_DEV
-    libc = _libc()
     attr = _RulesetAttr(handled_access_fs=handled, scoped=_SCOPE_SIGNAL if abi >= 6 else 0)
     size = ctypes.sizeof(_RulesetAttr) if abi >= 6 else 8
-    ruleset = libc.syscall(create, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
-    if ruleset < 0:
-        raise HardeningError(f"filesystem: landlock_create_ruleset failed: {os.strerror(ctypes.get_errno())}")
+    ruleset, error = _linux.syscall(create, ctypes.byref(attr), size, 0)
+    if error:
+        raise HardeningError(f"filesystem: landlock_create_ruleset failed: {os.strerror(error)}")
     try:
         python_paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path, os.path.dirname(os.__file__)}
         for path in (*_SYSTEM_READ, *python_paths):  # what exists of these (sys.path may list zips)
-            _allow(libc, add_rule, ruleset, os.path.abspath(path), _READ & handled, required=False)
+            _allow(add_rule, ruleset, os.path.abspath(path), _READ & handled, required=False)
         for kind, paths, rights in (("read", read, _READ), ("write", write, writable)):
             for path in paths:  # the operator's own list: a missing path is a mistake, said now
-                _allow(libc, add_rule, ruleset, os.path.abspath(path), rights & handled, required=kind)
-        if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or libc.syscall(restrict, ruleset, 0) != 0:
-            raise HardeningError(f"filesystem: landlock_restrict_self failed: {os.strerror(ctypes.get_errno())}")
+                _allow(add_rule, ruleset, os.path.abspath(path), rights & handled, required=kind)
+        _, error = _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+        if not error:
+            _, error = _linux.syscall(restrict, ruleset, 0)
+        if error:
+            raise HardeningError(f"filesystem: landlock_restrict_self failed: {os.strerror(error)}")
     finally:
         os.close(ruleset)
 
 
-def _allow(libc: ctypes.CDLL, add_rule: int, ruleset: int, path: str, rights: int, required: str | bool) -> None:
+def _allow(add_rule: int, ruleset: int, path: str, rights: int, required: str | bool) -> None:
     """Allow ``rights`` beneath ``path``; a missing path is skipped unless ``required`` (then it
     names the option the path came from, for the error)."""
     try:
@@ -254,8 +249,9 @@ def _allow(libc: ctypes.CDLL, add_rule: int, ruleset: int, path: str, rights: in
         if not os.path.isdir(path):
             rights &= _FILE_RIGHTS
         rule = _PathBeneathAttr(allowed_access=rights, parent_fd=fd)
-        if libc.syscall(add_rule, ruleset, _RULE_PATH_BENEATH, ctypes.byref(rule), 0) != 0:
-            raise HardeningError(f"filesystem: cannot allow {path}: {os.strerror(ctypes.get_errno())}")
+        _, error = _linux.syscall(add_rule, ruleset, _linux.LANDLOCK_RULE_PATH_BENEATH, ctypes.byref(rule), 0)
+        if error:
+            raise HardeningError(f"filesystem: cannot allow {path}: {os.strerror(error)}")
     finally:
         os.close(fd)
 
@@ -274,7 +270,6 @@ SECCOMP_PROFILES: dict[str, tuple[str, ...]] = {
         "swapon", "swapoff", "io_uring_setup", "io_uring_enter", "io_uring_register",
     ),
 }  # fmt: skip
-_CLONE_THREAD = 0x00010000
 
 
 def seccomp_policy(policy: dict[str, Any]) -> dict[str, Any] | None:
@@ -299,8 +294,6 @@ def seccomp_library() -> Any:
 
 def apply_seccomp(policy: dict[str, Any], seccomp: Any) -> None:
     """Load a filter answering the denied system calls with EPERM (runs before any thread)."""
-    import errno
-
     deny = set(SECCOMP_PROFILES.get(policy.get("profile") or "", ())) | set(policy.get("deny") or ())
     deny -= set(policy.get("allow") or ())
     arch = seccomp.system_arch()
@@ -312,7 +305,9 @@ def apply_seccomp(policy: dict[str, Any], seccomp: Any) -> None:
         for name in sorted(deny):
             rules.add_rule(seccomp.ERRNO(errno.EPERM), name)
         if "fork" in deny:  # a process is clone() without CLONE_THREAD; clone3 hides its flags
-            rules.add_rule(seccomp.ERRNO(errno.EPERM), "clone", seccomp.Arg(0, seccomp.MASKED_EQ, _CLONE_THREAD, 0))
+            rules.add_rule(
+                seccomp.ERRNO(errno.EPERM), "clone", seccomp.Arg(0, seccomp.MASKED_EQ, _linux.CLONE_THREAD, 0)
+            )
             rules.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")  # the C library falls back to clone
         rules.load()
     except OSError as exc:

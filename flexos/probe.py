@@ -11,14 +11,17 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import fcntl
+import functools
 import os
 import signal
+import sys
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from flexos import _linux
 
 
 @dataclass(frozen=True)
@@ -30,48 +33,23 @@ class Feature:
     detail: str
 
 
-# Syscall numbers are per architecture; only those known to be right are listed, and any other
-# architecture is reported as unknown rather than probed with a number that may mean something else.
-_LANDLOCK_CREATE_RULESET = {"x86_64": 444, "aarch64": 444}
-_PKEY_ALLOC = {"x86_64": 330}
-_PKEY_FREE = {"x86_64": 331}
-
-_LANDLOCK_CREATE_RULESET_VERSION = 1 << 0
-_PR_GET_SECCOMP = 21
-_PR_SET_SECCOMP = 22
-_SECCOMP_MODE_FILTER = 2
 _KVM_GET_API_VERSION = 0xAE00
-_CLONE_NEWUSER = getattr(os, "CLONE_NEWUSER", 0x10000000)
-_CLONE_NEWNET = getattr(os, "CLONE_NEWNET", 0x40000000)
 _CHILD_TIMEOUT_S = 0.4
 
 
-def _arch() -> str:
-    """The architecture whose syscall table this interpreter uses (a 32-bit userland differs)."""
-    machine = os.uname().machine
-    return machine if ctypes.sizeof(ctypes.c_void_p) == 8 else f"{machine} (32-bit userland)"
+def _linux_only(name: str) -> Callable[[Callable[[], Feature]], Callable[[], Feature]]:
+    """Probe feature ``name`` only on Linux; elsewhere it is unavailable, and the detail says so."""
 
+    def decorate(probe: Callable[[], Feature]) -> Callable[[], Feature]:
+        @functools.wraps(probe)
+        def probe_on_linux() -> Feature:
+            if not sys.platform.startswith("linux"):
+                return Feature(name, False, f"not Linux ({sys.platform}): flexos runs on Linux only")
+            return probe()
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
+        return probe_on_linux
 
-
-def _syscall(number: int, *args: int) -> tuple[int, int]:
-    """``syscall(number, args...)`` → (result, errno); errno is 0 on success."""
-    libc = _libc()
-    libc.syscall.restype = ctypes.c_long
-    ctypes.set_errno(0)
-    result = libc.syscall(ctypes.c_long(number), *(ctypes.c_long(arg) for arg in args))
-    return result, (ctypes.get_errno() if result == -1 else 0)
-
-
-def _prctl(option: int, *args: int) -> tuple[int, int]:
-    """``prctl(option, args...)`` → (result, errno); errno is 0 on success."""
-    libc = _libc()
-    libc.prctl.restype = ctypes.c_int
-    ctypes.set_errno(0)
-    result = libc.prctl(ctypes.c_int(option), *(ctypes.c_ulong(arg) for arg in args))
-    return result, (ctypes.get_errno() if result == -1 else 0)
+    return decorate
 
 
 def _errno_name(number: int) -> str:
@@ -108,20 +86,21 @@ def _libseccomp_version(path: str) -> str | None:
     return f"{version.major}.{version.minor}.{version.micro}"
 
 
+@_linux_only("seccomp")
 def seccomp() -> Feature:
     """Seccomp filters: the kernel must accept them and libseccomp must load to build them."""
-    mode, mode_errno = _prctl(_PR_GET_SECCOMP)
+    mode, mode_errno = _linux.prctl(_linux.PR_GET_SECCOMP)
     if mode_errno:
         kernel_ok = False
         kernel = f"the kernel has no seccomp (prctl(PR_GET_SECCOMP) failed: {_errno_name(mode_errno)})"
     else:
         # The probe systemd uses: installing a NULL filter faults (EFAULT) only where filters exist;
         # nothing is installed either way.
-        _, set_errno = _prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, 0)
+        _, set_errno = _linux.prctl(_linux.PR_SET_SECCOMP, _linux.SECCOMP_MODE_FILTER, 0)
         kernel_ok = set_errno == errno.EFAULT
         if kernel_ok:
             kernel = "the kernel accepts seccomp filters"
-            if mode == _SECCOMP_MODE_FILTER:
+            if mode == _linux.SECCOMP_MODE_FILTER:
                 kernel += " (this process already runs under one)"
         else:
             kernel = (
@@ -141,13 +120,13 @@ def seccomp() -> Feature:
     return Feature("seccomp", kernel_ok and version is not None, f"{kernel}; {library}")
 
 
+@_linux_only("landlock")
 def landlock() -> Feature:
     """Landlock: its ABI version, asked of the kernel with ``landlock_create_ruleset``."""
-    arch = _arch()
-    number = _LANDLOCK_CREATE_RULESET.get(arch)
-    if number is None:
-        return Feature("landlock", False, f"not probed: unknown syscall number on {arch}")
-    abi, error = _syscall(number, 0, 0, _LANDLOCK_CREATE_RULESET_VERSION)
+    answer = _linux.landlock_abi()
+    if answer is None:
+        return Feature("landlock", False, f"not probed: unknown syscall number on {_linux.arch()}")
+    abi, error = answer
     if not error:
         return Feature("landlock", True, f"Landlock ABI {abi} enabled")
     if error == errno.ENOSYS:
@@ -221,7 +200,7 @@ def _unshare_function() -> Callable[[int], None]:
     """``os.unshare`` (Python 3.12+) or libc's, resolved before forking: the child should not dlopen."""
     if hasattr(os, "unshare"):
         return os.unshare
-    libc_unshare = _libc().unshare
+    libc_unshare = _linux.libc().unshare
 
     def unshare(flags: int) -> None:
         if libc_unshare(ctypes.c_int(flags)) == -1:
@@ -249,7 +228,7 @@ def _child_unshare(unshare: Callable[[int], None], flags: int, map_ids: bool) ->
                 finally:
                     os.close(fd)
         interfaces = ""
-        if flags & _CLONE_NEWNET:
+        if flags & _linux.CLONE_NEWNET:
             step = "net/dev"
             fd = os.open("/proc/self/net/dev", os.O_RDONLY)
             try:
@@ -283,22 +262,24 @@ def _failure(report: str) -> str:
     return reason
 
 
+@_linux_only("userns")
 def user_namespaces() -> Feature:
     """User namespaces: a child really unshares one and maps this user to root inside it."""
-    report = _try_unshare(_CLONE_NEWUSER, map_ids=True)
+    report = _try_unshare(_linux.CLONE_NEWUSER, map_ids=True)
     who = f"uid {os.getuid()}"
     if report.startswith("ok"):
         return Feature("userns", True, f"a new user namespace works (created as {who}, mapped to root inside)")
     return Feature("userns", False, f"no user namespace as {who}: {_failure(report)}")
 
 
+@_linux_only("netns")
 def network_namespaces() -> Feature:
     """Network namespaces: a child really unshares one (inside a user namespace, as ``unshare -Urn``)."""
-    report = _try_unshare(_CLONE_NEWUSER | _CLONE_NEWNET, map_ids=False)
+    report = _try_unshare(_linux.CLONE_NEWUSER | _linux.CLONE_NEWNET, map_ids=False)
     how = "with a new user namespace"
     if report.startswith("fail unshare"):
         first_failure = _failure(report)
-        report = _try_unshare(_CLONE_NEWNET, map_ids=False)  # root may have netns without userns
+        report = _try_unshare(_linux.CLONE_NEWNET, map_ids=False)  # root may have netns without userns
         how = "without a user namespace (needs CAP_SYS_ADMIN)"
         if not report.startswith("ok"):
             return Feature(
@@ -330,19 +311,22 @@ def _kvm_backend() -> str:
     return f"; backend {backend}" if backend else ""
 
 
+@_linux_only("kvm")
 def kvm() -> Feature:
     """KVM: /dev/kvm opens read-write and answers KVM_GET_API_VERSION."""
+    import fcntl  # POSIX only: imported here, so that the probe imports (and says "not Linux") anywhere
+
     path = "/dev/kvm"
     if not os.path.exists(path):
         return Feature("kvm", False, "no /dev/kvm (KVM not loaded, or no hardware virtualization here)")
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
-        return Feature("kvm", False, f"/dev/kvm present but cannot be opened read-write: {_errno_name(exc.errno)}")
+        return Feature("kvm", False, f"/dev/kvm present but cannot be opened read-write: {_errno_name(exc.errno or 0)}")
     try:
         version = fcntl.ioctl(fd, _KVM_GET_API_VERSION)
     except OSError as exc:
-        return Feature("kvm", False, f"/dev/kvm opened but KVM_GET_API_VERSION failed: {_errno_name(exc.errno)}")
+        return Feature("kvm", False, f"/dev/kvm opened but KVM_GET_API_VERSION failed: {_errno_name(exc.errno or 0)}")
     finally:
         os.close(fd)
     return Feature("kvm", True, f"/dev/kvm present (API version {version}){_kvm_backend()}")
@@ -361,15 +345,16 @@ def _cpu_flags() -> set[str] | None:
     return set()
 
 
-def _child_pkey_alloc(arch: str) -> str:
+def _child_pkey_alloc(pkey_alloc: int, pkey_free: int) -> str:
     """In the forked child: allocate a protection key and free it; ``ok`` or ``fail pkey_alloc ERRNO``."""
-    key, error = _syscall(_PKEY_ALLOC[arch], 0, 0)
+    key, error = _linux.syscall(pkey_alloc, 0, 0)
     if error:
         return f"fail pkey_alloc {error}"
-    _syscall(_PKEY_FREE[arch], key)
+    _linux.syscall(pkey_free, key)
     return "ok"
 
 
+@_linux_only("pku")
 def pku() -> Feature:
     """Memory protection keys: the CPU must have them and the kernel must hand one out (pkey_alloc)."""
     flags = _cpu_flags()
@@ -378,13 +363,14 @@ def pku() -> Feature:
         problems.append("/proc/cpuinfo cannot be read")
     elif "pku" not in flags:
         problems.append("no 'pku' flag in /proc/cpuinfo")
-    arch = _arch()
-    if arch not in _PKEY_ALLOC:
-        problems.append(f"pkey_alloc not probed: unknown syscall number on {arch}")
+    pkey_alloc, pkey_free = _linux.syscall_number("pkey_alloc"), _linux.syscall_number("pkey_free")
+    if pkey_alloc is None or pkey_free is None:
+        problems.append(f"pkey_alloc not probed: unknown syscall number on {_linux.arch()}")
     else:
         # In a child, so every call sees a fresh process: without PKU, a failed pkey_alloc makes
         # the next one in the same process fail with ENOSPC instead of EINVAL (seen on Linux 6.18).
-        report = _report_from_child(lambda: _child_pkey_alloc(arch))
+        _linux.libc()  # loaded before forking: the child should not dlopen
+        report = _report_from_child(lambda: _child_pkey_alloc(pkey_alloc, pkey_free))
         if not report.startswith("ok"):
             _, _, rest = report.split(" ", 2)
             reason = f"with {_errno_name(int(rest))}" if rest.isdigit() else f"({rest})"

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from flexos import probe
+from flexos import _linux, hardening, probe
 from flexos.drivers import unavailable
+from flexos.errors import HardeningError
 
 FLEXOS = Path(sys.executable).parent / "flexos"
 X86_64 = os.uname().machine == "x86_64" and ctypes.sizeof(ctypes.c_void_p) == 8
@@ -112,6 +113,54 @@ def test_probes_leave_no_child_behind() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "no child"
+
+
+def test_off_linux_every_probe_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "platform", "darwin")
+    report = probe.machine_report()
+    assert [feature.name for feature in report] == [probe_function().name for probe_function in PROBES]
+    for feature in report:
+        assert feature == probe.Feature(feature.name, False, "not Linux (darwin): flexos runs on Linux only")
+
+
+# -- system call numbers: one table, for the probe and the hardening ------------------------------
+
+
+@pytest.mark.parametrize("arch", sorted({_linux.arch(), "aarch64"}))
+def test_hardening_uses_landlock_exactly_when_the_probe_says_it_is_available(
+    arch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: on aarch64 the probe knew Landlock's system call number and the hardening did not,
+    so ``flexos check`` said available and the compartment refused to start. (Landlock's numbers
+    are the same on x86_64 and aarch64, so either machine can stand in for the other here.)"""
+    if _linux.syscall_number("landlock_create_ruleset") != _linux.syscall_number("landlock_create_ruleset", arch):
+        pytest.skip(f"{arch}'s Landlock numbers differ from this machine's: its kernel cannot answer for it")
+    real = os.uname()
+    monkeypatch.setattr(os, "uname", lambda: os.uname_result((*real[:4], arch)))  # the machine says arch
+    feature = probe.landlock()
+    abi = hardening.landlock_abi()
+    assert (abi >= 1) == feature.available, (abi, feature)
+    if feature.available:
+        assert feature.detail == f"Landlock ABI {abi} enabled"
+
+
+def test_the_system_call_table_knows_both_architectures() -> None:
+    for name in ("landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self", "pkey_alloc", "pkey_free"):
+        assert _linux.syscall_number(name, "x86_64") is not None, name
+        assert _linux.syscall_number(name, "aarch64") is not None, name
+    assert _linux.syscall_number("pkey_alloc", "aarch64") == 289  # the generic table, not x86_64's 330
+    assert _linux.syscall_number("landlock_create_ruleset", "x86_64 (32-bit userland)") is None
+
+
+def test_an_unknown_architecture_is_said_by_the_probe_and_refused_by_the_hardening(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_linux, "arch", lambda: "riscv64")
+    assert probe.landlock() == probe.Feature("landlock", False, "not probed: unknown syscall number on riscv64")
+    assert "pkey_alloc not probed: unknown syscall number on riscv64" in probe.pku().detail
+    assert hardening.landlock_abi() == 0
+    with pytest.raises(HardeningError, match="Landlock's system call numbers on riscv64 are unknown"):
+        hardening.restrict_filesystem([], [])
 
 
 # -- seccomp ---------------------------------------------------------------------------------------

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from flexos.errors import FlexosError
 
-class PeerGone(Exception):
+
+class PeerGone(FlexosError):
     """The peer process died; the link turns this into CompartmentCrashed."""
 
 
-class CallTimeout(Exception):
+class CallTimeout(FlexosError):
     """The peer did not answer within the compartment's ``timeout``."""
 
 
-class ChannelClosed(Exception):
+class ChannelClosed(FlexosError):
     """The peer, still alive, dropped this one channel (e.g. its serving thread failed)."""
 
 
