@@ -146,8 +146,13 @@ def explore(
     space: str, budget: float | None, order_file: str | None, out: str | None, exhaustive: bool, list_only: bool
 ) -> None:
     """Find the safest configurations of SPACE whose benchmark meets --budget (docs/explore.md)."""
-    from flexos.explore import BenchmarkFailed, default_out, listing, load_space, report, resume_hint
-    from flexos.explore import explore as run_exploration
+    try:
+        from flexos.explore import BenchmarkFailed, default_out, listing, load_space, report, resume_hint
+        from flexos.explore import explore as run_exploration
+    except ModuleNotFoundError as exc:  # numpy, networkx ... are the `explore` extra, not the core
+        raise click.ClickException(
+            f"flexos explore needs {exc.name!r}, which this install lacks: pip install 'flexos[explore]'"
+        ) from None
 
     if list_only:
         try:
