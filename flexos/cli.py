@@ -150,6 +150,8 @@ def explore(
         from flexos.explore import BenchmarkFailed, default_out, listing, load_space, report, resume_hint
         from flexos.explore import explore as run_exploration
     except ModuleNotFoundError as exc:  # numpy, networkx ... are the `explore` extra, not the core
+        if (exc.name or "flexos").partition(".")[0] == "flexos":
+            raise
         raise click.ClickException(
             f"flexos explore needs {exc.name!r}, which this install lacks: pip install 'flexos[explore]'"
         ) from None
