@@ -28,7 +28,7 @@ from flexos.gates.link import Link
 from flexos.gates.proxies import ModuleProxy
 from flexos.image import DEFAULT_CONFIG, CompartmentSpec, Image
 from flexos.transports.shm import ShmTransport
-from flexos.wire.protocol import Op
+from flexos.wire.frames import Op
 
 
 class Compartment:
