@@ -90,6 +90,19 @@ def import_answer(module: Any, is_package: bool, names: list[str]) -> list[Any]:
     return [module, is_package, names]
 
 
+def checked_import_answer(answer: Any, peer: str) -> tuple[Any, bool, list[str]]:
+    """``answer`` as (module, is_package, names) if it has the shape of an IMPORT answer."""
+    if (
+        type(answer) is not list
+        or len(answer) != 3
+        or type(answer[1]) is not bool
+        or type(answer[2]) is not list
+        or not all(type(n) is str for n in answer[2])
+    ):
+        raise ProtocolError(f"compartment {peer!r} answered an import with a malformed record")
+    return answer[0], answer[1], answer[2]
+
+
 # -- decoding -------------------------------------------------------------------------------------
 def frame_kind(data: bytes) -> int:
     """The kind of a frame without decoding it (frames are short fixarrays: 0x9N, kind)."""
