@@ -122,11 +122,13 @@ def decode_frame(codec: Codec, data: bytes) -> list[Any]:
         raise
     except DECODE_ERRORS as exc:
         raise ProtocolError(f"malformed value from compartment: {type(exc).__name__}: {exc}") from None
-    if type(frame) is not list or not frame or type(frame[KIND]) is not int:
+    # Positions as in the layouts above, written as literals here (the hot path): other modules
+    # use the index constants.
+    if type(frame) is not list or not frame or type(frame[0]) is not int:
         raise ProtocolError("frame is not a flexos frame")
-    kind, size = frame[KIND], len(frame)
+    kind, size = frame[0], len(frame)
     if kind == Kind.REPLY and size == 3:
-        releases = frame[REPLY_RELEASES]
+        releases = frame[2]
         if type(releases) is not list or releases:  # none, the common case, costs no call
             _check_releases(releases)
         return frame
@@ -135,20 +137,20 @@ def decode_frame(codec: Codec, data: bytes) -> list[Any]:
         if type(op) is not int or op not in _OPS or type(target) not in _TARGETS or type(name) not in _NAMES:
             raise ProtocolError("malformed call")
         if args is None:
-            frame[CALL_ARGS] = ()
+            frame[4] = ()
         elif type(args) is not list:
             raise ProtocolError("malformed call arguments")
         if kwargs is None:
-            frame[CALL_KWARGS] = _NO_KWARGS
+            frame[5] = _NO_KWARGS
         elif type(kwargs) is not dict or not all(type(k) is str for k in kwargs):
             raise ProtocolError("malformed call arguments")
         if type(releases) is not list or releases:
             _check_releases(releases)
         return frame
     if kind == Kind.ERROR and size == 4:
-        if not isinstance(frame[ERROR_EXCEPTION], BaseException) or type(frame[ERROR_TRACEBACK]) is not str:
+        if not isinstance(frame[1], BaseException) or type(frame[2]) is not str:
             raise ProtocolError("malformed error frame")
-        releases = frame[ERROR_RELEASES]
+        releases = frame[3]
         if type(releases) is not list or releases:
             _check_releases(releases)
         return frame
