@@ -32,7 +32,8 @@ from flexos import CompartmentSpec, Image
 from flexos.config import parse
 from flexos.gates.link import Link
 from flexos.transports.loopback import LoopbackTransport
-from flexos.wire.protocol import Ext, Kind, decode_frame
+from flexos.wire.codec import Ext
+from flexos.wire.frames import Kind, decode_frame
 
 _KEYS = ["name", "compartments", "libraries", "mechanism", "driver", "default", "restart", "timeout",
          "hardening", "env", "network", "filesystem", "read", "write", "seccomp", "profile", "deny",

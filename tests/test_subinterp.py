@@ -165,7 +165,8 @@ def test_loans_are_refused_over_a_process_link():
 
     from flexos.gates.link import Link
     from flexos.transports.loopback import LoopbackTransport
-    from flexos.wire.protocol import Ext, Kind
+    from flexos.wire.codec import Ext
+    from flexos.wire.frames import Kind
 
     link = Link("peer")
     link.attach(LoopbackTransport(lambda frame: frame))

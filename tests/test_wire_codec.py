@@ -1,15 +1,38 @@
 """flexos._msgpack must be msgpack-python, byte for byte, for the options the gate protocol uses.
 
 It exists because msgpack's C extension cannot load into a subinterpreter; these properties
-keep the two interchangeable, and keep the decoder safe on hostile input.
+keep the two interchangeable, and keep the decoder safe on hostile input. The last tests check
+frames and values as bytes alone, with a reference space of a few objects instead of a link.
 """
 
 from __future__ import annotations
+
+import struct
 
 import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from flexos.errors import GateError, ProtocolError
+from flexos.wire.codec import Codec
+from flexos.wire.frames import (
+    CALL_ARGS,
+    CALL_KWARGS,
+    CALL_NAME,
+    CALL_OP,
+    CALL_RELEASES,
+    CALL_TARGET,
+    ERROR_EXCEPTION,
+    KIND,
+    REPLY_VALUE,
+    Kind,
+    Op,
+    decode_frame,
+    encode_call,
+    encode_error,
+    encode_reply,
+)
 
 _msgpack = pytest.importorskip("flexos._msgpack")
 
@@ -101,3 +124,96 @@ def test_declared_lengths_beyond_the_input_are_refused_before_allocating():
             _msgpack.unpackb(header)
     with pytest.raises(ValueError, match="deeply"):
         _msgpack.unpackb(b"\x91" * 1000 + b"\x00")
+
+
+# -- frames and values, bytes only: a reference space of a few objects instead of a link -----------
+
+
+class _Space:
+    """The codec's ReferenceSpace with no link behind it: handles are positions in two lists, and
+    a frame this side encodes decodes here as if it came back from a peer."""
+
+    def __init__(self) -> None:
+        self.exported: list[object] = []
+        self.classes: list[type] = []
+
+    def export(self, obj: object) -> int:
+        self.exported.append(obj)
+        return len(self.exported)
+
+    def export_class(self, cls: type) -> int:
+        if cls not in self.classes:
+            self.classes.append(cls)
+        return 100 + self.classes.index(cls)
+
+    def peer_handle(self, obj: object) -> int | None:
+        return None
+
+    def is_proxy_type(self, cls: type) -> bool:
+        return False
+
+    def proxy(self, handle: int, class_handle: int) -> tuple[str, int, int]:
+        return ("proxy", handle, class_handle)
+
+    def proxy_class(self, handle: int, module: str, qualname: str) -> type:
+        if not 0 <= handle - 100 < len(self.classes):
+            raise ProtocolError(f"class handle {handle} was never sent")
+        return self.classes[handle - 100]
+
+    def resolve(self, handle: int) -> object:
+        if not 0 < handle <= len(self.exported):
+            raise ProtocolError(f"handle {handle} was never sent")
+        return self.exported[handle - 1]
+
+    def borrow(self, payload: bytes) -> object:
+        raise ProtocolError("no loans here")
+
+
+def test_frames_have_the_documented_layout():
+    """The builders write exactly the arrays frames.py documents; decode_frame reads them back."""
+    codec = Codec(_Space())
+    call = encode_call(codec, Op.CALL_METHOD, 5, "execute", ("select 1",), None, [[3, 2]])
+    assert call == msgpack.packb([1, 6, 5, "execute", ["select 1"], None, [[3, 2]]], use_bin_type=True)
+    frame = decode_frame(codec, call)
+    assert frame[KIND] == Kind.CALL and frame[CALL_OP] == Op.CALL_METHOD and frame[CALL_TARGET] == 5
+    assert (frame[CALL_NAME], frame[CALL_ARGS], frame[CALL_KWARGS], frame[CALL_RELEASES]) == (
+        "execute",
+        ["select 1"],
+        {},
+        [[3, 2]],
+    )
+    bare = decode_frame(codec, encode_call(codec, Op.CALL, 5, None, (), {}, []))
+    assert bare[CALL_ARGS] == () and bare[CALL_KWARGS] == {}  # empty arguments travel as None
+    reply = encode_reply(codec, (1, "a"), [])
+    assert reply == msgpack.packb([2, msgpack.ExtType(1, msgpack.packb([1, "a"])), []], use_bin_type=True)
+    assert decode_frame(codec, reply)[REPLY_VALUE] == (1, "a")
+
+
+def test_objects_cross_by_handle_and_come_back_as_themselves():
+    """A plain object is sent as REF [handle, class handle]; the peer naming it back (BACK) gets
+    the very object; a handle that was never sent is refused."""
+    space = _Space()
+    codec = Codec(space)
+    obj = object()
+    reply = encode_reply(codec, obj, [])
+    assert reply == msgpack.packb([2, msgpack.ExtType(7, struct.pack("<QQ", 1, 100)), []], use_bin_type=True)
+    assert decode_frame(codec, reply)[REPLY_VALUE] == ("proxy", 1, 100)  # the receiver's side
+    back = msgpack.packb([2, msgpack.ExtType(9, struct.pack("<Q", 1)), []], use_bin_type=True)
+    assert decode_frame(codec, back)[REPLY_VALUE] is obj
+    never_sent = msgpack.packb([2, msgpack.ExtType(9, struct.pack("<Q", 2)), []], use_bin_type=True)
+    with pytest.raises(ProtocolError, match="never sent"):
+        decode_frame(codec, never_sent)
+
+
+class _Undescribable(Exception):
+    @property
+    def __dict__(self):  # what the codec reads to send an exception's attributes
+        raise RuntimeError("no attributes today")
+
+
+def test_an_exception_that_cannot_travel_arrives_as_a_gate_error_naming_it():
+    codec = Codec(_Space())
+    frame = decode_frame(codec, encode_error(codec, _Undescribable("x"), [], with_traceback=False))
+    exc = frame[ERROR_EXCEPTION]
+    assert type(exc) is GateError
+    assert str(exc) == "_Undescribable: x (could not be sent: no attributes today)"

@@ -65,7 +65,11 @@ class ExportTable:
 
 
 class _ProxyRef(weakref.ref):
+    """A weak reference to a proxy, with the peer's handle and how many times we received it."""
+
     __slots__ = ("count", "handle")
+    count: int
+    handle: int
 
 
 class ImportTable:
@@ -82,10 +86,11 @@ class ImportTable:
     def lookup_or_create(self, handle: int, create: Callable[[], Any]) -> Any:
         with self._lock:
             ref = self._refs.get(handle)
-            proxy = ref() if ref is not None else None
-            if proxy is not None:
-                ref.count += 1
-                return proxy
+            if ref is not None:
+                proxy = ref()
+                if proxy is not None:
+                    ref.count += 1
+                    return proxy
             proxy = create()
             ref = _ProxyRef(proxy, self._dead.append)
             ref.handle = handle

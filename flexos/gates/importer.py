@@ -16,15 +16,14 @@ from importlib.abc import Loader, MetaPathFinder
 from importlib.machinery import ModuleSpec
 from typing import TYPE_CHECKING, Any
 
-from flexos.gates.proxies import ModuleProxy
+from flexos.gates.proxies import ModuleOwner, ModuleProxy
 
 if TYPE_CHECKING:
     from flexos.image import Image
-    from flexos.runtime import Compartment
 
 
 class GateLoader(Loader):
-    def __init__(self, compartment: Compartment, names: list[str]) -> None:
+    def __init__(self, compartment: ModuleOwner, names: list[str]) -> None:
         self.compartment = compartment
         self.names = names
 
@@ -36,7 +35,7 @@ class GateLoader(Loader):
 
 
 class GateFinder(MetaPathFinder):
-    def __init__(self, image: Image, local: str, resolve: Callable[[str], Compartment]) -> None:
+    def __init__(self, image: Image, local: str, resolve: Callable[[str], ModuleOwner]) -> None:
         self.image = image
         self.local = local
         self.resolve = resolve

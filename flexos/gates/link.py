@@ -1,7 +1,7 @@
 """A link: this process's side of the gates to one peer compartment.
 
 It makes calls (encode, exchange over a channel, decode), serves the peer's calls on its own
-objects, and implements the codec's :class:`~flexos.wire.protocol.ReferenceSpace` with the two
+objects, and implements the codec's :class:`~flexos.wire.codec.ReferenceSpace` with the two
 handle tables. Each thread gets its own channel for the length of its outermost call, so replies
 always reach their caller; a call the peer makes while serving ours (a callback) arrives on that
 same channel and runs on the waiting thread, which makes A→B→A→B nesting plain recursion.
@@ -16,83 +16,37 @@ from typing import Any
 
 from flexos.errors import CompartmentCrashed, FlexosError, ProtocolError
 from flexos.gates.handles import ExportTable, ImportTable
-from flexos.gates.proxies import DUNDERS, RemoteClass, RemoteObject, describe_class, mirror_class, new_proxy
+from flexos.gates.policy import always_replicated, checked_attribute
+from flexos.gates.proxies import Mirrors, RemoteObject, mirror_class, new_proxy, reachable_by_name
 from flexos.transports import CallTimeout, Channel, ChannelClosed, PeerGone, Transport
-from flexos.wire.protocol import (
-    OPERATORS,
-    Codec,
+from flexos.wire.classes import checked_description, describe_class
+from flexos.wire.codec import Codec
+from flexos.wire.frames import (
+    CALL_ARGS,
+    CALL_KWARGS,
+    CALL_NAME,
+    CALL_OP,
+    CALL_RELEASES,
+    CALL_TARGET,
+    ERROR_EXCEPTION,
+    ERROR_RELEASES,
+    ERROR_TRACEBACK,
+    KIND,
+    REPLY_RELEASES,
+    REPLY_VALUE,
     Kind,
     Op,
+    Releases,
     decode_frame,
+    encode_call,
     encode_error,
+    encode_reply,
     frame_kind,
+    import_answer,
 )
+from flexos.wire.operators import FUNCTIONS
 
-# Dunder attributes a peer may read or write through GETATTR/SETATTR. Everything else of the form
-# __x__ (e.g. __globals__, __dict__, __class__) would let a compartment walk from an object it was
-# given to objects it was not, so it is refused.
-_OPEN_DUNDERS = frozenset({"__name__", "__qualname__", "__doc__", "__module__", "__all__", "__version__", "__file__"})
-# Non-dunder attributes that lead from an object to frames and their globals.
-_INTROSPECTION = frozenset(
-    {
-        "gi_frame",
-        "gi_code",
-        "gi_yieldfrom",
-        "cr_frame",
-        "cr_code",
-        "cr_await",
-        "cr_origin",
-        "ag_frame",
-        "ag_code",
-        "ag_await",
-        "f_globals",
-        "f_locals",
-        "f_builtins",
-        "f_back",
-        "f_code",
-        "tb_frame",
-        "tb_next",
-        "func_globals",
-    }
-)
-_WIRE_OPERATORS = frozenset(DUNDERS.values())
-_NO_RELEASES: list = []
-_DESCRIPTION_KEYS = {"name", "qualname", "module", "bases", "exception", "methods", "dunders", "hash", "by_name"}
-
-
-def _checked_name(name: Any) -> str:
-    if type(name) is not str:
-        raise ProtocolError("attribute name must be a string")
-    if (name.startswith("__") and name.endswith("__") and name not in _OPEN_DUNDERS) or name in _INTROSPECTION:
-        raise AttributeError(f"attribute {name!r} cannot be reached through a flexos gate")
-    return name
-
-
-def _checked_description(desc: Any) -> dict[str, Any]:
-    """Validate a class description from the peer before synthesizing a local class from it."""
-    if type(desc) is not dict or set(desc) != _DESCRIPTION_KEYS:
-        raise ProtocolError("malformed class description")
-    for key in ("name", "qualname", "module"):
-        if type(desc[key]) is not str:
-            raise ProtocolError("malformed class description")
-    if not desc["name"].isidentifier():
-        raise ProtocolError(f"class name {desc['name']!r} is not an identifier")
-    methods, dunders = desc["methods"], desc["dunders"]
-    if type(methods) is not list or type(dunders) is not list or type(desc["bases"]) is not list:
-        raise ProtocolError("malformed class description")
-    for method in methods:
-        if type(method) is not str or not method.isidentifier() or method.startswith(("__", "_flexos")):
-            raise ProtocolError(f"refused method name {method!r} in class description")
-    if not all(wire in _WIRE_OPERATORS for wire in dunders) or desc["hash"] not in ("none", "identity", "remote"):
-        raise ProtocolError("malformed class description")
-    if type(desc["exception"]) is not bool or type(desc["by_name"]) is not bool:
-        raise ProtocolError("malformed class description")
-    return desc
-
-
-def _always_shared(module: str) -> bool:
-    """Modules every compartment has its own identical copy of, whatever the image says."""
-    return module == "builtins" or module == "flexos" or module.startswith("flexos.")
+_NO_RELEASES: Releases = []  # shared: never appended to
 
 
 def _local_class(module: str, qualname: str) -> type | None:
@@ -107,17 +61,24 @@ def _local_class(module: str, qualname: str) -> type | None:
     return None
 
 
-class _ForkedAway:
-    """The transport of a link inherited through fork(): it belongs to the parent process."""
+class _DeadTransport:
+    """The transport of a link that reaches no peer: not attached yet, or inherited through
+    fork() (the parent's transport belongs to the parent)."""
 
-    def __init__(self, peer: str) -> None:
-        self._peer = peer
+    def __init__(self, reason: str) -> None:
+        self._reason = reason
+
+    def open_channel(self) -> Channel:
+        raise self.death()
 
     def death(self) -> BaseException:
-        return FlexosError(
-            f"this object lives in compartment {self._peer!r} of the process this one was forked from; "
-            "a forked process reaches its own instance of that compartment through the module again"
-        )
+        return FlexosError(self._reason)
+
+    def abort(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class Link:
@@ -128,7 +89,7 @@ class Link:
         peer: str,
         *,
         importer: Callable[[str], Any] | None = None,
-        mirrors: dict | None = None,
+        mirrors: Mirrors | None = None,
         replicated: Callable[[str], bool] | None = None,
     ) -> None:
         self.peer = peer
@@ -137,7 +98,7 @@ class Link:
         self.imports = ImportTable()
         self.closed = False
         self._import = importer
-        self._replicated = replicated or _always_shared
+        self._replicated = replicated or always_replicated
         # Set by whoever can restart the peer: re-resolves a class by name in its new instance.
         self.rebind: Callable[[str, str], Any] | None = None
         # Seconds to wait for each answer of the peer (None: forever); past it the peer is ended.
@@ -146,7 +107,7 @@ class Link:
         self._classes: dict[int, type] = {}
         self._class_handles: dict[type, int] = {}
         self._class_lock = threading.RLock()
-        self._transport: Transport | None = None
+        self._transport: Transport = _DeadTransport(f"link to compartment {peer!r} is closed")
         self._free: list[Channel] = []
         self._local = threading.local()
         self._inline: Channel | None = None
@@ -162,16 +123,8 @@ class Link:
         if self.closed:
             raise self._closed_error()
         imports = self.imports
-        frame = self.codec.pack_frame(  # a CALL frame (layout: protocol.py, "frames")
-            [
-                Kind.CALL,
-                op,
-                target,
-                name,
-                list(args) if args else None,
-                kwargs or None,
-                imports.take_releases() if imports.dying else _NO_RELEASES,
-            ]
+        frame = encode_call(
+            self.codec, op, target, name, args, kwargs, imports.take_releases() if imports.dying else _NO_RELEASES
         )
         channel = self._inline
         outermost = False
@@ -179,7 +132,7 @@ class Link:
             local = self._local
             channel = getattr(local, "channel", None)
             outermost = channel is None
-            if outermost:
+            if channel is None:
                 try:
                     channel = self._free.pop()
                 except IndexError:
@@ -214,36 +167,38 @@ class Link:
                     self._free.append(channel)
                 else:  # state unknown after an error mid-exchange: never reuse the channel
                     channel.close()
-        kind = result[0]
+        kind = result[KIND]
         if kind == Kind.REPLY:
-            if result[2]:
-                self.exports.release(result[2])
-            return result[1]
+            if result[REPLY_RELEASES]:
+                self.exports.release(result[REPLY_RELEASES])
+            return result[REPLY_VALUE]
         if kind == Kind.ERROR:
-            if result[3]:
-                self.exports.release(result[3])
-            exc = result[1]
-            if result[2]:  # unbound: the instance's own attributes come from the peer
-                BaseException.add_note(exc, f"--- raised in compartment {self.peer!r} ---\n{result[2].rstrip()}")
+            if result[ERROR_RELEASES]:
+                self.exports.release(result[ERROR_RELEASES])
+            exc = result[ERROR_EXCEPTION]
+            remote_traceback = result[ERROR_TRACEBACK]
+            if remote_traceback:  # unbound: the instance's own attributes come from the peer
+                BaseException.add_note(exc, f"--- raised in compartment {self.peer!r} ---\n{remote_traceback.rstrip()}")
             raise exc
         raise ProtocolError("compartment answered a call with a call frame")
 
     def _closed_error(self) -> BaseException:
-        if self._transport is None:
-            return FlexosError(f"link to compartment {self.peer!r} is closed")
         return self._transport.death()
 
     def forget(self) -> None:
         """After a fork: this process must never use the parent's channels, nor close them."""
         self.closed = True
         self._free.clear()
-        self._transport = _ForkedAway(self.peer)
+        self._transport = _DeadTransport(
+            f"this object lives in compartment {self.peer!r} of the process this one was forked from; "
+            "a forked process reaches its own instance of that compartment through the module again"
+        )
 
     # -- serving the peer ---------------------------------------------------------------------
     def serve(self, channel: Channel) -> None:
         """Serve calls arriving on ``channel`` until the peer closes it (a worker thread's loop)."""
         self._local.channel = channel
-        deferred: list[list[int]] = []
+        deferred: Releases = []
         try:
             frame = channel.recv()
             while True:
@@ -260,7 +215,7 @@ class Link:
         finally:
             channel.close()  # on any exit, so that a caller waiting on it is told
 
-    def dispatch(self, data: bytes, deferred: list | None = None) -> bytes:
+    def dispatch(self, data: bytes, deferred: Releases | None = None) -> bytes:
         """Run one call from the peer and return the reply frame; never raises.
 
         Releases piggybacked on the call go to ``deferred`` when given, for the caller to apply
@@ -270,20 +225,22 @@ class Link:
         imports = self.imports
         try:
             call = decode_frame(codec, data)
-            if call[0] != Kind.CALL:
+            if call[KIND] != Kind.CALL:
                 raise ProtocolError("expected a call frame")
-            if call[6]:
+            releases = call[CALL_RELEASES]
+            if releases:
                 if deferred is None:
-                    self.exports.release(call[6])
+                    self.exports.release(releases)
                 else:
-                    deferred.extend(call[6])
-            result = self._execute(call[1], call[2], call[3], call[4], call[5])
-            # a REPLY frame (layout: protocol.py, "frames")
-            return codec.pack_frame([Kind.REPLY, result, imports.take_releases() if imports.dying else _NO_RELEASES])
+                    deferred.extend(releases)
+            result = self._execute(
+                call[CALL_OP], call[CALL_TARGET], call[CALL_NAME], call[CALL_ARGS], call[CALL_KWARGS]
+            )
+            return encode_reply(codec, result, imports.take_releases() if imports.dying else _NO_RELEASES)
         except BaseException as exc:  # everything, including SystemExit, belongs to the caller
             return encode_error(codec, exc, imports.take_releases(), with_traceback=type(exc) is not StopIteration)
 
-    def _execute(self, op: int, target: int | str, name: str | None, args: list, kwargs: dict) -> Any:
+    def _execute(self, op: int, target: int | str, name: str | None, args: list[Any], kwargs: dict[str, Any]) -> Any:
         if type(target) is int:
             entry = self.exports.objects.get(target)
             if entry is None:
@@ -292,34 +249,34 @@ class Link:
             if op == Op.CALL:
                 return obj(*args, **kwargs)
             if op == Op.CALL_METHOD:
-                return getattr(obj, _checked_name(name))(*args, **kwargs)
+                return getattr(obj, checked_attribute(name))(*args, **kwargs)
             if op == Op.GETATTR:
-                return getattr(obj, _checked_name(name))
+                return getattr(obj, checked_attribute(name))
             if op == Op.OPERATOR:
-                function = OPERATORS.get(name)
+                function = FUNCTIONS.get(name) if name is not None else None
                 if function is None:
                     raise ProtocolError(f"unknown operator {name!r}")
                 return function(obj, *args)
             if op == Op.SETATTR:
                 if len(args) != 1:
                     raise ProtocolError("setattr takes one value")
-                setattr(obj, _checked_name(name), args[0])
+                setattr(obj, checked_attribute(name), args[0])
                 return None
             if op == Op.DELATTR:
-                delattr(obj, _checked_name(name))
+                delattr(obj, checked_attribute(name))
                 return None
             if op == Op.DESCRIBE:
                 if not isinstance(obj, type):
                     raise ProtocolError("describe needs a class handle")
-                return describe_class(obj)
-        elif op == Op.IMPORT:
+                return describe_class(obj, reachable_by_name)
+        elif op == Op.IMPORT and type(target) is str:  # always a str here: decode_frame admits int or str
             if self._import is None:
                 raise ImportError(f"compartment {self.peer!r} may not import from here")
             module = self._import(target)  # a module, or the gate to one (a strict fcalls module)
             names = getattr(module, "__all__", None)
             if names is None:
                 names = [n for n in dir(module) if not n.startswith("_")]
-            return [module, isinstance(getattr(module, "__path__", None), list), list(names)]
+            return import_answer(module, isinstance(getattr(module, "__path__", None), list), list(names))
         raise ProtocolError(f"operation {op} does not take target {target!r}")
 
     # -- ReferenceSpace -------------------------------------------------------------------------
@@ -358,11 +315,11 @@ class Link:
 
     def proxy(self, handle: int, class_handle: int) -> Any:
         cls = self._classes.get(class_handle) or self._mirror(class_handle)
-        if not isinstance(cls, RemoteClass):
+        if not issubclass(cls, RemoteObject):  # an exception class: its instances cross by value
             raise ProtocolError("object reference names a class that cannot have proxies")
         return self.imports.lookup_or_create(handle, lambda: new_proxy(cls, self, handle))
 
-    def proxy_class(self, handle: int, module: str = "", qualname: str = "") -> type:
+    def proxy_class(self, handle: int, module: str, qualname: str) -> type:
         """A class value from the peer: our own class if its module is replicated, else a mirror."""
         if module and self._replicated(module):
             cls = _local_class(module, qualname)
@@ -374,7 +331,7 @@ class Link:
         with self._class_lock:
             cls = self._classes.get(handle)
             if cls is None:
-                desc = _checked_description(self.call(Op.DESCRIBE, handle))
+                desc = checked_description(self.call(Op.DESCRIBE, handle))
                 cls = mirror_class(self, handle, desc, self._mirrors)
                 self._classes[handle] = cls
             return cls

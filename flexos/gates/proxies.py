@@ -9,105 +9,28 @@ its mirrored class holding a handle.
 
 from __future__ import annotations
 
-import inspect
 import sys
 import types
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
-from flexos.wire.protocol import Op
+from flexos.wire.classes import ClassDescription
+from flexos.wire.frames import Op
+from flexos.wire.operators import BY_WIRE, Operator, Shape
 
 if TYPE_CHECKING:
     from flexos.gates.link import Link
 
-# Dunder method -> OPERATOR wire name. A proxy class defines exactly the ones its remote class has.
-DUNDERS: dict[str, str] = {
-    "__len__": "len",
-    "__iter__": "iter",
-    "__next__": "next",
-    "__bool__": "bool",
-    "__getitem__": "getitem",
-    "__setitem__": "setitem",
-    "__delitem__": "delitem",
-    "__contains__": "contains",
-    "__call__": "call",
-    "__enter__": "enter",
-    "__exit__": "exit",
-    "__eq__": "eq",
-    "__ne__": "ne",
-    "__lt__": "lt",
-    "__le__": "le",
-    "__gt__": "gt",
-    "__ge__": "ge",
-    "__str__": "str",
-    "__int__": "int",
-    "__float__": "float",
-    "__index__": "index",
-}
-
-
-def _lookup(cls: type, name: str) -> Any:
-    """``name`` as instances of ``cls`` see it (the class's MRO, never its metaclass)."""
-    for base in cls.__mro__:
-        if name in base.__dict__:
-            return base.__dict__[name]
-    return None
-
-
-def describe_class(cls: type) -> dict[str, Any]:
-    """What a peer needs to mirror ``cls``: run by the class's owner for a DESCRIBE op."""
-    dunders = []
-    for dunder, wire in DUNDERS.items():
-        mine = _lookup(cls, dunder)
-        if mine is not None and mine is not object.__dict__.get(dunder):
-            dunders.append(wire)
-    methods = []
-    for name in dir(cls):
-        if name.startswith("__"):
-            continue
-        try:
-            attr = inspect.getattr_static(cls, name)
-        except AttributeError:
-            continue
-        if isinstance(attr, (staticmethod, classmethod, type, property)):
-            continue
-        if callable(attr) and hasattr(type(attr), "__get__"):
-            methods.append(name)
-    hash_method = _lookup(cls, "__hash__")
-    if hash_method is None:
-        hashing = "none"
-    elif hash_method is object.__hash__:
-        hashing = "identity"
-    else:
-        hashing = "remote"
-    module = getattr(cls, "__module__", None) or ""
-    qualname = getattr(cls, "__qualname__", cls.__name__)
-    return {
-        "name": cls.__name__,
-        "qualname": qualname,
-        "module": module,
-        "bases": [base for base in cls.__bases__ if base is not object],
-        "exception": issubclass(cls, BaseException),
-        "methods": methods,
-        "dunders": dunders,
-        "hash": hashing,
-        # Reachable as module.qualname: its mirror can be found again after a restart.
-        "by_name": _named_path_reaches(module, qualname, cls),
-    }
-
-
-def _named_path_reaches(module: str, qualname: str, cls: type) -> bool:
-    obj = sys.modules.get(module)
-    if isinstance(obj, ModuleProxy):  # in-process (strict fcalls): the name leads to the gate
-        return False
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None) if obj is not None and part != "<locals>" else None
-    return obj is cls
+# Mirrors of classes reachable by name, by (module, qualname): kept across restarts of their owner.
+Mirrors = dict[tuple[str, str], type]
 
 
 class RemoteObject:
     """Base of every proxy of a remote object: attribute access goes through the gate."""
 
     __slots__ = ("__weakref__", "_flexos_handle", "_flexos_link")
+    _flexos_handle: int  # the peer's handle of the object
+    _flexos_link: Link  # the link to the peer that owns it
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_flexos_"):
@@ -140,6 +63,11 @@ class RemoteClass(type):
     restart looks it up again, which re-points this same local class at the new instance.
     """
 
+    # Set on each mirror by mirror_class (and its body), never on the metaclass itself.
+    _flexos_class_link: Link
+    _flexos_class_handle: int
+    _flexos_by_name: bool
+
     def _flexos_live(cls) -> tuple[Link, int]:
         link = cls._flexos_class_link
         if link.closed and link.rebind is not None and cls._flexos_by_name:
@@ -169,38 +97,58 @@ def _method(name: str) -> Any:
     return method
 
 
-def _operator(wire: str) -> Any:
+def _unary(wire: str) -> Callable[..., Any]:
     def unary(self: RemoteObject) -> Any:
         return self._flexos_link.call(Op.OPERATOR, self._flexos_handle, wire)
 
+    return unary
+
+
+def _binary(wire: str) -> Callable[..., Any]:
     def binary(self: RemoteObject, other: Any) -> Any:
         return self._flexos_link.call(Op.OPERATOR, self._flexos_handle, wire, (other,))
 
+    return binary
+
+
+def _setitem(wire: str) -> Callable[..., Any]:
     def setitem(self: RemoteObject, key: Any, value: Any) -> None:
         self._flexos_link.call(Op.OPERATOR, self._flexos_handle, wire, (key, value))
 
+    return setitem
+
+
+def _call(wire: str) -> Callable[..., Any]:
     def call(self: RemoteObject, *args: Any, **kwargs: Any) -> Any:
         return self._flexos_link.call(Op.CALL, self._flexos_handle, None, args, kwargs)
 
+    return call
+
+
+def _exit(wire: str) -> Callable[..., Any]:
     def exit(self: RemoteObject, exc_type: Any, exc: Any, tb: Any) -> Any:
         # Tracebacks hold frames: they stay on this side of the gate.
         return self._flexos_link.call(Op.OPERATOR, self._flexos_handle, wire, (exc_type, exc, None))
 
-    if wire == "call":
-        return call
-    if wire == "exit":
-        return exit
-    if wire == "setitem":
-        return setitem
-    if wire in ("getitem", "delitem", "contains", "eq", "ne", "lt", "le", "gt", "ge"):
-        return binary
-    return unary
+    return exit
 
 
-_WIRE_TO_DUNDER = {wire: dunder for dunder, wire in DUNDERS.items()}
+# The proxy method of each operator shape, made for one wire name.
+_SHAPED: dict[Shape, Callable[[str], Callable[..., Any]]] = {
+    Shape.UNARY: _unary,
+    Shape.BINARY: _binary,
+    Shape.SETITEM: _setitem,
+    Shape.CALL: _call,
+    Shape.EXIT: _exit,
+}
 
 
-def mirror_class(link: Link, handle: int, desc: dict[str, Any], mirrors: dict) -> type:
+def _operator(op: Operator) -> Callable[..., Any]:
+    """The proxy method for operator ``op``, shaped as its row of the table says."""
+    return _SHAPED[op.shape](op.wire)
+
+
+def mirror_class(link: Link, handle: int, desc: ClassDescription, mirrors: Mirrors) -> type:
     """The local mirror of a remote class, synthesized from its description.
 
     Classes reachable by name are kept in ``mirrors`` (one dict per compartment, across its
@@ -218,15 +166,15 @@ def mirror_class(link: Link, handle: int, desc: dict[str, Any], mirrors: dict) -
     return cls
 
 
-def _synthesize(desc: dict[str, Any]) -> type:
+def _synthesize(desc: ClassDescription) -> type:
     name, qualname, module, bases = desc["name"], desc["qualname"], desc["module"], desc["bases"]
     if desc["exception"]:  # a real exception class: its instances cross by value
         exc_bases = tuple(b for b in bases if isinstance(b, type) and issubclass(b, BaseException))
-        namespace = {"__module__": module, "__qualname__": qualname}
+        exc_namespace = {"__module__": module, "__qualname__": qualname}
         try:
-            return type(name, exc_bases or (Exception,), namespace)
+            return type(name, exc_bases or (Exception,), exc_namespace)
         except TypeError:
-            return type(name, (Exception,), namespace)
+            return type(name, (Exception,), exc_namespace)
     namespace: dict[str, Any] = {
         "__slots__": (),
         "__module__": module,
@@ -236,11 +184,12 @@ def _synthesize(desc: dict[str, Any]) -> type:
     for method in desc["methods"]:
         namespace[method] = _method(method)
     for wire in desc["dunders"]:
-        namespace[_WIRE_TO_DUNDER[wire]] = _operator(wire)
+        op = BY_WIRE[wire]
+        namespace[op.dunder] = _operator(op)
     if desc["hash"] == "none":
         namespace["__hash__"] = None
     elif desc["hash"] == "remote":
-        namespace["__hash__"] = _operator("hash")
+        namespace["__hash__"] = _operator(BY_WIRE["hash"])
     proxy_bases = tuple(b for b in bases if isinstance(b, RemoteClass)) or (RemoteObject,)
     try:
         return RemoteClass(name, proxy_bases, namespace)
@@ -248,7 +197,7 @@ def _synthesize(desc: dict[str, Any]) -> type:
         return RemoteClass(name, (RemoteObject,), namespace)
 
 
-def new_proxy(cls: type, link: Link, handle: int) -> RemoteObject:
+def new_proxy(cls: type[RemoteObject], link: Link, handle: int) -> RemoteObject:
     proxy = object.__new__(cls)
     object.__setattr__(proxy, "_flexos_link", link)
     object.__setattr__(proxy, "_flexos_handle", handle)
@@ -256,6 +205,23 @@ def new_proxy(cls: type, link: Link, handle: int) -> RemoteObject:
 
 
 # -- modules --------------------------------------------------------------------------------------
+
+
+class ModuleOwner(Protocol):
+    """What module gates need of the compartment their modules live in (the runtime's handle)."""
+
+    name: str
+
+    @property
+    def direct(self) -> bool:
+        """Its modules are imported here without gates (plain fcalls)."""
+
+    def import_module(self, name: str) -> tuple[bool, list[str]]:
+        """Import ``name`` there: whether it is a package, and the names ``import *`` binds."""
+
+    def module_object(self, name: str) -> Any:
+        """The proxy of module ``name`` in its current instance (importing it again after a restart)."""
+
 
 # Module attributes the import system sets on every module; they stay local to the proxy.
 _LOCAL_MODULE_ATTRS = frozenset(
@@ -301,7 +267,9 @@ class ModuleProxy(types.ModuleType):
     on every access.
     """
 
-    def __init__(self, name: str, compartment: Any) -> None:
+    _flexos_compartment: ModuleOwner
+
+    def __init__(self, name: str, compartment: ModuleOwner) -> None:
         super().__init__(name)
         types.ModuleType.__setattr__(self, "_flexos_compartment", compartment)
 
@@ -330,3 +298,13 @@ class ModuleProxy(types.ModuleType):
 
     def __repr__(self) -> str:
         return f"<module {self.__name__!r} in compartment {self._flexos_compartment.name!r}>"
+
+
+def reachable_by_name(module: str, qualname: str, cls: type) -> bool:
+    """Whether ``module.qualname`` leads to ``cls`` in this compartment (never through a gate)."""
+    obj: Any = sys.modules.get(module)
+    if isinstance(obj, ModuleProxy):  # in-process (strict fcalls): the name leads to the gate
+        return False
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None) if obj is not None and part != "<locals>" else None
+    return obj is cls

@@ -22,13 +22,13 @@ from typing import Any
 from flexos.drivers import driver_class, unavailable
 from flexos.drivers.base import Driver, Host
 from flexos.drivers.sibling import SiblingDriver
-from flexos.errors import CompartmentCrashed, CompartmentStartError, DriverUnavailable, ProtocolError
+from flexos.errors import CompartmentCrashed, CompartmentStartError, DriverUnavailable
 from flexos.gates.importer import GateFinder
 from flexos.gates.link import Link
 from flexos.gates.proxies import ModuleProxy
 from flexos.image import DEFAULT_CONFIG, CompartmentSpec, Image
 from flexos.transports.shm import ShmTransport
-from flexos.wire.protocol import Op
+from flexos.wire.frames import Op, checked_import_answer
 
 
 class Compartment:
@@ -81,17 +81,9 @@ class Compartment:
 
     def import_module(self, name: str) -> tuple[bool, list[str]]:
         link = self.link()
-        answer = link.call(Op.IMPORT, name)
-        if (
-            type(answer) is not list
-            or len(answer) != 3
-            or type(answer[1]) is not bool
-            or type(answer[2]) is not list
-            or not all(type(n) is str for n in answer[2])
-        ):
-            raise ProtocolError(f"compartment {self.name!r} answered an import with a malformed record")
-        self._modules[name] = (link, answer[0])
-        return answer[1], answer[2]
+        module, is_package, names = checked_import_answer(link.call(Op.IMPORT, name), self.name)
+        self._modules[name] = (link, module)
+        return is_package, names
 
     def module_object(self, name: str) -> Any:
         link = self.link()

@@ -5,7 +5,7 @@ rewrites flexos's own reply path in that process, so every byte the app reads fr
 by the attacker. The app may see an exception (ProtocolError), never run the attacker's code,
 never crash or hang, and must keep working afterwards.
 
-The second half checks the decoder alone, with no processes: flexos.wire.protocol.decode_frame
+The second half checks the decoder alone, with no processes: flexos.wire.frames.decode_frame
 on garbage, truncated and hostile inputs, including random bytes from hypothesis.
 """
 
@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flexos
-from flexos.wire.protocol import Ext, Kind, Op, decode_frame
+from flexos.wire.codec import Ext
+from flexos.wire.frames import Kind, Op, decode_frame
 
 # -- a compromised compartment ------------------------------------------------------------------
 
@@ -319,7 +320,7 @@ def test_deeply_nested_extension_types_do_not_crash_the_decoder(run_app):
     done = run_app(
         """
         import msgpack
-        from flexos.wire.protocol import decode_frame
+        from flexos.wire.frames import decode_frame
 
         inner = msgpack.packb([])
         for _ in range(5_000):

@@ -1,31 +1,22 @@
-"""The gate wire protocol: frames and values as msgpack, with no I/O and no pickle.
+"""The value encoding: what may stand for a value inside a frame, as msgpack, with no pickle.
 
-This module is a pure, sans-IO core in the style of h11: it turns calls, replies and errors into
-bytes and back, and validates everything it decodes. It never touches a socket or shared memory;
-the objects it cannot send by value are handed to a :class:`ReferenceSpace`, which the link
-implements with its handle tables.
+A pure, sans-IO core in the style of h11: :class:`Codec` turns values into bytes and back and
+validates everything it decodes. It never touches a socket or shared memory; the objects it
+cannot send by value are handed to a :class:`ReferenceSpace`, which the link implements with its
+handle tables.
 
-Nothing here ever executes code named by the peer: decoding builds only builtin values, proxies,
-and exceptions whose class is checked to be an exception class. A frame that does not have the
-exact expected shape raises :class:`~flexos.errors.ProtocolError`.
-
-Frame layouts (all msgpack arrays)::
-
-    CALL  [1, op, target, name, args, kwargs, releases]
-    REPLY [2, value, releases]
-    ERROR [3, exception, traceback_text, releases]
-
-``releases`` is a list of ``[handle, count]`` pairs: references the sender dropped since its last
-frame, piggybacked so that releasing costs no extra round trip.
+Immutable builtins and builtin containers travel by value (msgpack's own types, plus the
+extension types of :class:`Ext`); any other object travels by reference. Decoding builds only
+builtin values, proxies (through the reference space) and exceptions whose class is checked to be
+an exception class; it never runs code named by the peer. Anything malformed raises
+:class:`~flexos.errors.ProtocolError`.
 """
 
 from __future__ import annotations
 
 import builtins
-import operator
 import struct
 import threading
-import traceback
 import types
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -35,7 +26,7 @@ import msgpack
 from flexos.errors import GateError, ProtocolError
 
 
-def _wire_format() -> Any:
+def _encoding() -> Any:
     """flexos's own build of msgpack's encoding (flexos._msgpack: byte-for-byte msgpack, faster
     on gate-sized frames, and loadable in subinterpreters, where msgpack's C extension is not);
     msgpack itself where that extension was not built."""
@@ -47,99 +38,56 @@ def _wire_format() -> Any:
         return msgpack
 
 
-_wire = _wire_format()
-
-
-class Kind:
-    """Frame kinds. Plain ints: msgpack's strict mode would send an IntEnum by reference."""
-
-    CALL = 1
-    REPLY = 2
-    ERROR = 3
-
-
-class Op:
-    """Operations a call frame can ask for."""
-
-    IMPORT = 1  # target: module name
-    GETATTR = 2  # name
-    SETATTR = 3  # name, args=[value]
-    DELATTR = 4  # name
-    CALL = 5  # args, kwargs
-    CALL_METHOD = 6  # name, args, kwargs
-    OPERATOR = 7  # name (a key of OPERATORS), args
-    DESCRIBE = 8  # target: a class handle
-
-
-_OPS = frozenset(range(Op.IMPORT, Op.DESCRIBE + 1))
+# The msgpack implementation every decoder uses (frames.decode_frame calls it directly).
+encoding = _encoding()
 
 
 class Ext:
-    TUPLE = 1
-    SET = 2
-    FROZENSET = 3
-    BIGINT = 4
-    COMPLEX = 5
-    REF = 7  # an object owned by the sender: [handle, class handle]
-    CLASS = 8  # a class owned by the sender: handle
-    BACK = 9  # an object owned by the receiver: handle
-    BUILTIN = 10  # an object of the builtins module, by name
-    EXCEPTION = 11  # an exception, by value: [class, args, attrs]
+    """msgpack extension type codes, and what each payload holds."""
+
+    TUPLE = 1  # a tuple: its items, packed as a list
+    SET = 2  # a set: its items, packed as a list
+    FROZENSET = 3  # a frozenset: its items, packed as a list
+    BIGINT = 4  # an int beyond 64 bits: little-endian two's complement bytes
+    COMPLEX = 5  # a complex: [real, imag], two floats
+    REF = 7  # an object owned by the sender: handle, class handle (two little-endian u64)
+    CLASS = 8  # a class owned by the sender: [class handle, module, qualname]
+    BACK = 9  # an object owned by the receiver: its handle (a little-endian u64)
+    BUILTIN = 10  # an object of the builtins module, by name (ASCII)
+    EXCEPTION = 11  # an exception, by value: [class, args (a tuple), attributes (a str-keyed map)]
     LOAN = 12  # a large buffer lent without a copy (same-process peers only): transport-defined
 
 
-def _exit(obj: Any, *args: Any) -> Any:
-    return type(obj).__exit__(obj, *args)
-
-
-def _enter(obj: Any) -> Any:
-    return type(obj).__enter__(obj)
-
-
-# The dunder protocols a proxy forwards, by wire name. Only these run for an OPERATOR op: the
-# peer chooses a key, never a function.
-OPERATORS: dict[str, Any] = {
-    "len": len,
-    "iter": iter,
-    "next": next,
-    "bool": bool,
-    "repr": repr,
-    "str": str,
-    "dir": dir,
-    "hash": hash,
-    "int": int,
-    "float": float,
-    "index": operator.index,
-    "getitem": operator.getitem,
-    "setitem": operator.setitem,
-    "delitem": operator.delitem,
-    "contains": operator.contains,
-    "eq": operator.eq,
-    "ne": operator.ne,
-    "lt": operator.lt,
-    "le": operator.le,
-    "gt": operator.gt,
-    "ge": operator.ge,
-    "enter": _enter,
-    "exit": _exit,
-}
-
 # Builtins that travel by name because they are the same object on every side.
 _BUILTIN_SINGLETONS = {"NotImplemented": NotImplemented, "Ellipsis": Ellipsis}
-_BIGINT_LIMIT = 1 << 63
 
 
 class ReferenceSpace(Protocol):
-    """What the codec needs from a link to send and receive objects by reference."""
+    """What the codec asks of a link to send and receive objects by reference."""
 
-    def export(self, obj: Any) -> int: ...
-    def export_class(self, cls: type) -> int: ...
-    def peer_handle(self, obj: Any) -> int | None: ...
-    def is_proxy_type(self, cls: type) -> bool: ...
-    def proxy(self, handle: int, class_handle: int) -> Any: ...
-    def proxy_class(self, handle: int, module: str = "", qualname: str = "") -> type: ...
-    def resolve(self, handle: int) -> Any: ...
-    def borrow(self, payload: bytes) -> Any: ...
+    def export(self, obj: Any) -> int:
+        """A handle the peer may name ``obj`` by (counted: the peer releases it)."""
+
+    def export_class(self, cls: type) -> int:
+        """The handle of class ``cls``, which the peer keeps for good."""
+
+    def peer_handle(self, obj: Any) -> int | None:
+        """The peer's handle if ``obj`` is a proxy (or mirrored class) of one of its objects."""
+
+    def is_proxy_type(self, cls: type) -> bool:
+        """Whether instances of ``cls`` may be proxies of some peer's objects."""
+
+    def proxy(self, handle: int, class_handle: int) -> Any:
+        """The local proxy of the peer's object ``handle`` (REF)."""
+
+    def proxy_class(self, handle: int, module: str, qualname: str) -> type:
+        """The local class standing for the peer's class ``handle`` (CLASS)."""
+
+    def resolve(self, handle: int) -> Any:
+        """Our own object the peer named by ``handle`` (BACK); ProtocolError if we never sent it."""
+
+    def borrow(self, payload: bytes) -> Any:
+        """The buffer the peer lent (LOAN); ProtocolError where the transport cannot lend."""
 
 
 def builtin_name(obj: Any) -> str | None:
@@ -147,9 +95,9 @@ def builtin_name(obj: Any) -> str | None:
     for name, value in _BUILTIN_SINGLETONS.items():
         if obj is value:
             return name
-    name = getattr(obj, "__name__", None)
-    if isinstance(name, str) and getattr(builtins, name, None) is obj:
-        return name
+    own_name = getattr(obj, "__name__", None)
+    if isinstance(own_name, str) and getattr(builtins, own_name, None) is obj:
+        return own_name
     return None
 
 
@@ -197,10 +145,9 @@ _HANDLE = struct.Struct("<Q")  # BACK payload
     _COMPLEX,
     _MEMORYVIEW,
     _EXCEPTION,
-    _BUILTIN_FUNCTION,
-    _SINGLETON,
+    _BUILTIN_BY_NAME,
     _REFUSED,
-) = range(13)
+) = range(12)
 _VALUE_KINDS = {
     tuple: _TUPLE,
     int: _BIGINT,  # msgpack packs ints natively up to 64 bits; only bigger ones come here
@@ -209,16 +156,16 @@ _VALUE_KINDS = {
     frozenset: _FROZENSET,
     complex: _COMPLEX,
     memoryview: _MEMORYVIEW,
-    types.BuiltinFunctionType: _BUILTIN_FUNCTION,
-    type(NotImplemented): _SINGLETON,
-    type(Ellipsis): _SINGLETON,
+    types.BuiltinFunctionType: _BUILTIN_BY_NAME,
+    type(NotImplemented): _BUILTIN_BY_NAME,
+    type(Ellipsis): _BUILTIN_BY_NAME,
 }
 # Attributes of builtin exceptions that live in slots rather than args or __dict__.
 _BUILTIN_EXCEPTION_ATTRS = frozenset({"filename", "filename2", "name", "path", "name_from"})
 _MAX_NESTING = 32
 # What decoding malformed bytes can raise: the codec's errors derive from ValueError; unhashable
 # map keys give TypeError.
-_DECODE_ERRORS = (ValueError, TypeError, KeyError, IndexError, RecursionError, OverflowError)
+DECODE_ERRORS = (ValueError, TypeError, KeyError, IndexError, RecursionError, OverflowError)
 
 
 class Codec:
@@ -230,8 +177,9 @@ class Codec:
 
     def __init__(self, space: ReferenceSpace) -> None:
         self._space = space
-        self._decode_ext_hook = self._ext_hook  # bound once, not per frame
-        self._wire = _wire
+        # The bound extension decoder, made once rather than per frame (decode_frame passes it too).
+        self.ext_hook = self._ext_hook
+        self._encoding = encoding  # for packing: lend_buffers needs flexos._msgpack
         self._lending: dict[str, Any] = {}
         self._packers: list[Any] = []
         self._kinds: dict[type, int] = {}
@@ -242,7 +190,7 @@ class Codec:
         (the peer maps them instead of receiving a copy)."""
         from flexos import _msgpack  # msgpack has no hook for this
 
-        self._wire = _msgpack
+        self._encoding = _msgpack
         self._lending = {"lend": lambda buffer: msgpack.ExtType(Ext.LOAN, lend(buffer)), "lend_threshold": threshold}
         self._packers.clear()
 
@@ -254,7 +202,7 @@ class Codec:
         try:
             packer = self._packers.pop()
         except IndexError:
-            packer = self._wire.Packer(default=self._default, use_bin_type=True, strict_types=True, **self._lending)
+            packer = self._encoding.Packer(default=self._default, use_bin_type=True, strict_types=True, **self._lending)
         try:
             data = packer.pack(frame)
         except (ValueError, RecursionError) as exc:  # msgpack reports deep/cyclic structures this way
@@ -277,7 +225,9 @@ class Codec:
             raise GateError(f"value nested more than {_MAX_NESTING} levels deep (or cyclic) cannot cross a gate")
         self._depth.n = depth + 1
         try:
-            return self._wire.packb(obj, default=self._default, use_bin_type=True, strict_types=True, **self._lending)
+            return self._encoding.packb(
+                obj, default=self._default, use_bin_type=True, strict_types=True, **self._lending
+            )
         except (ValueError, RecursionError) as exc:  # msgpack reports deep/cyclic structures this way
             raise GateError(f"value cannot cross a gate: {exc}") from None
         finally:
@@ -321,13 +271,11 @@ class Codec:
             return obj.tobytes()
         if kind == _EXCEPTION:
             return msgpack.ExtType(Ext.EXCEPTION, self.pack_exception(obj))
-        if kind == _BUILTIN_FUNCTION:
+        if kind == _BUILTIN_BY_NAME:  # by name if builtins' own (the singletons always are)
             name = builtin_name(obj)
             if name is not None:
                 return msgpack.ExtType(Ext.BUILTIN, name.encode())
             return msgpack.ExtType(Ext.REF, _PAIR.pack(space.export(obj), space.export_class(cls)))
-        if kind == _SINGLETON:
-            return msgpack.ExtType(Ext.BUILTIN, builtin_name(obj).encode())
         raise GateError(f"a {cls.__name__} object cannot cross a gate (it reaches the interpreter's internals)")
 
     def _classify(self, cls: type) -> int:
@@ -378,10 +326,10 @@ class Codec:
     # -- decoding ---------------------------------------------------------------------------
     def unpack(self, data: bytes) -> Any:
         try:
-            return _wire.unpackb(data, ext_hook=self._decode_ext_hook, strict_map_key=False, raw=False)
+            return encoding.unpackb(data, ext_hook=self.ext_hook, strict_map_key=False, raw=False)
         except ProtocolError:
             raise
-        except _DECODE_ERRORS as exc:
+        except DECODE_ERRORS as exc:
             raise ProtocolError(f"malformed value from compartment: {type(exc).__name__}: {exc}") from None
 
     def _ext_hook(self, code: int, payload: bytes) -> Any:
@@ -446,84 +394,3 @@ class Codec:
         if type(value) is not list or len(value) != 2 or not all(isinstance(v, kind) for v in value):
             raise ProtocolError(f"expected a pair of {kind.__name__}")
         return value[0], value[1]
-
-
-# -- frames -------------------------------------------------------------------------------------
-# Decoded frames are the validated msgpack lists themselves (no per-frame objects on the hot
-# path): [CALL, op, target, name, args, kwargs, releases], [REPLY, value, releases] or
-# [ERROR, exception, traceback, releases].
-
-
-def frame_kind(data: bytes) -> int:
-    """The kind of a frame without decoding it (frames are short fixarrays: 0x9N, kind)."""
-    if len(data) < 2 or data[0] & 0xF0 != 0x90:
-        raise ProtocolError("frame is not a flexos frame")
-    return data[1]
-
-
-def encode_error(codec: Codec, exc: BaseException, releases: list, with_traceback: bool = True) -> bytes:
-    text = "".join(traceback.format_exception(exc)) if with_traceback else ""
-    try:
-        return codec.pack([Kind.ERROR, msgpack.ExtType(Ext.EXCEPTION, codec.pack_exception(exc)), text, releases])
-    except Exception as fail:  # the exception's class itself cannot travel: degrade to a GateError
-        summary = f"{type(exc).__qualname__}: {exc} (could not be sent: {fail})"
-        record = [GateError, (summary,), {}]
-        return codec.pack([Kind.ERROR, msgpack.ExtType(Ext.EXCEPTION, codec.pack(record)), text, releases])
-
-
-def _check_releases(releases: Any) -> None:
-    if type(releases) is not list:
-        raise ProtocolError("malformed release list")
-    for pair in releases:
-        if type(pair) is not list or len(pair) != 2 or type(pair[0]) is not int or type(pair[1]) is not int:
-            raise ProtocolError("malformed release list")
-
-
-def decode_frame(codec: Codec, data: bytes) -> list[Any]:
-    """Decode and validate one frame; anything malformed raises ProtocolError."""
-    try:  # Codec.unpack, inlined: two frames per gate call come through here
-        frame = _wire.unpackb(data, ext_hook=codec._decode_ext_hook, strict_map_key=False, raw=False)
-    except ProtocolError:
-        raise
-    except _DECODE_ERRORS as exc:
-        raise ProtocolError(f"malformed value from compartment: {type(exc).__name__}: {exc}") from None
-    if type(frame) is not list or not frame or type(frame[0]) is not int:
-        raise ProtocolError("frame is not a flexos frame")
-    kind, size = frame[0], len(frame)
-    if kind == Kind.REPLY and size == 3:
-        if type(frame[2]) is not list:
-            raise ProtocolError("malformed release list")
-        if frame[2]:
-            _check_releases(frame[2])
-        return frame
-    if kind == Kind.CALL and size == 7:
-        _, op, target, name, args, kwargs, releases = frame
-        if type(op) is not int or op not in _OPS or type(target) not in _TARGETS or type(name) not in _NAMES:
-            raise ProtocolError("malformed call")
-        if args is None:
-            frame[4] = ()
-        elif type(args) is not list:
-            raise ProtocolError("malformed call arguments")
-        if kwargs is None:
-            frame[5] = _NO_KWARGS
-        elif type(kwargs) is not dict or not all(type(k) is str for k in kwargs):
-            raise ProtocolError("malformed call arguments")
-        if type(releases) is not list:
-            raise ProtocolError("malformed release list")
-        if releases:
-            _check_releases(releases)
-        return frame
-    if kind == Kind.ERROR and size == 4:
-        if not isinstance(frame[1], BaseException) or type(frame[2]) is not str:
-            raise ProtocolError("malformed error frame")
-        if type(frame[3]) is not list:
-            raise ProtocolError("malformed release list")
-        if frame[3]:
-            _check_releases(frame[3])
-        return frame
-    raise ProtocolError(f"frame of unknown kind or length (kind {kind!r}, {size} fields)")
-
-
-_NO_KWARGS: dict[str, Any] = {}
-_TARGETS = frozenset({int, str})
-_NAMES = frozenset({str, type(None)})

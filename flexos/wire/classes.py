@@ -1,0 +1,120 @@
+"""Class descriptions: what the owner of a class tells a peer so that the peer can mirror it.
+
+A DESCRIBE call answers with one msgpack map, with exactly these keys (in this order):
+
+- ``name``, ``qualname``, ``module``: the class's ``__name__`` (an identifier), ``__qualname__``
+  and ``__module__`` ("" if it has none);
+- ``bases``: its bases other than ``object``, as values (classes of the owner travel by
+  reference, builtin ones by name);
+- ``exception``: whether it derives from BaseException (its mirror is then a real local
+  exception class, and its instances cross by value);
+- ``methods``: the names of its plain methods (identifiers; none that start with ``__`` or
+  ``_flexos``), which the mirror forwards as method calls;
+- ``dunders``: the wire names of the operators it implements (of
+  :data:`flexos.wire.operators.DESCRIBED`), in the table's order;
+- ``hash``: ``"none"`` (unhashable), ``"identity"`` (``object.__hash__``) or ``"remote"`` (its own
+  ``__hash__``, applied by the owner);
+- ``by_name``: whether the owner reaches it again as ``module.qualname`` (its mirror then
+  survives a restart of the owner's compartment).
+
+:func:`describe_class` builds one (the owner); :func:`checked_description` checks one received
+from a peer before anything is built from it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, Literal, TypedDict, cast
+
+from flexos.errors import ProtocolError
+from flexos.wire.operators import DESCRIBED, DESCRIBED_WIRES
+
+
+class ClassDescription(TypedDict):
+    name: str
+    qualname: str
+    module: str
+    bases: list[Any]
+    exception: bool
+    methods: list[str]
+    dunders: list[str]
+    hash: Literal["none", "identity", "remote"]
+    by_name: bool
+
+
+_KEYS = frozenset(ClassDescription.__annotations__)
+_HASHING = frozenset({"none", "identity", "remote"})
+
+
+def _lookup(cls: type, name: str) -> Any:
+    """``name`` as instances of ``cls`` see it (the class's MRO, never its metaclass)."""
+    for base in cls.__mro__:
+        if name in base.__dict__:
+            return base.__dict__[name]
+    return None
+
+
+def describe_class(cls: type, reaches: Callable[[str, str, type], bool]) -> ClassDescription:
+    """What a peer needs to mirror ``cls``; ``reaches(module, qualname, cls)`` says whether the
+    owner finds ``cls`` again by that name."""
+    dunders = []
+    for op in DESCRIBED:
+        mine = _lookup(cls, op.dunder)
+        if mine is not None and mine is not object.__dict__.get(op.dunder):
+            dunders.append(op.wire)
+    methods = []
+    for name in dir(cls):
+        if name.startswith("__"):
+            continue
+        try:
+            attr = inspect.getattr_static(cls, name)
+        except AttributeError:
+            continue
+        if isinstance(attr, (staticmethod, classmethod, type, property)):
+            continue
+        if callable(attr) and hasattr(type(attr), "__get__"):
+            methods.append(name)
+    hash_method = _lookup(cls, "__hash__")
+    hashing: Literal["none", "identity", "remote"]
+    if hash_method is None:
+        hashing = "none"
+    elif hash_method is object.__hash__:
+        hashing = "identity"
+    else:
+        hashing = "remote"
+    module = getattr(cls, "__module__", None) or ""
+    qualname = getattr(cls, "__qualname__", cls.__name__)
+    return {
+        "name": cls.__name__,
+        "qualname": qualname,
+        "module": module,
+        "bases": [base for base in cls.__bases__ if base is not object],
+        "exception": issubclass(cls, BaseException),
+        "methods": methods,
+        "dunders": dunders,
+        "hash": hashing,
+        "by_name": reaches(module, qualname, cls),
+    }
+
+
+def checked_description(desc: Any) -> ClassDescription:
+    """``desc`` if it is a well-formed class description; ProtocolError otherwise."""
+    if type(desc) is not dict or set(desc) != _KEYS:
+        raise ProtocolError("malformed class description")
+    for key in ("name", "qualname", "module"):
+        if type(desc[key]) is not str:
+            raise ProtocolError("malformed class description")
+    if not desc["name"].isidentifier():
+        raise ProtocolError(f"class name {desc['name']!r} is not an identifier")
+    methods, dunders = desc["methods"], desc["dunders"]
+    if type(methods) is not list or type(dunders) is not list or type(desc["bases"]) is not list:
+        raise ProtocolError("malformed class description")
+    for method in methods:
+        if type(method) is not str or not method.isidentifier() or method.startswith(("__", "_flexos")):
+            raise ProtocolError(f"refused method name {method!r} in class description")
+    if not all(wire in DESCRIBED_WIRES for wire in dunders) or desc["hash"] not in _HASHING:
+        raise ProtocolError("malformed class description")
+    if type(desc["exception"]) is not bool or type(desc["by_name"]) is not bool:
+        raise ProtocolError("malformed class description")
+    return cast(ClassDescription, desc)

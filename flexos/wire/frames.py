@@ -1,0 +1,170 @@
+"""Gate frames: the three messages of a link's conversation, their layouts and their validation.
+
+Every frame is one msgpack array whose first item is its kind::
+
+    CALL  [1, op, target, name, args, kwargs, releases]
+    REPLY [2, value, releases]
+    ERROR [3, exception, traceback_text, releases]
+
+- ``op``: an :class:`Op`; ``target``: a handle (int) of an object the receiver exported, or a
+  module name (str) for IMPORT; ``name``: an attribute or operator name, or None;
+- ``args``: a list, or None for none; ``kwargs``: a map with str keys, or None for none;
+- ``value``: any value of the codec (:mod:`flexos.wire.codec`); ``exception``: an EXCEPTION
+  extension value; ``traceback_text``: the remote traceback, "" for none;
+- ``releases``: ``[handle, count]`` pairs, the references the sender dropped since its last
+  frame, piggybacked so that releasing costs no extra round trip.
+
+Frames are built only by the ``encode_*`` functions below and read only through the index
+constants (``CALL_OP``, ``REPLY_VALUE``, ...), so their layouts are written in this file alone. A
+decoded frame is the validated msgpack list itself: no per-frame object on the hot path.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+import msgpack
+
+from flexos.errors import GateError, ProtocolError
+from flexos.wire.codec import DECODE_ERRORS, Codec, Ext, encoding
+
+
+class Kind:
+    """Frame kinds. Plain ints: msgpack's strict mode would send an IntEnum by reference."""
+
+    CALL = 1
+    REPLY = 2
+    ERROR = 3
+
+
+class Op:
+    """What a CALL frame asks of the object it targets, and what its REPLY holds."""
+
+    IMPORT = 1  # target: a module name -> import_answer(module, is_package, names)
+    GETATTR = 2  # name -> the attribute
+    SETATTR = 3  # name, args=[value] -> None
+    DELATTR = 4  # name -> None
+    CALL = 5  # args, kwargs -> what the call returns
+    CALL_METHOD = 6  # name, args, kwargs -> what the method returns
+    OPERATOR = 7  # name (a wire name of flexos.wire.operators.FUNCTIONS), args -> the result
+    DESCRIBE = 8  # target: a class handle -> a class description (flexos.wire.classes)
+
+
+_OPS = frozenset(range(Op.IMPORT, Op.DESCRIBE + 1))
+
+# Positions of the fields in each kind of frame (plain ints: read on every call).
+KIND = 0
+CALL_OP, CALL_TARGET, CALL_NAME, CALL_ARGS, CALL_KWARGS, CALL_RELEASES = 1, 2, 3, 4, 5, 6
+REPLY_VALUE, REPLY_RELEASES = 1, 2
+ERROR_EXCEPTION, ERROR_TRACEBACK, ERROR_RELEASES = 1, 2, 3
+
+Releases = list[list[int]]  # [handle, count] pairs
+
+
+# -- encoding -------------------------------------------------------------------------------------
+def encode_call(
+    codec: Codec, op: int, target: int | str, name: str | None, args: Any, kwargs: Any, releases: Releases
+) -> bytes:
+    """A CALL frame; empty ``args`` and ``kwargs`` travel as None."""
+    return codec.pack_frame([Kind.CALL, op, target, name, list(args) if args else None, kwargs or None, releases])
+
+
+def encode_reply(codec: Codec, value: Any, releases: Releases) -> bytes:
+    return codec.pack_frame([Kind.REPLY, value, releases])
+
+
+def encode_error(codec: Codec, exc: BaseException, releases: Releases, with_traceback: bool = True) -> bytes:
+    """An ERROR frame; if ``exc`` itself cannot travel, a GateError that describes it."""
+    text = "".join(traceback.format_exception(exc)) if with_traceback else ""
+    try:
+        record = codec.pack_exception(exc)
+    except Exception as fail:  # the exception's class itself cannot travel: degrade to a GateError
+        record = codec.pack_exception(GateError(f"{type(exc).__qualname__}: {exc} (could not be sent: {fail})"))
+    return codec.pack([Kind.ERROR, msgpack.ExtType(Ext.EXCEPTION, record), text, releases])
+
+
+def import_answer(module: Any, is_package: bool, names: list[str]) -> list[Any]:
+    """The value an IMPORT call answers: the module (by reference), whether it is a package, and
+    the names ``from module import *`` binds."""
+    return [module, is_package, names]
+
+
+def checked_import_answer(answer: Any, peer: str) -> tuple[Any, bool, list[str]]:
+    """``answer`` as (module, is_package, names) if it has the shape of an IMPORT answer."""
+    if (
+        type(answer) is not list
+        or len(answer) != 3
+        or type(answer[1]) is not bool
+        or type(answer[2]) is not list
+        or not all(type(n) is str for n in answer[2])
+    ):
+        raise ProtocolError(f"compartment {peer!r} answered an import with a malformed record")
+    return answer[0], answer[1], answer[2]
+
+
+# -- decoding -------------------------------------------------------------------------------------
+def frame_kind(data: bytes) -> int:
+    """The kind of a frame without decoding it (frames are short fixarrays: 0x9N, kind)."""
+    if len(data) < 2 or data[0] & 0xF0 != 0x90:
+        raise ProtocolError("frame is not a flexos frame")
+    return data[1]
+
+
+def decode_frame(codec: Codec, data: bytes) -> list[Any]:
+    """Decode and validate one frame; anything malformed raises ProtocolError.
+
+    In a CALL, absent ``args`` become ``()`` and absent ``kwargs`` an empty map.
+    """
+    try:  # Codec.unpack, inlined: two frames per gate call come through here
+        frame = encoding.unpackb(data, ext_hook=codec.ext_hook, strict_map_key=False, raw=False)
+    except ProtocolError:
+        raise
+    except DECODE_ERRORS as exc:
+        raise ProtocolError(f"malformed value from compartment: {type(exc).__name__}: {exc}") from None
+    # Positions as in the layouts above, written as literals here (the hot path): other modules
+    # use the index constants.
+    if type(frame) is not list or not frame or type(frame[0]) is not int:
+        raise ProtocolError("frame is not a flexos frame")
+    kind, size = frame[0], len(frame)
+    if kind == Kind.REPLY and size == 3:
+        releases = frame[2]
+        if type(releases) is not list or releases:  # none, the common case, costs no call
+            _check_releases(releases)
+        return frame
+    if kind == Kind.CALL and size == 7:
+        _, op, target, name, args, kwargs, releases = frame
+        if type(op) is not int or op not in _OPS or type(target) not in _TARGETS or type(name) not in _NAMES:
+            raise ProtocolError("malformed call")
+        if args is None:
+            frame[4] = ()
+        elif type(args) is not list:
+            raise ProtocolError("malformed call arguments")
+        if kwargs is None:
+            frame[5] = _NO_KWARGS
+        elif type(kwargs) is not dict or not all(type(k) is str for k in kwargs):
+            raise ProtocolError("malformed call arguments")
+        if type(releases) is not list or releases:
+            _check_releases(releases)
+        return frame
+    if kind == Kind.ERROR and size == 4:
+        if not isinstance(frame[1], BaseException) or type(frame[2]) is not str:
+            raise ProtocolError("malformed error frame")
+        releases = frame[3]
+        if type(releases) is not list or releases:
+            _check_releases(releases)
+        return frame
+    raise ProtocolError(f"frame of unknown kind or length (kind {kind!r}, {size} fields)")
+
+
+def _check_releases(releases: Any) -> None:
+    if type(releases) is not list:
+        raise ProtocolError("malformed release list")
+    for pair in releases:
+        if type(pair) is not list or len(pair) != 2 or type(pair[0]) is not int or type(pair[1]) is not int:
+            raise ProtocolError("malformed release list")
+
+
+_NO_KWARGS: dict[str, Any] = {}
+_TARGETS = frozenset({int, str})
+_NAMES = frozenset({str, type(None)})
