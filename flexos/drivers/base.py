@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
+import sys
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from flexos.errors import DriverUnavailable
+from flexos.wire.control import BootRecord
 
 if TYPE_CHECKING:
     from flexos.gates.link import Link
@@ -15,11 +16,11 @@ if TYPE_CHECKING:
 
 
 class Host(ABC):
-    """What a driver may ask of the runtime that boots it."""
+    """What a driver may ask of the runtime that boots its compartment."""
 
     @abstractmethod
     def serve_import(self, name: str) -> Any:
-        """Import a module placed in this process's compartment for a peer that asked for it."""
+        """Import a module for the driver's compartment, which asked for it."""
 
     @abstractmethod
     def bypass_gates(self, owner: str) -> Any:
@@ -30,9 +31,9 @@ class Host(ABC):
         for fd in fds:
             os.close(fd)
 
-    def request_sibling(self, name: str) -> socket.socket:
-        """A connected socket to sibling compartment ``name`` (compartment processes only)."""
-        raise ImportError(f"compartment {name!r} cannot be reached from here")
+    @abstractmethod
+    def routes(self) -> dict[str, str]:
+        """How the driver's compartment reaches each other one (its boot record's route table)."""
 
 
 class Driver(ABC):
@@ -61,6 +62,9 @@ class Driver(ABC):
     strength: ClassVar[int] = 0
     #: The letter a configuration name writes for this driver (explore: ``R1pN2s``).
     letter: ClassVar[str] = ""
+
+    #: CPython aborts a child forked while the compartment runs (the app is warned before fork()).
+    fork_aborts_child: ClassVar[bool] = False
 
     #: The compartment's modules are imported directly: no gate, no link (fcalls, non-strict).
     direct: ClassVar[bool] = False
@@ -96,6 +100,10 @@ class Driver(ABC):
     def pid(self) -> int | None:
         """The OS process the compartment runs in, when it has its own."""
         return None
+
+    def boot_record(self, **mechanism: Any) -> BootRecord:
+        """What the compartment is told when it starts; ``mechanism``: the driver's own fields."""
+        return BootRecord(self.spec.name, self.image, list(sys.path), list(sys.argv), self.host.routes(), **mechanism)
 
     def send_control(self, message: bytes, fds: list[int] = ()) -> None:
         """Hand the compartment a control message (used to connect it to a sibling)."""

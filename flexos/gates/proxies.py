@@ -62,7 +62,7 @@ def describe_class(cls: type) -> dict[str, Any]:
             dunders.append(wire)
     methods = []
     for name in dir(cls):
-        if name.startswith("__"):
+        if name.startswith(("__", "_flexos")):  # a peer refuses these (flexos's own machinery)
             continue
         try:
             attr = inspect.getattr_static(cls, name)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from flexos import probe
-from flexos.errors import CompartmentStartError
+from flexos.errors import CompartmentStartError, ProtocolError
 from flexos.transports import CallTimeout, PeerGone
 from flexos.transports.ivshmem import (
     AGENT_SLOT,
@@ -43,6 +43,7 @@ from flexos.transports.ivshmem import (
     reset_slots,
 )
 from flexos.vm import image as guest_image
+from flexos.wire.control import BootRecord, kill, read_agent_hello, read_killed, read_started, start
 
 FLEXOS_HOME = Path(__file__).resolve().parent.parent  # the flexos package directory
 
@@ -248,10 +249,11 @@ class Machine:
         self.boot_seconds = time.monotonic() - started
         shutil.rmtree(self._rundir, ignore_errors=True)  # QEMU loaded the initrd before the guest ran
         self._rundir = None
-        if hello[0] != "agent" or len(hello) != 2 or type(hello[1]) is not dict:
+        try:
+            python = read_agent_hello(hello).get("python")
+        except ProtocolError as exc:
             self.shutdown()
-            raise CompartmentStartError(f"compartment {name!r}: its guest greeted with {hello!r}")
-        python = hello[1].get("python")
+            raise CompartmentStartError(f"compartment {name!r}: {exc}") from None
         _progress(name, f"ready ({self.accelerator}, Python {python})", self.boot_seconds, True)
 
     def _argv(self, options: dict[str, Any], kernel: Path, initrd: Path, memfd: int, mounts: list) -> list[str]:
@@ -294,27 +296,27 @@ class Machine:
         tail = (telling or console)[-lines:]
         return ("; its console ended with:\n  " + "\n  ".join(tail)) if tail else ""
 
-    def start_compartment(self, boot: dict, timeout: float) -> tuple[int, int]:
+    def start_compartment(self, boot: BootRecord, timeout: float) -> tuple[int, int]:
         """Ask the agent to fork compartment ``boot``; (epoch, guest pid). Its mailbox is slot 1, zeroed here."""
         with self._lock:
             self.epoch += 1
             reset_slots(self.window, range(1, SLOTS))
-            self._agent.send(["start", self.epoch, boot], timeout=timeout)
-            answer = self._agent.recv(timeout=timeout)
-            if answer[0] != "started" or len(answer) != 2 or type(answer[1]) is not int:
-                raise CompartmentStartError(f"the guest agent answered {answer!r} to start")
-            self.guest_pid = answer[1]
-            return self.epoch, answer[1]
+            self._agent.send(start(self.epoch, boot), timeout=timeout)
+            try:
+                self.guest_pid = read_started(self._agent.recv(timeout=timeout))
+            except ProtocolError as exc:
+                raise CompartmentStartError(str(exc)) from None
+            return self.epoch, self.guest_pid
 
     def kill_compartment(self) -> bool:
         """SIGKILL the compartment in the guest; False if the agent does not confirm in time."""
         with self._lock:
             try:
-                self._agent.send(["kill"], timeout=_KILL_TIMEOUT_S)
-                answer = self._agent.recv(timeout=_KILL_TIMEOUT_S)
-            except (PeerGone, CallTimeout, OSError, ValueError):
+                self._agent.send(kill(), timeout=_KILL_TIMEOUT_S)
+                read_killed(self._agent.recv(timeout=_KILL_TIMEOUT_S))
+            except (PeerGone, CallTimeout, ProtocolError, OSError, ValueError):
                 return False
-            return answer[0] == "killed"
+            return True
 
     def returncode(self) -> int | None:
         if self.process is None:
