@@ -19,7 +19,7 @@ from flexos.drivers.base import Driver
 from flexos.errors import CompartmentCrashed, CompartmentStartError, ProtocolError
 from flexos.gates.link import Link
 from flexos.transports.shm import ShmTransport
-from flexos.wire.control import decode, read_boot_answer
+from flexos.wire import control
 
 
 class ProcessDriver(Driver):
@@ -56,7 +56,7 @@ class ProcessDriver(Driver):
         try:
             ours.settimeout(options.get("start_timeout", 30.0))
             ours.sendall(boot.to_wire())
-            problem = read_boot_answer(decode(ours.recv(1 << 16)))
+            problem = control.read_boot_answer(control.decode(ours.recv(1 << 16)))
             ours.settimeout(None)
         except OSError as exc:
             problem = f"no answer ({exc})"

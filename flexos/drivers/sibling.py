@@ -29,7 +29,8 @@ from flexos.drivers.base import Driver
 from flexos.errors import CompartmentCrashed, CompartmentStartError, ProtocolError
 from flexos.gates.link import Link
 from flexos.transports.shm import ShmTransport
-from flexos.wire.control import CONNECT, PEER, REFUSED, Route, connect, peer, read_sibling_message, refused
+from flexos.wire import control
+from flexos.wire.control import Route
 
 if TYPE_CHECKING:
     from flexos.runtime.compartment import Compartment
@@ -57,10 +58,10 @@ class SiblingBroker:
         for fd in fds:
             os.close(fd)
         try:
-            request = read_sibling_message(message)
+            request = control.read_sibling_message(message)
         except ProtocolError:
             return
-        if request.verb == CONNECT:  # booting the sibling may take a while: not on the accept loop
+        if request.verb == control.CONNECT:  # booting the sibling may take a while: not on the accept loop
             threading.Thread(
                 target=self._connect, args=(requester, request.name), daemon=True, name="flexos-broker"
             ).start()
@@ -76,14 +77,14 @@ class SiblingBroker:
             wanted.link()
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
-                wanted.driver.send_control(peer(requester), [theirs.fileno()])
-                asking.driver.send_control(peer(target), [ours.fileno()])
+                wanted.driver.send_control(control.peer(requester), [theirs.fileno()])
+                asking.driver.send_control(control.peer(target), [ours.fileno()])
             finally:
                 ours.close()
                 theirs.close()
         except Exception as exc:
             try:
-                asking.driver.send_control(refused(target, str(exc)))
+                asking.driver.send_control(control.refused(target, str(exc)))
             except Exception:
                 pass
 
@@ -105,7 +106,7 @@ class SiblingDesk:
         answers: queue.Queue = queue.Queue()
         self._pending[name] = answers
         try:
-            self._parent.send_control(connect(name))
+            self._parent.send_control(control.connect(name))
             answer = answers.get(timeout=_SIBLING_TIMEOUT_S)
         except queue.Empty:
             raise CompartmentStartError(f"no connection to compartment {name!r} within {_SIBLING_TIMEOUT_S} s")
@@ -130,11 +131,11 @@ class SiblingDesk:
     def on_control(self, message: bytes, fds: list[int]) -> None:
         """A control message from the app: the answer to a request, or a sibling connecting to us."""
         try:
-            answer = read_sibling_message(message)
+            answer = control.read_sibling_message(message)
         except ProtocolError:
             answer = None
         pending = self._pending.get(answer.name) if answer is not None else None
-        if answer is not None and answer.verb == PEER and len(fds) == 1:
+        if answer is not None and answer.verb == control.PEER and len(fds) == 1:
             sock = socket.socket(fileno=fds[0])
             if pending is not None:
                 pending.put(sock)
@@ -143,7 +144,7 @@ class SiblingDesk:
             return
         for fd in fds:
             os.close(fd)
-        if answer is not None and answer.verb == REFUSED and pending is not None:
+        if answer is not None and answer.verb == control.REFUSED and pending is not None:
             pending.put(answer.reason or "no reason given")
 
 

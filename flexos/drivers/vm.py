@@ -24,7 +24,7 @@ from flexos.transports import CallTimeout, PeerGone
 from flexos.transports.ivshmem import EXITED, WindowTransport, read_status
 from flexos.vm.machine import HostLiveness, Machine, _pool, choose_accelerator, guest_paths
 from flexos.vm.machine import unavailable as machine_unavailable
-from flexos.wire.control import read_boot_answer
+from flexos.wire import control
 
 # The mechanism options flexos.yaml leaves out (flexos/config/__init__.py fills in the same values).
 DEFAULTS: dict[str, Any] = {
@@ -102,7 +102,7 @@ class VmDriver(Driver):
             abort=lambda: self._abort(machine),
         )
         try:
-            problem = read_boot_answer(transport.mailbox.recv(timeout=options["start_timeout"]))
+            problem = control.read_boot_answer(transport.mailbox.recv(timeout=options["start_timeout"]))
         except (PeerGone, CallTimeout):
             problem = f"no answer within {options['start_timeout']} s"
         except ProtocolError as exc:

@@ -40,7 +40,7 @@ from flexos.transports.shm import (
     RingChannel,
     _fence_lock,
 )
-from flexos.wire.control import CONTROL, OPEN, channel_opened, decode, encode, read_window_message, window_control
+from flexos.wire import control
 
 MAGIC = b"flexosvm"
 LAYOUT_VERSION = 1
@@ -197,7 +197,7 @@ class Mailbox:
             raise PeerGone()
 
     def send(self, message: list, timeout: float | None = None) -> None:
-        data = encode(message)
+        data = control.encode(message)
         if len(data) > CAPACITY:
             raise FlexosError(f"a control message of {len(data)} bytes does not fit the window ({CAPACITY})")
         with self._send_lock:
@@ -220,7 +220,7 @@ class Mailbox:
         data = mm[self._in_payload : self._in_payload + size]
         self._in_seq = expected
         _SEQ.pack_into(mm, self._in_hdr + _ACK_AT, expected)
-        return decode(data)
+        return control.decode(data)
 
 
 class WindowTransport(ServedTransport):
@@ -265,7 +265,7 @@ class WindowTransport(ServedTransport):
             channel = WindowChannel(self._mm, slot, 0, self._liveness, self._spin_us)
             self._opened[slot] = channel
         try:
-            self._mailbox.send(channel_opened(slot))
+            self._mailbox.send(control.channel_opened(slot))
         except PeerGone:
             channel.close()
             raise
@@ -274,21 +274,25 @@ class WindowTransport(ServedTransport):
     def send_control(self, message: bytes, fds: list[int] = ()) -> None:
         if fds:
             raise FlexosError("file descriptors cannot be passed into a virtual machine")
-        self._mailbox.send(window_control(message))
+        self._mailbox.send(control.window_control(message))
 
     def accept_loop(self, link: Any, on_control: ControlHandler | None = None) -> None:
         try:
             while True:
                 try:
-                    verb, value = read_window_message(self._mailbox.recv())
+                    message = self._mailbox.recv()
                 except (PeerGone, ProtocolError):
                     break
-                if verb == OPEN and value in self._theirs:
+                try:
+                    verb, value = control.read_window_message(message)
+                except ProtocolError:
+                    continue  # nothing to act on
+                if verb == control.OPEN and value in self._theirs:
                     channel = WindowChannel(self._mm, value, 1, self._liveness, self._spin_us)
                     with self._lock:
                         self._accepted = [*(c for c in self._accepted if not c.closed), channel]
                     threading.Thread(target=link.serve, args=(channel,), daemon=True, name="flexos-serve").start()
-                elif verb == CONTROL and on_control is not None:
+                elif verb == control.CONTROL and on_control is not None:
                     on_control(value, [])
         finally:
             link.closed = True

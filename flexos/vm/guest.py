@@ -38,7 +38,7 @@ from flexos.transports.ivshmem import (
     write_status,
 )
 from flexos.wire import control
-from flexos.wire.control import KILL, START, BootRecord
+from flexos.wire.control import BootRecord
 
 _IVSHMEM = ("0x1af4", "0x1110")  # PCI vendor and device of ivshmem
 _KILL_WAIT_S = 10
@@ -145,9 +145,9 @@ class Agent:
                 command = control.read_agent_command(self.mailbox.recv())
             except ProtocolError:
                 continue
-            if command.verb == START:
+            if command.verb == control.START:
                 self.start(command.epoch, command.boot)
-            elif command.verb == KILL:
+            elif command.verb == control.KILL:
                 self.kill()
 
 

@@ -43,7 +43,7 @@ from flexos.transports.ivshmem import (
     reset_slots,
 )
 from flexos.vm import image as guest_image
-from flexos.wire.control import BootRecord, kill, read_agent_hello, read_killed, read_started, start
+from flexos.wire import control
 
 FLEXOS_HOME = Path(__file__).resolve().parent.parent  # the flexos package directory
 
@@ -250,7 +250,7 @@ class Machine:
         shutil.rmtree(self._rundir, ignore_errors=True)  # QEMU loaded the initrd before the guest ran
         self._rundir = None
         try:
-            python = read_agent_hello(hello).get("python")
+            python = control.read_agent_hello(hello).get("python")
         except ProtocolError as exc:
             self.shutdown()
             raise CompartmentStartError(f"compartment {name!r}: {exc}") from None
@@ -296,14 +296,14 @@ class Machine:
         tail = (telling or console)[-lines:]
         return ("; its console ended with:\n  " + "\n  ".join(tail)) if tail else ""
 
-    def start_compartment(self, boot: BootRecord, timeout: float) -> tuple[int, int]:
+    def start_compartment(self, boot: control.BootRecord, timeout: float) -> tuple[int, int]:
         """Ask the agent to fork compartment ``boot``; (epoch, guest pid). Its mailbox is slot 1, zeroed here."""
         with self._lock:
             self.epoch += 1
             reset_slots(self.window, range(1, SLOTS))
-            self._agent.send(start(self.epoch, boot), timeout=timeout)
+            self._agent.send(control.start(self.epoch, boot), timeout=timeout)
             try:
-                self.guest_pid = read_started(self._agent.recv(timeout=timeout))
+                self.guest_pid = control.read_started(self._agent.recv(timeout=timeout))
             except ProtocolError as exc:
                 raise CompartmentStartError(str(exc)) from None
             return self.epoch, self.guest_pid
@@ -312,8 +312,8 @@ class Machine:
         """SIGKILL the compartment in the guest; False if the agent does not confirm in time."""
         with self._lock:
             try:
-                self._agent.send(kill(), timeout=_KILL_TIMEOUT_S)
-                read_killed(self._agent.recv(timeout=_KILL_TIMEOUT_S))
+                self._agent.send(control.kill(), timeout=_KILL_TIMEOUT_S)
+                control.read_killed(self._agent.recv(timeout=_KILL_TIMEOUT_S))
             except (PeerGone, CallTimeout, ProtocolError, OSError, ValueError):
                 return False
             return True
