@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import DRIVER_VARIANTS, _needs
+from conftest import DRIVER_VARIANTS, GATED_DRIVERS, _needs
 
 import flexos
 from flexos import CompartmentSpec, Image
@@ -23,12 +23,10 @@ from flexos.wire.control import Route
 
 MODULES = ("routea", "routeb", "routeplace")
 
-# The gated drivers, each with what it needs to run here.
+# The gated drivers (conftest's), each with its marks (a skip where it cannot run here; vm: slow).
 GATED = {
-    "fcalls-strict": [],
-    "subinterp": _needs("subinterp"),
-    "process": [],
-    "vm": [*_needs("vm"), pytest.mark.slow],
+    variant if isinstance(variant, str) else variant.values[0]: [] if isinstance(variant, str) else list(variant.marks)
+    for variant in GATED_DRIVERS
 }
 PAIRS = [
     pytest.param(a, b, id=f"{a}->{b}", marks=[*GATED[a], *(mark for mark in GATED[b] if mark not in GATED[a])])
@@ -153,8 +151,8 @@ def test_a_module_of_a_plain_fcalls_compartment_is_handed_over_itself(boot_pair)
         ("subinterp", "process", Route.VIA_APP),
         ("process", "fcalls-strict", Route.VIA_APP),
         ("process", "fcalls", Route.IN_APP),
-        ("vm", "process", Route.VIA_APP),
-        ("process", "vm", Route.VIA_APP),
+        pytest.param("vm", "process", Route.VIA_APP, marks=_needs("vm")),
+        pytest.param("process", "vm", Route.VIA_APP, marks=_needs("vm")),
     ],
 )
 def test_the_app_routes_each_pair_by_its_drivers_capabilities(a: str, b: str, route: str) -> None:

@@ -371,9 +371,10 @@ class _Pool:
         self._lock = threading.Lock()
 
     def take(self, key: tuple, preferred: Machine | None = None) -> Machine | None:
-        """An idle guest for ``key``: ``preferred`` (the one a restarting compartment just left) if idle."""
+        """An idle guest for ``key``: ``preferred`` (the one a restarting compartment just left) if idle,
+        else the one given back last (a stopped runtime's guest goes to the next runtime)."""
         with self._lock:
-            candidates = sorted(self._idle, key=lambda machine: machine is not preferred)
+            candidates = sorted(reversed(self._idle), key=lambda machine: machine is not preferred)
             for machine in candidates:
                 if machine.key == key:
                     self._idle.remove(machine)
