@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import socket
+import sys
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from flexos.drivers import driver_class
 from flexos.errors import DriverUnavailable
 from flexos.gates.link import Link
+from flexos.wire.control import BootRecord
 
 if TYPE_CHECKING:
     from flexos.image import CompartmentSpec, Image
@@ -75,11 +76,11 @@ def _from_mapping(options: type, values: Mapping[str, Any]) -> Any:
 
 
 class Host(ABC):
-    """What a driver may ask of the runtime that boots it."""
+    """What a driver may ask of the runtime that boots its compartment."""
 
     @abstractmethod
     def serve_import(self, name: str) -> Any:
-        """Import a module placed in this process's compartment for a peer that asked for it."""
+        """Import a module for the driver's compartment, which asked for it."""
 
     @abstractmethod
     def bypass_gates(self, owner: str) -> Any:
@@ -90,9 +91,9 @@ class Host(ABC):
         for fd in fds:
             os.close(fd)
 
-    def request_sibling(self, name: str) -> socket.socket:
-        """A connected socket to sibling compartment ``name`` (compartment processes only)."""
-        raise ImportError(f"compartment {name!r} cannot be reached from here")
+    @abstractmethod
+    def routes(self) -> dict[str, str]:
+        """How the driver's compartment reaches each other one (its boot record's route table)."""
 
 
 class Driver(ABC):
@@ -128,6 +129,8 @@ class Driver(ABC):
     implemented: ClassVar[bool] = True
     #: What ``mechanism:`` may say besides ``driver``: a frozen dataclass (see ``option`` above).
     Options: ClassVar[type] = NoOptions
+    #: CPython aborts a child forked while the compartment runs (the app is warned before fork()).
+    fork_aborts_child: ClassVar[bool] = False
 
     #: The compartment's modules are imported directly: no gate, no link (fcalls, non-strict).
     direct: ClassVar[bool] = False
@@ -187,6 +190,10 @@ class Driver(ABC):
     def pid(self) -> int | None:
         """The OS process the compartment runs in, when it has its own."""
         return None
+
+    def boot_record(self, **mechanism: Any) -> BootRecord:
+        """What the compartment is told when it starts; ``mechanism``: the driver's own fields."""
+        return BootRecord(self.spec.name, self.image, list(sys.path), list(sys.argv), self.host.routes(), **mechanism)
 
     def send_control(self, message: bytes, fds: list[int] = ()) -> None:
         """Hand the compartment a control message (used to connect it to a sibling)."""

@@ -15,13 +15,12 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-import msgpack
-
 from flexos import hardening
 from flexos.drivers.base import Driver, spin_us_option, start_timeout_option
-from flexos.errors import CompartmentCrashed, CompartmentStartError
+from flexos.errors import CompartmentCrashed, CompartmentStartError, ProtocolError
 from flexos.gates.link import Link
 from flexos.transports.shm import ShmTransport
+from flexos.wire import control
 
 
 @dataclass(frozen=True)
@@ -62,26 +61,21 @@ class ProcessDriver(Driver):
         finally:
             theirs.close()
         self._proc = proc
-        boot = {
-            "name": name,
-            "image": self.image.to_dict(),
-            "sys_path": sys.path,
-            "argv": sys.argv,
-            "spin_us": options.spin_us,
-        }
+        boot = self.boot_record(spin_us=options.spin_us)
         try:
             ours.settimeout(options.start_timeout)
-            ours.sendall(msgpack.packb(boot))
-            answer = msgpack.unpackb(ours.recv(1 << 16))
+            ours.sendall(boot.to_wire())
+            problem = control.read_boot_answer(control.decode(ours.recv(1 << 16)))
             ours.settimeout(None)
-        except (OSError, ValueError) as exc:
-            answer = ["error", f"no answer ({exc})"]
-        if answer != ["ready"]:
+        except OSError as exc:
+            problem = f"no answer ({exc})"
+        except ProtocolError as exc:
+            problem = str(exc)
+        if problem is not None:
             ours.close()
             proc.kill()
             proc.wait()
-            detail = answer[1] if isinstance(answer, list) and len(answer) == 2 else repr(answer)
-            raise CompartmentStartError(f"compartment {name!r} failed to boot: {detail}")
+            raise CompartmentStartError(f"compartment {name!r} failed to boot: {problem}")
         self._pidfd = os.pidfd_open(proc.pid)
         link = self.make_link(mirrors)
         self._transport = ShmTransport(

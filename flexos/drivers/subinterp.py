@@ -19,18 +19,15 @@ from typing import Any
 from flexos.drivers.base import Driver
 from flexos.errors import CompartmentCrashed, CompartmentStartError
 from flexos.gates.link import Link
-from flexos.image import Image
 from flexos.transports.interp import InterpreterTransport
 
-_INCOMPATIBLE = "does not support loading in subinterpreters"
-
-# Runs inside the new interpreter; BOOT is a dict literal of plain values.
+# Runs inside the new interpreter: SYS_PATH (a list literal: where to find flexos) and BOOT (the
+# boot record's wire form, a bytes literal) are defined before it.
 _BOOTSTRAP = """
 import sys
-sys.path[:] = BOOT["sys_path"]
-sys.argv[:] = BOOT["argv"]
-from flexos.drivers.subinterp import serve_in_compartment
-result = serve_in_compartment(BOOT)
+sys.path[:] = SYS_PATH
+from flexos.runtime.child import serve_in_subinterpreter
+result = serve_in_subinterpreter(BOOT)
 """
 
 
@@ -39,6 +36,7 @@ class SubinterpDriver(Driver):
     in_app_process = True
     strength = 2
     letter = "s"
+    fork_aborts_child = True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -68,16 +66,11 @@ class SubinterpDriver(Driver):
         link = self.make_link(mirrors)
         link.codec.lend_buffers(InterpreterTransport.lend, InterpreterTransport.LEND_THRESHOLD)
         self._gate = _subinterp.register(link.dispatch)
-        boot = {
-            "name": name,
-            "image": self.image.to_dict(),
-            "sys_path": list(sys.path),
-            "argv": list(sys.argv),
-            "parent": self._gate,
-        }
+        boot = self.boot_record(parent=self._gate)
+        bootstrap = f"SYS_PATH = {boot.sys_path!r}\nBOOT = {boot.to_wire()!r}\n{_BOOTSTRAP}"
         try:
             self._interp = _subinterp.create()
-            answer = _subinterp.run(self._interp, f"BOOT = {boot!r}\n{_BOOTSTRAP}")
+            answer = _subinterp.run(self._interp, bootstrap)
         except RuntimeError as exc:
             answer = str(exc)
         if not isinstance(answer, int):
@@ -104,51 +97,3 @@ class SubinterpDriver(Driver):
         if self._interp is not None:
             interp, self._interp = self._interp, None
             _subinterp.destroy(interp)
-
-
-# -- inside the compartment's interpreter --------------------------------------------------------
-_compartment: dict[str, Any] = {}
-
-
-def serve_in_compartment(boot: dict) -> int | str:
-    """Boot this interpreter's side of the compartment; returns the gate the app calls into."""
-    try:
-        from flexos import _subinterp
-        from flexos.runtime import Runtime
-
-        image = Image.from_dict(boot["image"])
-        name = boot["name"]
-        runtime = Runtime(image, local=name)
-        parent = Link(image.default, importer=_importer(runtime.serve_import, name), replicated=image.is_replicated)
-        parent.attach(
-            InterpreterTransport(
-                boot["parent"], death=lambda: CompartmentCrashed(image.default, None, "the app went away")
-            )
-        )
-        runtime.connect(image.default, parent, None)
-        runtime.start()
-        _compartment.update(runtime=runtime, link=parent)
-        return _subinterp.register(parent.dispatch)
-    except Exception as exc:
-        import traceback
-
-        return "".join(traceback.format_exception(exc))
-
-
-def _importer(serve_import: Any, name: str) -> Any:
-    """Import for the app, explaining extension modules that cannot live in a subinterpreter."""
-
-    def import_for_peer(module: str) -> Any:
-        try:
-            return serve_import(module)
-        except ImportError as exc:
-            if _INCOMPATIBLE not in str(exc):
-                raise
-            raise ImportError(
-                f"{exc}: compartment {name!r} is a subinterpreter (driver 'subinterp'), and this extension "
-                f"module supports only the main interpreter (single-phase init). Place {module!r} in a "
-                f"compartment with driver 'process' instead.",
-                name=module,
-            ) from None
-
-    return import_for_peer

@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import os
 import select
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from flexos.drivers.base import Driver, option, size_option, spin_us_option, start_timeout_option
-from flexos.errors import CompartmentCrashed, CompartmentStartError, DriverUnavailable
+from flexos.errors import CompartmentCrashed, CompartmentStartError, DriverUnavailable, ProtocolError
 from flexos.gates.link import Link
 from flexos.transports import CallTimeout, PeerGone
 from flexos.transports.ivshmem import EXITED, WindowTransport, read_status
 from flexos.vm import image as guest_image
 from flexos.vm.machine import HostLiveness, Machine, _pool, choose_accelerator, guest_paths
+from flexos.wire import control
 
 
 @dataclass(frozen=True)
@@ -112,14 +112,7 @@ class VmDriver(Driver):
             machine = Machine(key, self.accelerator)
             machine.boot(name, options, list(key[4]), list(key[5]), options.boot_timeout)
         self._machine = machine
-        boot = {
-            "name": name,
-            "image": self.image.to_dict(),
-            "sys_path": sys.path,
-            "argv": sys.argv,
-            "cwd": os.getcwd(),
-            "spin_us": options.spin_us,
-        }
+        boot = self.boot_record(spin_us=options.spin_us, cwd=os.getcwd())
         try:
             epoch, _pid = machine.start_compartment(boot, options.start_timeout)
         except (PeerGone, CallTimeout) as exc:
@@ -135,14 +128,15 @@ class VmDriver(Driver):
             abort=lambda: self._abort(machine),
         )
         try:
-            answer = transport.mailbox.recv(timeout=options.start_timeout)
+            problem = control.read_boot_answer(transport.mailbox.recv(timeout=options.start_timeout))
         except (PeerGone, CallTimeout):
-            answer = ["error", f"no answer within {options.start_timeout} s"]
-        if answer != ["ready"]:
+            problem = f"no answer within {options.start_timeout} s"
+        except ProtocolError as exc:
+            problem = str(exc)
+        if problem is not None:
             transport.close()
             self.stop()
-            detail = answer[1] if len(answer) == 2 else repr(answer)
-            raise CompartmentStartError(f"compartment {name!r} failed to boot in its virtual machine: {detail}")
+            raise CompartmentStartError(f"compartment {name!r} failed to boot in its virtual machine: {problem}")
         link = self.make_link(mirrors)
         self._transport = transport
         transport.run(link, lambda message, fds: self.host.control(name, message, fds), f"flexos-{name}")

@@ -229,8 +229,9 @@ _LOCAL_MODULE_ATTRS = frozenset(
 )
 
 
-# Remote types whose instances a module proxy binds as by-name ModuleFunctions.
-_FUNCTION_TYPES = frozenset({"function", "builtin_function_or_method", "cython_function_or_method"})
+# Remote types whose instances a module proxy binds as by-name ModuleFunctions (a ModuleFunction
+# too: the app relaying to its own gate, which itself rebinds after a restart).
+_FUNCTION_TYPES = frozenset({"function", "builtin_function_or_method", "cython_function_or_method", "ModuleFunction"})
 
 
 class ModuleFunction:

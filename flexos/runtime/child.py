@@ -1,9 +1,10 @@
-"""Entry point of a compartment process: ``python -m flexos.runtime.child FD``.
+"""Where a compartment begins: ``python -m flexos.runtime.child FD`` (a process), and the bootstrap
+of a subinterpreter (:func:`serve_in_subinterpreter`).
 
-Receives its identity and the image over the control socket, applies the compartment's
-hardening (flexos/hardening.py) before any component code can run, installs the gates for
-modules that live elsewhere, answers "ready", then serves the channels its parent opens until the
-parent goes away. It imports none of the config/validation stack.
+A process compartment receives its boot record over the control socket, applies the
+compartment's hardening (flexos/hardening.py) before any component code can run, installs the
+gates for modules that live elsewhere, answers "ready", then serves the channels its parent
+opens until the parent goes away. Neither imports the config/validation stack.
 """
 
 from __future__ import annotations
@@ -15,17 +16,21 @@ import socket
 import sys
 import threading
 import traceback
-from typing import TYPE_CHECKING, Any
-
-import msgpack
+from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 from flexos import hardening
-from flexos.errors import CompartmentCrashed
-from flexos.image import Image
+from flexos.drivers.sibling import SiblingDesk
+from flexos.errors import CompartmentCrashed, ProtocolError
+from flexos.gates.link import Link
+from flexos.runtime import Runtime
+from flexos.transports import Transport
+from flexos.transports.shm import ShmTransport
+from flexos.wire import control
+from flexos.wire.control import BootRecord
 
-if TYPE_CHECKING:
-    from flexos.gates.link import Link
-    from flexos.runtime import Runtime
+_INCOMPATIBLE = "does not support loading in subinterpreters"
 
 
 def _die_with_parent() -> None:
@@ -46,32 +51,32 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="flexos-parent-watch").start()
 
 
-def link_back(image: Image, name: str, transport: Any) -> tuple[Runtime, Link]:
-    """Compartment ``name``'s runtime, linked to the default compartment over ``transport``, gates installed."""
-    from flexos.gates.link import Link
-    from flexos.runtime import Runtime
+def link_back(
+    record: BootRecord,
+    transport: Transport,
+    explain: Callable[[Callable[[str], Any]], Callable[[str], Any]] | None = None,
+) -> tuple[Runtime, Link]:
+    """Compartment ``record.name``'s runtime, linked to the app over ``transport``, gates installed.
 
-    runtime = Runtime(image, local=name)
-    parent = Link(image.default, importer=runtime.serve_import, replicated=image.is_replicated)
-    parent.attach(transport)
-    runtime.connect(image.default, parent, transport)
+    ``explain`` wraps the importer that serves the app (to explain what this mechanism refuses).
+    """
+    runtime = Runtime(record.image, local=record.name, routes=record.routes)
+    importer = runtime.importer_for(record.image.default)
+    parent = runtime.link_parent(transport, explain(importer) if explain is not None else importer)
     runtime.start()
     return runtime, parent
 
 
 def main() -> None:
-    from flexos.transports.shm import ShmTransport
-
     sock = socket.socket(fileno=int(sys.argv[1]))
     os.set_inheritable(sock.fileno(), False)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the app, which sees it first
-    boot = msgpack.unpackb(sock.recv(1 << 20))
     try:
-        image = Image.from_dict(boot["image"])
-        name = boot["name"]
+        record = BootRecord.from_wire(sock.recv(1 << 20))
+        image, name = record.image, record.name
         policy = image.compartments[name].hardening
-        sys.path[:] = boot["sys_path"]
-        sys.argv[:] = boot["argv"]
+        sys.path[:] = record.sys_path
+        sys.argv[:] = record.argv
         # Namespaces, Landlock and seccomp bind only the calling thread: all go before any thread.
         filter_policy = hardening.seccomp_policy(policy)
         seccomp = hardening.seccomp_library() if filter_policy is not None else None
@@ -88,9 +93,10 @@ def main() -> None:
             sock.fileno(),
             0,
             death=lambda: CompartmentCrashed(image.default, None, "the app went away"),
-            spin_us=boot["spin_us"],
+            spin_us=record.spin_us,
         )
-        runtime, parent = link_back(image, name, transport)
+        runtime, parent = link_back(record, transport)
+        runtime.siblings = siblings = SiblingDesk(transport, record.spin_us, runtime.link_to)
         libraries = {
             module: rules["audit"]["deny"]
             for module, rules in image.library_hardening.items()
@@ -98,11 +104,56 @@ def main() -> None:
         }
         hardening.install_audit_policy((policy.get("audit") or {}).get("deny", []), name, libraries)  # last
     except Exception:
-        sock.send(msgpack.packb(["error", traceback.format_exc()]))
+        sock.send(control.encode(control.boot_failed(traceback.format_exc())))
         os._exit(1)
-    sock.send(msgpack.packb(["ready"]))
-    transport.accept_loop(parent, lambda message, fds: runtime.control(image.default, message, fds))
+    sock.send(control.encode(control.ready()))
+    transport.accept_loop(parent, siblings.on_control)
     os._exit(0)
+
+
+# -- a subinterp compartment ----------------------------------------------------------------------
+_subinterpreter: dict[str, Any] = {}  # keeps this interpreter's runtime and link alive
+
+
+def serve_in_subinterpreter(boot: bytes) -> int | str:
+    """Boot this interpreter's side of a subinterp compartment: the endpoint the app calls into,
+    or why it could not boot."""
+    try:
+        from flexos import _subinterp
+        from flexos.transports.interp import InterpreterTransport
+
+        record = BootRecord.from_wire(boot)
+        if record.parent is None:
+            raise ProtocolError("a subinterp compartment's boot record names no parent endpoint")
+        default = record.image.default
+        sys.argv[:] = record.argv
+        transport = InterpreterTransport(
+            record.parent, death=lambda: CompartmentCrashed(default, None, "the app went away")
+        )
+        runtime, parent = link_back(record, transport, partial(_explain_incompatible, name=record.name))
+        _subinterpreter.update(runtime=runtime, link=parent)
+        return _subinterp.register(parent.dispatch)
+    except Exception as exc:
+        return "".join(traceback.format_exception(exc))
+
+
+def _explain_incompatible(serve_import: Callable[[str], Any], name: str) -> Callable[[str], Any]:
+    """Import for the app, explaining extension modules that cannot live in a subinterpreter."""
+
+    def import_for_peer(module: str) -> Any:
+        try:
+            return serve_import(module)
+        except ImportError as exc:
+            if _INCOMPATIBLE not in str(exc):
+                raise
+            raise ImportError(
+                f"{exc}: compartment {name!r} is a subinterpreter (driver 'subinterp'), and this extension "
+                f"module supports only the main interpreter (single-phase init). Place {module!r} in a "
+                f"compartment with driver 'process' instead.",
+                name=module,
+            ) from None
+
+    return import_for_peer
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import struct
 from collections.abc import Callable
 
 from flexos import _subinterp
-from flexos.errors import FlexosError, ProtocolError
+from flexos.errors import ProtocolError
 
 # loan id, address, length
 _LOAN = struct.Struct("<qQq")
@@ -25,9 +25,6 @@ class InterpreterChannel:
         # raises PeerGone once the peer is ended and ProtocolError if its dispatcher fails; a
         # timeout means nothing: the callee runs on our own thread.
         self.exchange = functools.partial(_subinterp.call, endpoint)
-
-    def recv(self, timeout: float | None = None) -> bytes:
-        raise FlexosError("an interpreter channel has no independent peer to receive from")
 
     def close(self) -> None:
         pass

@@ -9,7 +9,7 @@ the BAR2 of a stock ``ivshmem-plain`` PCI device in the guest. Layout::
             slots 2 .. 2+OPENER_SLOTS-1: channels the host opens
             the rest: channels the guest opens
 
-Every slot has the layout of a :class:`~flexos.transports.shm.ShmChannel` region (the same class
+Every slot has the layout of a :class:`~flexos.transports.shm.RingChannel` region (the same class
 moves the frames: exact-sequence publish, fragments acknowledged one by one), so only waiting
 differs. Nothing here can wake the other side, so a waiter spins like a shm channel does, then
 polls with a pause that doubles up to a few ms; the host's pause is a ``select`` on QEMU's
@@ -22,17 +22,14 @@ every message): channel openings, control messages and the agent's commands trav
 from __future__ import annotations
 
 import mmap
-import os
 import struct
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
-
 from flexos.errors import FlexosError, ProtocolError
-from flexos.transports import CallTimeout, ChannelClosed, PeerGone
+from flexos.transports import CallTimeout, ChannelClosed, ControlHandler, PeerGone, ServedTransport
 from flexos.transports.shm import (
     _FLAG,
     _FRAGMENT,
@@ -40,10 +37,10 @@ from flexos.transports.shm import (
     _LEN_FLAGS,
     _SEQ,
     DEFAULT_SPIN_US,
-    ShmChannel,
-    ShmTransport,
+    RingChannel,
     _fence_lock,
 )
+from flexos.wire import control
 
 MAGIC = b"flexosvm"
 LAYOUT_VERSION = 1
@@ -141,19 +138,17 @@ class Liveness:
             pause = min(pause * 2, max_pause)
 
 
-class WindowChannel(ShmChannel):
-    """One side of a channel in a slot of the window: ShmChannel's frames, polling instead of eventfds."""
+class WindowChannel(RingChannel):
+    """One side of a channel in a slot of the window: a shm channel's frames, polling instead of eventfds."""
 
     def __init__(
         self, mm: mmap.mmap, slot: int, side: int, liveness: Liveness, spin_us: float = DEFAULT_SPIN_US
     ) -> None:
-        self._mm = mm
-        self._slot = slot
+        super().__init__(mm, slot_offset(slot), side, CAPACITY, spin_us)
         self._liveness = liveness
-        # Nobody here sets the "sleeping" flags; should a hostile peer set one, the writer's
-        # eventfd_write lands in an eventfd nobody reads.
-        self._peer_efd = _sink_eventfd()
-        self._lay_out(slot_offset(slot), side, CAPACITY, spin_us)
+
+    def _wake_peer(self) -> None:
+        pass  # nobody here sleeps on a flag (should a hostile peer set one, nothing happens)
 
     def _block(self, offset: int, value: int, timeout: float | None = None) -> None:
         self._liveness.wait_for(self._mm, offset, value, timeout, self._interrupted, self._liveness.channel_max_pause)
@@ -179,15 +174,6 @@ class WindowChannel(ShmChannel):
             pass
 
 
-_sink: list[int] = []
-
-
-def _sink_eventfd() -> int:
-    if not _sink:
-        _sink.append(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
-    return _sink[0]
-
-
 class Mailbox:
     """A slot used as two one-message queues (one per direction), each message acknowledged."""
 
@@ -211,7 +197,7 @@ class Mailbox:
             raise PeerGone()
 
     def send(self, message: list, timeout: float | None = None) -> None:
-        data = msgpack.packb(message)
+        data = control.encode(message)
         if len(data) > CAPACITY:
             raise FlexosError(f"a control message of {len(data)} bytes does not fit the window ({CAPACITY})")
         with self._send_lock:
@@ -234,20 +220,14 @@ class Mailbox:
         data = mm[self._in_payload : self._in_payload + size]
         self._in_seq = expected
         _SEQ.pack_into(mm, self._in_hdr + _ACK_AT, expected)
-        try:
-            message = msgpack.unpackb(data, strict_map_key=True)
-        except Exception as exc:
-            raise ProtocolError(f"undecodable control message ({type(exc).__name__})") from None
-        if type(message) is not list or not message or type(message[0]) is not str:
-            raise ProtocolError("malformed control message")
-        return message
+        return control.decode(data)
 
 
-class WindowTransport(ShmTransport):
+class WindowTransport(ServedTransport):
     """Channels to the peer on the other side of the window, opened and announced over a mailbox.
 
     The opener of a channel is its side 0: it takes a free slot of its own range, zeroes it, and
-    tells the peer's accept loop (``["open", slot]``), which serves it on a new thread. A slot is
+    tells the peer's accept loop (a channel-opened message), which serves it on a new thread. A slot is
     free again once both sides have closed it.
     """
 
@@ -259,14 +239,12 @@ class WindowTransport(ShmTransport):
         death: Callable[[], BaseException],
         spin_us: float = DEFAULT_SPIN_US,
         abort: Callable[[], None] | None = None,
-    ) -> None:  # nothing of ShmTransport's socket: only its run(), death() and abort() apply
+    ) -> None:
+        super().__init__(death, spin_us, abort)
         self._mm = mm
         self._mine, self._theirs = (host_slots(), guest_slots()) if host else (guest_slots(), host_slots())
         self._mailbox = Mailbox(mm, COMPARTMENT_SLOT, 0 if host else 1, liveness)
         self._liveness = liveness
-        self._death = death
-        self._abort = abort
-        self._spin_us = spin_us
         self._opened: dict[int, WindowChannel] = {}
         self._accepted: list[WindowChannel] = []
         self._lock = threading.Lock()
@@ -287,7 +265,7 @@ class WindowTransport(ShmTransport):
             channel = WindowChannel(self._mm, slot, 0, self._liveness, self._spin_us)
             self._opened[slot] = channel
         try:
-            self._mailbox.send(["open", slot])
+            self._mailbox.send(control.channel_opened(slot))
         except PeerGone:
             channel.close()
             raise
@@ -296,31 +274,31 @@ class WindowTransport(ShmTransport):
     def send_control(self, message: bytes, fds: list[int] = ()) -> None:
         if fds:
             raise FlexosError("file descriptors cannot be passed into a virtual machine")
-        self._mailbox.send(["control", message])
+        self._mailbox.send(control.window_control(message))
 
-    def accept_loop(self, link: Any, on_control: Callable[[bytes, list[int]], None] | None = None) -> None:
-        """Serve the channels the peer opens until it goes away; then mark the link closed."""
+    def accept_loop(self, link: Any, on_control: ControlHandler | None = None) -> None:
         try:
             while True:
                 try:
                     message = self._mailbox.recv()
                 except (PeerGone, ProtocolError):
                     break
-                slot = message[1] if len(message) == 2 else None
-                if message[0] == "open" and type(slot) is int and slot in self._theirs:
-                    channel = WindowChannel(self._mm, slot, 1, self._liveness, self._spin_us)
+                try:
+                    verb, value = control.read_window_message(message)
+                except ProtocolError:
+                    continue  # nothing to act on
+                if verb == control.OPEN and value in self._theirs:
+                    channel = WindowChannel(self._mm, value, 1, self._liveness, self._spin_us)
                     with self._lock:
                         self._accepted = [*(c for c in self._accepted if not c.closed), channel]
                     threading.Thread(target=link.serve, args=(channel,), daemon=True, name="flexos-serve").start()
-                elif message[0] == "control" and len(message) == 2 and type(message[1]) is bytes:
-                    if on_control is not None:
-                        on_control(message[1], [])
+                elif verb == control.CONTROL and on_control is not None:
+                    on_control(value, [])
         finally:
             link.closed = True
 
     def abandon(self) -> None:
-        """After a fork: the window belongs to the parent; stop without touching it."""
-        self._mailbox.closed = True
+        self._mailbox.closed = True  # the window is the parent's: stop without touching it
 
     def close(self) -> None:
         self._mailbox.closed = True

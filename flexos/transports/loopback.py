@@ -19,9 +19,6 @@ class LoopbackChannel:
     def exchange(self, frame: bytes, timeout: float | None = None) -> bytes:
         return self._dispatch(frame)  # the callee runs on our stack: nothing to time out
 
-    def recv(self, timeout: float | None = None) -> bytes:  # a loopback peer never sends unprompted
-        raise FlexosError("a loopback channel has no independent peer to receive from")
-
     def close(self) -> None:
         pass
 

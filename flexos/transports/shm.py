@@ -20,6 +20,9 @@ writer's (store the sequence number, load my flag). x86 may reorder a store befo
 so both sides issue a full fence in between: acquiring a ``threading.Lock`` executes a locked
 instruction, which drains the store buffer. The poll timeout only bounds the damage should that
 reasoning ever fail on some platform.
+
+:class:`RingChannel` is that layout and its frames; :class:`ShmChannel` waits and wakes with
+eventfds, the ivshmem transport's channels by polling (:mod:`flexos.transports.ivshmem`).
 """
 
 from __future__ import annotations
@@ -32,11 +35,13 @@ import socket
 import struct
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
 from flexos.errors import ProtocolError
-from flexos.transports import CallTimeout, ChannelClosed, PeerGone
+from flexos.transports import CallTimeout, ChannelClosed, ControlHandler, PeerGone, ServedTransport
+from flexos.wire.control import CONTROL_MAX, OPEN_CHANNEL
 
 _SEQ = struct.Struct("<Q")
 _FLAG = struct.Struct("<I")
@@ -49,7 +54,6 @@ _BLOCK_POLL_MS = 100
 DEFAULT_CAPACITY = 1 << 20
 DEFAULT_SPIN_US = 200
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-_OPEN = b"open"
 
 _fence_lock = threading.Lock()
 _CHECKS_PER_CLOCK_READ = 64
@@ -59,39 +63,12 @@ _TIGHT_SPIN_S = 10e-6
 _spinners: list[int] = []
 
 
-# Largest control message (a refusal carries its reason); SOCK_SEQPACKET truncates longer ones.
-_CONTROL_MAX = 4096
+class RingChannel(ABC):
+    """The frames of one side (0 or 1) of a channel laid out at ``base`` in ``mm`` (the layout
+    above); how a side waits for the peer, and wakes it, is the subclass's."""
 
-
-class ShmChannel:
-    """One side (0 or 1) of a shared-memory channel."""
-
-    def __init__(
-        self,
-        fds: tuple[int, int, int],
-        side: int,
-        watch_fd: int,
-        watch_events: int,
-        capacity: int = DEFAULT_CAPACITY,
-        spin_us: float = DEFAULT_SPIN_US,
-    ) -> None:
-        mem_fd, efd0, efd1 = fds
-        size = _HEADER + 2 * capacity
-        if os.fstat(mem_fd).st_size != size or fcntl.fcntl(mem_fd, fcntl.F_GET_SEALS) & _SEALS != _SEALS:
-            raise ProtocolError("channel memory is not a sealed region of the agreed size")
-        self._mm = mmap.mmap(mem_fd, size)
-        os.close(mem_fd)
-        self._efds = (efd0, efd1)
-        self._my_efd = efd0 if side == 0 else efd1
-        self._peer_efd = efd1 if side == 0 else efd0
-        self._lay_out(0, side, capacity, spin_us)
-        self._watch_fd = watch_fd
-        self._poll = select.poll()
-        self._poll.register(self._my_efd, select.POLLIN)
-        self._poll.register(watch_fd, watch_events)
-
-    def _lay_out(self, base: int, side: int, capacity: int, spin_us: float) -> None:
-        """Where this side's fields are, for a channel laid out at offset ``base`` of ``self._mm``."""
+    def __init__(self, mm: mmap.mmap, base: int, side: int, capacity: int, spin_us: float) -> None:
+        self._mm = mm
         self._capacity = capacity
         self._my_sleep = base + (0 if side == 0 else 64)
         self._peer_sleep = base + (64 if side == 0 else 0)
@@ -105,19 +82,13 @@ class ShmChannel:
         self._spin_s = spin_us * 1e-6
         self.closed = False
 
-    @classmethod
-    def create(
-        cls, watch_fd: int, watch_events: int, capacity: int = DEFAULT_CAPACITY, spin_us: float = DEFAULT_SPIN_US
-    ) -> tuple[ShmChannel, list[int]]:
-        """Side 0 of a new channel, and the fds to hand to the peer (which it then owns)."""
-        mem_fd = os.memfd_create("flexos-channel", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        os.ftruncate(mem_fd, _HEADER + 2 * capacity)
-        # Sealed so that the peer cannot shrink it under us (a SIGBUS on our next access).
-        fcntl.fcntl(mem_fd, fcntl.F_ADD_SEALS, _SEALS)
-        flags = os.EFD_NONBLOCK | os.EFD_CLOEXEC
-        efd0, efd1 = os.eventfd(0, flags), os.eventfd(0, flags)
-        peer_fds = [os.dup(mem_fd), os.dup(efd0), os.dup(efd1)]
-        return cls((mem_fd, efd0, efd1), 0, watch_fd, watch_events, capacity, spin_us), peer_fds
+    @abstractmethod
+    def _block(self, offset: int, value: int, timeout: float | None = None) -> None:
+        """Wait, past the spinning window, until the sequence number at ``offset`` is ``value``."""
+
+    @abstractmethod
+    def _wake_peer(self) -> None:
+        """The peer said it sleeps: wake it (a frame or an acknowledgement is there)."""
 
     # -- the hot path ---------------------------------------------------------------------------
     def exchange(self, frame: bytes, timeout: float | None = None) -> bytes:
@@ -135,7 +106,7 @@ class ShmChannel:
         _fence_lock.acquire()
         _fence_lock.release()
         if _FLAG.unpack_from(mm, self._peer_sleep)[0]:
-            os.eventfd_write(self._peer_efd, 1)
+            self._wake_peer()
         hdr = self._in_hdr
         expected = self._in_seq + 1
         if _SEQ.unpack_from(mm, hdr + _SEQ_AT)[0] != expected:
@@ -159,7 +130,7 @@ class ShmChannel:
         _fence_lock.acquire()
         _fence_lock.release()
         if _FLAG.unpack_from(mm, self._peer_sleep)[0]:
-            os.eventfd_write(self._peer_efd, 1)
+            self._wake_peer()
 
     def _send_fragments(self, frame: bytes) -> None:
         mm, hdr, capacity = self._mm, self._out_hdr, self._capacity
@@ -176,9 +147,9 @@ class ShmChannel:
             _fence_lock.acquire()
             _fence_lock.release()
             if _FLAG.unpack_from(mm, self._peer_sleep)[0]:
-                os.eventfd_write(self._peer_efd, 1)
+                self._wake_peer()
 
-    def recv(self, resume: bool = False, timeout: float | None = None) -> bytes:
+    def recv(self, timeout: float | None = None, *, resume: bool = False) -> bytes:
         """The peer's next frame. ``resume``: its first fragment has already been seen arriving."""
         mm = self._mm
         hdr = self._in_hdr
@@ -205,7 +176,7 @@ class ShmChannel:
             _fence_lock.acquire()
             _fence_lock.release()
             if _FLAG.unpack_from(mm, self._peer_sleep)[0]:
-                os.eventfd_write(self._peer_efd, 1)
+                self._wake_peer()
 
     def _wait(self, offset: int, value: int, timeout: float | None = None) -> None:
         """Spin, then spin yielding the CPU, then block.
@@ -236,6 +207,52 @@ class ShmChannel:
         finally:
             _spinners.pop()
         self._block(offset, value, timeout)
+
+
+class ShmChannel(RingChannel):
+    """One side (0 or 1) of a shared-memory channel between two processes: a sealed memfd, and an
+    eventfd per side that a sleeping side blocks on."""
+
+    def __init__(
+        self,
+        fds: tuple[int, int, int],
+        side: int,
+        watch_fd: int,
+        watch_events: int,
+        capacity: int = DEFAULT_CAPACITY,
+        spin_us: float = DEFAULT_SPIN_US,
+    ) -> None:
+        mem_fd, efd0, efd1 = fds
+        size = _HEADER + 2 * capacity
+        if os.fstat(mem_fd).st_size != size or fcntl.fcntl(mem_fd, fcntl.F_GET_SEALS) & _SEALS != _SEALS:
+            raise ProtocolError("channel memory is not a sealed region of the agreed size")
+        mm = mmap.mmap(mem_fd, size)
+        os.close(mem_fd)
+        super().__init__(mm, 0, side, capacity, spin_us)
+        self._efds = (efd0, efd1)
+        self._my_efd = efd0 if side == 0 else efd1
+        self._peer_efd = efd1 if side == 0 else efd0
+        self._watch_fd = watch_fd
+        self._poll = select.poll()
+        self._poll.register(self._my_efd, select.POLLIN)
+        self._poll.register(watch_fd, watch_events)
+
+    @classmethod
+    def create(
+        cls, watch_fd: int, watch_events: int, capacity: int = DEFAULT_CAPACITY, spin_us: float = DEFAULT_SPIN_US
+    ) -> tuple[ShmChannel, list[int]]:
+        """Side 0 of a new channel, and the fds to hand to the peer (which it then owns)."""
+        mem_fd = os.memfd_create("flexos-channel", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(mem_fd, _HEADER + 2 * capacity)
+        # Sealed so that the peer cannot shrink it under us (a SIGBUS on our next access).
+        fcntl.fcntl(mem_fd, fcntl.F_ADD_SEALS, _SEALS)
+        flags = os.EFD_NONBLOCK | os.EFD_CLOEXEC
+        efd0, efd1 = os.eventfd(0, flags), os.eventfd(0, flags)
+        peer_fds = [os.dup(mem_fd), os.dup(efd0), os.dup(efd1)]
+        return cls((mem_fd, efd0, efd1), 0, watch_fd, watch_events, capacity, spin_us), peer_fds
+
+    def _wake_peer(self) -> None:
+        os.eventfd_write(self._peer_efd, 1)
 
     def _block(self, offset: int, value: int, timeout: float | None = None) -> None:
         mm = self._mm
@@ -294,7 +311,7 @@ class ShmChannel:
             pass
 
 
-class ShmTransport:
+class ShmTransport(ServedTransport):
     """Shared-memory channels to one peer process, set up over a control socket.
 
     Either side may open a channel: it creates and seals the memory and two eventfds, and passes
@@ -312,18 +329,16 @@ class ShmTransport:
         spin_us: float = DEFAULT_SPIN_US,
         abort: Callable[[], None] | None = None,
     ) -> None:
+        super().__init__(death, spin_us, abort)
         self._sock = sock
         self._watch = (watch_fd, watch_events)
-        self._death = death
-        self._abort = abort
-        self._spin_us = spin_us
         self._send_lock = threading.Lock()
 
     def open_channel(self) -> ShmChannel:
         channel, fds = ShmChannel.create(*self._watch, spin_us=self._spin_us)
         try:
             with self._send_lock:
-                socket.send_fds(self._sock, [_OPEN], fds)
+                socket.send_fds(self._sock, [OPEN_CHANNEL], fds)
         except OSError:
             channel.close()
             raise PeerGone() from None
@@ -333,28 +348,23 @@ class ShmTransport:
         return channel
 
     def send_control(self, message: bytes, fds: list[int] = ()) -> None:
-        """Send a control message (with file descriptors) to the peer's accept loop."""
         with self._send_lock:
             socket.send_fds(self._sock, [message], list(fds))
 
-    def accept_loop(self, link: Any, on_control: Callable[[bytes, list[int]], None] | None = None) -> None:
-        """Serve channels the peer opens until it goes away; then mark the link closed.
-
-        Other control messages go to ``on_control``, which owns the fds it is given.
-        """
+    def accept_loop(self, link: Any, on_control: ControlHandler | None = None) -> None:
         try:
             while True:
                 try:
-                    message, fds, _flags, _addr = socket.recv_fds(self._sock, _CONTROL_MAX, 3)
+                    message, fds, _flags, _addr = socket.recv_fds(self._sock, CONTROL_MAX, 3)
                 except OSError:
                     break
                 if not message:
                     break
-                if message != _OPEN and on_control is not None:
+                if message != OPEN_CHANNEL and on_control is not None:
                     on_control(message, fds)
                     continue
                 try:
-                    if message != _OPEN or len(fds) != 3:
+                    if message != OPEN_CHANNEL or len(fds) != 3:
                         raise ProtocolError("unexpected control message")
                     channel = ShmChannel(tuple(fds), 1, *self._watch, spin_us=self._spin_us)
                 except (ProtocolError, OSError, ValueError):
@@ -368,27 +378,8 @@ class ShmTransport:
         finally:
             link.closed = True
 
-    def run(self, link: Any, on_control: Callable[[bytes, list[int]], None] | None = None, name: str = "") -> None:
-        """Carry ``link``'s channels, accepting the peer's in a background thread."""
-        link.attach(self)
-        threading.Thread(
-            target=self.accept_loop, args=(link, on_control), daemon=True, name=name or "flexos-accept"
-        ).start()
-
-    def death(self) -> BaseException:
-        return self._death()
-
-    def abort(self) -> None:
-        """The peer hangs: end it if we can (we started it), else drop the connection."""
-        if self._abort is not None:
-            self._abort()
-        else:
-            self.close()
-
     def abandon(self) -> None:
-        """Close only this process's descriptor, without shutting the connection down (after a
-        fork it is the parent's)."""
-        self._sock.close()
+        self._sock.close()  # only this process's descriptor: no shutdown()
 
     def close(self) -> None:
         try:

@@ -1,13 +1,13 @@
 """What runs inside a vm compartment's guest: the agent (the guest's PID 1) and the compartment it forks.
 
 The guest's /init (flexos/vm/image.py) execs ``python -m flexos.vm.guest``. The agent maps the
-ivshmem window, imports once what every compartment needs, tells the host it is up, then serves the
-host's commands on the agent mailbox:
+ivshmem window (having imported, once, what every compartment needs), tells the host it is up,
+then serves the host's commands on the agent mailbox (the messages: :mod:`flexos.wire.control`):
 
-- ``["start", epoch, boot]``: fork a compartment, which boots the image as ``python -m
-  flexos.runtime.child`` does and answers ``["ready"]`` (or ``["error", traceback]``) on the
-  compartment mailbox; the agent answers ``["started", pid]``. A restart costs a fork, not a boot.
-- ``["kill"]``: SIGKILL the compartment, answer ``["killed", returncode]`` once it is reaped.
+- start (an epoch and a boot record): fork a compartment, which boots as ``python -m
+  flexos.runtime.child`` does and answers ready (or the error) on the compartment mailbox; the
+  agent answers started (the pid). A restart costs a fork, not a boot.
+- kill: SIGKILL the compartment, answer killed (its exit status) once it is reaped.
 
 Whenever the compartment exits, for any reason, the agent writes its status word in the window;
 the host's waiters read it, so a crash in the guest becomes CompartmentCrashed like a crashed
@@ -24,12 +24,11 @@ import time
 import traceback
 from pathlib import Path
 
-from flexos.errors import CompartmentCrashed, CompartmentStartError
-from flexos.gates.link import Link
-from flexos.image import Image
-from flexos.runtime import Compartment
+from flexos.errors import CompartmentCrashed, ProtocolError
+from flexos.runtime.child import link_back
 from flexos.transports.ivshmem import (
     AGENT_SLOT,
+    COMPARTMENT_SLOT,
     EXITED,
     RUNNING,
     Liveness,
@@ -38,6 +37,8 @@ from flexos.transports.ivshmem import (
     check_window,
     write_status,
 )
+from flexos.wire import control
+from flexos.wire.control import BootRecord
 
 _IVSHMEM = ("0x1af4", "0x1110")  # PCI vendor and device of ivshmem
 _KILL_WAIT_S = 10
@@ -59,53 +60,31 @@ def map_window() -> mmap.mmap:
     raise FileNotFoundError("no ivshmem device in this guest")
 
 
-def run_compartment(window: mmap.mmap, boot: dict) -> None:
-    """The forked compartment: boot the image's compartment ``boot['name']`` and serve the host."""
-    from flexos.runtime.child import link_back
-
-    image = Image.from_dict(boot["image"])
-    transport = WindowTransport(
-        window,
-        host=False,
-        liveness=Liveness(),
-        death=lambda: CompartmentCrashed(image.default, None, "the app went away"),
-        spin_us=boot["spin_us"],
-    )
+def run_compartment(window: mmap.mmap, boot: bytes) -> None:
+    """The forked compartment: boot the compartment its boot record names and serve the host."""
+    transport = None
     try:
-        sys.path[:] = boot["sys_path"]
-        sys.argv[:] = boot["argv"]
-        if os.path.isdir(boot["cwd"]):
-            os.chdir(boot["cwd"])
-        runtime, parent = link_back(image, boot["name"], transport)
-        for name, spec in image.compartments.items():
-            if name != boot["name"] and not spec.default and spec.driver != "fcalls":
-                runtime.compartments[name] = Compartment(name, link=_unreachable(name))
-    except Exception:
-        transport.mailbox.send(["error", traceback.format_exc()])
-        os._exit(1)
-    transport.mailbox.send(["ready"])
-    transport.accept_loop(parent, lambda message, fds: runtime.control(image.default, message, fds))
-    os._exit(0)
-
-
-class _Unreachable:
-    """The transport of a compartment a guest cannot be wired to: sockets do not cross into a VM."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-
-    def death(self) -> BaseException:
-        return CompartmentStartError(
-            f"compartment {self._name!r} cannot be reached from inside a virtual machine; place the modules "
-            "both compartments use in the default compartment (or in this one)"
+        record = BootRecord.from_wire(boot)
+        default = record.image.default
+        transport = WindowTransport(
+            window,
+            host=False,
+            liveness=Liveness(),
+            death=lambda: CompartmentCrashed(default, None, "the app went away"),
+            spin_us=record.spin_us,
         )
-
-
-def _unreachable(name: str) -> Link:
-    link = Link(name)
-    link.attach(_Unreachable(name))
-    link.closed = True
-    return link
+        sys.path[:] = record.sys_path
+        sys.argv[:] = record.argv
+        if record.cwd is not None and os.path.isdir(record.cwd):
+            os.chdir(record.cwd)
+        _runtime, parent = link_back(record, transport)
+    except Exception:
+        mailbox = transport.mailbox if transport is not None else Mailbox(window, COMPARTMENT_SLOT, 1, Liveness())
+        mailbox.send(control.boot_failed(traceback.format_exc()))
+        os._exit(1)
+    transport.mailbox.send(control.ready())
+    transport.accept_loop(parent)
+    os._exit(0)
 
 
 class Agent:
@@ -131,7 +110,7 @@ class Agent:
             if pid == self.pid:
                 write_status(self.window, self.epoch, self.exited[pid], pid, EXITED)
 
-    def start(self, epoch: int, boot: dict) -> None:
+    def start(self, epoch: int, boot: bytes) -> None:
         self.epoch = epoch
         pid = os.fork()
         if pid == 0:
@@ -144,7 +123,7 @@ class Agent:
         write_status(self.window, epoch, 0, pid, RUNNING)
         if pid in self.exited:  # it died before we knew its pid
             write_status(self.window, epoch, self.exited[pid], pid, EXITED)
-        self.mailbox.send(["started", pid])
+        self.mailbox.send(control.started(pid))
 
     def kill(self) -> None:
         pid = self.pid
@@ -156,25 +135,25 @@ class Agent:
             deadline = time.monotonic() + _KILL_WAIT_S
             while pid not in self.exited and time.monotonic() < deadline:
                 time.sleep(0.001)
-        self.mailbox.send(["killed", self.exited.get(pid)])
+        self.mailbox.send(control.killed(self.exited.get(pid)))
 
     def serve(self) -> None:
         signal.signal(signal.SIGCHLD, self.reap)
-        self.mailbox.send(["agent", {"python": sys.version.split()[0], "kernel": os.uname().release}])
+        self.mailbox.send(control.agent_hello(sys.version.split()[0], os.uname().release))
         while True:
-            message = self.mailbox.recv()
-            if message[0] == "start" and len(message) == 3:
-                self.start(message[1], message[2])
-            elif message[0] == "kill":
+            try:
+                command = control.read_agent_command(self.mailbox.recv())
+            except ProtocolError:
+                continue
+            if command.verb == control.START:
+                self.start(command.epoch, command.boot)
+            elif command.verb == control.KILL:
                 self.kill()
 
 
 def main() -> None:
     window = map_window()
     check_window(window)
-    # What every compartment imports, once, so that a forked compartment starts warm.
-    import flexos.runtime.child  # noqa: F401
-
     Agent(window).serve()
 
 

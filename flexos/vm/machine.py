@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flexos import probe
-from flexos.errors import CompartmentStartError
+from flexos.errors import CompartmentStartError, ProtocolError
 from flexos.transports import CallTimeout, PeerGone
 from flexos.transports.ivshmem import (
     AGENT_SLOT,
@@ -43,6 +43,7 @@ from flexos.transports.ivshmem import (
     reset_slots,
 )
 from flexos.vm import image as guest_image
+from flexos.wire import control
 
 if TYPE_CHECKING:
     from flexos.drivers.vm import VmOptions
@@ -232,10 +233,11 @@ class Machine:
         self.boot_seconds = time.monotonic() - started
         shutil.rmtree(self._rundir, ignore_errors=True)  # QEMU loaded the initrd before the guest ran
         self._rundir = None
-        if hello[0] != "agent" or len(hello) != 2 or type(hello[1]) is not dict:
+        try:
+            python = control.read_agent_hello(hello).get("python")
+        except ProtocolError as exc:
             self.shutdown()
-            raise CompartmentStartError(f"compartment {name!r}: its guest greeted with {hello!r}")
-        python = hello[1].get("python")
+            raise CompartmentStartError(f"compartment {name!r}: {exc}") from None
         _progress(name, f"ready ({self.accelerator}, Python {python})", self.boot_seconds, True)
 
     def _argv(self, options: VmOptions, kernel: Path, initrd: Path, memfd: int, mounts: list) -> list[str]:
@@ -278,27 +280,27 @@ class Machine:
         tail = (telling or console)[-lines:]
         return ("; its console ended with:\n  " + "\n  ".join(tail)) if tail else ""
 
-    def start_compartment(self, boot: dict, timeout: float) -> tuple[int, int]:
+    def start_compartment(self, boot: control.BootRecord, timeout: float) -> tuple[int, int]:
         """Ask the agent to fork compartment ``boot``; (epoch, guest pid). Its mailbox is slot 1, zeroed here."""
         with self._lock:
             self.epoch += 1
             reset_slots(self.window, range(1, SLOTS))
-            self._agent.send(["start", self.epoch, boot], timeout=timeout)
-            answer = self._agent.recv(timeout=timeout)
-            if answer[0] != "started" or len(answer) != 2 or type(answer[1]) is not int:
-                raise CompartmentStartError(f"the guest agent answered {answer!r} to start")
-            self.guest_pid = answer[1]
-            return self.epoch, answer[1]
+            self._agent.send(control.start(self.epoch, boot), timeout=timeout)
+            try:
+                self.guest_pid = control.read_started(self._agent.recv(timeout=timeout))
+            except ProtocolError as exc:
+                raise CompartmentStartError(str(exc)) from None
+            return self.epoch, self.guest_pid
 
     def kill_compartment(self) -> bool:
         """SIGKILL the compartment in the guest; False if the agent does not confirm in time."""
         with self._lock:
             try:
-                self._agent.send(["kill"], timeout=_KILL_TIMEOUT_S)
-                answer = self._agent.recv(timeout=_KILL_TIMEOUT_S)
-            except (PeerGone, CallTimeout, OSError, ValueError):
+                self._agent.send(control.kill(), timeout=_KILL_TIMEOUT_S)
+                control.read_killed(self._agent.recv(timeout=_KILL_TIMEOUT_S))
+            except (PeerGone, CallTimeout, ProtocolError, OSError, ValueError):
                 return False
-            return answer[0] == "killed"
+            return True
 
     def returncode(self) -> int | None:
         if self.process is None:
@@ -353,9 +355,10 @@ class _Pool:
         self._lock = threading.Lock()
 
     def take(self, key: tuple, preferred: Machine | None = None) -> Machine | None:
-        """An idle guest for ``key``: ``preferred`` (the one a restarting compartment just left) if idle."""
+        """An idle guest for ``key``: ``preferred`` (the one a restarting compartment just left) if idle,
+        else the one given back last (a stopped runtime's guest goes to the next runtime)."""
         with self._lock:
-            candidates = sorted(self._idle, key=lambda machine: machine is not preferred)
+            candidates = sorted(reversed(self._idle), key=lambda machine: machine is not preferred)
             for machine in candidates:
                 if machine.key == key:
                     self._idle.remove(machine)

@@ -65,7 +65,7 @@ def describe_class(cls: type, reaches: Callable[[str, str, type], bool]) -> Clas
             dunders.append(op.wire)
     methods = []
     for name in dir(cls):
-        if name.startswith("__"):
+        if name.startswith(("__", "_flexos")):  # a peer refuses these (flexos's own machinery)
             continue
         try:
             attr = inspect.getattr_static(cls, name)
