@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from driver_variants import DRIVER_VARIANTS, GATED_DRIVERS
 
 import flexos
 from flexos import CompartmentSpec, Image
@@ -25,33 +26,6 @@ if str(FIXTURES) not in sys.path:
     sys.path.insert(0, str(FIXTURES))
 
 FIXTURE_MODULES = ("complib", "hostile", "appside", "interplib", "interpflag")
-
-# Driver variants a test can be parametrized over: (driver, options).
-DRIVER_VARIANTS: dict[str, tuple[str, dict]] = {
-    "fcalls": ("fcalls", {}),
-    "fcalls-strict": ("fcalls", {"strict": True}),
-    "process": ("process", {}),
-    "subinterp": ("subinterp", {}),
-    "vm": ("vm", {}),
-}
-
-
-def _needs(driver: str) -> list[pytest.MarkDecorator]:
-    """Skip (printing why) where this machine cannot run ``driver``."""
-    from flexos.drivers import unavailable
-
-    reason = unavailable(driver)
-    return [pytest.mark.skip(reason=f"driver {driver!r} unavailable here: {reason}")] if reason else []
-
-
-GATED_DRIVERS = [
-    "fcalls-strict",
-    "process",
-    pytest.param("subinterp", marks=_needs("subinterp")),
-    # A booted guest is reused from test to test (the vm driver's pool); each test restarts only the
-    # compartment's Python inside it.
-    pytest.param("vm", marks=[*_needs("vm"), pytest.mark.slow]),
-]
 
 
 def make_image(variant: str, libraries: dict[str, str] | None = None, restart: str = "on-failure") -> Image:

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import DRIVER_VARIANTS, GATED_DRIVERS, _needs
+from driver_variants import DRIVER_VARIANTS, GATED_DRIVERS, needs
 
 import flexos
 from flexos import CompartmentSpec, Image
@@ -36,7 +36,7 @@ PAIRS = [
 # Compartments whose death a test can cause and the app survives, and how.
 ENDINGS = [
     pytest.param("process", id="process-killed"),
-    pytest.param("subinterp", id="subinterp-stopped", marks=_needs("subinterp")),
+    pytest.param("subinterp", id="subinterp-stopped", marks=needs("subinterp")),
     pytest.param("vm", id="vm-killed", marks=GATED["vm"]),
 ]
 
@@ -151,8 +151,8 @@ def test_a_module_of_a_plain_fcalls_compartment_is_handed_over_itself(boot_pair)
         ("subinterp", "process", Route.VIA_APP),
         ("process", "fcalls-strict", Route.VIA_APP),
         ("process", "fcalls", Route.IN_APP),
-        pytest.param("vm", "process", Route.VIA_APP, marks=_needs("vm")),
-        pytest.param("process", "vm", Route.VIA_APP, marks=_needs("vm")),
+        pytest.param("vm", "process", Route.VIA_APP, marks=needs("vm")),
+        pytest.param("process", "vm", Route.VIA_APP, marks=needs("vm")),
     ],
 )
 def test_the_app_routes_each_pair_by_its_drivers_capabilities(a: str, b: str, route: str) -> None:
