@@ -25,6 +25,7 @@ from flexos.config.schema import (
     validation_problems,
 )
 from flexos.config.source import Source, plain, read_source
+from flexos.drivers import driver_class
 from flexos.errors import ConfigError
 from flexos.image import DEFAULT_CONFIG, CompartmentSpec, Image
 
@@ -97,7 +98,7 @@ def _compartments(src: Source, entries: list, problems: list[str]) -> dict[str, 
         if problem:
             problems.append(problem)
             continue
-        driver = rules.driver_named(entry.mechanism["driver"])
+        driver = driver_class(entry.mechanism["driver"])  # known: unknown_driver passed
         model = mechanism_model(driver)
         try:
             options = model.model_validate(dict(entry.mechanism)).model_dump(exclude={"driver"})

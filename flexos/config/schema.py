@@ -159,10 +159,11 @@ class ConfigFile(StrictModel):
 @functools.cache
 def mechanism_model(driver: type[Driver]) -> type[StrictModel]:
     """The model of ``mechanism: {driver: NAME, ...}`` for ``driver``: its ``Options``, validated."""
+    named: Any = Literal[driver.name]  # a literal made at run time, one per driver
     return create_model(
         f"{driver.__name__}Mechanism",
         __base__=StrictModel,
-        driver=(Literal[driver.name], ...),
+        driver=(named, ...),
         **_option_fields(driver.Options),
     )
 
@@ -180,7 +181,7 @@ def _option_fields(options: type) -> dict[str, Any]:
     for spec in dataclasses.fields(options):
         annotation, factory = types[spec.name], spec.default_factory
         limits = dict(spec.metadata)
-        if dataclasses.is_dataclass(annotation):
+        if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
             annotation = factory = _options_model(annotation)
         if "size" in limits:
             annotation = Annotated[int | str, AfterValidator(_size_at_least(*limits.pop("size")))]

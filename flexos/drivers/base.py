@@ -8,7 +8,7 @@ import os
 import sys
 import typing
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from flexos.drivers import driver_class
@@ -195,6 +195,6 @@ class Driver(ABC):
         """What the compartment is told when it starts; ``mechanism``: the driver's own fields."""
         return BootRecord(self.spec.name, self.image, list(sys.path), list(sys.argv), self.host.routes(), **mechanism)
 
-    def send_control(self, message: bytes, fds: list[int] = ()) -> None:
+    def send_control(self, message: bytes, fds: Sequence[int] = ()) -> None:
         """Hand the compartment a control message (used to connect it to a sibling)."""
         raise DriverUnavailable(f"driver {self.spec.driver!r} cannot be connected to other compartments")

@@ -13,6 +13,7 @@ import select
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from flexos import hardening
@@ -89,7 +90,7 @@ class ProcessDriver(Driver):
         self._transport.run(link, lambda message, fds: self.host.control(name, message, fds), f"flexos-{name}")
         return link
 
-    def send_control(self, message: bytes, fds: list[int] = ()) -> None:
+    def send_control(self, message: bytes, fds: Sequence[int] = ()) -> None:
         if self._transport is None:
             raise CompartmentCrashed(self.spec.name, None, "it is not running")
         self._transport.send_control(message, fds)
@@ -103,7 +104,7 @@ class ProcessDriver(Driver):
 
     def forget(self) -> bool:
         if self._transport is not None:
-            self._transport.abandon()
+            self._transport.forget()
             self._transport = None
         if self._pidfd is not None:
             os.close(self._pidfd)

@@ -68,23 +68,25 @@ class SiblingBroker:
 
     def _connect(self, requester: str, target: str) -> None:
         asking = self._compartments.get(requester)
-        if asking is None:
+        if asking is None or asking.driver is None:
             return
+        asker = asking.driver
         try:
             wanted = self._compartments.get(target)
-            if wanted is None or target == requester or route(asking.driver, wanted.driver) != Route.DIRECT:
+            served = wanted.driver if wanted is not None else None
+            if wanted is None or served is None or target == requester or route(asker, served) != Route.DIRECT:
                 raise ImportError(f"compartment {target!r} cannot be connected to {requester!r}")
             wanted.link()
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
-                wanted.driver.send_control(control.peer(requester), [theirs.fileno()])
-                asking.driver.send_control(control.peer(target), [ours.fileno()])
+                served.send_control(control.peer(requester), [theirs.fileno()])
+                asker.send_control(control.peer(target), [ours.fileno()])
             finally:
                 ours.close()
                 theirs.close()
         except Exception as exc:
             try:
-                asking.driver.send_control(control.refused(target, str(exc)))
+                asker.send_control(control.refused(target, str(exc)))
             except Exception:
                 pass
 
@@ -165,7 +167,7 @@ class SiblingDriver(Driver):
 
     def forget(self) -> bool:
         if self._transport is not None:
-            self._transport.abandon()
+            self._transport.forget()
             self._transport = None
         return True
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import select
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -116,7 +117,7 @@ class VmDriver(Driver):
         try:
             epoch, _pid = machine.start_compartment(boot, options.start_timeout)
         except (PeerGone, CallTimeout) as exc:
-            machine.shutdown()
+            machine.stop()
             self._machine = None
             raise CompartmentStartError(f"compartment {name!r}: its guest agent did not start it ({exc!r})") from None
         transport = WindowTransport(
@@ -155,9 +156,9 @@ class VmDriver(Driver):
     def _abort(self, machine: Machine) -> None:
         """A call timed out: end the compartment in the guest, or the whole guest if its agent hangs too."""
         if not machine.kill_compartment():
-            machine.process.kill()
+            machine.kill()
 
-    def send_control(self, message: bytes, fds: list[int] = ()) -> None:
+    def send_control(self, message: bytes, fds: Sequence[int] = ()) -> None:
         if fds:
             raise DriverUnavailable(
                 f"compartment {self.spec.name!r} runs in a virtual machine, which cannot be connected directly to "
@@ -169,7 +170,7 @@ class VmDriver(Driver):
 
     def forget(self) -> bool:
         if self._transport is not None:
-            self._transport.abandon()
+            self._transport.forget()
             self._transport = None
         if self._machine is not None:
             self._machine.forget()
@@ -188,4 +189,4 @@ class VmDriver(Driver):
         if machine.alive and machine.kill_compartment():
             _pool.give(machine)
         else:
-            machine.shutdown()
+            machine.stop()

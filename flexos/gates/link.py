@@ -18,7 +18,7 @@ from flexos.errors import CompartmentCrashed, FlexosError, ProtocolError
 from flexos.gates.handles import ExportTable, ImportTable
 from flexos.gates.policy import always_replicated, checked_attribute
 from flexos.gates.proxies import Mirrors, RemoteObject, mirror_class, new_proxy, reachable_by_name
-from flexos.transports import CallTimeout, Channel, ChannelClosed, PeerGone, Transport
+from flexos.transports import CallTimeout, Channel, ChannelClosed, DeadTransport, PeerGone, ServedChannel, Transport
 from flexos.wire.classes import checked_description, describe_class
 from flexos.wire.codec import Codec
 from flexos.wire.frames import (
@@ -61,26 +61,6 @@ def _local_class(module: str, qualname: str) -> type | None:
     return None
 
 
-class _DeadTransport:
-    """The transport of a link that reaches no peer: not attached yet, or inherited through
-    fork() (the parent's transport belongs to the parent)."""
-
-    def __init__(self, reason: str) -> None:
-        self._reason = reason
-
-    def open_channel(self) -> Channel:
-        raise self.death()
-
-    def death(self) -> BaseException:
-        return FlexosError(self._reason)
-
-    def abort(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 class Link:
     """Gates between this process and one peer compartment."""
 
@@ -107,7 +87,7 @@ class Link:
         self._classes: dict[int, type] = {}
         self._class_handles: dict[type, int] = {}
         self._class_lock = threading.RLock()
-        self._transport: Transport = _DeadTransport(f"link to compartment {peer!r} is closed")
+        self._transport: Transport = DeadTransport(lambda: FlexosError(f"link to compartment {peer!r} is closed"))
         self._free: list[Channel] = []
         self._local = threading.local()
         self._inline: Channel | None = None
@@ -121,7 +101,7 @@ class Link:
     # -- calling the peer ---------------------------------------------------------------------
     def call(self, op: int, target: int | str, name: str | None = None, args: Any = (), kwargs: Any = None) -> Any:
         if self.closed:
-            raise self._closed_error()
+            raise self.closed_error()
         imports = self.imports
         frame = encode_call(
             self.codec, op, target, name, args, kwargs, imports.take_releases() if imports.dying else _NO_RELEASES
@@ -148,11 +128,11 @@ class Link:
             healthy = True
         except PeerGone:
             self.closed = True
-            raise self._closed_error() from None
+            raise self.closed_error() from None
         except CallTimeout:
             self.closed = True
             self._transport.abort()
-            ended = self._closed_error()
+            ended = self.closed_error()
             raise CompartmentCrashed(
                 self.peer,
                 getattr(ended, "returncode", None),
@@ -182,20 +162,22 @@ class Link:
             raise exc
         raise ProtocolError("compartment answered a call with a call frame")
 
-    def _closed_error(self) -> BaseException:
+    def closed_error(self) -> BaseException:
+        """What a call on this closed link raises: the transport says why the peer is gone."""
         return self._transport.death()
 
     def forget(self) -> None:
         """After a fork: this process must never use the parent's channels, nor close them."""
         self.closed = True
         self._free.clear()
-        self._transport = _DeadTransport(
+        reason = (
             f"this object lives in compartment {self.peer!r} of the process this one was forked from; "
             "a forked process reaches its own instance of that compartment through the module again"
         )
+        self._transport = DeadTransport(lambda: FlexosError(reason))
 
     # -- serving the peer ---------------------------------------------------------------------
-    def serve(self, channel: Channel) -> None:
+    def serve(self, channel: ServedChannel) -> None:
         """Serve calls arriving on ``channel`` until the peer closes it (a worker thread's loop)."""
         self._local.channel = channel
         deferred: Releases = []

@@ -99,8 +99,9 @@ class Runtime:
 
     def routes_from(self, name: str) -> dict[str, str]:
         """In the app: how compartment ``name`` reaches each other compartment (its boot record's table)."""
-        source = self.compartments[name].driver
-        return {other: route(source, each.driver) for other, each in self.compartments.items() if other != name}
+        drivers = {other: each.driver for other, each in self.compartments.items() if each.driver is not None}
+        source = drivers[name]
+        return {other: route(source, driver) for other, driver in drivers.items() if other != name}
 
     def start(self) -> Runtime:
         if self.started:
@@ -144,12 +145,16 @@ class Runtime:
         owner = self.image.compartment_of(name)
         if owner == self.local:
             return importlib.import_module(name)
-        target = self.compartments.get(owner) if self.local == self.image.default and owner != requester else None
+        target = None
+        if owner is not None and owner != requester and self.local == self.image.default:
+            target = self.compartments.get(owner)
         if target is None:
             raise ImportError(f"module {name!r} is not placed in compartment {self.local!r}", name=name)
         if target.direct:
             return importlib.import_module(name)
         spec = self.finder.find_spec(name)  # a fresh gate: sys.modules may hold the module itself
+        if spec is None or spec.loader is None:
+            raise ImportError(f"module {name!r} is not placed in compartment {owner!r}", name=name)
         gate = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(gate)
         return gate

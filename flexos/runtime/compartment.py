@@ -53,12 +53,15 @@ class Compartment:
             link = self._link
             if link is not None and not link.closed:
                 return link
-            if self.driver is None or (link is not None and self.spec.restart == "never"):
-                raise link._closed_error()
+            driver = self.driver
+            if link is not None and (driver is None or self.spec is None or self.spec.restart == "never"):
+                raise link.closed_error()
+            if driver is None:  # a handle without a driver is always made with its link
+                raise RuntimeError(f"compartment {self.name!r} has neither a link nor a driver")
             if link is not None:
-                self.driver.stop()
+                driver.stop()
             self._modules.clear()
-            link = self.driver.start(self._mirrors)
+            link = driver.start(self._mirrors)
             link.rebind = self._rebind
             self._link = link
             return link

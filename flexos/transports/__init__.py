@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Protocol
 
 from flexos.errors import FlexosError
@@ -83,7 +83,7 @@ class ServedTransport(ABC):
     def open_channel(self) -> ServedChannel: ...
 
     @abstractmethod
-    def send_control(self, message: bytes, fds: list[int] = ()) -> None:
+    def send_control(self, message: bytes, fds: Sequence[int] = ()) -> None:
         """Send a control message (with file descriptors, where they can cross) to the peer."""
 
     @abstractmethod
@@ -111,7 +111,7 @@ class ServedTransport(ABC):
             self.close()
 
     @abstractmethod
-    def abandon(self) -> None:
+    def forget(self) -> None:
         """After a fork: the connection is the parent's; let go of it without shutting it down."""
 
     @abstractmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import struct
 from collections.abc import Callable
+from typing import ClassVar
 
 from flexos import _subinterp
 from flexos.errors import ProtocolError
@@ -33,7 +34,7 @@ class InterpreterChannel:
 class InterpreterTransport:
     """One stateless, re-entrant channel into the interpreter that registered ``endpoint``."""
 
-    inline = True  # the peer runs on the caller's thread
+    inline: ClassVar[bool] = True  # the peer runs on the caller's thread
 
     #: Buffers at least this large are lent, not copied (below it a copy is cheaper than a loan).
     LEND_THRESHOLD = 1 << 16

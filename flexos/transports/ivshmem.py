@@ -25,7 +25,7 @@ import mmap
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from flexos.errors import FlexosError, ProtocolError
@@ -271,7 +271,7 @@ class WindowTransport(ServedTransport):
             raise
         return channel
 
-    def send_control(self, message: bytes, fds: list[int] = ()) -> None:
+    def send_control(self, message: bytes, fds: Sequence[int] = ()) -> None:
         if fds:
             raise FlexosError("file descriptors cannot be passed into a virtual machine")
         self._mailbox.send(control.window_control(message))
@@ -287,17 +287,17 @@ class WindowTransport(ServedTransport):
                     verb, value = control.read_window_message(message)
                 except ProtocolError:
                     continue  # nothing to act on
-                if verb == control.OPEN and value in self._theirs:
+                if isinstance(value, int) and verb == control.OPEN and value in self._theirs:
                     channel = WindowChannel(self._mm, value, 1, self._liveness, self._spin_us)
                     with self._lock:
                         self._accepted = [*(c for c in self._accepted if not c.closed), channel]
                     threading.Thread(target=link.serve, args=(channel,), daemon=True, name="flexos-serve").start()
-                elif verb == control.CONTROL and on_control is not None:
+                elif isinstance(value, bytes) and on_control is not None:
                     on_control(value, [])
         finally:
             link.closed = True
 
-    def abandon(self) -> None:
+    def forget(self) -> None:
         self._mailbox.closed = True  # the window is the parent's: stop without touching it
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ callee calling back) are plain recursion, so ``exchange`` always returns the fin
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 from flexos.errors import FlexosError
 
@@ -26,7 +27,7 @@ class LoopbackChannel:
 class LoopbackTransport:
     """Hands out one stateless, re-entrant channel that dispatches into ``peer``."""
 
-    inline = True  # the peer runs on the caller's stack
+    inline: ClassVar[bool] = True  # the peer runs on the caller's stack
 
     def __init__(self, dispatch: Callable[[bytes], bytes]) -> None:
         self._channel = LoopbackChannel(dispatch)

@@ -36,7 +36,7 @@ import struct
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from flexos.errors import ProtocolError
@@ -153,7 +153,7 @@ class RingChannel(ABC):
         """The peer's next frame. ``resume``: its first fragment has already been seen arriving."""
         mm = self._mm
         hdr = self._in_hdr
-        parts = []
+        parts: list[bytes] = []
         while True:
             expected = self._in_seq + 1
             if resume:
@@ -347,7 +347,7 @@ class ShmTransport(ServedTransport):
                 os.close(fd)
         return channel
 
-    def send_control(self, message: bytes, fds: list[int] = ()) -> None:
+    def send_control(self, message: bytes, fds: Sequence[int] = ()) -> None:
         with self._send_lock:
             socket.send_fds(self._sock, [message], list(fds))
 
@@ -366,7 +366,7 @@ class ShmTransport(ServedTransport):
                 try:
                     if message != OPEN_CHANNEL or len(fds) != 3:
                         raise ProtocolError("unexpected control message")
-                    channel = ShmChannel(tuple(fds), 1, *self._watch, spin_us=self._spin_us)
+                    channel = ShmChannel((fds[0], fds[1], fds[2]), 1, *self._watch, spin_us=self._spin_us)
                 except (ProtocolError, OSError, ValueError):
                     for fd in fds:
                         try:
@@ -378,7 +378,7 @@ class ShmTransport(ServedTransport):
         finally:
             link.closed = True
 
-    def abandon(self) -> None:
+    def forget(self) -> None:
         self._sock.close()  # only this process's descriptor: no shutdown()
 
     def close(self) -> None:

@@ -24,8 +24,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from flexos import probe
 from flexos.errors import CompartmentStartError, ProtocolError
@@ -79,7 +80,9 @@ def choose_accelerator(requested: str) -> tuple[str | None, str]:
     return "tcg", f"software emulation (TCG), because {problem}"
 
 
-def guest_paths(read: list[str] = (), write: list[str] = ()) -> tuple[list[tuple[str, bool]], list[tuple[str, str]]]:
+def guest_paths(
+    read: Sequence[str] = (), write: Sequence[str] = ()
+) -> tuple[list[tuple[str, bool]], list[tuple[str, str]]]:
     """The host directories a guest mounts, as (path, writable), and the symlinks it recreates.
 
     By default only what the compartment's code needs, read-only: the system's /usr (shared
@@ -103,7 +106,7 @@ def guest_paths(read: list[str] = (), write: list[str] = ()) -> tuple[list[tuple
         add(os.path.abspath(path), False)
     for path in write:
         add(os.path.abspath(path), True)
-    mounts = []
+    mounts: list[tuple[str, bool]] = []
     for path in sorted(wanted, key=lambda p: (p.count("/"), p)):
         covered = any(path.startswith(outer.rstrip("/") + "/") and wanted[outer] == wanted[path] for outer, _ in mounts)
         if not covered:
@@ -180,9 +183,12 @@ class Machine:
     def __init__(self, key: tuple, accelerator: str) -> None:
         self.key = key
         self.accelerator = accelerator
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen[bytes] | None = None
         self.pidfd = -1
-        self.window: mmap.mmap | None = None
+        # The window QEMU maps as the guest's ivshmem device (through the memfd, closed once QEMU has it).
+        self._memfd = os.memfd_create("flexos-vm-window", 0)
+        os.ftruncate(self._memfd, WINDOW_SIZE)
+        self.window = mmap.mmap(self._memfd, WINDOW_SIZE)
         self.console: collections.deque[str] = collections.deque(maxlen=_CONSOLE_LINES)
         self.boot_seconds = 0.0
         self.epoch = 0
@@ -190,7 +196,7 @@ class Machine:
         self._rundir: str | None = None
         self._lock = threading.Lock()
         self._stage = threading.Event()
-        self._agent: Mailbox | None = None
+        self._agent = Mailbox(self.window, AGENT_SLOT, 0, HostLiveness(self))
 
     @property
     def alive(self) -> bool:
@@ -200,10 +206,8 @@ class Machine:
         """Start QEMU and wait (at most ``timeout`` s) for the guest's agent, showing progress."""
         started = time.monotonic()
         built = guest_image.build()
-        memfd = os.memfd_create("flexos-vm-window", 0)
+        memfd = self._memfd
         try:
-            os.ftruncate(memfd, WINDOW_SIZE)
-            self.window = mmap.mmap(memfd, WINDOW_SIZE)
             format_window(self.window)
             self._rundir = tempfile.mkdtemp(prefix="flexos-vm-")
             initrd = Path(self._rundir) / "initrd"
@@ -214,19 +218,20 @@ class Machine:
             config.append(f"python {sys.executable} {FLEXOS_HOME.parent}")
             initrd.write_bytes(built.initramfs.read_bytes() + guest_image.boot_archive(config))
             argv = self._argv(options, built.kernel, initrd, memfd, mounts)
-            self.process = _launcher.spawn(
+            process = self.process = _launcher.spawn(
                 argv, pass_fds=(memfd,), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
             )
         finally:
-            os.close(memfd)
-        self.pidfd = os.pidfd_open(self.process.pid)
-        threading.Thread(target=self._read_console, args=(name, started), daemon=True, name="flexos-vm-console").start()
-        self._agent = Mailbox(self.window, AGENT_SLOT, 0, HostLiveness(self))
+            self._close_memfd()
+        self.pidfd = os.pidfd_open(process.pid)
+        threading.Thread(
+            target=self._read_console, args=(name, started, process.stdout), daemon=True, name="flexos-vm-console"
+        ).start()
         try:
             hello = self._agent.recv(timeout=timeout)
         except (PeerGone, CallTimeout) as exc:
             why = "did not come up within its boot_timeout" if isinstance(exc, CallTimeout) else "stopped"
-            self.shutdown()
+            self.stop()
             raise CompartmentStartError(
                 f"compartment {name!r}: its virtual machine {why} ({timeout} s){self.console_tail()}"
             ) from None
@@ -236,7 +241,7 @@ class Machine:
         try:
             python = control.read_agent_hello(hello).get("python")
         except ProtocolError as exc:
-            self.shutdown()
+            self.stop()
             raise CompartmentStartError(f"compartment {name!r}: {exc}") from None
         _progress(name, f"ready ({self.accelerator}, Python {python})", self.boot_seconds, True)
 
@@ -261,8 +266,8 @@ class Machine:
             ]
         return argv
 
-    def _read_console(self, name: str, started: float) -> None:
-        for raw in self.process.stdout:
+    def _read_console(self, name: str, started: float, console: IO[bytes]) -> None:
+        for raw in console:
             line = _ANSI.sub("", raw.decode("utf-8", "replace")).rstrip()
             if not line:
                 continue
@@ -310,14 +315,21 @@ class Machine:
         except subprocess.TimeoutExpired:
             return None
 
-    def shutdown(self) -> None:
-        """End QEMU (SIGKILL: the guest keeps nothing worth a clean shutdown) and free the window."""
-        if self._agent is not None:
-            self._agent.closed = True
+    def kill(self) -> None:
+        """SIGKILL QEMU (its guest and the compartment in it); ``stop`` then cleans up."""
         if self.process is not None:
             self.process.kill()
-            self.process.wait()
-            self.process.stdout.close()
+
+    def stop(self) -> None:
+        """End QEMU (SIGKILL: the guest keeps nothing worth a clean shutdown) and free the window."""
+        self._agent.closed = True
+        self._close_memfd()
+        process = self.process
+        if process is not None:
+            process.kill()
+            process.wait()
+            if process.stdout is not None:
+                process.stdout.close()
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
@@ -325,8 +337,14 @@ class Machine:
             shutil.rmtree(self._rundir, ignore_errors=True)
             self._rundir = None
 
+    def _close_memfd(self) -> None:
+        if self._memfd >= 0:
+            os.close(self._memfd)
+            self._memfd = -1
+
     def forget(self) -> None:
         """In a forked child: the parent's guest; let go of it without touching it."""
+        self._close_memfd()
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
@@ -364,7 +382,7 @@ class _Pool:
                     self._idle.remove(machine)
                     if machine.alive:
                         return machine
-                    machine.shutdown()
+                    machine.stop()
         return None
 
     def give(self, machine: Machine) -> None:
@@ -373,13 +391,13 @@ class _Pool:
             evicted = self._idle[: -self._size] if len(self._idle) > self._size else []
             del self._idle[: len(evicted)]
         for old in evicted:
-            old.shutdown()
+            old.stop()
 
-    def shutdown(self) -> None:
+    def stop(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
         for machine in idle:
-            machine.shutdown()
+            machine.stop()
 
     def forget(self) -> None:
         for machine in self._idle:
@@ -390,7 +408,7 @@ class _Pool:
 
 _launcher = _Launcher()
 _pool = _Pool(POOL_SIZE)
-atexit.register(_pool.shutdown)
+atexit.register(_pool.stop)
 
 
 def _after_fork_in_child() -> None:
