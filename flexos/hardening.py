@@ -162,6 +162,7 @@ _EXECUTE, _WRITE_FILE, _READ_FILE, _READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 _TRUNCATE, _IOCTL_DEV = 1 << 14, 1 << 15
 _FILE_RIGHTS = _EXECUTE | _WRITE_FILE | _READ_FILE | _TRUNCATE | _IOCTL_DEV
 _READ = _EXECUTE | _READ_FILE | _READ_DIR
+_FLEXOS = os.path.dirname(os.path.abspath(__file__))  # the flexos package, which keeps running
 # What the interpreter itself reads after the restriction: its libraries and a few devices.
 _SYSTEM_READ = (
     "/usr/lib",
@@ -218,7 +219,10 @@ def restrict_filesystem(read: Iterable[str], write: Iterable[str]) -> None:
     if error:
         raise HardeningError(f"filesystem: landlock_create_ruleset failed: {os.strerror(error)}")
     try:
-        python_paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path, os.path.dirname(os.__file__)}
+        # The interpreter, its standard library and site-packages, the app's sys.path, and flexos
+        # itself (an editable install is reached through a finder, not a sys.path entry, and a
+        # compartment imports a driver module when it first reaches a sibling).
+        python_paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path, os.path.dirname(os.__file__), _FLEXOS}
         for path in (*_SYSTEM_READ, *python_paths):  # what exists of these (sys.path may list zips)
             _allow(add_rule, ruleset, os.path.abspath(path), _READ & handled, required=False)
         for kind, paths, rights in (("read", read, _READ), ("write", write, writable)):

@@ -159,3 +159,31 @@ def test_the_app_routes_each_pair_by_its_drivers_capabilities(a: str, b: str, ro
     """The route table goes into each compartment's boot record; only the app decides it."""
     runtime = flexos.Runtime(_image(a, b))  # not started: nothing boots
     assert runtime.routes_from("a") == {"b": route}
+
+
+@pytest.mark.parametrize("hardened", ["a", "b"])
+def test_a_hardened_compartment_reaches_and_is_reached(run_app, hardened: str) -> None:
+    """Hardening binds before a compartment first meets a sibling, which loads flexos code then (the
+    sibling driver): flexos's own files stay readable under a filesystem allowlist, wherever flexos
+    is installed (here: an editable install, reached through a finder rather than a sys.path entry;
+    the app runs from a directory of its own)."""
+    from flexos import probe
+
+    if not probe.landlock().available:
+        pytest.skip(f"Landlock unavailable here: {probe.landlock().detail}")
+    result = run_app(
+        f"""
+        import os
+        from flexos import CompartmentSpec, Image
+        policy = {{"filesystem": {{"read": [os.getcwd()], "write": []}}, "env": "clean"}}
+        specs = {{"app": CompartmentSpec("app", "fcalls", default=True)}}
+        for name in "ab":
+            specs[name] = CompartmentSpec(name, "process", hardening=policy if name == {hardened!r} else {{}})
+        runtime = flexos.boot(Image(specs, {{"routea": "a", "routeb": "b"}}, source="<hardened pair>"))
+        import routea
+        print(routea.add_in_b(2, 3), routea.callback_through_b(20)[0])
+        runtime.stop()
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["5", "41"]
