@@ -12,6 +12,7 @@ through a gate there too (a strict fcalls library runs in the app's interpreter,
 
 from __future__ import annotations
 
+import builtins
 import enum
 import functools
 import importlib
@@ -164,7 +165,7 @@ def test_classes_of_namedtuples_and_enum_members_are_describe_only(capthief) -> 
     for obj, args in ((point, (3, 4)), (red, (2,))):
         answer = capthief.call_type_of(obj, *args)
         assert answer.startswith("refused: TypeError:") and "not granted" in answer, answer
-    for obj, name in ((point, "_make"), (point, "count"), (red, "GREEN")):
+    for obj, name in ((point, "_make"), (point, "x"), (red, "GREEN")):
         answer = capthief.read_type_attribute(obj, name)
         assert answer.startswith("refused: AttributeError:"), answer
     # ... while what the objects themselves offer keeps working, and so does matching by class
@@ -223,11 +224,7 @@ def test_a_class_of_an_unlisted_module_stays_the_compartments(capthief, driver) 
 def test_star_import_binds_only_public_names(runtime, marker) -> None:
     namespace: dict = {}
     exec("from capstar import *\ndef to_number(text):\n    return int(text)\n", namespace)
-    assert namespace["__builtins__"] is not None
-    assert (
-        namespace["__builtins__"] in (__builtins__, vars(__builtins__))
-        or namespace["__builtins__"] is sys.modules["builtins"]
-    )
+    assert namespace["__builtins__"] is builtins.__dict__
     assert "_hook" not in namespace
     assert namespace["parse"]("a,b") == ["a", "b"]
     assert namespace["to_number"]("12") == 12
@@ -361,11 +358,10 @@ def test_objects_of_a_reply_that_failed_to_encode_are_released(runtime, capthief
 def test_a_compartment_holding_too_many_handles_is_refused_more(runtime, capthief) -> None:
     capthief.echo(1)  # booted, and its link made
     exports = runtime.compartments["box"].link().exports
-    exports.limit = len(exports) + 40
+    exports.limit = 40
     answer = capthief.hoard(AppBox, 100)
-    assert answer.startswith("refused after ") and "TooManyHandles" in answer, answer
-    assert int(answer.split()[2].rstrip(":")) < 40
-    assert len(exports) <= exports.limit
+    assert answer.startswith("refused after 40: TooManyHandles:") and "as many as it may" in answer, answer
+    assert sum(isinstance(obj, AppBox) for obj, _ in exports.objects.values()) == 40
     with pytest.raises(flexos.GateError, match="holds"):  # nor can the app hand it more
         capthief.echo(AppBox())
     assert capthief.echo("values still cross") == "values still cross"
