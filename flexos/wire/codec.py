@@ -322,17 +322,17 @@ class _Packing:
             self.exported.append(handle)
             return msgpack.ExtType(Ext.REF, _PAIR.pack(handle, space.export_class(cls)))
         if kind == _PROXY:
-            handle = space.peer_handle(obj)
-            if handle is not None:
-                return msgpack.ExtType(Ext.BACK, _HANDLE.pack(handle))
+            back = space.peer_handle(obj)
+            if back is not None:
+                return msgpack.ExtType(Ext.BACK, _HANDLE.pack(back))
             handle = space.export(obj)
             self.exported.append(handle)
             return msgpack.ExtType(Ext.REF, _PAIR.pack(handle, space.export_class(cls)))
         if kind == _CLASS or kind == _DESCRIBED:  # granted (a class value) or described only
             target = obj if kind == _CLASS else described_class(obj)
-            handle = space.peer_handle(target)
-            if handle is not None:
-                return msgpack.ExtType(Ext.BACK, _HANDLE.pack(handle))
+            back = space.peer_handle(target)
+            if back is not None:
+                return msgpack.ExtType(Ext.BACK, _HANDLE.pack(back))
             name = builtin_name(target)
             if name is not None:
                 return msgpack.ExtType(Ext.BUILTIN, name.encode())
@@ -548,7 +548,8 @@ class Codec:
             record = self._expect(self.unpack(payload), list)
             if len(record) != 3:
                 raise ProtocolError("malformed exception record")
-            return _build_exception(*record, self._trusted_peer)
+            cls, args, attrs = record
+            return _build_exception(cls, args, attrs, self._trusted_peer)
         if code == Ext.CLASS:
             record = self._expect(self.unpack(payload), list)
             if len(record) != 3 or type(record[0]) is not int or not all(type(r) is str for r in record[1:]):
