@@ -101,9 +101,9 @@ class Policy(NamedTuple):
 
 
 def _refused(name: str) -> AttributeError:
-    if name.startswith("__") and name.endswith("__"):
-        return AttributeError(f"attribute {name!r} cannot be reached through a flexos gate")
-    return AttributeError(f"attribute {name!r} is private to the compartment that owns the object")
+    if name.startswith("_") and not (name.startswith("__") and name.endswith("__")):
+        return AttributeError(f"attribute {name!r} is private to the compartment that owns the object")
+    return AttributeError(f"attribute {name!r} cannot be reached through a flexos gate")
 
 
 def readable_by_app(obj: Any, name: Any) -> str:
@@ -162,6 +162,6 @@ COMPARTMENT_POLICY = Policy(readable_by_compartment, writable_by_compartment, pr
 
 
 def always_replicated(module: str) -> bool:
-    """Modules every compartment has its own identical copy of, whatever the image says: a class
-    of theirs that a peer sends is this side's own class, not a mirror."""
+    """Modules every compartment has its own identical copy of, whatever the image says: an
+    exception class of theirs that a peer sends is this side's own class, not a mirror."""
     return module == "builtins" or module == "flexos" or module.startswith("flexos.")
