@@ -9,7 +9,8 @@ Every error that crosses from flexos into an app is a ``flexos.FlexosError``. Th
     ├── CompartmentStartError     a compartment failed to boot
     │   └── HardeningError        a protection it asks for cannot be applied (raised in its process)
     ├── CompartmentCrashed        the compartment serving a call died; it restarts on next use
-    ├── GateError                 a value cannot cross a gate
+    ├── GateError                 a value cannot cross a gate; or flexos's own error, raised by a compartment
+    │   └── TooManyHandles        (flexos.gates.handles) a compartment holds all the objects it may
     ├── ProtocolError             a peer sent bytes that are not a valid flexos frame
     ├── PeerGone                  (flexos.transports) the peer is dead      ┐ a transport's signals to
     ├── CallTimeout               (flexos.transports) no answer in time     │ its link, which raises
@@ -55,7 +56,11 @@ class ProtocolError(FlexosError):
 
 
 class GateError(FlexosError):
-    """A value cannot cross a gate (for example a self-referencing container)."""
+    """A value cannot cross a gate (for example a self-referencing container).
+
+    Also what one of flexos's own exceptions raised in a compartment arrives as: a compartment
+    cannot make the app believe that flexos raised it (docs/gates.md, Exceptions).
+    """
 
 
 class CompartmentStartError(FlexosError):

@@ -86,6 +86,23 @@ def test_submodule_import(complib):
     assert LibError is complib.LibError
 
 
+def test_a_module_crosses_by_name(complib):
+    """A module is never sent by reference: each side gets its own module of that name, or its
+    own gate to it (here the library's json is its own copy, and complib comes back as our gate)."""
+    assert complib.echo(json) is json
+    assert complib.echo(complib) is complib
+    assert complib.type_name(json) == "module"
+    submodule = complib.objects  # an attribute that is a module: our gate to it, not a proxy
+    assert isinstance(submodule, ModuleProxy) and submodule.Point is complib.Point
+
+
+def test_a_builtin_function_crosses_by_reference(complib):
+    """len is a callable like any other: the library calls the app's, and it comes back as itself."""
+    assert complib.call(len, "abc") == 3
+    assert complib.echo(len) is len
+    assert complib.echo(int) is int  # builtin classes are the receiver's own, by name
+
+
 # -- classes ------------------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ frames and values as bytes alone, with a reference space of a few objects instea
 
 from __future__ import annotations
 
+import json
 import struct
 
 import msgpack
@@ -136,6 +137,8 @@ class _Space:
     def __init__(self) -> None:
         self.exported: list[object] = []
         self.classes: list[type] = []
+        self.granted: list[type] = []
+        self.withdrawn: list[object] = []
 
     def export(self, obj: object) -> int:
         self.exported.append(obj)
@@ -145,6 +148,16 @@ class _Space:
         if cls not in self.classes:
             self.classes.append(cls)
         return 100 + self.classes.index(cls)
+
+    def grant_class(self, cls: type) -> int:
+        self.granted.append(cls)
+        return self.export_class(cls)
+
+    def withdraw(self, exported: list[object]) -> None:
+        self.withdrawn.extend(exported)
+
+    def module(self, name: str) -> tuple[str, str]:
+        return ("module", name)
 
     def peer_handle(self, obj: object) -> int | None:
         return None
@@ -217,3 +230,63 @@ def test_an_exception_that_cannot_travel_arrives_as_a_gate_error_naming_it():
     exc = frame[ERROR_EXCEPTION]
     assert type(exc) is GateError
     assert str(exc) == "_Undescribable: x (could not be sent: no attributes today)"
+
+
+def test_modules_cross_by_name_and_builtin_functions_by_reference():
+    """A module is its name (MODULE); a builtin class is its name (BUILTIN); a builtin function is
+    an object like any other (REF), and a BUILTIN naming one is refused."""
+    space = _Space()
+    codec = Codec(space)
+    assert encode_reply(codec, json, []) == msgpack.packb([2, msgpack.ExtType(13, b"json"), []], use_bin_type=True)
+    assert decode_frame(codec, encode_reply(codec, json, []))[REPLY_VALUE] == ("module", "json")
+    assert encode_reply(codec, int, []) == msgpack.packb([2, msgpack.ExtType(10, b"int"), []], use_bin_type=True)
+    assert decode_frame(codec, encode_reply(codec, len, []))[REPLY_VALUE] == ("proxy", 1, 100)
+    assert space.exported == [len]
+    for name in (b"eval", b"len", b"open"):
+        with pytest.raises(ProtocolError, match="not a class"):
+            decode_frame(codec, msgpack.packb([2, msgpack.ExtType(10, name), []], use_bin_type=True))
+
+
+def test_a_class_sent_as_a_value_is_granted_and_the_class_of_an_object_only_described():
+    space = _Space()
+    codec = Codec(space)
+    encode_reply(codec, [_Undescribable, object()], [])
+    assert space.granted == [_Undescribable]  # the object's class (object) is exported, not granted
+    assert space.classes == [_Undescribable, object]
+
+
+def test_an_encoding_that_fails_takes_back_what_it_exported():
+    """The peer never gets the handles of a frame that could not be encoded: they are withdrawn,
+    and so is a class the frame granted."""
+    space = _Space()
+    codec = Codec(space)
+    cycle: list = []
+    cycle.append(cycle)
+    kept, granted = object(), _Undescribable
+    with pytest.raises(GateError):
+        encode_reply(codec, [kept, granted, cycle], [])
+    assert space.withdrawn == [1, granted]
+    assert encode_reply(codec, "fine", []) == msgpack.packb([2, "fine", []], use_bin_type=True)
+    assert space.withdrawn == [1, granted]  # a frame that is sent keeps what it exported
+
+
+def test_an_exception_record_that_needs_a_second_try_takes_back_the_first():
+    space = _Space()
+    codec = Codec(space)
+    cycle: list = []
+    cycle.append(cycle)
+    frame = decode_frame(codec, encode_error(codec, ValueError(object(), cycle), [], with_traceback=False))
+    exc = frame[ERROR_EXCEPTION]
+    assert type(exc) is ValueError and all(type(arg) is str for arg in exc.args)  # sent as reprs
+    assert space.withdrawn == [1, 2]  # the first try, and the try of the args alone
+
+
+def test_flexos_exceptions_from_a_peer_arrive_as_gate_errors_unless_it_is_trusted():
+    from flexos.errors import CompartmentCrashed
+
+    for trusted, expected in ((False, GateError), (True, CompartmentCrashed)):
+        codec = Codec(_Space(), trusted_peer=trusted)
+        frame = decode_frame(codec, encode_error(codec, CompartmentCrashed("db", -9), [], with_traceback=False))
+        exc = frame[ERROR_EXCEPTION]
+        assert type(exc) is expected and exc.compartment == "db"
+        assert "killed by signal 9" in str(exc)

@@ -43,7 +43,9 @@ class FcallsDriver(Driver):
 
     def start(self, mirrors: dict) -> Link:
         caller = Link(self.spec.name, mirrors=mirrors, replicated=self.image.is_replicated)
-        compartment = Link(self.image.default, importer=self._import, replicated=self.image.is_replicated)
+        compartment = Link(
+            self.image.default, importer=self._import, replicated=self.image.is_replicated, peer_is_app=True
+        )
         caller.attach(LoopbackTransport(compartment.dispatch))
         compartment.attach(LoopbackTransport(caller.dispatch))
         self._links = (caller, compartment)

@@ -4,6 +4,10 @@ Lifetimes use distributed reference counting. The owner counts every time it sen
 holder counts every time it receives it, and when its proxy dies sends back ``(handle, received)``.
 The owner drops the object when its count reaches zero, which stays correct when a handle is sent
 again while a release for it is still in flight.
+
+A compartment holds at most :data:`MAX_HANDLES` of this side's objects at a time: past that, what
+would hand it one more fails with :class:`TooManyHandles` (its own call, or the app's call that
+passes it an object), and nothing else of this side is affected.
 """
 
 from __future__ import annotations
@@ -14,17 +18,32 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from flexos.errors import ProtocolError
+from flexos.errors import GateError, ProtocolError
+
+# How many of this side's objects one compartment may hold at a time (not counting classes).
+MAX_HANDLES = 100_000
+
+
+class TooManyHandles(GateError):
+    """A compartment holds as many of this side's objects as it may: it must let some go first."""
 
 
 class ExportTable:
-    """Local objects the peer may name by handle. Handles are stable while the object is held."""
+    """Local objects the peer may name by handle. Handles are stable while the object is held.
 
-    def __init__(self) -> None:
+    ``limit``: how many objects the peer may hold at once (None: no bound, for the app, the
+    principal). Pinned handles (classes, which peers mirror for good) are outside the bound and
+    never released by the peer.
+    """
+
+    def __init__(self, holder: str = "the peer", limit: int | None = MAX_HANDLES) -> None:
         self._lock = threading.Lock()
         self.objects: dict[int, list[Any]] = {}  # handle -> [object, count]
         self._handles: dict[int, int] = {}  # id(object) -> handle
+        self._pinned: set[int] = set()
         self._next = 1
+        self.holder = holder
+        self.limit = limit
 
     def export(self, obj: Any) -> int:
         with self._lock:
@@ -32,10 +51,26 @@ class ExportTable:
             if handle is not None:
                 self.objects[handle][1] += 1
                 return handle
+            held = len(self.objects) - len(self._pinned)
+            if self.limit is not None and held >= self.limit:
+                raise TooManyHandles(
+                    f"{self.holder} holds {held} objects of this compartment, as many as it may (the bound is "
+                    f"{self.limit}); it must let some go before it is handed more"
+                )
             handle = self._next
             self._next += 1
             self.objects[handle] = [obj, 1]
             self._handles[id(obj)] = handle
+            return handle
+
+    def pin(self, obj: Any) -> int:
+        """A handle for ``obj`` that stays until the table is cleared, outside the bound (the
+        caller dedupes: classes, which are as many as this side has)."""
+        with self._lock:
+            handle = self._next
+            self._next += 1
+            self.objects[handle] = [obj, 1]
+            self._pinned.add(handle)
             return handle
 
     def get(self, handle: int) -> Any:
@@ -48,7 +83,7 @@ class ExportTable:
         with self._lock:
             for handle, count in releases:
                 entry = self.objects.get(handle)
-                if entry is None:
+                if entry is None or handle in self._pinned:
                     continue  # a confused or hostile peer: releasing twice must not hurt us
                 entry[1] -= count
                 if entry[1] <= 0:
@@ -62,6 +97,7 @@ class ExportTable:
         with self._lock:
             self.objects.clear()
             self._handles.clear()
+            self._pinned.clear()
 
 
 class _ProxyRef(weakref.ref):

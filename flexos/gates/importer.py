@@ -31,7 +31,10 @@ class GateLoader(Loader):
         return ModuleProxy(spec.name, self.compartment)
 
     def exec_module(self, module: types.ModuleType) -> None:
-        types.ModuleType.__setattr__(module, "__all__", self.names)
+        # ``from module import *`` binds these in the importer's namespace: never a name the owner
+        # chose to shadow the importer's own (__builtins__, __name__, a _private one).
+        public = [name for name in self.names if name.isidentifier() and not name.startswith("_")]
+        types.ModuleType.__setattr__(module, "__all__", public)
 
 
 class GateFinder(MetaPathFinder):

@@ -9,18 +9,20 @@ same channel and runs on the waiting thread, which makes A→B→A→B nesting p
 
 from __future__ import annotations
 
+import importlib
 import sys
 import threading
+import types
 from collections.abc import Callable
 from typing import Any
 
-from flexos.errors import CompartmentCrashed, FlexosError, ProtocolError
-from flexos.gates.handles import ExportTable, ImportTable
-from flexos.gates.policy import always_replicated, checked_attribute
+from flexos.errors import CompartmentCrashed, FlexosError, GateError, ProtocolError
+from flexos.gates.handles import MAX_HANDLES, ExportTable, ImportTable
+from flexos.gates.policy import APP_POLICY, COMPARTMENT_POLICY, always_replicated
 from flexos.gates.proxies import Mirrors, RemoteObject, mirror_class, new_proxy, reachable_by_name
 from flexos.transports import CallTimeout, Channel, ChannelClosed, DeadTransport, PeerGone, ServedChannel, Transport
 from flexos.wire.classes import checked_description, describe_class
-from flexos.wire.codec import Codec
+from flexos.wire.codec import ByReference, Codec, Described, described_class
 from flexos.wire.frames import (
     CALL_ARGS,
     CALL_KWARGS,
@@ -62,7 +64,13 @@ def _local_class(module: str, qualname: str) -> type | None:
 
 
 class Link:
-    """Gates between this process and one peer compartment."""
+    """Gates between this process and one peer compartment.
+
+    ``peer_is_app``: the peer is the app (the default compartment), the principal, whose requests
+    this side serves as Python would; any other peer's requests are served under the capability
+    policy (:mod:`flexos.gates.policy`): it may hold a bounded number of this side's objects, call
+    only the classes it was given, and flexos's own exceptions it sends arrive as GateError.
+    """
 
     def __init__(
         self,
@@ -71,11 +79,15 @@ class Link:
         importer: Callable[[str], Any] | None = None,
         mirrors: Mirrors | None = None,
         replicated: Callable[[str], bool] | None = None,
+        peer_is_app: bool = False,
     ) -> None:
         self.peer = peer
-        self.codec = Codec(self)
-        self.exports = ExportTable()
+        self.peer_is_app = peer_is_app
+        self.codec = Codec(self, trusted_peer=peer_is_app)
+        self.exports = ExportTable(f"compartment {peer!r}", None if peer_is_app else MAX_HANDLES)
         self.imports = ImportTable()
+        policy = APP_POLICY if peer_is_app else COMPARTMENT_POLICY
+        self._readable, self._writable, self._private_methods = policy
         self.closed = False
         self._import = importer
         self._replicated = replicated or always_replicated
@@ -86,6 +98,8 @@ class Link:
         self._mirrors = mirrors if mirrors is not None else {}
         self._classes: dict[int, type] = {}
         self._class_handles: dict[type, int] = {}
+        self._grants: dict[type, int] = {}  # class -> how many sent values grant it (taken back if one fails)
+        self._export_lock = threading.Lock()
         self._class_lock = threading.RLock()
         self._transport: Transport = DeadTransport(lambda: FlexosError(f"link to compartment {peer!r} is closed"))
         self._free: list[Channel] = []
@@ -231,9 +245,9 @@ class Link:
             if op == Op.CALL:
                 return obj(*args, **kwargs)
             if op == Op.CALL_METHOD:
-                return getattr(obj, checked_attribute(name))(*args, **kwargs)
+                return getattr(obj, self._readable(obj, name))(*args, **kwargs)
             if op == Op.GETATTR:
-                return getattr(obj, checked_attribute(name))
+                return getattr(obj, self._readable(obj, name))
             if op == Op.OPERATOR:
                 function = FUNCTIONS.get(name) if name is not None else None
                 if function is None:
@@ -242,15 +256,16 @@ class Link:
             if op == Op.SETATTR:
                 if len(args) != 1:
                     raise ProtocolError("setattr takes one value")
-                setattr(obj, checked_attribute(name), args[0])
+                setattr(obj, self._writable(obj, name), args[0])
                 return None
             if op == Op.DELATTR:
-                delattr(obj, checked_attribute(name))
+                delattr(obj, self._writable(obj, name))
                 return None
             if op == Op.DESCRIBE:
-                if not isinstance(obj, type):
+                cls = described_class(obj) if type(obj) is Described else obj
+                if not isinstance(cls, type):
                     raise ProtocolError("describe needs a class handle")
-                return describe_class(obj, reachable_by_name)
+                return describe_class(cls, reachable_by_name, private=self._private_methods)
         elif op == Op.IMPORT and type(target) is str:  # always a str here: decode_frame admits int or str
             if self._import is None:
                 raise ImportError(f"compartment {self.peer!r} may not import from here")
@@ -258,7 +273,8 @@ class Link:
             names = getattr(module, "__all__", None)
             if names is None:
                 names = [n for n in dir(module) if not n.startswith("_")]
-            return import_answer(module, isinstance(getattr(module, "__path__", None), list), list(names))
+            # The gate's own handle on the module: the one module that crosses by reference.
+            return import_answer(ByReference(module), isinstance(getattr(module, "__path__", None), list), list(names))
         raise ProtocolError(f"operation {op} does not take target {target!r}")
 
     # -- ReferenceSpace -------------------------------------------------------------------------
@@ -267,11 +283,42 @@ class Link:
 
     def export_class(self, cls: type) -> int:
         # Peers keep their mirrors of our classes for good, so a class handle is exported once
-        # and pinned: no lock and no count on the hot path.
+        # and pinned: no lock and no count on the hot path. A peer other than the app may only
+        # describe it until a value grants it.
         handle = self._class_handles.get(cls)
         if handle is None:
-            handle = self._class_handles[cls] = self.exports.export(cls)
+            with self._export_lock:
+                handle = self._class_handles.get(cls)
+                if handle is None:
+                    entry = cls if self.peer_is_app else Described(cls)
+                    handle = self._class_handles[cls] = self.exports.pin(entry)
         return handle
+
+    def grant_class(self, cls: type) -> int:
+        handle = self.export_class(cls)
+        if not self.peer_is_app:
+            with self._export_lock:
+                granted = self._grants.get(cls, 0)
+                self._grants[cls] = granted + 1
+                entry = self.exports.objects.get(handle)
+                if not granted and entry is not None:
+                    entry[0] = cls
+        return handle
+
+    def withdraw(self, exported: list[Any]) -> None:
+        releases = []
+        for item in exported:
+            if type(item) is int:
+                releases.append([item, 1])
+            elif not self.peer_is_app:  # a class a failed encoding granted
+                with self._export_lock:
+                    granted = self._grants[item] - 1
+                    self._grants[item] = granted
+                    entry = self.exports.objects.get(self._class_handles[item])
+                    if not granted and entry is not None:
+                        entry[0] = Described(item)
+        if releases:
+            self.exports.release(releases)
 
     def is_proxy_type(self, cls: type) -> bool:
         return issubclass(cls, RemoteObject)
@@ -286,7 +333,28 @@ class Link:
         return None
 
     def resolve(self, handle: int) -> Any:
-        return self.exports.get(handle)
+        obj = self.exports.get(handle)
+        return described_class(obj) if type(obj) is Described else obj
+
+    def module(self, name: str) -> types.ModuleType:
+        """Our own module ``name``, or our gate to it: a module never crosses by reference, so
+        walking its globals never leads into the sender's modules. On a compartment's word we
+        import only what the image places somewhere (which gives a gate, or a module placed here),
+        never an unlisted module (it would run here whatever file it names); on the app's, any."""
+        module = sys.modules.get(name)
+        if module is None:
+            if self._replicated(name) and not self.peer_is_app:
+                raise GateError(
+                    f"compartment {self.peer!r} sent module {name!r}, which is not loaded here, and flexos never "
+                    "imports a module because another compartment named it"
+                )
+            try:
+                module = importlib.import_module(name)
+            except ImportError as exc:
+                raise GateError(
+                    f"compartment {self.peer!r} sent module {name!r}, which cannot be imported here: {exc}"
+                ) from None
+        return module
 
     def borrow(self, payload: bytes) -> Any:
         """A buffer the peer lent us without a copy; only same-process transports can lend."""
@@ -302,10 +370,13 @@ class Link:
         return self.imports.lookup_or_create(handle, lambda: new_proxy(cls, self, handle))
 
     def proxy_class(self, handle: int, module: str, qualname: str) -> type:
-        """A class value from the peer: our own class if its module is replicated, else a mirror."""
+        """A class value from the peer: a mirror, whose calls run in the peer. Only an exception
+        class of a replicated module is our own class (what ``except`` needs; building an exception
+        runs nothing that matters): any other class of the peer's, say ``subprocess.Popen``,
+        would run here with our authority what the peer meant to run in its own (a confused deputy)."""
         if module and self._replicated(module):
             cls = _local_class(module, qualname)
-            if cls is not None:
+            if cls is not None and issubclass(cls, BaseException):
                 return cls
         return self._classes.get(handle) or self._mirror(handle)
 
@@ -313,7 +384,12 @@ class Link:
         with self._class_lock:
             cls = self._classes.get(handle)
             if cls is None:
-                desc = checked_description(self.call(Op.DESCRIBE, handle))
+                try:
+                    desc = checked_description(self.call(Op.DESCRIBE, handle))
+                except GateError as refused:  # its own refusal (the handle is no class of its): a bad reference
+                    raise ProtocolError(
+                        f"compartment {self.peer!r} sent a class it cannot describe: {refused}"
+                    ) from None
                 cls = mirror_class(self, handle, desc, self._mirrors)
                 self._classes[handle] = cls
             return cls

@@ -68,7 +68,12 @@ class Runtime:
 
     def link_to(self, name: str, importer: Callable[[str], Any] | None = None) -> Link:
         """A new link to compartment ``name``, serving its imports (``importer``: ours, for it)."""
-        return Link(name, importer=importer or self.importer_for(name), replicated=self.image.is_replicated)
+        return Link(
+            name,
+            importer=importer or self.importer_for(name),
+            replicated=self.image.is_replicated,
+            peer_is_app=name == self.image.default,
+        )
 
     def link_parent(self, transport: Transport, importer: Callable[[str], Any]) -> Link:
         """In a compartment: reach the app (our parent) over ``transport``."""

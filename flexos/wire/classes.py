@@ -4,12 +4,13 @@ A DESCRIBE call answers with one msgpack map, with exactly these keys (in this o
 
 - ``name``, ``qualname``, ``module``: the class's ``__name__`` (an identifier), ``__qualname__``
   and ``__module__`` ("" if it has none);
-- ``bases``: its bases other than ``object``, as values (classes of the owner travel by
-  reference, builtin ones by name);
+- ``bases``: its bases other than ``object``, described only (:class:`~flexos.wire.codec.Described`:
+  classes of the owner travel by reference, builtin ones by name);
 - ``exception``: whether it derives from BaseException (its mirror is then a real local
   exception class, and its instances cross by value);
 - ``methods``: the names of its plain methods (identifiers; none that start with ``__`` or
-  ``_flexos``), which the mirror forwards as method calls;
+  ``_flexos``, and for a peer other than the app none that start with ``_``: it may not call
+  them), which the mirror forwards as method calls;
 - ``dunders``: the wire names of the operators it implements (of
   :data:`flexos.wire.operators.DESCRIBED`), in the table's order;
 - ``hash``: ``"none"`` (unhashable), ``"identity"`` (``object.__hash__``) or ``"remote"`` (its own
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from typing import Any, Literal, TypedDict, cast
 
 from flexos.errors import ProtocolError
+from flexos.wire.codec import Described
 from flexos.wire.operators import DESCRIBED, DESCRIBED_WIRES
 
 
@@ -55,9 +57,10 @@ def _lookup(cls: type, name: str) -> Any:
     return None
 
 
-def describe_class(cls: type, reaches: Callable[[str, str, type], bool]) -> ClassDescription:
+def describe_class(cls: type, reaches: Callable[[str, str, type], bool], private: bool = True) -> ClassDescription:
     """What a peer needs to mirror ``cls``; ``reaches(module, qualname, cls)`` says whether the
-    owner finds ``cls`` again by that name."""
+    owner finds ``cls`` again by that name; ``private``: list methods whose names start with ``_``."""
+    hidden = ("__", "_flexos") if private else ("_",)
     dunders = []
     for op in DESCRIBED:
         mine = _lookup(cls, op.dunder)
@@ -65,7 +68,7 @@ def describe_class(cls: type, reaches: Callable[[str, str, type], bool]) -> Clas
             dunders.append(op.wire)
     methods = []
     for name in dir(cls):
-        if name.startswith(("__", "_flexos")):  # a peer refuses these (flexos's own machinery)
+        if name.startswith(hidden):  # a peer refuses these (flexos's own machinery), or may not call them
             continue
         try:
             attr = inspect.getattr_static(cls, name)
@@ -89,7 +92,7 @@ def describe_class(cls: type, reaches: Callable[[str, str, type], bool]) -> Clas
         "name": cls.__name__,
         "qualname": qualname,
         "module": module,
-        "bases": [base for base in cls.__bases__ if base is not object],
+        "bases": [Described(base) for base in cls.__bases__ if base is not object],
         "exception": issubclass(cls, BaseException),
         "methods": methods,
         "dunders": dunders,

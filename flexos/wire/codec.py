@@ -6,9 +6,11 @@ cannot send by value are handed to a :class:`ReferenceSpace`, which the link imp
 handle tables.
 
 Immutable builtins and builtin containers travel by value (msgpack's own types, plus the
-extension types of :class:`Ext`); any other object travels by reference. Decoding builds only
-builtin values, proxies (through the reference space) and exceptions whose class is checked to be
-an exception class; it never runs code named by the peer. Anything malformed raises
+extension types of :class:`Ext`); modules by name; any other object by reference. Decoding builds
+only builtin values, builtin classes, proxies and modules (through the reference space) and
+exceptions whose class is checked to be an exception class; it never runs code named by the peer,
+and it resolves by name only what is inert (builtin classes, ``NotImplemented``, ``Ellipsis``):
+a callable of the peer's stays the peer's. Anything malformed raises
 :class:`~flexos.errors.ProtocolError`.
 """
 
@@ -23,7 +25,7 @@ from typing import Any, Protocol
 
 import msgpack
 
-from flexos.errors import GateError, ProtocolError
+from flexos.errors import FlexosError, GateError, ProtocolError
 
 
 def _encoding() -> Any:
@@ -53,13 +55,60 @@ class Ext:
     REF = 7  # an object owned by the sender: handle, class handle (two little-endian u64)
     CLASS = 8  # a class owned by the sender: [class handle, module, qualname]
     BACK = 9  # an object owned by the receiver: its handle (a little-endian u64)
-    BUILTIN = 10  # an object of the builtins module, by name (ASCII)
+    BUILTIN = 10  # a class of the builtins module, NotImplemented or Ellipsis, by name (ASCII)
     EXCEPTION = 11  # an exception, by value: [class, args (a tuple), attributes (a str-keyed map)]
     LOAN = 12  # a large buffer lent without a copy (same-process peers only): transport-defined
+    MODULE = 13  # a module, by name (UTF-8): the receiver's own module or gate of that name
 
 
 # Builtins that travel by name because they are the same object on every side.
 _BUILTIN_SINGLETONS = {"NotImplemented": NotImplemented, "Ellipsis": Ellipsis}
+
+
+class Described:
+    """A class to send so that the receiver can recognise it (``isinstance``, ``except``), not use it.
+
+    The class of an object sent by reference, of an exception, a class's bases: the receiver
+    gets a CLASS reference it may DESCRIBE, never call or read (a class it is *given* as a value is
+    granted instead). A link's export table holds one of these in place of such a class, so that
+    every other operation a peer asks of it fails by itself, with no check on the gate's hot path.
+    It has no public attribute: the class stays out of reach.
+    """
+
+    __slots__ = ("_cls",)
+
+    def __init__(self, cls: type) -> None:
+        self._cls = cls
+
+    def _refusal(self) -> str:
+        return (
+            f"class {self._cls.__qualname__!r} was not granted: it was reached through the type of an object, "
+            "so it may be described (isinstance, except), not called or read"
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(self._refusal())
+
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError(self._refusal())
+
+    def __repr__(self) -> str:
+        return f"<class {self._cls.__module__}.{self._cls.__qualname__}, described only>"
+
+
+def described_class(ref: Described) -> type:
+    """The class a :class:`Described` stands for."""
+    return ref._cls
+
+
+class ByReference:
+    """An object to send by reference whatever its kind: the module an IMPORT answer hands the
+    importer's gate (everywhere else a module crosses by name)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
 
 
 class ReferenceSpace(Protocol):
@@ -69,7 +118,13 @@ class ReferenceSpace(Protocol):
         """A handle the peer may name ``obj`` by (counted: the peer releases it)."""
 
     def export_class(self, cls: type) -> int:
-        """The handle of class ``cls``, which the peer keeps for good."""
+        """The handle of class ``cls``, which the peer keeps for good, and may only describe."""
+
+    def grant_class(self, cls: type) -> int:
+        """The handle of class ``cls``, sent as a value: the peer may use it (a granted capability)."""
+
+    def withdraw(self, exported: list[Any]) -> None:
+        """Take back what an encoding that failed exported (handles) and granted (classes)."""
 
     def peer_handle(self, obj: Any) -> int | None:
         """The peer's handle if ``obj`` is a proxy (or mirrored class) of one of its objects."""
@@ -89,6 +144,17 @@ class ReferenceSpace(Protocol):
     def borrow(self, payload: bytes) -> Any:
         """The buffer the peer lent (LOAN); ProtocolError where the transport cannot lend."""
 
+    def module(self, name: str) -> Any:
+        """Our own module or gate ``name``, which the peer sent by name (MODULE)."""
+
+
+def _is_flexos_error(cls: type) -> bool:
+    """Whether ``cls`` is one of flexos's own exception classes (or derives from one)."""
+    module = getattr(cls, "__module__", None)
+    return issubclass(cls, FlexosError) or (
+        type(module) is str and (module == "flexos" or module.startswith("flexos."))
+    )
+
 
 def builtin_name(obj: Any) -> str | None:
     """The name under which ``obj`` is found in :mod:`builtins`, if it is one of its objects."""
@@ -101,12 +167,23 @@ def builtin_name(obj: Any) -> str | None:
     return None
 
 
-def _build_exception(cls: Any, args: Any, attrs: Any) -> BaseException:
-    """Rebuild an exception from its wire record without running code chosen by the peer."""
+def _build_exception(cls: Any, args: Any, attrs: Any, trusted_peer: bool) -> BaseException:
+    """Rebuild an exception from its wire record without running code chosen by the peer.
+
+    One of flexos's own exception classes from a peer that is not trusted arrives as a GateError
+    that says so (a compartment cannot make the app believe that flexos raised it).
+    """
     if not (isinstance(cls, type) and issubclass(cls, BaseException)):
         raise ProtocolError(f"exception record names {cls!r}, which is not an exception class")
     if not isinstance(args, tuple) or not isinstance(attrs, dict):
         raise ProtocolError("exception record has malformed args or attributes")
+    if not trusted_peer and cls is not GateError and _is_flexos_error(cls):
+        text = str(args[0]) if len(args) == 1 else str(args)
+        args = (
+            f"{cls.__module__}.{cls.__qualname__} from another compartment (flexos's own exceptions are "
+            f"raised only by flexos itself): {text}",
+        )
+        cls = GateError
     if builtin_name(cls) is not None:
         try:
             exc = cls(*args)  # builtin constructors are safe and restore e.g. OSError.errno
@@ -138,6 +215,7 @@ _HANDLE = struct.Struct("<Q")  # BACK payload
     _PLAIN,
     _PROXY,
     _CLASS,
+    _DESCRIBED,
     _TUPLE,
     _BIGINT,
     _SET,
@@ -145,9 +223,11 @@ _HANDLE = struct.Struct("<Q")  # BACK payload
     _COMPLEX,
     _MEMORYVIEW,
     _EXCEPTION,
-    _BUILTIN_BY_NAME,
+    _SINGLETON,
+    _MODULE,
+    _BY_REFERENCE,
     _REFUSED,
-) = range(12)
+) = range(15)
 _VALUE_KINDS = {
     tuple: _TUPLE,
     int: _BIGINT,  # msgpack packs ints natively up to 64 bits; only bigger ones come here
@@ -156,9 +236,10 @@ _VALUE_KINDS = {
     frozenset: _FROZENSET,
     complex: _COMPLEX,
     memoryview: _MEMORYVIEW,
-    types.BuiltinFunctionType: _BUILTIN_BY_NAME,
-    type(NotImplemented): _BUILTIN_BY_NAME,
-    type(Ellipsis): _BUILTIN_BY_NAME,
+    type(NotImplemented): _SINGLETON,
+    type(Ellipsis): _SINGLETON,
+    Described: _DESCRIBED,
+    ByReference: _BY_REFERENCE,
 }
 # Attributes of builtin exceptions that live in slots rather than args or __dict__.
 _BUILTIN_EXCEPTION_ATTRS = frozenset({"filename", "filename2", "name", "path", "name_from"})
@@ -168,51 +249,26 @@ _MAX_NESTING = 32
 DECODE_ERRORS = (ValueError, TypeError, KeyError, IndexError, RecursionError, OverflowError)
 
 
-class Codec:
-    """msgpack encoding of values, with flexos's own extension types for everything else.
+class _Packing:
+    """One encoding under way: a packer, and the handles it exported and classes it granted so far.
 
-    Immutable builtins and builtin containers travel by value; any other object travels by
-    reference (a handle the receiver wraps in a proxy).
+    If the encoding fails, what it exported is taken back (:meth:`withdraw`): the peer never got
+    those handles, and must not reach the objects by guessing them. Pooled by the codec, one per
+    encoding in progress, so that the journal costs no allocation per frame.
     """
 
-    def __init__(self, space: ReferenceSpace) -> None:
-        self._space = space
-        # The bound extension decoder, made once rather than per frame (decode_frame passes it too).
-        self.ext_hook = self._ext_hook
-        self._encoding = encoding  # for packing: lend_buffers needs flexos._msgpack
-        self._lending: dict[str, Any] = {}
-        self._packers: list[Any] = []
-        self._kinds: dict[type, int] = {}
-        self._depth = threading.local()
+    __slots__ = ("_codec", "_kinds", "_space", "default", "depth", "exported", "packer")
 
-    def lend_buffers(self, lend: Callable[[Any], bytes], threshold: int) -> None:
-        """Send bytes-like values of ``threshold`` bytes or more as loans made by ``lend``
-        (the peer maps them instead of receiving a copy)."""
-        from flexos import _msgpack  # msgpack has no hook for this
-
-        self._encoding = _msgpack
-        self._lending = {"lend": lambda buffer: msgpack.ExtType(Ext.LOAN, lend(buffer)), "lend_threshold": threshold}
-        self._packers.clear()
-
-    # -- encoding ---------------------------------------------------------------------------
-    def pack_frame(self, frame: list[Any]) -> bytes:
-        """Encode a whole frame with a reusable packer (the hot path)."""
-        # Taken out of the pool while in use: other threads, or a __del__ run by the GC
-        # mid-pack that makes a gated call itself, get a packer of their own.
-        try:
-            packer = self._packers.pop()
-        except IndexError:
-            packer = self._encoding.Packer(default=self._default, use_bin_type=True, strict_types=True, **self._lending)
-        try:
-            data = packer.pack(frame)
-        except (ValueError, RecursionError) as exc:  # msgpack reports deep/cyclic structures this way
-            packer.reset()
-            raise GateError(f"value cannot cross a gate: {exc}") from None
-        except BaseException:
-            packer.reset()
-            raise
-        self._packers.append(packer)
-        return data
+    def __init__(self, codec: Codec) -> None:
+        self._codec = codec
+        self._space = codec._space
+        self._kinds = codec._kinds
+        self.default = self._default  # bound once: msgpack calls it for every non-native value
+        self.depth = 0
+        self.exported: list[Any] = []  # handles exported (ints) and classes granted, in order
+        self.packer = codec._encoding.Packer(
+            default=self.default, use_bin_type=True, strict_types=True, **codec._lending
+        )
 
     def pack(self, obj: Any) -> bytes:
         """Encode a nested value (re-entrant: a fresh packer each time).
@@ -220,42 +276,72 @@ class Codec:
         Nesting is bounded explicitly: each level recurses through C, and a deep enough
         structure would overflow the C stack long before Python's recursion limit.
         """
-        depth = self._depth.__dict__.get("n", 0)
+        depth = self.depth
         if depth >= _MAX_NESTING:
             raise GateError(f"value nested more than {_MAX_NESTING} levels deep (or cyclic) cannot cross a gate")
-        self._depth.n = depth + 1
+        self.depth = depth + 1
+        codec = self._codec
         try:
-            return self._encoding.packb(
-                obj, default=self._default, use_bin_type=True, strict_types=True, **self._lending
+            return codec._encoding.packb(
+                obj, default=self.default, use_bin_type=True, strict_types=True, **codec._lending
             )
         except (ValueError, RecursionError) as exc:  # msgpack reports deep/cyclic structures this way
             raise GateError(f"value cannot cross a gate: {exc}") from None
         finally:
-            self._depth.n = depth
+            self.depth = depth
+
+    def withdraw(self, mark: int) -> None:
+        """Take back what was exported and granted since ``mark`` (a length of the journal)."""
+        exported = self.exported
+        if len(exported) > mark:
+            taken = exported[mark:]
+            del exported[mark:]
+            self._space.withdraw(taken)
+
+    def fits(self, value: Any) -> bool:
+        """Whether ``value`` can be encoded; a trial, so what it exported is taken back."""
+        mark = len(self.exported)
+        try:
+            self.pack(value)
+        except GateError:
+            return False
+        finally:
+            self.withdraw(mark)
+        return True
 
     def _default(self, obj: Any) -> Any:
         """Called by msgpack for everything it does not pack natively."""
         cls = type(obj)
-        kind = self._kinds.get(cls)
+        kinds = self._kinds
+        kind = kinds.get(cls)
         if kind is None:
-            kind = self._kinds[cls] = self._classify(cls)
+            kind = kinds[cls] = self._codec._classify(cls)
         space = self._space
         if kind == _PLAIN:  # the common case: an object of an ordinary class, by reference
-            return msgpack.ExtType(Ext.REF, _PAIR.pack(space.export(obj), space.export_class(cls)))
+            handle = space.export(obj)
+            self.exported.append(handle)
+            return msgpack.ExtType(Ext.REF, _PAIR.pack(handle, space.export_class(cls)))
         if kind == _PROXY:
-            handle = space.peer_handle(obj)
-            if handle is not None:
-                return msgpack.ExtType(Ext.BACK, _HANDLE.pack(handle))
-            return msgpack.ExtType(Ext.REF, _PAIR.pack(space.export(obj), space.export_class(cls)))
-        if kind == _CLASS:
-            handle = space.peer_handle(obj)
-            if handle is not None:
-                return msgpack.ExtType(Ext.BACK, _HANDLE.pack(handle))
-            name = builtin_name(obj)
+            back = space.peer_handle(obj)
+            if back is not None:
+                return msgpack.ExtType(Ext.BACK, _HANDLE.pack(back))
+            handle = space.export(obj)
+            self.exported.append(handle)
+            return msgpack.ExtType(Ext.REF, _PAIR.pack(handle, space.export_class(cls)))
+        if kind == _CLASS or kind == _DESCRIBED:  # granted (a class value) or described only
+            target = obj if kind == _CLASS else described_class(obj)
+            back = space.peer_handle(target)
+            if back is not None:
+                return msgpack.ExtType(Ext.BACK, _HANDLE.pack(back))
+            name = builtin_name(target)
             if name is not None:
                 return msgpack.ExtType(Ext.BUILTIN, name.encode())
-            record = [space.export_class(obj), obj.__module__, obj.__qualname__]
-            return msgpack.ExtType(Ext.CLASS, self.pack(record))
+            if kind == _CLASS:
+                handle = space.grant_class(target)
+                self.exported.append(target)
+            else:
+                handle = space.export_class(target)
+            return msgpack.ExtType(Ext.CLASS, self.pack([handle, target.__module__, target.__qualname__]))
         if kind == _TUPLE:
             return msgpack.ExtType(Ext.TUPLE, self.pack(list(obj)))
         if kind == _BIGINT:
@@ -271,12 +357,120 @@ class Codec:
             return obj.tobytes()
         if kind == _EXCEPTION:
             return msgpack.ExtType(Ext.EXCEPTION, self.pack_exception(obj))
-        if kind == _BUILTIN_BY_NAME:  # by name if builtins' own (the singletons always are)
-            name = builtin_name(obj)
-            if name is not None:
-                return msgpack.ExtType(Ext.BUILTIN, name.encode())
-            return msgpack.ExtType(Ext.REF, _PAIR.pack(space.export(obj), space.export_class(cls)))
+        if kind == _SINGLETON:
+            return msgpack.ExtType(Ext.BUILTIN, b"NotImplemented" if obj is NotImplemented else b"Ellipsis")
+        if kind == _MODULE:  # never by reference: the receiver takes its own module of that name
+            name = obj.__name__
+            if type(name) is not str:
+                raise GateError("a module without a name cannot cross a gate")
+            return msgpack.ExtType(Ext.MODULE, name.encode())
+        if kind == _BY_REFERENCE:
+            target = obj.obj
+            handle = space.export(target)
+            self.exported.append(handle)
+            return msgpack.ExtType(Ext.REF, _PAIR.pack(handle, space.export_class(type(target))))
         raise GateError(f"a {cls.__name__} object cannot cross a gate (it reaches the interpreter's internals)")
+
+    def pack_exception(self, exc: BaseException) -> bytes:
+        """The packed record [class, args, attrs] of an exception, which crosses by value.
+
+        Its class crosses described only (the receiver matches it, never calls it). Packed once;
+        only if that fails are args replaced by their reprs and attributes that cannot travel
+        dropped, and what the failed tries exported is taken back.
+        """
+        attrs = {key: getattr(exc, key) for key in _BUILTIN_EXCEPTION_ATTRS if getattr(exc, key, None) is not None}
+        attrs.update(
+            (key, value)
+            for key, value in getattr(exc, "__dict__", {}).items()
+            if not key.startswith("__") and not key.startswith("_flexos")
+        )
+        record_class = Described(type(exc))
+        mark = len(self.exported)
+        try:
+            return self.pack([record_class, tuple(exc.args), attrs])
+        except GateError:
+            self.withdraw(mark)
+        args = tuple(exc.args)
+        if not self.fits(args):
+            args = tuple(repr(a) for a in args)
+        kept = {key: value for key, value in attrs.items() if self.fits(value)}
+        return self.pack([record_class, args, kept])
+
+
+class Codec:
+    """msgpack encoding of values, with flexos's own extension types for everything else.
+
+    Immutable builtins and builtin containers travel by value; modules by name; any other object
+    by reference (a handle the receiver wraps in a proxy). ``trusted_peer``: flexos's own
+    exception classes the peer sends are rebuilt as themselves (the app, for its compartments);
+    from any other peer they arrive as GateError.
+    """
+
+    def __init__(self, space: ReferenceSpace, *, trusted_peer: bool = False) -> None:
+        self._space = space
+        self._trusted_peer = trusted_peer
+        # The bound extension decoder, made once rather than per frame (decode_frame passes it too).
+        self.ext_hook = self._ext_hook
+        self._encoding = encoding  # for packing: lend_buffers needs flexos._msgpack
+        self._lending: dict[str, Any] = {}
+        self._pool: list[_Packing] = []
+        self._kinds: dict[type, int] = {}
+        self._depth = threading.local()  # of decoding
+
+    def lend_buffers(self, lend: Callable[[Any], bytes], threshold: int) -> None:
+        """Send bytes-like values of ``threshold`` bytes or more as loans made by ``lend``
+        (the peer maps them instead of receiving a copy)."""
+        from flexos import _msgpack  # msgpack has no hook for this
+
+        self._encoding = _msgpack
+        self._lending = {"lend": lambda buffer: msgpack.ExtType(Ext.LOAN, lend(buffer)), "lend_threshold": threshold}
+        self._pool.clear()
+
+    # -- encoding ---------------------------------------------------------------------------
+    def pack_frame(self, frame: list[Any]) -> bytes:
+        """Encode a whole frame with a pooled packer (the hot path)."""
+        # Taken out of the pool while in use: other threads, or a __del__ run by the GC
+        # mid-pack that makes a gated call itself, get a packing of their own.
+        try:
+            packing = self._pool.pop()
+        except IndexError:
+            packing = _Packing(self)
+        try:
+            data = packing.packer.pack(frame)
+        except (ValueError, RecursionError) as exc:  # msgpack reports deep/cyclic structures this way
+            packing.packer.reset()
+            packing.withdraw(0)
+            raise GateError(f"value cannot cross a gate: {exc}") from None
+        except BaseException:
+            packing.packer.reset()
+            packing.withdraw(0)
+            raise
+        if packing.exported:  # sent: the peer holds them now
+            packing.exported.clear()
+        self._pool.append(packing)
+        return data
+
+    def pack(self, obj: Any) -> bytes:
+        """Encode a value on its own (what it exports is taken back if that fails)."""
+        return self._encoded(_Packing.pack, obj)
+
+    def pack_exception(self, exc: BaseException) -> bytes:
+        """The packed record of an exception (:meth:`_Packing.pack_exception`), on its own."""
+        return self._encoded(_Packing.pack_exception, exc)
+
+    def _encoded(self, encode: Callable[[_Packing, Any], bytes], value: Any) -> bytes:
+        try:
+            packing = self._pool.pop()
+        except IndexError:
+            packing = _Packing(self)
+        try:
+            return encode(packing, value)
+        except BaseException:
+            packing.withdraw(0)
+            raise
+        finally:
+            packing.exported.clear()
+            self._pool.append(packing)
 
     def _classify(self, cls: type) -> int:
         """How values of type ``cls`` cross (decided once per type)."""
@@ -288,40 +482,11 @@ class Codec:
             return _REFUSED
         if issubclass(cls, BaseException):
             return _EXCEPTION
+        if issubclass(cls, types.ModuleType):
+            return _MODULE
         if self._space.is_proxy_type(cls):
             return _PROXY
         return _PLAIN
-
-    def pack_exception(self, exc: BaseException) -> bytes:
-        """The packed record [class, args, attrs] of an exception, which crosses by value.
-
-        Packed once; only if that fails are args replaced by their reprs and attributes that
-        cannot travel dropped (trial packs export handles the peer never gets, so never on the
-        common path).
-        """
-        attrs = {key: getattr(exc, key) for key in _BUILTIN_EXCEPTION_ATTRS if getattr(exc, key, None) is not None}
-        attrs.update(
-            (key, value)
-            for key, value in getattr(exc, "__dict__", {}).items()
-            if not key.startswith("__") and not key.startswith("_flexos")
-        )
-        try:
-            return self.pack([type(exc), tuple(exc.args), attrs])
-        except GateError:
-            pass
-        args = tuple(exc.args)
-        try:
-            self.pack(args)
-        except GateError:
-            args = tuple(repr(a) for a in args)
-        kept = {}
-        for key, value in attrs.items():
-            try:
-                self.pack(value)
-            except GateError:
-                continue
-            kept[key] = value
-        return self.pack([type(exc), args, kept])
 
     # -- decoding ---------------------------------------------------------------------------
     def unpack(self, data: bytes) -> Any:
@@ -370,12 +535,21 @@ class Codec:
                 return _BUILTIN_SINGLETONS[name]
             if name.startswith("_") or not hasattr(builtins, name):
                 raise ProtocolError(f"unknown builtin {name!r}")
-            return getattr(builtins, name)
+            value = getattr(builtins, name)
+            if not isinstance(value, type):  # eval, exec, open...: a peer's own stays the peer's
+                raise ProtocolError(f"builtin {name!r} is not a class: only classes of builtins cross by name")
+            return value
+        if code == Ext.MODULE:
+            name = payload.decode("utf-8")
+            if not all(part.isidentifier() for part in name.split(".")):
+                raise ProtocolError(f"module name {name!r} is not a dotted name")
+            return self._space.module(name)
         if code == Ext.EXCEPTION:
             record = self._expect(self.unpack(payload), list)
             if len(record) != 3:
                 raise ProtocolError("malformed exception record")
-            return _build_exception(*record)
+            cls, args, attrs = record
+            return _build_exception(cls, args, attrs, self._trusted_peer)
         if code == Ext.CLASS:
             record = self._expect(self.unpack(payload), list)
             if len(record) != 3 or type(record[0]) is not int or not all(type(r) is str for r in record[1:]):
