@@ -11,6 +11,7 @@ Every error that crosses from flexos into an app is a ``flexos.FlexosError``. Th
     ├── CompartmentCrashed        the compartment serving a call died; it restarts on next use
     ├── GateError                 a value cannot cross a gate
     ├── ProtocolError             a peer sent bytes that are not a valid flexos frame
+    │   └── ReplyTooLarge         (flexos.transports) a frame over the compartment's max_reply
     ├── PeerGone                  (flexos.transports) the peer is dead      ┐ a transport's signals to
     ├── CallTimeout               (flexos.transports) no answer in time     │ its link, which raises
     ├── ChannelClosed             (flexos.transports) one channel dropped   ┘ the errors above instead
