@@ -754,6 +754,16 @@ subinterp_destroy(PyObject *module, PyObject *arg)
     _PyInterpreterState_SetNotRunningMain(interp);
     Py_EndInterpreter(there);
     PyThreadState_Swap(here);
+    /* Loans it never borrowed (or whose views outlived it) will never be let go of: unpin them. */
+    pthread_mutex_lock(&registry_lock);
+    for (int i = 0; i < MAX_LOANS; i++) {
+        if (loans[i].id != 0 && loans[i].borrower == interp_id && !loans[i].returned) {
+            loans[i].returned = 1;
+            returned_slots[returned_count++] = i;
+        }
+    }
+    pthread_mutex_unlock(&registry_lock);
+    release_returned_loans();
     Py_RETURN_NONE;
 }
 
