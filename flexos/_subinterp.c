@@ -10,16 +10,32 @@
  * Frames are copied into the target interpreter (objects never cross); a large read-only buffer
  * can be lent without a copy (`lend`), pinned by the lender until the borrower lets go.
  *
+ * The main interpreter is the app; every interpreter made here is a compartment, whose code may be
+ * hostile and can import this module too. So the module, not its callers, enforces who may do
+ * what: only the app creates, runs code in and ends interpreters, adopts their gates and lends
+ * buffers; a compartment registers one gate (its dispatcher, which only the app may call) and
+ * calls only the gate the app registered for it; a loan is borrowed only by the compartment it
+ * was lent to. Each compartment is also marked as running its main program, CPython's own mark
+ * that makes the stdlib's `_interpreters` refuse to exec, call or end it (as it refuses the app's
+ * interpreter, marked by Py_Main). None of this stops native code in a compartment (ctypes,
+ * /proc/self/mem), which shares the app's address space.
+ *
  * Python API (all ids are ints):
- *   create() -> interp_id               a new interpreter with its own GIL and allocator
- *   run(interp_id, source) -> int|str|None   exec source there; returns its `result` variable
- *   register(dispatch) -> endpoint_id   dispatch(bytes) -> bytes, served in the current interpreter
+ *   create() -> interp_id               (app) a new interpreter with its own GIL and allocator
+ *   run(interp_id, source) -> int|str|None   (app) exec source there; returns its `result` variable
+ *   register(dispatch[, caller]) -> endpoint_id   dispatch(bytes) -> bytes, served in the current
+ *                                       interpreter; the app names the compartment that may call
+ *                                       it, a compartment's (one) endpoint is the app's to call
+ *   adopt(endpoint_id, interp_id, max_reply)  (app) check that compartment `interp_id` registered
+ *                                       that endpoint; bound its replies (-1: no bound)
  *   unregister(endpoint_id)
- *   call(endpoint_id, frame[, timeout]) -> bytes   switch into the endpoint's interpreter and
- *                                       dispatch; PeerGone once it is ended
- *   destroy(interp_id)                  end an interpreter (no call may be running in it)
- *   lend(buffer) -> (loan_id, address, length)  pin a read-only buffer for another interpreter
- *   borrow(loan_id, address, length) -> memoryview  (in the borrower) zero-copy view of a loan
+ *   call(endpoint_id, frame[, deadline]) -> bytes   switch into the endpoint's interpreter and
+ *                                       dispatch; PeerGone once it is ended, ReplyTooLarge past
+ *                                       its bound, PermissionError for an endpoint not ours to call
+ *   destroy(interp_id)                  (app) end an interpreter (no call may be running in it)
+ *   lend(buffer, endpoint_id) -> (loan_id, address, length)  (app) pin a read-only buffer for the
+ *                                       compartment behind that endpoint
+ *   borrow(loan_id, address, length) -> memoryview  (in that compartment) zero-copy view of a loan
  *   pending_loans() -> int              buffers this interpreter has lent and not got back
  * Pins whose borrowers let go are dropped in the lender at its next call or loan.
  */
@@ -34,6 +50,12 @@
 #endif
 
 #ifdef FLEXOS_OWN_GIL
+
+/* CPython's mark of an interpreter busy running its program: internal, but exported (the stdlib's
+ * _interpreters and Py_Main use it), in pycore_pystate.h since 3.13. */
+PyAPI_FUNC(int) _PyInterpreterState_SetRunningMain(PyInterpreterState *);
+PyAPI_FUNC(void) _PyInterpreterState_SetNotRunningMain(PyInterpreterState *);
+PyAPI_FUNC(int) _PyInterpreterState_IsRunningMain(PyInterpreterState *);
 
 #define MAX_INTERPRETERS 256
 #define MAX_ENDPOINTS 1024
@@ -57,8 +79,10 @@ typedef struct {
     int64_t id; /* 0: free; else (generation << ENDPOINT_ID_SHIFT) | index */
     int64_t interp_id;
     PyInterpreterState *interp;
-    PyObject *dispatch; /* a strong reference owned by `interp` */
-    long active;        /* calls in flight */
+    int64_t caller;        /* the one other interpreter that may call it */
+    Py_ssize_t max_reply;  /* the longest reply accepted from it; -1: no bound */
+    PyObject *dispatch;    /* a strong reference owned by `interp` */
+    long active;           /* calls in flight */
 } Endpoint;
 
 typedef struct Created {
@@ -75,6 +99,7 @@ typedef struct {
 typedef struct {
     int64_t id; /* 0: free */
     int64_t lender;       /* interpreter that owns `object` */
+    int64_t borrower;     /* the one interpreter that may borrow it */
     PyObject *object;     /* strong reference, owned by the lender */
     Py_buffer view;
     int borrowed;         /* a loan is borrowed once: one view, one release */
@@ -83,8 +108,9 @@ typedef struct {
 
 typedef struct {
     PyTypeObject *borrowed_type;
-    PyObject *peer_gone;      /* flexos.transports.PeerGone: the peer interpreter was ended */
-    PyObject *protocol_error; /* flexos.errors.ProtocolError: its dispatcher failed */
+    PyObject *peer_gone;       /* flexos.transports.PeerGone: the peer interpreter was ended */
+    PyObject *protocol_error;  /* flexos.errors.ProtocolError: its dispatcher failed */
+    PyObject *reply_too_large; /* flexos.transports.ReplyTooLarge: its reply is over the bound */
 } ModuleState;
 
 static pthread_mutex_t registry_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -104,6 +130,23 @@ static int64_t
 current_interp_id(void)
 {
     return PyInterpreterState_GetID(PyInterpreterState_Get());
+}
+
+static int64_t
+main_interp_id(void)
+{
+    return PyInterpreterState_GetID(PyInterpreterState_Main());
+}
+
+/* The app's own operations: -1 with PermissionError set when a compartment asks for one. */
+static int
+refuse_unless_app(const char *what)
+{
+    if (PyInterpreterState_Get() == PyInterpreterState_Main()) {
+        return 0;
+    }
+    PyErr_Format(PyExc_PermissionError, "flexos._subinterp.%s: only the app may do this, not a compartment", what);
+    return -1;
 }
 
 static ThreadSlot *
@@ -267,6 +310,14 @@ after_fork_child(void)
 static PyObject *
 subinterp_create(PyObject *module, PyObject *unused)
 {
+    if (refuse_unless_app("create") < 0) {
+        return NULL;
+    }
+    if (!_PyInterpreterState_IsRunningMain(PyInterpreterState_Main())) {
+        return PyErr_Format(PyExc_RuntimeError, "flexos: the app's interpreter is not marked as running its program "
+                                                "(embedded without Py_RunMain?), so compartments could run code in it "
+                                                "through the stdlib's _interpreters");
+    }
     PyThreadState *here = PyThreadState_Get();
     int64_t here_id = current_interp_id();
     if (find_slot(here_id) == NULL && add_slot(here_id, here) < 0) {
@@ -295,6 +346,8 @@ subinterp_create(PyObject *module, PyObject *unused)
     }
     int64_t sub_id = PyInterpreterState_GetID(PyThreadState_GetInterpreter(sub));
     PyInterpreterState *interp = PyThreadState_GetInterpreter(sub);
+    int marked = _PyInterpreterState_SetRunningMain(interp); /* `sub` is current: it cannot fail */
+    PyErr_Clear();
     PyThreadState_Swap(here);
 
     pthread_mutex_lock(&registry_lock);
@@ -313,9 +366,12 @@ subinterp_create(PyObject *module, PyObject *unused)
         created = record;
     }
     pthread_mutex_unlock(&registry_lock);
-    if (free_entry == NULL || add_slot(sub_id, sub) < 0) {
+    if (free_entry == NULL || marked < 0 || add_slot(sub_id, sub) < 0) {
         /* Out of room: end it again rather than leak it. */
         PyThreadState_Swap(sub);
+        if (marked == 0) {
+            _PyInterpreterState_SetNotRunningMain(interp);
+        }
         Py_EndInterpreter(sub);
         PyThreadState_Swap(here);
         if (free_entry != NULL) {
@@ -350,6 +406,9 @@ subinterp_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 2 || !PyLong_Check(args[0]) || !PyUnicode_Check(args[1])) {
         return PyErr_Format(PyExc_TypeError, "run(interp_id: int, source: str)");
+    }
+    if (refuse_unless_app("run") < 0) {
+        return NULL;
     }
     int64_t interp_id = PyLong_AsLongLong(args[0]);
     const char *source = PyUnicode_AsUTF8(args[1]);
@@ -421,20 +480,35 @@ subinterp_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* register(dispatch[, caller]): in the app, `caller` is the compartment that may call it; in a
+ * compartment there is no choice (the app calls it) and only one: a compartment has one gate. */
 static PyObject *
-subinterp_register(PyObject *module, PyObject *dispatch)
+subinterp_register(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (!PyCallable_Check(dispatch)) {
-        return PyErr_Format(PyExc_TypeError, "register(dispatch): dispatch must be callable");
+    int in_app = PyInterpreterState_Get() == PyInterpreterState_Main();
+    if (nargs != (in_app ? 2 : 1) || !PyCallable_Check(args[0])) {
+        return PyErr_Format(PyExc_TypeError, in_app ? "register(dispatch, caller: int) in the app"
+                                                    : "register(dispatch) in a compartment");
+    }
+    PyObject *dispatch = args[0];
+    int64_t caller = in_app ? PyLong_AsLongLong(args[1]) : main_interp_id();
+    if (caller == -1 && PyErr_Occurred()) {
+        return NULL;
     }
     int64_t interp_id = current_interp_id();
     pthread_mutex_lock(&registry_lock);
-    for (int i = 0; i < MAX_ENDPOINTS; i++) {
+    int refused = in_app ? find_interp(caller) == NULL : 0;
+    for (int i = 0; i < MAX_ENDPOINTS && !in_app; i++) {
+        refused |= endpoints[i].id != 0 && endpoints[i].interp_id == interp_id;
+    }
+    for (int i = 0; i < MAX_ENDPOINTS && !refused; i++) {
         if (endpoints[i].id == 0) {
             int64_t id = (endpoint_generation++ << ENDPOINT_ID_SHIFT) | i;
             endpoints[i].id = id;
             endpoints[i].interp_id = interp_id;
             endpoints[i].interp = PyInterpreterState_Get();
+            endpoints[i].caller = caller;
+            endpoints[i].max_reply = -1;
             endpoints[i].dispatch = Py_NewRef(dispatch);
             endpoints[i].active = 0;
             pthread_mutex_unlock(&registry_lock);
@@ -442,7 +516,42 @@ subinterp_register(PyObject *module, PyObject *dispatch)
         }
     }
     pthread_mutex_unlock(&registry_lock);
+    if (refused && in_app) {
+        return PyErr_Format(PyExc_LookupError, "no compartment interpreter %lld", (long long)caller);
+    }
+    if (refused) {
+        return PyErr_Format(PyExc_PermissionError, "flexos._subinterp.register: a compartment has one gate");
+    }
     return PyErr_Format(PyExc_RuntimeError, "flexos: too many subinterpreter gates");
+}
+
+static PyObject *
+subinterp_adopt(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (refuse_unless_app("adopt") < 0) {
+        return NULL;
+    }
+    if (nargs != 3) {
+        return PyErr_Format(PyExc_TypeError, "adopt(endpoint_id, interp_id, max_reply)");
+    }
+    int64_t id = PyLong_AsLongLong(args[0]);
+    int64_t interp_id = PyLong_AsLongLong(args[1]);
+    Py_ssize_t max_reply = PyLong_AsSsize_t(args[2]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    pthread_mutex_lock(&registry_lock);
+    Endpoint *endpoint = &endpoints[id & (MAX_ENDPOINTS - 1)];
+    int found = endpoint->id == id && endpoint->interp_id == interp_id && find_interp(interp_id) != NULL;
+    if (found) {
+        endpoint->max_reply = max_reply < 0 ? -1 : max_reply;
+    }
+    pthread_mutex_unlock(&registry_lock);
+    if (!found) {
+        return PyErr_Format(PyExc_LookupError, "compartment %lld registered no gate %lld", (long long)interp_id,
+                            (long long)id);
+    }
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -468,33 +577,39 @@ subinterp_unregister(PyObject *module, PyObject *arg)
 
 static void release_returned_loans(void);
 
-/* call(endpoint, frame[, timeout]): the transport's `exchange` itself (a timeout means nothing
+/* call(endpoint, frame[, deadline]): the transport's `exchange` itself (a deadline means nothing
  * here: the callee runs on our own thread). */
 static PyObject *
 subinterp_call(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs < 2 || nargs > 3 || !PyBytes_Check(args[1])) {
-        return PyErr_Format(PyExc_TypeError, "call(endpoint_id: int, frame: bytes, timeout=None)");
+        return PyErr_Format(PyExc_TypeError, "call(endpoint_id: int, frame: bytes, deadline=None)");
     }
     ModuleState *state = PyModule_GetState(module);
     int64_t id = PyLong_AsLongLong(args[0]);
     if (id == -1 && PyErr_Occurred()) {
         return NULL;
     }
+    int64_t here_id = current_interp_id();
     pthread_mutex_lock(&registry_lock);
     Endpoint *endpoint = &endpoints[id & (MAX_ENDPOINTS - 1)];
     if (endpoint->id != id) {
         pthread_mutex_unlock(&registry_lock);
         return PyErr_Format(state->peer_gone, "the compartment's gate is closed");
     }
-    endpoint->active++;
     int64_t interp_id = endpoint->interp_id;
+    if (endpoint->caller != here_id && interp_id != here_id) {
+        pthread_mutex_unlock(&registry_lock);
+        return PyErr_Format(PyExc_PermissionError, "flexos._subinterp.call: gate %lld is not this interpreter's to call",
+                            (long long)id);
+    }
+    endpoint->active++;
     PyInterpreterState *interp = endpoint->interp;
+    Py_ssize_t max_reply = endpoint->max_reply;
     PyObject *dispatch = endpoint->dispatch; /* kept alive by `active` */
     pthread_mutex_unlock(&registry_lock);
 
     PyObject *result = NULL;
-    int64_t here_id = current_interp_id();
     if (interp_id == here_id) {
         result = PyObject_CallOneArg(dispatch, args[1]);
     }
@@ -508,10 +623,15 @@ subinterp_call(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             Failure failure = {0, NULL};
             char *reply = NULL;
             Py_ssize_t reply_size = 0;
+            int too_large = 0;
             PyObject *frame = PyBytes_FromStringAndSize(data, size);
             PyObject *answer = frame ? PyObject_CallOneArg(dispatch, frame) : NULL;
             Py_XDECREF(frame);
-            if (answer != NULL && PyBytes_Check(answer)) {
+            if (answer != NULL && PyBytes_Check(answer) && max_reply >= 0 && PyBytes_GET_SIZE(answer) > max_reply) {
+                too_large = 1; /* not copied: the app never holds more than the bound */
+                reply_size = PyBytes_GET_SIZE(answer);
+            }
+            else if (answer != NULL && PyBytes_Check(answer)) {
                 reply_size = PyBytes_GET_SIZE(answer);
                 reply = malloc(reply_size ? reply_size : 1);
                 if (reply != NULL) {
@@ -529,7 +649,11 @@ subinterp_call(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             }
             Py_XDECREF(answer);
             PyThreadState_Swap(here);
-            if (failure.failed) {
+            if (too_large) {
+                PyErr_Format(state->reply_too_large, "a reply of %zd bytes is over the max_reply of %zd bytes", reply_size,
+                             max_reply);
+            }
+            else if (failure.failed) {
                 raise_failure(&failure, state->protocol_error, "compartment failed to answer: ");
             }
             else {
@@ -548,6 +672,9 @@ subinterp_call(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 subinterp_destroy(PyObject *module, PyObject *arg)
 {
+    if (refuse_unless_app("destroy") < 0) {
+        return NULL;
+    }
     int64_t interp_id = PyLong_AsLongLong(arg);
     if (interp_id == -1 && PyErr_Occurred()) {
         return NULL;
@@ -624,18 +751,48 @@ subinterp_destroy(PyObject *module, PyObject *arg)
         others = next;
     }
     drop_slot(interp_id);
+    _PyInterpreterState_SetNotRunningMain(interp);
     Py_EndInterpreter(there);
     PyThreadState_Swap(here);
+    /* Loans it never borrowed (or whose views outlived it) will never be let go of: unpin them. */
+    pthread_mutex_lock(&registry_lock);
+    for (int i = 0; i < MAX_LOANS; i++) {
+        if (loans[i].id != 0 && loans[i].borrower == interp_id && !loans[i].returned) {
+            loans[i].returned = 1;
+            returned_slots[returned_count++] = i;
+        }
+    }
+    pthread_mutex_unlock(&registry_lock);
+    release_returned_loans();
     Py_RETURN_NONE;
 }
 
 /* -- zero-copy loans ---------------------------------------------------------------------- */
 
+/* lend(buffer, endpoint): only the app lends (a compartment could change what it lent after the
+ * app checked it), and only to the compartment behind `endpoint`. */
 static PyObject *
-subinterp_lend(PyObject *module, PyObject *object)
+subinterp_lend(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
+    if (refuse_unless_app("lend") < 0) {
+        return NULL;
+    }
+    if (nargs != 2) {
+        return PyErr_Format(PyExc_TypeError, "lend(buffer, endpoint_id)");
+    }
+    int64_t endpoint_id = PyLong_AsLongLong(args[1]);
+    if (endpoint_id == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    pthread_mutex_lock(&registry_lock);
+    Endpoint *endpoint = &endpoints[endpoint_id & (MAX_ENDPOINTS - 1)];
+    int64_t borrower = endpoint->id == endpoint_id ? endpoint->interp_id : -1;
+    pthread_mutex_unlock(&registry_lock);
+    if (borrower == -1) {
+        return PyErr_Format(((ModuleState *)PyModule_GetState(module))->peer_gone, "the compartment's gate is closed");
+    }
     Py_buffer view;
-    if (PyObject_GetBuffer(object, &view, PyBUF_SIMPLE) < 0) {
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
         return NULL;
     }
     release_returned_loans();
@@ -646,7 +803,8 @@ subinterp_lend(PyObject *module, PyObject *object)
             int64_t id = (loan_generation++ << LOAN_ID_SHIFT) | i;
             loans[i].id = id;
             loans[i].lender = lender;
-            loans[i].object = Py_NewRef(object);
+            loans[i].borrower = borrower;
+            loans[i].object = Py_NewRef(args[0]);
             loans[i].view = view;
             loans[i].borrowed = 0;
             loans[i].returned = 0;
@@ -736,8 +894,8 @@ subinterp_borrow(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     /* Only a live loan, and exactly its memory: a peer cannot make us read arbitrary addresses. */
     pthread_mutex_lock(&registry_lock);
     Loan *loan = &loans[id & (MAX_LOANS - 1)];
-    int valid = loan->id == id && !loan->borrowed && (uintptr_t)loan->view.buf == (uintptr_t)address &&
-                loan->view.len == length;
+    int valid = loan->id == id && !loan->borrowed && loan->borrower == current_interp_id() &&
+                (uintptr_t)loan->view.buf == (uintptr_t)address && loan->view.len == length;
     if (valid) {
         loan->borrowed = 1; /* one view per loan: its release is the loan's return */
     }
@@ -817,11 +975,14 @@ subinterp_pending_loans(PyObject *module, PyObject *unused)
 static PyMethodDef methods[] = {
     {"create", subinterp_create, METH_NOARGS, "create() -> id of a new interpreter with its own GIL"},
     {"run", (PyCFunction)(void (*)(void))subinterp_run, METH_FASTCALL, "run(id, source) -> its `result`"},
-    {"register", subinterp_register, METH_O, "register(dispatch) -> endpoint id in this interpreter"},
+    {"register", (PyCFunction)(void (*)(void))subinterp_register, METH_FASTCALL,
+     "register(dispatch[, caller]) -> endpoint id in this interpreter"},
+    {"adopt", (PyCFunction)(void (*)(void))subinterp_adopt, METH_FASTCALL,
+     "adopt(endpoint, interp, max_reply): the app takes a compartment's gate"},
     {"unregister", subinterp_unregister, METH_O, "unregister(endpoint id)"},
     {"call", (PyCFunction)(void (*)(void))subinterp_call, METH_FASTCALL, "call(endpoint, frame) -> reply"},
     {"destroy", subinterp_destroy, METH_O, "destroy(id): end an interpreter"},
-    {"lend", subinterp_lend, METH_O, "lend(buffer) -> (loan, address, length)"},
+    {"lend", (PyCFunction)(void (*)(void))subinterp_lend, METH_FASTCALL, "lend(buffer, endpoint) -> (loan, address, length)"},
     {"borrow", (PyCFunction)(void (*)(void))subinterp_borrow, METH_FASTCALL, "borrow(loan, address, length)"},
     {"pending_loans", subinterp_pending_loans, METH_NOARGS, "buffers this interpreter has lent out"},
     {NULL, NULL, 0, NULL},
@@ -848,11 +1009,12 @@ module_exec(PyObject *module)
     PyObject *errors = PyImport_ImportModule("flexos.errors");
     if (transports != NULL && errors != NULL) {
         state->peer_gone = PyObject_GetAttrString(transports, "PeerGone");
+        state->reply_too_large = PyObject_GetAttrString(transports, "ReplyTooLarge");
         state->protocol_error = PyObject_GetAttrString(errors, "ProtocolError");
     }
     Py_XDECREF(transports);
     Py_XDECREF(errors);
-    if (state->peer_gone == NULL || state->protocol_error == NULL) {
+    if (state->peer_gone == NULL || state->reply_too_large == NULL || state->protocol_error == NULL) {
         return -1;
     }
     return PyModule_AddIntConstant(module, "AVAILABLE", 1);
@@ -865,6 +1027,7 @@ module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(state->borrowed_type);
     Py_VISIT(state->peer_gone);
     Py_VISIT(state->protocol_error);
+    Py_VISIT(state->reply_too_large);
     return 0;
 }
 
@@ -875,6 +1038,7 @@ module_clear(PyObject *module)
     Py_CLEAR(state->borrowed_type);
     Py_CLEAR(state->peer_gone);
     Py_CLEAR(state->protocol_error);
+    Py_CLEAR(state->reply_too_large);
     return 0;
 }
 

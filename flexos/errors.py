@@ -12,6 +12,7 @@ Every error that crosses from flexos into an app is a ``flexos.FlexosError``. Th
     ├── GateError                 a value cannot cross a gate; or flexos's own error, raised by a compartment
     │   └── TooManyHandles        (flexos.gates.handles) a compartment holds all the objects it may
     ├── ProtocolError             a peer sent bytes that are not a valid flexos frame
+    │   └── ReplyTooLarge         (flexos.transports) a frame over the compartment's max_reply
     ├── PeerGone                  (flexos.transports) the peer is dead      ┐ a transport's signals to
     ├── CallTimeout               (flexos.transports) no answer in time     │ its link, which raises
     ├── ChannelClosed             (flexos.transports) one channel dropped   ┘ the errors above instead

@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_CONFIG = "flexos.yaml"
+# The largest frame (a reply, or a call it makes back) the app accepts from a compartment: a
+# multiple of the channels' 1 MiB fragments, far above what a call's result needs, and small
+# enough that a compartment cannot make the app hold more than 2x this per channel.
+DEFAULT_MAX_REPLY = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -20,9 +24,10 @@ class CompartmentSpec:
     options: dict[str, Any] = field(default_factory=dict)
     default: bool = False
     restart: str = "on-failure"
-    timeout: float | None = None  # seconds to wait for each answer; past it the compartment is ended
+    timeout: float | None = None  # seconds a call may take, callbacks included; past it the compartment is ended
     # Applied in the compartment's process before any component code runs (flexos/hardening.py).
     hardening: dict[str, Any] = field(default_factory=dict)
+    max_reply: int = DEFAULT_MAX_REPLY  # bytes; a larger frame from it is refused (ReplyTooLarge)
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,7 @@ class Image:
                     "restart": s.restart,
                     "timeout": s.timeout,
                     "hardening": s.hardening,
+                    "max_reply": s.max_reply,
                 }
                 for s in self.compartments.values()
             ],

@@ -494,7 +494,7 @@ def test_unknown_compartment_key(tmp_path: Path) -> None:
     )
     assert only_problem(path) == (
         f"{path}:5: unknown key 'restrat' in compartments[0]; did you mean 'restart'? "
-        "(allowed: name, mechanism, default, restart, timeout, hardening)"
+        "(allowed: name, mechanism, default, restart, timeout, hardening, max_reply)"
     )
 
 

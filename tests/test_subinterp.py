@@ -37,8 +37,12 @@ def _rss_bytes() -> int:
 
 
 @pytest.fixture
-def interplib(boot):
-    boot("subinterp", {"interplib": "box", "complib": "other"})
+def runtime_of_interplib(boot):
+    return boot("subinterp", {"interplib": "box", "complib": "other"})
+
+
+@pytest.fixture
+def interplib(runtime_of_interplib):
     return importlib.import_module("interplib")
 
 
@@ -139,16 +143,17 @@ def test_lent_buffer_outlives_the_callers_reference(interplib):
     assert _subinterp.pending_loans() == baseline
 
 
-def test_forged_loan_is_refused():
-    """A compartment cannot name memory that was not lent: address and length must match a loan."""
+def test_forged_loan_is_refused(runtime_of_interplib):
+    """The app never borrows (loans go from the app to a compartment): a loan description sent to
+    it, genuine or forged, is refused. The compartment's side of these checks:
+    tests/security/test_subinterp_escape.py."""
     from flexos import _subinterp
     from flexos.transports.interp import InterpreterTransport
 
-    payload = InterpreterTransport.lend(b"z" * 100_000)
+    gate = runtime_of_interplib.compartments["box"].link()._transport._endpoint
+    payload = struct.pack("<qQq", *_subinterp.lend(b"z" * 100_000, gate))
     loan, address, length = struct.unpack("<qQq", payload)
-    view = InterpreterTransport.borrow(payload)
-    assert bytes(view[:3]) == b"zzz"
-    with pytest.raises(ProtocolError):  # a loan is borrowed once: one view, one release
+    with pytest.raises(ProtocolError):
         InterpreterTransport.borrow(payload)
     with pytest.raises(ProtocolError):
         InterpreterTransport.borrow(struct.pack("<qQq", loan, address + 4096, length))

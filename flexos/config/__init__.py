@@ -113,7 +113,14 @@ def _compartments(src: Source, entries: list, problems: list[str]) -> dict[str, 
             continue
         hardening = entry.hardening.model_dump() if entry.hardening else {}
         specs[entry.name] = CompartmentSpec(
-            entry.name, driver.name, options, entry.default, entry.restart, entry.timeout, hardening
+            entry.name,
+            driver.name,
+            options,
+            entry.default,
+            entry.restart,
+            entry.timeout,
+            hardening,
+            max_reply=int(entry.max_reply),
         )
     return specs
 

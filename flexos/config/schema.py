@@ -19,6 +19,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from flexos.config.source import Source, plain
 from flexos.drivers.base import Driver, option_types
 from flexos.errors import ConfigError
+from flexos.image import DEFAULT_MAX_REPLY
 
 NAME = r"^[A-Za-z_][A-Za-z0-9_-]*$"  # a compartment's name
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -142,6 +143,15 @@ class CompartmentEntry(StrictModel):
     restart: Literal["on-failure", "never"] = "on-failure"
     timeout: float | None = Field(None, gt=0, le=86400, allow_inf_nan=False)
     hardening: Hardening | None = None
+    max_reply: int | str = DEFAULT_MAX_REPLY
+
+    @field_validator("max_reply")
+    @classmethod
+    def _max_reply(cls, value: int | str) -> int:
+        size = parse_size(value)
+        if size < 1 << 20:
+            raise ValueError("below 1MiB ordinary replies (a module's names, a class description) may not fit")
+        return size
 
 
 class LibraryEntry(StrictModel):

@@ -20,6 +20,7 @@ from flexos import hardening
 from flexos.drivers.base import Driver, spin_us_option, start_timeout_option
 from flexos.errors import CompartmentCrashed, CompartmentStartError, ProtocolError
 from flexos.gates.link import Link
+from flexos.transports import PEER_CHANNELS
 from flexos.transports.shm import ShmTransport
 from flexos.wire import control
 
@@ -86,6 +87,8 @@ class ProcessDriver(Driver):
             death=lambda: self._death(proc),
             spin_us=options.spin_us,
             abort=proc.kill,
+            max_frame=self.spec.max_reply,
+            peer_channels=PEER_CHANNELS,
         )
         self._transport.run(link, lambda message, fds: self.host.control(name, message, fds), f"flexos-{name}")
         return link

@@ -7,8 +7,11 @@ calling thread into the compartment and back (``flexos._subinterp``), as an MPK 
 the protection key: no second thread, no queue, no polling. Two threads calling two subinterp
 compartments run in parallel.
 
-It is not a security boundary against native code: a C extension in the compartment can read
-and write the whole process, and a crash in it ends the app (docs/security.md).
+Against the compartment's Python code, ``flexos._subinterp`` refuses everything but its own gate:
+it cannot run code in, call, end or borrow from another interpreter, nor lend the app memory it
+could change afterwards. It is not a security boundary against native code: ctypes, a C extension
+or ``/proc/self/mem`` in the compartment reach the whole process, and a crash in it ends the app
+(docs/security.md).
 """
 
 from __future__ import annotations
@@ -59,24 +62,35 @@ class SubinterpDriver(Driver):
             return "flexos's subinterpreter gate was built for a Python without per-interpreter GILs"
         return None
 
+    @classmethod
+    def describe(cls, options: Any) -> str:
+        """The caveat a reviewer must see next to every subinterp compartment."""
+        return (
+            "not a boundary against native code: ctypes, a C extension or /proc/self/mem in it "
+            "reads and writes the whole app process"
+        )
+
     def start(self, mirrors: dict) -> Link:
         from flexos import _subinterp
 
         name = self.spec.name
         link = self.make_link(mirrors)
-        link.codec.lend_buffers(InterpreterTransport.lend, InterpreterTransport.LEND_THRESHOLD)
-        self._gate = _subinterp.register(link.dispatch)
-        boot = self.boot_record(parent=self._gate)
-        bootstrap = f"SYS_PATH = {boot.sys_path!r}\nBOOT = {boot.to_wire()!r}\n{_BOOTSTRAP}"
         try:
             self._interp = _subinterp.create()
+            self._gate = _subinterp.register(link.dispatch, self._interp)  # ours, for that one to call
+            boot = self.boot_record(parent=self._gate)
+            bootstrap = f"SYS_PATH = {boot.sys_path!r}\nBOOT = {boot.to_wire()!r}\n{_BOOTSTRAP}"
             answer = _subinterp.run(self._interp, bootstrap)
-        except RuntimeError as exc:
+            if isinstance(answer, int):
+                _subinterp.adopt(answer, self._interp, self.spec.max_reply)
+        except (RuntimeError, LookupError) as exc:
             answer = str(exc)
         if not isinstance(answer, int):
             self.stop()
             raise CompartmentStartError(f"compartment {name!r} failed to boot in a subinterpreter: {answer}")
-        link.attach(InterpreterTransport(answer, death=lambda: CompartmentCrashed(name, None, "it was stopped")))
+        transport = InterpreterTransport(answer, death=lambda: CompartmentCrashed(name, None, "it was stopped"))
+        link.codec.lend_buffers(transport.lend, InterpreterTransport.LEND_THRESHOLD)
+        link.attach(transport)
         self._link = link
         return link
 

@@ -127,6 +127,7 @@ class VmDriver(Driver):
             death=lambda: self._death(machine, epoch),
             spin_us=options.spin_us,
             abort=lambda: self._abort(machine),
+            max_frame=self.spec.max_reply,
         )
         try:
             problem = control.read_boot_answer(transport.mailbox.recv(timeout=options.start_timeout))

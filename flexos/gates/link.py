@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import sys
 import threading
+import time
 import types
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +21,16 @@ from flexos.errors import CompartmentCrashed, FlexosError, GateError, ProtocolEr
 from flexos.gates.handles import MAX_HANDLES, ExportTable, ImportTable
 from flexos.gates.policy import APP_POLICY, COMPARTMENT_POLICY, always_replicated
 from flexos.gates.proxies import Mirrors, RemoteObject, mirror_class, new_proxy, reachable_by_name
-from flexos.transports import CallTimeout, Channel, ChannelClosed, DeadTransport, PeerGone, ServedChannel, Transport
+from flexos.transports import (
+    CallTimeout,
+    Channel,
+    ChannelClosed,
+    DeadTransport,
+    PeerGone,
+    ReplyTooLarge,
+    ServedChannel,
+    Transport,
+)
 from flexos.wire.classes import checked_description, describe_class
 from flexos.wire.codec import ByReference, Codec, Described, described_class
 from flexos.wire.frames import (
@@ -93,7 +103,7 @@ class Link:
         self._replicated = replicated or always_replicated
         # Set by whoever can restart the peer: re-resolves a class by name in its new instance.
         self.rebind: Callable[[str, str], Any] | None = None
-        # Seconds to wait for each answer of the peer (None: forever); past it the peer is ended.
+        # Seconds a call may take, its callbacks included (None: forever); past it the peer is ended.
         self.timeout: float | None = None
         self._mirrors = mirrors if mirrors is not None else {}
         self._classes: dict[int, type] = {}
@@ -134,10 +144,12 @@ class Link:
                 local.channel = channel
         healthy = False
         timeout = self.timeout
+        # One deadline for the whole call: every fragment and every callback exchange shares it.
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            reply = channel.exchange(frame, timeout)
+            reply = channel.exchange(frame, deadline)
             while self._inline is None and frame_kind(reply) == Kind.CALL:  # the peer calls back mid-call
-                reply = channel.exchange(self.dispatch(reply), timeout)
+                reply = channel.exchange(self.dispatch(reply), deadline)
             result = decode_frame(self.codec, reply)
             healthy = True
         except PeerGone:
@@ -154,6 +166,8 @@ class Link:
             ) from None
         except ChannelClosed:
             raise ProtocolError(f"compartment {self.peer!r} dropped the call without answering") from None
+        except ReplyTooLarge as exc:
+            raise ReplyTooLarge(f"compartment {self.peer!r}: {exc}") from None
         finally:
             if outermost:
                 local.channel = None

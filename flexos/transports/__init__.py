@@ -2,8 +2,9 @@
 
 A channel is a strictly alternating conversation used by one thread at a time: ``exchange``
 sends a frame and returns the peer's next frame (a reply, or a nested call the peer makes while
-serving ours). A transport hands out channels to one peer and says what to raise when the peer
-is gone. Two families:
+serving ours), by a ``deadline`` (a ``time.monotonic()`` instant, or None) that holds for the
+whole frame, every fragment of it included. A transport hands out channels to one peer and says
+what to raise when the peer is gone. Two families:
 
 - inline (``inline = True``: loopback, interp): the peer runs on the caller's own thread, so one
   re-entrant channel serves every thread and nested calls are recursion;
@@ -19,7 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Protocol
 
-from flexos.errors import FlexosError
+from flexos.errors import FlexosError, ProtocolError
 
 
 class PeerGone(FlexosError):
@@ -27,15 +28,26 @@ class PeerGone(FlexosError):
 
 
 class CallTimeout(FlexosError):
-    """The peer did not answer within the compartment's ``timeout``."""
+    """The peer did not finish answering by the call's deadline (the compartment's ``timeout``)."""
 
 
 class ChannelClosed(FlexosError):
     """The peer, still alive, dropped this one channel (e.g. its serving thread failed)."""
 
 
+class ReplyTooLarge(ProtocolError):
+    """A compartment sent a frame larger than its ``max_reply``: the call is abandoned and the
+    channel dropped (the compartment keeps running; its other channels are unaffected)."""
+
+
+#: How many channels a compartment may hold open to the app at once (the app serves each on a
+#: thread of its own, with two eventfds): one per thread of the compartment that calls the app
+#: concurrently. Past it the compartment's new channels are dropped on arrival.
+PEER_CHANNELS = 64
+
+
 class Channel(Protocol):
-    def exchange(self, frame: bytes, timeout: float | None = None) -> bytes: ...
+    def exchange(self, frame: bytes, deadline: float | None = None) -> bytes: ...
     def close(self) -> None: ...
 
 
@@ -43,7 +55,7 @@ class ServedChannel(Channel, Protocol):
     """A channel the peer opened, which a thread of ours serves (``Link.serve``)."""
 
     def send(self, frame: bytes) -> None: ...
-    def recv(self, timeout: float | None = None) -> bytes: ...
+    def recv(self, deadline: float | None = None) -> bytes: ...
 
 
 class Transport(Protocol):
@@ -67,17 +79,24 @@ class ServedTransport(ABC):
 
     ``death()`` says what the peer's death is (e.g. CompartmentCrashed with its exit status);
     ``abort``, when given, ends a peer that hangs (one we started), else ``abort()`` drops the
-    connection.
+    connection. Against a peer we do not trust (the app's side of a compartment) ``max_frame``
+    bounds every frame it sends us: ReplyTooLarge past it.
     """
 
     inline: ClassVar[bool] = False
 
     def __init__(
-        self, death: Callable[[], BaseException], spin_us: float, abort: Callable[[], None] | None = None
+        self,
+        death: Callable[[], BaseException],
+        spin_us: float,
+        abort: Callable[[], None] | None = None,
+        *,
+        max_frame: int | None = None,
     ) -> None:
         self._death = death
         self._spin_us = spin_us
         self._abort = abort
+        self._max_frame = max_frame
 
     @abstractmethod
     def open_channel(self) -> ServedChannel: ...

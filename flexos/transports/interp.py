@@ -3,7 +3,9 @@
 ``exchange`` enters the peer interpreter on the caller's own OS thread (``flexos._subinterp``:
 release our GIL, take the peer's, dispatch, switch back), so there is no thread hop and nothing
 to poll. Nested calls back are recursion on the same thread, as with the loopback transport.
-Large buffers can be lent to the peer instead of copied (:meth:`lend` / :meth:`borrow`).
+The app can lend large buffers to the compartment instead of copying them (:meth:`lend` /
+:meth:`borrow`); never the other way round, since a lender can change what it lent after the
+borrower checked it. Who may call, run and lend what is enforced by ``flexos._subinterp`` itself.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ _LOAN = struct.Struct("<qQq")
 
 class InterpreterChannel:
     def __init__(self, endpoint: int) -> None:
-        # ``exchange(frame, timeout)`` is the C gate itself (no Python frame on the hot path). It
-        # raises PeerGone once the peer is ended and ProtocolError if its dispatcher fails; a
-        # timeout means nothing: the callee runs on our own thread.
+        # ``exchange(frame, deadline)`` is the C gate itself (no Python frame on the hot path). It
+        # raises PeerGone once the peer is ended, ProtocolError if its dispatcher fails and
+        # ReplyTooLarge past the bound the app adopted the endpoint with; a deadline means
+        # nothing: the callee runs on our own thread.
         self.exchange = functools.partial(_subinterp.call, endpoint)
 
     def close(self) -> None:
@@ -40,6 +43,7 @@ class InterpreterTransport:
     LEND_THRESHOLD = 1 << 16
 
     def __init__(self, endpoint: int, death: Callable[[], BaseException]) -> None:
+        self._endpoint = endpoint
         self._channel = InterpreterChannel(endpoint)
         self._death = death
 
@@ -56,14 +60,14 @@ class InterpreterTransport:
         pass
 
     # -- zero-copy buffers ----------------------------------------------------------------------
-    @staticmethod
-    def lend(buffer: bytes | bytearray | memoryview) -> bytes:
-        """Pin ``buffer`` for the peer and describe it; the peer maps it without a copy."""
-        return _LOAN.pack(*_subinterp.lend(buffer))
+    def lend(self, buffer: bytes | bytearray | memoryview) -> bytes:
+        """(The app) pin ``buffer`` for this compartment and describe it; it maps it without a copy."""
+        return _LOAN.pack(*_subinterp.lend(buffer, self._endpoint))
 
     @staticmethod
     def borrow(payload: bytes) -> memoryview:
-        """A read-only view of a buffer the peer lent (only a live loan, exactly its bytes)."""
+        """(A compartment) a read-only view of a buffer the app lent it (only a live loan lent to
+        this interpreter, exactly its bytes); in the app every loan is refused."""
         if len(payload) != _LOAN.size:
             raise ProtocolError("malformed buffer loan")
         try:

@@ -121,13 +121,13 @@ class Liveness:
         mm: mmap.mmap,
         offset: int,
         value: int,
-        timeout: float | None,
+        deadline: float | None,
         interrupted: Callable[[], None],
         max_pause: float,
     ) -> None:
-        """Poll until the sequence number at ``offset`` is ``value``, pausing longer each time;
-        ``interrupted`` raises to give up (the waiter or the peer closed)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """Poll until the sequence number at ``offset`` is ``value``, pausing longer each time, until
+        ``deadline`` (monotonic; CallTimeout past it); ``interrupted`` raises to give up (the waiter
+        or the peer closed)."""
         pause = FIRST_PAUSE_S
         while _SEQ.unpack_from(mm, offset)[0] != value:
             interrupted()
@@ -142,16 +142,22 @@ class WindowChannel(RingChannel):
     """One side of a channel in a slot of the window: a shm channel's frames, polling instead of eventfds."""
 
     def __init__(
-        self, mm: mmap.mmap, slot: int, side: int, liveness: Liveness, spin_us: float = DEFAULT_SPIN_US
+        self,
+        mm: mmap.mmap,
+        slot: int,
+        side: int,
+        liveness: Liveness,
+        spin_us: float = DEFAULT_SPIN_US,
+        max_frame: int | None = None,
     ) -> None:
-        super().__init__(mm, slot_offset(slot), side, CAPACITY, spin_us)
+        super().__init__(mm, slot_offset(slot), side, CAPACITY, spin_us, max_frame)
         self._liveness = liveness
 
     def _wake_peer(self) -> None:
         pass  # nobody here sleeps on a flag (should a hostile peer set one, nothing happens)
 
-    def _block(self, offset: int, value: int, timeout: float | None = None) -> None:
-        self._liveness.wait_for(self._mm, offset, value, timeout, self._interrupted, self._liveness.channel_max_pause)
+    def _block(self, offset: int, value: int, deadline: float | None = None) -> None:
+        self._liveness.wait_for(self._mm, offset, value, deadline, self._interrupted, self._liveness.channel_max_pause)
 
     def _interrupted(self) -> None:
         if _FLAG.unpack_from(self._mm, self._peer_closed)[0]:
@@ -190,7 +196,8 @@ class Mailbox:
         self.closed = False
 
     def _wait(self, offset: int, value: int, timeout: float | None) -> None:
-        self._liveness.wait_for(self._mm, offset, value, timeout, self._interrupted, MAILBOX_MAX_PAUSE_S)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._liveness.wait_for(self._mm, offset, value, deadline, self._interrupted, MAILBOX_MAX_PAUSE_S)
 
     def _interrupted(self) -> None:
         if self.closed:
@@ -228,7 +235,8 @@ class WindowTransport(ServedTransport):
 
     The opener of a channel is its side 0: it takes a free slot of its own range, zeroes it, and
     tells the peer's accept loop (a channel-opened message), which serves it on a new thread. A slot is
-    free again once both sides have closed it.
+    free again once both sides have closed it. The peer's own slots bound the channels it can have
+    served; an opening of a slot still being served is ignored (it would start a second server).
     """
 
     def __init__(
@@ -239,14 +247,16 @@ class WindowTransport(ServedTransport):
         death: Callable[[], BaseException],
         spin_us: float = DEFAULT_SPIN_US,
         abort: Callable[[], None] | None = None,
+        *,
+        max_frame: int | None = None,
     ) -> None:
-        super().__init__(death, spin_us, abort)
+        super().__init__(death, spin_us, abort, max_frame=max_frame)
         self._mm = mm
         self._mine, self._theirs = (host_slots(), guest_slots()) if host else (guest_slots(), host_slots())
         self._mailbox = Mailbox(mm, COMPARTMENT_SLOT, 0 if host else 1, liveness)
         self._liveness = liveness
         self._opened: dict[int, WindowChannel] = {}
-        self._accepted: list[WindowChannel] = []
+        self._accepted: dict[int, WindowChannel] = {}  # by slot
         self._lock = threading.Lock()
 
     @property
@@ -262,7 +272,7 @@ class WindowTransport(ServedTransport):
             else:
                 raise FlexosError(f"all {len(self._mine)} channels of the window are in use (one per thread in a call)")
             reset_slots(self._mm, range(slot, slot + 1))
-            channel = WindowChannel(self._mm, slot, 0, self._liveness, self._spin_us)
+            channel = WindowChannel(self._mm, slot, 0, self._liveness, self._spin_us, self._max_frame)
             self._opened[slot] = channel
         try:
             self._mailbox.send(control.channel_opened(slot))
@@ -288,9 +298,12 @@ class WindowTransport(ServedTransport):
                 except ProtocolError:
                     continue  # nothing to act on
                 if isinstance(value, int) and verb == control.OPEN and value in self._theirs:
-                    channel = WindowChannel(self._mm, value, 1, self._liveness, self._spin_us)
                     with self._lock:
-                        self._accepted = [*(c for c in self._accepted if not c.closed), channel]
+                        serving = self._accepted.get(value)
+                        if serving is not None and not serving.closed:
+                            continue
+                        channel = WindowChannel(self._mm, value, 1, self._liveness, self._spin_us, self._max_frame)
+                        self._accepted[value] = channel
                     threading.Thread(target=link.serve, args=(channel,), daemon=True, name="flexos-serve").start()
                 elif isinstance(value, bytes) and on_control is not None:
                     on_control(value, [])
@@ -303,5 +316,5 @@ class WindowTransport(ServedTransport):
     def close(self) -> None:
         self._mailbox.closed = True
         with self._lock:
-            for channel in [*self._opened.values(), *self._accepted]:
+            for channel in [*self._opened.values(), *self._accepted.values()]:
                 channel.close()

@@ -17,7 +17,7 @@ class LoopbackChannel:
     def __init__(self, dispatch: Callable[[bytes], bytes]) -> None:
         self._dispatch = dispatch
 
-    def exchange(self, frame: bytes, timeout: float | None = None) -> bytes:
+    def exchange(self, frame: bytes, deadline: float | None = None) -> bytes:
         return self._dispatch(frame)  # the callee runs on our stack: nothing to time out
 
     def close(self) -> None:

@@ -13,7 +13,9 @@ A writer publishes a fragment by storing its payload, then len, flags and the ne
 number in one ``pack_into`` (which stores fields in order, so seq lands last); a reader waits for
 that exact number (``pack_into`` is not atomic, so "non-zero" is not a safe signal). A channel is
 a strictly alternating conversation, so a frame from the peer proves it consumed ours: only the
-fragments of a frame larger than the capacity are acknowledged one by one.
+fragments of a frame larger than the capacity are acknowledged one by one. A reader stops at
+``max_frame`` bytes of one frame (ReplyTooLarge) instead of reassembling whatever the peer sends,
+and a deadline holds for a whole frame, however slowly its fragments come.
 
 Going to sleep is a Dekker handshake (store my flag, load the peer's sequence number) against the
 writer's (store the sequence number, load my flag). x86 may reorder a store before a later load,
@@ -37,10 +39,10 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from flexos.errors import ProtocolError
-from flexos.transports import CallTimeout, ChannelClosed, ControlHandler, PeerGone, ServedTransport
+from flexos.transports import CallTimeout, ChannelClosed, ControlHandler, PeerGone, ReplyTooLarge, ServedTransport
 from flexos.wire.control import CONTROL_MAX, OPEN_CHANNEL
 
 _SEQ = struct.Struct("<Q")
@@ -65,11 +67,17 @@ _spinners: list[int] = []
 
 class RingChannel(ABC):
     """The frames of one side (0 or 1) of a channel laid out at ``base`` in ``mm`` (the layout
-    above); how a side waits for the peer, and wakes it, is the subclass's."""
+    above); how a side waits for the peer, and wakes it, is the subclass's. ``max_frame`` bounds
+    the frames read (None: only memory does)."""
 
-    def __init__(self, mm: mmap.mmap, base: int, side: int, capacity: int, spin_us: float) -> None:
+    def __init__(
+        self, mm: mmap.mmap, base: int, side: int, capacity: int, spin_us: float, max_frame: int | None = None
+    ) -> None:
         self._mm = mm
         self._capacity = capacity
+        self._max_frame = max_frame
+        # The largest frame taken on the fast path of exchange(); anything else goes through recv().
+        self._fast_limit = capacity if max_frame is None else min(capacity, max_frame)
         self._my_sleep = base + (0 if side == 0 else 64)
         self._peer_sleep = base + (64 if side == 0 else 0)
         self._my_closed = self._my_sleep + 4
@@ -83,21 +91,22 @@ class RingChannel(ABC):
         self.closed = False
 
     @abstractmethod
-    def _block(self, offset: int, value: int, timeout: float | None = None) -> None:
-        """Wait, past the spinning window, until the sequence number at ``offset`` is ``value``."""
+    def _block(self, offset: int, value: int, deadline: float | None = None) -> None:
+        """Wait, past the spinning window, until the sequence number at ``offset`` is ``value``
+        (CallTimeout once ``time.monotonic()`` passes ``deadline``)."""
 
     @abstractmethod
     def _wake_peer(self) -> None:
         """The peer said it sleeps: wake it (a frame or an acknowledgement is there)."""
 
     # -- the hot path ---------------------------------------------------------------------------
-    def exchange(self, frame: bytes, timeout: float | None = None) -> bytes:
-        """Send ``frame`` and return the peer's next one (waiting at most ``timeout`` seconds)."""
+    def exchange(self, frame: bytes, deadline: float | None = None) -> bytes:
+        """Send ``frame`` and return the peer's next one, both whole by ``deadline`` (monotonic)."""
         # send() and recv() inlined for the common case: one small frame each way.
         size = len(frame)
         if size > self._capacity:
-            self._send_fragments(frame)
-            return self.recv(timeout=timeout)
+            self._send_fragments(frame, deadline)
+            return self.recv(deadline)
         mm = self._mm
         start = self._out_payload
         mm[start : start + size] = frame
@@ -110,10 +119,10 @@ class RingChannel(ABC):
         hdr = self._in_hdr
         expected = self._in_seq + 1
         if _SEQ.unpack_from(mm, hdr + _SEQ_AT)[0] != expected:
-            self._wait(hdr + _SEQ_AT, expected, timeout)
+            self._wait(hdr + _SEQ_AT, expected, deadline)
         size, flags = _LEN_FLAGS.unpack_from(mm, hdr)
-        if flags or size > self._capacity:
-            return self.recv(resume=True, timeout=timeout)
+        if flags or size > self._fast_limit:
+            return self.recv(deadline, resume=True)
         self._in_seq = expected
         start = self._in_payload
         return mm[start : start + size]
@@ -132,13 +141,13 @@ class RingChannel(ABC):
         if _FLAG.unpack_from(mm, self._peer_sleep)[0]:
             self._wake_peer()
 
-    def _send_fragments(self, frame: bytes) -> None:
+    def _send_fragments(self, frame: bytes, deadline: float | None = None) -> None:
         mm, hdr, capacity = self._mm, self._out_hdr, self._capacity
         view = memoryview(frame)
         start = self._out_payload
         for pos in range(0, len(frame), capacity):
             if pos:  # the peer acknowledges each fragment before we overwrite it
-                self._wait(hdr + _ACK_AT, self._out_seq)
+                self._wait(hdr + _ACK_AT, self._out_seq, deadline)
             chunk = view[pos : pos + capacity]
             mm[start : start + len(chunk)] = chunk
             more = _MORE if pos + len(chunk) < len(frame) else 0
@@ -149,20 +158,25 @@ class RingChannel(ABC):
             if _FLAG.unpack_from(mm, self._peer_sleep)[0]:
                 self._wake_peer()
 
-    def recv(self, timeout: float | None = None, *, resume: bool = False) -> bytes:
-        """The peer's next frame. ``resume``: its first fragment has already been seen arriving."""
+    def recv(self, deadline: float | None = None, *, resume: bool = False) -> bytes:
+        """The peer's next frame, whole by ``deadline``. ``resume``: its first fragment has
+        already been seen arriving."""
         mm = self._mm
         hdr = self._in_hdr
         parts: list[bytes] = []
+        received = 0
         while True:
             expected = self._in_seq + 1
             if resume:
                 resume = False
             elif _SEQ.unpack_from(mm, hdr + _SEQ_AT)[0] != expected:
-                self._wait(hdr + _SEQ_AT, expected, timeout)
+                self._wait(hdr + _SEQ_AT, expected, deadline)
             size, flags = _LEN_FLAGS.unpack_from(mm, hdr)
             if size > self._capacity or flags & ~_MORE:
                 raise ProtocolError(f"corrupt channel header (length {size}, flags {flags})")
+            received += size
+            if self._max_frame is not None and received > self._max_frame:
+                self._drop_oversized()
             start = self._in_payload
             data = mm[start : start + size]
             self._in_seq = expected
@@ -178,7 +192,18 @@ class RingChannel(ABC):
             if _FLAG.unpack_from(mm, self._peer_sleep)[0]:
                 self._wake_peer()
 
-    def _wait(self, offset: int, value: int, timeout: float | None = None) -> None:
+    def _drop_oversized(self) -> NoReturn:
+        """Stop reading a frame past ``max_frame``: mark our side closed (the peer, waiting for our
+        acknowledgement or later for our next frame, gets ChannelClosed) and give up. Its memory
+        stays mapped until ``close()``, so a caller further up this channel's stack is told by
+        the peer's closing, not by a crash."""
+        _FLAG.pack_into(self._mm, self._my_closed, 1)
+        _fence_lock.acquire()
+        _fence_lock.release()
+        self._wake_peer()
+        raise ReplyTooLarge(f"a frame over the max_reply of {self._max_frame} bytes arrived; its channel was dropped")
+
+    def _wait(self, offset: int, value: int, deadline: float | None = None) -> None:
         """Spin, then spin yielding the CPU, then block.
 
         A reply from another core arrives within a few µs, so the first stretch spins tight. If
@@ -186,13 +211,13 @@ class RingChannel(ABC):
         of checks yields the core (and the GIL) to it; past the window we sleep on the eventfd.
         """
         if _spinners:
-            return self._block(offset, value, timeout)
+            return self._block(offset, value, deadline)
         mm = self._mm
         unpack = _SEQ.unpack_from
         clock = time.perf_counter
         start = clock()
         tight_until = start + _TIGHT_SPIN_S
-        deadline = start + self._spin_s
+        spin_until = start + self._spin_s
         _spinners.append(1)
         try:
             while True:
@@ -200,13 +225,13 @@ class RingChannel(ABC):
                     if unpack(mm, offset)[0] == value:
                         return
                 now = clock()
-                if now > deadline:
+                if now > spin_until:
                     break
                 if now > tight_until:
                     os.sched_yield()
         finally:
             _spinners.pop()
-        self._block(offset, value, timeout)
+        self._block(offset, value, deadline)
 
 
 class ShmChannel(RingChannel):
@@ -221,6 +246,7 @@ class ShmChannel(RingChannel):
         watch_events: int,
         capacity: int = DEFAULT_CAPACITY,
         spin_us: float = DEFAULT_SPIN_US,
+        max_frame: int | None = None,
     ) -> None:
         mem_fd, efd0, efd1 = fds
         size = _HEADER + 2 * capacity
@@ -228,7 +254,7 @@ class ShmChannel(RingChannel):
             raise ProtocolError("channel memory is not a sealed region of the agreed size")
         mm = mmap.mmap(mem_fd, size)
         os.close(mem_fd)
-        super().__init__(mm, 0, side, capacity, spin_us)
+        super().__init__(mm, 0, side, capacity, spin_us, max_frame)
         self._efds = (efd0, efd1)
         self._my_efd = efd0 if side == 0 else efd1
         self._peer_efd = efd1 if side == 0 else efd0
@@ -239,7 +265,12 @@ class ShmChannel(RingChannel):
 
     @classmethod
     def create(
-        cls, watch_fd: int, watch_events: int, capacity: int = DEFAULT_CAPACITY, spin_us: float = DEFAULT_SPIN_US
+        cls,
+        watch_fd: int,
+        watch_events: int,
+        capacity: int = DEFAULT_CAPACITY,
+        spin_us: float = DEFAULT_SPIN_US,
+        max_frame: int | None = None,
     ) -> tuple[ShmChannel, list[int]]:
         """Side 0 of a new channel, and the fds to hand to the peer (which it then owns)."""
         mem_fd = os.memfd_create("flexos-channel", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -249,14 +280,16 @@ class ShmChannel(RingChannel):
         flags = os.EFD_NONBLOCK | os.EFD_CLOEXEC
         efd0, efd1 = os.eventfd(0, flags), os.eventfd(0, flags)
         peer_fds = [os.dup(mem_fd), os.dup(efd0), os.dup(efd1)]
-        return cls((mem_fd, efd0, efd1), 0, watch_fd, watch_events, capacity, spin_us), peer_fds
+        return cls((mem_fd, efd0, efd1), 0, watch_fd, watch_events, capacity, spin_us, max_frame), peer_fds
 
     def _wake_peer(self) -> None:
-        os.eventfd_write(self._peer_efd, 1)
+        try:
+            os.eventfd_write(self._peer_efd, 1)
+        except BlockingIOError:  # the peer (which holds this eventfd too) saturated its counter:
+            pass  # it is readable, so the peer's poll() returns anyway
 
-    def _block(self, offset: int, value: int, timeout: float | None = None) -> None:
+    def _block(self, offset: int, value: int, deadline: float | None = None) -> None:
         mm = self._mm
-        deadline = None if timeout is None else time.monotonic() + timeout
         wait_ms = _BLOCK_POLL_MS
         while True:
             _FLAG.pack_into(mm, self._my_sleep, 1)
@@ -317,7 +350,8 @@ class ShmTransport(ServedTransport):
     Either side may open a channel: it creates and seals the memory and two eventfds, and passes
     them over the SOCK_SEQPACKET control socket; the other side's accept loop starts a thread
     serving it. ``watch_fd`` becomes readable (a pidfd) or hangs up (the socket) when the peer
-    dies, which wakes any blocked waiter.
+    dies, which wakes any blocked waiter. ``peer_channels`` bounds the channels the peer may have
+    us serve at once: one more is closed on arrival, which its opener sees as ChannelClosed.
     """
 
     def __init__(
@@ -328,14 +362,19 @@ class ShmTransport(ServedTransport):
         death: Callable[[], BaseException],
         spin_us: float = DEFAULT_SPIN_US,
         abort: Callable[[], None] | None = None,
+        *,
+        max_frame: int | None = None,
+        peer_channels: int | None = None,
     ) -> None:
-        super().__init__(death, spin_us, abort)
+        super().__init__(death, spin_us, abort, max_frame=max_frame)
+        self._peer_channels = peer_channels
+        self._served: list[ShmChannel] = []  # the peer's channels; only the accept loop changes the list
         self._sock = sock
         self._watch = (watch_fd, watch_events)
         self._send_lock = threading.Lock()
 
     def open_channel(self) -> ShmChannel:
-        channel, fds = ShmChannel.create(*self._watch, spin_us=self._spin_us)
+        channel, fds = ShmChannel.create(*self._watch, spin_us=self._spin_us, max_frame=self._max_frame)
         try:
             with self._send_lock:
                 socket.send_fds(self._sock, [OPEN_CHANNEL], fds)
@@ -346,6 +385,15 @@ class ShmTransport(ServedTransport):
             for fd in fds:
                 os.close(fd)
         return channel
+
+    def _admit(self, channel: ShmChannel) -> bool:
+        """Count ``channel`` among those we serve, unless the peer already holds ``peer_channels``."""
+        live = [served for served in self._served if not served.closed]
+        admitted = self._peer_channels is None or len(live) < self._peer_channels
+        if admitted:
+            live.append(channel)
+        self._served = live
+        return admitted
 
     def send_control(self, message: bytes, fds: Sequence[int] = ()) -> None:
         with self._send_lock:
@@ -366,13 +414,18 @@ class ShmTransport(ServedTransport):
                 try:
                     if message != OPEN_CHANNEL or len(fds) != 3:
                         raise ProtocolError("unexpected control message")
-                    channel = ShmChannel((fds[0], fds[1], fds[2]), 1, *self._watch, spin_us=self._spin_us)
+                    channel = ShmChannel(
+                        (fds[0], fds[1], fds[2]), 1, *self._watch, spin_us=self._spin_us, max_frame=self._max_frame
+                    )
                 except (ProtocolError, OSError, ValueError):
                     for fd in fds:
                         try:
                             os.close(fd)
                         except OSError:
                             pass
+                    continue
+                if not self._admit(channel):
+                    channel.close()  # one too many: its opener's call fails (ChannelClosed)
                     continue
                 threading.Thread(target=link.serve, args=(channel,), daemon=True, name="flexos-serve").start()
         finally:
