@@ -196,8 +196,9 @@ def landlock_abi() -> int:
     return max(answer[0], 0) if answer is not None else 0
 
 
-def restrict_filesystem(read: Iterable[str], write: Iterable[str]) -> None:
-    """Allow only ``read``/``write`` (and what Python needs, read-only) from now on.
+def restrict_filesystem(read: Iterable[str], write: Iterable[str], code: Iterable[str] = ()) -> None:
+    """Allow only ``read``/``write`` (and, read-only, what Python needs and ``code``: the paths the
+    compartment imports its modules from) from now on.
 
     landlock_restrict_self() binds the calling thread and the threads it starts later, so this
     runs before the compartment starts any thread.
@@ -218,7 +219,7 @@ def restrict_filesystem(read: Iterable[str], write: Iterable[str]) -> None:
     if error:
         raise HardeningError(f"filesystem: landlock_create_ruleset failed: {os.strerror(error)}")
     try:
-        python_paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path, os.path.dirname(os.__file__)}
+        python_paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path, *code, os.path.dirname(os.__file__)}
         for path in (*_SYSTEM_READ, *python_paths):  # what exists of these (sys.path may list zips)
             _allow(add_rule, ruleset, os.path.abspath(path), _READ & handled, required=False)
         for kind, paths, rights in (("read", read, _READ), ("write", write, writable)):

@@ -1,10 +1,12 @@
-"""Where a compartment begins: ``python -m flexos.runtime.child FD`` (a process), and the bootstrap
-of a subinterpreter (:func:`serve_in_subinterpreter`).
+"""Where a compartment begins: ``python -I -m flexos.runtime.child FD CONSOLE_FD`` (a process), and
+the bootstrap of a subinterpreter (:func:`serve_in_subinterpreter`).
 
 A process compartment receives its boot record over the control socket, applies the
 compartment's hardening (flexos/hardening.py) before any component code can run, installs the
 gates for modules that live elsewhere, answers "ready", then serves the channels its parent
-opens until the parent goes away. Neither imports the config/validation stack.
+opens until the parent goes away. Until the hardening is applied it imports only from the
+interpreter's own paths (it starts isolated: no working directory, user site or ``PYTHON*``
+variables); the app's ``sys.path`` is taken after. Neither imports the config/validation stack.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from functools import partial
 from typing import Any
 
 from flexos import hardening
+from flexos.drivers.console import install_synced_streams
 from flexos.drivers.sibling import SiblingDesk
 from flexos.errors import CompartmentCrashed, ProtocolError
 from flexos.gates.link import Link
@@ -70,22 +73,24 @@ def link_back(
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     os.set_inheritable(sock.fileno(), False)
+    install_synced_streams(int(sys.argv[2]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the app, which sees it first
     try:
         record = BootRecord.from_wire(sock.recv(1 << 20))
         image, name = record.image, record.name
         policy = image.compartments[name].hardening
-        sys.path[:] = record.sys_path
-        sys.argv[:] = record.argv
         # Namespaces, Landlock and seccomp bind only the calling thread: all go before any thread.
         filter_policy = hardening.seccomp_policy(policy)
         seccomp = hardening.seccomp_library() if filter_policy is not None else None
         if policy.get("network") == "none":
             hardening.isolate_network()
         if policy.get("filesystem") is not None:
-            hardening.restrict_filesystem(policy["filesystem"]["read"], policy["filesystem"]["write"])
+            filesystem = policy["filesystem"]
+            hardening.restrict_filesystem(filesystem["read"], filesystem["write"], code=record.sys_path)
         if filter_policy is not None:
             hardening.apply_seccomp(filter_policy, seccomp)
+        sys.path[:] = record.sys_path  # the app's, writable places included: imports from it run hardened
+        sys.argv[:] = record.argv
         _die_with_parent()
         hardening.apply_limits(policy.get("limits") or {})
         transport = ShmTransport(
