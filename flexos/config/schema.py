@@ -142,6 +142,7 @@ class CompartmentEntry(StrictModel):
     restart: Literal["on-failure", "never"] = "on-failure"
     timeout: float | None = Field(None, gt=0, le=86400, allow_inf_nan=False)
     hardening: Hardening | None = None
+    reaches: list[str] | None = None  # compartment names (flexos.config.rules.reaches_declared)
 
 
 class LibraryEntry(StrictModel):
