@@ -294,7 +294,11 @@ def seccomp_library() -> Any:
 
 
 def apply_seccomp(policy: dict[str, Any], seccomp: Any) -> None:
-    """Load a filter answering the denied system calls with EPERM (runs before any thread)."""
+    """Load a filter answering the denied system calls with EPERM (runs before any thread).
+
+    Its rules are the native ABI's; a call through any other the kernel takes from this process
+    (x32 or i386 on x86_64) is answered ENOSYS, as by a kernel without that ABI. libseccomp's
+    default would kill the calling thread, leaving the app's call unanswered."""
     deny = set(SECCOMP_PROFILES.get(policy.get("profile") or "", ())) | set(policy.get("deny") or ())
     deny -= set(policy.get("allow") or ())
     arch = seccomp.system_arch()
@@ -303,6 +307,7 @@ def apply_seccomp(policy: dict[str, Any], seccomp: Any) -> None:
             raise HardeningError(f"seccomp: {name!r} is not a system call on this machine")
     try:
         rules = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
+        rules.set_attr(seccomp.Attr.ACT_BADARCH, seccomp.ERRNO(errno.ENOSYS))
         for name in sorted(deny):
             rules.add_rule(seccomp.ERRNO(errno.EPERM), name)
         if "fork" in deny:  # a process is clone() without CLONE_THREAD; clone3 hides its flags
