@@ -148,7 +148,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 # -- inside the compartment -----------------------------------------------------------------------
-class _SyncedWriter(io.RawIOBase):
+class _SyncedWriter(io.BufferedIOBase):
     """Writes to one of the console's pipes and returns once the app has forwarded it."""
 
     def __init__(self, fd: int, sync: socket.socket, lock: threading.Lock) -> None:
@@ -184,8 +184,8 @@ def install_synced_streams(sync_fd: int) -> None:
     lock = threading.Lock()  # one write at a time: each waits for its own answer
     for name, fd in (("stdout", 1), ("stderr", 2)):
         old = getattr(sys, name)
-        stream = io.TextIOWrapper(
-            _SyncedWriter(fd, sync, lock),  # type: ignore[arg-type]  # unbuffered: every write goes out at once
+        stream = io.TextIOWrapper(  # type: ignore[type-var]  # typeshed wants a readable buffer too
+            _SyncedWriter(fd, sync, lock),  # it buffers nothing: every write goes out at once
             encoding=old.encoding,
             errors=old.errors,
             write_through=True,

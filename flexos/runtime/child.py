@@ -23,6 +23,7 @@ from functools import partial
 from typing import Any
 
 from flexos import hardening
+from flexos.drivers import driver_class
 from flexos.drivers.console import install_synced_streams
 from flexos.drivers.sibling import SiblingDesk
 from flexos.errors import CompartmentCrashed, ProtocolError
@@ -31,7 +32,7 @@ from flexos.runtime import Runtime
 from flexos.transports import Transport
 from flexos.transports.shm import ShmTransport
 from flexos.wire import control
-from flexos.wire.control import BootRecord
+from flexos.wire.control import BootRecord, Route
 
 _INCOMPATIBLE = "does not support loading in subinterpreters"
 
@@ -79,6 +80,9 @@ def main() -> None:
         record = BootRecord.from_wire(sock.recv(1 << 20))
         image, name = record.image, record.name
         policy = image.compartments[name].hardening
+        for sibling, way in record.routes.items():  # loaded now, from flexos's own place, not on first use
+            if way == Route.DIRECT:
+                driver_class(image.compartments[sibling].driver)
         # Namespaces, Landlock and seccomp bind only the calling thread: all go before any thread.
         filter_policy = hardening.seccomp_policy(policy)
         seccomp = hardening.seccomp_library() if filter_policy is not None else None
@@ -107,7 +111,9 @@ def main() -> None:
             for module, rules in image.library_hardening.items()
             if image.compartment_of(module) == name
         }
-        hardening.install_audit_policy((policy.get("audit") or {}).get("deny", []), name, libraries)  # last
+        deny = (policy.get("audit") or {}).get("deny", [])
+        # Last: it trusts the code loaded until now, and only that.
+        hardening.install_audit_policy(deny, name, libraries, record.sys_path, importers=[Runtime.serve_import])
     except Exception:
         sock.send(control.encode(control.boot_failed(traceback.format_exc())))
         os._exit(1)
