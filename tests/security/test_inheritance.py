@@ -23,6 +23,7 @@ from boxes import app_script, booted, hardened, image
 
 import flexos
 from flexos import CompartmentSpec
+from flexos.drivers import unavailable
 
 HARDENED_BOX = image({"inheritor": "box"}, box=CompartmentSpec("box", "process", hardening=hardened()))
 
@@ -181,3 +182,22 @@ def test_planted_code_never_runs_before_the_hardening_of_a_restarted_compartment
     # The plant is live: a Python started the old way, in the same place, runs it.
     subprocess.run([sys.executable, "-c", "import msgpack"], cwd=work, check=True)
     assert marker.exists()
+
+
+@pytest.mark.slow
+def test_a_vm_compartments_qemu_holds_none_of_the_apps_terminal() -> None:
+    """The guest's console is QEMU's serial port: stdin /dev/null, output a pipe the app logs; QEMU
+    itself runs in a session of its own, so even a QEMU escape finds no terminal of the app's."""
+    reason = unavailable("vm")
+    if reason:
+        pytest.skip(f"driver 'vm' unavailable here: {reason}")
+    box = CompartmentSpec("box", "vm")
+    with booted(image({"inheritor": "box"}, box=box), ("inheritor",)) as runtime:
+        import inheritor
+
+        inheritor.session()  # the guest is up and answers
+        qemu = runtime.compartments["box"].pid
+        assert qemu is not None
+        assert os.getsid(qemu) == qemu != os.getsid(0)
+        assert os.readlink(f"/proc/{qemu}/fd/0") == "/dev/null"
+        assert all(os.readlink(f"/proc/{qemu}/fd/{fd}").startswith("pipe:") for fd in (1, 2))
