@@ -12,12 +12,14 @@ never runs unhardened.
                        can be read or written; with Landlock ABI >= 6 the compartment also cannot
                        signal processes outside it (the app);
 - ``seccomp``          a seccomp filter in the kernel: named profiles (``compute-only``) and
-                       deny/allow lists of system calls, answered with EPERM;
+                       deny/allow lists of system calls, answered with EPERM (calls through
+                       any ABI but the native one: ENOSYS);
 - ``limits``           rlimits: ``memory`` (RLIMIT_DATA), ``cpu_seconds`` (RLIMIT_CPU),
                        ``open_files`` (RLIMIT_NOFILE); ``processes: 0`` through seccomp;
-- ``audit: {deny}``    a Python audit hook refusing the listed events (PEP 578) when component
-                       code is on the stack; a library's own ``hardening.audit`` applies when that
-                       library's code is the innermost component frame.
+- ``audit: {deny}``    a Python audit hook refusing the listed events (PEP 578) raised on a
+                       component's behalf (told by code identity; a thread acts for whoever
+                       started it); a library's own ``hardening.audit`` applies while that
+                       library has code on the stack or started the thread.
 """
 
 from __future__ import annotations
