@@ -10,7 +10,7 @@ from typing import NoReturn
 import click
 
 from flexos.errors import ConfigError, DriverUnavailable, FlexosError
-from flexos.image import DEFAULT_CONFIG
+from flexos.image import DEFAULT_CONFIG, CompartmentSpec, Image
 
 _config_option = click.option(
     "-c", "--config", default=DEFAULT_CONFIG, show_default=True, metavar="FILE", help="The image's flexos.yaml."
@@ -54,6 +54,10 @@ def check(config: str) -> None:
         described = driver.describe(options)  # e.g. which accelerator QEMU will use here, and why
         if described:
             click.echo(f"  {'':<14} {spec.driver}: {described}")
+    click.echo("reach (whose modules each compartment may import; the default one reaches all):")
+    for spec in image.compartments.values():
+        if not spec.default:
+            click.echo(f"  {spec.name:<14} -> {_describe_reach(image, spec)}")
     click.echo("libraries:")
     for module, owner in sorted(image.libraries.items()):
         click.echo(f"  {module:<30} -> {owner}")
@@ -81,6 +85,15 @@ def _echo_machine_report() -> dict:
         click.echo(f"  {feature.name:<14} {status:<12} {feature.detail}")
         features[feature.name] = feature
     return features
+
+
+def _describe_reach(image: Image, spec: CompartmentSpec) -> str:
+    reached = [name for name in image.compartments if name != spec.name and image.may_reach(spec.name, name)]
+    listed = ", ".join(reached) or "nothing"
+    if spec.reaches is not None:
+        return listed
+    why = "hardened, so only what reaches: lists" if spec.hardening else "unhardened, so every compartment"
+    return f"{listed}  (reaches: not declared; {why})"
 
 
 def _describe_hardening(hardening: dict) -> str:

@@ -12,21 +12,28 @@ never runs unhardened.
                        can be read or written; with Landlock ABI >= 6 the compartment also cannot
                        signal processes outside it (the app);
 - ``seccomp``          a seccomp filter in the kernel: named profiles (``compute-only``) and
-                       deny/allow lists of system calls, answered with EPERM;
+                       deny/allow lists of system calls, answered with EPERM (calls through
+                       any ABI but the native one: ENOSYS);
 - ``limits``           rlimits: ``memory`` (RLIMIT_DATA), ``cpu_seconds`` (RLIMIT_CPU),
                        ``open_files`` (RLIMIT_NOFILE); ``processes: 0`` through seccomp;
-- ``audit: {deny}``    a Python audit hook refusing the listed events (PEP 578) when component
-                       code is on the stack; a library's own ``hardening.audit`` applies when that
-                       library's code is the innermost component frame.
+- ``audit: {deny}``    a Python audit hook refusing the listed events (PEP 578) raised on a
+                       component's behalf (told by code identity; a thread acts for whoever
+                       started it); a library's own ``hardening.audit`` applies while that
+                       library has code on the stack or started the thread.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import importlib.machinery
 import os
 import resource
 import sys
+import threading
+import types
+import weakref
+from _thread import get_ident
 from collections.abc import Iterable
 from typing import Any
 
@@ -46,8 +53,6 @@ AUDIT_ALIASES: dict[str, tuple[str, ...]] = {
         "pty.spawn",
     ),
 }
-# Packages whose frames are flexos's own machinery rather than component code.
-_MACHINERY = frozenset({"flexos", "msgpack"})
 CLEAN_ENVIRONMENT = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 
@@ -96,60 +101,229 @@ def expand_events(deny: Iterable[str]) -> tuple[frozenset[str], tuple[str, ...]]
     return frozenset(exact), tuple(f"{event}." for event in exact)
 
 
-def _acting_code(frame: Any) -> str | None:
-    """The module whose code caused an event: the innermost frame that is not the standard
-    library. None when that is flexos's own machinery (opening a channel or reaching a sibling
-    for a gate the component crossed), or when only the standard library is on the stack."""
-    stdlib = sys.stdlib_module_names
-    while frame is not None:
-        module = frame.f_globals.get("__name__") or ""
-        top = module.partition(".")[0]
-        if top in _MACHINERY:
-            return None
-        if top not in stdlib and top not in ("__main__", ""):
-            return module
-        frame = frame.f_back
-    return None
+# -- audit hooks (PEP 578) --------------------------------------------------------------------------
+# The events flexos's own machinery raises in a compartment while it serves gates: opening a channel
+# or reaching a sibling (sockets and the descriptors passed over them, memfds, mmaps), its threads,
+# id() of exported objects. Only these, and only when flexos's own code raises them, are not the
+# component's: flexos never spawns a process or loads native code in a compartment.
+_MACHINERY_EVENTS = frozenset(
+    {
+        "socket.__new__",
+        "socket.sendmsg",
+        "array.__new__",
+        "mmap.__new__",
+        "os.truncate",
+        "fcntl.fcntl",
+        "_thread.start_new_thread",
+        "_thread.start_joinable_thread",
+        "builtins.id",
+        "object.__setattr__",
+    }
+)
+_THREAD_STARTS = frozenset({"_thread.start_new_thread", "_thread.start_joinable_thread"})
+# The ways from plain Python to the hook's own state (its frames, its objects): refused whenever an
+# audit policy is installed, whoever asks.
+_HOOK_GUARDS = frozenset(
+    {
+        "gc.get_objects",
+        "gc.get_referrers",
+        "gc.get_referents",
+        "sys._current_frames",
+        "sys.settrace",
+        "sys.setprofile",
+        "sys.monitoring.register_callback",
+    }
+)
+# Whose code a frame runs: the interpreter's (loaded before any component: stdlib, flexos's
+# dependencies), flexos's machinery, flexos importing a module the app asked for, or a component's.
+_INTERPRETER, _MACHINERY, _IMPORTER, _COMPONENT = range(4)
+_CodeTable = dict[int, tuple[types.CodeType, dict[str, Any], int]]
 
 
-def _owning_library(module: str, libraries: dict[str, Any]) -> str | None:
-    """The per-library entry covering ``module`` (longest dotted prefix), if any."""
-    name = module
-    while name:
-        if name in libraries:
-            return name
-        name = name.rpartition(".")[0]
-    return None
+def _loaded_code(importers: Iterable[Any]) -> _CodeTable:
+    """Every code object of the modules loaded so far, by id: (code, its globals, whose).
+
+    Called before any component code runs, so what it finds is the interpreter's, flexos's and its
+    dependencies' code, and nothing a component made: a frame counts as one of these only if it
+    runs the very code object with the very globals found here (a copy compiled under flexos's name
+    or file does not). ``importers``: flexos's functions that import modules the app asks for.
+    """
+    table: _CodeTable = {}
+    seen: set[int] = set()
+
+    def add_code(code: types.CodeType, namespace: dict[str, Any], whose: int) -> None:
+        table[id(code)] = (code, namespace, whose)
+        for const in code.co_consts:
+            if type(const) is types.CodeType:
+                add_code(const, namespace, whose)
+
+    def visit(value: Any, depth: int = 0) -> None:
+        if id(value) in seen or depth > 8:
+            return
+        seen.add(id(value))
+        try:
+            while type(value) is not type and getattr(value, "__wrapped__", None) is not None:
+                value = value.__wrapped__  # functools.cache, functools.wraps
+        except Exception:  # an object of the interpreter's that answers attribute reads oddly
+            return
+        if isinstance(value, (staticmethod, classmethod)):
+            value = value.__func__
+        if type(value) is types.FunctionType:
+            name = value.__globals__.get("__name__") or ""
+            own = name == "flexos" or name.startswith("flexos.")
+            add_code(value.__code__, value.__globals__, _MACHINERY if own else _INTERPRETER)
+        elif isinstance(value, property):
+            for accessor in (value.fget, value.fset, value.fdel):
+                if accessor is not None:
+                    visit(accessor, depth + 1)
+        elif isinstance(value, type):
+            for member in list(vars(value).values()):
+                visit(member, depth + 1)
+
+    for module in list(sys.modules.values()):
+        if type(module) is types.ModuleType:  # not flexos's gates (ModuleProxy)
+            for value in list(vars(module).values()):
+                visit(value)
+    for importer in importers:
+        table[id(importer.__code__)] = (importer.__code__, importer.__globals__, _IMPORTER)
+    return table
 
 
-def install_audit_policy(deny: list[str], compartment: str, libraries: dict[str, list[str]] | None = None) -> None:
-    """Refuse denied audit events raised on behalf of component code: the compartment's for any
-    component, a library's for that library's own code (the innermost frame outside the standard
-    library). Events flexos's own gate machinery raises (sending a channel's descriptors, reaching
-    a sibling) are not the component's. Audit hooks cannot be removed, so the policy holds for
-    the life of the process."""
+def _library_files(libraries: Iterable[str], code_paths: list[str]) -> tuple[tuple[str, str], ...]:
+    """(file, or directory ending in /, library) for each library with a policy, longest first:
+    found on ``code_paths`` as the import system would find it, without running any of its code."""
+    found = []
+    for library in libraries:
+        locations, spec = code_paths, None
+        parts = library.split(".")
+        for depth in range(len(parts)):
+            spec = importlib.machinery.PathFinder.find_spec(".".join(parts[: depth + 1]), locations)
+            if spec is None:
+                break
+            locations = list(spec.submodule_search_locations or [])
+        if spec is not None and spec.submodule_search_locations:
+            found += [(os.path.join(location, ""), library) for location in spec.submodule_search_locations]
+        elif spec is not None and spec.origin:
+            found.append((spec.origin, library))
+    return tuple(sorted(found, key=lambda entry: -len(entry[0])))
+
+
+def install_audit_policy(
+    deny: list[str],
+    compartment: str,
+    libraries: dict[str, list[str]] | None = None,
+    code_paths: Iterable[str] = (),
+    importers: Iterable[Any] = (),
+) -> None:
+    """Refuse denied audit events raised on behalf of component code, for the life of the process.
+
+    Whose an event is, is read off the stack by code identity (:func:`_loaded_code`): the first code
+    on it that is not the interpreter's decides. flexos's machinery raising one of
+    ``_MACHINERY_EVENTS``, or flexos importing a module the app asked for (``importers``), is
+    exempt; everything else is the component's. A stack of only the interpreter's code is a thread
+    acting for whoever started it. For the component's events the compartment's ``deny`` applies,
+    and the ``deny`` of each library in ``libraries`` (found on ``code_paths``) that has code on the
+    stack or started the thread, or of every library when no component code is in sight (a thread
+    running a C function, a C callable that flexos's dispatcher was handed).
+
+    The hook calls nothing a component could have defined: identity checks, exact-str comparisons
+    and C attribute reads only, so no component code runs while it decides.
+    """
     exact, prefixes = expand_events(deny)
     per_library = {name: expand_events(events) for name, events in (libraries or {}).items()}
     watched = frozenset(exact.union(*(events for events, _ in per_library.values())))
-    watched_prefixes = tuple(f"{event}." for event in watched)
     if not watched:
         return
+    watched_prefixes = tuple(f"{event}." for event in watched)
+    every_library = frozenset(per_library)
+    code = _loaded_code(importers)
+    files = _library_files(per_library, list(code_paths))
+    active_threads = threading._active  # type: ignore[attr-defined]  # ident -> Thread: threading's own table
+    started: dict[int, tuple[weakref.ref, int, frozenset[str]]] = {}  # id(Thread) -> whose it is
+    busy: set[int] = set()  # threads inside the hook: what it raises itself is not judged again
+
+    def library_of(filename: Any) -> str | None:
+        if type(filename) is str:
+            for prefix, library in files:
+                if filename == prefix or (prefix[-1] == os.sep and filename.startswith(prefix)):
+                    return library
+        return None
+
+    def judge(frame: Any) -> tuple[int, frozenset[str]]:
+        """(whose the first code that is not the interpreter's is, the libraries the event is for)."""
+        first = _INTERPRETER
+        component = False
+        acting: set[str] = set()
+        while frame is not None:
+            entry = code.get(id(frame.f_code))
+            if entry is not None and entry[0] is frame.f_code and entry[1] is frame.f_globals:
+                if first == _INTERPRETER:
+                    first = entry[2]
+            else:
+                if first == _INTERPRETER:
+                    first = _COMPONENT
+                component = True
+                library = library_of(frame.f_code.co_filename)
+                if library is not None:
+                    acting.add(library)
+            frame = frame.f_back
+        thread = active_threads.get(get_ident())
+        starter = started.get(id(thread)) if thread is not None else None
+        if starter is not None and starter[0]() is thread:
+            _ref, starter_first, starter_libraries = starter
+            if first == _INTERPRETER:
+                first = starter_first
+            if starter_first == _COMPONENT:
+                component = True
+                acting |= starter_libraries
+        if first == _INTERPRETER:  # no Python code but the interpreter's, and no known starter
+            first = _COMPONENT
+        return first, frozenset(acting) if component else every_library
+
+    def remember_starter(thread: Any, first: int, acting: frozenset[str]) -> None:
+        """A thread acts for the code that started it (as long as its Thread object lives)."""
+        if issubclass(type(thread), threading.Thread):
+            key = id(thread)
+            try:
+                started[key] = (weakref.ref(thread, lambda _ref: started.pop(key, None)), first, acting)
+            except TypeError:  # a Thread subclass without __weakref__: its own frames speak for it
+                pass
 
     def hook(event: str, args: tuple[Any, ...]) -> None:
-        if event not in watched and not event.startswith(watched_prefixes):
+        guarded = event in _HOOK_GUARDS
+        if not (guarded or event in _THREAD_STARTS or event in watched or event.startswith(watched_prefixes)):
             return
-        innermost = _acting_code(sys._getframe(1))
-        if innermost is None:
-            return  # flexos's own machinery, or the standard library alone: never component code
-        if event in exact or event.startswith(prefixes):
-            raise PermissionError(f"{event!r} is denied in compartment {compartment!r} (flexos.yaml hardening.audit)")
-        library = _owning_library(innermost, per_library)
-        if library is not None:
-            library_exact, library_prefixes = per_library[library]
-            if event in library_exact or event.startswith(library_prefixes):
+        me = get_ident()
+        if me in busy:
+            return
+        busy.add(me)
+        try:
+            if guarded:
                 raise PermissionError(
-                    f"{event!r} is denied for library {library!r} (flexos.yaml libraries.{library}.hardening.audit)"
+                    f"{event!r} is denied in compartment {compartment!r}: it reaches the audit hook's own state "
+                    "(flexos.yaml hardening.audit)"
                 )
+            try:
+                caller = sys._getframe(1)
+            except ValueError:  # a thread running a C function: not one Python frame
+                caller = None
+            first, acting = judge(caller)
+            if event in _THREAD_STARTS and type(args[0]) is types.MethodType:  # threading's _bootstrap
+                remember_starter(args[0].__self__, first, acting)
+            if first == _IMPORTER or (first == _MACHINERY and event in _MACHINERY_EVENTS):
+                return
+            if event in exact or event.startswith(prefixes):
+                raise PermissionError(
+                    f"{event!r} is denied in compartment {compartment!r} (flexos.yaml hardening.audit)"
+                )
+            for library in sorted(acting):
+                library_exact, library_prefixes = per_library[library]
+                if event in library_exact or event.startswith(library_prefixes):
+                    raise PermissionError(
+                        f"{event!r} is denied for library {library!r} (flexos.yaml libraries.{library}.hardening.audit)"
+                    )
+        finally:
+            busy.discard(me)
 
     sys.addaudithook(hook)
 
@@ -197,8 +371,9 @@ def landlock_abi() -> int:
     return max(answer[0], 0) if answer is not None else 0
 
 
-def restrict_filesystem(read: Iterable[str], write: Iterable[str]) -> None:
-    """Allow only ``read``/``write`` (and what Python needs, read-only) from now on.
+def restrict_filesystem(read: Iterable[str], write: Iterable[str], code: Iterable[str] = ()) -> None:
+    """Allow only ``read``/``write`` (and, read-only, what Python needs and ``code``: the paths the
+    compartment imports its modules from) from now on.
 
     landlock_restrict_self() binds the calling thread and the threads it starts later, so this
     runs before the compartment starts any thread.
@@ -222,7 +397,7 @@ def restrict_filesystem(read: Iterable[str], write: Iterable[str]) -> None:
         # The interpreter, its standard library and site-packages, the app's sys.path, and flexos
         # itself (an editable install is reached through a finder, not a sys.path entry, and a
         # compartment imports a driver module when it first reaches a sibling).
-        python_paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path, os.path.dirname(os.__file__), _FLEXOS}
+        python_paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path, *code, os.path.dirname(os.__file__), _FLEXOS}
         for path in (*_SYSTEM_READ, *python_paths):  # what exists of these (sys.path may list zips)
             _allow(add_rule, ruleset, os.path.abspath(path), _READ & handled, required=False)
         for kind, paths, rights in (("read", read, _READ), ("write", write, writable)):
@@ -297,7 +472,11 @@ def seccomp_library() -> Any:
 
 
 def apply_seccomp(policy: dict[str, Any], seccomp: Any) -> None:
-    """Load a filter answering the denied system calls with EPERM (runs before any thread)."""
+    """Load a filter answering the denied system calls with EPERM (runs before any thread).
+
+    Its rules are the native ABI's; a call through any other the kernel takes from this process
+    (x32 or i386 on x86_64) is answered ENOSYS, as by a kernel without that ABI. libseccomp's
+    default would kill the calling thread, leaving the app's call unanswered."""
     deny = set(SECCOMP_PROFILES.get(policy.get("profile") or "", ())) | set(policy.get("deny") or ())
     deny -= set(policy.get("allow") or ())
     arch = seccomp.system_arch()
@@ -306,6 +485,7 @@ def apply_seccomp(policy: dict[str, Any], seccomp: Any) -> None:
             raise HardeningError(f"seccomp: {name!r} is not a system call on this machine")
     try:
         rules = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
+        rules.set_attr(seccomp.Attr.ACT_BADARCH, seccomp.ERRNO(errno.ENOSYS))
         for name in sorted(deny):
             rules.add_rule(seccomp.ERRNO(errno.EPERM), name)
         if "fork" in deny:  # a process is clone() without CLONE_THREAD; clone3 hides its flags

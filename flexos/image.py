@@ -28,6 +28,8 @@ class CompartmentSpec:
     # Applied in the compartment's process before any component code runs (flexos/hardening.py).
     hardening: dict[str, Any] = field(default_factory=dict)
     max_reply: int = DEFAULT_MAX_REPLY  # bytes; a larger frame from it is refused (ReplyTooLarge)
+    # The compartments whose modules this one may import (None: not declared; see Image.may_reach).
+    reaches: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,34 @@ class Image:
                 return None
             name = name[:cut]
 
+    def may_reach(self, source: str, target: str) -> bool:
+        """Compartment ``source`` may import the modules placed in ``target`` (the reach policy).
+
+        The default compartment (the app) reaches all. Any other reaches what its ``reaches:``
+        lists; undeclared, a hardened compartment reaches none and an unhardened one all (it runs
+        unconfined as the app's user: refusing it a gate would confine nothing).
+        """
+        if source == target or source == self.default:
+            return True
+        spec = self.compartments[source]
+        if spec.reaches is not None:
+            return target in spec.reaches
+        return not spec.hardening
+
+    def reach_refusal(self, source: str, target: str, module: str | None = None) -> str | None:
+        """Why ``source`` may not reach ``target`` (to import ``module``), with the fix; None if it may."""
+        if self.may_reach(source, target):
+            return None
+        what = f" (to import {module!r}, placed there)" if module else ""
+        if self.compartments[source].reaches is None:
+            why = "it is hardened, and a hardened compartment reaches only what its reaches: list names"
+        else:
+            why = f"its reaches: list does not name {target!r}"
+        return (
+            f"compartment {source!r} may not reach compartment {target!r}{what}: {why}; "
+            f"to allow it, add {target!r} to the reaches: list of compartment {source!r} in {self.source}"
+        )
+
     def is_replicated(self, module: str) -> bool:
         """Unlisted modules are loaded by every compartment that imports them (own copy each)."""
         return self.compartment_of(module) is None or module == "flexos" or module.startswith("flexos.")
@@ -78,6 +108,7 @@ class Image:
                     "timeout": s.timeout,
                     "hardening": s.hardening,
                     "max_reply": s.max_reply,
+                    "reaches": None if s.reaches is None else list(s.reaches),
                 }
                 for s in self.compartments.values()
             ],
@@ -85,7 +116,10 @@ class Image:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Image:
-        compartments = {c["name"]: CompartmentSpec(**c) for c in data["compartments"]}
+        compartments = {
+            c["name"]: CompartmentSpec(**{**c, "reaches": None if c.get("reaches") is None else tuple(c["reaches"])})
+            for c in data["compartments"]
+        }
         return cls(
             compartments=compartments,
             libraries=dict(data["libraries"]),

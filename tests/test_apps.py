@@ -77,8 +77,9 @@ def loaded_by(pid: int, fragment: str) -> bool:
     return fragment in Path(f"/proc/{pid}/maps").read_text()
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live processes of group ``pgid`` (zombies, already dead, are left out)."""
+def children_of(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (zombies, already dead, are left out): an app's compartments,
+    each in a session of its own."""
     members = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -86,15 +87,28 @@ def group_members(pgid: int) -> list[int]:
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
+            if int(fields[1]) == pid and fields[0] != "Z":
                 members.append(int(entry.name))
     return members
+
+
+def alive(pids: list[int]) -> list[int]:
+    """Those of ``pids`` still running (not gone, not a zombie)."""
+    running = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            running.append(pid)
+    return running
 
 
 def assert_isolated(server: AppProcess, extension: str) -> None:
     """``extension`` (a C extension's file name) is loaded by a compartment process, not by the app."""
     app_pid = server.proc.pid
-    children = [pid for pid in group_members(app_pid) if pid != app_pid]
+    children = children_of(app_pid)
     assert not loaded_by(app_pid, extension), f"{extension} is loaded by the app itself"
     assert any(loaded_by(pid, extension) for pid in children), f"no compartment process loaded {extension}"
 
@@ -217,12 +231,12 @@ def test_stopping_an_app_ends_every_compartment_process(tmp_path):
     chosen = runnable("kv", "all-process.yaml")
     with AppProcess("kv", chosen, ["--port", "0"], tmp_path) as server:
         ask(server.wait_listening(), resp(b"SET", b"k", b"v"), b"+OK\r\n")  # every compartment has started
-        group = group_members(server.proc.pid)
-        assert len(group) == 5, f"expected the app and 4 compartment processes, found {group}"
-    deadline = time.monotonic() + 10  # SIGKILL is delivered asynchronously
-    while group_members(server.proc.pid) and time.monotonic() < deadline:
+        compartments = children_of(server.proc.pid)
+        assert len(compartments) == 4, f"expected 4 compartment processes, found {compartments}"
+    deadline = time.monotonic() + 10  # each ends when it sees the app gone
+    while alive(compartments) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert group_members(server.proc.pid) == []
+    assert alive(compartments) == []
 
 
 def test_iperf_rejects_a_bad_receive_size_saying_which_option(tmp_path):

@@ -494,7 +494,7 @@ def test_unknown_compartment_key(tmp_path: Path) -> None:
     )
     assert only_problem(path) == (
         f"{path}:5: unknown key 'restrat' in compartments[0]; did you mean 'restart'? "
-        "(allowed: name, mechanism, default, restart, timeout, hardening, max_reply)"
+        "(allowed: name, mechanism, default, restart, timeout, hardening, max_reply, reaches)"
     )
 
 
@@ -988,6 +988,114 @@ def test_accepted_start_timeout_can_boot(tmp_path: Path, timeout: str) -> None:
         import colorsys
 
         assert colorsys.rgb_to_hsv(1, 0, 0) == (0.0, 1.0, 1)
+
+
+# -- reach ----------------------------------------------------------------------------------------
+
+REACH = """\
+compartments:
+  - name: app
+    mechanism: {driver: fcalls}
+    default: true
+  - name: box
+    mechanism: {driver: process}
+    hardening: {env: clean}
+  - name: parser
+    mechanism: {driver: process}
+    hardening: {env: clean}
+    reaches: [db, app]
+  - name: db
+    mechanism: {driver: process}
+libraries:
+  json: {compartment: box}
+  csv: {compartment: parser}
+  sqlite3: {compartment: db}
+"""
+
+
+def test_reaches_is_read_into_the_image_and_decides_who_reaches_whom(tmp_path: Path) -> None:
+    image, _ = parse(write(tmp_path, REACH))
+    assert [spec.reaches for spec in image.compartments.values()] == [None, None, ("db", "app"), None]
+    assert Image.from_dict(json.loads(json.dumps(image.to_dict()))) == image
+    reached = {
+        source: [t for t in image.compartments if t != source and image.may_reach(source, t)]
+        for source in image.compartments
+    }
+    assert reached == {
+        "app": ["box", "parser", "db"],  # the app reaches all
+        "box": [],  # hardened, reaches: not declared
+        "parser": ["app", "db"],  # as declared
+        "db": ["app", "box", "parser"],  # unhardened, reaches: not declared
+    }
+
+
+@pytest.mark.parametrize(
+    ("reaches", "line", "message"),
+    [
+        (
+            "[dbb]",
+            8,
+            "compartment 'box' reaches 'dbb', which is not declared; did you mean 'db'? declared: app, box, db",
+        ),
+        (
+            "\n              - db\n              - elsewhere",
+            10,
+            "compartment 'box' reaches 'elsewhere', which is not declared; declared: app, box, db",
+        ),
+        ("[box]", 8, "compartment 'box' always reaches itself; remove 'box'"),
+        ("db", 8, "compartments[1].reaches: Input should be a valid list (use a YAML list (lines starting with '- '))"),
+    ],
+)
+def test_bad_reaches_are_reported_with_their_line(tmp_path: Path, reaches: str, line: int, message: str) -> None:
+    path = write(
+        tmp_path,
+        f"""\
+        compartments:
+          - name: app
+            mechanism: {{driver: fcalls}}
+            default: true
+          - name: box
+            mechanism: {{driver: process}}
+            hardening: {{env: clean}}
+            reaches: {reaches}
+          - name: db
+            mechanism: {{driver: process}}
+        libraries:
+          json: {{compartment: box}}
+          sqlite3: {{compartment: db}}
+        """,
+    )
+    assert only_problem(path) == f"{path}:{line}: {message}"
+
+
+def test_the_default_compartment_declares_no_reach(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        compartments:
+          - name: app
+            mechanism: {driver: fcalls}
+            default: true
+            reaches: []
+        """,
+    )
+    assert only_problem(path) == (
+        f"{path}:5: compartment 'app' is the default one (the app), which reaches every compartment; "
+        "remove its reaches:"
+    )
+
+
+def test_check_prints_each_compartments_reach(tmp_path: Path) -> None:
+    result = flexos_cli("check", "-c", str(write(tmp_path, REACH)))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
+    first = out.index("reach (whose modules each compartment may import; the default one reaches all):")
+    assert [line.split(None, 2) for line in out[first + 1 : first + 4]] == [
+        ["box", "->", "nothing  (reaches: not declared; hardened, so only what reaches: lists)"],
+        ["parser", "->", "app, db"],
+        ["db", "->", "app, box, parser  (reaches: not declared; unhardened, so every compartment)"],
+    ]
+    assert out[first + 4] == "libraries:"
 
 
 # -- the flexos check command ---------------------------------------------------------------------

@@ -113,7 +113,7 @@ def test_an_audit_policy_does_not_stop_flexos_reaching_a_sibling(tmp_path) -> No
     image = Image(
         {
             "app": CompartmentSpec("app", "fcalls", default=True),
-            "a": CompartmentSpec("a", "process", hardening={"audit": {"deny": ["socket"]}}),
+            "a": CompartmentSpec("a", "process", hardening={"audit": {"deny": ["socket"]}}, reaches=("b",)),
             "b": CompartmentSpec("b", "process"),
         },
         {"liba": "a", "libc_sock": "a", "libb": "b"},

@@ -66,6 +66,8 @@ def parse_document(src: Source) -> tuple[Image, list[str]]:
     libraries: dict[str, str] = {}
     library_hardening: dict[str, dict] = {}
     declared = list(dict.fromkeys(entry.name for entry in config.compartments))
+    for index, entry in enumerate(config.compartments):
+        problems.extend(rules.reaches_declared(src, index, entry, declared))
     for module, library in config.libraries.items():
         problem = (
             rules.library_name(src, module)
@@ -112,6 +114,7 @@ def _compartments(src: Source, entries: list, problems: list[str]) -> dict[str, 
             problems.append(problem)
             continue
         hardening = entry.hardening.model_dump() if entry.hardening else {}
+        reaches = tuple(entry.reaches) if entry.reaches is not None else None
         specs[entry.name] = CompartmentSpec(
             entry.name,
             driver.name,
@@ -120,6 +123,7 @@ def _compartments(src: Source, entries: list, problems: list[str]) -> dict[str, 
             entry.restart,
             entry.timeout,
             hardening,
+            reaches,
             max_reply=int(entry.max_reply),
         )
     return specs

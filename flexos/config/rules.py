@@ -110,6 +110,37 @@ def default_may_hold_the_app(src: Source, entries: list[CompartmentEntry]) -> st
     )
 
 
+# -- reach ----------------------------------------------------------------------------------------
+def reaches_declared(src: Source, index: int, entry: CompartmentEntry, declared: list[str]) -> list[str]:
+    """Every name under ``reaches:`` is another declared compartment; the default one reaches all."""
+    if entry.reaches is None:
+        return []
+    if entry.default:
+        return [
+            src.error(
+                ("compartments", index, "reaches"),
+                f"compartment {entry.name!r} is the default one (the app), which reaches every compartment; "
+                "remove its reaches:",
+            )
+        ]
+    found = []
+    for position, name in enumerate(entry.reaches):
+        loc = ("compartments", index, "reaches", position)
+        if name == entry.name:
+            found.append(src.error(loc, f"compartment {entry.name!r} always reaches itself; remove {name!r}"))
+        elif name not in declared:
+            guess = difflib.get_close_matches(name, declared, n=1)
+            hint = f"did you mean {guess[0]!r}? " if guess else ""
+            found.append(
+                src.error(
+                    loc,
+                    f"compartment {entry.name!r} reaches {name!r}, which is not declared; {hint}"
+                    f"declared: {', '.join(declared)}",
+                )
+            )
+    return found
+
+
 # -- libraries ------------------------------------------------------------------------------------
 def library_name(src: Source, module: str) -> str | None:
     if not is_module_name(module):

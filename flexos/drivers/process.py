@@ -1,9 +1,12 @@
 """``process``: the compartment is its own OS process (page-table isolation).
 
-The child is a fresh interpreter (``python -m flexos.runtime.child``), not a fork, so it inherits
-none of the app's threads, objects or open files beyond what flexos hands it. Gates run over
-shared-memory channels (:mod:`flexos.transports.shm`); the parent watches the child through a
-pidfd, so a killed or crashed child wakes every waiting caller with CompartmentCrashed.
+The child is a fresh interpreter (``python -I -m flexos.runtime.child``), not a fork, so it
+inherits none of the app's threads, objects or open files beyond what flexos hands it: isolated
+(no working directory on ``sys.path``, no user site, no ``PYTHON*`` variables), in a session of
+its own without the app's terminal, stdin from /dev/null, stdout and stderr forwarded by the app
+(:mod:`flexos.drivers.console`). Gates run over shared-memory channels
+(:mod:`flexos.transports.shm`); the parent watches the child through a pidfd, so a killed or
+crashed child wakes every waiting caller with CompartmentCrashed.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 
 from flexos import hardening
 from flexos.drivers.base import Driver, spin_us_option, start_timeout_option
+from flexos.drivers.console import Console
 from flexos.errors import CompartmentCrashed, CompartmentStartError, ProtocolError
 from flexos.gates.link import Link
 from flexos.transports import PEER_CHANNELS
@@ -46,6 +50,7 @@ class ProcessDriver(Driver):
         self._proc: subprocess.Popen | None = None
         self._transport: ShmTransport | None = None
         self._pidfd: int | None = None
+        self._console: Console | None = None
 
     @property
     def pid(self) -> int | None:
@@ -54,9 +59,10 @@ class ProcessDriver(Driver):
     def start(self, mirrors: dict) -> Link:
         name, options = self.spec.name, self.options
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._console = console = Console(name)
         try:
-            proc = subprocess.Popen(
-                [sys.executable, "-u", "-m", "flexos.runtime.child", str(theirs.fileno())],
+            proc = console.spawn(
+                [*_interpreter(), "-m", "flexos.runtime.child", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),),
                 env=hardening.environment(self.spec.hardening),
             )
@@ -77,6 +83,7 @@ class ProcessDriver(Driver):
             ours.close()
             proc.kill()
             proc.wait()
+            console.stop()
             raise CompartmentStartError(f"compartment {name!r} failed to boot: {problem}")
         self._pidfd = os.pidfd_open(proc.pid)
         link = self.make_link(mirrors)
@@ -84,7 +91,7 @@ class ProcessDriver(Driver):
             ours,
             self._pidfd,
             select.POLLIN,
-            death=lambda: self._death(proc),
+            death=lambda: self._death(proc, console),
             spin_us=options.spin_us,
             abort=proc.kill,
             max_frame=self.spec.max_reply,
@@ -98,11 +105,12 @@ class ProcessDriver(Driver):
             raise CompartmentCrashed(self.spec.name, None, "it is not running")
         self._transport.send_control(message, fds)
 
-    def _death(self, proc: subprocess.Popen) -> CompartmentCrashed:
+    def _death(self, proc: subprocess.Popen, console: Console) -> CompartmentCrashed:
         try:
             returncode = proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             returncode = None
+        console.wait_drained()  # what it printed as it died comes first
         return CompartmentCrashed(self.spec.name, returncode)
 
     def forget(self) -> bool:
@@ -113,6 +121,9 @@ class ProcessDriver(Driver):
             os.close(self._pidfd)
             self._pidfd = None
         self._proc = None  # the parent's child: never ours to wait for or kill
+        if self._console is not None:
+            self._console.forget()
+            self._console = None
         return True
 
     def stop(self) -> None:
@@ -126,6 +137,21 @@ class ProcessDriver(Driver):
                 self._proc.kill()
                 self._proc.wait()
             self._proc = None
+        if self._console is not None:
+            self._console.stop()
+            self._console = None
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
+
+
+def _interpreter() -> list[str]:
+    """The command that starts a compartment's Python: isolated from the working directory, the user
+    site and ``PYTHON*`` variables (a compartment allowed to write there could plant code that its
+    next instance imports before the hardening), keeping the app's own bytecode and UTF-8 choices."""
+    flags = ["-I", "-u"]
+    if sys.flags.dont_write_bytecode:
+        flags.append("-B")
+    if sys.flags.utf8_mode:
+        flags += ["-X", "utf8"]
+    return [sys.executable, *flags]

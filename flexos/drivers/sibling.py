@@ -33,6 +33,7 @@ from flexos.wire import control
 from flexos.wire.control import Route
 
 if TYPE_CHECKING:
+    from flexos.image import Image
     from flexos.runtime.compartment import Compartment
 
 _SIBLING_TIMEOUT_S = 60
@@ -48,9 +49,11 @@ def route(source: Driver, target: Driver) -> str:
 
 
 class SiblingBroker:
-    """The app's side: connects two compartments that route to each other directly."""
+    """The app's side: connects two compartments that route to each other directly, if the first may
+    reach the second (the image's reach policy, never the requester's word)."""
 
-    def __init__(self, compartments: Mapping[str, Compartment]) -> None:
+    def __init__(self, image: Image, compartments: Mapping[str, Compartment]) -> None:
+        self._image = image
         self._compartments = compartments
 
     def on_control(self, requester: str, message: bytes, fds: list[int]) -> None:
@@ -76,6 +79,9 @@ class SiblingBroker:
             served = wanted.driver if wanted is not None else None
             if wanted is None or served is None or target == requester or route(asker, served) != Route.DIRECT:
                 raise ImportError(f"compartment {target!r} cannot be connected to {requester!r}")
+            refusal = self._image.reach_refusal(requester, target)
+            if refusal is not None:
+                raise ImportError(refusal)
             wanted.link()
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:

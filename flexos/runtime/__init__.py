@@ -62,7 +62,7 @@ class Runtime:
                 if name != self.local:
                     driver = driver_class(spec.driver)(spec, image, _DriverHost(self, name))
                     self.compartments[name] = Compartment(name, spec, driver)
-            self.broker = SiblingBroker(self.compartments)
+            self.broker = SiblingBroker(image, self.compartments)
         self.finder = GateFinder(image, self.local, self.compartment_for)
         self.started = False
 
@@ -94,7 +94,13 @@ class Runtime:
             return self.compartments[owner]
 
     def _reach(self, owner: str) -> Compartment:
-        """In a compartment: a handle on compartment ``owner``, by the route the app gave for it."""
+        """In a compartment: a handle on compartment ``owner``, by the route the app gave for it.
+
+        What the reach policy refuses is refused here first, to say so plainly; the app, which
+        serves, relays and brokers every reach, refuses it whatever this side does."""
+        refusal = self.image.reach_refusal(self.local, owner)
+        if refusal is not None:
+            raise ImportError(refusal)
         if self.routes[owner] != Route.DIRECT:  # the app relays to its gate, or runs the module itself
             return Compartment(owner, link=self.compartments[self.image.default].link())
         if self.siblings is None:
@@ -146,8 +152,12 @@ class Runtime:
         A module placed here is imported. The app also serves modules placed in any compartment
         but the requester's own: it hands out its own gate (so each call is relayed), never the
         module, unless that compartment runs in the app's process unisolated (plain fcalls).
+        Either only if the requester may reach the module's compartment (``Image.may_reach``).
         """
         owner = self.image.compartment_of(name)
+        refusal = self.image.reach_refusal(requester, owner, name) if owner is not None else None
+        if refusal is not None:
+            raise ImportError(refusal, name=name)
         if owner == self.local:
             return importlib.import_module(name)
         target = None

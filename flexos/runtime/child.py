@@ -1,10 +1,12 @@
-"""Where a compartment begins: ``python -m flexos.runtime.child FD`` (a process), and the bootstrap
-of a subinterpreter (:func:`serve_in_subinterpreter`).
+"""Where a compartment begins: ``python -I -m flexos.runtime.child FD CONSOLE_FD`` (a process), and
+the bootstrap of a subinterpreter (:func:`serve_in_subinterpreter`).
 
 A process compartment receives its boot record over the control socket, applies the
 compartment's hardening (flexos/hardening.py) before any component code can run, installs the
 gates for modules that live elsewhere, answers "ready", then serves the channels its parent
-opens until the parent goes away. Neither imports the config/validation stack.
+opens until the parent goes away. Until the hardening is applied it imports only from the
+interpreter's own paths (it starts isolated: no working directory, user site or ``PYTHON*``
+variables); the app's ``sys.path`` is taken after. Neither imports the config/validation stack.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from functools import partial
 from typing import Any
 
 from flexos import hardening
+from flexos.drivers import driver_class
+from flexos.drivers.console import install_synced_streams
 from flexos.drivers.sibling import SiblingDesk
 from flexos.errors import CompartmentCrashed, ProtocolError
 from flexos.gates.link import Link
@@ -28,7 +32,7 @@ from flexos.runtime import Runtime
 from flexos.transports import Transport
 from flexos.transports.shm import ShmTransport
 from flexos.wire import control
-from flexos.wire.control import BootRecord
+from flexos.wire.control import BootRecord, Route
 
 _INCOMPATIBLE = "does not support loading in subinterpreters"
 
@@ -70,22 +74,27 @@ def link_back(
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     os.set_inheritable(sock.fileno(), False)
+    install_synced_streams(int(sys.argv[2]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the app, which sees it first
     try:
         record = BootRecord.from_wire(sock.recv(1 << 20))
         image, name = record.image, record.name
         policy = image.compartments[name].hardening
-        sys.path[:] = record.sys_path
-        sys.argv[:] = record.argv
+        for sibling, way in record.routes.items():  # loaded now, from flexos's own place, not on first use
+            if way == Route.DIRECT:
+                driver_class(image.compartments[sibling].driver)
         # Namespaces, Landlock and seccomp bind only the calling thread: all go before any thread.
         filter_policy = hardening.seccomp_policy(policy)
         seccomp = hardening.seccomp_library() if filter_policy is not None else None
         if policy.get("network") == "none":
             hardening.isolate_network()
         if policy.get("filesystem") is not None:
-            hardening.restrict_filesystem(policy["filesystem"]["read"], policy["filesystem"]["write"])
+            filesystem = policy["filesystem"]
+            hardening.restrict_filesystem(filesystem["read"], filesystem["write"], code=record.sys_path)
         if filter_policy is not None:
             hardening.apply_seccomp(filter_policy, seccomp)
+        sys.path[:] = record.sys_path  # the app's, writable places included: imports from it run hardened
+        sys.argv[:] = record.argv
         _die_with_parent()
         hardening.apply_limits(policy.get("limits") or {})
         transport = ShmTransport(
@@ -102,7 +111,9 @@ def main() -> None:
             for module, rules in image.library_hardening.items()
             if image.compartment_of(module) == name
         }
-        hardening.install_audit_policy((policy.get("audit") or {}).get("deny", []), name, libraries)  # last
+        deny = (policy.get("audit") or {}).get("deny", [])
+        # Last: it trusts the code loaded until now, and only that.
+        hardening.install_audit_policy(deny, name, libraries, record.sys_path, importers=[Runtime.serve_import])
     except Exception:
         sock.send(control.encode(control.boot_failed(traceback.format_exc())))
         os._exit(1)

@@ -218,8 +218,13 @@ class Machine:
             config.append(f"python {sys.executable} {FLEXOS_HOME.parent}")
             initrd.write_bytes(built.initramfs.read_bytes() + guest_image.boot_archive(config))
             argv = self._argv(options, built.kernel, initrd, memfd, mounts)
-            process = self.process = _launcher.spawn(
-                argv, pass_fds=(memfd,), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            process = self.process = _launcher.spawn(  # in a session of its own: no terminal of the app's
+                argv,
+                pass_fds=(memfd,),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         finally:
             self._close_memfd()
