@@ -397,7 +397,15 @@ def restrict_filesystem(read: Iterable[str], write: Iterable[str], code: Iterabl
         # The interpreter, its standard library and site-packages, the app's sys.path, and flexos
         # itself (an editable install is reached through a finder, not a sys.path entry, and a
         # compartment imports a driver module when it first reaches a sibling).
-        python_paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path, *code, os.path.dirname(os.__file__), _FLEXOS}
+        python_paths = {
+            sys.prefix,
+            sys.base_prefix,
+            sys.exec_prefix,
+            *sys.path,
+            *code,
+            os.path.dirname(os.__file__),
+            _FLEXOS,
+        }
         for path in (*_SYSTEM_READ, *python_paths):  # what exists of these (sys.path may list zips)
             _allow(add_rule, ruleset, os.path.abspath(path), _READ & handled, required=False)
         for kind, paths, rights in (("read", read, _READ), ("write", write, writable)):

@@ -123,7 +123,7 @@ def _compartments(src: Source, entries: list, problems: list[str]) -> dict[str, 
             entry.restart,
             entry.timeout,
             hardening,
-            reaches,
+            reaches=reaches,
             max_reply=int(entry.max_reply),
         )
     return specs

@@ -152,6 +152,7 @@ class CompartmentEntry(StrictModel):
         if size < 1 << 20:
             raise ValueError("below 1MiB ordinary replies (a module's names, a class description) may not fit")
         return size
+
     reaches: list[str] | None = None  # compartment names (flexos.config.rules.reaches_declared)
 
 
