@@ -102,7 +102,7 @@ def test_the_app_refuses_a_compartment_that_skips_its_own_check(boot_box) -> Non
         reacher.ask_app_to_import("appfiles")  # served by the app
     with pytest.raises(ImportError, match=_refusal("db") + re.escape(" (to import 'vault', placed there)")):
         reacher.ask_app_to_import("vault")  # relayed by the app
-    with pytest.raises(flexos.CompartmentStartError, match="refused a connection to 'db': " + _refusal("db")):
+    with pytest.raises(flexos.GateError, match="refused a connection to 'db': " + _refusal("db")):
         reacher.ask_app_to_connect("db")  # brokered by the app
     assert reacher.pid() > 0
 
