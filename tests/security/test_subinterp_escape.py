@@ -125,6 +125,8 @@ def test_loans_go_from_the_app_to_the_one_compartment_they_were_made_for(runtime
         gate = runtime.compartments[name].link()._transport._endpoint
         return struct.pack("<qQq", *_subinterp.lend(big, gate))
 
+    with pytest.raises(ValueError, match="not a compartment's"):  # the app's own gate for box
+        _subinterp.lend(big, runtime.compartments["box"].driver._gate)
     for_other = loan_to("other")
     assert spy.borrow(for_other).startswith("refused: ProtocolError")  # lent to its sibling
     with pytest.raises(flexos.ProtocolError):
