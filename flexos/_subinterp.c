@@ -791,6 +791,10 @@ subinterp_lend(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (borrower == -1) {
         return PyErr_Format(((ModuleState *)PyModule_GetState(module))->peer_gone, "the compartment's gate is closed");
     }
+    if (borrower == main_interp_id()) { /* the app's own gate: the app never borrows */
+        return PyErr_Format(PyExc_ValueError, "lend(buffer, endpoint_id): gate %lld is not a compartment's",
+                            (long long)endpoint_id);
+    }
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
         return NULL;

@@ -166,8 +166,8 @@ class Link:
             ) from None
         except ChannelClosed:
             raise ProtocolError(f"compartment {self.peer!r} dropped the call without answering") from None
-        except ReplyTooLarge as exc:
-            raise ReplyTooLarge(f"compartment {self.peer!r}: {exc}") from None
+        except ReplyTooLarge as refused:
+            raise ReplyTooLarge(f"compartment {self.peer!r}: {refused}") from None
         finally:
             if outermost:
                 local.channel = None

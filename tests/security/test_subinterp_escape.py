@@ -10,6 +10,7 @@ cannot refuse, native code, is the driver's documented caveat, which ``flexos ch
 from __future__ import annotations
 
 import importlib
+import os
 import struct
 import subprocess
 import sys
@@ -124,6 +125,8 @@ def test_loans_go_from_the_app_to_the_one_compartment_they_were_made_for(runtime
         gate = runtime.compartments[name].link()._transport._endpoint
         return struct.pack("<qQq", *_subinterp.lend(big, gate))
 
+    with pytest.raises(ValueError, match="not a compartment's"):  # the app's own gate for box
+        _subinterp.lend(big, runtime.compartments["box"].driver._gate)
     for_other = loan_to("other")
     assert spy.borrow(for_other).startswith("refused: ProtocolError")  # lent to its sibling
     with pytest.raises(flexos.ProtocolError):
@@ -139,6 +142,14 @@ def test_loans_go_from_the_app_to_the_one_compartment_they_were_made_for(runtime
     assert spy.borrow(for_box) == "borrowed b'zzz'"
     assert spy.borrow(for_box).startswith("refused: ProtocolError")  # borrowed once: one view, one release
     assert victim.digest(big)[:2] == ("memoryview", len(big))
+
+
+def test_native_access_to_the_process_memory_is_not_refused(spy) -> None:
+    """The documented caveat, asserted so that it stays true in the docs: no gate is needed to read
+    the app's objects through /proc/self/mem from a subinterp compartment."""
+    secret = b"app-only " + os.urandom(16).hex().encode()
+    payload_offset = sys.getsizeof(b"") - 1  # where a bytes object's data starts (CPython's layout)
+    assert spy.read_memory(id(secret) + payload_offset, len(secret)) == secret
 
 
 def test_flexos_check_says_subinterp_is_no_boundary_against_native_code(tmp_path: Path) -> None:
