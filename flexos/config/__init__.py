@@ -116,7 +116,7 @@ def _compartments(src: Source, entries: list, problems: list[str]) -> dict[str, 
         hardening = entry.hardening.model_dump() if entry.hardening else {}
         reaches = tuple(entry.reaches) if entry.reaches is not None else None
         specs[entry.name] = CompartmentSpec(
-            entry.name, driver.name, options, entry.default, entry.restart, entry.timeout, hardening, reaches
+            entry.name, driver.name, options, entry.default, entry.restart, entry.timeout, hardening, reaches=reaches
         )
     return specs
 
