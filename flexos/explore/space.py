@@ -296,6 +296,12 @@ class Space:
                     libraries[module] = {"compartment": f"c{number}"}
                     if toggles:
                         libraries[module]["hardening"] = _merge(toggles)
+        # A space explores what isolation costs, not which compartment may import from which: a
+        # hardened compartment (which reaches none undeclared) reaches all the others, as before.
+        names = [entry["name"] for entry in document["compartments"]]
+        for entry in document["compartments"]:
+            if entry.get("hardening") and "reaches" not in entry:
+                entry["reaches"] = [name for name in names if name != entry["name"]]
         return document
 
 
