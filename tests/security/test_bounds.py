@@ -81,6 +81,17 @@ def test_a_reply_over_max_reply_is_refused_and_the_compartment_keeps_running(boo
     assert len(flooder.blob(MiB)) == MiB
 
 
+def test_a_callback_over_max_reply_is_refused_too(boot_flooder) -> None:
+    """A call the compartment makes into the app is a frame from it like a reply."""
+    flooder = boot_flooder("process", max_reply=2 * MiB)
+    received: list[int] = []
+    assert flooder.call_back_with(lambda data: received.append(len(data)), MiB) is None
+    with pytest.raises(ReplyTooLarge, match="compartment 'box'"):
+        flooder.call_back_with(lambda data: received.append(len(data)), 3 * MiB)
+    assert received == [MiB]
+    assert flooder.echo("still serving") == "still serving"
+
+
 @pytest.mark.parametrize("driver", ["process", VM])
 def test_an_endless_reply_is_cut_at_max_reply(boot_flooder, driver) -> None:
     """The attack that grew the app to 3 GiB in 5 s: fragments flagged "more", forever."""
