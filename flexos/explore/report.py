@@ -109,9 +109,9 @@ def table(space: Space, configs: Sequence[Configuration], order: SafetyOrder, go
             lines.append(f"  * {configs[i].name:<{width}}  {measured.value:>12.6g}{sure}  {describe(configs[i])}")
     else:
         lines.append("no configuration meets it")
-    measured = len(answer.measured)
+    count = len(answer.measured)
     lines.append(
-        f"measured {measured} of {total} configurations ({measured / total:.1%}), inferred {len(answer.inferred)}"
+        f"measured {count} of {total} configurations ({count / total:.1%}), inferred {len(answer.inferred)}"
         + (" (exhaustive)" if answer.exhaustive else "")
         + f"; order: {order.source}"
     )
@@ -192,7 +192,7 @@ def poset_figure(
     stars = set(answer.stars)
     for i in range(len(configs)):
         measured = answer.measured.get(i)
-        if i in stars:
+        if i in stars and measured is not None:  # a star is always measured
             color = cmap(shade(measured.value))
             axes.scatter(x[i], level[i], s=320, marker="*", color=color, edgecolors="red", linewidths=1.8, zorder=3)
         elif measured is not None:

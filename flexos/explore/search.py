@@ -280,7 +280,8 @@ class Search:
         first_misses = [i for i in members(missing) if not order.below[i] & missing]
         certificate = tuple(sorted(stars + first_misses))
         certainties = [self.measured[i].certainty if i in self.measured else None for i in certificate]
-        confidence = math.prod(certainties) if certificate and None not in certainties else None
+        known = [c for c in certainties if c is not None]
+        confidence = math.prod(known) if certificate and len(known) == len(certainties) else None
         inferred = {i: True for i in members(self._inferred_meets())}
         inferred.update({i: False for i in members(self._inferred_misses())})
         violations, compared, edge_violations, edges = [], 0, 0, 0
