@@ -179,7 +179,8 @@ def test_a_hardened_compartment_reaches_and_is_reached(run_app, hardened: str) -
         policy = {{"filesystem": {{"read": [os.getcwd()], "write": []}}, "env": "clean"}}
         specs = {{"app": CompartmentSpec("app", "fcalls", default=True)}}
         for name in "ab":
-            specs[name] = CompartmentSpec(name, "process", hardening=policy if name == {hardened!r} else {{}})
+            hardening = policy if name == {hardened!r} else {{}}
+            specs[name] = CompartmentSpec(name, "process", hardening=hardening, reaches=("b",) if name == "a" else None)
         runtime = flexos.boot(Image(specs, {{"routea": "a", "routeb": "b"}}, source="<hardened pair>"))
         import routea
         print(routea.add_in_b(2, 3), routea.callback_through_b(20)[0])
