@@ -27,7 +27,7 @@ import errno
 import os
 import resource
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from flexos import _linux
@@ -47,7 +47,7 @@ AUDIT_ALIASES: dict[str, tuple[str, ...]] = {
     ),
 }
 # Packages whose frames are flexos's own machinery rather than component code.
-_MACHINERY = frozenset({"flexos", "msgpack"})
+MACHINERY = frozenset({"flexos", "msgpack"})
 CLEAN_ENVIRONMENT = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 
@@ -96,19 +96,27 @@ def expand_events(deny: Iterable[str]) -> tuple[frozenset[str], tuple[str, ...]]
     return frozenset(exact), tuple(f"{event}." for event in exact)
 
 
-def _acting_code(frame: Any) -> str | None:
-    """The module whose code caused an event: the innermost frame that is not the standard
-    library. None when that is flexos's own machinery (opening a channel or reaching a sibling
-    for a gate the component crossed), or when only the standard library is on the stack."""
+def acting_frames(frame: Any, components: frozenset[str] = frozenset()) -> Iterator[tuple[str, Any]]:
+    """Component code on the stack from ``frame`` out, innermost first, as (module, frame): frames
+    that are not the standard library (nor ``__main__``), and those whose top-level package is in
+    ``components``. Ends at flexos's own machinery: what it does (opening a channel or reaching a
+    sibling for a gate the component crossed) is not the component's, nor what its callers did."""
     stdlib = sys.stdlib_module_names
     while frame is not None:
         module = frame.f_globals.get("__name__") or ""
         top = module.partition(".")[0]
-        if top in _MACHINERY:
-            return None
-        if top not in stdlib and top not in ("__main__", ""):
-            return module
+        if top in MACHINERY:
+            return
+        if top in components or (top not in stdlib and top not in ("__main__", "")):
+            yield module, frame
         frame = frame.f_back
+
+
+def _acting_code(frame: Any) -> str | None:
+    """The module whose code caused an event: the innermost component frame's. None when that is
+    flexos's own machinery, or when only the standard library is on the stack."""
+    for module, _ in acting_frames(frame):
+        return module
     return None
 
 
@@ -177,6 +185,15 @@ _SYSTEM_READ = (
 )
 
 
+def always_readable() -> tuple[str, ...]:
+    """What a ``filesystem``-restricted compartment may read besides its allowlist: the system's
+    libraries and devices, the interpreter, its standard library and site-packages, the app's
+    ``sys.path``, and flexos itself (an editable install is reached through a finder, not a
+    sys.path entry, and a compartment imports a driver module when it first reaches a sibling)."""
+    python_paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path, os.path.dirname(os.__file__), _FLEXOS}
+    return (*_SYSTEM_READ, *sorted(python_paths))
+
+
 class _RulesetAttr(ctypes.Structure):
     _fields_ = [
         ("handled_access_fs", ctypes.c_uint64),
@@ -219,11 +236,7 @@ def restrict_filesystem(read: Iterable[str], write: Iterable[str]) -> None:
     if error:
         raise HardeningError(f"filesystem: landlock_create_ruleset failed: {os.strerror(error)}")
     try:
-        # The interpreter, its standard library and site-packages, the app's sys.path, and flexos
-        # itself (an editable install is reached through a finder, not a sys.path entry, and a
-        # compartment imports a driver module when it first reaches a sibling).
-        python_paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *sys.path, os.path.dirname(os.__file__), _FLEXOS}
-        for path in (*_SYSTEM_READ, *python_paths):  # what exists of these (sys.path may list zips)
+        for path in always_readable():  # what exists of these (sys.path may list zips)
             _allow(add_rule, ruleset, os.path.abspath(path), _READ & handled, required=False)
         for kind, paths, rights in (("read", read, _READ), ("write", write, writable)):
             for path in paths:  # the operator's own list: a missing path is a mistake, said now
