@@ -29,6 +29,7 @@ import os
 import resource
 import runpy
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -44,6 +45,10 @@ from flexos.trace.units import MAIN, TRACE_COMPONENTS, Units, is_extension
 RECORD_VERSION = 1
 _CHAIN_LENGTH = 8  # units kept per observation, innermost first
 _SITES_PER_KEY = 5  # call sites kept per edge
+# sys._getframe(_EVENT) in a callback's body is the code the event is about (1 is the timing wrapper).
+_EVENT = 2
+_EXACT_CALLS, _SAMPLE = 100, 10  # an edge's first calls are all measured, then one in _SAMPLE
+_TIMED_EVERY = 61  # prime: a loop of a few events in turn gets each of them timed alike
 # Audit events never counted: raised by the recorder itself on every call it sees, or by every import.
 _UNCOUNTED = frozenset(
     {"sys._getframe", "sys._getframemodulename", "object.__getattr__", "object.__setattr__", "object.__delattr__"}
@@ -130,15 +135,23 @@ class Recorder:
         self._expect: tuple[str | None, types.CodeType | None, int] = (None, None, 0)
         self._pending: tuple[types.CodeType | None, int, str] = (None, -1, "")  # the last C call across units
         self._busy: set[int] = set()  # threads inside the audit hook (events it raises are its own)
-        # edge -> [calls, bytes in, bytes out, {(callee, caller file, caller function, offset): count}]
+        # edge -> [calls, bytes in, bytes out, {(callee, caller file, caller function, offset): count},
+        #          CPU seconds at its first call, at its last call]
         self.edges: dict[tuple[str, str], list] = {}
         self._site_codes: dict[tuple[str, str], types.CodeType] = {}  # to find a site's line at the end
         self.observed: dict[str, dict[tuple, list]] = {
             kind: {} for kind in ("files", "env", "sockets", "processes", "events")
         }
         self.imports: dict[str, tuple[tuple[str, ...], str | None]] = {}
-        self.callbacks = [0, 0, 0, 0]  # starts, C calls, returns, crossings: the overhead estimate's counts
+        # What the recorder itself costs, so that the app's own CPU time can be told from the run's:
+        # how many callbacks ran, and the CPU time of a sample of them.
+        self.events = 0
+        self.timed = 0.0
+        self.timed_events = 0
+        self._clock_cost = 0.0
+        self.crossings = 0
         self._environ_patch: dict[str, Callable] = {}
+        self.cpu_start = 0.0
 
     # -- attribution ---------------------------------------------------------------------------
     def chain(self, frame: types.FrameType | None) -> tuple[tuple[str, ...], str | None]:
@@ -170,7 +183,7 @@ class Recorder:
             entry[0] += 1
 
     def _file(self, code: types.CodeType, depth: int) -> _File:
-        """The record of ``code``'s file, classified now if new (from the frame ``depth`` up)."""
+        """The record of ``code``'s file, classified now if new (by the globals of the frame ``depth`` up)."""
         name = code.co_filename
         known = self._files.get(name)
         if known is not None:
@@ -183,7 +196,7 @@ class Recorder:
 
     # -- sys.monitoring callbacks --------------------------------------------------------------
     def _on_call(self, code: types.CodeType, offset: int, function: Any, first: Any) -> Any:
-        file = self._files.get(code.co_filename) or self._file(code, 1)
+        file = self._files.get(code.co_filename) or self._file(code, _EVENT)
         unit = file.unit
         if unit is None:
             return sys.monitoring.DISABLE  # a call site outside the units: never seen again
@@ -191,12 +204,15 @@ class Recorder:
         if kind is types.FunctionType:
             self._expect = (function.__qualname__, code, offset)
             return None
-        if kind is types.MethodType:
-            self._expect = (function.__func__.__qualname__, code, offset)
-            return None
         self._expect = (None, None, 0)
-        self.callbacks[1] += 1
-        if kind in _C_CALLABLES:
+        if kind is types.MethodType:
+            method = function.__func__
+            if type(method) is types.FunctionType:
+                self._expect = (method.__qualname__, code, offset)
+                return None
+            owner = function.__self__  # a compiled method (Cython's): no frame will say where it goes
+            key = owner if isinstance(owner, type) else type(owner)
+        elif kind in _C_CALLABLES:
             owner = getattr(function, "__self__", None)
             if owner is _BUILTINS:
                 return sys.monitoring.DISABLE  # len, isinstance ...: a name bound once, never another unit's
@@ -208,22 +224,26 @@ class Recorder:
             if type(function.__new__) is types.FunctionType:
                 return None
             key = function
+        elif isinstance(kind.__call__, types.FunctionType):
+            return None  # an object with a Python __call__: its PY_START says where it goes
         else:
+            key = function  # a compiled function (Cython's)
+        try:
+            callee = self._callee_units.get(key, False)
+            if callee is False:
+                callee = self._callee_units[key] = self.units.of_callable(function)
+        except TypeError:  # unhashable
             return None
-        callee = self._callee_units.get(key, False)
-        if callee is False:
-            callee = self._callee_units[key] = self.units.of_callable(function)
         if callee is None or callee == unit:
             return None
         self._pending = (code, offset, callee)
-        edge = self._edge(unit, callee, getattr(function, "__qualname__", "?"), code, offset)
-        if first is not sys.monitoring.MISSING:
-            edge[1] += wire_size(first)
+        edge, weight = self._edge(unit, callee, getattr(function, "__qualname__", "?"), code, offset)
+        if weight and first is not sys.monitoring.MISSING:
+            edge[1] += wire_size(first) * weight
         return None
 
     def _on_start(self, code: types.CodeType, offset: int) -> Any:
-        self.callbacks[0] += 1
-        file = self._files.get(code.co_filename) or self._file(code, 1)
+        file = self._files.get(code.co_filename) or self._file(code, _EVENT)
         unit = file.unit
         if unit is None:
             return sys.monitoring.DISABLE
@@ -234,30 +254,30 @@ class Recorder:
             self._expect = (None, None, 0)
             if expected == code.co_qualname and caller is not None:
                 caller_file = self._files.get(caller.co_filename)
-                if caller_file is not None and caller_file.unit == unit:
-                    activations = file.crossed.get(code.co_qualname)
-                    if activations is not None:
-                        activations.append(None)
-                    return None
                 if caller_file is not None and caller_file.unit is not None:
-                    self._cross(caller_file.unit, file, code, sys._getframe(1), caller, caller_offset)
+                    self._cross(caller_file.unit, file, code, None, caller, caller_offset)
                     return None
-        self._cross_from_stack(file, code, sys._getframe(1))
+        self._cross_from_stack(file, code, sys._getframe(_EVENT))
         return None
 
     def _on_resume(self, code: types.CodeType, offset: int) -> Any:
-        self.callbacks[0] += 1
         file = self._files.get(code.co_filename)
         if file is not None and file.unit is not None:
-            self._cross_from_stack(file, code, sys._getframe(1))
+            self._cross_from_stack(file, code, sys._getframe(_EVENT))
         return None
 
     def _cross_from_stack(self, file: _File, code: types.CodeType, frame: types.FrameType) -> None:
-        """An activation whose caller the last CALL did not name: the innermost unit below it is."""
+        """An activation whose caller the last CALL did not name: the innermost unit below it is,
+        or the C function of another unit that unit's frame is calling (which calls back)."""
+        pending_code, pending_offset, pending_unit = self._pending
         for module, component in acting_frames(frame.f_back, TRACE_COMPONENTS):
+            caller = component.f_code
+            if caller is pending_code and component.f_lasti == pending_offset:
+                self._cross(pending_unit, file, code, frame, caller, pending_offset)
+                return
             caller_unit = self.units.of_module(module)
             if caller_unit is not None:
-                self._cross(caller_unit, file, code, frame, component.f_code, component.f_lasti)
+                self._cross(caller_unit, file, code, frame, caller, component.f_lasti)
                 return
         self._cross(MAIN, file, code, frame, None, 0)
 
@@ -266,26 +286,27 @@ class Recorder:
         caller_unit: str,
         file: _File,
         code: types.CodeType,
-        frame: types.FrameType,
+        frame: types.FrameType | None,
         caller: types.CodeType | None,
         caller_offset: int,
     ) -> None:
-        """An activation of ``code`` from ``caller_unit``: a crossing, unless that is its own unit."""
+        """An activation of ``code`` from ``caller_unit``: a crossing, unless that is its own unit.
+        ``frame`` is the activation's (None: called from :meth:`_on_start`, one more frame up)."""
         name = code.co_qualname
         activations = file.crossed.get(name)
         if caller_unit == file.unit:
             if activations is not None:
                 activations.append(None)
             return
-        self.callbacks[3] += 1
-        size = 0
-        arguments = code.co_argcount + code.co_kwonlyargcount + bool(code.co_flags & 4) + bool(code.co_flags & 8)
-        if arguments and frame.f_lasti <= 0:  # a first start: the arguments are the locals
-            local = frame.f_locals
-            for argument in code.co_varnames[:arguments]:
-                size += wire_size(local.get(argument))
-        edge = self._edge(caller_unit, file.unit or MAIN, name, caller, caller_offset)
-        edge[1] += size
+        self.crossings += 1
+        edge, weight = self._edge(caller_unit, file.unit or MAIN, name, caller, caller_offset)
+        if weight:
+            if frame is None:
+                frame = sys._getframe(_EVENT + 1)
+            arguments = code.co_argcount + code.co_kwonlyargcount + bool(code.co_flags & 4) + bool(code.co_flags & 8)
+            if arguments and frame.f_lasti <= 0:  # a first start: the arguments are the locals
+                local = frame.f_locals
+                edge[1] += weight * sum(wire_size(local.get(argument)) for argument in code.co_varnames[:arguments])
         if activations is None:
             activations = file.crossed[name] = []
             events = sys.monitoring.events
@@ -294,13 +315,19 @@ class Recorder:
                 code,
                 events.PY_RETURN | events.PY_YIELD | events.PY_RESUME,
             )
-        activations.append(edge)
+        activations.append((edge, weight) if weight else None)
 
-    def _edge(self, caller: str, callee: str, name: str, code: types.CodeType | None, offset: int) -> list:
+    def _edge(self, caller: str, callee: str, name: str, code: types.CodeType | None, offset: int) -> tuple[list, int]:
+        """Count a call on its edge; the edge, and the weight its bytes are counted with (0: this
+        call's bytes are not looked at: past the first calls of an edge, one in ten is, ten times)."""
         edge = self.edges.get((caller, callee))
         if edge is None:
-            edge = self.edges[(caller, callee)] = [0, 0, 0, {}]
-        edge[0] += 1
+            now = time.process_time()
+            edge = self.edges[(caller, callee)] = [0, 0, 0, {}, now, now]
+        calls = edge[0] = edge[0] + 1
+        weight = 1 if calls <= _EXACT_CALLS else _SAMPLE if calls % _SAMPLE == 0 else 0
+        if weight:
+            edge[5] = time.process_time()
         site = (name, None, None, 0) if code is None else (name, code.co_filename, code.co_qualname, offset)
         sites = edge[3]
         if site in sites:
@@ -309,16 +336,15 @@ class Recorder:
             sites[site] = 1
             if code is not None:
                 self._site_codes[(code.co_filename, code.co_qualname)] = code
-        return edge
+        return edge, weight
 
     def _on_return(self, code: types.CodeType, offset: int, value: Any) -> None:
-        self.callbacks[2] += 1
         file = self._files.get(code.co_filename)
         activations = file.crossed.get(code.co_qualname) if file is not None else None
         if activations:
-            edge = activations.pop()
-            if edge is not None:
-                edge[2] += wire_size(value)
+            crossing = activations.pop()
+            if crossing is not None:
+                crossing[0][2] += wire_size(value) * crossing[1]
 
     def _on_unwind(self, code: types.CodeType, offset: int, exception: BaseException) -> None:
         file = self._files.get(code.co_filename)
@@ -327,14 +353,14 @@ class Recorder:
             if activations:
                 activations.pop()
 
-    def _site_text(self, site: tuple) -> str:
-        """``callee from FILE:LINE`` for a site key of :meth:`_edge`."""
+    def _site_record(self, site: tuple, count: int) -> dict[str, Any]:
+        """A site key of :meth:`_edge` as the record says it: what was called, from which line."""
         name, filename, function, offset = site
         code = self._site_codes.get((filename, function))
-        if code is None:
-            return name
-        line = next((line for start, end, line in code.co_lines() if start <= offset < end), code.co_firstlineno)
-        return f"{name} from {filename}:{line}"
+        line = None
+        if code is not None:
+            line = next((n for start, end, n in code.co_lines() if start <= offset < end), code.co_firstlineno)
+        return {"callee": name, "file": filename, "line": line, "count": count}
 
     # -- audit events, the environment ----------------------------------------------------------
     def _on_audit(self, event: str, args: tuple) -> None:
@@ -345,7 +371,7 @@ class Recorder:
             return
         self._busy.add(thread)
         try:
-            frame = sys._getframe(2)  # the code that raised the event (1 is the hook)
+            frame = sys._getframe(_EVENT + 1)  # the code that raised it (below: the hook, the timing)
             handler = _HANDLERS.get(event)
             if handler is not None:
                 handler(self, event, args, frame)
@@ -394,13 +420,40 @@ class Recorder:
     def _callbacks(self) -> dict[int, Callable]:
         events = sys.monitoring.events
         return {
-            events.PY_START: self._on_start,
-            events.PY_RESUME: self._on_resume,
-            events.PY_RETURN: self._on_return,
-            events.PY_YIELD: self._on_return,
-            events.PY_UNWIND: self._on_unwind,
-            events.CALL: self._on_call,
+            events.PY_START: self._timed(self._on_start),
+            events.PY_RESUME: self._timed(self._on_resume),
+            events.PY_RETURN: self._timed(self._on_return),
+            events.PY_YIELD: self._timed(self._on_return),
+            events.PY_UNWIND: self._timed(self._on_unwind),
+            events.CALL: self._timed(self._on_call),
         }
+
+    def spent(self) -> float:
+        """The CPU time the recorder's callbacks took, estimated from the timed sample (less what
+        reading the clock itself takes)."""
+        if not self.timed_events:
+            return 0.0
+        return max(0.0, self.timed / self.timed_events - self._clock_cost) * self.events
+
+    def _timed(self, body: Callable) -> Callable:
+        """``body``, counted; one call in :data:`_TIMED_EVERY` timed in CPU time (a thread's CPU
+        clock is a system call: timing every event would double what the recorder costs)."""
+        clock = time.thread_time
+        recorder = self
+
+        def callback(*args: Any) -> Any:
+            recorder.events += 1
+            started = clock() if recorder.events % _TIMED_EVERY == 0 else None
+            try:
+                return body(*args)
+            except Exception:  # whatever goes wrong in the recorder must not change what the app does
+                return None
+            finally:
+                if started is not None:
+                    recorder.timed += clock() - started
+                    recorder.timed_events += 1
+
+        return callback
 
     def start(self) -> None:
         monitoring = sys.monitoring
@@ -415,7 +468,7 @@ class Recorder:
             raise RuntimeError("flexos trace: every sys.monitoring tool id it could use is taken")
         for event, callback in self._callbacks().items():
             monitoring.register_callback(self._tool, event, callback)
-        uncounted, observe = _UNCOUNTED, self._on_audit
+        uncounted, observe = _UNCOUNTED, self._timed(self._on_audit)
 
         def audit_hook(event: str, args: tuple) -> None:  # runs for every event: the filter first
             if event not in uncounted:
@@ -423,7 +476,10 @@ class Recorder:
 
         sys.addaudithook(audit_hook)  # cannot be removed: ``active`` turns it off
         self._patch_environ()
+        clock = time.thread_time
+        self._clock_cost = statistics.median(-clock() + clock() for _ in range(200))
         self.active = True
+        self.cpu_start = time.process_time()
         events = monitoring.events
         monitoring.set_events(self._tool, events.PY_START | events.CALL | events.PY_UNWIND)
 
@@ -454,7 +510,10 @@ class Recorder:
             for unit in chain:
                 units.setdefault(unit, {"kind": self.units.kind(unit), "modules": [], "extensions": []})
         tables = {
-            kind: [{"key": list(key[:-1]), "chain": list(key[-1]), "count": n, "site": site} for key, (n, site) in t.items()]
+            kind: [
+                {"key": list(key[:-1]), "chain": list(key[-1]), "count": n, "site": site}
+                for key, (n, site) in t.items()
+            ]
             for kind, t in self.observed.items()
         }
         return {
@@ -467,12 +526,18 @@ class Recorder:
                     "calls": e[0],
                     "bytes_in": e[1],
                     "bytes_out": e[2],
-                    "sites": {self._site_text(site): n for site, n in e[3].items()},
+                    "sites": [self._site_record(site, n) for site, n in e[3].items()],
+                    "cpu_first": e[4] - self.cpu_start,
+                    "cpu_last": e[5] - self.cpu_start,
                 }
                 for (a, b), e in self.edges.items()
             ],
             **tables,
-            "callbacks": dict(zip(("starts", "c_calls", "returns", "crossings"), self.callbacks, strict=True)),
+            "recorder": {
+                "seconds": self.spent(),
+                "events": self.events,
+                "crossings": self.crossings,
+            },
         }
 
 
@@ -623,26 +688,79 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _stop_on_sigterm(signum: int, frame: Any) -> None:
-    """A server ends the way Ctrl-C ends it, so that its run is recorded."""
-    raise KeyboardInterrupt
+_GRACE_SECONDS = 10.0  # after a signal, how long the app may take to end before its record is written anyway
+
+
+class _Run:
+    """One run of the app under a recorder, and its record, written exactly once."""
+
+    def __init__(self, out: Path, command: list[str]) -> None:
+        self.out = out
+        self.command = command
+        self.recorder = Recorder()
+        self.signalled: list[int] = []
+        self._written = threading.Lock()
+        self._wall, self._cpu = time.perf_counter(), _cpu_seconds()
+
+    def interrupt(self, signum: int, frame: Any) -> None:
+        """SIGTERM ends the app the way Ctrl-C does, so that a server's run ends and is recorded.
+        A second signal at once (SIGTERM to a process group reaches ``flexos trace`` too, which
+        passes it on) is the same one; an app still not done after a grace period (an asyncio
+        server can wait forever for a connection interrupted half-way) is recorded as it is and ended."""
+        if self.signalled:
+            return
+        self.signalled.append(signum)
+        late = threading.Timer(_GRACE_SECONDS, self._end_now)
+        late.daemon = True
+        late.start()
+        raise KeyboardInterrupt
+
+    def _end_now(self) -> None:
+        self.write(130)
+        os._exit(130)
+
+    def write(self, status: int) -> None:
+        if not self._written.acquire(blocking=False):
+            return
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):  # the record is written whatever comes now
+                signal.signal(sig, signal.SIG_IGN)
+        self.recorder.stop()
+        wall, cpu = time.perf_counter() - self._wall, _cpu_seconds() - self._cpu
+        data = self.recorder.record()
+        data.update(
+            version=RECORD_VERSION,
+            command=self.command,
+            cwd=os.getcwd(),
+            status=status,
+            wall_seconds=wall,
+            cpu_seconds=cpu,
+            always_readable=list(always_readable()),
+            sys_path=[os.path.abspath(p) for p in sys.path],
+            interrupted=bool(self.signalled),
+            python=sys.version.split()[0],
+        )
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
+        self.out.write_text(json.dumps(data))
 
 
 def run(out: Path, module: str | None, target: str | None, args: list[str]) -> int:
     """Run the app under a :class:`Recorder`; write the record to ``out``; return the exit status."""
-    recorder = Recorder()
-    command = ["-m", module, *args] if module is not None else [target or "", *args]
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    os.register_at_fork(after_in_child=recorder.stop)  # a forked child is not recorded
+    this = _Run(out, ["-m", module, *args] if module is not None else [target or "", *args])
+    signal.signal(signal.SIGTERM, this.interrupt)
+    signal.signal(signal.SIGINT, this.interrupt)
+    os.register_at_fork(after_in_child=this.recorder.stop)  # a forked child is not recorded
     status = 0
-    wall, cpu = time.perf_counter(), _cpu_seconds()
     if module is not None:
         sys.argv = [module, *args]
         sys.path[0] = os.getcwd()
     else:
         sys.argv = [target or "", *args]
         sys.path[0] = str(Path(target or ".").resolve().parent)
-    recorder.start()
+    this.recorder.start()
     try:
         if module is not None:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
@@ -661,24 +779,7 @@ def run(out: Path, module: str | None, target: str | None, args: list[str]) -> i
         traceback.print_exc()
         status = 1
     finally:
-        recorder.stop()
-        wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
-        data = recorder.record()
-        data.update(
-            version=RECORD_VERSION,
-            command=command,
-            cwd=os.getcwd(),
-            status=status,
-            wall_seconds=wall,
-            cpu_seconds=cpu,
-            always_readable=list(always_readable()),
-            python=sys.version.split()[0],
-        )
-        try:
-            sys.stdout.flush()
-        except (OSError, ValueError):
-            pass
-        out.write_text(json.dumps(data))
+        this.write(status)
     return status
 
 
