@@ -22,11 +22,11 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import trace_workloads as workloads  # noqa: E402
+import trace_workloads as workloads
 
-from flexos.trace.cost import calibration, predict  # noqa: E402
-from flexos.trace.propose import propose  # noqa: E402
-from flexos.trace.runs import Runs  # noqa: E402
+from flexos.trace.cost import calibration, predict
+from flexos.trace.propose import propose
+from flexos.trace.runs import Runs
 
 # app -> (the size traced, the size measured): redis-benchmark requests, wrk seconds, repetitions
 SIZES = {"kv": (2000, 20000), "http": (1, 3), "sqlite_notes": (1, 1)}

@@ -65,7 +65,7 @@ def _resp(*args: bytes) -> bytes:
 
 
 class Server:
-    """A server app in a session of its own; stopped with SIGTERM to its group (as a user's Ctrl-C or an init system)."""
+    """A server app in a session of its own, stopped with SIGTERM to its group (as an init system does)."""
 
     def __init__(self, command: list[str], cwd: Path, pythonpath: Path) -> None:
         env = dict(
@@ -110,12 +110,17 @@ class Server:
 
 
 def _serve(
-    app: str, module: str, launcher: list[str], workdir: Path, drive: Callable[[int], tuple[list[str], float]]
+    app: str,
+    module: str,
+    launcher: list[str],
+    workdir: Path,
+    drive: Callable[[int], tuple[list[str], float]],
+    options: tuple[str, ...] = (),
 ) -> Result:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "data").mkdir(exist_ok=True)  # Landlock allows paths that exist when a compartment starts
     port = free_port()
-    server = Server([*launcher, "-m", module, "--port", str(port)], workdir, REPO / "apps" / app)
+    server = Server([*launcher, "-m", module, "--port", str(port), *options], workdir, REPO / "apps" / app)
     try:
         server.wait_listening()
         output, seconds = drive(port)
@@ -135,7 +140,7 @@ def _redis_benchmark(port: int, requests: int) -> float:
     return time.perf_counter() - started
 
 
-def kv(launcher: list[str], workdir: Path, size: int = 2000) -> Result:
+def kv(launcher: list[str], workdir: Path, size: int = 2000, persistence: str = "aof") -> Result:
     """apps/kv: redis-benchmark (``size`` GETs and SETs, 30 clients, pipelines of 16), then the
     commands of tests/test_apps.py, replies and all."""
 
@@ -149,7 +154,12 @@ def kv(launcher: list[str], workdir: Path, size: int = 2000) -> Result:
         ]
         return [repr(reply) for reply in replies], seconds
 
-    return _serve("kv", "kv", launcher, workdir, drive)
+    return _serve("kv", "kv", launcher, workdir, drive, ("--persistence", persistence))
+
+
+def kv_sqlite(launcher: list[str], workdir: Path, size: int = 2000) -> Result:
+    """apps/kv keeping its dataset in sqlite3 (``--persistence sqlite``): the same workload."""
+    return kv(launcher, workdir, size, persistence="sqlite")
 
 
 _HTTP_REQUESTS = [
@@ -211,4 +221,9 @@ def sqlite_notes(launcher: list[str], workdir: Path, size: int = 1) -> Result:
     return Result(0, output, seconds, "".join(errors))
 
 
-WORKLOADS: dict[str, Callable[..., Result]] = {"kv": kv, "http": http, "sqlite_notes": sqlite_notes}
+WORKLOADS: dict[str, Callable[..., Result]] = {
+    "kv": kv,
+    "kv_sqlite": kv_sqlite,
+    "http": http,
+    "sqlite_notes": sqlite_notes,
+}

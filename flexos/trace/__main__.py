@@ -1,4 +1,4 @@
-"""``python -m flexos.trace OUT.json [-m MODULE | SCRIPT] [ARGS]...``: one learning run (what ``flexos trace`` starts)."""
+"""``python -m flexos.trace OUT.json [-m MODULE | SCRIPT] [ARGS]...``: one learning run (``flexos trace`` starts it)."""
 
 from flexos.trace.recorder import main
 

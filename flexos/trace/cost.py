@@ -13,7 +13,7 @@ time can be told from the app's. The answers are cached in
 Python and flexos; ``flexos trace --recalibrate`` measures again.
 
 The prediction, per compartment: its crossings (calls between a unit placed in it and a unit
-outside it, both ways) × the round trip of its mechanism, plus their bytes × the time per byte,
+outside it, both ways) x the round trip of its mechanism, plus their bytes x the time per byte,
 over the CPU time the runs spent between the first and the last of those calls (less the
 recorder's own share). A short command also pays, once per run, ``flexos run``'s start and each
 compartment's: the *whole-run* figure adds them to the runs' wall time (less the recorder's) and
@@ -22,6 +22,7 @@ Python's start.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import platform
@@ -147,7 +148,7 @@ def _gate(driver: str, workdir: Path) -> dict[str, float]:
     payload = _payload()
     started = time.perf_counter()
     with boot(image):
-        echo = __import__(module).echo
+        echo = importlib.import_module(module).echo
         echo(0)
         start = time.perf_counter() - started
         _per_call(echo, 0, 200, rounds=1)
@@ -199,17 +200,16 @@ def loop(n):
 def _dispatch_cost(workdir: Path) -> float:
     """What a PY_START event costs sys.monitoring besides the callback's body (an empty one here)."""
     (workdir / "flexos_trace_loop.py").write_text(_LOOP)
-    import flexos_trace_loop  # type: ignore[import-not-found]
-
+    loop = importlib.import_module("flexos_trace_loop").loop  # written just now
     n = 100_000
-    plain = _per_call(flexos_trace_loop.loop, n, 1)
+    plain = _per_call(loop, n, 1)
     monitoring = sys.monitoring
     tool = next(t for t in (monitoring.PROFILER_ID, 3, 4) if monitoring.get_tool(t) is None)
     monitoring.use_tool_id(tool, "flexos trace calibration")
     monitoring.register_callback(tool, monitoring.events.PY_START, lambda code, offset: None)
     monitoring.set_events(tool, monitoring.events.PY_START)
     try:
-        traced = _per_call(flexos_trace_loop.loop, n, 1)
+        traced = _per_call(loop, n, 1)
     finally:
         monitoring.set_events(tool, 0)
         monitoring.free_tool_id(tool)

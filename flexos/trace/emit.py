@@ -218,12 +218,11 @@ def space_yaml(proposal: Proposal) -> str:
     for compartment in proposal.compartments:
         modules = ", ".join(scalar(entry) for entry in compartment.entries())
         lines.append(f"    {scalar(compartment.name)}: {{short: {shorts[compartment.name]}, modules: [{modules}]}}")
-    drivers = ["fcalls"]
-    usable = [set(n for n, why in c.usable.items() if why is None) for c in proposal.compartments]
+    usable = [{n for n, why in c.usable.items() if why is None} for c in proposal.compartments]
     everywhere = set.intersection(*usable) if usable else set()
-    drivers += [name for name in next(iter(proposal.compartments)).usable if name in everywhere] if usable else []
+    drivers = sorted({"fcalls", *everywhere}, key=lambda name: driver_class(name).strength)
     lines.append(f"  compartments: {max(1, len(names))}")
-    lines.append(f"  drivers: [{', '.join(dict.fromkeys(drivers))}]  # those every component can use here")
+    lines.append(f"  drivers: [{', '.join(drivers)}]  # those every component can use here")
     toggles = _common(proposal)
     if toggles:
         lines += ["  hardening:", "    compartment:"]

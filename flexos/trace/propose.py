@@ -20,13 +20,18 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from flexos.drivers import driver_class, names
 from flexos.hardening import CLEAN_ENVIRONMENT, expand_events
 from flexos.trace.runs import Edge, Observation, Runs, UnitInfo
 from flexos.trace.units import APP, KNOWN_PARSERS, MAIN, STDLIB, library_entries
+
+if TYPE_CHECKING:
+    from flexos.drivers.base import Driver
 
 DEFAULT = "app"  # the default compartment's name in a proposal
 # Audit event families a compartment is denied when the runs never saw it raise one.
@@ -181,25 +186,25 @@ def place(runs: Runs) -> tuple[list[Compartment], dict[str, str], list[str]]:
     compartments: list[Compartment] = []
     placement: dict[str, str] = {}
     taken = {DEFAULT}
-    for unit in sorted(units.values(), key=lambda u: u.name):
-        if unit.name == MAIN or unit.kind == APP:
+    for info in sorted(units.values(), key=lambda u: u.name):
+        if info.name == MAIN or info.kind == APP:
             continue
-        reason = _seed_reason(unit, edges, units)
+        reason = _seed_reason(info, edges, units)
         if reason is None:
-            if unit.extensions and unit.kind != STDLIB:
-                notes.append(f"{unit.name}: C extension imported, never called by another unit: not proposed")
+            if info.extensions and info.kind != STDLIB:
+                notes.append(f"{info.name}: C extension imported, never called by another unit: not proposed")
             continue
-        name = _compartment_name(unit.name, taken)
-        compartments.append(Compartment(name, unit.name, [unit.name], {unit.name: reason}))
-        placement[unit.name] = name
+        name = _compartment_name(info.name, taken)
+        compartments.append(Compartment(name, info.name, [info.name], {info.name: reason}))
+        placement[info.name] = name
     weights = _weights(edges)
     packages = {u for u in units if any(other.startswith(u + ".") for other in units)}
     changed = True
     while changed:
         changed = False
         for unit in sorted(weights, key=lambda u: -max(weights[u].values(), default=0)):
-            if unit in placement or unit == MAIN or unit in packages or unit not in units or units[unit].kind == STDLIB:
-                continue  # a standard-library module left alone is a copy in each compartment that uses it
+            if unit in placement or unit in packages or not _may_join(unit, units):
+                continue
             towards: dict[str, int] = {}
             for other, calls in weights[unit].items():
                 where = placement.get(other, DEFAULT)
@@ -226,6 +231,17 @@ def place(runs: Runs) -> tuple[list[Compartment], dict[str, str], list[str]]:
             placement[unit] = best
             changed = True
     return compartments, placement, list(dict.fromkeys(notes))
+
+
+def _may_join(unit: str, units: dict[str, UnitInfo]) -> bool:
+    """Whether ``unit`` may join a compartment: not the app's script, not the standard library (a
+    module left unplaced is a copy in each compartment that uses it), not a test module (a test
+    runner imports and inspects those itself)."""
+    info = units.get(unit)
+    if unit == MAIN or info is None or info.kind == STDLIB:
+        return False
+    last = unit.rpartition(".")[2]
+    return not (last.startswith("test_") or last.endswith("_test") or last == "conftest")
 
 
 def _compartment_name(unit: str, taken: set[str]) -> str:
@@ -340,7 +356,7 @@ def harden(proposal: Proposal, compartment: Compartment) -> Hardening:
     hardening.why.setdefault(
         "network", "connected, bound or sent to no address" if not sockets else "sockets, but no address"
     )
-    write_paths = _minimal(writes)
+    write_paths = _minimal(_temporary_generalised(writes, runs))
     read_paths = {p: w for p, w in _minimal(reads).items() if not any(_beneath(p, q) for q in write_paths)}
     hardening.write = [
         Grant("filesystem.write", _display_path(p, runs, r), w) for p, (w, r) in sorted(write_paths.items())
@@ -358,6 +374,20 @@ def harden(proposal: Proposal, compartment: Compartment) -> Hardening:
         else:
             hardening.audit_deny.append(family)
     return hardening
+
+
+def _temporary_generalised(paths: dict[str, tuple[str, int]], runs: Runs) -> dict[str, tuple[str, int]]:
+    """A path in the system's temporary directory (outside the run's own directory) changes from
+    run to run (``mkdtemp``, pytest's ``tmp_path``), and Landlock grants only paths that exist when
+    the compartment starts: such a grant is the temporary directory itself."""
+    temporary = tempfile.gettempdir()
+    found: dict[str, tuple[str, int]] = {}
+    for path, (why, run) in paths.items():
+        if path != temporary and _beneath(path, temporary) and not _beneath(path, runs.runs[run].cwd):
+            why = f"{why}; a temporary path (it changes from run to run): the temporary directory {temporary}"
+            path = temporary
+        found.setdefault(path, (why, run))
+    return found
 
 
 def _minimal(paths: dict[str, tuple[str, int]]) -> dict[str, tuple[str, int]]:
@@ -380,8 +410,9 @@ from flexos import _subinterp
 answers = {}
 for name, modules in json.loads(sys.argv[1]).items():
     interp = _subinterp.create()
+    source = f"import sys\\nsys.path[:] = {sys.path!r}\\n" + "".join(f"import {m}\\n" for m in modules)
     try:
-        _subinterp.run(interp, "import sys\\nsys.path[:] = " + repr(sys.path) + "\\n" + "".join(f"import {m}\\n" for m in modules))
+        _subinterp.run(interp, source)
         answers[name] = None
     except RuntimeError as exc:
         answers[name] = str(exc).splitlines()[-1]
@@ -391,7 +422,7 @@ print(json.dumps(answers))
 """
 
 
-def _in_own_interpreter(driver: type) -> bool:
+def _in_own_interpreter(driver: type[Driver]) -> bool:
     """A mechanism that imports the compartment's modules in another interpreter of the app's process."""
     return driver.in_app_process and not driver.may_be_default
 

@@ -42,7 +42,7 @@ from typing import Any
 from flexos.hardening import acting_frames, always_readable
 from flexos.trace.units import MAIN, TRACE_COMPONENTS, Units, is_extension
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 _CHAIN_LENGTH = 8  # units kept per observation, innermost first
 _SITES_PER_KEY = 5  # call sites kept per edge
 # sys._getframe(_EVENT) in a callback's body is the code the event is about (1 is the timing wrapper).
@@ -109,7 +109,7 @@ class _File:
 
     def __init__(self, unit: str | None) -> None:
         self.unit = unit
-        self.crossed: dict[str, list[list | None]] = {}
+        self.crossed: dict[str, list[tuple[list, int] | None]] = {}
 
 
 class Recorder:
@@ -205,6 +205,7 @@ class Recorder:
             self._expect = (function.__qualname__, code, offset)
             return None
         self._expect = (None, None, 0)
+        key: Any
         if kind is types.MethodType:
             method = function.__func__
             if type(method) is types.FunctionType:
@@ -218,10 +219,11 @@ class Recorder:
                 return sys.monitoring.DISABLE  # len, isinstance ...: a name bound once, never another unit's
             key = function if owner is None else owner if isinstance(owner, type | types.ModuleType) else type(owner)
         elif isinstance(function, type):
-            if type(function.__init__) is types.FunctionType:
-                self._expect = (function.__init__.__qualname__, code, offset)
+            init = getattr(function, "__init__", None)
+            if type(init) is types.FunctionType:
+                self._expect = (init.__qualname__, code, offset)
                 return None
-            if type(function.__new__) is types.FunctionType:
+            if type(getattr(function, "__new__", None)) is types.FunctionType:
                 return None
             key = function
         elif isinstance(kind.__call__, types.FunctionType):
@@ -229,9 +231,9 @@ class Recorder:
         else:
             key = function  # a compiled function (Cython's)
         try:
-            callee = self._callee_units.get(key, False)
-            if callee is False:
-                callee = self._callee_units[key] = self.units.of_callable(function)
+            callee = self._callee_units[key]
+        except KeyError:
+            callee = self._callee_units[key] = self.units.of_callable(function)
         except TypeError:  # unhashable
             return None
         if callee is None or callee == unit:

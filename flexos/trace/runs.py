@@ -85,8 +85,10 @@ class Run:
 
     def describe(self) -> str:
         """``python -m kv --port 6399`` (exit 0, 1.2 s, 0.8 s of CPU)."""
-        how = "ended by a signal" if self.data["interrupted"] else f"exit {self.data['status']}"
-        return f"python {' '.join(self.command)}  ({how}, {self.data['wall_seconds']:.1f} s, {self.data['cpu_seconds']:.2f} s of CPU)"
+        data = self.data
+        how = "ended by a signal" if data["interrupted"] else f"exit {data['status']}"
+        took = f"{data['wall_seconds']:.1f} s, {data['cpu_seconds']:.2f} s of CPU"
+        return f"python {' '.join(self.command)}  ({how}, {took})"
 
 
 class Runs:
