@@ -110,7 +110,19 @@ def _weights(edges: dict[tuple[str, str], Edge]) -> dict[str, dict[str, int]]:
     return weights
 
 
-def _seed_reason(unit: UnitInfo, edges: dict[tuple[str, str], Edge], units: dict[str, UnitInfo]) -> str | None:
+def _busiest_site(edges: Iterable[Edge], runs: Runs) -> str:
+    """``; most: CALLEE from FILE:LINE (Nx)`` for the call site these edges saw most, if any."""
+    sites = [site for edge in edges for site in edge.sites]
+    if not sites:
+        return ""
+    site = max(sites, key=lambda s: s.count)
+    where = f" from {runs.short(site.file, site.run)}:{site.line}" if site.file else ""
+    return f"; most: {site.callee}{where} ({site.count}x)"
+
+
+def _seed_reason(
+    unit: UnitInfo, edges: dict[tuple[str, str], Edge], units: dict[str, UnitInfo], runs: Runs
+) -> str | None:
     """Why ``unit`` is a seed, or None."""
     callers = [
         e
@@ -121,6 +133,7 @@ def _seed_reason(unit: UnitInfo, edges: dict[tuple[str, str], Edge], units: dict
         return None
     calls = sum(e.calls for e in callers)
     by = ", ".join(f"{e.caller} {e.calls}x" for e in sorted(callers, key=lambda e: -e.calls)[:3])
+    by += _busiest_site(callers, runs)
     if unit.kind == STDLIB:
         what = f"standard-library {unit.name}" + (f" (C: {', '.join(unit.extensions)})" if unit.extensions else "")
         return f"{what}, a parser or C binding the app calls: {calls} calls ({by})"
@@ -189,7 +202,7 @@ def place(runs: Runs) -> tuple[list[Compartment], dict[str, str], list[str]]:
     for info in sorted(units.values(), key=lambda u: u.name):
         if info.name == MAIN or info.kind == APP:
             continue
-        reason = _seed_reason(info, edges, units)
+        reason = _seed_reason(info, edges, units, runs)
         if reason is None:
             if info.extensions and info.kind != STDLIB:
                 notes.append(f"{info.name}: C extension imported, never called by another unit: not proposed")
@@ -224,9 +237,11 @@ def place(runs: Runs) -> tuple[list[Compartment], dict[str, str], list[str]]:
                 continue
             compartment = next(c for c in compartments if c.name == best)
             compartment.units.append(unit)
+            inside = [edges[k] for k in edges if unit in k and (set(k) - {unit}) & set(compartment.units)]
             compartment.why[unit] = (
-                f"{towards[best]} calls with {', '.join(u for u in compartment.units if u != unit)}, "
-                f"{staying} with the rest of the app: the gate goes where calls are fewer"
+                f"{towards[best]} calls with {', '.join(u for u in compartment.units if u != unit)}"
+                f"{_busiest_site(inside, runs)}, {staying} with the rest of the app: the gate goes where calls are"
+                " fewer"
             )
             placement[unit] = best
             changed = True

@@ -64,6 +64,8 @@ _C_CALLABLES = frozenset(
     }
 )
 _BUILTINS = sys.modules["builtins"]
+_FUNCTION, _METHOD = types.FunctionType, types.MethodType
+_NOTHING_EXPECTED: tuple[str | None, types.CodeType | None, int] = (None, None, 0)
 
 
 def wire_size(value: Any, depth: int = 0) -> int:
@@ -132,7 +134,7 @@ class Recorder:
         self._callee_units: dict[Any, str | None] = {}  # a C function's owner -> its unit
         # What the last CALL in unit code starts: (qualified name, calling code, offset). Threads
         # share it: a switch between a CALL and its PY_START only sends that call the slow way.
-        self._expect: tuple[str | None, types.CodeType | None, int] = (None, None, 0)
+        self._expect: tuple[str | None, types.CodeType | None, int] = _NOTHING_EXPECTED
         self._pending: tuple[types.CodeType | None, int, str] = (None, -1, "")  # the last C call across units
         self._busy: set[int] = set()  # threads inside the audit hook (events it raises are its own)
         # edge -> [calls, bytes in, bytes out, {(callee, caller file, caller function, offset): count},
@@ -201,12 +203,12 @@ class Recorder:
         if unit is None:
             return sys.monitoring.DISABLE  # a call site outside the units: never seen again
         kind = type(function)
-        if kind is types.FunctionType:
+        if kind is _FUNCTION:
             self._expect = (function.__qualname__, code, offset)
             return None
-        self._expect = (None, None, 0)
+        self._expect = _NOTHING_EXPECTED
         key: Any
-        if kind is types.MethodType:
+        if kind is _METHOD:
             method = function.__func__
             if type(method) is types.FunctionType:
                 self._expect = (method.__qualname__, code, offset)
@@ -253,11 +255,18 @@ class Recorder:
             return None
         expected, caller, caller_offset = self._expect
         if expected is not None:
-            self._expect = (None, None, 0)
+            self._expect = _NOTHING_EXPECTED
             if expected == code.co_qualname and caller is not None:
                 caller_file = self._files.get(caller.co_filename)
-                if caller_file is not None and caller_file.unit is not None:
-                    self._cross(caller_file.unit, file, code, None, caller, caller_offset)
+                caller_unit = caller_file.unit if caller_file is not None else None
+                if caller_unit == unit:  # the common case: a call inside one unit
+                    if file.crossed:
+                        activations = file.crossed.get(code.co_qualname)
+                        if activations is not None:
+                            activations.append(None)
+                    return None
+                if caller_unit is not None:
+                    self._cross(caller_unit, file, code, None, caller, caller_offset)
                     return None
         self._cross_from_stack(file, code, sys._getframe(_EVENT))
         return None
@@ -422,12 +431,12 @@ class Recorder:
     def _callbacks(self) -> dict[int, Callable]:
         events = sys.monitoring.events
         return {
-            events.PY_START: self._timed(self._on_start),
-            events.PY_RESUME: self._timed(self._on_resume),
-            events.PY_RETURN: self._timed(self._on_return),
-            events.PY_YIELD: self._timed(self._on_return),
-            events.PY_UNWIND: self._timed(self._on_unwind),
-            events.CALL: self._timed(self._on_call),
+            events.PY_START: self._timed(self._on_start, 2),
+            events.PY_RESUME: self._timed(self._on_resume, 2),
+            events.PY_RETURN: self._timed(self._on_return, 3),
+            events.PY_YIELD: self._timed(self._on_return, 3),
+            events.PY_UNWIND: self._timed(self._on_unwind, 3),
+            events.CALL: self._timed(self._on_call, 4),
         }
 
     def spent(self) -> float:
@@ -437,25 +446,51 @@ class Recorder:
             return 0.0
         return max(0.0, self.timed / self.timed_events - self._clock_cost) * self.events
 
-    def _timed(self, body: Callable) -> Callable:
-        """``body``, counted; one call in :data:`_TIMED_EVERY` timed in CPU time (a thread's CPU
-        clock is a system call: timing every event would double what the recorder costs)."""
+    def _timed(self, body: Callable, arguments: int) -> Callable:
+        """``body`` counted, one call in :data:`_TIMED_EVERY` timed in CPU time (a thread's CPU
+        clock is a system call: timing every event would double what the recorder costs), and
+        never raising into the app. One wrapper per arity (packing ``*args`` would cost every
+        event), each calling ``body`` from its own frame, so that ``_EVENT`` holds on both paths."""
         clock = time.thread_time
         recorder = self
 
-        def callback(*args: Any) -> Any:
+        def two(a: Any, b: Any) -> Any:
             recorder.events += 1
-            started = clock() if recorder.events % _TIMED_EVERY == 0 else None
+            started = clock() if recorder.events % _TIMED_EVERY == 0 else 0.0
             try:
-                return body(*args)
+                return body(a, b)
             except Exception:  # whatever goes wrong in the recorder must not change what the app does
                 return None
             finally:
-                if started is not None:
+                if started:
                     recorder.timed += clock() - started
                     recorder.timed_events += 1
 
-        return callback
+        def three(a: Any, b: Any, c: Any) -> Any:
+            recorder.events += 1
+            started = clock() if recorder.events % _TIMED_EVERY == 0 else 0.0
+            try:
+                return body(a, b, c)
+            except Exception:
+                return None
+            finally:
+                if started:
+                    recorder.timed += clock() - started
+                    recorder.timed_events += 1
+
+        def four(a: Any, b: Any, c: Any, d: Any) -> Any:
+            recorder.events += 1
+            started = clock() if recorder.events % _TIMED_EVERY == 0 else 0.0
+            try:
+                return body(a, b, c, d)
+            except Exception:
+                return None
+            finally:
+                if started:
+                    recorder.timed += clock() - started
+                    recorder.timed_events += 1
+
+        return {2: two, 3: three, 4: four}[arguments]
 
     def start(self) -> None:
         monitoring = sys.monitoring
@@ -470,7 +505,7 @@ class Recorder:
             raise RuntimeError("flexos trace: every sys.monitoring tool id it could use is taken")
         for event, callback in self._callbacks().items():
             monitoring.register_callback(self._tool, event, callback)
-        uncounted, observe = _UNCOUNTED, self._timed(self._on_audit)
+        uncounted, observe = _UNCOUNTED, self._timed(self._on_audit, 2)
 
         def audit_hook(event: str, args: tuple) -> None:  # runs for every event: the filter first
             if event not in uncounted:

@@ -37,6 +37,7 @@ class Site:
     file: str | None
     line: int | None
     count: int
+    run: int
 
 
 @dataclass
@@ -144,7 +145,7 @@ class Runs:
                     data["cpu_first"],
                     data["cpu_last"],
                 )
-                edge.sites.extend(Site(s["callee"], s["file"], s["line"], s["count"]) for s in data["sites"])
+                edge.sites.extend(Site(s["callee"], s["file"], s["line"], s["count"], index) for s in data["sites"])
         for edge in merged.values():
             edge.sites.sort(key=lambda site: -site.count)
         return merged
