@@ -134,13 +134,15 @@ def _seed_reason(
     calls = sum(e.calls for e in callers)
     by = ", ".join(f"{e.caller} {e.calls}x" for e in sorted(callers, key=lambda e: -e.calls)[:3])
     by += _busiest_site(callers, runs)
+    importer = runs.imported_by(unit.name)
+    imported = f", imported by {importer}" if importer else ""
     if unit.kind == STDLIB:
         what = f"standard-library {unit.name}" + (f" (C: {', '.join(unit.extensions)})" if unit.extensions else "")
-        return f"{what}, a parser or C binding the app calls: {calls} calls ({by})"
+        return f"{what}, a parser or C binding the app calls{imported}: {calls} calls ({by})"
     if unit.extensions:
-        return f"C extension ({', '.join(unit.extensions[:3])}), {calls} calls from other units ({by})"
+        return f"C extension ({', '.join(unit.extensions[:3])}){imported}, {calls} calls from other units ({by})"
     if unit.name in KNOWN_PARSERS:
-        return f"a parser of untrusted input, {calls} calls from other units ({by})"
+        return f"a parser of untrusted input{imported}, {calls} calls from other units ({by})"
     return None
 
 
@@ -205,7 +207,9 @@ def place(runs: Runs) -> tuple[list[Compartment], dict[str, str], list[str]]:
         reason = _seed_reason(info, edges, units, runs)
         if reason is None:
             if info.extensions and info.kind != STDLIB:
-                notes.append(f"{info.name}: C extension imported, never called by another unit: not proposed")
+                importer = runs.imported_by(info.name)
+                by = f" by {importer}" if importer else ""
+                notes.append(f"{info.name}: C extension imported{by}, never called by another unit: not proposed")
             continue
         name = _compartment_name(info.name, taken)
         compartments.append(Compartment(name, info.name, [info.name], {info.name: reason}))

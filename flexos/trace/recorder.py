@@ -1,9 +1,8 @@
 """The learning run: the app runs as ``python`` would run it, with no isolation, and every unit's
 behaviour is recorded.
 
-``python -m flexos.trace.recorder OUT.json [-m MODULE | SCRIPT] [ARGS]...`` (what ``flexos trace``
-starts, so that the app gets a fresh interpreter) runs the app and writes what it saw to
-``OUT.json``:
+``python -m flexos.trace OUT.json [-m MODULE | SCRIPT] [ARGS]...`` (what ``flexos trace`` starts,
+so that the app gets a fresh interpreter) runs the app and writes what it saw to ``OUT.json``:
 
 - calls that cross from one unit to another (``sys.monitoring``, PEP 669): Python functions by
   ``PY_START`` (a code object of the standard library is disabled at its first call and costs
@@ -12,7 +11,7 @@ starts, so that the app gets a fresh interpreter) runs the app and writes what i
 - audit events (PEP 578): files and directories opened (read, write, created), sockets (family,
   address), processes spawned, and every other event's count;
 - environment variables read (``os.environ``'s lookups);
-- modules imported, and which are C extensions.
+- modules imported (and by which unit, where), and which are C extensions.
 
 Each observation is attributed the way ``flexos.hardening``'s audit policy attributes events
 (:func:`flexos.hardening.acting_frames`), recording the whole chain of units on the stack,
@@ -823,7 +822,7 @@ def run(out: Path, module: str | None, target: str | None, args: list[str]) -> i
 def main() -> None:
     argv = sys.argv[1:]
     if len(argv) < 2:
-        raise SystemExit("usage: python -m flexos.trace.recorder OUT.json [-m MODULE | SCRIPT] [ARGS]...")
+        raise SystemExit("usage: python -m flexos.trace OUT.json [-m MODULE | SCRIPT] [ARGS]...")
     out = Path(argv[0])
     if argv[1] == "-m":
         if len(argv) < 3:

@@ -14,9 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flexos.errors import FlexosError
 from flexos.trace.recorder import RECORD_VERSION
 
 KINDS = ("files", "env", "sockets", "processes", "events")
+
+
+class TraceError(FlexosError):
+    """A trace that cannot go on (no run to learn from, a run that left no record, runs of another format)."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,7 @@ class Runs:
             return cls()
         document = json.loads(path.read_text())
         if document.get("version") != RECORD_VERSION:
-            raise ValueError(
+            raise TraceError(
                 f"{path}: runs recorded by another version of flexos trace (format {document.get('version')}, "
                 f"this one reads {RECORD_VERSION}); trace again with --fresh"
             )
@@ -154,6 +159,16 @@ class Runs:
         for index, run in enumerate(self.runs):
             for item in run.data[kind]:
                 yield Observation(kind, tuple(item["key"]), tuple(item["chain"]), item["count"], item["site"], index)
+
+    def imported_by(self, module: str) -> str | None:
+        """``UNIT at FILE:LINE``: who first imported ``module`` in these runs (None: not seen)."""
+        for index, run in enumerate(self.runs):
+            found = run.data["imports"].get(module)
+            if found is not None and found["site"] is not None:
+                path, _, line = found["site"].rpartition(":")
+                who = found["chain"][0] if found["chain"] else "__main__"
+                return f"{who} at {self.short(path, index)}:{line}"
+        return None
 
     def short(self, path: str | None, run: int) -> str:
         """``path`` as a reader wants it: relative to the run's directory or to its ``sys.path`` entry."""

@@ -17,16 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from flexos.config import parse
-from flexos.errors import ConfigError, FlexosError
+from flexos.errors import ConfigError
 from flexos.trace.cost import Prediction, calibration, predict
 from flexos.trace.diff import Change, compare
 from flexos.trace.emit import cost_report, proposal_yaml, space_yaml
 from flexos.trace.propose import Proposal, propose
-from flexos.trace.runs import Runs
-
-
-class TraceError(FlexosError):
-    """A trace that cannot go on (no run to learn from, a run that left no record)."""
+from flexos.trace.runs import Runs, TraceError
 
 
 @dataclass
