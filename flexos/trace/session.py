@@ -44,6 +44,9 @@ def record(command: list[str]) -> tuple[dict[str, Any], int]:
     """Run ``command`` (``SCRIPT ARGS`` or ``-m MODULE ARGS``) once under the recorder, in a fresh
     interpreter with this one's stdio; its record and exit status. SIGTERM is passed on to it
     (a server's run ends that way) and SIGINT reaches it from the terminal."""
+    if sys.version_info < (3, 12):
+        version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+        raise TraceError(f"flexos trace needs Python 3.12 or later (sys.monitoring, PEP 669); this is {version}")
     with tempfile.TemporaryDirectory(prefix="flexos-trace-") as tmp:
         out = Path(tmp) / "run.json"
         child = subprocess.Popen([sys.executable, "-m", "flexos.trace", str(out), *command])
