@@ -390,16 +390,18 @@ def test_runs_merge_into_one_proposal_granting_what_either_needed():
 def test_the_prediction_prices_each_crossing_and_byte_over_the_work_between_the_first_and_last():
     data = run_record(edges=[("__main__", "cparser", 1000, 100_000), ("cparser", "cparser", 9, 9)], units=UNITS)
     proposal = propose(Runs([Run(data)]))
-    costs = Calibration(
-        {"process": GateCost(0.05, 10e-6, 1e-9)}, python_start_s=0.02, flexos_run_s=0.3, monitoring_event_s=0.0
-    )
-    prediction = predict(proposal, costs, mechanism={"cparser": "process"})
+    (compartment,) = proposal.compartments
+    compartment.mechanism, compartment.usable = "process", {"vm": "no QEMU here", "process": None, "subinterp": None}
+    gates = {"process": GateCost(0.05, 10e-6, 1e-9), "subinterp": GateCost(0.01, 2e-6, 1e-9)}
+    costs = Calibration(gates, python_start_s=0.02, flexos_run_s=0.3, monitoring_event_s=0.0)
+    prediction = predict(proposal, costs)
     (row,) = prediction.compartments
     assert (row.crossings, row.bytes, row.starts) == (1000, 100_000, 1)
     assert row.added_s == pytest.approx(1000 * 10e-6 + 100_000 * 1e-9)
     work = 0.4 * (1 - 0.5)  # CPU between the first and last crossing, less the recorder's half
     assert prediction.work_s == pytest.approx(work)
     assert prediction.slowdown == pytest.approx((work + row.added_s) / work)
+    assert row.alternatives == {"subinterp": pytest.approx((work + 1000 * 2e-6 + 100_000 * 1e-9) / work)}
     base = 0.02 + 1.0 - 0.5
     assert prediction.whole_run == pytest.approx((base + row.added_s + 0.05 + 0.3) / base)
 

@@ -239,6 +239,7 @@ class CompartmentCost:
     added_s: float
     starts: int  # runs in which it starts
     slowdown: float  # of the work, this compartment alone
+    alternatives: dict[str, float]  # another calibrated driver it can use -> its slowdown with that one
 
 
 @dataclass(frozen=True)
@@ -258,58 +259,63 @@ def _recorder_share(run: dict[str, Any], monitoring_event_s: float) -> float:
     return min(0.95, spent / run["cpu_seconds"]) if run["cpu_seconds"] > 0 else 0.0
 
 
-def predict(proposal: Proposal, costs: Calibration, mechanism: dict[str, str] | None = None) -> Prediction:
-    """``mechanism`` overrides the proposal's choice per compartment (to price the alternatives)."""
-    chosen = {c.name: (mechanism or {}).get(c.name, c.mechanism) for c in proposal.compartments}
+def predict(proposal: Proposal, costs: Calibration) -> Prediction:
+    """The proposal's cost with each compartment's chosen mechanism, and with each other
+    calibrated mechanism it can use."""
+    priced = {
+        c.name: [
+            d
+            for d in dict.fromkeys((c.mechanism, *c.usable))
+            if d == c.mechanism or (d in costs.gates and c.usable[d] is None)
+        ]
+        for c in proposal.compartments
+    }
     runs = proposal.runs.runs
     shares = [_recorder_share(run.data, costs.monitoring_event_s) for run in runs]
-    added: dict[str, float] = dict.fromkeys(chosen, 0.0)
-    crossings: dict[str, int] = dict.fromkeys(chosen, 0)
-    carried: dict[str, int] = dict.fromkeys(chosen, 0)
-    started: dict[str, set[int]] = {name: set() for name in chosen}
+    added: dict[str, dict[str, float]] = {name: dict.fromkeys(drivers, 0.0) for name, drivers in priced.items()}
+    crossings: dict[str, int] = dict.fromkeys(priced, 0)
+    carried: dict[str, int] = dict.fromkeys(priced, 0)
+    started: dict[str, set[int]] = {name: set() for name in priced}
     window: dict[int, list[float]] = {}
     for edge in proposal.runs.edges().values():
         caller, callee = proposal.compartment_of_unit(edge.caller), proposal.compartment_of_unit(edge.callee)
         if caller == callee:
             continue
         charged = callee if callee != DEFAULT else caller
-        gate = costs.gates[chosen[charged]]
         for run, (calls, size, first, last) in edge.per_run.items():
             crossings[charged] += calls
             carried[charged] += size
-            added[charged] += calls * gate.call_s + size * gate.byte_s
+            for driver in priced[charged]:
+                gate = costs.gates[driver]
+                added[charged][driver] += calls * gate.call_s + size * gate.byte_s
             started[charged].add(run)
             span = window.setdefault(run, [first, last])
             span[0], span[1] = min(span[0], first), max(span[1], last)
-    work = sum((last - first) * (1 - shares[run]) for run, (first, last) in window.items())
-    work = max(work, 1e-4)
+    work = max(1e-4, sum((last - first) * (1 - shares[run]) for run, (first, last) in window.items()))
+    chosen = {c.name: c.mechanism for c in proposal.compartments}
     rows = [
         CompartmentCost(
             name,
             chosen[name],
             crossings[name],
             carried[name],
-            added[name],
+            added[name][chosen[name]],
             len(started[name]),
-            (work + added[name]) / work,
+            (work + added[name][chosen[name]]) / work,
+            {driver: (work + seconds) / work for driver, seconds in added[name].items() if driver != chosen[name]},
         )
-        for name in chosen
+        for name in priced
     ]
+    total = sum(row.added_s for row in rows)
     base = sum(  # a run from start to end: Python's start, then the app's wall time less the recorder's
         costs.python_start_s + max(0.0, run.data["wall_seconds"] - share * run.data["cpu_seconds"])
         for run, share in zip(runs, shares, strict=True)
     )
     extra = (
-        sum(added.values())
-        + sum(len(started[name]) * costs.gates[chosen[name]].start_s for name in chosen)
-        + len(runs) * costs.flexos_run_s
+        total + sum(row.starts * costs.gates[row.mechanism].start_s for row in rows) + len(runs) * costs.flexos_run_s
     )
     return Prediction(
-        rows,
-        work,
-        (work + sum(added.values())) / work,
-        (base + extra) / base if base > 0 else 1.0,
-        max(shares, default=0.0),
+        rows, work, (work + total) / work, (base + extra) / base if base > 0 else 1.0, max(shares, default=0.0)
     )
 
 

@@ -113,9 +113,10 @@ def proposal_yaml(proposal: Proposal, prediction: Prediction | None) -> str:
         lines += _comment(_mechanism_lines(compartment)[0], 2)
         row = costs.get(compartment.name)
         if row is not None:
+            others = "".join(f"; with {driver}: {slowdown:.2f}x" for driver, slowdown in row.alternatives.items())
             lines += _comment(
                 f"predicted: {row.crossings} crossings carrying {_kib(row.bytes)}: +{row.added_s * 1e3:.2f} ms, "
-                f"{row.slowdown:.2f}x the traced work",
+                f"{row.slowdown:.2f}x the traced work{others}",
                 2,
             )
         lines += [f"  - name: {compartment.name}", f"    mechanism: {{driver: {compartment.mechanism}}}"]
@@ -149,9 +150,10 @@ def app_name(proposal: Proposal) -> str:
 def cost_report(prediction: Prediction) -> str:
     lines = ["Predicted cost on this machine (calibrated by flexos trace):"]
     for row in prediction.compartments:
+        others = ", ".join(f"{driver} {slowdown:.2f}x" for driver, slowdown in row.alternatives.items())
         lines.append(
             f"  {row.name:<16} {row.mechanism:<10} {row.crossings:>8} crossings {_kib(row.bytes):>10}"
-            f"  +{row.added_s * 1e3:8.2f} ms  {row.slowdown:5.2f}x"
+            f"  +{row.added_s * 1e3:8.2f} ms  {row.slowdown:5.2f}x" + (f"  (with {others})" if others else "")
         )
     lines.append(
         f"  all compartments: {prediction.slowdown:.2f}x the {prediction.work_s * 1e3:.1f} ms of CPU the runs spent "

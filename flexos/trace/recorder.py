@@ -489,7 +489,8 @@ class Recorder:
                     recorder.timed += clock() - started
                     recorder.timed_events += 1
 
-        return {2: two, 3: three, 4: four}[arguments]
+        wrappers: dict[int, Callable[..., Any]] = {2: two, 3: three, 4: four}
+        return wrappers[arguments]
 
     def start(self) -> None:
         monitoring = sys.monitoring

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 from flexos.config import parse
 from flexos.errors import ConfigError
 from flexos.trace.cost import Prediction, calibration, predict
-from flexos.trace.diff import Change, compare
+from flexos.trace.diff import compare
 from flexos.trace.emit import cost_report, proposal_yaml, space_yaml
 from flexos.trace.propose import Proposal, propose
 from flexos.trace.runs import Runs, TraceError
@@ -31,7 +30,6 @@ class Outcome:
     prediction: Prediction
     status: int | None  # the traced app's exit status (None: no run this time)
     written: list[Path] = field(default_factory=list)
-    changes: list[Change] | None = None  # against an existing output that was left as it is
     report: list[str] = field(default_factory=list)  # what to print, in order
 
 
@@ -71,17 +69,19 @@ def record(command: list[str]) -> tuple[dict[str, Any], int]:
         return json.loads(out.read_text()), status
 
 
-def _calibrated(proposal: Proposal, again: bool) -> Callable[[], Any]:
+def _drivers_to_price(proposal: Proposal) -> list[str]:
+    """The chosen mechanisms, and the others a compartment could use in the app's process (cheap
+    to calibrate; a vm guest's boot is not)."""
     from flexos.drivers import driver_class
 
     drivers = {c.mechanism for c in proposal.compartments}
     drivers |= {
-        n
+        name
         for c in proposal.compartments
-        for n, why in c.usable.items()
-        if why is None and driver_class(n).in_app_process
+        for name, why in c.usable.items()
+        if why is None and driver_class(name).in_app_process
     }
-    return lambda: calibration(sorted(drivers), again)
+    return sorted(drivers)
 
 
 def trace(
@@ -103,7 +103,7 @@ def trace(
     if not runs.runs:
         raise TraceError(f"no run recorded in {runs_path}: give the command to learn from (flexos trace -- app.py ...)")
     proposal = propose(runs)
-    prediction = predict(proposal, _calibrated(proposal, recalibrate)())
+    prediction = predict(proposal, calibration(_drivers_to_price(proposal), recalibrate))
     text = proposal_yaml(proposal, prediction)
     new_image = _validated(text, output)
     outcome = Outcome(proposal, prediction, status)
@@ -113,17 +113,17 @@ def trace(
             old_image, _ = parse(output)
         except ConfigError as exc:
             raise TraceError(f"{output} exists and flexos cannot read it:\n" + "\n".join(exc.problems)) from None
-        outcome.changes = compare(old_image, new_image, proposal)
-        widening = sum(change.widens for change in outcome.changes)
-        if not outcome.changes:
+        changes = compare(old_image, new_image, proposal)
+        widening = sum(change.widens for change in changes)
+        if not changes:
             outcome.report.append(f"{output} already is the proposal: nothing to change")
         else:
             head = f"{output} exists; the runs would change ({widening} widening):"
-            outcome.report += [head, *(change.line() for change in outcome.changes)]
-        if write and outcome.changes:
+            outcome.report += [head, *(change.line() for change in changes)]
+        if write and changes:
             output.write_text(text)
             outcome.written.append(output)
-        elif outcome.changes:
+        elif changes:
             outcome.report.append(
                 f"nothing written: review the changes, then take them with --write (or edit {output})"
             )
