@@ -46,14 +46,14 @@ def _kib(size: int) -> str:
     return f"{size / 1024:.0f} KiB" if size >= 1024 else f"{size} B"
 
 
-def _mechanism_lines(compartment: Compartment) -> list[str]:
+def _mechanism_line(compartment: Compartment) -> str:
     usable = [name for name, why in compartment.usable.items() if why is None]
     refused = [f"not {name}: {why}" for name, why in compartment.usable.items() if why is not None]
     driver = driver_class(compartment.mechanism)
     how = "its own process, which can be hardened" if driver.hardenable else "the strongest boundary usable here"
     chosen = f"{compartment.mechanism} (chosen: {how})"
     others = [name for name in usable if name != compartment.mechanism]
-    return [f"can use: {', '.join([chosen, *others])}" + ("; " + "; ".join(refused) if refused else "")]
+    return f"can use: {', '.join([chosen, *others])}" + ("; " + "; ".join(refused) if refused else "")
 
 
 def _grant_lines(key: str, grants: list[Grant], indent: int, empty_why: str) -> list[str]:
@@ -110,7 +110,7 @@ def proposal_yaml(proposal: Proposal, prediction: Prediction | None) -> str:
         lines += _comment(f"{compartment.seed}: {compartment.why[compartment.seed]}", 2)
         for unit in compartment.units[1:]:
             lines += _comment(f"{unit} joins it: {compartment.why[unit]}", 2)
-        lines += _comment(_mechanism_lines(compartment)[0], 2)
+        lines += _comment(_mechanism_line(compartment), 2)
         row = costs.get(compartment.name)
         if row is not None:
             others = "".join(f"; with {driver}: {slowdown:.2f}x" for driver, slowdown in row.alternatives.items())
