@@ -7,7 +7,8 @@
 - :mod:`.propose`: which units get a compartment, their mechanism and hardening, each with where it comes from;
 - :mod:`.emit`: the proposal as a commented flexos.yaml, and as an explore space;
 - :mod:`.cost`: this machine's gate costs (calibrated once, cached) and the predicted slowdown;
-- :mod:`.diff`: what a new proposal would change in an existing flexos.yaml.
+- :mod:`.diff`: what a new proposal would change in an existing flexos.yaml;
+- :mod:`.session`: one ``flexos trace`` from run to written proposal (the CLI's ``trace`` calls it).
 
 See docs/trace.md.
 """

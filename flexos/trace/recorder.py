@@ -23,7 +23,6 @@ Standard library only (plus flexos.hardening): this runs inside the app's interp
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import runpy
@@ -781,6 +780,8 @@ class _Run:
             sys.stdout.flush()
         except (OSError, ValueError):
             pass
+        import json  # here: imported before the app, it would hide the app's own import of json
+
         self.out.write_text(json.dumps(data))
 
 
