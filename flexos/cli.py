@@ -200,6 +200,48 @@ def explore(
     click.echo("wrote: " + ", ".join(str(f) for f in done.files))
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("-o", "--output", default=DEFAULT_CONFIG, show_default=True, metavar="FILE", help="The proposal.")
+@click.option("--runs", "runs_path", metavar="FILE", help="Where runs are kept (default: OUTPUT's STEM.trace.json).")
+@click.option("--fresh", is_flag=True, help="Forget the runs recorded before this one.")
+@click.option("--write", is_flag=True, help="Replace an existing OUTPUT with the proposal (its changes are printed).")
+@click.option("--space", metavar="FILE", help="Also write an explore space whose components are the proposed cuts.")
+@click.option("--recalibrate", is_flag=True, help="Measure this machine's gate costs again.")
+@click.option("-m", "module", metavar="MODULE", help="Trace a module, as python -m does.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def trace(
+    output: str,
+    runs_path: str | None,
+    fresh: bool,
+    write: bool,
+    space: str | None,
+    recalibrate: bool,
+    module: str | None,
+    command: tuple[str, ...],
+) -> None:
+    """Learn from a run of the app (-- SCRIPT [ARGS]... or -- -m MODULE [ARGS]...) and propose a
+    flexos.yaml: where to cut, each compartment's least privilege, the predicted cost (docs/trace.md)."""
+    from flexos.trace.session import trace as run_trace
+
+    learned = (["-m", module] if module is not None else []) + list(command)
+    try:
+        outcome = run_trace(
+            Path(output),
+            learned or None,
+            Path(runs_path) if runs_path else None,
+            fresh,
+            write,
+            Path(space) if space else None,
+            recalibrate,
+        )
+    except FlexosError as exc:
+        raise click.ClickException(str(exc)) from None
+    _echo_err(["", *outcome.report])
+    if outcome.status not in (None, 0, 130):
+        click.echo(f"flexos trace: the traced app exited with status {outcome.status}; its run is recorded", err=True)
+        sys.exit(outcome.status)
+
+
 def _echo_err(lines: list[str]) -> None:
     for line in lines:
         click.echo(line, err=True)

@@ -34,7 +34,7 @@ import threading
 import types
 import weakref
 from _thread import get_ident
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from flexos import _linux
@@ -53,6 +53,8 @@ AUDIT_ALIASES: dict[str, tuple[str, ...]] = {
         "pty.spawn",
     ),
 }
+# Packages whose frames are flexos's own machinery rather than component code.
+MACHINERY = frozenset({"flexos", "msgpack"})
 CLEAN_ENVIRONMENT = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 
@@ -101,6 +103,22 @@ def expand_events(deny: Iterable[str]) -> tuple[frozenset[str], tuple[str, ...]]
     return frozenset(exact), tuple(f"{event}." for event in exact)
 
 
+def acting_frames(frame: Any, components: frozenset[str] = frozenset()) -> Iterator[tuple[str, Any]]:
+    """Component code on the stack from ``frame`` out, innermost first, as (module, frame): frames
+    that are not the standard library (nor ``__main__``), and those whose top-level package is in
+    ``components``. Ends at flexos's own machinery: what it does (opening a channel or reaching a
+    sibling for a gate the component crossed) is not the component's, nor what its callers did."""
+    stdlib = sys.stdlib_module_names
+    while frame is not None:
+        module = frame.f_globals.get("__name__") or ""
+        top = module.partition(".")[0]
+        if top in MACHINERY:
+            return
+        if top in components or (top not in stdlib and top not in ("__main__", "")):
+            yield module, frame
+        frame = frame.f_back
+
+
 # -- audit hooks (PEP 578) --------------------------------------------------------------------------
 # The events flexos's own machinery raises in a compartment while it serves gates: opening a channel
 # or reaching a sibling (sockets and the descriptors passed over them, memfds, mmaps), its threads,
@@ -136,7 +154,7 @@ _HOOK_GUARDS = frozenset(
 )
 # Whose code a frame runs: the interpreter's (loaded before any component: stdlib, flexos's
 # dependencies), flexos's machinery, flexos importing a module the app asked for, or a component's.
-_INTERPRETER, _MACHINERY, _IMPORTER, _COMPONENT = range(4)
+_INTERPRETER, _MACHINERY_CODE, _IMPORTER, _COMPONENT = range(4)
 _CodeTable = dict[int, tuple[types.CodeType, dict[str, Any], int]]
 
 
@@ -171,7 +189,7 @@ def _loaded_code(importers: Iterable[Any]) -> _CodeTable:
         if type(value) is types.FunctionType:
             name = value.__globals__.get("__name__") or ""
             own = name == "flexos" or name.startswith("flexos.")
-            add_code(value.__code__, value.__globals__, _MACHINERY if own else _INTERPRETER)
+            add_code(value.__code__, value.__globals__, _MACHINERY_CODE if own else _INTERPRETER)
         elif isinstance(value, property):
             for accessor in (value.fget, value.fset, value.fdel):
                 if accessor is not None:
@@ -310,7 +328,7 @@ def install_audit_policy(
             first, acting = judge(caller)
             if event in _THREAD_STARTS and type(args[0]) is types.MethodType:  # threading's _bootstrap
                 remember_starter(args[0].__self__, first, acting)
-            if first == _IMPORTER or (first == _MACHINERY and event in _MACHINERY_EVENTS):
+            if first == _IMPORTER or (first == _MACHINERY_CODE and event in _MACHINERY_EVENTS):
                 return
             if event in exact or event.startswith(prefixes):
                 raise PermissionError(
@@ -349,6 +367,24 @@ _SYSTEM_READ = (
     "/dev/urandom",
     "/dev/zero",
 )
+
+
+def always_readable(code: Iterable[str] = ()) -> tuple[str, ...]:
+    """What a ``filesystem``-restricted compartment may read besides its allowlist: the system's
+    libraries and devices, the interpreter, its standard library and site-packages, the app's
+    ``sys.path`` and ``code`` paths, and flexos itself (an editable install is reached through a
+    finder, not a sys.path entry, and a compartment imports a driver module when it first reaches a
+    sibling)."""
+    python_paths = {
+        sys.prefix,
+        sys.base_prefix,
+        sys.exec_prefix,
+        *sys.path,
+        *code,
+        os.path.dirname(os.__file__),
+        _FLEXOS,
+    }
+    return (*_SYSTEM_READ, *sorted(python_paths))
 
 
 class _RulesetAttr(ctypes.Structure):
@@ -394,19 +430,7 @@ def restrict_filesystem(read: Iterable[str], write: Iterable[str], code: Iterabl
     if error:
         raise HardeningError(f"filesystem: landlock_create_ruleset failed: {os.strerror(error)}")
     try:
-        # The interpreter, its standard library and site-packages, the app's sys.path, and flexos
-        # itself (an editable install is reached through a finder, not a sys.path entry, and a
-        # compartment imports a driver module when it first reaches a sibling).
-        python_paths = {
-            sys.prefix,
-            sys.base_prefix,
-            sys.exec_prefix,
-            *sys.path,
-            *code,
-            os.path.dirname(os.__file__),
-            _FLEXOS,
-        }
-        for path in (*_SYSTEM_READ, *python_paths):  # what exists of these (sys.path may list zips)
+        for path in always_readable(code):  # what exists of these (sys.path may list zips)
             _allow(add_rule, ruleset, os.path.abspath(path), _READ & handled, required=False)
         for kind, paths, rights in (("read", read, _READ), ("write", write, writable)):
             for path in paths:  # the operator's own list: a missing path is a mistake, said now

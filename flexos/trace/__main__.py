@@ -1,0 +1,5 @@
+"""``python -m flexos.trace OUT.json [-m MODULE | SCRIPT] [ARGS]...``: one learning run (``flexos trace`` starts it)."""
+
+from flexos.trace.recorder import main
+
+main()
