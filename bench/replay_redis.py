@@ -34,6 +34,7 @@ DATA = HERE / "data" / "flexos-asplos22-redis"
 # flexos.yaml module name -> the column prefix in redis-perm.csv
 LIBRARIES = {"redis": "LIBREDIS", "newlib": "LIBNEWLIB", "uksched": "LIBUKSCHED", "lwip": "LIBLWIP"}
 CHUNK, METHOD = "5", "GET"  # what FlexOS plotted
+HOSTS = (1, 2, 4, 8)  # how many configurations the search measures at once, in compare()
 
 Key = tuple[frozenset[frozenset[str]], frozenset[str]]  # (partition of the libraries, hardened ones)
 
@@ -94,7 +95,7 @@ def replay(config_path: str, directory: Path) -> float:
 
 
 def compare(directory: Path) -> None:
-    """Explore the replayed space under both orders and many budgets, beside measuring everything."""
+    """Explore the replayed space under both orders and many budgets, on 1 to 8 hosts, beside measuring everything."""
     from flexos.explore.order import documented_order, read_order, safety_facts
     from flexos.explore.search import Goal, search
     from flexos.explore.space import load_space
@@ -109,17 +110,21 @@ def compare(directory: Path) -> None:
         "poset.dot": read_order(directory / "poset.dot", space, configs),
     }
     print(f"FlexOS's Redis space: {len(configs)} configurations; FlexOS measured all of them.")
-    print(f"{'budget':>8}  {'order':<10}  {'stars':>5}  {'measured':>8}  {'fraction':>8}  = measuring all")
+    print("measured (batches) with 1 host, then with 2, 4 and 8 hosts measuring a batch at a time")
+    hosts = "".join(f"  {f'{h} hosts':>8}" for h in HOSTS[1:])
+    print(f"{'budget':>8}  {'order':<10}  {'stars':>5}  {'1 host':>12}{hosts}  = all")
     for budget in range(300_000, 1_100_001, 50_000):
         goal = Goal(budget, higher_is_better=True, statistic="mean")
         for name, order in orders.items():
-            found = search(order, goal, facts, lambda i: runs[i])
+            found = {hosts: search(order, goal, facts, lambda i: runs[i], batch=hosts) for hosts in HOSTS}
             brute = search(order, goal, facts, lambda i: runs[i], exhaustive=True)
-            same = "yes" if sorted(found.stars) == sorted(brute.stars) else "NO"
-            fraction = len(found.measured) / len(configs)
+            same = all(sorted(a.stars) == sorted(brute.stars) for a in found.values())
+            sequential = len(found[1].measured)
+            cells = [f"{sequential:>2} ({sequential / len(configs):.0%})"]
+            cells += [f"{len(found[h].measured):>2} ({found[h].batches:>2})" for h in HOSTS[1:]]
             print(
-                f"{budget:>8}  {name:<10}  {len(found.stars):>5}  {len(found.measured):>5}/{len(configs)}"
-                f"  {fraction:>8.1%}  {same}"
+                f"{budget:>8}  {name:<10}  {len(found[1].stars):>5}  {cells[0]:>12}  {cells[1]:>8}  {cells[2]:>8}  "
+                f"{cells[3]:>8}  {'yes' if same else 'NO'}"
             )
 
 
