@@ -9,6 +9,9 @@ counts as hardened when its flexos.yaml entry has ``hardening`` (replay_redis.ya
 an audit policy, stands for SFI). Run::
 
     FLEXOS_CONFIG=FILE .venv/bin/python bench/replay_redis.py   # one configuration: prints req/s
+                                                                 # (FLEXOS_REPLAY_LOG=FILE: also log the
+                                                                 # run's host, start and end there, the
+                                                                 # run lasting FLEXOS_REPLAY_SECONDS)
     .venv/bin/python bench/replay_redis.py [--data DIR]          # the exploration side by side with
                                                                  # measuring all 80 (FlexOS's way)
 
@@ -20,9 +23,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
+import socket
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +100,21 @@ def replay(config_path: str, directory: Path) -> float:
     return metric(runs, int(repeat) if repeat is not None else None)
 
 
+def log_run(log: Path, config_path: str, event: str, **times: float) -> None:
+    """Append this run's ``event`` (start, end) with its configuration, repeat and host to ``log``:
+    how tests see that no two runs shared a host at once, and which host is busy."""
+    entry = {
+        "event": event,
+        "config": Path(config_path).stem,
+        "repeat": os.environ.get("FLEXOS_REPEAT"),
+        "node": os.environ.get("FLEXOS_NODE"),
+        "hostname": socket.gethostname(),
+        **times,
+    }
+    with log.open("a") as stream:  # one short write per line: lines of concurrent runs do not interleave
+        stream.write(json.dumps(entry) + "\n")
+
+
 def compare(directory: Path) -> None:
     """Explore the replayed space under both orders and many budgets, on 1 to 8 hosts, beside measuring everything."""
     from flexos.explore.order import documented_order, read_order, safety_facts
@@ -137,7 +158,15 @@ def main() -> None:
         raise SystemExit(f"replay_redis: no FlexOS data in {directory} (pass --data DIR)")
     config = os.environ.get("FLEXOS_CONFIG")
     if config:
-        print(f"{replay(config, directory):.2f}")
+        log = Path(os.environ["FLEXOS_REPLAY_LOG"]) if os.environ.get("FLEXOS_REPLAY_LOG") else None
+        started = time.time()
+        if log:
+            log_run(log, config, "start", start=started)
+        value = replay(config, directory)
+        if log:
+            time.sleep(max(0.0, float(os.environ.get("FLEXOS_REPLAY_SECONDS", "0")) - (time.time() - started)))
+            log_run(log, config, "end", start=started, end=time.time())
+        print(f"{value:.2f}")
     else:
         compare(directory)
 

@@ -14,8 +14,9 @@ from pathlib import Path
 from flexos import drivers
 from flexos.errors import DriverUnavailable
 from flexos.explore import report
+from flexos.explore.engines import make_engine
 from flexos.explore.order import SafetyOrder, documented_order, read_order, safety_facts
-from flexos.explore.runner import BenchmarkFailed, Runner, cached_runs
+from flexos.explore.runner import BenchmarkFailed, Runner, bench_of, cached_runs
 from flexos.explore.search import Answer, Goal, Search
 from flexos.explore.space import Configuration, Space, load_space
 from flexos.hardening import needed_features
@@ -45,10 +46,13 @@ class Exploration:
     files: list[Path]  # what was written under ``out`` besides the cache and the generated configs
     runs: int  # benchmark runs made now (the others came from the cache)
     notes: list[str]  # warnings about the space file and the order
+    hosts: dict[str, dict[str, object]]  # each host that ran a run: hostname, CPU, kernel, features
+    lost: list[tuple[str, str]]  # (configuration, why) of each run lost with its host and run again
 
 
-def refusals(space: Space) -> list[str]:
-    """Why this machine cannot run some of the space's configurations (drivers, hardening options)."""
+def refusals(space: Space, features: bool = True) -> list[str]:
+    """Why this machine cannot run some of the space's configurations (drivers, and with
+    ``features`` the hardening options its kernel lacks)."""
     refused = []
     for driver in space.drivers:
         reason = drivers.unavailable(driver)
@@ -59,13 +63,13 @@ def refusals(space: Space) -> list[str]:
         for toggle, hardening in space.compartment_toggles.items()
         for option, feature in needed_features(hardening)
     }
-    if needed:
-        features = {f.name: f for f in machine_report()}
+    if needed and features:
+        found = {f.name: f for f in machine_report()}
         for toggle, option, feature in sorted(needed):
-            if not features[feature].available:
+            if not found[feature].available:
                 refused.append(
                     f"{space.source}: toggle {toggle!r}: {option} needs {feature}, which this machine lacks "
-                    f"({features[feature].detail}); remove the toggle or explore on a machine that has it"
+                    f"({found[feature].detail}); remove the toggle or explore on a machine that has it"
                 )
     return refused
 
@@ -76,10 +80,16 @@ def explore(
     order_path: str | Path | None = None,
     out: str | Path | None = None,
     exhaustive: bool = False,
+    engine: str | None = None,
+    address: str | None = None,
 ) -> Exploration:
-    """Explore ``space_path`` under ``budget``; raises ConfigError, DriverUnavailable or BenchmarkFailed."""
+    """Explore ``space_path`` under ``budget`` on ``engine`` (default: the space's, else ``local``);
+    raises ConfigError, DriverUnavailable, BenchmarkFailed or FlexosError (a cluster without hosts)."""
     space, notes = load_space(space_path)
-    refused = refusals(space)
+    engine = engine or space.engine
+    address = address or space.address
+    # On a cluster the hosts' kernels, not this one, decide what hardening can run (the engine checks).
+    refused = refusals(space, features=engine == "local")
     if refused:
         raise DriverUnavailable("\n".join(refused))
     configs = space.configurations()
@@ -87,43 +97,41 @@ def explore(
     notes = [*notes, *order.notes]
     goal = Goal(budget, space.benchmark.higher_is_better, space.benchmark.statistic)
     out = Path(out) if out is not None else default_out(space.source)
-    runner = Runner(space, configs, out)
-    state = Search(order, goal, [safety_facts(c) for c in configs], exhaustive)
-
-    def measure(index: int, runs: int | None = None) -> list[float] | BenchmarkFailed:
-        """The runs of ``index``, or its failure when failures are recorded (else it is raised)."""
-        try:
-            return runner.measure(index, runs)
-        except BenchmarkFailed as failed:
-            if not space.benchmark.record_failures:
-                raise
-            return failed
-
-    with runner.progress(len(configs)) as bar:
-        if exhaustive:  # in rounds: every configuration's first run, then every second run, ...
-            for run in range(space.benchmark.repeats):
-                start = run * len(configs) // space.benchmark.repeats  # each round starts elsewhere
-                for index in [*range(start, len(configs)), *range(start)]:
-                    measure(index, run + 1)
-        while (index := state.next()) is not None:
-            outcome = measure(index)
-            if isinstance(outcome, BenchmarkFailed):
-                state.record_failure(index, outcome.reason)
-            else:
-                state.record(index, outcome)
-            bar.update(state.resolved - bar.n)
+    out.mkdir(parents=True, exist_ok=True)
+    hosts = make_engine(engine, bench_of(space, out), address)
+    try:
+        runner = Runner(space, configs, out, hosts)
+        state = Search(order, goal, [safety_facts(c) for c in configs], exhaustive)
+        with runner.progress(len(configs)) as bar:
+            if exhaustive:  # in rounds: every configuration's first run, then every second run, ...
+                for run in range(space.benchmark.repeats):
+                    start = run * len(configs) // space.benchmark.repeats  # each round starts elsewhere
+                    runner.measure_many([*range(start, len(configs)), *range(start)], run + 1)
+            while proposed := state.propose(hosts.hosts()):
+                for index, outcome in runner.measure_many(proposed).items():
+                    if isinstance(outcome, BenchmarkFailed):
+                        state.record_failure(index, outcome.reason)
+                    else:
+                        state.record(index, outcome)
+                bar.update(state.resolved - bar.n)
+    finally:
+        hosts.close()
     answer = state.answer()
     paths = {i: runner.config_path(i) for i in answer.measured}
-    records = report.rows(configs, answer, paths)
+    ran_on = {i: runner.hosts_of(i) for i in answer.measured}
+    records = report.rows(configs, answer, paths, ran_on)
     files = [out / "results.csv", out / "results.json", out / "performance.svg"]
     report.write_csv(files[0], records)
-    report.write_json(files[1], report.summary(space, configs, order, goal, answer), records)
+    summary = report.summary(space, configs, order, goal, answer, runner.hosts, runner.lost)
+    report.write_json(files[1], summary, records)
     report.performance_figure(files[2], space, configs, goal, answer)
     if report.poset_figure(out / "poset.svg", configs, order, goal, answer):
         files.append(out / "poset.svg")
     else:
         notes.append(f"poset.svg not drawn: more than {report.MAX_POSET_NODES} configurations")
-    return Exploration(space, configs, order, goal, answer, out, files, runner.runs_done, notes)
+    return Exploration(
+        space, configs, order, goal, answer, out, files, runner.runs_done, notes, runner.hosts, runner.lost
+    )
 
 
 def default_out(space_path: Path) -> Path:

@@ -43,8 +43,13 @@ def describe(config: Configuration) -> str:
     return " | ".join(parts)
 
 
-def rows(configs: Sequence[Configuration], answer: Answer, paths: dict[int, Path]) -> list[dict[str, Any]]:
-    """One record per configuration, in enumeration order."""
+def rows(
+    configs: Sequence[Configuration],
+    answer: Answer,
+    paths: dict[int, Path],
+    hosts: dict[int, list[str]] | None = None,
+) -> list[dict[str, Any]]:
+    """One record per configuration, in enumeration order; ``hosts``: where each run of it ran."""
     stars = set(answer.stars)
     records = []
     for i, config in enumerate(configs):
@@ -62,14 +67,22 @@ def rows(configs: Sequence[Configuration], answer: Answer, paths: dict[int, Path
                 "certainty": measured.certainty if measured else None,
                 "config": str(paths[i]) if i in paths else None,
                 "failure": failed,
+                "hosts": (hosts or {}).get(i, []),
             }
         )
     return records
 
 
 def summary(
-    space: Space, configs: Sequence[Configuration], order: SafetyOrder, goal: Goal, answer: Answer
+    space: Space,
+    configs: Sequence[Configuration],
+    order: SafetyOrder,
+    goal: Goal,
+    answer: Answer,
+    hosts: dict[str, dict[str, Any]] | None = None,
+    lost: Sequence[tuple[str, str]] = (),
 ) -> dict[str, Any]:
+    """The exploration's summary; ``hosts``: each host that ran a run; ``lost``: runs lost with their host."""
     total = len(order)
     return {
         "space": str(space.source),
@@ -86,7 +99,12 @@ def summary(
         "measured_fraction": len(answer.measured) / total,
         "stars": [configs[i].name for i in answer.stars],
         "confidence": answer.confidence,
+        "inference_confidence": answer.inference_confidence,
         "certificate": len(answer.certificate),
+        "batches": answer.batches,
+        "contradicted": [configs[i].name for i in answer.contradicted],
+        "hosts": hosts or {},
+        "lost": [{"configuration": name, "why": why} for name, why in lost],
         "verified": len(answer.verified),
         "violations": len(answer.violations),
         "compared_pairs": answer.compared,
@@ -95,7 +113,15 @@ def summary(
     }
 
 
-def table(space: Space, configs: Sequence[Configuration], order: SafetyOrder, goal: Goal, answer: Answer) -> str:
+def table(
+    space: Space,
+    configs: Sequence[Configuration],
+    order: SafetyOrder,
+    goal: Goal,
+    answer: Answer,
+    hosts: dict[str, dict[str, Any]] | None = None,
+    lost: Sequence[tuple[str, str]] = (),
+) -> str:
     """The terminal report: the stars, then how the answer was reached and how sure it is."""
     total = len(order)
     better = "at least" if goal.higher_is_better else "at most"
@@ -115,6 +141,16 @@ def table(space: Space, configs: Sequence[Configuration], order: SafetyOrder, go
         + (" (exhaustive)" if answer.exhaustive else "")
         + f"; order: {order.source}"
     )
+    if answer.batches < measured:
+        lines.append(f"in {answer.batches} batches (configurations measured at once, one per host)")
+    if hosts and len(hosts) > 1:
+        kinds: dict[str, int] = {}
+        for host in hosts.values():
+            kind = f"{host['cpu']}, kernel {host['kernel']}"
+            kinds[kind] = kinds.get(kind, 0) + 1
+        lines.append(f"on {len(hosts)} hosts: " + "; ".join(f"{n} x {kind}" for kind, n in kinds.items()))
+    if lost:
+        lines.append(f"lost {len(lost)} runs with their host, run again elsewhere: {', '.join(n for n, _ in lost)}")
     if answer.failed:
         lines.append(f"failed {len(answer.failed)} (could not run; never stars):")
         by_reason: dict[str, list[str]] = {}
@@ -125,12 +161,21 @@ def table(space: Space, configs: Sequence[Configuration], order: SafetyOrder, go
     if answer.confidence is not None:
         lines.append(
             f"confidence {answer.confidence:.3f}: that each of the {len(answer.certificate)} measurements the answer "
-            "rests on (stars and first misses) is on its side of the budget"
+            "rests on (stars and first misses) is on its side of the budget, and every configuration inferred to "
+            f"miss it does ({answer.inference_confidence:.3f})"
         )
     else:
         lines.append("confidence unknown: one run per configuration; set benchmark.repeats to 2 or more")
     if answer.verified:
-        lines.append(f"verified {len(answer.verified)} neighbours of stars that the model suspected")
+        lines.append(
+            f"verified {len(answer.verified)} inferred configurations by measuring them (stars' safer neighbours, "
+            "doubtful inferences)"
+        )
+    if answer.contradicted:
+        lines.append(
+            f"not used to infer: {len(answer.contradicted)} measurements for which a measured pair shows the order "
+            "does not hold"
+        )
     lines.append(
         f"monotonicity: the safer of two measured configurations did better in {len(answer.violations)} of "
         f"{answer.compared} compared pairs ({answer.edge_violations} of {answer.edges_compared} direct neighbours)"
@@ -143,7 +188,9 @@ def write_csv(path: Path, records: Sequence[dict[str, Any]]) -> None:
         writer = csv.DictWriter(stream, fieldnames=list(records[0]))
         writer.writeheader()
         for record in records:
-            writer.writerow({**record, "runs": " ".join(f"{v:g}" for v in record["runs"])})
+            writer.writerow(
+                {**record, "runs": " ".join(f"{v:g}" for v in record["runs"]), "hosts": " ".join(record["hosts"])}
+            )
 
 
 def write_json(path: Path, summary_data: dict[str, Any], records: Sequence[dict[str, Any]]) -> None:
