@@ -8,6 +8,7 @@ that no socket in the namespace has another address. Nothing here reaches beyond
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import shutil
@@ -98,10 +99,10 @@ def assert_one_run_per_host(log: list[dict[str, Any]]) -> None:
     assert len(by_node) >= 2
     for node, spans in by_node.items():
         spans.sort()
-        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        for (_, end), (start, _) in itertools.pairwise(spans):
             assert start >= end, f"two runs at once on {node}"
     every = sorted(span for spans in by_node.values() for span in spans)
-    assert any(start < end for (_, end), (start, _) in zip(every, every[1:], strict=False))
+    assert any(start < end for (_, end), (start, _) in itertools.pairwise(every))
 
 
 def check_stars(found: dict[str, Any], budgets: list[int]) -> None:
