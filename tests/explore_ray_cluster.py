@@ -99,8 +99,11 @@ def scenario_stars(out: Path, budgets: list[int]) -> dict[str, Any]:
 
 
 def scenario_kill(out: Path, budget: int) -> dict[str, Any]:
-    """A worker node is killed while it runs a benchmark; the exploration goes on without it."""
+    """A worker node is killed while it runs a benchmark; the exploration goes on without it.
+    Runs last long enough that the node's worker sees its raylet die before the run ends."""
     from flexos.explore import explore
+
+    os.environ["FLEXOS_REPLAY_SECONDS"] = "1.5"
 
     made = cluster([slot(), slot(), slot(), slot()])
     log = Path(os.environ["FLEXOS_REPLAY_LOG"])
@@ -117,7 +120,7 @@ def scenario_kill(out: Path, budget: int) -> dict[str, Any]:
                 for e in started
                 if e["event"] == "start" and (e["node"], e["config"], e["repeat"]) not in ended and e["node"] in workers
             ]
-            if len(started) > 20 and running:
+            if len(started) > 10 and running:
                 made.remove_node(workers[running[0]], allow_graceful=False)
                 killed["node"] = running[0]
                 return
@@ -194,6 +197,15 @@ def main() -> None:
         os.environ.setdefault("FLEXOS_REPLAY_SECONDS", "0.05")
         out = Path(scratch)
         started = time.monotonic()
+        foreign: list[str] = []
+        stop = threading.Event()
+
+        def watch() -> None:  # while the cluster runs, not only after it
+            while not stop.wait(0.5):
+                foreign.extend(foreign_sockets())
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
         if scenario == "stars":
             result = scenario_stars(out, [int(b) for b in sys.argv[3:]])
         elif scenario == "kill":
@@ -202,6 +214,9 @@ def main() -> None:
             result = scenario_sqlite(out)
         else:
             result = scenario_own_ray(out)
+        stop.set()
+        watcher.join()
+        result["foreign"] = sorted(set(result.get("foreign", []) + foreign))
         log = Path(os.environ["FLEXOS_REPLAY_LOG"])
         result["replay_log"] = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
         result["seconds"] = time.monotonic() - started

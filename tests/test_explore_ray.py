@@ -121,7 +121,8 @@ def test_ray_engine_gives_the_local_engines_stars(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(
-    not os.environ.get("FLEXOS_RAY_ALL_BUDGETS"), reason="every budget takes minutes: set FLEXOS_RAY_ALL_BUDGETS=1"
+    not os.environ.get("FLEXOS_RAY_ALL_BUDGETS"),
+    reason="all 17 budgets take two minutes more: set FLEXOS_RAY_ALL_BUDGETS=1",
 )
 def test_ray_engine_gives_the_local_engines_stars_at_every_budget(tmp_path: Path) -> None:
     found = in_namespace(tmp_path, "stars", *map(str, ALL_BUDGETS))
@@ -129,13 +130,15 @@ def test_ray_engine_gives_the_local_engines_stars_at_every_budget(tmp_path: Path
 
 
 def test_a_host_dying_mid_run_loses_only_its_run(tmp_path: Path) -> None:
-    found = in_namespace(tmp_path, "kill", "500000")
-    assert found["stars"] == sequential_stars([500_000])[500_000]
+    found = in_namespace(tmp_path, "kill", "1100000")
+    assert found["stars"] == sequential_stars([1_100_000])[1_100_000]
     assert found["killed"], "no worker node was seen running a benchmark"
     assert found["lost"], "the killed node's run was not recorded as lost"
     assert found["killed"] in found["hosts"]  # it ran runs before it died
-    ran_after = {e["node"] for e in found["replay_log"] if e["event"] == "end"}
-    assert len(ran_after) >= 3  # the others went on
+    ended = [e for e in found["replay_log"] if e["event"] == "end"]
+    for lost in found["lost"]:  # run again, elsewhere
+        assert any(e["config"] == lost["configuration"] and e["node"] != found["killed"] for e in ended), lost
+    assert len({e["node"] for e in ended} - {found["killed"]}) >= 3  # the others went on
 
 
 def test_sqlite_example_on_a_cluster(tmp_path: Path) -> None:

@@ -130,9 +130,9 @@ def table(
         lines.append(f"safest configurations meeting it ({len(answer.stars)}):")
         width = max(len(configs[i].name) for i in answer.stars)
         for i in answer.stars:
-            measured = answer.measured[i]
-            sure = f"  certainty {measured.certainty:.3f}" if measured.certainty is not None else ""
-            lines.append(f"  * {configs[i].name:<{width}}  {measured.value:>12.6g}{sure}  {describe(configs[i])}")
+            star = answer.measured[i]
+            sure = f"  certainty {star.certainty:.3f}" if star.certainty is not None else ""
+            lines.append(f"  * {configs[i].name:<{width}}  {star.value:>12.6g}{sure}  {describe(configs[i])}")
     else:
         lines.append("no configuration meets it")
     measured = len(answer.measured)

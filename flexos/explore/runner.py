@@ -180,7 +180,7 @@ class Runner:
                         self._remember(outcome, failed=outcome.failure.reason)
                         self.failures[self._key(job.index)] = outcome.failure.reason
                         failed[job.index] = outcome.failure
-                elif job.index not in failed:
+                elif outcome.value is not None and job.index not in failed:
                     self._remember(outcome, value=outcome.value)
                     self.cached[(self._key(job.index), job.run)] = outcome.value
                 self._show(job)

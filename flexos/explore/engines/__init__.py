@@ -21,7 +21,7 @@ import platform
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol, get_args
@@ -111,7 +111,7 @@ class Engine(Protocol):
         """How many hosts are running a job now."""
         ...
 
-    def run(self, jobs: Sequence[Job], skip: Callable[[Job], bool]) -> Iterator[Done | Lost]:
+    def run(self, jobs: Sequence[Job], skip: Callable[[Job], bool]) -> Generator[Done | Lost]:
         """Run ``jobs`` (dropping those not yet started for which ``skip`` says True), yielding each
         outcome as it finishes; closing the iterator abandons what is still running."""
         ...

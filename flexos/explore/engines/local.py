@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 
 from flexos.explore.engines import Bench, BenchmarkFailed, Done, Job, Lost, run_benchmark, this_host
 
@@ -21,7 +21,7 @@ class LocalEngine:
     def busy(self) -> int:
         return int(self._running)
 
-    def run(self, jobs: Sequence[Job], skip: Callable[[Job], bool]) -> Iterator[Done | Lost]:
+    def run(self, jobs: Sequence[Job], skip: Callable[[Job], bool]) -> Generator[Done | Lost]:
         host = this_host()
         for job in jobs:
             if skip(job):

@@ -24,18 +24,18 @@ import logging
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
 import ray
 
-import flexos
 from flexos.errors import FlexosError
 from flexos.explore.engines import Bench, BenchmarkFailed, Done, Job, Lost, run_benchmark, this_host
 
 SLOT = "flexos_bench_slot"
 FEATURE = "flexos_feature_"
+PACKAGE = Path(__file__).resolve().parents[2]  # flexos itself, shipped to every host
 # A feature resource is asked for in this amount: the slot, not the feature, limits a host to one run.
 _SHARE = 0.001
 
@@ -69,7 +69,7 @@ class RayEngine:
         runtime_env = {
             "working_dir": str(bench.directory),
             "excludes": list(bench.exclude),
-            "py_modules": [str(Path(flexos.__file__).parent)],
+            "py_modules": [str(PACKAGE)],
         }
         options: dict[str, Any] = {"runtime_env": runtime_env, "logging_level": logging.WARNING}
         if address is None:  # this machine alone: nothing of this Ray needs to be reached from elsewhere
@@ -106,7 +106,7 @@ class RayEngine:
             )
         return wanted
 
-    def run(self, jobs: Sequence[Job], skip: Callable[[Job], bool]) -> Iterator[Done | Lost]:
+    def run(self, jobs: Sequence[Job], skip: Callable[[Job], bool]) -> Generator[Done | Lost]:
         waiting = deque(jobs)
         try:
             while waiting or self._running:
@@ -129,8 +129,8 @@ class RayEngine:
                     outcome = Lost(job, str(lost).strip().splitlines()[0])
                 yield outcome
         finally:
-            for task in self._running:
-                ray.cancel(task, force=True)
+            for running in self._running:
+                ray.cancel(running, force=True)
             self._running.clear()
 
     def close(self) -> None:
