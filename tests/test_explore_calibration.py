@@ -10,6 +10,8 @@ the same shape would. Over budgets 300k..1100k the answers are compared with bru
 - on the true values (FlexOS's means, times the replay's factor): the printed confidence also
   covers the measurements' noise, so the same must hold there.
 
+The unseen space is also explored on four hosts (batches of four), whose answers must be as honest.
+
 A bin passes when its accuracy is at least its mean confidence less two binomial standard errors.
 The check is shown to fail for the confidence flexos printed before (the certificate's certainty
 alone) on a rougher space (5% spread), and for one that always says 0.999.
@@ -57,7 +59,7 @@ def stars(order, goal: Goal, values: list[float]) -> list[int]:
     return [i for i in members(meeting) if not order.above[i] & meeting]
 
 
-def replays(spread: float, seed: int) -> list[Outcome]:
+def replays(spread: float, seed: int, hosts: int) -> list[Outcome]:
     space, _ = load_space(replay.SPACE)
     configs = space.configurations()
     data = replay.load_data(replay.data_dir())
@@ -72,7 +74,7 @@ def replays(spread: float, seed: int) -> list[Outcome]:
         true = [statistics.fmean(r) * f for r, f in zip(runs, factor, strict=True)]
         for budget in BUDGETS:
             goal = Goal(budget, higher_is_better=True, statistic="mean")
-            answer = search(order, goal, facts, lambda i, drawn=drawn: drawn[i])
+            answer = search(order, goal, facts, lambda i, drawn=drawn: drawn[i], batch=hosts)
             found = sorted(answer.stars)
             assert answer.confidence is not None
             outcomes.append(
@@ -107,15 +109,16 @@ def miscalibrated(claims: list[tuple[float, bool]]) -> list[str]:
     return problems
 
 
-WORLDS = {"resampled": (0.0, 17), "unseen": (0.03, 11), "rough": (0.05, 3)}  # spread of the factors, seed
+# name -> spread of the factors, seed, hosts (configurations measured at once)
+WORLDS = {"resampled": (0.0, 17, 1), "unseen": (0.03, 11, 1), "rough": (0.05, 3, 1), "unseen on 4 hosts": (0.03, 5, 4)}
 
 
 @pytest.fixture(scope="module")
 def worlds() -> dict[str, list[Outcome]]:
-    return {name: replays(spread, seed) for name, (spread, seed) in WORLDS.items()}
+    return {name: replays(*world) for name, world in WORLDS.items()}
 
 
-@pytest.mark.parametrize("world", ["resampled", "unseen"])
+@pytest.mark.parametrize("world", ["resampled", "unseen", "unseen on 4 hosts"])
 def test_confidence_is_calibrated(world: str, worlds: dict[str, list[Outcome]], capsys) -> None:
     outcomes = worlds[world]
     assert len(outcomes) == REPLAYS * len(BUDGETS)

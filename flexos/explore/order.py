@@ -69,7 +69,7 @@ class SafetyOrder:
 
     def graph(self) -> nx.DiGraph:
         """The Hasse diagram: an edge from each configuration to each one immediately safer."""
-        graph = nx.DiGraph()
+        graph: nx.DiGraph[int] = nx.DiGraph()
         graph.add_nodes_from(range(len(self)))
         graph.add_edges_from((i, j) for i in range(len(self)) for j in self.covers(i))
         return graph
@@ -149,7 +149,7 @@ def read_order(path: str | Path, space: Space, configs: Sequence[Configuration])
             return None
         return index[canonical]
 
-    order = nx.DiGraph()
+    order: nx.DiGraph[int] = nx.DiGraph()
     order.add_nodes_from(range(len(configs)))
     mentioned = set()
     for node in graph.get_nodes():
@@ -170,7 +170,7 @@ def read_order(path: str | Path, space: Space, configs: Sequence[Configuration])
         raise ConfigError([f"{path}: the order has a cycle ({cycle}); a configuration cannot be safer than itself"])
     above = tuple(sum(1 << j for j in nx.descendants(order, i)) for i in range(len(configs)))
     below = tuple(sum(1 << j for j in nx.ancestors(order, i)) for i in range(len(configs)))
-    notes = ()
+    notes: tuple[str, ...] = ()
     if len(mentioned) < len(configs):
         notes = (
             f"{path}: {len(configs) - len(mentioned)} of the space's {len(configs)} configurations are not in "

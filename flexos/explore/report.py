@@ -142,12 +142,14 @@ def table(
         + f"; order: {order.source}"
     )
     if answer.batches < measured:
-        lines.append(f"in {answer.batches} batches (configurations measured at once, one per host)")
+        lines.append(
+            f"in {answer.batches} batches measured at once, one configuration per host (one host: {measured} "
+            "one after another)"
+        )
     if hosts and len(hosts) > 1:
         kinds: dict[str, int] = {}
         for host in hosts.values():
-            kind = f"{host['cpu']}, kernel {host['kernel']}"
-            kinds[kind] = kinds.get(kind, 0) + 1
+            kinds[host_kind(host)] = kinds.get(host_kind(host), 0) + 1
         lines.append(f"on {len(hosts)} hosts: " + "; ".join(f"{n} x {kind}" for kind, n in kinds.items()))
     if lost:
         lines.append(f"lost {len(lost)} runs with their host, run again elsewhere: {', '.join(n for n, _ in lost)}")
@@ -181,6 +183,15 @@ def table(
         f"{answer.compared} compared pairs ({answer.edge_violations} of {answer.edges_compared} direct neighbours)"
     )
     return "\n".join(lines)
+
+
+def host_kind(host: dict[str, Any]) -> str:
+    """What makes results of two hosts comparable (their hardware and software, not their names)."""
+    features = " ".join(name for name, available in sorted(host.get("features", {}).items()) if available)
+    return (
+        f"{host.get('cpu')}, kernel {host.get('kernel')}, Python {host.get('python')}, flexos {host.get('flexos')}, "
+        f"drivers {' '.join(host.get('drivers', ()))}, features {features or 'none'}"
+    )
 
 
 def write_csv(path: Path, records: Sequence[dict[str, Any]]) -> None:
@@ -239,8 +250,8 @@ def poset_figure(
     stars = set(answer.stars)
     for i in range(len(configs)):
         measured = answer.measured.get(i)
-        if i in stars:
-            color = cmap(shade(measured.value))
+        if i in stars:  # a star is always measured
+            color = cmap(shade(answer.measured[i].value))
             axes.scatter(x[i], level[i], s=320, marker="*", color=color, edgecolors="red", linewidths=1.8, zorder=3)
         elif measured is not None:
             axes.scatter(x[i], level[i], s=90, color=cmap(shade(measured.value)), edgecolors="black", zorder=2)

@@ -75,14 +75,15 @@ class Runner:
 
     def _job(self, index: int, run: int) -> Job:
         config = self.configs[index]
-        needs = frozenset(
+        features = frozenset(
             feature
             for group in config.compartments
             for toggle in sorted(group.hardening)
             for _, feature in needed_features(self.space.compartment_toggles[toggle])
         )
+        drivers = frozenset(group.driver for group in config.compartments)
         path = self.config_path(index)
-        return Job(index, run, config.name, path.read_text(), path, needs)
+        return Job(index, run, config.name, path.read_text(), path, drivers, features)
 
     def _load_cache(self) -> dict[tuple[str, int], float]:
         cached: dict[tuple[str, int], float] = {}

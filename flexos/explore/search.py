@@ -18,10 +18,12 @@ configuration that misses it misses it. The assumption is checked, not trusted:
   certificate of the answer consists of, the one expected to settle the most unknowns first.
 - Verification: every configuration immediately safer than a star is measured (an unmeasured
   one that meets the budget would replace the star), and so is every configuration inferred to
-  miss that the model, judged by its leave-one-out error, gives more than ``DOUBT`` chance of
-  meeting it.
-- Confidence: the certainty of the measurements the answer rests on times the model's chance that
-  every configuration inferred to miss does miss; an answer resting on inference is never certain.
+  miss whose *doubt* exceeds ``DOUBT``: the chance that it beats a measured miss below it by
+  more than the model's ratio between the two allows, against the spread that measured pairs of
+  neighbours show (heavy, Laplace tails: most pairs obey the order, a few stray far).
+- Confidence: the answer is right when every star meets the budget and every configuration
+  outside the stars' down-sets misses it. The certainty of each measured one times, for each
+  inferred miss, one less its doubt; an answer resting on inference is never certain.
 - Failures: a configuration whose benchmark cannot run is settled as failed. It says nothing about
   its neighbours (a C extension that refuses a subinterpreter runs in a safer process), so nothing
   is inferred from it, and it is never a star.
@@ -107,7 +109,9 @@ class Answer:
     verified: tuple[int, ...]  # configurations measured although inference had settled them
     failed: dict[int, str]  # configuration -> why its benchmark could not run
     certificate: tuple[int, ...]  # the measurements the answer rests on: stars and first misses
-    confidence: float | None  # P(the answer is right): certificate certainty x inference_confidence
+    # P(the answer is right): the certainty of the stars and of every measured miss not below a star,
+    # times inference_confidence
+    confidence: float | None
     inference_confidence: float  # P(every configuration inferred to miss the budget misses it), by the model
     contradicted: tuple[int, ...]  # decisive measurements not used to infer: a measured pair contradicts them
     violations: tuple[tuple[int, int], ...]  # measured (less safe, safer) pairs where the safer did better
@@ -422,13 +426,20 @@ class Search:
         missing = self.everyone & ~meeting & ~self._unknown() & ~self._failed_bits
         first_misses = [i for i in members(missing) if not order.below[i] & missing]
         certificate = tuple(sorted(stars + first_misses))
-        doubts = self._doubts()
+        # The answer is right when every star meets the budget and every configuration outside the
+        # stars' down-sets misses it (what lies below a star cannot change the answer): each of
+        # those measured counts with its certainty, each inferred with the model's chance it misses.
+        below_stars = 0
+        for star in stars:
+            below_stars |= order.below[star] | 1 << star
+        doubts = {z: p for z, p in self._doubts().items() if not below_stars >> z & 1}
         inference = math.prod(1 - p for p in doubts.values())
         if doubts:
             inference = min(inference, MOST_CONFIDENT_INFERENCE)
-        certainties = [self.measured[i].certainty if i in self.measured else None for i in certificate]
+        rests_on = stars + [i for i in self.measured if not below_stars >> i & 1]
+        certainties = [self.measured[i].certainty for i in rests_on]
         confidence = None
-        if certificate and None not in certainties:
+        if rests_on and None not in certainties:
             confidence = math.prod(certainties) * inference  # type: ignore[arg-type]
         inferred = {i: True for i in members(self._inferred_meets())}
         inferred.update({i: False for i in members(self._inferred_misses())})

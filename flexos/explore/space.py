@@ -250,7 +250,7 @@ class Space:
                 yield from self._hardened(members, drivers)
 
     def _hardened(self, members: list[tuple[str, ...]], drivers: tuple[str, ...]) -> Iterator[Configuration]:
-        compartment_choices = [
+        compartment_choices: list[list[frozenset[str]]] = [
             _subsets(tuple(self.compartment_toggles)) if d in HARDENABLE else [frozenset()] for d in drivers
         ]
         libraries = [n for block, d in zip(members, drivers, strict=True) if d in HARDENABLE for n in block]

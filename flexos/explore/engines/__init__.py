@@ -1,10 +1,12 @@
 """Where benchmark runs happen: one small interface, one module per engine.
 
-An :class:`Engine` is given jobs (one run of one configuration each) and yields each outcome as
-it finishes: :class:`Done` (a value or a failure, and the host it ran on) or :class:`Lost` (the
-host died mid-run; the engine runs the job again elsewhere). ``local`` runs them one after
-another on this machine, as flexos explore always did; ``ray`` runs one at a time per host of a
-Ray cluster. Another scheduler (Dask, a batch system) is one more module with these two methods.
+An :class:`Engine` is made for one benchmark (:class:`Bench`: the command and the directory it
+runs in), is given jobs (one run of one configuration each) and yields each outcome as it
+finishes: :class:`Done` (a value or a failure, and the host it ran on) or :class:`Lost` (the host
+died mid-run; the engine runs the job again elsewhere). ``local`` runs them one after another on
+this machine, as flexos explore always did; ``ray`` runs one at a time per host of a Ray cluster.
+Another scheduler (Dask, a batch system) is one more module with the four methods of
+:class:`Engine`, named in :func:`make_engine`.
 
 The benchmark contract is the same everywhere (:func:`run_benchmark`): the command runs through
 ``/bin/sh`` with ``FLEXOS_CONFIG`` (the generated flexos.yaml), ``FLEXOS_REPEAT`` (the run's
@@ -14,7 +16,9 @@ directory first on ``PATH``; the last line of its stdout is the metric.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib.metadata
 import math
 import os
 import platform
@@ -52,7 +56,8 @@ class Job:
     name: str  # the configuration's name
     config: str  # the generated flexos.yaml, as text (shipped to remote hosts)
     path: Path  # where it is written on this machine (local runs and messages)
-    needs: frozenset[str] = frozenset()  # machine features (flexos check's names) the run needs
+    drivers: frozenset[str] = frozenset()  # the drivers of its compartments: the host must be able to run them
+    features: frozenset[str] = frozenset()  # machine features (flexos check's names) its hardening needs
 
 
 @dataclass(frozen=True)
@@ -63,10 +68,16 @@ class Host:
     hostname: str
     cpu: str
     kernel: str
+    python: str
+    flexos: str  # flexos's version there
     features: dict[str, bool] = field(default_factory=dict)  # flexos check's probe: feature -> available
+    drivers: tuple[str, ...] = ()  # the drivers that can run there
 
     def record(self) -> dict[str, object]:
-        return {"hostname": self.hostname, "cpu": self.cpu, "kernel": self.kernel, "features": self.features}
+        """What results record of the host (everything but the engine's name for it)."""
+        record = dataclasses.asdict(self)
+        del record["node"]
+        return record
 
 
 @dataclass(frozen=True)
@@ -101,7 +112,9 @@ class Bench:
 
 
 class Engine(Protocol):
-    """Runs jobs somewhere, at most one per host at a time."""
+    """Runs the jobs of one :class:`Bench` somewhere, at most one per host at a time."""
+
+    bench: Bench
 
     def hosts(self) -> int:
         """How many hosts can run a job (the search proposes this many configurations at once)."""
@@ -129,15 +142,21 @@ def make_engine(name: str, bench: Bench, address: str | None = None) -> Engine:
     if name == "ray":
         try:
             from flexos.explore.engines.ray import RayEngine
-        except ImportError as missing:
-            raise FlexosError(f"the ray engine needs ray ({missing}); pip install 'flexos[cluster]'") from None
+        except ModuleNotFoundError as missing:
+            if (missing.name or "").partition(".")[0] != "ray":
+                raise
+            raise FlexosError(
+                "the ray engine needs ray, which this install lacks: pip install 'flexos[cluster]'"
+            ) from None
         return RayEngine(bench, address)
     raise ValueError(f"unknown engine {name!r} (known: {', '.join(ENGINES)})")
 
 
 @functools.cache
 def this_host(node: str = "local") -> Host:
-    """This machine: its name, CPU model, kernel and what flexos check's probe finds (probed once)."""
+    """This machine: its name, CPU model, kernel, Python, flexos, what flexos check's probe finds
+    and which drivers can run (probed once)."""
+    from flexos import drivers
     from flexos.probe import machine_report
 
     cpu = platform.processor() or platform.machine()
@@ -149,7 +168,13 @@ def this_host(node: str = "local") -> Host:
     except OSError:
         pass
     features = {feature.name: feature.available for feature in machine_report()}
-    return Host(node, socket.gethostname(), cpu, platform.release(), features)
+    runnable = tuple(name for name in drivers.names() if drivers.unavailable(name) is None)
+    try:
+        version = importlib.metadata.version("flexos")
+    except importlib.metadata.PackageNotFoundError:
+        version = "not installed"  # run from a source tree
+    python = platform.python_version()
+    return Host(node, socket.gethostname(), cpu, platform.release(), python, version, features, runnable)
 
 
 def run_benchmark(command: str, cwd: Path, config: Path, run: int, timeout: float, node: str, where: str) -> float:

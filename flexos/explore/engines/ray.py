@@ -1,17 +1,19 @@
 """The ray engine: benchmark runs on the hosts of a Ray cluster, never two on one host at once.
 
 A host offers benchmark runs by starting its Ray node with the resources :func:`node_resources`
-computes from flexos check's probe (``python -m flexos.explore.engines.ray`` prints them): one
-``flexos_bench_slot`` and one ``flexos_feature_NAME`` per feature it has. Each run asks for a slot
-(so a host runs one benchmark at a time, and the number of hosts bounds the parallelism) and for
-the features its configuration needs (so a seccomp or Landlock configuration runs only where the
-kernel has them). Without an address the engine starts a Ray of its own on this machine: one host.
+computes there (``python -m flexos.explore.engines.ray`` prints them): one ``flexos_bench_slot``,
+one ``flexos_driver_NAME`` per driver that can run there and one ``flexos_feature_NAME`` per
+feature flexos check's probe finds. Each run asks for a slot (so a host runs one benchmark at a
+time, and the number of hosts bounds the parallelism), for its configuration's drivers and for
+the features its hardening needs (so a seccomp or Landlock configuration runs only where the
+kernel has them). A node without a slot (a head started plainly) runs no benchmark. Without an
+address the engine starts a Ray of its own on this machine, bound to 127.0.0.1: one host.
 
-The benchmark's directory (the space file's, less the exploration's output) reaches the hosts as
-the runtime environment's ``working_dir`` and flexos itself as a ``py_modules`` entry, so every
-host runs the driver's code and files; each host needs the same CPython with flexos's dependencies
-and ray installed (``pip install 'flexos[cluster]'``). The generated flexos.yaml travels with each
-run and is written to a temporary file there, which ``FLEXOS_CONFIG`` names.
+The benchmark's directory (the space file's, less the exploration's output and what its
+.gitignore names) reaches the hosts as the job's runtime environment ``working_dir``, where the
+command runs; each host needs the same CPython with flexos and ray installed (``pip install
+'flexos[cluster]'``, the same version: results record it). The generated flexos.yaml travels with
+each run and is written to a temporary file there, which ``FLEXOS_CONFIG`` names.
 
 A run whose host dies is reported :class:`~flexos.explore.engines.Lost` and submitted again; Ray
 places it on a host that is still there.
@@ -34,16 +36,22 @@ from flexos.errors import FlexosError
 from flexos.explore.engines import Bench, BenchmarkFailed, Done, Job, Lost, run_benchmark, this_host
 
 SLOT = "flexos_bench_slot"
+DRIVER = "flexos_driver_"
 FEATURE = "flexos_feature_"
-PACKAGE = Path(__file__).resolve().parents[2]  # flexos itself, shipped to every host
-# A feature resource is asked for in this amount: the slot, not the feature, limits a host to one run.
+# A driver or feature is asked for in this amount: the slot, not the feature, limits a host to one run.
 _SHARE = 0.001
+# How often a wait for runs looks whether the hosts that could run them are still there.
+_CHECK_SECONDS = 5.0
 
 
 def node_resources() -> dict[str, float]:
-    """The Ray resources this machine offers: a benchmark slot and each feature flexos check finds."""
-    features = this_host().features
-    return {SLOT: 1.0, **{FEATURE + name: 1.0 for name, available in sorted(features.items()) if available}}
+    """The Ray resources this machine offers: a benchmark slot, its drivers and its features."""
+    host = this_host()
+    return {
+        SLOT: 1.0,
+        **{DRIVER + name: 1.0 for name in host.drivers},
+        **{FEATURE + name: 1.0 for name, available in sorted(host.features.items()) if available},
+    }
 
 
 def _run_on_host(job: Job, command: str, timeout: float, where: str) -> Done:
@@ -66,19 +74,18 @@ class RayEngine:
 
     def __init__(self, bench: Bench, address: str | None = None) -> None:
         self.bench = bench
-        runtime_env = {
-            "working_dir": str(bench.directory),
-            "excludes": list(bench.exclude),
-            "py_modules": [str(PACKAGE)],
-        }
+        runtime_env = {"working_dir": str(bench.directory), "excludes": list(bench.exclude)}
         options: dict[str, Any] = {"runtime_env": runtime_env, "logging_level": logging.WARNING}
-        if address is None:  # this machine alone: nothing of this Ray needs to be reached from elsewhere
-            options.update(resources=node_resources(), include_dashboard=False, _node_ip_address="127.0.0.1")
+        if address is None:  # a new Ray on this machine alone (not one ray start left running here)
+            options.update(
+                address="local", resources=node_resources(), include_dashboard=False, _node_ip_address="127.0.0.1"
+            )
         else:
             options["address"] = address
         ray.init(**options)
         self._task = ray.remote(num_cpus=0, max_retries=0)(_run_on_host)
         self._running: dict[ray.ObjectRef, Job] = {}
+        self._alive: list[dict[str, Any]] | None = None
         if not self.hosts():
             ray.shutdown()
             raise FlexosError(
@@ -86,8 +93,11 @@ class RayEngine:
                 'ray start --resources "$(python -m flexos.explore.engines.ray)" (docs/explore.md)'
             )
 
-    def _nodes(self) -> list[dict[str, Any]]:
-        return [node for node in ray.nodes() if node["Alive"] and node["Resources"].get(SLOT)]
+    def _nodes(self, refresh: bool = False) -> list[dict[str, Any]]:
+        """The live nodes that offer a benchmark slot, as last asked of the cluster (``refresh``: ask now)."""
+        if refresh or self._alive is None:
+            self._alive = [node for node in ray.nodes() if node["Alive"] and node["Resources"].get(SLOT)]
+        return self._alive
 
     def hosts(self) -> int:
         return len(self._nodes())
@@ -96,18 +106,31 @@ class RayEngine:
         return len(self._running)
 
     def _resources(self, job: Job) -> dict[str, float]:
-        wanted = {SLOT: 1.0, **{FEATURE + name: _SHARE for name in job.needs}}
-        if not any(all(node["Resources"].get(r, 0) >= n for r, n in wanted.items()) for node in self._nodes()):
-            offered = {r for node in self._nodes() for r in node["Resources"]}
-            have = sorted(r.removeprefix(FEATURE) for r in offered if r.startswith(FEATURE))
+        """What ``job`` asks of its host; FlexosError if no host of the cluster offers it."""
+        wanted = {
+            SLOT: 1.0,
+            **{DRIVER + name: _SHARE for name in job.drivers},
+            **{FEATURE + name: _SHARE for name in job.features},
+        }
+
+        def offered(nodes: list[dict[str, Any]]) -> bool:
+            return any(all(node["Resources"].get(r, 0) >= n for r, n in wanted.items()) for node in nodes)
+
+        if not offered(self._nodes()) and not offered(self._nodes(refresh=True)):
+            nodes = self._nodes()
+            have = sorted({r for node in nodes for r in node["Resources"] if r.startswith((DRIVER, FEATURE))})
+            needs = sorted([*(f"driver {d}" for d in job.drivers), *job.features])
             raise FlexosError(
-                f"{self.bench.source}: {job.name} needs {', '.join(sorted(job.needs))}, which no host of the cluster "
-                f"offers (they offer: {', '.join(have) or 'nothing'}); add a host that has it or remove the toggle"
+                f"{self.bench.source}: {job.name} needs {', '.join(needs)}, which no host of the cluster offers "
+                f"together ({len(nodes)} hosts are up; they offer: "
+                f"{', '.join(r.removeprefix(DRIVER).removeprefix(FEATURE) for r in have) or 'nothing'}); "
+                "add a host that has it or leave the driver or toggle out of the space"
             )
         return wanted
 
     def run(self, jobs: Sequence[Job], skip: Callable[[Job], bool]) -> Generator[Done | Lost]:
         waiting = deque(jobs)
+        self._nodes(refresh=True)
         try:
             while waiting or self._running:
                 while waiting and len(self._running) < max(self.hosts(), 1):
@@ -118,7 +141,12 @@ class RayEngine:
                         self._running[task.remote(job, bench.command, bench.timeout, bench.where(job))] = job
                 if not self._running:
                     continue
-                ready, _ = ray.wait(list(self._running), num_returns=1)
+                ready, _ = ray.wait(list(self._running), num_returns=1, timeout=_CHECK_SECONDS)
+                if not ready:  # still running, or waiting for a host that is gone
+                    self._nodes(refresh=True)
+                    for job in self._running.values():
+                        self._resources(job)
+                    continue
                 job = self._running.pop(ready[0])
                 try:
                     outcome: Done | Lost = ray.get(ready[0])
@@ -127,6 +155,7 @@ class RayEngine:
                 except ray.exceptions.RayError as lost:
                     waiting.appendleft(job)
                     outcome = Lost(job, str(lost).strip().splitlines()[0])
+                    self._nodes(refresh=True)  # its host may be gone
                 yield outcome
         finally:
             for running in self._running:
