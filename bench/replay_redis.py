@@ -10,8 +10,9 @@ an audit policy, stands for SFI). Run::
 
     FLEXOS_CONFIG=FILE .venv/bin/python bench/replay_redis.py   # one configuration: prints req/s
                                                                  # (FLEXOS_REPLAY_LOG=FILE: also log the
-                                                                 # run's host, start and end there, the
-                                                                 # run lasting FLEXOS_REPLAY_SECONDS)
+                                                                 # run's host, start and end there, in
+                                                                 # seconds since boot, the run lasting
+                                                                 # FLEXOS_REPLAY_SECONDS)
     .venv/bin/python bench/replay_redis.py [--data DIR]          # the exploration side by side with
                                                                  # measuring all 80 (FlexOS's way)
 
@@ -100,6 +101,17 @@ def replay(config_path: str, directory: Path) -> float:
     return metric(runs, int(repeat) if repeat is not None else None)
 
 
+def since_boot() -> float:
+    """Now, in seconds since boot: the clock process start times are kept in."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def process_start() -> float:
+    """When this process started (before Python's own startup), in seconds since boot."""
+    fields = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
+    return int(fields[19]) / os.sysconf("SC_CLK_TCK")  # starttime, field 22 of proc(5)
+
+
 def log_run(log: Path, config_path: str, event: str, **times: float) -> None:
     """Append this run's ``event`` (start, end) with its configuration, repeat and host to ``log``:
     how tests see that no two runs shared a host at once, and which host is busy."""
@@ -159,13 +171,13 @@ def main() -> None:
     config = os.environ.get("FLEXOS_CONFIG")
     if config:
         log = Path(os.environ["FLEXOS_REPLAY_LOG"]) if os.environ.get("FLEXOS_REPLAY_LOG") else None
-        started = time.time()
+        started = process_start()  # the run began when the command started it, not when this line ran
         if log:
             log_run(log, config, "start", start=started)
         value = replay(config, directory)
         if log:
-            time.sleep(max(0.0, float(os.environ.get("FLEXOS_REPLAY_SECONDS", "0")) - (time.time() - started)))
-            log_run(log, config, "end", start=started, end=time.time())
+            time.sleep(max(0.0, float(os.environ.get("FLEXOS_REPLAY_SECONDS", "0")) - (since_boot() - started)))
+            log_run(log, config, "end", start=started, end=since_boot())
         print(f"{value:.2f}")
     else:
         compare(directory)
