@@ -132,7 +132,7 @@ def explore(
 def settle(state: Search, runner: Runner, progress: Callable[[], object] = lambda: None) -> Answer:
     """Measure what ``state`` proposes, as many configurations at once as the runner's engine has
     hosts, until the answer is settled; ``progress`` is called after each batch."""
-    while proposed := state.propose(runner.engine.hosts()):
+    while proposed := state.propose(max(runner.engine.hosts(), 1)):  # no host left: the engine says so
         for index, outcome in runner.measure_many(proposed).items():
             if isinstance(outcome, BenchmarkFailed):
                 state.record_failure(index, outcome.reason)

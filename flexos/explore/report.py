@@ -161,10 +161,15 @@ def table(
         for reason, names in by_reason.items():
             lines.append(f"  {len(names)}: {' '.join(names)}: {reason}")
     if answer.confidence is not None:
+        below = 0
+        for index in answer.stars:
+            below |= order.below[index]
+        misses = [i for i in answer.measured if i not in answer.stars and not below >> i & 1]
+        inferred = [i for i, meets in answer.inferred.items() if not meets and not below >> i & 1]
         lines.append(
-            f"confidence {answer.confidence:.3f}: that each of the {len(answer.certificate)} measurements the answer "
-            "rests on (stars and first misses) is on its side of the budget, and every configuration inferred to "
-            f"miss it does ({answer.inference_confidence:.3f})"
+            f"confidence {answer.confidence:.3f}: that every star meets the budget and every configuration not "
+            f"below one misses it ({len(misses)} measured misses, by their certainty; {len(inferred)} inferred, "
+            f"{answer.inference_confidence:.3f} by the model)"
         )
     else:
         lines.append("confidence unknown: one run per configuration; set benchmark.repeats to 2 or more")
