@@ -198,7 +198,7 @@ def explore(
         click.echo(f"\nflexos explore: interrupted. {resume_hint(target)}", err=True)
         sys.exit(130)
     _echo_err(done.notes)
-    click.echo(report.table(done.space, done.configs, done.order, done.goal, done.answer, done.hosts, done.lost))
+    click.echo(report.table(done.space, done.configs, done.order, done.goal, done.answer, done.execution))
     click.echo(f"benchmark runs: {done.runs} now, the rest from {done.out / 'cache.jsonl'}")
     click.echo("wrote: " + ", ".join(str(f) for f in done.files))
 

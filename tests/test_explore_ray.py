@@ -38,6 +38,7 @@ SQLITE = ROOT / "examples" / "explore_sqlite" / "space.yaml"
 FLEXOS = Path(sys.executable).parent / "flexos"
 BUDGETS = list(range(300_000, 1_100_001, 50_000))
 KILL_BUDGET = 1_100_000
+RESUME_BUDGET = 500_000
 WORKERS = 2
 # Faster than Ray's defaults, so a killed node is declared dead within seconds.
 FAST_FAILURE = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_failure_threshold": 3}
@@ -103,7 +104,7 @@ def scenario_stars(address: str, out: Path) -> dict[str, Any]:
     """Every budget on the replayed Redis space through one engine and one cache, as a user sweeping
     budgets would (explore's own measuring loop, without writing a report per budget): each
     budget's stars, measurements and batches."""
-    from flexos.explore import load_space, make_engine, settle
+    from flexos.explore import explore, load_space, make_engine, settle
     from flexos.explore.order import documented_order, safety_facts
     from flexos.explore.runner import Runner, bench_of
     from flexos.explore.search import Goal, Search
@@ -124,7 +125,14 @@ def scenario_stars(address: str, out: Path) -> dict[str, Any]:
             }
     finally:
         engine.close()
-    return {"answers": answers, "hosts": sorted(runner.hosts), "log": replay_log()}
+    # The cluster's cache, resumed here: every run the local engine's search asks for is in it.
+    done = explore(REPLAY, RESUME_BUDGET, out=out, engine="local")
+    resumed = {
+        "runs": done.runs,
+        "stars": sorted(configs[i].name for i in done.answer.stars),
+        "results": json.loads((out / "results.json").read_text()),
+    }
+    return {"answers": answers, "hosts": sorted(runner.hosts), "log": replay_log(), "resumed": resumed}
 
 
 def scenario_sqlite(address: str, out: Path) -> dict[str, Any]:
@@ -144,8 +152,6 @@ def scenario_kill(cluster: Any, out: Path) -> dict[str, Any]:
     """A worker node is killed while it runs a benchmark; the exploration goes on without it. The
     space is the replay's with runs of 0.3 s, so the killer sees one running; the node dies with
     every process it ran (its workers and their benchmark), as a host does."""
-    from flexos.explore import explore
-
     space = out / "space" / "replay_redis.yaml"
     space.parent.mkdir(parents=True)
     replay = ROOT / "bench" / "replay_redis.py"
@@ -183,17 +189,24 @@ def scenario_kill(cluster: Any, out: Path) -> dict[str, Any]:
     finished = threading.Event()
     killer = threading.Thread(target=kill_one_running)
     killer.start()
+    command = [str(FLEXOS), "explore", str(space), "--budget", str(KILL_BUDGET), "--out", str(out / "explore")]
     try:
-        done = explore(space, KILL_BUDGET, out=out / "explore", engine="ray", address=cluster.address)
+        done = subprocess.run(
+            [*command, "--engine", "ray", "--address", cluster.address], capture_output=True, text=True
+        )
     finally:
         finished.set()
         killer.join()
-    results = json.loads((out / "explore" / "results.json").read_text())
+    results = json.loads((out / "explore" / "results.json").read_text()) if done.returncode == 0 else {}
     return {
-        "stars": sorted(done.configs[i].name for i in done.answer.stars),
+        "returncode": done.returncode,
+        "stdout": done.stdout,
+        "stderr": done.stderr[-3000:],
+        "results": results,
+        "stars": sorted(results.get("stars", [])),
         "killed": killed.get("node"),
-        "lost": results["lost"],
-        "hosts": sorted(results["hosts"]),
+        "lost": results.get("lost"),
+        "hosts": sorted(results.get("hosts", [])),
         "log": replay_log()[before:],
     }
 
@@ -354,6 +367,21 @@ def test_ray_engine_gives_the_local_engines_stars(cluster: dict[str, Any]) -> No
     assert len(found["hosts"]) == WORKERS + 1
 
 
+def test_a_cluster_exploration_resumes_locally(cluster: dict[str, Any]) -> None:
+    """The same cache.jsonl: the local engine finds every run it needs there, with the host that ran it."""
+    resumed = cluster["stars"]["resumed"]
+    assert resumed["runs"] == 0
+    assert resumed["stars"] == sequential_stars()[RESUME_BUDGET]
+    hosts = resumed["results"]["hosts"]
+    assert sorted(hosts) == cluster["stars"]["hosts"]
+    for host in hosts.values():
+        assert {"hostname", "cpu", "kernel", "python", "flexos", "features", "drivers"} <= set(host)
+        assert "process" in host["drivers"] and "seccomp" in host["features"]
+    for record in resumed["results"]["results"]:
+        if record["status"] == "measured":
+            assert len(record["hosts"]) == 5 and set(record["hosts"]) <= set(hosts)
+
+
 def test_never_two_runs_on_one_host(cluster: dict[str, Any]) -> None:
     assert_one_run_per_host(cluster["stars"]["log"])
     assert_one_run_per_host(cluster["kill"]["log"])
@@ -361,7 +389,17 @@ def test_never_two_runs_on_one_host(cluster: dict[str, Any]) -> None:
 
 def test_a_host_dying_mid_run_loses_only_its_run(cluster: dict[str, Any]) -> None:
     found = cluster["kill"]
+    assert found["returncode"] == 0, found["stderr"]
+    print(f"lost with the killed host: {found['lost']}")
     assert found["stars"] == sequential_stars()[KILL_BUDGET]
+    assert f"lost {len(found['lost'])} runs with their host, run again elsewhere" in found["stdout"]
+    results = found["results"]
+    assert results["batches"] < results["measured"]  # three, then two hosts: the report compares with one
+    one_host = f"{'' if results['sequential_exact'] else 'at least '}{results['sequential_measured']}"
+    assert (
+        f"in {results['batches']} batches, one configuration per host at a time; one host would have measured "
+        f"{one_host}, one per batch"
+    ) in found["stdout"]
     assert found["killed"], "no worker node was seen running a benchmark"
     assert found["lost"], "the killed node's run was not recorded as lost"
     assert found["killed"] in found["hosts"]  # it ran runs before it died

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flexos.explore.order import SafetyOrder, documented_order, members, safety_facts
-from flexos.explore.search import MOST_CONFIDENT_INFERENCE, Goal, Measurement, Search, search
+from flexos.explore.search import MOST_CONFIDENT_INFERENCE, Goal, Measurement, Search, search, sequential_count
 from flexos.explore.space import Configuration, load_space
 
 SPACE = """\
@@ -261,3 +261,24 @@ def test_contradicted_measurements_infer_nothing(space) -> None:
     assert state.resolved == 2  # what the bottom settled is open again: the two stand for themselves
     assert state.next() not in (bottom, cover)
     assert state.answer().contradicted == (min(bottom, cover), max(bottom, cover))
+
+
+def test_the_sequential_count_replays_the_batches_runs(space) -> None:
+    """With batches the report says how many one host would have measured: the sequential search
+    replayed on the runs the batches took (a lower bound when it needs one they did not take)."""
+    _, order, facts = space
+    values = monotone_values(facts, {f: 0.1 for f in set().union(*facts)}, base=1.0)
+    exact = 0
+    for budget in sorted(set(values)):
+        goal = Goal(budget)
+        sequential = search(order, goal, facts, lambda i: [values[i]])
+        count, is_exact = sequential_count(
+            order, goal, facts, search(order, goal, facts, lambda i: [values[i]], batch=4)
+        )
+        if is_exact:
+            assert count == len(sequential.measured)
+            exact += 1
+        else:
+            assert count <= len(sequential.measured)
+        assert sequential_count(order, goal, facts, sequential) == (len(sequential.measured), True)
+    assert exact

@@ -16,8 +16,9 @@ from flexos.explore import report
 from flexos.explore.engines import Engine, make_engine
 from flexos.explore.engines.local import LocalEngine
 from flexos.explore.order import SafetyOrder, documented_order, read_order, safety_facts
+from flexos.explore.report import Execution
 from flexos.explore.runner import BenchmarkFailed, Runner, bench_of, cached_runs
-from flexos.explore.search import Answer, Goal, Search
+from flexos.explore.search import Answer, Goal, Search, sequential_count
 from flexos.explore.space import Configuration, Space, load_space
 from flexos.hardening import needed_features
 from flexos.probe import machine_report
@@ -36,8 +37,7 @@ class Exploration:
     files: list[Path]  # what was written under ``out`` besides the cache and the generated configs
     runs: int  # benchmark runs made now (the others came from the cache)
     notes: list[str]  # warnings about the space file and the order
-    hosts: dict[str, dict[str, object]]  # each host that ran a run: hostname, CPU, kernel, features
-    lost: list[tuple[str, str]]  # (configuration, why) of each run lost with its host and run again
+    execution: Execution  # the hosts that ran runs, the runs lost with a host, batches against one host
 
 
 def refusals(space: Space, here: bool = True) -> list[str]:
@@ -86,6 +86,7 @@ def explore(
     order = read_order(order_path, space, configs) if order_path else documented_order(configs)
     notes = [*notes, *order.notes]
     goal = Goal(budget, space.benchmark.higher_is_better, space.benchmark.statistic)
+    facts = [safety_facts(c) for c in configs]
     out = Path(out) if out is not None else default_out(space.source)
     bench = bench_of(space, out)
     owned = engine is None or isinstance(engine, str)
@@ -101,7 +102,7 @@ def explore(
     out.mkdir(parents=True, exist_ok=True)
     try:
         runner = Runner(space, configs, out, engine)
-        state = Search(order, goal, [safety_facts(c) for c in configs], exhaustive)
+        state = Search(order, goal, facts, exhaustive)
         with runner.progress(len(configs)) as bar:
             if exhaustive:  # in rounds: every configuration's first run, then every second run, ...
                 for run in range(space.benchmark.repeats):
@@ -112,21 +113,23 @@ def explore(
         if owned:
             engine.close()
     answer = state.answer()
+    sequential = None
+    if answer.batches < len(answer.measured) and not exhaustive:
+        sequential = sequential_count(order, goal, facts, answer)
+    execution = report.Execution(runner.hosts, runner.lost, sequential)
     paths = {i: runner.config_path(i) for i in answer.measured}
     ran_on = {i: runner.hosts_of(i) for i in answer.measured}
     records = report.rows(configs, answer, paths, ran_on)
     files = [out / "results.csv", out / "results.json", out / "performance.svg"]
     report.write_csv(files[0], records)
-    summary = report.summary(space, configs, order, goal, answer, runner.hosts, runner.lost)
+    summary = report.summary(space, configs, order, goal, answer, execution)
     report.write_json(files[1], summary, records)
     report.performance_figure(files[2], space, configs, goal, answer)
     if report.poset_figure(out / "poset.svg", configs, order, goal, answer):
         files.append(out / "poset.svg")
     else:
         notes.append(f"poset.svg not drawn: more than {report.MAX_POSET_NODES} configurations")
-    return Exploration(
-        space, configs, order, goal, answer, out, files, runner.runs_done, notes, runner.hosts, runner.lost
-    )
+    return Exploration(space, configs, order, goal, answer, out, files, runner.runs_done, notes, execution)
 
 
 def settle(state: Search, runner: Runner, progress: Callable[[], object] = lambda: None) -> Answer:

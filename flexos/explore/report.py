@@ -11,6 +11,7 @@ import csv
 import json
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,16 @@ MAX_POSET_NODES = 600
 # Up to this many configurations the poset figure names every node, as FlexOS's figure 8 does.
 MAX_NAMED_NODES = 100
 _COMPARTMENT_COLORS = ["#7f7f7f", "#4c72b0", "#c44e52", "#55a868", "#8172b2", "#ccb974", "#64b5cd", "#8c8c8c"]
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Where an exploration's runs happened, for the report."""
+
+    hosts: dict[str, dict[str, Any]] = field(default_factory=dict)  # each host that ran a run -> what it is
+    lost: Sequence[tuple[str, str]] = ()  # (configuration, why) of each run lost with its host
+    # With batches: how many the search measures one at a time on the same runs, and whether exactly
+    sequential: tuple[int, bool] | None = None
 
 
 def describe(config: Configuration) -> str:
@@ -79,11 +90,11 @@ def summary(
     order: SafetyOrder,
     goal: Goal,
     answer: Answer,
-    hosts: dict[str, dict[str, Any]] | None = None,
-    lost: Sequence[tuple[str, str]] = (),
+    execution: Execution = Execution(),
 ) -> dict[str, Any]:
-    """The exploration's summary; ``hosts``: each host that ran a run; ``lost``: runs lost with their host."""
+    """The exploration's summary."""
     total = len(order)
+    sequential = execution.sequential
     return {
         "space": str(space.source),
         "command": space.benchmark.command,
@@ -102,9 +113,11 @@ def summary(
         "inference_confidence": answer.inference_confidence,
         "certificate": len(answer.certificate),
         "batches": answer.batches,
+        "sequential_measured": sequential[0] if sequential else len(answer.measured),
+        "sequential_exact": sequential[1] if sequential else True,
         "contradicted": [configs[i].name for i in answer.contradicted],
-        "hosts": hosts or {},
-        "lost": [{"configuration": name, "why": why} for name, why in lost],
+        "hosts": execution.hosts,
+        "lost": [{"configuration": name, "why": why} for name, why in execution.lost],
         "verified": len(answer.verified),
         "violations": len(answer.violations),
         "compared_pairs": answer.compared,
@@ -119,8 +132,7 @@ def table(
     order: SafetyOrder,
     goal: Goal,
     answer: Answer,
-    hosts: dict[str, dict[str, Any]] | None = None,
-    lost: Sequence[tuple[str, str]] = (),
+    execution: Execution = Execution(),
 ) -> str:
     """The terminal report: the stars, then how the answer was reached and how sure it is."""
     total = len(order)
@@ -141,18 +153,21 @@ def table(
         + (" (exhaustive)" if answer.exhaustive else "")
         + f"; order: {order.source}"
     )
-    if answer.batches < measured:
+    if execution.sequential is not None:
+        count, exact = execution.sequential
         lines.append(
-            f"in {answer.batches} batches measured at once, one configuration per host (one host: {measured} "
-            "one after another)"
+            f"in {answer.batches} batches, one configuration per host at a time; one host would have measured "
+            f"{'' if exact else 'at least '}{count}, one per batch"
         )
-    if hosts and len(hosts) > 1:
+    hosts = execution.hosts
+    if len(hosts) > 1:
         kinds: dict[str, int] = {}
         for host in hosts.values():
             kinds[host_kind(host)] = kinds.get(host_kind(host), 0) + 1
         lines.append(f"on {len(hosts)} hosts: " + "; ".join(f"{n} x {kind}" for kind, n in kinds.items()))
-    if lost:
-        lines.append(f"lost {len(lost)} runs with their host, run again elsewhere: {', '.join(n for n, _ in lost)}")
+    if execution.lost:
+        lost = ", ".join(name for name, _ in execution.lost)
+        lines.append(f"lost {len(execution.lost)} runs with their host, run again elsewhere: {lost}")
     if answer.failed:
         lines.append(f"failed {len(answer.failed)} (could not run; never stars):")
         by_reason: dict[str, list[str]] = {}

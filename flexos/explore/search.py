@@ -512,6 +512,23 @@ def _fit_costs(rows: np.ndarray, costs: np.ndarray) -> np.ndarray:
         free &= ~negative
 
 
+def sequential_count(
+    order: SafetyOrder, goal: Goal, facts: Sequence[frozenset[Hashable]], answer: Answer
+) -> tuple[int, bool]:
+    """How many configurations the search measures one at a time on the runs ``answer`` has (what
+    its batches compare with), and whether that is exact: False when it asks for one that was not
+    measured, so the count is a lower bound."""
+    state = Search(order, goal, facts)
+    while (index := state.next()) is not None:
+        if index in answer.failed:
+            state.record_failure(index, answer.failed[index])
+        elif index in answer.measured:
+            state.record(index, answer.measured[index].values)
+        else:
+            return len(state.measured) + 1, False
+    return len(state.measured), True
+
+
 def search(
     order: SafetyOrder,
     goal: Goal,
