@@ -325,21 +325,20 @@ class Search:
     def _usable(self) -> list[tuple[int, float]]:
         return [(i, m.value) for i, m in self.measured.items() if m.value > 0 and math.isfinite(m.value)]
 
-    def _fit(self, usable: Sequence[tuple[int, float]]) -> np.ndarray | None:
-        """Per-fact costs (cost = 1/value when higher is better, else the value) fitted to ``usable``."""
-        if not usable:
-            return None
-        rows = self._features[[i for i, _ in usable]]
-        costs = np.array([1 / v if self.goal.higher_is_better else v for _, v in usable])
-        return _fit_costs(rows, costs)
+    def _weights(self, monotone: bool = True) -> np.ndarray | None:
+        """Per-fact costs (cost = 1/value when higher is better, else the value) fitted to the
+        measurements; ``monotone``: kept >= 0, as the order assumes. Without, a fact that makes
+        configurations faster shows as a negative cost, so doubts can see where the order fails."""
+        key = "weights" if monotone else "free_weights"
+        if key not in self._model:
+            usable = self._usable()
+            rows = self._features[[i for i, _ in usable]]
+            costs = np.array([1 / v if self.goal.higher_is_better else v for _, v in usable])
+            self._model[key] = _fit_costs(rows, costs, monotone) if usable else None
+        return self._model[key]  # type: ignore[return-value]
 
-    def _weights(self) -> np.ndarray | None:
-        if "weights" not in self._model:
-            self._model["weights"] = self._fit(self._usable())
-        return self._model["weights"]  # type: ignore[return-value]
-
-    def _predict(self, indices: Sequence[int]) -> dict[int, float] | None:
-        weights = self._weights()
+    def _predict(self, indices: Sequence[int], monotone: bool = True) -> dict[int, float] | None:
+        weights = self._weights(monotone)
         if weights is None:
             return None
         costs = self._features[list(indices)] @ weights
@@ -372,10 +371,10 @@ class Search:
         """How far measured pairs of comparable configurations stray from the model's ratio between
         them (log scale, root mean square, shrunk towards PRIOR_ERROR): how much a configuration
         can beat what a measured neighbour and the model say of it. Noise and violations of the
-        order both show here."""
+        order both show here. The model is the one free to learn that a fact makes things faster."""
         if "pair_error" not in self._model:
             measured = [(i, m.value) for i, m in self.measured.items() if m.value > 0 and math.isfinite(m.value)]
-            predicted = self._predict([i for i, _ in measured]) or {}
+            predicted = self._predict([i for i, _ in measured], monotone=False) or {}
             residual = {
                 i: math.log(value / predicted[i]) for i, value in measured if 0 < predicted.get(i, 0) < math.inf
             }
@@ -391,8 +390,9 @@ class Search:
         """Configuration inferred to miss the budget -> the chance that it meets it after all.
 
         Each trusted measured miss ``x`` below it bounds it: to meet the budget it must beat ``x``
-        by the factor ``budget / x``, against the model's ratio between the two, with the spread
-        that measured pairs show (``_pair_error``). The tightest bound counts.
+        by the factor ``budget / x``, against the ratio between the two of the model free to learn
+        that a fact makes things faster (a measured violation of the order, generalized), with the
+        spread that measured pairs show (``_pair_error``). The tightest bound counts.
         """
         inferred = members(self._inferred_misses())
         if not inferred:
@@ -402,7 +402,7 @@ class Search:
             for x, m in self.measured.items()
             if m.decisive and not m.meets and x not in self.contradicted and 0 < m.value < math.inf
         ]
-        predicted = self._predict(inferred + [x for x, _ in supports])
+        predicted = self._predict(inferred + [x for x, _ in supports], monotone=False)
         spread = self._pair_error()
         doubts = {}
         for z in inferred:
@@ -495,9 +495,9 @@ def _features(facts: Sequence[frozenset[Hashable]]) -> np.ndarray:
     return features
 
 
-def _fit_costs(rows: np.ndarray, costs: np.ndarray) -> np.ndarray:
-    """Ridge least squares with every fact's cost kept >= 0 (safer is never faster): facts whose
-    cost comes out negative are fixed at 0 and the rest refitted."""
+def _fit_costs(rows: np.ndarray, costs: np.ndarray, monotone: bool = True) -> np.ndarray:
+    """Ridge least squares; ``monotone``: with every fact's cost kept >= 0 (safer is never faster):
+    facts whose cost comes out negative are fixed at 0 and the rest refitted."""
     free = np.ones(rows.shape[1], dtype=bool)
     while True:
         weights = np.zeros(rows.shape[1])
@@ -507,7 +507,7 @@ def _fit_costs(rows: np.ndarray, costs: np.ndarray) -> np.ndarray:
         weights[free] = np.linalg.solve(chosen.T @ chosen + penalty, chosen.T @ costs)
         negative = (weights < 0) & free
         negative[0] = False
-        if not negative.any():
+        if not monotone or not negative.any():
             return weights
         free &= ~negative
 
