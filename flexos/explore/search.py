@@ -19,8 +19,10 @@ configuration that misses it misses it. The assumption is checked, not trusted:
 - Verification: every configuration immediately safer than a star is measured (an unmeasured
   one that meets the budget would replace the star), and so is every configuration inferred to
   miss whose *doubt* exceeds ``DOUBT``: the chance that it beats a measured miss below it by
-  more than the model's ratio between the two allows, against the spread that measured pairs of
-  neighbours show (heavy, Laplace tails: most pairs obey the order, a few stray far).
+  more than the ratio between the two allows, against the spread that measured pairs of
+  neighbours show (heavy, Laplace tails: most pairs obey the order, a few stray far). The ratio
+  is the model's fitted without keeping costs >= 0, so where measurements show a fact making
+  configurations faster, what is inferred across it is doubted, and measured.
 - Confidence: the answer is right when every star meets the budget and every configuration
   outside the stars' down-sets misses it. The certainty of each measured one times, for each
   inferred miss, one less its doubt; an answer resting on inference is never certain.
