@@ -9,6 +9,10 @@ counts as hardened when its flexos.yaml entry has ``hardening`` (replay_redis.ya
 an audit policy, stands for SFI). Run::
 
     FLEXOS_CONFIG=FILE .venv/bin/python bench/replay_redis.py   # one configuration: prints req/s
+                                                                 # (FLEXOS_REPLAY_LOG=FILE: also log the
+                                                                 # run's host, start and end there, in
+                                                                 # seconds since boot, the run lasting
+                                                                 # FLEXOS_REPLAY_SECONDS)
     .venv/bin/python bench/replay_redis.py [--data DIR]          # the exploration side by side with
                                                                  # measuring all 80 (FlexOS's way)
 
@@ -20,9 +24,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
+import socket
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +41,7 @@ DATA = HERE / "data" / "flexos-asplos22-redis"
 # flexos.yaml module name -> the column prefix in redis-perm.csv
 LIBRARIES = {"redis": "LIBREDIS", "newlib": "LIBNEWLIB", "uksched": "LIBUKSCHED", "lwip": "LIBLWIP"}
 CHUNK, METHOD = "5", "GET"  # what FlexOS plotted
+HOSTS = (1, 2, 4, 8)  # how many configurations the search measures at once, in compare()
 
 Key = tuple[frozenset[frozenset[str]], frozenset[str]]  # (partition of the libraries, hardened ones)
 
@@ -93,8 +101,34 @@ def replay(config_path: str, directory: Path) -> float:
     return metric(runs, int(repeat) if repeat is not None else None)
 
 
+def since_boot() -> float:
+    """Now, in seconds since boot: the clock process start times are kept in."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def process_start() -> float:
+    """When this process started (before Python's own startup), in seconds since boot."""
+    fields = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
+    return int(fields[19]) / os.sysconf("SC_CLK_TCK")  # starttime, field 22 of proc(5)
+
+
+def log_run(log: Path, config_path: str, event: str, **times: float) -> None:
+    """Append this run's ``event`` (start, end) with its configuration, repeat and host to ``log``:
+    how tests see that no two runs shared a host at once, and which host is busy."""
+    entry = {
+        "event": event,
+        "config": Path(config_path).stem,
+        "repeat": os.environ.get("FLEXOS_REPEAT"),
+        "node": os.environ.get("FLEXOS_NODE"),
+        "hostname": socket.gethostname(),
+        **times,
+    }
+    with log.open("a") as stream:  # one short write per line: lines of concurrent runs do not interleave
+        stream.write(json.dumps(entry) + "\n")
+
+
 def compare(directory: Path) -> None:
-    """Explore the replayed space under both orders and many budgets, beside measuring everything."""
+    """Explore the replayed space under both orders and many budgets, on 1 to 8 hosts, beside measuring everything."""
     from flexos.explore.order import documented_order, read_order, safety_facts
     from flexos.explore.search import Goal, search
     from flexos.explore.space import load_space
@@ -109,17 +143,21 @@ def compare(directory: Path) -> None:
         "poset.dot": read_order(directory / "poset.dot", space, configs),
     }
     print(f"FlexOS's Redis space: {len(configs)} configurations; FlexOS measured all of them.")
-    print(f"{'budget':>8}  {'order':<10}  {'stars':>5}  {'measured':>8}  {'fraction':>8}  = measuring all")
+    print("measured (batches) with 1 host, then with 2, 4 and 8 hosts measuring a batch at a time")
+    hosts = "".join(f"  {f'{h} hosts':>8}" for h in HOSTS[1:])
+    print(f"{'budget':>8}  {'order':<10}  {'stars':>5}  {'1 host':>12}{hosts}  = all")
     for budget in range(300_000, 1_100_001, 50_000):
         goal = Goal(budget, higher_is_better=True, statistic="mean")
         for name, order in orders.items():
-            found = search(order, goal, facts, lambda i: runs[i])
+            found = {hosts: search(order, goal, facts, lambda i: runs[i], batch=hosts) for hosts in HOSTS}
             brute = search(order, goal, facts, lambda i: runs[i], exhaustive=True)
-            same = "yes" if sorted(found.stars) == sorted(brute.stars) else "NO"
-            fraction = len(found.measured) / len(configs)
+            same = all(sorted(a.stars) == sorted(brute.stars) for a in found.values())
+            sequential = len(found[1].measured)
+            cells = [f"{sequential:>2} ({sequential / len(configs):.0%})"]
+            cells += [f"{len(found[h].measured):>2} ({found[h].batches:>2})" for h in HOSTS[1:]]
             print(
-                f"{budget:>8}  {name:<10}  {len(found.stars):>5}  {len(found.measured):>5}/{len(configs)}"
-                f"  {fraction:>8.1%}  {same}"
+                f"{budget:>8}  {name:<10}  {len(found[1].stars):>5}  {cells[0]:>12}  {cells[1]:>8}  {cells[2]:>8}  "
+                f"{cells[3]:>8}  {'yes' if same else 'NO'}"
             )
 
 
@@ -132,7 +170,15 @@ def main() -> None:
         raise SystemExit(f"replay_redis: no FlexOS data in {directory} (pass --data DIR)")
     config = os.environ.get("FLEXOS_CONFIG")
     if config:
-        print(f"{replay(config, directory):.2f}")
+        log = Path(os.environ["FLEXOS_REPLAY_LOG"]) if os.environ.get("FLEXOS_REPLAY_LOG") else None
+        started = process_start()  # the run began when the command started it, not when this line ran
+        if log:
+            log_run(log, config, "start", start=started)
+        value = replay(config, directory)
+        if log:
+            time.sleep(max(0.0, float(os.environ.get("FLEXOS_REPLAY_SECONDS", "0")) - (since_boot() - started)))
+            log_run(log, config, "end", start=started, end=since_boot())
+        print(f"{value:.2f}")
     else:
         compare(directory)
 

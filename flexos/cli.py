@@ -155,8 +155,17 @@ def run(config: str, module: str | None, args: tuple[str, ...]) -> None:
 @click.option("--out", metavar="DIR", help="Where results go (default: SPACE's directory, STEM.explore).")
 @click.option("--exhaustive", is_flag=True, help="Measure every configuration instead of inferring.")
 @click.option("--list", "list_only", is_flag=True, help="Print the space's configurations; run nothing.")
+@click.option("--engine", metavar="local|ray", help="Where runs happen (default: the space's engine, else local).")
+@click.option("--address", metavar="ADDR", help="The Ray cluster (ray's --address; none: a Ray of its own here).")
 def explore(
-    space: str, budget: float | None, order_file: str | None, out: str | None, exhaustive: bool, list_only: bool
+    space: str,
+    budget: float | None,
+    order_file: str | None,
+    out: str | None,
+    exhaustive: bool,
+    list_only: bool,
+    engine: str | None,
+    address: str | None,
 ) -> None:
     """Find the safest configurations of SPACE whose benchmark meets --budget (docs/explore.md)."""
     try:
@@ -180,9 +189,13 @@ def explore(
         return
     if budget is None:
         raise click.UsageError("give --budget (or --list to see the configurations)")
+    from flexos.explore.engines import ENGINES
+
+    if engine is not None and engine not in ENGINES:
+        raise click.UsageError(f"unknown engine {engine!r} (known: {', '.join(ENGINES)})")
     target = Path(out) if out is not None else default_out(Path(space))
     try:
-        done = run_exploration(space, budget, order_file, out, exhaustive)
+        done = run_exploration(space, budget, order_file, out, exhaustive, engine, address)
     except ConfigError as exc:
         _fail(exc.problems)
     except DriverUnavailable as exc:
@@ -191,11 +204,14 @@ def explore(
         click.echo(f"\nflexos explore: {exc}", err=True)
         click.echo(resume_hint(target), err=True)
         sys.exit(1)
+    except FlexosError as exc:  # the engine cannot run the space (no hosts, a feature no host has)
+        click.echo(f"flexos explore: {exc}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         click.echo(f"\nflexos explore: interrupted. {resume_hint(target)}", err=True)
         sys.exit(130)
     _echo_err(done.notes)
-    click.echo(report.table(done.space, done.configs, done.order, done.goal, done.answer))
+    click.echo(report.table(done.space, done.configs, done.order, done.goal, done.answer, done.execution))
     click.echo(f"benchmark runs: {done.runs} now, the rest from {done.out / 'cache.jsonl'}")
     click.echo("wrote: " + ", ".join(str(f) for f in done.files))
 

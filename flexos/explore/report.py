@@ -11,6 +11,7 @@ import csv
 import json
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,16 @@ MAX_NAMED_NODES = 100
 _COMPARTMENT_COLORS = ["#7f7f7f", "#4c72b0", "#c44e52", "#55a868", "#8172b2", "#ccb974", "#64b5cd", "#8c8c8c"]
 
 
+@dataclass(frozen=True)
+class Execution:
+    """Where an exploration's runs happened, for the report."""
+
+    hosts: dict[str, dict[str, Any]] = field(default_factory=dict)  # each host that ran a run -> what it is
+    lost: Sequence[tuple[str, str]] = ()  # (configuration, why) of each run lost with its host
+    # With batches: how many the search measures one at a time on the same runs, and whether exactly
+    sequential: tuple[int, bool] | None = None
+
+
 def describe(config: Configuration) -> str:
     """``c1 process [Env]: redis[H] newlib | c2 process: lwip``."""
     parts = []
@@ -43,8 +54,13 @@ def describe(config: Configuration) -> str:
     return " | ".join(parts)
 
 
-def rows(configs: Sequence[Configuration], answer: Answer, paths: dict[int, Path]) -> list[dict[str, Any]]:
-    """One record per configuration, in enumeration order."""
+def rows(
+    configs: Sequence[Configuration],
+    answer: Answer,
+    paths: dict[int, Path],
+    hosts: dict[int, list[str]] | None = None,
+) -> list[dict[str, Any]]:
+    """One record per configuration, in enumeration order; ``hosts``: where each run of it ran."""
     stars = set(answer.stars)
     records = []
     for i, config in enumerate(configs):
@@ -62,15 +78,23 @@ def rows(configs: Sequence[Configuration], answer: Answer, paths: dict[int, Path
                 "certainty": measured.certainty if measured else None,
                 "config": str(paths[i]) if i in paths else None,
                 "failure": failed,
+                "hosts": (hosts or {}).get(i, []),
             }
         )
     return records
 
 
 def summary(
-    space: Space, configs: Sequence[Configuration], order: SafetyOrder, goal: Goal, answer: Answer
+    space: Space,
+    configs: Sequence[Configuration],
+    order: SafetyOrder,
+    goal: Goal,
+    answer: Answer,
+    execution: Execution = Execution(),
 ) -> dict[str, Any]:
+    """The exploration's summary."""
     total = len(order)
+    sequential = execution.sequential
     return {
         "space": str(space.source),
         "command": space.benchmark.command,
@@ -86,7 +110,14 @@ def summary(
         "measured_fraction": len(answer.measured) / total,
         "stars": [configs[i].name for i in answer.stars],
         "confidence": answer.confidence,
+        "inference_confidence": answer.inference_confidence,
         "certificate": len(answer.certificate),
+        "batches": answer.batches,
+        "sequential_measured": sequential[0] if sequential else len(answer.measured),
+        "sequential_exact": sequential[1] if sequential else True,
+        "contradicted": [configs[i].name for i in answer.contradicted],
+        "hosts": execution.hosts,
+        "lost": [{"configuration": name, "why": why} for name, why in execution.lost],
         "verified": len(answer.verified),
         "violations": len(answer.violations),
         "compared_pairs": answer.compared,
@@ -95,7 +126,14 @@ def summary(
     }
 
 
-def table(space: Space, configs: Sequence[Configuration], order: SafetyOrder, goal: Goal, answer: Answer) -> str:
+def table(
+    space: Space,
+    configs: Sequence[Configuration],
+    order: SafetyOrder,
+    goal: Goal,
+    answer: Answer,
+    execution: Execution = Execution(),
+) -> str:
     """The terminal report: the stars, then how the answer was reached and how sure it is."""
     total = len(order)
     better = "at least" if goal.higher_is_better else "at most"
@@ -104,9 +142,9 @@ def table(space: Space, configs: Sequence[Configuration], order: SafetyOrder, go
         lines.append(f"safest configurations meeting it ({len(answer.stars)}):")
         width = max(len(configs[i].name) for i in answer.stars)
         for i in answer.stars:
-            measured = answer.measured[i]
-            sure = f"  certainty {measured.certainty:.3f}" if measured.certainty is not None else ""
-            lines.append(f"  * {configs[i].name:<{width}}  {measured.value:>12.6g}{sure}  {describe(configs[i])}")
+            star = answer.measured[i]
+            sure = f"  certainty {star.certainty:.3f}" if star.certainty is not None else ""
+            lines.append(f"  * {configs[i].name:<{width}}  {star.value:>12.6g}{sure}  {describe(configs[i])}")
     else:
         lines.append("no configuration meets it")
     count = len(answer.measured)
@@ -115,6 +153,21 @@ def table(space: Space, configs: Sequence[Configuration], order: SafetyOrder, go
         + (" (exhaustive)" if answer.exhaustive else "")
         + f"; order: {order.source}"
     )
+    if execution.sequential is not None:
+        count, exact = execution.sequential
+        lines.append(
+            f"in {answer.batches} batches, one configuration per host at a time; one host would have measured "
+            f"{'' if exact else 'at least '}{count}, one per batch"
+        )
+    hosts = execution.hosts
+    if len(hosts) > 1:
+        kinds: dict[str, int] = {}
+        for host in hosts.values():
+            kinds[host_kind(host)] = kinds.get(host_kind(host), 0) + 1
+        lines.append(f"on {len(hosts)} hosts: " + "; ".join(f"{n} x {kind}" for kind, n in kinds.items()))
+    if execution.lost:
+        lost = ", ".join(name for name, _ in execution.lost)
+        lines.append(f"lost {len(execution.lost)} runs with their host, run again elsewhere: {lost}")
     if answer.failed:
         lines.append(f"failed {len(answer.failed)} (could not run; never stars):")
         by_reason: dict[str, list[str]] = {}
@@ -123,14 +176,28 @@ def table(space: Space, configs: Sequence[Configuration], order: SafetyOrder, go
         for reason, names in by_reason.items():
             lines.append(f"  {len(names)}: {' '.join(names)}: {reason}")
     if answer.confidence is not None:
+        below = 0
+        for index in answer.stars:
+            below |= order.below[index]
+        misses = [i for i in answer.measured if i not in answer.stars and not below >> i & 1]
+        inferred = [i for i, meets in answer.inferred.items() if not meets and not below >> i & 1]
         lines.append(
-            f"confidence {answer.confidence:.3f}: that each of the {len(answer.certificate)} measurements the answer "
-            "rests on (stars and first misses) is on its side of the budget"
+            f"confidence {answer.confidence:.3f}: that every star meets the budget and every configuration not "
+            f"below one misses it ({len(misses)} measured misses, by their certainty; {len(inferred)} inferred, "
+            f"{answer.inference_confidence:.3f} by the model)"
         )
     else:
         lines.append("confidence unknown: one run per configuration; set benchmark.repeats to 2 or more")
     if answer.verified:
-        lines.append(f"verified {len(answer.verified)} neighbours of stars that the model suspected")
+        lines.append(
+            f"verified {len(answer.verified)} inferred configurations by measuring them (stars' safer neighbours, "
+            "doubtful inferences)"
+        )
+    if answer.contradicted:
+        lines.append(
+            f"not used to infer: {len(answer.contradicted)} measurements for which a measured pair shows the order "
+            "does not hold"
+        )
     lines.append(
         f"monotonicity: the safer of two measured configurations did better in {len(answer.violations)} of "
         f"{answer.compared} compared pairs ({answer.edge_violations} of {answer.edges_compared} direct neighbours)"
@@ -138,12 +205,23 @@ def table(space: Space, configs: Sequence[Configuration], order: SafetyOrder, go
     return "\n".join(lines)
 
 
+def host_kind(host: dict[str, Any]) -> str:
+    """What makes results of two hosts comparable (their hardware and software, not their names)."""
+    features = " ".join(name for name, available in sorted(host.get("features", {}).items()) if available)
+    return (
+        f"{host.get('cpu')}, kernel {host.get('kernel')}, Python {host.get('python')}, flexos {host.get('flexos')}, "
+        f"drivers {' '.join(host.get('drivers', ()))}, features {features or 'none'}"
+    )
+
+
 def write_csv(path: Path, records: Sequence[dict[str, Any]]) -> None:
     with path.open("w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=list(records[0]))
         writer.writeheader()
         for record in records:
-            writer.writerow({**record, "runs": " ".join(f"{v:g}" for v in record["runs"])})
+            writer.writerow(
+                {**record, "runs": " ".join(f"{v:g}" for v in record["runs"]), "hosts": " ".join(record["hosts"])}
+            )
 
 
 def write_json(path: Path, summary_data: dict[str, Any], records: Sequence[dict[str, Any]]) -> None:

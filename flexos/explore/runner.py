@@ -1,56 +1,59 @@
-"""Runs the benchmark command for configurations, with a results cache on disk and a progress bar.
+"""Measures configurations through an engine, with a results cache on disk and a progress bar.
 
-The contract: the command runs through ``/bin/sh`` in the space file's directory, with the
-generated flexos.yaml's absolute path in ``FLEXOS_CONFIG``, the run's number (0, 1, ...) in
-``FLEXOS_REPEAT``, and this interpreter's ``bin`` directory first on ``PATH`` (as in an activated
-venv, so ``flexos`` and ``python`` are this installation's). The last line of its stdout is the
-metric.
+The benchmark contract (the command, ``FLEXOS_CONFIG``, ``FLEXOS_REPEAT``, the metric on the last
+line) is :func:`flexos.explore.engines.run_benchmark`'s; an engine decides where runs happen
+(``local``: here, one after another; ``ray``: one per host of a cluster).
 
 Every finished run is appended to ``cache.jsonl`` (JSON lines, never pickle) under the output
-directory, keyed by the command and a digest of the generated flexos.yaml, so an interrupted
-exploration resumes where it stopped and a changed space or command is measured afresh. With
-``failures: record`` a failed run is cached too, with its reason, so its configuration stays failed.
+directory as it arrives, keyed by the command and a digest of the generated flexos.yaml, with the
+host it ran on, so an interrupted exploration resumes where it stopped (on any engine) and a
+changed space or command is measured afresh. With ``failures: record`` a failed run is cached too,
+with its reason, so its configuration stays failed. A run lost with its host is recorded as lost
+and run again elsewhere. Each host is described once (hostname, CPU, kernel, flexos check's probe).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from ruamel.yaml import YAML
 from tqdm import tqdm
 
-from flexos.errors import FlexosError
+from flexos.explore.engines import Bench, BenchmarkFailed, Done, Engine, Job, Lost
+from flexos.explore.engines.local import LocalEngine
 from flexos.explore.space import Configuration, Space
+from flexos.hardening import needed_features
+
+__all__ = ["CACHE", "BenchmarkFailed", "Runner", "bench_of", "cached_runs"]
 
 CACHE = "cache.jsonl"
 
 
-class BenchmarkFailed(FlexosError):
-    """The benchmark command failed or printed no metric; ``reason`` says why in one line."""
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+def bench_of(space: Space, out: Path) -> Bench:
+    """How ``space``'s benchmark runs: in the space file's directory, without shipping ``out``."""
+    directory = space.source.parent.resolve()
+    out = out.resolve()
+    exclude = (f"/{out.relative_to(directory)}/",) if out.is_relative_to(directory) and out != directory else ()
+    return Bench(space.benchmark.command, directory, space.benchmark.timeout, space.source, exclude)
 
 
 class Runner:
-    """Measures configurations of one space: writes their flexos.yaml, runs the command, caches."""
+    """Measures configurations of one space: writes their flexos.yaml, has the engine run them, caches."""
 
-    def __init__(self, space: Space, configs: Sequence[Configuration], out: Path) -> None:
+    def __init__(self, space: Space, configs: Sequence[Configuration], out: Path, engine: Engine | None = None) -> None:
         self.space = space
         self.configs = configs
         self.out = out
         (out / "configs").mkdir(parents=True, exist_ok=True)
+        self.engine = engine if engine is not None else LocalEngine(bench_of(space, out))
         self.cache_path = out / CACHE
         self.failures: dict[str, str] = {}  # key -> why its configuration failed (failures: record)
+        self.hosts: dict[str, dict[str, object]] = {}  # host (the engine's name) -> its description
+        self.ran_on: dict[tuple[str, int], str] = {}  # (key, run) -> host
+        self.lost: list[tuple[str, str]] = []  # (configuration, why) of each run lost with its host
         self.cached = self._load_cache()
         self.runs_done = 0  # runs of the command made by this runner (not answered from the cache)
         self.bar: tqdm | None = None
@@ -70,6 +73,18 @@ class Runner:
         document = json.dumps(self.space.flexos_document(self.configs[index]), sort_keys=True)
         return hashlib.sha256(f"{self.space.benchmark.command}\0{document}".encode()).hexdigest()
 
+    def _job(self, index: int, run: int) -> Job:
+        config = self.configs[index]
+        features = frozenset(
+            feature
+            for group in config.compartments
+            for toggle in sorted(group.hardening)
+            for _, feature in needed_features(self.space.compartment_toggles[toggle])
+        )
+        drivers = frozenset(group.driver for group in config.compartments)
+        path = self.config_path(index)
+        return Job(index, run, config.name, path.read_text(), path, drivers, features)
+
     def _load_cache(self) -> dict[tuple[str, int], float]:
         cached: dict[tuple[str, int], float] = {}
         if not self.cache_path.exists():
@@ -77,20 +92,48 @@ class Runner:
         for line in self.cache_path.read_text().splitlines():
             try:
                 entry = json.loads(line)
-                if "failed" in entry:
+                if "machine" in entry:
+                    self.hosts[str(entry["host"])] = dict(entry["machine"])
+                elif "lost" in entry:
+                    self.lost.append((str(entry["configuration"]), str(entry["lost"])))
+                elif "failed" in entry:
                     self.failures[str(entry["key"])] = str(entry["failed"])
                 else:  # a later success (a failure retried without failures: record) wins
                     cached[(str(entry["key"]), int(entry["run"]))] = float(entry["value"])
                     self.failures.pop(str(entry["key"]), None)
+                if "host" in entry and "key" in entry and "lost" not in entry:
+                    self.ran_on[(str(entry["key"]), int(entry["run"]))] = str(entry["host"])
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut short by an interruption
         return cached
 
-    def _remember(self, key: str, run: int, config: str, seconds: float, **outcome: float | str) -> None:
-        """Append a run to the cache: its ``value``, or why it ``failed``."""
-        entry = {"key": key, "run": run, "configuration": config, **outcome, "seconds": round(seconds, 3)}
+    def _append(self, entry: dict[str, object]) -> None:
         with self.cache_path.open("a") as stream:
             stream.write(json.dumps(entry) + "\n")
+
+    def _remember(self, done: Done, **outcome: float | str) -> None:
+        """Append a run to the cache: its ``value``, or why it ``failed``, and the host it ran on."""
+        host = done.host
+        if host.node not in self.hosts:
+            self.hosts[host.node] = host.record()
+            self._append({"host": host.node, "machine": host.record()})
+        key = self._key(done.job.index)
+        self.ran_on[(key, done.job.run)] = host.node
+        self._append(
+            {
+                "key": key,
+                "run": done.job.run,
+                "configuration": done.job.name,
+                **outcome,
+                "seconds": round(done.seconds, 3),
+                "host": host.node,
+            }
+        )
+
+    def hosts_of(self, index: int) -> list[str]:
+        """The host of each cached run of configuration ``index``, in run order."""
+        key = self._key(index)
+        return [self.ran_on[(key, run)] for run in range(self.space.benchmark.repeats) if (key, run) in self.ran_on]
 
     # -- running ------------------------------------------------------------------------------------
     def measure(self, index: int, runs: int | None = None) -> list[float]:
@@ -99,77 +142,64 @@ class Runner:
         Raises BenchmarkFailed; with ``failures: record`` the failure is cached, and raised again
         without running when the configuration is measured again (``failures: stop`` runs it again).
         """
-        benchmark = self.space.benchmark
-        name = self.configs[index].name
-        key = self._key(index)
-        if benchmark.record_failures and key in self.failures:
-            reason = self.failures[key]
-            raise BenchmarkFailed(f"{self.space.source}: benchmark for {name} failed (cached): {reason}", reason)
-        values = []
-        for run in range(benchmark.repeats if runs is None else runs):
-            if (key, run) not in self.cached:
-                if self.bar is not None:
-                    self.bar.set_postfix_str(f"{name} run {run + 1}/{benchmark.repeats}")
-                started = time.monotonic()
-                try:
-                    value = self.run_once(index, run)
-                except BenchmarkFailed as failed:
-                    if benchmark.record_failures:
-                        self._remember(key, run, name, time.monotonic() - started, failed=failed.reason)
-                        self.failures[key] = failed.reason
-                    raise
-                finally:
-                    self.runs_done += 1
-                self._remember(key, run, name, time.monotonic() - started, value=value)
-                self.cached[(key, run)] = value
-            values.append(self.cached[(key, run)])
-        return values
+        outcome = self.measure_many([index], runs)[index]
+        if isinstance(outcome, BenchmarkFailed):
+            raise outcome
+        return outcome
 
-    def run_once(self, index: int, run: int) -> float:
-        """Run the benchmark command once for configuration ``index``; its metric."""
+    def measure_many(self, indices: Sequence[int], runs: int | None = None) -> dict[int, list[float] | BenchmarkFailed]:
+        """The runs of each of ``indices`` (as :meth:`measure`), run by the engine at once: a
+        configuration's failure (``failures: record``) is returned; without it, the first is raised."""
         benchmark = self.space.benchmark
-        name = self.configs[index].name
-        path = self.config_path(index)
-        env = {
-            **os.environ,
-            "FLEXOS_CONFIG": str(path),
-            "FLEXOS_REPEAT": str(run),
-            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        count = benchmark.repeats if runs is None else runs
+        failed: dict[int, BenchmarkFailed] = {}
+        jobs = []
+        for index in indices:
+            key = self._key(index)
+            if benchmark.record_failures and key in self.failures:
+                reason = self.failures[key]
+                name = self.configs[index].name
+                failed[index] = BenchmarkFailed(
+                    f"{self.space.source}: benchmark for {name} failed (cached): {reason}", reason
+                )
+                continue
+            jobs += [self._job(index, run) for run in range(count) if (key, run) not in self.cached]
+        outcomes = self.engine.run(jobs, skip=lambda job: job.index in failed)
+        try:
+            self._show(None)
+            for outcome in outcomes:
+                if isinstance(outcome, Lost):
+                    self.lost.append((outcome.job.name, outcome.reason))
+                    self._append({"configuration": outcome.job.name, "run": outcome.job.run, "lost": outcome.reason})
+                    continue
+                self.runs_done += 1
+                job = outcome.job
+                if outcome.failure is not None:
+                    if not benchmark.record_failures:
+                        raise outcome.failure
+                    if job.index not in failed:
+                        self._remember(outcome, failed=outcome.failure.reason)
+                        self.failures[self._key(job.index)] = outcome.failure.reason
+                        failed[job.index] = outcome.failure
+                elif outcome.value is not None and job.index not in failed:
+                    self._remember(outcome, value=outcome.value)
+                    self.cached[(self._key(job.index), job.run)] = outcome.value
+                self._show(job)
+        finally:
+            outcomes.close()
+        return {
+            index: failed[index] if index in failed else [self.cached[(self._key(index), run)] for run in range(count)]
+            for index in indices
         }
-        where = f"{self.space.source}: benchmark for {name} (run {run + 1}, config {path})"
-        try:
-            done = subprocess.run(
-                benchmark.command,
-                shell=True,
-                cwd=self.space.source.parent,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=benchmark.timeout,
-            )
-        except subprocess.TimeoutExpired:
-            raise BenchmarkFailed(
-                f"{where}: still running after {benchmark.timeout:g} s; raise benchmark.timeout or shorten the run",
-                f"still running after {benchmark.timeout:g} s",
-            ) from None
-        if done.returncode != 0:
-            output = done.stderr or done.stdout
-            raise BenchmarkFailed(
-                f"{where}: the command exited with status {done.returncode}; its last output:\n" + _tail(output),
-                f"exit status {done.returncode}: {_tail(output, 1)}",
-            )
-        lines = done.stdout.strip().splitlines()
-        last = lines[-1].strip() if lines else ""
-        try:
-            value = float(last)
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value):
-            raise BenchmarkFailed(
-                f"{where}: the last line of its stdout must be the metric (a finite number), got {last!r}",
-                f"printed no metric (last line {last!r})",
-            )
-        return value
+
+    def _show(self, job: Job | None) -> None:
+        """What runs now, on the progress bar: the hosts busy (on a cluster), the last run done."""
+        if self.bar is None:
+            return
+        hosts = self.engine.hosts()
+        busy = f"{self.engine.busy()}/{hosts} hosts busy" if hosts > 1 else ""
+        last = f"{job.name} run {job.run + 1}/{self.space.benchmark.repeats}" if job is not None else ""
+        self.bar.set_postfix_str(", ".join(part for part in (busy, last) if part))
 
     def progress(self, total: int) -> tqdm:
         """A progress bar over configurations settled (measured or inferred); hidden when stderr is no terminal."""
@@ -177,11 +207,9 @@ class Runner:
         return self.bar
 
 
-def _tail(text: str, lines: int = 15) -> str:
-    return "\n".join(text.rstrip().splitlines()[-lines:]) or "(nothing)"
-
-
 def cached_runs(out: Path) -> int:
     """How many runs the cache under ``out`` holds."""
     path = out / CACHE
-    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.exists() else 0
+    if not path.exists():
+        return 0
+    return sum(1 for line in path.read_text().splitlines() if '"value"' in line or '"failed"' in line)

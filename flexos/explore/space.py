@@ -37,6 +37,7 @@ from flexos.config import (
 )
 from flexos.drivers import driver_class, names
 from flexos.errors import ConfigError
+from flexos.explore.engines import EngineName
 
 # The drivers a space may explore (every one flexos implements), weakest boundary first.
 _EXPLORABLE = sorted((d for d in map(driver_class, names()) if d.implemented), key=lambda d: d.strength)
@@ -89,6 +90,8 @@ class _Explore(StrictModel):
     hardening: _Toggles = Field(default_factory=_Toggles)
     constraints: _Constraints = Field(default_factory=_Constraints)
     benchmark: _BenchmarkSpec
+    engine: EngineName = "local"  # where runs happen (flexos.explore.engines)
+    address: str | None = None  # the ray engine's cluster (none: a Ray of its own on this machine)
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,8 @@ class Space:
     apart: tuple[tuple[str, ...], ...]
     benchmark: Benchmark
     drivers_line: int  # where ``drivers:`` is written, for messages about drivers
+    engine: str = "local"  # where runs happen, unless ``flexos explore --engine`` says otherwise
+    address: str | None = None
 
     # -- names ----------------------------------------------------------------------------------
     @property
@@ -444,6 +449,8 @@ def load_space(path: str | Path) -> tuple[Space, list[str]]:
             spec.benchmark.failures == "record",
         ),
         drivers_line=src.line(("explore", "drivers")),
+        engine=spec.engine,
+        address=spec.address,
     )
     if not space.configurations():
         raise ConfigError([src.error(("explore", "constraints"), "the constraints leave no configuration")])
