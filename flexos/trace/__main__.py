@@ -2,4 +2,5 @@
 
 from flexos.trace.recorder import main
 
-main()
+if __name__ == "__main__":
+    main()
