@@ -16,7 +16,8 @@ Every error that crosses from flexos into an app is a ``flexos.FlexosError``. Th
     ├── PeerGone                  (flexos.transports) the peer is dead      ┐ a transport's signals to
     ├── CallTimeout               (flexos.transports) no answer in time     │ its link, which raises
     ├── ChannelClosed             (flexos.transports) one channel dropped   ┘ the errors above instead
-    └── BenchmarkFailed           (flexos.explore.runner) flexos explore's benchmark failed
+    ├── BenchmarkFailed           (flexos.explore.engines) flexos explore's benchmark failed
+    └── TraceError                (flexos.trace.runs) no run to learn from, or a record flexos cannot read
 
     UserWarning
     └── ConfigWarning             (flexos.config) a flexos.yaml is valid but likely not what was meant
