@@ -385,7 +385,7 @@ def test_a_hanging_probe_child_is_killed_and_reported(monkeypatch: pytest.Monkey
     monkeypatch.setattr(probe, "_child_unshare", hang)
     started = time.perf_counter()
     feature = probe.user_namespaces()
-    assert time.perf_counter() - started < 0.5
+    assert time.perf_counter() - started < 10  # killed at the probe's timeout, not waited for (30 s)
     assert not feature.available
     assert feature.detail.endswith(f"the probe child did not finish within {probe._CHILD_TIMEOUT_S} s")
 

@@ -322,6 +322,23 @@ def test_an_adapter_joins_its_c_extension_and_code_needing_privilege_or_a_packag
     assert any(note.startswith("app.core:") and "write out.txt" in note for note in notes), notes
 
 
+def test_a_hardened_compartment_reaches_the_compartments_its_code_imports_from_and_no_other(tmp_path):
+    data = run_record(
+        edges=[("app.core", "cparser", 500, 0), ("app.core", "json", 5, 0), ("app.adapter", "json", 1, 0)],
+        units=UNITS,
+    )
+    data["uses"] = {"cparser": {"json": "cparser"}}  # cparser's module bound json (imported it)
+    data["imports"] = {"json": {"chain": ["app.adapter"], "site": "/w/code/app/adapter.py:1"}}
+    proposal = propose(Runs([Run(data)]))
+    reaches = {c.name: c.reaches for c in proposal.compartments}
+    assert reaches == {"cparser": {"json": "cparser names json"}, "json": {}}
+    text = proposal_yaml(proposal, None)
+    assert "    reaches: [json]" in text and "    reaches: []" in text
+    (tmp_path / "flexos.yaml").write_text(text)
+    image, _ = parse(tmp_path / "flexos.yaml")
+    assert image.may_reach("cparser", "json") and not image.may_reach("json", "cparser")
+
+
 def test_standard_library_parsers_are_cut_only_where_the_app_itself_calls_them():
     by_library = run_record(edges=[("cparser", "json", 50, 0)], units=UNITS)
     assert place(Runs([Run(by_library)]))[0] == []

@@ -71,7 +71,16 @@ def _hardening_lines(compartment: Compartment) -> list[str]:
     if not driver_class(compartment.mechanism).hardenable:
         return [f"    # no hardening: a {compartment.mechanism} compartment has no process of its own to harden"]
     hardening = compartment.hardening
-    lines = ["    hardening:"]
+    if compartment.reaches:
+        lines = _comment(
+            "a hardened compartment imports from no other unless listed: "
+            + "; ".join(f"{target}: {why}" for target, why in compartment.reaches.items()),
+            4,
+        )
+        lines.append(f"    reaches: [{', '.join(compartment.reaches)}]")
+    else:
+        lines = ["    reaches: []  # imports nothing placed in another compartment"]
+    lines.append("    hardening:")
     lines += _comment(hardening.why["env"], 6) + [f"      env: {hardening.env}"]
     lines += _comment(hardening.why["network"], 6) + [f"      network: {hardening.network}"]
     lines.append("      filesystem:")

@@ -78,6 +78,7 @@ class Compartment:
     mechanism: str = ""
     usable: dict[str, str | None] = field(default_factory=dict)  # driver -> None (usable) or why not
     hardening: Hardening = field(default_factory=Hardening)
+    reaches: dict[str, str] = field(default_factory=dict)  # compartment -> why this one imports from it
 
     def entries(self) -> list[str]:
         return [entry for unit in self.units for entry in library_entries(unit)]
@@ -485,11 +486,33 @@ def _probe_subinterpreters(groups: dict[str, list[str]], sys_path: list[str]) ->
 
 
 # -- all of it ------------------------------------------------------------------------------------
+def reaches(proposal: Proposal, compartment: Compartment) -> dict[str, str]:
+    """The other compartments whose modules ``compartment`` imports (a hardened compartment
+    reaches only those it lists): those its units' modules name, and those whose modules were
+    imported with code of it on the stack."""
+    found: dict[str, str] = {}
+    uses = proposal.runs.uses()
+    for unit in compartment.units:
+        for other, module in sorted(uses.get(unit, {}).items()):
+            target = proposal.compartment_of_unit(other)
+            if target not in (compartment.name, DEFAULT):
+                found.setdefault(target, f"{module} names {other}")
+    for run in proposal.runs.runs:
+        for module, seen in run.data["imports"].items():
+            if proposal.compartment_of_chain(seen["chain"]) != compartment.name:
+                continue
+            target = next((c.name for c in proposal.compartments if module in c.entries()), DEFAULT)
+            if target not in (compartment.name, DEFAULT):
+                found.setdefault(target, f"{seen['chain'][0]} imported {module}")
+    return dict(sorted(found.items()))
+
+
 def propose(runs: Runs) -> Proposal:
     compartments, placement, notes = place(runs)
     proposal = Proposal(runs, compartments, placement, notes)
     for compartment in compartments:
         compartment.hardening = harden(proposal, compartment)
+        compartment.reaches = reaches(proposal, compartment)
     sys_path = list(runs.runs[-1].sys_path) if runs.runs else []
     mechanisms(compartments, sys_path)
     return proposal

@@ -531,6 +531,28 @@ class Recorder:
         for name, method in self._environ_patch.items():
             setattr(environ_type, name, method)
 
+    def _uses(self) -> dict[str, dict[str, str]]:
+        """unit -> other unit -> one of its modules naming it: what each unit's modules bound by
+        importing another's (a module, or a function or class of it, in their globals). A
+        compartment imports what its modules name, so this is what it must reach."""
+        uses: dict[str, dict[str, str]] = {}
+        for name, module in list(sys.modules.items()):
+            unit = self.units.of_module(name)
+            if unit is None or type(module) is not types.ModuleType:
+                continue
+            for value in list(vars(module).values()):
+                other: Any
+                if type(value) is types.ModuleType:
+                    other = value.__name__
+                elif isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType)):
+                    other = getattr(value, "__module__", None)
+                else:
+                    continue
+                target = self.units.of_module(other) if isinstance(other, str) else None
+                if target is not None and target != unit:
+                    uses.setdefault(unit, {}).setdefault(target, name)
+        return uses
+
     def record(self) -> dict[str, Any]:
         """Everything seen, as JSON-ready data (see flexos/trace/runs.py for its reader)."""
         units: dict[str, dict[str, Any]] = {}
@@ -555,6 +577,7 @@ class Recorder:
         return {
             "units": units,
             "imports": {m: {"chain": list(c), "site": s} for m, (c, s) in self.imports.items()},
+            "uses": self._uses(),
             "edges": [
                 {
                     "caller": a,

@@ -160,6 +160,15 @@ class Runs:
             for item in run.data[kind]:
                 yield Observation(kind, tuple(item["key"]), tuple(item["chain"]), item["count"], item["site"], index)
 
+    def uses(self) -> dict[str, dict[str, str]]:
+        """unit -> other unit -> a module of the first that names the second, over every run."""
+        merged: dict[str, dict[str, str]] = {}
+        for run in self.runs:
+            for unit, others in run.data.get("uses", {}).items():
+                for other, module in others.items():
+                    merged.setdefault(unit, {}).setdefault(other, module)
+        return merged
+
     def imported_by(self, module: str) -> str | None:
         """``UNIT at FILE:LINE``: who first imported ``module`` in these runs (None: not seen)."""
         for index, run in enumerate(self.runs):
