@@ -99,7 +99,9 @@ def calibration(drivers: list[str], again: bool = False) -> Calibration:
         cached["gates"].update(measured.pop("gates"))
         cached.update(measured)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(cached, indent=1))
+        partial = path.with_name(f"{path.name}.{os.getpid()}")
+        partial.write_text(json.dumps(cached, indent=1))
+        partial.replace(path)  # whole: another flexos trace may be reading it now
     return Calibration(
         {name: GateCost(**cost) for name, cost in cached["gates"].items()},
         cached["python_start_s"],
