@@ -76,9 +76,24 @@ def boot(config: str | os.PathLike[str] | Image | None = None) -> Runtime:
         with flexos.boot("flexos.yaml"):
             import sqlite3          # a gate to the compartment sqlite3 is placed in
     """
+    import sys
+    import warnings
+
     from flexos import runtime
 
-    return runtime.boot(_image(config))
+    booted = runtime.boot(_image(config))
+    displaced = {id(module): name for name, module in booted.displaced.items()}
+    main = sys.modules.get("__main__")
+    for bound, value in list(vars(main).items()) if main is not None else ():
+        if id(value) in displaced:
+            owner = booted.image.compartment_of(displaced[id(value)])
+            warnings.warn(
+                f"{bound!r} in __main__ is the local module {displaced[id(value)]!r}, imported before flexos.boot(); "
+                f"{booted.image.source} places it in compartment {owner!r}: import it after boot to reach it there",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return booted
 
 
 def run_path(

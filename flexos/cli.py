@@ -15,6 +15,12 @@ from flexos.image import DEFAULT_CONFIG, CompartmentSpec, Image
 _config_option = click.option(
     "-c", "--config", default=DEFAULT_CONFIG, show_default=True, metavar="FILE", help="The image's flexos.yaml."
 )
+_run_config_option = click.option(
+    "-c",
+    "--config",
+    metavar="FILE",
+    help="The image's flexos.yaml (default: ./flexos.yaml, else the one beside SCRIPT).",
+)
 
 
 @click.group()
@@ -24,15 +30,18 @@ def main() -> None:
 
 
 @main.command()
+@click.argument("file", required=False, metavar="[FILE]")
 @_config_option
-def check(config: str) -> None:
-    """Validate FILE, print the image (compartments, drivers, who is where) and this machine's features."""
-    from flexos.config import parse
+def check(file: str | None, config: str) -> None:
+    """Validate FILE (default: -c, else flexos.yaml), print the image (compartments, drivers, who is
+    where) and this machine's features."""
+    from flexos.config import app_path, parse
     from flexos.drivers import driver_class
     from flexos.hardening import needed_features
 
+    config = file or config
     try:
-        image, notes = parse(config)
+        image, notes = parse(config, app_path(config))
     except ConfigError as exc:
         _fail(exc.problems)
     _echo_err(notes)
@@ -117,18 +126,29 @@ def _describe_hardening(hardening: dict) -> str:
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@_config_option
+@_run_config_option
 @click.option("-m", "module", metavar="MODULE", help="Run a module, as python -m does.")
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def run(config: str, module: str | None, args: tuple[str, ...]) -> None:
+def run(config: str | None, module: str | None, args: tuple[str, ...]) -> None:
     """Run an unmodified app (SCRIPT [ARGS]... or -m MODULE [ARGS]...) under the image."""
-    from flexos.config import load
+    from flexos.config import app_path, load
     from flexos.runtime import run_module, run_path
 
     if module is None and not args:
         raise click.UsageError("give a script to run, or -m MODULE")
+    if module is None and not Path(args[0]).is_file():
+        # as python does: one line, exit 2
+        click.echo(
+            f"flexos run: can't open file {str(Path(args[0]).absolute())!r}: [Errno 2] No such file or directory",
+            err=True,
+        )
+        sys.exit(2)
+    app_dir = Path.cwd() if module is not None else Path(args[0]).resolve().parent
+    if config is None:
+        beside = app_dir / DEFAULT_CONFIG
+        config = DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() or not beside.is_file() else str(beside)
     try:
-        image = load(config)
+        image = load(config, app_path(config, app_dir))
         if module is not None:
             run_module(module, list(args), image)
         else:

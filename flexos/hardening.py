@@ -158,8 +158,9 @@ _INTERPRETER, _MACHINERY_CODE, _IMPORTER, _COMPONENT = range(4)
 _CodeTable = dict[int, tuple[types.CodeType, dict[str, Any], int]]
 
 
-def _loaded_code(importers: Iterable[Any]) -> _CodeTable:
+def _loaded_code(importers: Iterable[Any], displaced: Iterable[types.ModuleType] = ()) -> _CodeTable:
     """Every code object of the modules loaded so far, by id: (code, its globals, whose).
+    ``displaced``: loaded modules the runtime took out of ``sys.modules`` (placed elsewhere).
 
     Called before any component code runs, so what it finds is the interpreter's, flexos's and its
     dependencies' code, and nothing a component made: a frame counts as one of these only if it
@@ -198,7 +199,7 @@ def _loaded_code(importers: Iterable[Any]) -> _CodeTable:
             for member in list(vars(value).values()):
                 visit(member, depth + 1)
 
-    for module in list(sys.modules.values()):
+    for module in [*sys.modules.values(), *displaced]:
         if type(module) is types.ModuleType:  # not flexos's gates (ModuleProxy)
             for value in list(vars(module).values()):
                 visit(value)
@@ -207,18 +208,39 @@ def _loaded_code(importers: Iterable[Any]) -> _CodeTable:
     return table
 
 
+def locate(module: str, code_paths: list[str]) -> importlib.machinery.ModuleSpec | None:
+    """Where ``module`` would be imported from on ``code_paths`` (None: nowhere), found as the
+    import system finds it but without running any code of it or of its parent packages. The
+    top level is also asked of the finders an install put first (editable installs), not flexos's."""
+    parts = module.split(".")
+    spec = None
+    for finder in sys.meta_path:
+        if type(finder).__module__.partition(".")[0] == "flexos":
+            continue
+        if finder is importlib.machinery.PathFinder:
+            spec = finder.find_spec(parts[0], code_paths)
+        elif callable(getattr(finder, "find_spec", None)):
+            try:
+                spec = finder.find_spec(parts[0], None)
+            except Exception:  # a third-party finder that fails on a name it does not know
+                spec = None
+        if spec is not None:
+            break
+    for depth in range(1, len(parts)):
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(
+            ".".join(parts[: depth + 1]), list(spec.submodule_search_locations)
+        )
+    return spec
+
+
 def _library_files(libraries: Iterable[str], code_paths: list[str]) -> tuple[tuple[str, str], ...]:
     """(file, or directory ending in /, library) for each library with a policy, longest first:
     found on ``code_paths`` as the import system would find it, without running any of its code."""
     found = []
     for library in libraries:
-        locations, spec = code_paths, None
-        parts = library.split(".")
-        for depth in range(len(parts)):
-            spec = importlib.machinery.PathFinder.find_spec(".".join(parts[: depth + 1]), locations)
-            if spec is None:
-                break
-            locations = list(spec.submodule_search_locations or [])
+        spec = locate(library, code_paths)
         if spec is not None and spec.submodule_search_locations:
             found += [(os.path.join(location, ""), library) for location in spec.submodule_search_locations]
         elif spec is not None and spec.origin:
@@ -232,6 +254,7 @@ def install_audit_policy(
     libraries: dict[str, list[str]] | None = None,
     code_paths: Iterable[str] = (),
     importers: Iterable[Any] = (),
+    displaced: Iterable[types.ModuleType] = (),
 ) -> None:
     """Refuse denied audit events raised on behalf of component code, for the life of the process.
 
@@ -254,7 +277,7 @@ def install_audit_policy(
         return
     watched_prefixes = tuple(f"{event}." for event in watched)
     every_library = frozenset(per_library)
-    code = _loaded_code(importers)
+    code = _loaded_code(importers, displaced)
     files = _library_files(per_library, list(code_paths))
     active_threads = threading._active  # type: ignore[attr-defined]  # ident -> Thread: threading's own table
     started: dict[int, tuple[weakref.ref, int, frozenset[str]]] = {}  # id(Thread) -> whose it is

@@ -8,6 +8,8 @@ default, declared compartments, what each driver can do).
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -35,6 +37,7 @@ __all__ = [
     "LibraryHardening",
     "Source",
     "StrictModel",
+    "app_path",
     "is_module_name",
     "load",
     "parse",
@@ -50,12 +53,23 @@ class ConfigWarning(UserWarning):
     """A flexos.yaml that works but is probably not what its author meant."""
 
 
-def parse(path: str | Path) -> tuple[Image, list[str]]:
-    """Validate ``path``; return the image and the warnings, or raise ConfigError listing every problem."""
-    return parse_document(read_source(Path(path)))
+def parse(path: str | Path, search: list[str] | None = None) -> tuple[Image, list[str]]:
+    """Validate ``path``; return the image and the warnings, or raise ConfigError listing every problem.
+
+    ``search``: where the app will import from; each module placed in an isolated compartment must
+    be found there (None: placement is not verified, e.g. for a proposal of modules seen elsewhere).
+    """
+    return parse_document(read_source(Path(path)), search)
 
 
-def parse_document(src: Source) -> tuple[Image, list[str]]:
+def app_path(config: str | Path, app_dir: str | Path | None = None) -> list[str]:
+    """Where an app run with ``config`` imports from: its own directory (the script's; unknown: the
+    working directory and the config's), then this interpreter's path."""
+    first = [str(app_dir)] if app_dir is not None else [os.getcwd(), str(Path(config).resolve().parent)]
+    return list(dict.fromkeys([*first, *sys.path]))
+
+
+def parse_document(src: Source, search: list[str] | None = None) -> tuple[Image, list[str]]:
     """Validate a document already read (the base of an explore space is one without its ``explore:``)."""
     config = validate(src)
     problems: list[str] = []
@@ -66,6 +80,7 @@ def parse_document(src: Source) -> tuple[Image, list[str]]:
     libraries: dict[str, str] = {}
     library_hardening: dict[str, dict] = {}
     declared = list(dict.fromkeys(entry.name for entry in config.compartments))
+    isolated = {entry.name for entry in config.compartments if not entry.default}
     for index, entry in enumerate(config.compartments):
         problems.extend(rules.reaches_declared(src, index, entry, declared))
     for module, library in config.libraries.items():
@@ -73,6 +88,11 @@ def parse_document(src: Source) -> tuple[Image, list[str]]:
             rules.library_name(src, module)
             or rules.declared_compartment(src, module, library, declared)
             or rules.library_hardening_needs_hardenable(src, module, library, specs)
+            or (
+                rules.library_found(src, module, search)
+                if search is not None and library.compartment in isolated
+                else None
+            )
         )
         if problem:
             problems.append(problem)
@@ -129,9 +149,10 @@ def _compartments(src: Source, entries: list, problems: list[str]) -> dict[str, 
     return specs
 
 
-def load(path: str | Path = DEFAULT_CONFIG) -> Image:
-    """Load a flexos.yaml; problems raise ConfigError, suspicious parts emit a ConfigWarning."""
-    image, notes = parse(path)
+def load(path: str | Path = DEFAULT_CONFIG, search: list[str] | None = None) -> Image:
+    """Load a flexos.yaml; problems raise ConfigError, suspicious parts emit a ConfigWarning.
+    Placement is verified on ``search`` (default: :func:`app_path`)."""
+    image, notes = parse(path, app_path(path) if search is None else search)
     for note in notes:
         warnings.warn(note, ConfigWarning, stacklevel=2)
     return image

@@ -113,7 +113,14 @@ def main() -> None:
         }
         deny = (policy.get("audit") or {}).get("deny", [])
         # Last: it trusts the code loaded until now, and only that.
-        hardening.install_audit_policy(deny, name, libraries, record.sys_path, importers=[Runtime.serve_import])
+        hardening.install_audit_policy(
+            deny,
+            name,
+            libraries,
+            record.sys_path,
+            importers=[Runtime.serve_import],
+            displaced=runtime.displaced.values(),
+        )
     except Exception:
         sock.send(control.encode(control.boot_failed(traceback.format_exc())))
         os._exit(1)
