@@ -392,22 +392,80 @@ _SYSTEM_READ = (
 )
 
 
-def always_readable(code: Iterable[str] = ()) -> tuple[str, ...]:
+def interpreter_paths() -> tuple[str, ...]:
+    """Where this interpreter's own code lives: its prefixes, standard library and site-packages
+    (with what their .pth files add), and flexos. Not the app's directory: ``sys.path[0]`` is the
+    script's unless the interpreter started isolated (a compartment's: ``-I``)."""
+    own_path = sys.path if sys.flags.isolated else sys.path[1:]
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *own_path, os.path.dirname(os.__file__), _FLEXOS}
+    return tuple(sorted(os.path.abspath(path) for path in paths))
+
+
+def _under(path: str, roots: Iterable[str]) -> bool:
+    return any(path == root or path.startswith(os.path.join(root, "")) for root in roots)
+
+
+def app_code(code: Iterable[str]) -> list[str]:
+    """The entries of the app's ``sys.path`` that are not the interpreter's: its own directory
+    (where .env, config files and databases live too) and whatever else it put there."""
+    interpreter = interpreter_paths()
+    return [path for path in dict.fromkeys(os.path.abspath(entry) for entry in code) if not _under(path, interpreter)]
+
+
+def placed_code(code: Iterable[str], placed: Iterable[str]) -> list[str]:
+    """Where the modules ``placed`` in a compartment live in the app's own code: the whole top-level
+    package of each (its dependencies inside the package included), or the single module file."""
+    own = app_code(code)
+    found: list[str] = []
+    for module in dict.fromkeys(name.partition(".")[0] for name in placed):
+        spec = locate(module, own)
+        if spec is None:
+            continue
+        if spec.submodule_search_locations:
+            found += [os.path.abspath(location) for location in spec.submodule_search_locations]
+        elif spec.origin and spec.has_location:
+            found.append(os.path.abspath(spec.origin))
+    return [path for path in dict.fromkeys(found) if _under(path, own)]
+
+
+def always_readable(code: Iterable[str] = (), placed: Iterable[str] = ()) -> tuple[str, ...]:
     """What a ``filesystem``-restricted compartment may read besides its allowlist: the system's
-    libraries and devices, the interpreter, its standard library and site-packages, the app's
-    ``sys.path`` and ``code`` paths, and flexos itself (an editable install is reached through a
-    finder, not a sys.path entry, and a compartment imports a driver module when it first reaches a
-    sibling)."""
-    python_paths = {
-        sys.prefix,
-        sys.base_prefix,
-        sys.exec_prefix,
-        *sys.path,
-        *code,
-        os.path.dirname(os.__file__),
-        _FLEXOS,
-    }
-    return (*_SYSTEM_READ, *sorted(python_paths))
+    libraries and devices, the interpreter's own code (:func:`interpreter_paths`, flexos included:
+    an editable install is reached through a finder, and a compartment imports a driver module
+    when it first reaches a sibling), and of the app's own code (``code``: its ``sys.path``) only
+    where the modules ``placed`` in the compartment live (:func:`placed_code`). The app's
+    directory itself is neither readable nor listable."""
+    code = list(code)
+    return (*_SYSTEM_READ, *interpreter_paths(), *placed_code(code, placed))
+
+
+def _prelist_app_code(code: Iterable[str]) -> None:
+    """List the app's code directories for the import system now, while they can be: past the
+    restriction each may not be listed, and its finder would then find nothing in it."""
+    for path in app_code(code):
+        if os.path.isdir(path):
+            finder = _ListedBeforeRestriction(path, *_LOADERS)
+            finder.find_spec("flexos-prelist")  # fills the listing (no module has this name)
+            for entry in {path, *(written for written in code if os.path.abspath(written) == path)}:
+                sys.path_importer_cache[entry] = finder
+
+
+_LOADERS = (
+    (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES),
+    (importlib.machinery.SourceFileLoader, importlib.machinery.SOURCE_SUFFIXES),
+    (importlib.machinery.SourcelessFileLoader, importlib.machinery.BYTECODE_SUFFIXES),
+)
+
+
+class _ListedBeforeRestriction(importlib.machinery.FileFinder):
+    """A FileFinder that keeps its listing when Landlock refuses a new one (the directory changed
+    after the restriction: the app wrote a file beside its code)."""
+
+    def _fill_cache(self) -> None:
+        before: set[str] = getattr(self, "_path_cache", set())
+        super()._fill_cache()  # type: ignore[misc]
+        if before and not getattr(self, "_path_cache", None):
+            self._path_cache = before
 
 
 class _RulesetAttr(ctypes.Structure):
@@ -430,9 +488,11 @@ def landlock_abi() -> int:
     return max(answer[0], 0) if answer is not None else 0
 
 
-def restrict_filesystem(read: Iterable[str], write: Iterable[str], code: Iterable[str] = ()) -> None:
-    """Allow only ``read``/``write`` (and, read-only, what Python needs and ``code``: the paths the
-    compartment imports its modules from) from now on.
+def restrict_filesystem(
+    read: Iterable[str], write: Iterable[str], code: Iterable[str] = (), placed: Iterable[str] = ()
+) -> None:
+    """Allow only ``read``/``write`` (and, read-only, what Python needs and where in ``code``, the
+    app's ``sys.path``, the modules ``placed`` in this compartment live) from now on.
 
     landlock_restrict_self() binds the calling thread and the threads it starts later, so this
     runs before the compartment starts any thread.
@@ -452,8 +512,10 @@ def restrict_filesystem(read: Iterable[str], write: Iterable[str], code: Iterabl
     ruleset, error = _linux.syscall(create, ctypes.byref(attr), size, 0)
     if error:
         raise HardeningError(f"filesystem: landlock_create_ruleset failed: {os.strerror(error)}")
+    code = list(code)
+    _prelist_app_code(code)
     try:
-        for path in always_readable(code):  # what exists of these (sys.path may list zips)
+        for path in always_readable(code, placed):  # what exists of these (sys.path may list zips)
             _allow(add_rule, ruleset, os.path.abspath(path), _READ & handled, required=False)
         for kind, paths, rights in (("read", read, _READ), ("write", write, writable)):
             for path in paths:  # the operator's own list: a missing path is a mistake, said now
@@ -517,6 +579,12 @@ def seccomp_policy(policy: dict[str, Any]) -> dict[str, Any] | None:
     return merged
 
 
+def seccomp_denied(policy: dict[str, Any]) -> list[str]:
+    """The system calls a seccomp ``policy`` (of :func:`seccomp_policy`) answers with EPERM."""
+    deny = set(SECCOMP_PROFILES.get(policy.get("profile") or "", ())) | set(policy.get("deny") or ())
+    return sorted(deny - set(policy.get("allow") or ()))
+
+
 def seccomp_library() -> Any:
     """Load libseccomp. Do it before Landlock: finding the library needs the filesystem."""
     try:
@@ -532,8 +600,7 @@ def apply_seccomp(policy: dict[str, Any], seccomp: Any) -> None:
     Its rules are the native ABI's; a call through any other the kernel takes from this process
     (x32 or i386 on x86_64) is answered ENOSYS, as by a kernel without that ABI. libseccomp's
     default would kill the calling thread, leaving the app's call unanswered."""
-    deny = set(SECCOMP_PROFILES.get(policy.get("profile") or "", ())) | set(policy.get("deny") or ())
-    deny -= set(policy.get("allow") or ())
+    deny = set(seccomp_denied(policy))
     arch = seccomp.system_arch()
     for name in sorted(deny):
         if seccomp.resolve_syscall(arch, name) < 0:
@@ -565,3 +632,36 @@ def needed_features(hardening: dict[str, Any]) -> list[tuple[str, str]]:
     if (hardening.get("limits") or {}).get("processes") == 0:
         needed.append(("limits.processes", "seccomp"))
     return needed
+
+
+def effective_policy(hardening: dict[str, Any], code: Iterable[str] = (), placed: Iterable[str] = ()) -> dict[str, Any]:
+    """What a compartment with ``hardening`` is held to once started, flexos's additions included
+    (each read path with why it is there), as plain data: ``flexos check`` prints it."""
+    filesystem = hardening.get("filesystem")
+    if filesystem is None:
+        read: list[dict[str, str]] | None = None
+        write: list[dict[str, str]] | None = None
+    else:
+        code = list(code)
+        why = (
+            [(path, "the interpreter's shared libraries and devices") for path in _SYSTEM_READ]
+            + [
+                (path, "the interpreter's own code (standard library, site-packages, flexos)")
+                for path in interpreter_paths()
+            ]
+            + [(path, "where the modules placed here live") for path in placed_code(code, placed)]
+            + [(path, "hardening.filesystem.read") for path in filesystem["read"]]
+        )
+        read = [{"path": path, "why": reason} for path, reason in why]
+        write = [{"path": path, "why": "hardening.filesystem.write"} for path in filesystem["write"]]
+    filter_policy = seccomp_policy(hardening)
+    exact, _ = expand_events((hardening.get("audit") or {}).get("deny", []))
+    return {
+        "read": read,
+        "write": write,
+        "seccomp_deny": seccomp_denied(filter_policy) if filter_policy is not None else None,
+        "audit_deny": sorted(exact),
+        "network": hardening.get("network", "allow"),
+        "env": sorted(CLEAN_ENVIRONMENT) if hardening.get("env") == "clean" else "inherit",
+        "limits": {key: value for key, value in (hardening.get("limits") or {}).items() if value is not None},
+    }

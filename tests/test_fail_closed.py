@@ -160,3 +160,231 @@ def test_run_refuses_a_misplaced_name(tmp_path: Path) -> None:
     done = subprocess.run([str(FLEXOS), "run", "app.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout) == (2, "")
     assert "did you mean 'PIL' (the import name of the distribution 'pillow')?" in done.stderr
+
+
+# -- item 3: a typo in a security list is refused at check ------------------------------------------
+def hardened_problems(tmp_path: Path, hardening: str, mechanism: str = "{driver: process}") -> list[str]:
+    path = tmp_path / "flexos.yaml"
+    path.write_text(box_yaml(["json"]).replace("{driver: process}\n", f"{mechanism}\n    hardening: {hardening}\n"))
+    with pytest.raises(ConfigError) as info:
+        parse(path)
+    return [problem.removeprefix(f"{path}:") for problem in info.value.problems]
+
+
+def test_audit_event_typo(tmp_path: Path) -> None:
+    assert hardened_problems(tmp_path, "{audit: {deny: [subproces]}}") == [
+        "7: compartments[1].hardening.audit.deny: Value error, 'subproces' is not an audit event CPython raises, "
+        "a prefix of some (socket: socket.*), nor one of flexos's names (subprocess); did you mean 'subprocess'?"
+    ]
+    assert hardened_problems(tmp_path, "{audit: {deny: [socket.conect]}}")[0].endswith("did you mean 'socket.connect'?")
+
+
+def test_audit_events_events_prefixes_and_aliases_pass(tmp_path: Path) -> None:
+    path = tmp_path / "flexos.yaml"
+    hardening = "{audit: {deny: [subprocess, socket, socket.connect, ctypes, os.system, builtins.input/result]}}"
+    path.write_text(
+        box_yaml(["json"]).replace("{driver: process}\n", "{driver: process}\n    hardening: " + hardening + "\n")
+    )
+    assert parse(path)[0].compartments["box"].hardening["audit"]["deny"][-1] == "builtins.input/result"
+
+
+@pytest.mark.parametrize("which", ["allow", "deny"])
+def test_system_call_typo(tmp_path: Path, which: str) -> None:
+    pytest.importorskip("pyseccomp", reason="libseccomp is not installed")
+    assert hardened_problems(tmp_path, f"{{seccomp: {{{which}: [sokcet]}}}}") == [
+        f"7: compartments[1].hardening.seccomp.{which}: Value error, 'sokcet' is not a system call on this machine "
+        "(libseccomp); did you mean 'socket'?"
+    ]
+
+
+@pytest.mark.parametrize(
+    "mechanism", ["{driver: process}", "{driver: vm, filesystem: {read: [./nodata]}}"], ids=["process", "vm"]
+)
+def test_a_missing_path_is_refused_for_every_driver(tmp_path: Path, mechanism: str) -> None:
+    hardening = "{filesystem: {read: [./nodata]}}" if mechanism == "{driver: process}" else "{}"
+    found = hardened_problems(tmp_path, hardening, mechanism)
+    assert len(found) == 1
+    assert (
+        f"'./nodata' does not exist ({tmp_path / 'nodata'}, relative to {tmp_path}): only paths that exist" in found[0]
+    )
+
+
+def test_paths_are_resolved_against_the_yaml_and_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "data").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir("/")
+    path = tmp_path / "flexos.yaml"
+    hardening = "{filesystem: {read: [./data, ~/data], write: [data/]}}"
+    path.write_text(
+        box_yaml(["json"]).replace("{driver: process}\n", "{driver: process}\n    hardening: " + hardening + "\n")
+    )
+    filesystem = parse(path)[0].compartments["box"].hardening["filesystem"]
+    assert filesystem == {"read": [str(tmp_path / "data")] * 2, "write": [str(tmp_path / "data")]}
+
+
+@pytest.mark.parametrize(("written", "fix"), [("512MB", "512MiB"), ("1G", "1GiB"), ("64kb", "64KiB")])
+def test_an_ambiguous_size_is_refused(tmp_path: Path, written: str, fix: str) -> None:
+    assert hardened_problems(tmp_path, f"{{limits: {{memory: {written}}}}}") == [
+        f"7: compartments[1].hardening.limits.memory: Value error, {written!r} is ambiguous: write {fix} "
+        "(binary units) or a number of bytes"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("restart: onfailure", "Input should be 'on-failure' or 'never'; did you mean 'on-failure'?"),
+        (
+            "hardening: {filesystem: {reed: []}}",
+            "unknown key 'reed' in compartments[1].hardening.filesystem; did you mean 'read'? (allowed: read, write)",
+        ),
+        (
+            "hardening: {seccomp: compute_only}",
+            "Input should be 'compute-only'; did you mean 'compute-only'?",
+        ),
+    ],
+)
+def test_option_typos_get_did_you_mean(tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "flexos.yaml"
+    path.write_text(box_yaml(["json"]).replace("{driver: process}\n", "{driver: process}\n    " + text + "\n"))
+    with pytest.raises(ConfigError) as info:
+        parse(path)
+    assert [p.partition(": ")[2].endswith(problem) for p in info.value.problems] == [True], info.value.problems
+
+
+def test_driver_typo_by_case(tmp_path: Path) -> None:
+    path = tmp_path / "flexos.yaml"
+    path.write_text(box_yaml(["json"]).replace("{driver: process}", "{driver: VM}"))
+    with pytest.raises(ConfigError) as info:
+        parse(path)
+    assert info.value.problems == [
+        f"{path}:6: unknown driver 'VM'; did you mean 'vm'? (known drivers: fcalls, process, subinterp, vm, intel-pku)"
+    ]
+
+
+# -- item 5: the app's directory is not readable from a hardened compartment ------------------------
+BOXPKG = {
+    "boxpkg/__init__.py": "from boxpkg.helper import read, listing\n",
+    "boxpkg/helper.py": textwrap.dedent(
+        """\
+        import os
+
+        def read(path):
+            try:
+                with open(path) as f:
+                    return f.read()
+            except OSError as exc:
+                return type(exc).__name__
+
+        def listing(path):
+            try:
+                return sorted(os.listdir(path))
+            except OSError as exc:
+                return type(exc).__name__
+        """
+    ),
+}
+
+
+def test_a_secret_beside_the_app_is_unreadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flexos.hardening import landlock_abi
+
+    if landlock_abi() < 1:
+        pytest.skip("this kernel does not enforce Landlock")
+    for name, text in BOXPKG.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    (tmp_path / ".env").write_text("TOKEN=secret\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "in.txt").write_text("input")
+    (tmp_path / "flexos.yaml").write_text(
+        box_yaml(["boxpkg"]).replace(
+            "{driver: process}\n", "{driver: process}\n    hardening: {filesystem: {read: [./data]}}\n"
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))  # the app's directory, as sys.path[0] is under flexos run
+    sys.modules.pop("boxpkg", None)
+    with flexos.boot(str(tmp_path / "flexos.yaml")):
+        import boxpkg
+
+        assert boxpkg.read(str(tmp_path / "data" / "in.txt")) == "input"
+        assert boxpkg.read(str(tmp_path / ".env")) == "PermissionError"
+        assert boxpkg.listing(str(tmp_path)) == "PermissionError"
+        assert "helper.py" in boxpkg.listing(str(tmp_path / "boxpkg"))  # the placed package, whole
+
+
+# -- flexos check shows the effective policy ---------------------------------------------------------
+HARDENED = """\
+  - name: parsers
+    mechanism: {driver: process}
+    timeout: 30
+    hardening:
+      env: clean
+      network: none
+      filesystem: {read: [./data]}
+      seccomp: compute-only
+      limits: {memory: 512MiB}
+      audit: {deny: [subprocess]}
+"""
+
+
+def check(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    (tmp_path / "data").mkdir(exist_ok=True)
+    yaml = box_yaml(["json"]).replace("libraries:\n", HARDENED + "libraries:\n  boxpkg: {compartment: parsers}\n")
+    (tmp_path / "app").mkdir(exist_ok=True)
+    (tmp_path / "app" / "flexos.yaml").write_text(yaml.replace("./data", "../data"))
+    (tmp_path / "app" / "boxpkg").mkdir(exist_ok=True)
+    (tmp_path / "app" / "boxpkg" / "__init__.py").write_text("")
+    return subprocess.run(
+        [str(FLEXOS), "check", "app/flexos.yaml", *args], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_check_prints_the_effective_policy(tmp_path: Path) -> None:
+    done = check(tmp_path)
+    assert done.returncode in (0, 2), done.stderr  # 2: this machine lacks a feature (said in stderr)
+    out = done.stdout.splitlines()
+    first = out.index("effective policy (what each compartment is held to once started, flexos's additions included):")
+    policy = [line.split(None, 1) for line in out[first + 1 : out.index("this machine:")]]
+    assert policy[0] == ["app", "the app itself: unconfined, reaches every compartment"]
+    assert policy[1] == ["box", "restart on-failure; call timeout none; replies up to 64MiB"]
+    start = next(i for i, line in enumerate(out) if i > first and line.startswith("  parsers "))
+    text = "\n".join(out[start : out.index("this machine:")])
+    assert "call timeout 30s" in out[start]
+    assert f"{tmp_path / 'data'}  (hardening.filesystem.read)" in text
+    assert f"{tmp_path / 'app' / 'boxpkg'}  (where the modules placed here live)" in text
+    assert str(tmp_path / "app") + "," not in text and str(tmp_path / "app") + " " not in text
+    assert "EPERM for accept, accept4" in text
+    assert "denies os.exec, os.fork" in text and "subprocess.Popen" in text
+    assert "network  none" in text and "env      clean: only LANG, PATH" in text
+    assert "limits   memory 512MiB" in text
+
+
+def test_check_json_is_the_same_report(tmp_path: Path) -> None:
+    import json
+
+    done = check(tmp_path, "--json")
+    report = json.loads(done.stdout)
+    parsers = next(entry for entry in report["compartments"] if entry["name"] == "parsers")
+    assert {"path": str(tmp_path / "data"), "why": "hardening.filesystem.read"} in parsers["effective"]["read"]
+    assert "socket" in parsers["effective"]["seccomp_deny"]
+    assert parsers["effective"]["limits"] == {"memory": 512 << 20}
+    assert (parsers["timeout"], parsers["reaches"]) == (30, [])
+    assert report["libraries"] == {"boxpkg": "parsers", "json": "box"}
+    assert {feature["name"] for feature in report["machine"]} >= {"seccomp", "landlock"}
+
+
+def test_run_finds_the_flexos_yaml_beside_the_script(tmp_path: Path) -> None:
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "flexos.yaml").write_text(box_yaml(["json"]))
+    (tmp_path / "app" / "x.py").write_text("import json\nprint(type(json).__name__)\n")
+    done = subprocess.run([str(FLEXOS), "run", "app/x.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "ModuleProxy\n", "")
+
+
+def test_run_a_missing_script_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    done = subprocess.run([str(FLEXOS), "run", "missing.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (
+        f"flexos run: can't open file '{tmp_path / 'missing.py'}': [Errno 2] No such file or directory\n"
+    )

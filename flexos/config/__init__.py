@@ -20,6 +20,8 @@ from flexos.config.schema import (
     Hardening,
     LibraryHardening,
     StrictModel,
+    context,
+    human_size,
     is_module_name,
     mechanism_model,
     parse_size,
@@ -38,6 +40,7 @@ __all__ = [
     "Source",
     "StrictModel",
     "app_path",
+    "human_size",
     "is_module_name",
     "load",
     "parse",
@@ -123,7 +126,7 @@ def _compartments(src: Source, entries: list, problems: list[str]) -> dict[str, 
         driver = driver_class(entry.mechanism["driver"])  # known: unknown_driver passed
         model = mechanism_model(driver)
         try:
-            options = model.model_validate(dict(entry.mechanism)).model_dump(exclude={"driver"})
+            options = model.model_validate(dict(entry.mechanism), context=context(src)).model_dump(exclude={"driver"})
         except ValidationError as exc:
             problems.extend(validation_problems(src, exc, model, ("compartments", index, "mechanism")))
             continue

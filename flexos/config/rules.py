@@ -11,7 +11,7 @@ import difflib
 import sys
 from typing import Any
 
-from flexos.config.schema import CompartmentEntry, LibraryEntry, is_module_name
+from flexos.config.schema import CompartmentEntry, LibraryEntry, did_you_mean, is_module_name
 from flexos.config.source import Source
 from flexos.drivers import driver_class, names
 from flexos.drivers.base import Driver
@@ -52,8 +52,7 @@ def unknown_driver(src: Source, index: int, entry: CompartmentEntry) -> str | No
         return src.error(loc, f"compartment {entry.name!r}: mechanism needs a 'driver' (one of: {', '.join(names())})")
     if driver_named(driver) is not None:
         return None
-    guess = difflib.get_close_matches(str(driver), names(), n=1)
-    hint = f"; did you mean {guess[0]!r}?" if guess else ""
+    hint = did_you_mean(str(driver), names())
     return src.error(loc + ("driver",), f"unknown driver {driver!r}{hint} (known drivers: {', '.join(names())})")
 
 

@@ -90,7 +90,8 @@ def main() -> None:
             hardening.isolate_network()
         if policy.get("filesystem") is not None:
             filesystem = policy["filesystem"]
-            hardening.restrict_filesystem(filesystem["read"], filesystem["write"], code=record.sys_path)
+            placed = [module for module, owner in image.libraries.items() if owner == name]
+            hardening.restrict_filesystem(filesystem["read"], filesystem["write"], record.sys_path, placed)
         if filter_policy is not None:
             hardening.apply_seccomp(filter_policy, seccomp)
         sys.path[:] = record.sys_path  # the app's, writable places included: imports from it run hardened
