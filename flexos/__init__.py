@@ -58,19 +58,24 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
 
 
-def _image(config: str | os.PathLike[str] | Image | None) -> Image:
-    """``config`` itself if it is an Image, else the flexos.yaml at that path (None: the default file)."""
+def _image(config: str | os.PathLike[str] | Image | dict[str, Any] | None) -> Image:
+    """``config`` itself if it is an Image, an image of flexos.yaml's shape given as a dict, else the
+    flexos.yaml at that path (None: the default file); validated alike."""
     from flexos.image import Image
 
     if isinstance(config, Image):
         return config
+    if isinstance(config, dict):
+        from flexos.config import load_mapping
+
+        return load_mapping(config)
     from flexos.config import load
 
     return load() if config is None else load(os.fspath(config))
 
 
-def boot(config: str | os.PathLike[str] | Image | None = None) -> Runtime:
-    """Boot an image (a flexos.yaml path, default ./flexos.yaml, or an Image) in this process and
+def boot(config: str | os.PathLike[str] | Image | dict[str, Any] | None = None) -> Runtime:
+    """Boot an image (a flexos.yaml path, default ./flexos.yaml, the same as a dict, or an Image) in this process and
     return its running :class:`Runtime`; use it as a context manager::
 
         with flexos.boot("flexos.yaml"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -197,6 +198,8 @@ def _describe_hardening(hardening: dict) -> str:
     parts = []
     if hardening.get("env") == "clean":
         parts.append("env clean")
+    elif isinstance(hardening.get("env"), dict):
+        parts.append(f"env clean but {', '.join(hardening['env']['keep'])}")
     if hardening.get("network") == "none":
         parts.append("no network")
     if hardening.get("filesystem") is not None:
@@ -216,14 +219,20 @@ def _describe_hardening(hardening: dict) -> str:
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @_run_config_option
 @click.option("-m", "module", metavar="MODULE", help="Run a module, as python -m does.")
+@click.option(
+    "-v", "--verbose", is_flag=True, help="Log gated imports, compartment starts, restarts and denials to stderr."
+)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def run(config: str | None, module: str | None, args: tuple[str, ...]) -> None:
-    """Run an unmodified app (SCRIPT [ARGS]... or -m MODULE [ARGS]...) under the image."""
+def run(config: str | None, module: str | None, verbose: bool, args: tuple[str, ...]) -> None:
+    """Run an unmodified app (SCRIPT [ARGS]... or -m MODULE [ARGS]...) under the image
+    (FLEXOS_VERBOSE=1 in the environment logs as -v does, for apps started otherwise)."""
     from flexos.config import app_path, load
     from flexos.runtime import run_module, run_path
 
     if module is None and not args:
         raise click.UsageError("give a script to run, or -m MODULE")
+    if verbose:
+        os.environ["FLEXOS_VERBOSE"] = "1"  # compartments inherit it
     if module is None and not Path(args[0]).is_file():
         # as python does: one line, exit 2
         click.echo(

@@ -34,7 +34,7 @@ import threading
 import types
 import weakref
 from _thread import get_ident
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from flexos import _linux
@@ -59,8 +59,14 @@ CLEAN_ENVIRONMENT = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 
 def environment(hardening: dict[str, Any]) -> dict[str, str] | None:
-    """The environment to start the compartment process with (None: inherit the app's)."""
-    return dict(CLEAN_ENVIRONMENT) if hardening.get("env") == "clean" else None
+    """The environment to start the compartment process with (None: inherit the app's): clean is
+    :data:`CLEAN_ENVIRONMENT`, the variables ``env: {keep: [...]}`` names, and flexos's own
+    ``FLEXOS_VERBOSE`` (the user asked to see the boundaries, this one's included)."""
+    env = hardening.get("env")
+    if env in (None, "inherit"):
+        return None
+    keep = ["FLEXOS_VERBOSE", *(env.get("keep", []) if isinstance(env, dict) else [])]
+    return {**CLEAN_ENVIRONMENT, **{name: os.environ[name] for name in keep if name in os.environ}}
 
 
 def isolate_network() -> None:
@@ -662,6 +668,58 @@ def effective_policy(hardening: dict[str, Any], code: Iterable[str] = (), placed
         "seccomp_deny": seccomp_denied(filter_policy) if filter_policy is not None else None,
         "audit_deny": sorted(exact),
         "network": hardening.get("network", "allow"),
-        "env": sorted(CLEAN_ENVIRONMENT) if hardening.get("env") == "clean" else "inherit",
+        "env": "inherit" if environment(hardening) is None else sorted(environment(hardening) or ()),
         "limits": {key: value for key, value in (hardening.get("limits") or {}).items() if value is not None},
     }
+
+
+# -- denials that say which setting caused them ------------------------------------------------------
+_DENIAL_TOOL = 4  # a sys.monitoring tool id free of debuggers (0), coverage (1), profilers (2), optimizers (5)
+
+
+def explain_denials(
+    compartment: str,
+    hardening: dict[str, Any],
+    source: str,
+    boundary: types.CodeType,
+    on_denial: Callable[[str], None] = lambda note: None,
+) -> None:
+    """Note, on an error a call returns to the caller, which setting of ``hardening`` can have caused
+    it, as audit denials say theirs: Landlock's EACCES, seccomp's EPERM, an isolated network's
+    ENETUNREACH, a MemoryError under ``limits.memory``. Only exceptions the code ``boundary`` (the
+    gate's dispatcher) catches are explained; the callback runs when an exception is caught (an identity
+    test for any other), never on a call that raises nothing."""
+    monitoring = getattr(sys, "monitoring", None)
+    where = f"compartment {compartment!r} is sandboxed"
+    by_errno: dict[int, str] = {}
+    if hardening.get("filesystem") is not None:
+        by_errno[errno.EACCES] = "{filename} is not under hardening.filesystem.read (or .write, to write it)"
+    if hardening.get("seccomp") is not None or (hardening.get("limits") or {}).get("processes") == 0:
+        denied = ", ".join(seccomp_denied(seccomp_policy(hardening) or {}))
+        by_errno[errno.EPERM] = f"hardening.seccomp refuses the system calls {denied}"
+    if hardening.get("network") == "none":
+        by_errno[errno.ENETUNREACH] = "hardening.network is none: it has a network namespace of its own, only lo"
+    memory = (hardening.get("limits") or {}).get("memory")
+    if monitoring is None or not (by_errno or memory):
+        return
+
+    def handled(code: types.CodeType, offset: int, exc: BaseException) -> None:
+        if code is not boundary:
+            return
+        if type(exc) is MemoryError and memory:
+            why = f"hardening.limits.memory holds it to {memory} bytes of data"
+        elif isinstance(exc, OSError) and exc.errno in by_errno:
+            why = by_errno[exc.errno].format(filename=exc.filename if exc.filename is not None else "the path")
+        else:
+            return
+        note = f"{where}: {why} ({source})"
+        try:
+            if note not in getattr(exc, "__notes__", ()):
+                exc.add_note(note)
+                on_denial(f"denied: {type(exc).__name__}: {exc}; {note}")
+        except MemoryError:
+            pass
+
+    monitoring.use_tool_id(_DENIAL_TOOL, "flexos denials")
+    monitoring.register_callback(_DENIAL_TOOL, monitoring.events.EXCEPTION_HANDLED, handled)
+    monitoring.set_events(_DENIAL_TOOL, monitoring.events.EXCEPTION_HANDLED)  # a global event only

@@ -3,6 +3,7 @@ gated or refused, never accepted."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -167,7 +168,7 @@ def hardened_problems(tmp_path: Path, hardening: str, mechanism: str = "{driver:
     path = tmp_path / "flexos.yaml"
     path.write_text(box_yaml(["json"]).replace("{driver: process}\n", f"{mechanism}\n    hardening: {hardening}\n"))
     with pytest.raises(ConfigError) as info:
-        parse(path)
+        parse(path, app_path(path))
     return [problem.removeprefix(f"{path}:") for problem in info.value.problems]
 
 
@@ -218,7 +219,8 @@ def test_paths_are_resolved_against_the_yaml_and_home(tmp_path: Path, monkeypatc
     path.write_text(
         box_yaml(["json"]).replace("{driver: process}\n", "{driver: process}\n    hardening: " + hardening + "\n")
     )
-    filesystem = parse(path)[0].compartments["box"].hardening["filesystem"]
+    filesystem = parse(path, app_path(path))[0].compartments["box"].hardening["filesystem"]
+    assert parse(path)[0].compartments["box"].hardening["filesystem"]["read"] == ["./data", "~/data"]  # not to run
     assert filesystem == {"read": [str(tmp_path / "data")] * 2, "write": [str(tmp_path / "data")]}
 
 
@@ -264,7 +266,7 @@ def test_driver_typo_by_case(tmp_path: Path) -> None:
 
 # -- item 5: the app's directory is not readable from a hardened compartment ------------------------
 BOXPKG = {
-    "boxpkg/__init__.py": "from boxpkg.helper import read, listing\n",
+    "boxpkg/__init__.py": "from boxpkg.helper import env, listing, pid, read, read_or_raise\n",
     "boxpkg/helper.py": textwrap.dedent(
         """\
         import os
@@ -275,6 +277,16 @@ BOXPKG = {
                     return f.read()
             except OSError as exc:
                 return type(exc).__name__
+
+        def read_or_raise(path):
+            with open(path) as f:
+                return f.read()
+
+        def env(name):
+            return os.environ.get(name)
+
+        def pid():
+            return os.getpid()
 
         def listing(path):
             try:
@@ -388,3 +400,97 @@ def test_run_a_missing_script_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert done.stderr == (
         f"flexos run: can't open file '{tmp_path / 'missing.py'}': [Errno 2] No such file or directory\n"
     )
+
+
+def write_boxpkg(root: Path, hardening: str) -> None:
+    for name, text in BOXPKG.items():
+        (root / name).parent.mkdir(exist_ok=True)
+        (root / name).write_text(text)
+    (root / ".env").write_text("TOKEN=secret\n")
+    (root / "data").mkdir(exist_ok=True)
+    (root / "flexos.yaml").write_text(
+        box_yaml(["boxpkg"]).replace("{driver: process}\n", "{driver: process}\n    hardening: " + hardening + "\n")
+    )
+
+
+def test_run_verbose_logs_gated_imports_starts_restarts_and_denials(tmp_path: Path) -> None:
+    from flexos.hardening import landlock_abi
+
+    write_boxpkg(tmp_path, "{filesystem: {read: [./data]}}" if landlock_abi() >= 1 else "{}")
+    (tmp_path / "app.py").write_text(
+        textwrap.dedent(
+            """            import os, signal, boxpkg
+            try:
+                print(boxpkg.read_or_raise(".env"))
+            except OSError as exc:
+                print(type(exc).__name__)
+            os.kill(boxpkg.pid(), signal.SIGKILL)
+            try:
+                boxpkg.pid()
+            except Exception as exc:
+                print(type(exc).__name__)
+            import boxpkg.helper
+            print(boxpkg.helper.pid() > 0)
+            """
+        )
+    )
+    done = subprocess.run(
+        [str(FLEXOS), "run", "-v", "app.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    log = done.stderr
+    assert re.search(r"flexos\[\d+\]: started compartment 'box' \(process, pid \d+\)", log), log
+    assert re.search(r"import 'boxpkg': a gate to compartment 'box' \(pid \d+\)", log), log
+    assert "restarting compartment 'box': compartment 'box' killed by signal 9 (SIGKILL)" in log
+    assert done.stdout.splitlines()[1:] == ["CompartmentCrashed", "True"]
+    if landlock_abi() >= 1:
+        assert done.stdout.splitlines()[0] == "PermissionError"
+        assert "denied: PermissionError: [Errno 13] Permission denied: '.env'; compartment 'box' is sandboxed: " in log
+
+
+def test_env_keeps_the_named_variables_and_drops_the_rest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_boxpkg(tmp_path, "{env: {keep: [TZ]}}")
+    monkeypatch.setenv("TZ", "Europe/Paris")
+    monkeypatch.setenv("APP_SECRET", "hunter2")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("boxpkg", None)
+    with flexos.boot(str(tmp_path / "flexos.yaml")):
+        import boxpkg
+
+        assert (boxpkg.env("TZ"), boxpkg.env("APP_SECRET"), boxpkg.env("PATH")) == (
+            "Europe/Paris",
+            None,
+            "/usr/bin:/bin",
+        )
+
+
+# -- flexos.boot({...}): the same shape, the same messages -----------------------------------------
+def image_data(**box: object) -> dict:
+    return {
+        "compartments": [
+            {"name": "app", "mechanism": {"driver": "fcalls"}, "default": True},
+            {"name": "box", "mechanism": {"driver": "process"}, **box},
+        ],
+        "libraries": {"json": {"compartment": "box"}},
+    }
+
+
+def test_boot_takes_a_dict_validated_as_a_file_is() -> None:
+    with pytest.raises(ConfigError) as info:
+        flexos.boot(image_data(restart="onfailure", hardening={"audit": {"deny": ["subproces"]}}))
+    assert info.value.problems == [
+        "flexos.boot({...}): compartments[1].restart: Input should be 'on-failure' or 'never'; "
+        "did you mean 'on-failure'?",
+        "flexos.boot({...}): compartments[1].hardening.audit.deny: Value error, 'subproces' is not an audit event "
+        "CPython raises, a prefix of some (socket: socket.*), nor one of flexos's names (subprocess); "
+        "did you mean 'subprocess'?",
+    ]
+    data = image_data()
+    data["libraries"] = {"pillow": {"compartment": "box"}}
+    with pytest.raises(ConfigError, match=r"^flexos.boot\(\{...\}\): libraries.pillow: library 'pillow' is not a"):
+        flexos.boot(data)
+    with flexos.boot(image_data()) as runtime:
+        import json
+
+        assert type(json).__name__ == "ModuleProxy"
+        assert runtime.image.compartments["box"].driver == "process"

@@ -12,6 +12,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -28,7 +29,7 @@ from flexos.config.schema import (
     validate,
     validation_problems,
 )
-from flexos.config.source import Source, plain, read_source
+from flexos.config.source import MappingSource, Source, plain, read_source
 from flexos.drivers import driver_class
 from flexos.errors import ConfigError
 from flexos.image import DEFAULT_CONFIG, CompartmentSpec, Image
@@ -43,6 +44,7 @@ __all__ = [
     "human_size",
     "is_module_name",
     "load",
+    "load_mapping",
     "parse",
     "parse_document",
     "parse_size",
@@ -59,8 +61,10 @@ class ConfigWarning(UserWarning):
 def parse(path: str | Path, search: list[str] | None = None) -> tuple[Image, list[str]]:
     """Validate ``path``; return the image and the warnings, or raise ConfigError listing every problem.
 
-    ``search``: where the app will import from; each module placed in an isolated compartment must
-    be found there (None: placement is not verified, e.g. for a proposal of modules seen elsewhere).
+    ``search``: where the app will import from, to run it here: each module placed in an isolated
+    compartment must be found there, and host paths must exist (resolved: ``~`` expanded, relative
+    ones taken from the file's directory). None: neither is verified and paths stay as written
+    (a proposal of modules and paths seen elsewhere, an explore space's base).
     """
     return parse_document(read_source(Path(path)), search)
 
@@ -69,14 +73,14 @@ def app_path(config: str | Path, app_dir: str | Path | None = None) -> list[str]
     """Where an app run with ``config`` imports from: its own directory (the script's; unknown: the
     working directory and the config's), then this interpreter's path."""
     first = [str(app_dir)] if app_dir is not None else [os.getcwd(), str(Path(config).resolve().parent)]
-    return list(dict.fromkeys([*first, *sys.path]))
+    return list(dict.fromkeys(entry or os.getcwd() for entry in [*first, *sys.path]))
 
 
 def parse_document(src: Source, search: list[str] | None = None) -> tuple[Image, list[str]]:
     """Validate a document already read (the base of an explore space is one without its ``explore:``)."""
-    config = validate(src)
+    config = validate(src, here=search is not None)
     problems: list[str] = []
-    specs = _compartments(src, config.compartments, problems)
+    specs = _compartments(src, config.compartments, problems, here=search is not None)
     problem = rules.one_default(src, config.compartments) or rules.default_may_hold_the_app(src, config.compartments)
     if problem:
         problems.append(problem)
@@ -109,7 +113,7 @@ def parse_document(src: Source, search: list[str] | None = None) -> tuple[Image,
     return Image(specs, libraries, source=src.path, library_hardening=library_hardening), notes
 
 
-def _compartments(src: Source, entries: list, problems: list[str]) -> dict[str, CompartmentSpec]:
+def _compartments(src: Source, entries: list, problems: list[str], here: bool) -> dict[str, CompartmentSpec]:
     """The specs of the compartments without problems; the problems of the others go to ``problems``."""
     specs: dict[str, CompartmentSpec] = {}
     first_line: dict[str, int] = {}
@@ -126,7 +130,8 @@ def _compartments(src: Source, entries: list, problems: list[str]) -> dict[str, 
         driver = driver_class(entry.mechanism["driver"])  # known: unknown_driver passed
         model = mechanism_model(driver)
         try:
-            options = model.model_validate(dict(entry.mechanism), context=context(src)).model_dump(exclude={"driver"})
+            validated = model.model_validate(dict(entry.mechanism), context=context(src, here))
+            options = validated.model_dump(exclude={"driver"})
         except ValidationError as exc:
             problems.extend(validation_problems(src, exc, model, ("compartments", index, "mechanism")))
             continue
@@ -150,6 +155,18 @@ def _compartments(src: Source, entries: list, problems: list[str]) -> dict[str, 
             max_reply=int(entry.max_reply),
         )
     return specs
+
+
+def load_mapping(data: dict[str, Any], search: list[str] | None = None) -> Image:
+    """An image from Python data of flexos.yaml's shape (``flexos.boot({...})``), validated as a file
+    is, with the same messages naming key paths instead of lines; relative paths are the working
+    directory's."""
+    image, notes = parse_document(
+        MappingSource("flexos.boot({...})", data), app_path(".", os.getcwd()) if search is None else search
+    )
+    for note in notes:
+        warnings.warn(note, ConfigWarning, stacklevel=3)
+    return image
 
 
 def load(path: str | Path = DEFAULT_CONFIG, search: list[str] | None = None) -> Image:

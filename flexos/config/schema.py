@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 from flexos.config.audit import deniable
-from flexos.config.source import Source, plain
+from flexos.config.source import Source, plain, where
 from flexos.drivers.base import Driver, option_types
 from flexos.errors import ConfigError
 from flexos.hardening import AUDIT_ALIASES
@@ -145,7 +145,10 @@ class Filesystem(StrictModel):
     @field_validator("read", "write")
     @classmethod
     def _existing(cls, paths: list[str], info: ValidationInfo) -> list[str]:
-        base = Path((info.context or {}).get("base") or os.getcwd())
+        context = info.context or {}
+        if not context.get("here"):  # not to run here (a proposal, a space's base): kept as written
+            return paths
+        base = Path(context.get("base") or os.getcwd())
         resolved = []
         for written in paths:
             path = Path(os.path.expanduser(written))
@@ -202,10 +205,24 @@ def _system_calls() -> list[str] | None:
     return names
 
 
+class KeptEnvironment(StrictModel):
+    """``env: {keep: [TZ, HOME]}``: a clean environment that keeps these of the app's variables."""
+
+    keep: list[str] = Field(min_length=1)
+
+    @field_validator("keep")
+    @classmethod
+    def _names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+        return names
+
+
 class Hardening(StrictModel):
     """A compartment's ``hardening:`` (enforced in its own process, flexos/hardening.py)."""
 
-    env: Literal["inherit", "clean"] = "inherit"
+    env: Literal["inherit", "clean"] | KeptEnvironment = "inherit"
     network: Literal["allow", "none"] = "allow"
     filesystem: Filesystem | None = None
     seccomp: Seccomp | None = None  # a profile name, or {profile, deny, allow}
@@ -308,15 +325,16 @@ def _size_at_least(minimum: int, why: str) -> typing.Callable[[int | str], int]:
     return size
 
 
-def context(src: Source) -> dict[str, Any]:
-    """What validators need beyond the document: the directory relative paths are taken from."""
-    return {"base": str(Path(src.path).resolve().parent)}
+def context(src: Source, here: bool = False) -> dict[str, Any]:
+    """What validators need beyond the document: the directory relative paths are taken from, and
+    whether the image is to run on this machine (``here``: host paths must exist, and are resolved)."""
+    return {"base": str(src.base), "here": here}
 
 
-def validate(src: Source) -> ConfigFile:
+def validate(src: Source, here: bool = False) -> ConfigFile:
     """The whole file's structure and types; ConfigError listing every problem."""
     try:
-        return ConfigFile.model_validate(plain(src.doc), context=context(src))
+        return ConfigFile.model_validate(plain(src.doc), context=context(src, here))
     except ValidationError as exc:
         raise ConfigError(validation_problems(src, exc, ConfigFile)) from None
 
@@ -349,27 +367,20 @@ def validation_problems(
             allowed = list(owner.model_fields) if owner is not None else []
             guess = difflib.get_close_matches(str(key), allowed, n=1)
             hint = f"; did you mean {guess[0]!r}?" if guess else ""
-            where = _where(loc[:-1]) or "the top level"
-            problems.append(src.error(loc, f"unknown key {key!r} in {where}{hint} (allowed: {', '.join(allowed)})"))
+            owner_at = where(loc[:-1]) or "the top level"
+            problems.append(src.error(loc, f"unknown key {key!r} in {owner_at}{hint} (allowed: {', '.join(allowed)})"))
         elif kind == "missing":
             problems.append(
-                src.error(loc[:-1], f"{_where(loc[:-1]) or 'the top level'} is missing the required key {loc[-1]!r}")
+                src.error(loc[:-1], f"{where(loc[:-1]) or 'the top level'} is missing the required key {loc[-1]!r}")
             )
         elif kind == "literal_error" and isinstance(err.get("input"), str):
             allowed = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
             hint = did_you_mean(err["input"], allowed)
-            problems.append(src.error(loc, f"{_where(loc)}: {err['msg']}{hint}"))
+            problems.append(src.error(loc, f"{where(loc)}: {err['msg']}{hint}"))
         else:
             hint = _HINTS.get(kind, "")
-            problems.append(src.error(loc, f"{_where(loc)}: {err['msg']}" + (f" ({hint})" if hint else "")))
+            problems.append(src.error(loc, f"{where(loc)}: {err['msg']}" + (f" ({hint})" if hint else "")))
     return problems
-
-
-def _where(loc: tuple[Any, ...]) -> str:
-    text = ""
-    for key in loc:
-        text += f"[{key}]" if isinstance(key, int) else (f".{key}" if text else str(key))
-    return text
 
 
 def _model_at(model: type[BaseModel], path: tuple[Any, ...]) -> type[BaseModel] | None:

@@ -1,4 +1,4 @@
-"""Where a compartment begins: ``python -I -m flexos.runtime.child FD CONSOLE_FD`` (a process), and
+"""Where a compartment begins: ``python -I -m flexos.runtime.child FD FAULTS_FD CONSOLE_FD`` (a process), and
 the bootstrap of a subinterpreter (:func:`serve_in_subinterpreter`).
 
 A process compartment receives its boot record over the control socket, applies the
@@ -29,6 +29,7 @@ from flexos.drivers.sibling import SiblingDesk
 from flexos.errors import CompartmentCrashed, ProtocolError
 from flexos.gates.link import Link
 from flexos.runtime import Runtime
+from flexos.runtime.compartment import log_boundary
 from flexos.transports import Transport
 from flexos.transports.shm import ShmTransport
 from flexos.wire import control
@@ -72,9 +73,14 @@ def link_back(
 
 
 def main() -> None:
+    import faulthandler  # here: a subinterpreter imports this module, and faulthandler refuses to load there
+
     sock = socket.socket(fileno=int(sys.argv[1]))
     os.set_inheritable(sock.fileno(), False)
-    install_synced_streams(int(sys.argv[2]))
+    faults = int(sys.argv[2])  # the app reads it when we die: our stack goes into CompartmentCrashed
+    os.set_inheritable(faults, False)
+    faulthandler.enable(file=faults, all_threads=True)
+    install_synced_streams(int(sys.argv[3]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the app, which sees it first
     try:
         record = BootRecord.from_wire(sock.recv(1 << 20))
@@ -112,6 +118,7 @@ def main() -> None:
             for module, rules in image.library_hardening.items()
             if image.compartment_of(module) == name
         }
+        hardening.explain_denials(name, policy, image.source, Link.dispatch.__code__, on_denial=log_boundary)
         deny = (policy.get("audit") or {}).get("deny", [])
         # Last: it trusts the code loaded until now, and only that.
         hardening.install_audit_policy(
