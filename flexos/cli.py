@@ -6,6 +6,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from types import TracebackType
 from typing import Any, NoReturn
 
 import click
@@ -168,7 +169,8 @@ def _describe_effective(entry: dict[str, Any]) -> list[str]:
             f"{pad}write    {', '.join(written) or 'nothing'}" + ("  (hardening.filesystem.write)" if written else "")
         )
     denied = effective["seccomp_deny"]
-    lines.append(f"{pad}seccomp  " + (f"EPERM for {', '.join(denied)}" if denied else "no filter"))
+    unless = "".join(f"; {rule['call']} unless {rule['meaning']}" for rule in effective["seccomp_deny_unless"])
+    lines.append(f"{pad}seccomp  " + (f"EPERM for {', '.join(denied)}{unless}" if denied else "no filter"))
     audit = effective["audit_deny"]
     lines.append(f"{pad}audit    " + (f"denies {', '.join(audit)} (and their .sub-events)" if audit else "no policy"))
     network = "none (a network namespace of its own: only lo, down)" if effective["network"] == "none" else "the app's"
@@ -260,8 +262,9 @@ def run(config: str | None, module: str | None, verbose: bool, args: tuple[str, 
         traceback.print_exc()
         click.echo(f"flexos: {exc}", err=True)
         sys.exit(1)
-    except BaseException:
-        traceback.print_exc()  # the app's own uncaught exception, as python would print it
+    except BaseException as exc:
+        # the app's own uncaught exception, as python would print it: from the app's first frame
+        traceback.print_exception(type(exc), exc, _from_the_app(exc.__traceback__))
         sys.exit(1)
 
 
@@ -373,6 +376,14 @@ def trace(
     if outcome.status not in (None, 0, 130):
         click.echo(f"flexos trace: the traced app exited with status {outcome.status}; its run is recorded", err=True)
         sys.exit(outcome.status)
+
+
+def _from_the_app(tb: TracebackType | None) -> TracebackType | None:
+    """``tb`` from the app's own first frame (its ``__main__``) on, without flexos's and runpy's."""
+    app = tb
+    while app is not None and app.tb_frame.f_globals.get("__name__") != "__main__":
+        app = app.tb_next
+    return app or tb
 
 
 def _echo_err(lines: list[str]) -> None:

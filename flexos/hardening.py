@@ -29,6 +29,7 @@ import errno
 import importlib.machinery
 import os
 import resource
+import socket
 import sys
 import threading
 import types
@@ -564,7 +565,7 @@ def _allow(add_rule: int, ruleset: int, path: str, rights: int, required: str | 
 SECCOMP_PROFILES: dict[str, tuple[str, ...]] = {
     "compute-only": (
         "execve", "execveat", "fork", "vfork",
-        "socket", "socketpair", "connect", "bind", "listen", "accept", "accept4",
+        "socket", "connect", "bind", "listen", "accept", "accept4",
         "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd",
         "setns", "unshare", "mount", "umount2", "pivot_root", "chroot", "open_by_handle_at",
         "bpf", "perf_event_open", "userfaultfd", "keyctl", "add_key", "request_key",
@@ -572,6 +573,13 @@ SECCOMP_PROFILES: dict[str, tuple[str, ...]] = {
         "swapon", "swapoff", "io_uring_setup", "io_uring_enter", "io_uring_register",
     ),
 }  # fmt: skip
+# What a profile refuses but for one argument value: (system call, argument index, the value allowed,
+# what that value means).
+# compute-only keeps AF_UNIX socketpair(): asyncio's event loop wakes itself through one, and such
+# a pair reaches nothing outside the process.
+SECCOMP_UNLESS: dict[str, tuple[tuple[str, int, int, str], ...]] = {
+    "compute-only": (("socketpair", 0, socket.AF_UNIX, "AF_UNIX"),),
+}
 
 
 def seccomp_policy(policy: dict[str, Any]) -> dict[str, Any] | None:
@@ -589,6 +597,13 @@ def seccomp_denied(policy: dict[str, Any]) -> list[str]:
     """The system calls a seccomp ``policy`` (of :func:`seccomp_policy`) answers with EPERM."""
     deny = set(SECCOMP_PROFILES.get(policy.get("profile") or "", ())) | set(policy.get("deny") or ())
     return sorted(deny - set(policy.get("allow") or ()))
+
+
+def seccomp_denied_unless(policy: dict[str, Any]) -> list[tuple[str, int, int, str]]:
+    """(system call, argument, allowed value, its meaning): what the profile refuses but for one value,
+    unless the policy's own lists say otherwise for that call."""
+    decided = set(policy.get("deny") or ()) | set(policy.get("allow") or ())
+    return [rule for rule in SECCOMP_UNLESS.get(policy.get("profile") or "", ()) if rule[0] not in decided]
 
 
 def seccomp_library() -> Any:
@@ -616,6 +631,8 @@ def apply_seccomp(policy: dict[str, Any], seccomp: Any) -> None:
         rules.set_attr(seccomp.Attr.ACT_BADARCH, seccomp.ERRNO(errno.ENOSYS))
         for name in sorted(deny):
             rules.add_rule(seccomp.ERRNO(errno.EPERM), name)
+        for name, argument, allowed, _meaning in seccomp_denied_unless(policy):
+            rules.add_rule(seccomp.ERRNO(errno.EPERM), name, seccomp.Arg(argument, seccomp.NE, allowed))
         if "fork" in deny:  # a process is clone() without CLONE_THREAD; clone3 hides its flags
             rules.add_rule(
                 seccomp.ERRNO(errno.EPERM), "clone", seccomp.Arg(0, seccomp.MASKED_EQ, _linux.CLONE_THREAD, 0)
@@ -666,6 +683,10 @@ def effective_policy(hardening: dict[str, Any], code: Iterable[str] = (), placed
         "read": read,
         "write": write,
         "seccomp_deny": seccomp_denied(filter_policy) if filter_policy is not None else None,
+        "seccomp_deny_unless": [
+            {"call": name, "argument": argument, "allowed": allowed, "meaning": meaning}
+            for name, argument, allowed, meaning in (seccomp_denied_unless(filter_policy) if filter_policy else [])
+        ],
         "audit_deny": sorted(exact),
         "network": hardening.get("network", "allow"),
         "env": "inherit" if environment(hardening) is None else sorted(environment(hardening) or ()),

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import flexos
+import flexos.config
 from flexos import CompartmentSpec, ConfigError, Image
 from flexos.config import app_path, parse
 
@@ -266,7 +267,7 @@ def test_driver_typo_by_case(tmp_path: Path) -> None:
 
 # -- item 5: the app's directory is not readable from a hardened compartment ------------------------
 BOXPKG = {
-    "boxpkg/__init__.py": "from boxpkg.helper import env, listing, pid, read, read_or_raise\n",
+    "boxpkg/__init__.py": "from boxpkg.helper import env, inet_pair, listing, pid, read, read_or_raise, run_async\n",
     "boxpkg/helper.py": textwrap.dedent(
         """\
         import os
@@ -281,6 +282,20 @@ BOXPKG = {
         def read_or_raise(path):
             with open(path) as f:
                 return f.read()
+
+        def run_async():
+            import asyncio
+
+            async def nap():
+                await asyncio.sleep(0.01)
+                return "slept"
+
+            return asyncio.run(nap())
+
+        def inet_pair():
+            import socket
+
+            socket.socketpair(socket.AF_INET)
 
         def env(name):
             return os.environ.get(name)
@@ -494,3 +509,40 @@ def test_boot_takes_a_dict_validated_as_a_file_is() -> None:
 
         assert type(json).__name__ == "ModuleProxy"
         assert runtime.image.compartments["box"].driver == "process"
+
+
+def test_compute_only_lets_asyncio_run_but_no_other_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("pyseccomp", reason="libseccomp is not installed")
+    write_boxpkg(tmp_path, "{seccomp: compute-only}")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("boxpkg", None)
+    with flexos.boot(str(tmp_path / "flexos.yaml")):
+        import boxpkg
+
+        assert boxpkg.run_async() == "slept"  # its event loop wakes itself over an AF_UNIX socketpair
+        with pytest.raises(PermissionError) as info:
+            boxpkg.inet_pair()
+        if sys.version_info >= (3, 12):  # the note comes through sys.monitoring
+            assert "hardening.seccomp refuses the system calls accept" in "\n".join(info.value.__notes__)
+
+
+# -- cosmetics ---------------------------------------------------------------------------------------
+def test_the_apps_traceback_starts_at_the_apps_frame(tmp_path: Path) -> None:
+    (tmp_path / "flexos.yaml").write_text(box_yaml(["json"]))
+    (tmp_path / "boom.py").write_text('def f():\n    raise ValueError("boom")\n\n\nf()\n')
+    done = subprocess.run([str(FLEXOS), "run", "boom.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert lines[:2] == ["Traceback (most recent call last):", '  File "boom.py", line 5, in <module>']
+    assert lines[-1] == "ValueError: boom"
+    assert "flexos" not in done.stderr
+
+
+def test_a_warning_names_the_yaml_line(tmp_path: Path) -> None:
+    path = tmp_path / "flexos.yaml"
+    path.write_text(
+        box_yaml(["json"]).replace("libraries:\n", "  - name: spare\n    mechanism: {driver: process}\nlibraries:\n")
+    )
+    with pytest.warns(flexos.config.ConfigWarning) as caught:
+        flexos.load(str(path))
+    assert [(warning.filename, warning.lineno) for warning in caught] == [(str(path), 7)]

@@ -174,5 +174,11 @@ def load(path: str | Path = DEFAULT_CONFIG, search: list[str] | None = None) -> 
     Placement is verified on ``search`` (default: :func:`app_path`)."""
     image, notes = parse(path, app_path(path) if search is None else search)
     for note in notes:
-        warnings.warn(note, ConfigWarning, stacklevel=2)
+        _warn_at_line(note)
     return image
+
+
+def _warn_at_line(note: str) -> None:
+    """Warn ``FILE:LINE: ...`` as coming from that line of flexos.yaml, not from flexos's source."""
+    filename, line, _ = note.split(":", 2)
+    warnings.warn_explicit(note, ConfigWarning, filename, int(line) if line.isdigit() else 0)

@@ -75,7 +75,9 @@ class Compartment:
                 driver.stop()
             self._modules.clear()
             link = driver.start(self._mirrors)
-            log_boundary(f"started compartment {self.name!r} ({driver.name}, pid {driver.pid})")
+            if os.environ.get(VERBOSE):
+                how = self.spec.driver if self.spec is not None else "reached"
+                log_boundary(f"started compartment {self.name!r} ({how}" + (f", pid {self.pid})" if self.pid else ")"))
             link.rebind = self._rebind
             self._link = link
             return link
