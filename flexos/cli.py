@@ -379,11 +379,22 @@ def trace(
 
 
 def _from_the_app(tb: TracebackType | None) -> TracebackType | None:
-    """``tb`` from the app's own first frame (its ``__main__``) on, without flexos's and runpy's."""
+    """``tb`` from the app's own first frame (its ``__main__``) on, without flexos's frames (the
+    CLI, runpy, a gate's proxy and link: the remote traceback is the exception's note)."""
     app = tb
     while app is not None and app.tb_frame.f_globals.get("__name__") != "__main__":
         app = app.tb_next
-    return app or tb
+    if app is None:
+        return tb
+    kept = []
+    while app is not None:
+        if not str(app.tb_frame.f_globals.get("__name__", "")).startswith("flexos."):
+            kept.append(app)
+        app = app.tb_next
+    rebuilt = None
+    for entry in reversed(kept):
+        rebuilt = TracebackType(rebuilt, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return rebuilt
 
 
 def _echo_err(lines: list[str]) -> None:

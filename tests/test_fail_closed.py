@@ -546,3 +546,15 @@ def test_a_warning_names_the_yaml_line(tmp_path: Path) -> None:
     with pytest.warns(flexos.config.ConfigWarning) as caught:
         flexos.load(str(path))
     assert [(warning.filename, warning.lineno) for warning in caught] == [(str(path), 7)]
+
+
+def test_a_remote_error_prints_the_apps_frames_then_the_compartments_once(tmp_path: Path) -> None:
+    (tmp_path / "flexos.yaml").write_text(box_yaml(["json"]))
+    (tmp_path / "remote.py").write_text('import json\n\njson.loads("{bad")\n')
+    done = subprocess.run([str(FLEXOS), "run", "remote.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    lines = done.stderr.splitlines()
+    raised = lines.index("--- raised in compartment 'box' ---")
+    assert lines[:2] == ["Traceback (most recent call last):", '  File "remote.py", line 3, in <module>']
+    assert lines[raised - 1].startswith("json.decoder.JSONDecodeError: Expecting property name")
+    assert "flexos" not in "\n".join(lines[:raised])
+    assert done.stderr.count("--- raised in compartment") == 1
