@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 from pathlib import Path
-from types import TracebackType
 from typing import Any, NoReturn
 
 import click
@@ -229,7 +227,6 @@ def run(config: str | None, module: str | None, verbose: bool, args: tuple[str, 
     """Run an unmodified app (SCRIPT [ARGS]... or -m MODULE [ARGS]...) under the image
     (FLEXOS_VERBOSE=1 in the environment logs as -v does, for apps started otherwise)."""
     from flexos.config import app_path, load
-    from flexos.runtime import run_module, run_path
 
     if module is None and not args:
         raise click.UsageError("give a script to run, or -m MODULE")
@@ -248,24 +245,11 @@ def run(config: str | None, module: str | None, verbose: bool, args: tuple[str, 
         config = DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() or not beside.is_file() else str(beside)
     try:
         image = load(config, app_path(config, app_dir))
-        if module is not None:
-            run_module(module, list(args), image)
-        else:
-            run_path(args[0], list(args[1:]), image)
     except ConfigError as exc:
         _fail(exc.problems)
-    except SystemExit:
-        raise
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except FlexosError as exc:
-        traceback.print_exc()
-        click.echo(f"flexos: {exc}", err=True)
-        sys.exit(1)
-    except BaseException as exc:
-        # the app's own uncaught exception, as python would print it: from the app's first frame
-        traceback.print_exception(type(exc), exc, _from_the_app(exc.__traceback__))
-        sys.exit(1)
+    from flexos.runtime.child import exec_app
+
+    exec_app(image, module, list(args))  # does not return: the app runs in a lean interpreter
 
 
 @main.command()
@@ -376,25 +360,6 @@ def trace(
     if outcome.status not in (None, 0, 130):
         click.echo(f"flexos trace: the traced app exited with status {outcome.status}; its run is recorded", err=True)
         sys.exit(outcome.status)
-
-
-def _from_the_app(tb: TracebackType | None) -> TracebackType | None:
-    """``tb`` from the app's own first frame (its ``__main__``) on, without flexos's frames (the
-    CLI, runpy, a gate's proxy and link: the remote traceback is the exception's note)."""
-    app = tb
-    while app is not None and app.tb_frame.f_globals.get("__name__") != "__main__":
-        app = app.tb_next
-    if app is None:
-        return tb
-    kept = []
-    while app is not None:
-        if not str(app.tb_frame.f_globals.get("__name__", "")).startswith("flexos."):
-            kept.append(app)
-        app = app.tb_next
-    rebuilt = None
-    for entry in reversed(kept):
-        rebuilt = TracebackType(rebuilt, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
-    return rebuilt
 
 
 def _echo_err(lines: list[str]) -> None:

@@ -60,6 +60,16 @@ def test_modules_flexos_loaded_first_are_gates_under_run(tmp_path: Path) -> None
     assert done.stdout.splitlines() == ["local: []", "True 2363233923"]
 
 
+def test_run_starts_the_app_in_a_lean_interpreter(tmp_path: Path) -> None:
+    """The CLI's own stack (click, the config stack) is not in the app's module table."""
+    (tmp_path / "flexos.yaml").write_text(box_yaml(["sqlite3"]))
+    (tmp_path / "app.py").write_text(
+        "import sys\nprint([m for m in ('click', 'pydantic', 'ruamel', 'json', 'email') if m in sys.modules])\n"
+    )
+    done = subprocess.run([str(FLEXOS), "run", "app.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "[]\n", "")
+
+
 def test_boot_gates_a_module_the_app_imported_first() -> None:
     """``flexos.boot`` after ``import json``: the next import is the gate; stop() gives json back."""
     import json
