@@ -78,6 +78,7 @@ def _check_report(image: Image, search: list[str]) -> dict[str, Any]:
                     f"machine lacks ({features[feature].detail}); remove the option or run on a machine that has it"
                 )
         placed = [module for module, owner in image.libraries.items() if owner == spec.name]
+        elsewhere = [module for module, owner in image.libraries.items() if owner != spec.name]
         isolated = not spec.default and not driver.direct
         compartments.append(
             {
@@ -91,7 +92,7 @@ def _check_report(image: Image, search: list[str]) -> dict[str, Any]:
                 "timeout": spec.timeout,
                 "max_reply": spec.max_reply if isolated else None,
                 "hardening": spec.hardening,
-                "effective": effective_policy(spec.hardening, search, placed) if driver.hardenable else None,
+                "effective": effective_policy(spec.hardening, search, placed, elsewhere) if driver.hardenable else None,
                 "reaches": None if spec.default else _reached(image, spec),
             }
         )

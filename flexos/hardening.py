@@ -6,10 +6,12 @@ compartment's process before any component code runs (flexos/runtime/child.py ca
 order). A requested protection that cannot be applied stops the compartment from starting: it
 never runs unhardened.
 
-- ``env: clean``       the process starts with an empty environment (no inherited secrets);
+- ``env: clean``       the process starts with an empty environment (no inherited secrets),
+                       but the variables ``env: {keep: [...]}`` names;
 - ``network: none``    a new user + network namespace: no interface but a loopback that is down;
-- ``filesystem``       Landlock: only the listed paths (plus what Python itself needs, read-only)
-                       can be read or written; with Landlock ABI >= 6 the compartment also cannot
+- ``filesystem``       Landlock: only the listed paths (plus, read-only, what Python itself needs
+                       and the packages of the modules placed in the compartment, not the app's
+                       directory) can be read or written; with Landlock ABI >= 6 the compartment also cannot
                        signal processes outside it (the app);
 - ``seccomp``          a seccomp filter in the kernel: named profiles (``compute-only``) and
                        deny/allow lists of system calls, answered with EPERM (calls through
@@ -419,31 +421,78 @@ def app_code(code: Iterable[str]) -> list[str]:
     return [path for path in dict.fromkeys(os.path.abspath(entry) for entry in code) if not _under(path, interpreter)]
 
 
-def placed_code(code: Iterable[str], placed: Iterable[str]) -> list[str]:
-    """Where the modules ``placed`` in a compartment live in the app's own code: the whole top-level
-    package of each (its dependencies inside the package included), or the single module file."""
+def placed_code(code: Iterable[str], placed: Iterable[str], elsewhere: Iterable[str] = ()) -> list[str]:
+    """Where the modules ``placed`` in a compartment and their dependencies live in the app's own
+    code: the whole top-level package of each, or the single module file. Dependencies are read
+    off the import statements of their source (nothing runs), transitively within the app's code;
+    modules placed ``elsewhere`` are gates there, and need no file."""
     own = app_code(code)
+    skip = set(elsewhere)
     found: list[str] = []
-    for module in dict.fromkeys(name.partition(".")[0] for name in placed):
-        spec = locate(module, own)
-        if spec is None:
+    pending = list(dict.fromkeys(name.partition(".")[0] for name in placed))
+    seen = set(pending)
+    while pending:
+        spec = locate(pending.pop(), own)
+        if spec is None or not spec.has_location:
             continue
         if spec.submodule_search_locations:
-            found += [os.path.abspath(location) for location in spec.submodule_search_locations]
-        elif spec.origin and spec.has_location:
-            found.append(os.path.abspath(spec.origin))
-    return [path for path in dict.fromkeys(found) if _under(path, own)]
+            roots = [os.path.abspath(location) for location in spec.submodule_search_locations]
+        elif spec.origin:
+            roots = [os.path.abspath(spec.origin)]
+        else:
+            continue
+        roots = [root for root in roots if _under(root, own)]
+        found += roots
+        for module in _imported_by(roots):
+            if module not in seen and module not in skip:
+                seen.add(module)
+                pending.append(module)
+    return list(dict.fromkeys(found))
 
 
-def always_readable(code: Iterable[str] = (), placed: Iterable[str] = ()) -> tuple[str, ...]:
+def _imported_by(roots: Iterable[str]) -> set[str]:
+    """The top-level names the Python sources at ``roots`` (files, or package directories) import
+    absolutely, as their import statements say."""
+    import ast
+
+    names: set[str] = set()
+    for root in roots:
+        files = (
+            [root]
+            if os.path.isfile(root)
+            else [
+                os.path.join(where, name)
+                for where, _, listed in os.walk(root)
+                for name in listed
+                if name.endswith(".py")
+            ]
+        )
+        for path in files:
+            try:
+                with open(path, "rb") as source:
+                    tree = ast.parse(source.read(), path)
+            except (OSError, SyntaxError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    names.update(alias.name.partition(".")[0] for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names.add(node.module.partition(".")[0])
+    return names
+
+
+def always_readable(
+    code: Iterable[str] = (), placed: Iterable[str] = (), elsewhere: Iterable[str] = ()
+) -> tuple[str, ...]:
     """What a ``filesystem``-restricted compartment may read besides its allowlist: the system's
     libraries and devices, the interpreter's own code (:func:`interpreter_paths`, flexos included:
     an editable install is reached through a finder, and a compartment imports a driver module
     when it first reaches a sibling), and of the app's own code (``code``: its ``sys.path``) only
     where the modules ``placed`` in the compartment live (:func:`placed_code`). The app's
-    directory itself is neither readable nor listable."""
+    directory itself is neither readable nor listable (``elsewhere``: the modules placed in the
+    other compartments)."""
     code = list(code)
-    return (*_SYSTEM_READ, *interpreter_paths(), *placed_code(code, placed))
+    return (*_SYSTEM_READ, *interpreter_paths(), *placed_code(code, placed, elsewhere))
 
 
 def _prelist_app_code(code: Iterable[str]) -> None:
@@ -496,7 +545,11 @@ def landlock_abi() -> int:
 
 
 def restrict_filesystem(
-    read: Iterable[str], write: Iterable[str], code: Iterable[str] = (), placed: Iterable[str] = ()
+    read: Iterable[str],
+    write: Iterable[str],
+    code: Iterable[str] = (),
+    placed: Iterable[str] = (),
+    elsewhere: Iterable[str] = (),
 ) -> None:
     """Allow only ``read``/``write`` (and, read-only, what Python needs and where in ``code``, the
     app's ``sys.path``, the modules ``placed`` in this compartment live) from now on.
@@ -522,7 +575,7 @@ def restrict_filesystem(
     code = list(code)
     _prelist_app_code(code)
     try:
-        for path in always_readable(code, placed):  # what exists of these (sys.path may list zips)
+        for path in always_readable(code, placed, elsewhere):  # what exists of these (sys.path may list zips)
             _allow(add_rule, ruleset, os.path.abspath(path), _READ & handled, required=False)
         for kind, paths, rights in (("read", read, _READ), ("write", write, writable)):
             for path in paths:  # the operator's own list: a missing path is a mistake, said now
@@ -657,7 +710,9 @@ def needed_features(hardening: dict[str, Any]) -> list[tuple[str, str]]:
     return needed
 
 
-def effective_policy(hardening: dict[str, Any], code: Iterable[str] = (), placed: Iterable[str] = ()) -> dict[str, Any]:
+def effective_policy(
+    hardening: dict[str, Any], code: Iterable[str] = (), placed: Iterable[str] = (), elsewhere: Iterable[str] = ()
+) -> dict[str, Any]:
     """What a compartment with ``hardening`` is held to once started, flexos's additions included
     (each read path with why it is there), as plain data: ``flexos check`` prints it."""
     filesystem = hardening.get("filesystem")
@@ -672,7 +727,10 @@ def effective_policy(hardening: dict[str, Any], code: Iterable[str] = (), placed
                 (path, "the interpreter's own code (standard library, site-packages, flexos)")
                 for path in interpreter_paths()
             ]
-            + [(path, "where the modules placed here live") for path in placed_code(code, placed)]
+            + [
+                (path, "where the modules placed here and their imports live")
+                for path in placed_code(code, placed, elsewhere)
+            ]
             + [(path, "hardening.filesystem.read") for path in filesystem["read"]]
         )
         read = [{"path": path, "why": reason} for path, reason in why]

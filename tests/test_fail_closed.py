@@ -277,7 +277,9 @@ def test_driver_typo_by_case(tmp_path: Path) -> None:
 
 # -- item 5: the app's directory is not readable from a hardened compartment ------------------------
 BOXPKG = {
-    "boxpkg/__init__.py": "from boxpkg.helper import env, inet_pair, listing, pid, read, read_or_raise, run_async\n",
+    "boxpkg/__init__.py": "from boxdep import DEPENDENCY\n"
+    "from boxpkg.helper import env, inet_pair, listing, pid, read, read_or_raise, run_async\n",
+    "boxdep.py": "DEPENDENCY = 'beside the app, imported by boxpkg'\n",
     "boxpkg/helper.py": textwrap.dedent(
         """\
         import os
@@ -348,6 +350,8 @@ def test_a_secret_beside_the_app_is_unreadable(tmp_path: Path, monkeypatch: pyte
         assert boxpkg.read(str(tmp_path / ".env")) == "PermissionError"
         assert boxpkg.listing(str(tmp_path)) == "PermissionError"
         assert "helper.py" in boxpkg.listing(str(tmp_path / "boxpkg"))  # the placed package, whole
+        assert boxpkg.DEPENDENCY == "beside the app, imported by boxpkg"  # and what it imports
+        assert boxpkg.read(str(tmp_path / "flexos.yaml")) == "PermissionError"
 
 
 # -- flexos check shows the effective policy ---------------------------------------------------------
@@ -389,7 +393,7 @@ def test_check_prints_the_effective_policy(tmp_path: Path) -> None:
     text = "\n".join(out[start : out.index("this machine:")])
     assert "call timeout 30s" in out[start]
     assert f"{tmp_path / 'data'}  (hardening.filesystem.read)" in text
-    assert f"{tmp_path / 'app' / 'boxpkg'}  (where the modules placed here live)" in text
+    assert f"{tmp_path / 'app' / 'boxpkg'}  (where the modules placed here and their imports live)" in text
     assert str(tmp_path / "app") + "," not in text and str(tmp_path / "app") + " " not in text
     assert "EPERM for accept, accept4" in text
     assert "denies os.exec, os.fork" in text and "subprocess.Popen" in text

@@ -101,7 +101,8 @@ def main() -> None:
         if policy.get("filesystem") is not None:
             filesystem = policy["filesystem"]
             placed = [module for module, owner in image.libraries.items() if owner == name]
-            hardening.restrict_filesystem(filesystem["read"], filesystem["write"], record.sys_path, placed)
+            elsewhere = [module for module, owner in image.libraries.items() if owner != name]
+            hardening.restrict_filesystem(filesystem["read"], filesystem["write"], record.sys_path, placed, elsewhere)
         if filter_policy is not None:
             hardening.apply_seccomp(filter_policy, seccomp)
         sys.path[:] = record.sys_path  # the app's, writable places included: imports from it run hardened
