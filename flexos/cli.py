@@ -46,6 +46,7 @@ def check(file: str | None, config: str, as_json: bool) -> None:
         _fail(exc.problems)
     _echo_err(notes)
     report = _check_report(image, search)
+    _echo_err(report["will_fail"])
     if as_json:
         import json
 
@@ -64,6 +65,7 @@ def _check_report(image: Image, search: list[str]) -> dict[str, Any]:
 
     features = {feature.name: feature for feature in machine_report()}
     refused = []
+    will_fail: list[str] = []  # works, but an import will fail: said now, as a warning
     compartments = []
     for spec in image.compartments.values():
         driver = driver_class(spec.driver)
@@ -79,6 +81,7 @@ def _check_report(image: Image, search: list[str]) -> dict[str, Any]:
                 )
         placed = [module for module, owner in image.libraries.items() if owner == spec.name]
         elsewhere = [module for module, owner in image.libraries.items() if owner != spec.name]
+        will_fail += _extensions_refused(image, spec.name, driver, placed, search)
         isolated = not spec.default and not driver.direct
         compartments.append(
             {
@@ -102,7 +105,30 @@ def _check_report(image: Image, search: list[str]) -> dict[str, Any]:
         "libraries": dict(sorted(image.libraries.items())),
         "machine": [{"name": f.name, "available": f.available, "detail": f.detail} for f in features.values()],
         "refused": refused,
+        "will_fail": will_fail,
     }
+
+
+def _extensions_refused(image: Image, name: str, driver: Any, placed: list[str], search: list[str]) -> list[str]:
+    """Why a C extension placed in compartment ``name`` will not load there (its driver says): its
+    import fails then, loudly; said at check, to place it elsewhere first."""
+    from flexos.hardening import extension_modules
+
+    found = {}
+    owner_of = {}
+    for module in placed:
+        for extension, path in extension_modules(module, search).items():
+            found[extension] = path
+            owner_of[extension] = module
+    refused: dict[str, dict[str, str]] = {}
+    for extension, why in sorted(driver.refuses(found).items()):
+        refused.setdefault(owner_of[extension], {})[extension] = why
+    return [
+        f"{image.source}: warning: compartment {name!r} ({driver.name}) cannot load the C extension"
+        f"{'s' if len(whys) > 1 else ''} {', '.join(map(repr, whys))} of library {module!r} "
+        f"({next(iter(whys.values()))}); place {module!r} in a compartment with a process of its own"
+        for module, whys in refused.items()
+    ]
 
 
 def _echo_check_report(image: Image, report: dict[str, Any]) -> None:

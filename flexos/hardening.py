@@ -244,6 +244,26 @@ def locate(module: str, code_paths: list[str]) -> importlib.machinery.ModuleSpec
     return spec
 
 
+def extension_modules(module: str, code_paths: list[str]) -> dict[str, str]:
+    """The C extension modules ``module`` is or holds (name -> file), found without importing."""
+    spec = locate(module, code_paths)
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    if spec is None or not spec.has_location:
+        return {}
+    if not spec.submodule_search_locations:
+        return {module: spec.origin} if spec.origin and spec.origin.endswith(suffixes) else {}
+    found = {}
+    for location in spec.submodule_search_locations:
+        for where, _, files in os.walk(location):
+            package = os.path.relpath(where, location).replace(os.sep, ".")
+            for name in files:
+                suffix = next((s for s in suffixes if name.endswith(s)), None)
+                if suffix is not None:
+                    parts = [module, *([] if package == "." else [package]), name[: -len(suffix)]]
+                    found[".".join(parts)] = os.path.join(where, name)
+    return found
+
+
 def _library_files(libraries: Iterable[str], code_paths: list[str]) -> tuple[tuple[str, str], ...]:
     """(file, or directory ending in /, library) for each library with a policy, longest first:
     found on ``code_paths`` as the import system would find it, without running any of its code."""

@@ -572,3 +572,19 @@ def test_a_remote_error_prints_the_apps_frames_then_the_compartments_once(tmp_pa
     assert lines[raised - 1].startswith("json.decoder.JSONDecodeError: Expecting property name")
     assert "flexos" not in "\n".join(lines[:raised])
     assert done.stderr.count("--- raised in compartment") == 1
+
+
+@pytest.mark.skipif(sys.version_info < (3, 13), reason="the subinterp driver needs CPython 3.13+")
+def test_check_predicts_an_extension_a_subinterpreter_will_not_load(tmp_path: Path) -> None:
+    pytest.importorskip("PIL", reason="pillow is not installed")
+    (tmp_path / "flexos.yaml").write_text(
+        box_yaml(["PIL", "sqlite3", "_sqlite3"]).replace("{driver: process}", "{driver: subinterp}")
+    )
+    done = subprocess.run([str(FLEXOS), "check"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    (warning,) = done.stderr.splitlines()
+    assert warning.startswith("flexos.yaml: warning: compartment 'box' (subinterp) cannot load the C extension")
+    assert "'PIL._imaging'" in warning and "sqlite3" not in warning  # _sqlite3 loads in a subinterpreter
+    assert warning.endswith(
+        "does not support loading in subinterpreters); place 'PIL' in a compartment with a process of its own"
+    )
