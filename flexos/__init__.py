@@ -58,27 +58,47 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
 
 
-def _image(config: str | os.PathLike[str] | Image | None) -> Image:
-    """``config`` itself if it is an Image, else the flexos.yaml at that path (None: the default file)."""
+def _image(config: str | os.PathLike[str] | Image | dict[str, Any] | None) -> Image:
+    """``config`` itself if it is an Image, an image of flexos.yaml's shape given as a dict, else the
+    flexos.yaml at that path (None: the default file); validated alike."""
     from flexos.image import Image
 
     if isinstance(config, Image):
         return config
+    if isinstance(config, dict):
+        from flexos.config import load_mapping
+
+        return load_mapping(config)
     from flexos.config import load
 
     return load() if config is None else load(os.fspath(config))
 
 
-def boot(config: str | os.PathLike[str] | Image | None = None) -> Runtime:
-    """Boot an image (a flexos.yaml path, default ./flexos.yaml, or an Image) in this process and
+def boot(config: str | os.PathLike[str] | Image | dict[str, Any] | None = None) -> Runtime:
+    """Boot an image (a flexos.yaml path, default ./flexos.yaml, the same as a dict, or an Image) in this process and
     return its running :class:`Runtime`; use it as a context manager::
 
         with flexos.boot("flexos.yaml"):
             import sqlite3          # a gate to the compartment sqlite3 is placed in
     """
+    import sys
+    import warnings
+
     from flexos import runtime
 
-    return runtime.boot(_image(config))
+    booted = runtime.boot(_image(config))
+    displaced = {id(module): name for name, module in booted.displaced.items()}
+    main = sys.modules.get("__main__")
+    for bound, value in list(vars(main).items()) if main is not None else ():
+        if id(value) in displaced:
+            owner = booted.image.compartment_of(displaced[id(value)])
+            warnings.warn(
+                f"{bound!r} in __main__ is the local module {displaced[id(value)]!r}, imported before flexos.boot(); "
+                f"{booted.image.source} places it in compartment {owner!r}: import it after boot to reach it there",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return booted
 
 
 def run_path(

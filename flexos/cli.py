@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
-import traceback
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 
@@ -14,6 +14,12 @@ from flexos.image import DEFAULT_CONFIG, CompartmentSpec, Image
 
 _config_option = click.option(
     "-c", "--config", default=DEFAULT_CONFIG, show_default=True, metavar="FILE", help="The image's flexos.yaml."
+)
+_run_config_option = click.option(
+    "-c",
+    "--config",
+    metavar="FILE",
+    help="The image's flexos.yaml (default: ./flexos.yaml, else the one beside SCRIPT).",
 )
 
 
@@ -24,72 +30,191 @@ def main() -> None:
 
 
 @main.command()
+@click.argument("file", required=False, metavar="[FILE]")
 @_config_option
-def check(config: str) -> None:
-    """Validate FILE, print the image (compartments, drivers, who is where) and this machine's features."""
-    from flexos.config import parse
-    from flexos.drivers import driver_class
-    from flexos.hardening import needed_features
+@click.option("--json", "as_json", is_flag=True, help="Print the same report as JSON data.")
+def check(file: str | None, config: str, as_json: bool) -> None:
+    """Validate FILE (default: -c, else flexos.yaml), print the image (compartments, drivers, who is
+    where), each compartment's effective policy and this machine's features."""
+    from flexos.config import app_path, parse
 
+    config = file or config
+    search = app_path(config)
     try:
-        image, notes = parse(config)
+        image, notes = parse(config, search)
     except ConfigError as exc:
         _fail(exc.problems)
     _echo_err(notes)
+    report = _check_report(image, search)
+    _echo_err(report["will_fail"])
+    if as_json:
+        import json
+
+        click.echo(json.dumps({**report, "warnings": notes}, indent=2))
+    else:
+        _echo_check_report(image, report)
+    if report["refused"]:
+        _fail(report["refused"])
+
+
+def _check_report(image: Image, search: list[str]) -> dict[str, Any]:
+    """Everything ``flexos check`` says about ``image`` on this machine, as plain data."""
+    from flexos.drivers import driver_class
+    from flexos.hardening import effective_policy, needed_features
+    from flexos.probe import machine_report
+
+    features = {feature.name: feature for feature in machine_report()}
     refused = []
-    click.echo(f"image {image.source}")
-    click.echo("compartments:")
+    will_fail: list[str] = []  # works, but an import will fail: said now, as a warning
+    compartments = []
     for spec in image.compartments.values():
         driver = driver_class(spec.driver)
         options = driver.read_options(spec.options)
-        listed = ", ".join(f"{k}={v}" for k, v in spec.options.items())
-        role = "default (the app's own code)" if spec.default else f"restart: {spec.restart}"
         reason = driver.unavailable(options)
-        status = "ok" if reason is None else "UNAVAILABLE"
-        click.echo(f"  {spec.name:<14} {spec.driver:<10} {status:<12} {role}" + (f"  [{listed}]" if listed else ""))
         if reason:
             refused.append(f"{image.source}: compartment {spec.name!r}: {reason}")
-        if spec.hardening:
-            click.echo(f"  {'':<14} hardening: {_describe_hardening(spec.hardening)}")
-        described = driver.describe(options)  # e.g. which accelerator QEMU will use here, and why
-        if described:
-            click.echo(f"  {'':<14} {spec.driver}: {described}")
-    click.echo("reach (whose modules each compartment may import; the default one reaches all):")
-    for spec in image.compartments.values():
-        if not spec.default:
-            click.echo(f"  {spec.name:<14} -> {_describe_reach(image, spec)}")
-    click.echo("libraries:")
-    for module, owner in sorted(image.libraries.items()):
-        click.echo(f"  {module:<30} -> {owner}")
-    click.echo("  (modules not listed are imported locally by each compartment that uses them)")
-    features = _echo_machine_report()
-    for spec in image.compartments.values():
         for option, feature in needed_features(spec.hardening):
             if not features[feature].available:
                 refused.append(
                     f"{image.source}: compartment {spec.name!r}: hardening {option} needs {feature}, which this "
                     f"machine lacks ({features[feature].detail}); remove the option or run on a machine that has it"
                 )
-    if refused:
-        _fail(refused)
+        placed = [module for module, owner in image.libraries.items() if owner == spec.name]
+        elsewhere = [module for module, owner in image.libraries.items() if owner != spec.name]
+        will_fail += _extensions_refused(image, spec.name, driver, placed, search)
+        isolated = not spec.default and not driver.direct
+        compartments.append(
+            {
+                "name": spec.name,
+                "driver": spec.driver,
+                "unavailable": reason,
+                "default": spec.default,
+                "options": spec.options,
+                "described": driver.describe(options),
+                "restart": spec.restart,
+                "timeout": spec.timeout,
+                "max_reply": spec.max_reply if isolated else None,
+                "hardening": spec.hardening,
+                "effective": effective_policy(spec.hardening, search, placed, elsewhere) if driver.hardenable else None,
+                "reaches": None if spec.default else _reached(image, spec),
+            }
+        )
+    return {
+        "image": image.source,
+        "compartments": compartments,
+        "libraries": dict(sorted(image.libraries.items())),
+        "machine": [{"name": f.name, "available": f.available, "detail": f.detail} for f in features.values()],
+        "refused": refused,
+        "will_fail": will_fail,
+    }
 
 
-def _echo_machine_report() -> dict:
-    """What this kernel and CPU offer for isolation and hardening, probed now (never assumed)."""
-    from flexos.probe import machine_report
+def _extensions_refused(image: Image, name: str, driver: Any, placed: list[str], search: list[str]) -> list[str]:
+    """Why a C extension placed in compartment ``name`` will not load there (its driver says): its
+    import fails then, loudly; said at check, to place it elsewhere first."""
+    from flexos.hardening import extension_modules
 
+    found = {}
+    owner_of = {}
+    for module in placed:
+        for extension, path in extension_modules(module, search).items():
+            found[extension] = path
+            owner_of[extension] = module
+    refused: dict[str, dict[str, str]] = {}
+    for extension, why in sorted(driver.refuses(found).items()):
+        refused.setdefault(owner_of[extension], {})[extension] = why
+    return [
+        f"{image.source}: warning: compartment {name!r} ({driver.name}) cannot load the C extension"
+        f"{'s' if len(whys) > 1 else ''} {', '.join(map(repr, whys))} of library {module!r} "
+        f"({next(iter(whys.values()))}); place {module!r} in a compartment with a process of its own"
+        for module, whys in refused.items()
+    ]
+
+
+def _echo_check_report(image: Image, report: dict[str, Any]) -> None:
+    click.echo(f"image {image.source}")
+    click.echo("compartments:")
+    for entry in report["compartments"]:
+        listed = ", ".join(f"{k}={v}" for k, v in entry["options"].items())
+        role = "default (the app's own code)" if entry["default"] else f"restart: {entry['restart']}"
+        status = "ok" if entry["unavailable"] is None else "UNAVAILABLE"
+        click.echo(
+            f"  {entry['name']:<14} {entry['driver']:<10} {status:<12} {role}" + (f"  [{listed}]" if listed else "")
+        )
+        if entry["hardening"]:
+            click.echo(f"  {'':<14} hardening: {_describe_hardening(entry['hardening'])}")
+        if entry["described"]:  # e.g. which accelerator QEMU will use here, and why
+            click.echo(f"  {'':<14} {entry['driver']}: {entry['described']}")
+    click.echo("reach (whose modules each compartment may import; the default one reaches all):")
+    for spec in image.compartments.values():
+        if not spec.default:
+            click.echo(f"  {spec.name:<14} -> {_describe_reach(image, spec)}")
+    click.echo("libraries:")
+    for module, owner in report["libraries"].items():
+        click.echo(f"  {module:<30} -> {owner}")
+    click.echo("  (modules not listed are imported locally by each compartment that uses them)")
+    click.echo("effective policy (what each compartment is held to once started, flexos's additions included):")
+    for entry in report["compartments"]:
+        for line in _describe_effective(entry):
+            click.echo(line)
     click.echo("this machine:")
-    features = {}
-    for feature in machine_report():
-        status = "available" if feature.available else "unavailable"
-        click.echo(f"  {feature.name:<14} {status:<12} {feature.detail}")
-        features[feature.name] = feature
-    return features
+    for feature in report["machine"]:
+        status = "available" if feature["available"] else "unavailable"
+        click.echo(f"  {feature['name']:<14} {status:<12} {feature['detail']}")
+
+
+def _describe_effective(entry: dict[str, Any]) -> list[str]:
+    """The lines of one compartment's effective policy (:func:`flexos.hardening.effective_policy`)."""
+    from flexos.config import human_size
+
+    name = entry["name"]
+    if entry["default"]:
+        return [f"  {name:<14} the app itself: unconfined, reaches every compartment"]
+    effective = entry["effective"]
+    timeout = f"{entry['timeout']:g}s per call, then the compartment is ended" if entry["timeout"] else "none"
+    lines = [
+        f"  {name:<14} restart {entry['restart']}; call timeout {timeout}"
+        + (f"; replies up to {human_size(entry['max_reply'])}" if entry["max_reply"] else ""),
+        f"  {'':<14} reaches  {', '.join(entry['reaches']) or 'nothing'}",
+    ]
+    if effective is None:
+        return [*lines, f"  {'':<14} runs in the app's process: the app's own files, network and privileges"]
+    pad = f"  {'':<14} "
+    if effective["read"] is None:
+        lines.append(f"{pad}read     everything the app's user can read (no hardening.filesystem)")
+        lines.append(f"{pad}write    everything the app's user can write (no hardening.filesystem)")
+    else:
+        grouped: dict[str, list[str]] = {}
+        for item in effective["read"]:
+            grouped.setdefault(item["why"], []).append(item["path"])
+        for position, (why, paths) in enumerate(grouped.items()):
+            lines.append(f"{pad}{'read' if position == 0 else '':<8} {', '.join(paths)}  ({why})")
+        written = [item["path"] for item in effective["write"]]
+        lines.append(
+            f"{pad}write    {', '.join(written) or 'nothing'}" + ("  (hardening.filesystem.write)" if written else "")
+        )
+    denied = effective["seccomp_deny"]
+    unless = "".join(f"; {rule['call']} unless {rule['meaning']}" for rule in effective["seccomp_deny_unless"])
+    lines.append(f"{pad}seccomp  " + (f"EPERM for {', '.join(denied)}{unless}" if denied else "no filter"))
+    audit = effective["audit_deny"]
+    lines.append(f"{pad}audit    " + (f"denies {', '.join(audit)} (and their .sub-events)" if audit else "no policy"))
+    network = "none (a network namespace of its own: only lo, down)" if effective["network"] == "none" else "the app's"
+    lines.append(f"{pad}network  {network}")
+    env = effective["env"]
+    lines.append(f"{pad}env      " + (f"clean: only {', '.join(env)}" if env != "inherit" else "the app's, inherited"))
+    limits = effective["limits"]
+    if limits:
+        shown = [f"{key} {human_size(value) if key == 'memory' else value}" for key, value in limits.items()]
+        lines.append(f"{pad}limits   {', '.join(shown)}")
+    return lines
+
+
+def _reached(image: Image, spec: CompartmentSpec) -> list[str]:
+    return [name for name in image.compartments if name != spec.name and image.may_reach(spec.name, name)]
 
 
 def _describe_reach(image: Image, spec: CompartmentSpec) -> str:
-    reached = [name for name in image.compartments if name != spec.name and image.may_reach(spec.name, name)]
-    listed = ", ".join(reached) or "nothing"
+    listed = ", ".join(_reached(image, spec)) or "nothing"
     if spec.reaches is not None:
         return listed
     why = "hardened, so only what reaches: lists" if spec.hardening else "unhardened, so every compartment"
@@ -100,6 +225,8 @@ def _describe_hardening(hardening: dict) -> str:
     parts = []
     if hardening.get("env") == "clean":
         parts.append("env clean")
+    elif isinstance(hardening.get("env"), dict):
+        parts.append(f"env clean but {', '.join(hardening['env']['keep'])}")
     if hardening.get("network") == "none":
         parts.append("no network")
     if hardening.get("filesystem") is not None:
@@ -117,35 +244,39 @@ def _describe_hardening(hardening: dict) -> str:
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@_config_option
+@_run_config_option
 @click.option("-m", "module", metavar="MODULE", help="Run a module, as python -m does.")
+@click.option(
+    "-v", "--verbose", is_flag=True, help="Log gated imports, compartment starts, restarts and denials to stderr."
+)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def run(config: str, module: str | None, args: tuple[str, ...]) -> None:
-    """Run an unmodified app (SCRIPT [ARGS]... or -m MODULE [ARGS]...) under the image."""
-    from flexos.config import load
-    from flexos.runtime import run_module, run_path
+def run(config: str | None, module: str | None, verbose: bool, args: tuple[str, ...]) -> None:
+    """Run an unmodified app (SCRIPT [ARGS]... or -m MODULE [ARGS]...) under the image
+    (FLEXOS_VERBOSE=1 in the environment logs as -v does, for apps started otherwise)."""
+    from flexos.config import app_path, load
 
     if module is None and not args:
         raise click.UsageError("give a script to run, or -m MODULE")
+    if verbose:
+        os.environ["FLEXOS_VERBOSE"] = "1"  # compartments inherit it
+    if module is None and not Path(args[0]).is_file():
+        # as python does: one line, exit 2
+        click.echo(
+            f"flexos run: can't open file {str(Path(args[0]).absolute())!r}: [Errno 2] No such file or directory",
+            err=True,
+        )
+        sys.exit(2)
+    app_dir = Path.cwd() if module is not None else Path(args[0]).resolve().parent
+    if config is None:
+        beside = app_dir / DEFAULT_CONFIG
+        config = DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() or not beside.is_file() else str(beside)
     try:
-        image = load(config)
-        if module is not None:
-            run_module(module, list(args), image)
-        else:
-            run_path(args[0], list(args[1:]), image)
+        image = load(config, app_path(config, app_dir))
     except ConfigError as exc:
         _fail(exc.problems)
-    except SystemExit:
-        raise
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except FlexosError as exc:
-        traceback.print_exc()
-        click.echo(f"flexos: {exc}", err=True)
-        sys.exit(1)
-    except BaseException:
-        traceback.print_exc()  # the app's own uncaught exception, as python would print it
-        sys.exit(1)
+    from flexos.runtime.child import exec_app
+
+    exec_app(image, module, list(args))  # does not return: the app runs in a lean interpreter
 
 
 @main.command()

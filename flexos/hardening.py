@@ -6,10 +6,12 @@ compartment's process before any component code runs (flexos/runtime/child.py ca
 order). A requested protection that cannot be applied stops the compartment from starting: it
 never runs unhardened.
 
-- ``env: clean``       the process starts with an empty environment (no inherited secrets);
+- ``env: clean``       the process starts with an empty environment (no inherited secrets),
+                       but the variables ``env: {keep: [...]}`` names;
 - ``network: none``    a new user + network namespace: no interface but a loopback that is down;
-- ``filesystem``       Landlock: only the listed paths (plus what Python itself needs, read-only)
-                       can be read or written; with Landlock ABI >= 6 the compartment also cannot
+- ``filesystem``       Landlock: only the listed paths (plus, read-only, what Python itself needs
+                       and the packages of the modules placed in the compartment, not the app's
+                       directory) can be read or written; with Landlock ABI >= 6 the compartment also cannot
                        signal processes outside it (the app);
 - ``seccomp``          a seccomp filter in the kernel: named profiles (``compute-only``) and
                        deny/allow lists of system calls, answered with EPERM (calls through
@@ -29,12 +31,13 @@ import errno
 import importlib.machinery
 import os
 import resource
+import socket
 import sys
 import threading
 import types
 import weakref
 from _thread import get_ident
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from flexos import _linux
@@ -59,8 +62,14 @@ CLEAN_ENVIRONMENT = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 
 def environment(hardening: dict[str, Any]) -> dict[str, str] | None:
-    """The environment to start the compartment process with (None: inherit the app's)."""
-    return dict(CLEAN_ENVIRONMENT) if hardening.get("env") == "clean" else None
+    """The environment to start the compartment process with (None: inherit the app's): clean is
+    :data:`CLEAN_ENVIRONMENT`, the variables ``env: {keep: [...]}`` names, and flexos's own
+    ``FLEXOS_VERBOSE`` (the user asked to see the boundaries, this one's included)."""
+    env = hardening.get("env")
+    if env in (None, "inherit"):
+        return None
+    keep = ["FLEXOS_VERBOSE", *(env.get("keep", []) if isinstance(env, dict) else [])]
+    return {**CLEAN_ENVIRONMENT, **{name: os.environ[name] for name in keep if name in os.environ}}
 
 
 def isolate_network() -> None:
@@ -158,8 +167,9 @@ _INTERPRETER, _MACHINERY_CODE, _IMPORTER, _COMPONENT = range(4)
 _CodeTable = dict[int, tuple[types.CodeType, dict[str, Any], int]]
 
 
-def _loaded_code(importers: Iterable[Any]) -> _CodeTable:
+def _loaded_code(importers: Iterable[Any], displaced: Iterable[types.ModuleType] = ()) -> _CodeTable:
     """Every code object of the modules loaded so far, by id: (code, its globals, whose).
+    ``displaced``: loaded modules the runtime took out of ``sys.modules`` (placed elsewhere).
 
     Called before any component code runs, so what it finds is the interpreter's, flexos's and its
     dependencies' code, and nothing a component made: a frame counts as one of these only if it
@@ -198,7 +208,7 @@ def _loaded_code(importers: Iterable[Any]) -> _CodeTable:
             for member in list(vars(value).values()):
                 visit(member, depth + 1)
 
-    for module in list(sys.modules.values()):
+    for module in [*sys.modules.values(), *displaced]:
         if type(module) is types.ModuleType:  # not flexos's gates (ModuleProxy)
             for value in list(vars(module).values()):
                 visit(value)
@@ -207,18 +217,59 @@ def _loaded_code(importers: Iterable[Any]) -> _CodeTable:
     return table
 
 
+def locate(module: str, code_paths: list[str]) -> importlib.machinery.ModuleSpec | None:
+    """Where ``module`` would be imported from on ``code_paths`` (None: nowhere), found as the
+    import system finds it but without running any code of it or of its parent packages. The
+    top level is also asked of the finders an install put first (editable installs), not flexos's."""
+    parts = module.split(".")
+    spec = None
+    for finder in sys.meta_path:
+        if type(finder).__module__.partition(".")[0] == "flexos":
+            continue
+        if finder is importlib.machinery.PathFinder:
+            spec = finder.find_spec(parts[0], code_paths)
+        elif callable(getattr(finder, "find_spec", None)):
+            try:
+                spec = finder.find_spec(parts[0], None)
+            except Exception:  # a third-party finder that fails on a name it does not know
+                spec = None
+        if spec is not None:
+            break
+    for depth in range(1, len(parts)):
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(
+            ".".join(parts[: depth + 1]), list(spec.submodule_search_locations)
+        )
+    return spec
+
+
+def extension_modules(module: str, code_paths: list[str]) -> dict[str, str]:
+    """The C extension modules ``module`` is or holds (name -> file), found without importing."""
+    spec = locate(module, code_paths)
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    if spec is None or not spec.has_location:
+        return {}
+    if not spec.submodule_search_locations:
+        return {module: spec.origin} if spec.origin and spec.origin.endswith(suffixes) else {}
+    found = {}
+    for location in spec.submodule_search_locations:
+        for where, _, files in os.walk(location):
+            package = os.path.relpath(where, location).replace(os.sep, ".")
+            for name in files:
+                suffix = next((s for s in suffixes if name.endswith(s)), None)
+                if suffix is not None:
+                    parts = [module, *([] if package == "." else [package]), name[: -len(suffix)]]
+                    found[".".join(parts)] = os.path.join(where, name)
+    return found
+
+
 def _library_files(libraries: Iterable[str], code_paths: list[str]) -> tuple[tuple[str, str], ...]:
     """(file, or directory ending in /, library) for each library with a policy, longest first:
     found on ``code_paths`` as the import system would find it, without running any of its code."""
     found = []
     for library in libraries:
-        locations, spec = code_paths, None
-        parts = library.split(".")
-        for depth in range(len(parts)):
-            spec = importlib.machinery.PathFinder.find_spec(".".join(parts[: depth + 1]), locations)
-            if spec is None:
-                break
-            locations = list(spec.submodule_search_locations or [])
+        spec = locate(library, code_paths)
         if spec is not None and spec.submodule_search_locations:
             found += [(os.path.join(location, ""), library) for location in spec.submodule_search_locations]
         elif spec is not None and spec.origin:
@@ -232,6 +283,7 @@ def install_audit_policy(
     libraries: dict[str, list[str]] | None = None,
     code_paths: Iterable[str] = (),
     importers: Iterable[Any] = (),
+    displaced: Iterable[types.ModuleType] = (),
 ) -> None:
     """Refuse denied audit events raised on behalf of component code, for the life of the process.
 
@@ -254,7 +306,7 @@ def install_audit_policy(
         return
     watched_prefixes = tuple(f"{event}." for event in watched)
     every_library = frozenset(per_library)
-    code = _loaded_code(importers)
+    code = _loaded_code(importers, displaced)
     files = _library_files(per_library, list(code_paths))
     active_threads = threading._active  # type: ignore[attr-defined]  # ident -> Thread: threading's own table
     started: dict[int, tuple[weakref.ref, int, frozenset[str]]] = {}  # id(Thread) -> whose it is
@@ -369,22 +421,127 @@ _SYSTEM_READ = (
 )
 
 
-def always_readable(code: Iterable[str] = ()) -> tuple[str, ...]:
+def interpreter_paths() -> tuple[str, ...]:
+    """Where this interpreter's own code lives: its prefixes, standard library and site-packages
+    (with what their .pth files add), and flexos. Not the app's directory: ``sys.path[0]`` is the
+    script's unless the interpreter started isolated (a compartment's: ``-I``)."""
+    own_path = sys.path if sys.flags.isolated else sys.path[1:]
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, *own_path, os.path.dirname(os.__file__), _FLEXOS}
+    return tuple(sorted(os.path.abspath(path) for path in paths))
+
+
+def _under(path: str, roots: Iterable[str]) -> bool:
+    return any(path == root or path.startswith(os.path.join(root, "")) for root in roots)
+
+
+def app_code(code: Iterable[str]) -> list[str]:
+    """The entries of the app's ``sys.path`` that are not the interpreter's: its own directory
+    (where .env, config files and databases live too) and whatever else it put there."""
+    interpreter = interpreter_paths()
+    return [path for path in dict.fromkeys(os.path.abspath(entry) for entry in code) if not _under(path, interpreter)]
+
+
+def placed_code(code: Iterable[str], placed: Iterable[str], elsewhere: Iterable[str] = ()) -> list[str]:
+    """Where the modules ``placed`` in a compartment and their dependencies live in the app's own
+    code: the whole top-level package of each, or the single module file. Dependencies are read
+    off the import statements of their source (nothing runs), transitively within the app's code;
+    modules placed ``elsewhere`` are gates there, and need no file."""
+    own = app_code(code)
+    skip = set(elsewhere)
+    found: list[str] = []
+    pending = list(dict.fromkeys(name.partition(".")[0] for name in placed))
+    seen = set(pending)
+    while pending:
+        spec = locate(pending.pop(), own)
+        if spec is None or not spec.has_location:
+            continue
+        if spec.submodule_search_locations:
+            roots = [os.path.abspath(location) for location in spec.submodule_search_locations]
+        elif spec.origin:
+            roots = [os.path.abspath(spec.origin)]
+        else:
+            continue
+        roots = [root for root in roots if _under(root, own)]
+        found += roots
+        for module in _imported_by(roots):
+            if module not in seen and module not in skip:
+                seen.add(module)
+                pending.append(module)
+    return list(dict.fromkeys(found))
+
+
+def _imported_by(roots: Iterable[str]) -> set[str]:
+    """The top-level names the Python sources at ``roots`` (files, or package directories) import
+    absolutely, as their import statements say."""
+    import ast
+
+    names: set[str] = set()
+    for root in roots:
+        files = (
+            [root]
+            if os.path.isfile(root)
+            else [
+                os.path.join(where, name)
+                for where, _, listed in os.walk(root)
+                for name in listed
+                if name.endswith(".py")
+            ]
+        )
+        for path in files:
+            try:
+                with open(path, "rb") as source:
+                    tree = ast.parse(source.read(), path)
+            except (OSError, SyntaxError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    names.update(alias.name.partition(".")[0] for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names.add(node.module.partition(".")[0])
+    return names
+
+
+def always_readable(
+    code: Iterable[str] = (), placed: Iterable[str] = (), elsewhere: Iterable[str] = ()
+) -> tuple[str, ...]:
     """What a ``filesystem``-restricted compartment may read besides its allowlist: the system's
-    libraries and devices, the interpreter, its standard library and site-packages, the app's
-    ``sys.path`` and ``code`` paths, and flexos itself (an editable install is reached through a
-    finder, not a sys.path entry, and a compartment imports a driver module when it first reaches a
-    sibling)."""
-    python_paths = {
-        sys.prefix,
-        sys.base_prefix,
-        sys.exec_prefix,
-        *sys.path,
-        *code,
-        os.path.dirname(os.__file__),
-        _FLEXOS,
-    }
-    return (*_SYSTEM_READ, *sorted(python_paths))
+    libraries and devices, the interpreter's own code (:func:`interpreter_paths`, flexos included:
+    an editable install is reached through a finder, and a compartment imports a driver module
+    when it first reaches a sibling), and of the app's own code (``code``: its ``sys.path``) only
+    where the modules ``placed`` in the compartment live (:func:`placed_code`). The app's
+    directory itself is neither readable nor listable (``elsewhere``: the modules placed in the
+    other compartments)."""
+    code = list(code)
+    return (*_SYSTEM_READ, *interpreter_paths(), *placed_code(code, placed, elsewhere))
+
+
+def _prelist_app_code(code: Iterable[str]) -> None:
+    """List the app's code directories for the import system now, while they can be: past the
+    restriction each may not be listed, and its finder would then find nothing in it."""
+    for path in app_code(code):
+        if os.path.isdir(path):
+            finder = _ListedBeforeRestriction(path, *_LOADERS)
+            finder.find_spec("flexos-prelist")  # fills the listing (no module has this name)
+            for entry in {path, *(written for written in code if os.path.abspath(written) == path)}:
+                sys.path_importer_cache[entry] = finder
+
+
+_LOADERS = (
+    (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES),
+    (importlib.machinery.SourceFileLoader, importlib.machinery.SOURCE_SUFFIXES),
+    (importlib.machinery.SourcelessFileLoader, importlib.machinery.BYTECODE_SUFFIXES),
+)
+
+
+class _ListedBeforeRestriction(importlib.machinery.FileFinder):
+    """A FileFinder that keeps its listing when Landlock refuses a new one (the directory changed
+    after the restriction: the app wrote a file beside its code)."""
+
+    def _fill_cache(self) -> None:
+        before: set[str] = getattr(self, "_path_cache", set())
+        super()._fill_cache()  # type: ignore[misc]
+        if before and not getattr(self, "_path_cache", None):
+            self._path_cache = before
 
 
 class _RulesetAttr(ctypes.Structure):
@@ -407,9 +564,15 @@ def landlock_abi() -> int:
     return max(answer[0], 0) if answer is not None else 0
 
 
-def restrict_filesystem(read: Iterable[str], write: Iterable[str], code: Iterable[str] = ()) -> None:
-    """Allow only ``read``/``write`` (and, read-only, what Python needs and ``code``: the paths the
-    compartment imports its modules from) from now on.
+def restrict_filesystem(
+    read: Iterable[str],
+    write: Iterable[str],
+    code: Iterable[str] = (),
+    placed: Iterable[str] = (),
+    elsewhere: Iterable[str] = (),
+) -> None:
+    """Allow only ``read``/``write`` (and, read-only, what Python needs and where in ``code``, the
+    app's ``sys.path``, the modules ``placed`` in this compartment live) from now on.
 
     landlock_restrict_self() binds the calling thread and the threads it starts later, so this
     runs before the compartment starts any thread.
@@ -429,8 +592,10 @@ def restrict_filesystem(read: Iterable[str], write: Iterable[str], code: Iterabl
     ruleset, error = _linux.syscall(create, ctypes.byref(attr), size, 0)
     if error:
         raise HardeningError(f"filesystem: landlock_create_ruleset failed: {os.strerror(error)}")
+    code = list(code)
+    _prelist_app_code(code)
     try:
-        for path in always_readable(code):  # what exists of these (sys.path may list zips)
+        for path in always_readable(code, placed, elsewhere):  # what exists of these (sys.path may list zips)
             _allow(add_rule, ruleset, os.path.abspath(path), _READ & handled, required=False)
         for kind, paths, rights in (("read", read, _READ), ("write", write, writable)):
             for path in paths:  # the operator's own list: a missing path is a mistake, said now
@@ -473,7 +638,7 @@ def _allow(add_rule: int, ruleset: int, path: str, rights: int, required: str | 
 SECCOMP_PROFILES: dict[str, tuple[str, ...]] = {
     "compute-only": (
         "execve", "execveat", "fork", "vfork",
-        "socket", "socketpair", "connect", "bind", "listen", "accept", "accept4",
+        "socket", "connect", "bind", "listen", "accept", "accept4",
         "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd",
         "setns", "unshare", "mount", "umount2", "pivot_root", "chroot", "open_by_handle_at",
         "bpf", "perf_event_open", "userfaultfd", "keyctl", "add_key", "request_key",
@@ -481,6 +646,13 @@ SECCOMP_PROFILES: dict[str, tuple[str, ...]] = {
         "swapon", "swapoff", "io_uring_setup", "io_uring_enter", "io_uring_register",
     ),
 }  # fmt: skip
+# What a profile refuses but for one argument value: (system call, argument index, the value allowed,
+# what that value means).
+# compute-only keeps AF_UNIX socketpair(): asyncio's event loop wakes itself through one, and such
+# a pair reaches nothing outside the process.
+SECCOMP_UNLESS: dict[str, tuple[tuple[str, int, int, str], ...]] = {
+    "compute-only": (("socketpair", 0, socket.AF_UNIX, "AF_UNIX"),),
+}
 
 
 def seccomp_policy(policy: dict[str, Any]) -> dict[str, Any] | None:
@@ -492,6 +664,19 @@ def seccomp_policy(policy: dict[str, Any]) -> dict[str, Any] | None:
     merged["deny"] = [*merged.get("deny", []), "fork", "vfork"]
     merged["allow"] = [name for name in merged.get("allow", []) if name not in ("fork", "vfork")]
     return merged
+
+
+def seccomp_denied(policy: dict[str, Any]) -> list[str]:
+    """The system calls a seccomp ``policy`` (of :func:`seccomp_policy`) answers with EPERM."""
+    deny = set(SECCOMP_PROFILES.get(policy.get("profile") or "", ())) | set(policy.get("deny") or ())
+    return sorted(deny - set(policy.get("allow") or ()))
+
+
+def seccomp_denied_unless(policy: dict[str, Any]) -> list[tuple[str, int, int, str]]:
+    """(system call, argument, allowed value, its meaning): what the profile refuses but for one value,
+    unless the policy's own lists say otherwise for that call."""
+    decided = set(policy.get("deny") or ()) | set(policy.get("allow") or ())
+    return [rule for rule in SECCOMP_UNLESS.get(policy.get("profile") or "", ()) if rule[0] not in decided]
 
 
 def seccomp_library() -> Any:
@@ -509,8 +694,7 @@ def apply_seccomp(policy: dict[str, Any], seccomp: Any) -> None:
     Its rules are the native ABI's; a call through any other the kernel takes from this process
     (x32 or i386 on x86_64) is answered ENOSYS, as by a kernel without that ABI. libseccomp's
     default would kill the calling thread, leaving the app's call unanswered."""
-    deny = set(SECCOMP_PROFILES.get(policy.get("profile") or "", ())) | set(policy.get("deny") or ())
-    deny -= set(policy.get("allow") or ())
+    deny = set(seccomp_denied(policy))
     arch = seccomp.system_arch()
     for name in sorted(deny):
         if seccomp.resolve_syscall(arch, name) < 0:
@@ -520,6 +704,8 @@ def apply_seccomp(policy: dict[str, Any], seccomp: Any) -> None:
         rules.set_attr(seccomp.Attr.ACT_BADARCH, seccomp.ERRNO(errno.ENOSYS))
         for name in sorted(deny):
             rules.add_rule(seccomp.ERRNO(errno.EPERM), name)
+        for name, argument, allowed, _meaning in seccomp_denied_unless(policy):
+            rules.add_rule(seccomp.ERRNO(errno.EPERM), name, seccomp.Arg(argument, seccomp.NE, allowed))
         if "fork" in deny:  # a process is clone() without CLONE_THREAD; clone3 hides its flags
             rules.add_rule(
                 seccomp.ERRNO(errno.EPERM), "clone", seccomp.Arg(0, seccomp.MASKED_EQ, _linux.CLONE_THREAD, 0)
@@ -542,3 +728,97 @@ def needed_features(hardening: dict[str, Any]) -> list[tuple[str, str]]:
     if (hardening.get("limits") or {}).get("processes") == 0:
         needed.append(("limits.processes", "seccomp"))
     return needed
+
+
+def effective_policy(
+    hardening: dict[str, Any], code: Iterable[str] = (), placed: Iterable[str] = (), elsewhere: Iterable[str] = ()
+) -> dict[str, Any]:
+    """What a compartment with ``hardening`` is held to once started, flexos's additions included
+    (each read path with why it is there), as plain data: ``flexos check`` prints it."""
+    filesystem = hardening.get("filesystem")
+    if filesystem is None:
+        read: list[dict[str, str]] | None = None
+        write: list[dict[str, str]] | None = None
+    else:
+        code = list(code)
+        why = (
+            [(path, "the interpreter's shared libraries and devices") for path in _SYSTEM_READ]
+            + [
+                (path, "the interpreter's own code (standard library, site-packages, flexos)")
+                for path in interpreter_paths()
+            ]
+            + [
+                (path, "where the modules placed here and their imports live")
+                for path in placed_code(code, placed, elsewhere)
+            ]
+            + [(path, "hardening.filesystem.read") for path in filesystem["read"]]
+        )
+        read = [{"path": path, "why": reason} for path, reason in why]
+        write = [{"path": path, "why": "hardening.filesystem.write"} for path in filesystem["write"]]
+    filter_policy = seccomp_policy(hardening)
+    exact, _ = expand_events((hardening.get("audit") or {}).get("deny", []))
+    return {
+        "read": read,
+        "write": write,
+        "seccomp_deny": seccomp_denied(filter_policy) if filter_policy is not None else None,
+        "seccomp_deny_unless": [
+            {"call": name, "argument": argument, "allowed": allowed, "meaning": meaning}
+            for name, argument, allowed, meaning in (seccomp_denied_unless(filter_policy) if filter_policy else [])
+        ],
+        "audit_deny": sorted(exact),
+        "network": hardening.get("network", "allow"),
+        "env": "inherit" if environment(hardening) is None else sorted(environment(hardening) or ()),
+        "limits": {key: value for key, value in (hardening.get("limits") or {}).items() if value is not None},
+    }
+
+
+# -- denials that say which setting caused them ------------------------------------------------------
+_DENIAL_TOOL = 4  # a sys.monitoring tool id free of debuggers (0), coverage (1), profilers (2), optimizers (5)
+
+
+def explain_denials(
+    compartment: str,
+    hardening: dict[str, Any],
+    source: str,
+    boundary: types.CodeType,
+    on_denial: Callable[[str], None] = lambda note: None,
+) -> None:
+    """Note, on an error a call returns to the caller, which setting of ``hardening`` can have caused
+    it, as audit denials say theirs: Landlock's EACCES, seccomp's EPERM, an isolated network's
+    ENETUNREACH, a MemoryError under ``limits.memory``. Only exceptions the code ``boundary`` (the
+    gate's dispatcher) catches are explained; the callback runs when an exception is caught (an identity
+    test for any other), never on a call that raises nothing."""
+    monitoring = getattr(sys, "monitoring", None)
+    where = f"compartment {compartment!r} is sandboxed"
+    by_errno: dict[int, str] = {}
+    if hardening.get("filesystem") is not None:
+        by_errno[errno.EACCES] = "{filename} is not under hardening.filesystem.read (or .write, to write it)"
+    if hardening.get("seccomp") is not None or (hardening.get("limits") or {}).get("processes") == 0:
+        denied = ", ".join(seccomp_denied(seccomp_policy(hardening) or {}))
+        by_errno[errno.EPERM] = f"hardening.seccomp refuses the system calls {denied}"
+    if hardening.get("network") == "none":
+        by_errno[errno.ENETUNREACH] = "hardening.network is none: it has a network namespace of its own, only lo"
+    memory = (hardening.get("limits") or {}).get("memory")
+    if monitoring is None or not (by_errno or memory):
+        return
+
+    def handled(code: types.CodeType, offset: int, exc: BaseException) -> None:
+        if code is not boundary:
+            return
+        if type(exc) is MemoryError and memory:
+            why = f"hardening.limits.memory holds it to {memory} bytes of data"
+        elif isinstance(exc, OSError) and exc.errno in by_errno:
+            why = by_errno[exc.errno].format(filename=exc.filename if exc.filename is not None else "the path")
+        else:
+            return
+        note = f"{where}: {why} ({source})"
+        try:
+            if note not in getattr(exc, "__notes__", ()):
+                exc.add_note(note)
+                on_denial(f"denied: {type(exc).__name__}: {exc}; {note}")
+        except MemoryError:
+            pass
+
+    monitoring.use_tool_id(_DENIAL_TOOL, "flexos denials")
+    monitoring.register_callback(_DENIAL_TOOL, monitoring.events.EXCEPTION_HANDLED, handled)
+    monitoring.set_events(_DENIAL_TOOL, monitoring.events.EXCEPTION_HANDLED)  # a global event only

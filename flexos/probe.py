@@ -383,3 +383,46 @@ def pku() -> Feature:
 def machine_report() -> list[Feature]:
     """Every feature, probed now, in the order ``flexos check`` prints them."""
     return [seccomp(), landlock(), user_namespaces(), network_namespaces(), kvm(), pku()]
+
+
+# -- what a subinterpreter of this interpreter refuses to load ------------------------------------
+# Runs in a throwaway interpreter process: loads each extension module's file (its init only, not
+# its package's Python code) in a fresh isolated subinterpreter, and prints those refused.
+_SUBINTERPRETER_PROBE = """
+import _interpreters, json, sys
+refused = {}
+for name, path in json.loads(sys.argv[1]).items():
+    interp = _interpreters.create()
+    try:
+        failure = _interpreters.exec(interp, (
+            "import importlib.util\\n"
+            f"spec = importlib.util.spec_from_file_location({name!r}, {path!r})\\n"
+            "importlib.util.module_from_spec(spec)\\n"
+        ))
+        if failure is not None and "subinterpreters" in str(failure.msg):
+            refused[name] = str(failure.msg)
+    finally:
+        _interpreters.destroy(interp)
+print(json.dumps(refused))
+"""
+
+
+def subinterpreter_refuses(extensions: dict[str, str]) -> dict[str, str]:
+    """Of these extension modules (name -> file), those a subinterpreter with its own GIL refuses
+    (single-phase init, or no per-interpreter-GIL support declared), with the interpreter's reason.
+    Found by loading each in a throwaway process (their init runs there, not their package)."""
+    import json
+    import subprocess
+
+    if not extensions or sys.version_info < (3, 13):
+        return {}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-I", "-c", _SUBINTERPRETER_PROBE, json.dumps(extensions)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return {}  # the import at boot still refuses, with the same reason

@@ -8,8 +8,11 @@ default, declared compartments, what each driver can do).
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -18,13 +21,15 @@ from flexos.config.schema import (
     Hardening,
     LibraryHardening,
     StrictModel,
+    context,
+    human_size,
     is_module_name,
     mechanism_model,
     parse_size,
     validate,
     validation_problems,
 )
-from flexos.config.source import Source, plain, read_source
+from flexos.config.source import MappingSource, Source, plain, read_source
 from flexos.drivers import driver_class
 from flexos.errors import ConfigError
 from flexos.image import DEFAULT_CONFIG, CompartmentSpec, Image
@@ -35,8 +40,11 @@ __all__ = [
     "LibraryHardening",
     "Source",
     "StrictModel",
+    "app_path",
+    "human_size",
     "is_module_name",
     "load",
+    "load_mapping",
     "parse",
     "parse_document",
     "parse_size",
@@ -50,22 +58,36 @@ class ConfigWarning(UserWarning):
     """A flexos.yaml that works but is probably not what its author meant."""
 
 
-def parse(path: str | Path) -> tuple[Image, list[str]]:
-    """Validate ``path``; return the image and the warnings, or raise ConfigError listing every problem."""
-    return parse_document(read_source(Path(path)))
+def parse(path: str | Path, search: list[str] | None = None) -> tuple[Image, list[str]]:
+    """Validate ``path``; return the image and the warnings, or raise ConfigError listing every problem.
+
+    ``search``: where the app will import from, to run it here: each module placed in an isolated
+    compartment must be found there, and host paths must exist (resolved: ``~`` expanded, relative
+    ones taken from the file's directory). None: neither is verified and paths stay as written
+    (a proposal of modules and paths seen elsewhere, an explore space's base).
+    """
+    return parse_document(read_source(Path(path)), search)
 
 
-def parse_document(src: Source) -> tuple[Image, list[str]]:
+def app_path(config: str | Path, app_dir: str | Path | None = None) -> list[str]:
+    """Where an app run with ``config`` imports from: its own directory (the script's; unknown: the
+    working directory and the config's), then this interpreter's path."""
+    first = [str(app_dir)] if app_dir is not None else [os.getcwd(), str(Path(config).resolve().parent)]
+    return list(dict.fromkeys(entry or os.getcwd() for entry in [*first, *sys.path]))
+
+
+def parse_document(src: Source, search: list[str] | None = None) -> tuple[Image, list[str]]:
     """Validate a document already read (the base of an explore space is one without its ``explore:``)."""
-    config = validate(src)
+    config = validate(src, here=search is not None)
     problems: list[str] = []
-    specs = _compartments(src, config.compartments, problems)
+    specs = _compartments(src, config.compartments, problems, here=search is not None)
     problem = rules.one_default(src, config.compartments) or rules.default_may_hold_the_app(src, config.compartments)
     if problem:
         problems.append(problem)
     libraries: dict[str, str] = {}
     library_hardening: dict[str, dict] = {}
     declared = list(dict.fromkeys(entry.name for entry in config.compartments))
+    isolated = {entry.name for entry in config.compartments if not entry.default}
     for index, entry in enumerate(config.compartments):
         problems.extend(rules.reaches_declared(src, index, entry, declared))
     for module, library in config.libraries.items():
@@ -73,6 +95,11 @@ def parse_document(src: Source) -> tuple[Image, list[str]]:
             rules.library_name(src, module)
             or rules.declared_compartment(src, module, library, declared)
             or rules.library_hardening_needs_hardenable(src, module, library, specs)
+            or (
+                rules.library_found(src, module, search)
+                if search is not None and library.compartment in isolated
+                else None
+            )
         )
         if problem:
             problems.append(problem)
@@ -86,7 +113,7 @@ def parse_document(src: Source) -> tuple[Image, list[str]]:
     return Image(specs, libraries, source=src.path, library_hardening=library_hardening), notes
 
 
-def _compartments(src: Source, entries: list, problems: list[str]) -> dict[str, CompartmentSpec]:
+def _compartments(src: Source, entries: list, problems: list[str], here: bool) -> dict[str, CompartmentSpec]:
     """The specs of the compartments without problems; the problems of the others go to ``problems``."""
     specs: dict[str, CompartmentSpec] = {}
     first_line: dict[str, int] = {}
@@ -103,7 +130,8 @@ def _compartments(src: Source, entries: list, problems: list[str]) -> dict[str, 
         driver = driver_class(entry.mechanism["driver"])  # known: unknown_driver passed
         model = mechanism_model(driver)
         try:
-            options = model.model_validate(dict(entry.mechanism)).model_dump(exclude={"driver"})
+            validated = model.model_validate(dict(entry.mechanism), context=context(src, here))
+            options = validated.model_dump(exclude={"driver"})
         except ValidationError as exc:
             problems.extend(validation_problems(src, exc, model, ("compartments", index, "mechanism")))
             continue
@@ -129,9 +157,28 @@ def _compartments(src: Source, entries: list, problems: list[str]) -> dict[str, 
     return specs
 
 
-def load(path: str | Path = DEFAULT_CONFIG) -> Image:
-    """Load a flexos.yaml; problems raise ConfigError, suspicious parts emit a ConfigWarning."""
-    image, notes = parse(path)
+def load_mapping(data: dict[str, Any], search: list[str] | None = None) -> Image:
+    """An image from Python data of flexos.yaml's shape (``flexos.boot({...})``), validated as a file
+    is, with the same messages naming key paths instead of lines; relative paths are the working
+    directory's."""
+    image, notes = parse_document(
+        MappingSource("flexos.boot({...})", data), app_path(".", os.getcwd()) if search is None else search
+    )
     for note in notes:
-        warnings.warn(note, ConfigWarning, stacklevel=2)
+        warnings.warn(note, ConfigWarning, stacklevel=3)
     return image
+
+
+def load(path: str | Path = DEFAULT_CONFIG, search: list[str] | None = None) -> Image:
+    """Load a flexos.yaml; problems raise ConfigError, suspicious parts emit a ConfigWarning.
+    Placement is verified on ``search`` (default: :func:`app_path`)."""
+    image, notes = parse(path, app_path(path) if search is None else search)
+    for note in notes:
+        _warn_at_line(note)
+    return image
+
+
+def _warn_at_line(note: str) -> None:
+    """Warn ``FILE:LINE: ...`` as coming from that line of flexos.yaml, not from flexos's source."""
+    filename, line, _ = note.split(":", 2)
+    warnings.warn_explicit(note, ConfigWarning, filename, int(line) if line.isdigit() else 0)

@@ -8,13 +8,15 @@ so a new driver is covered without a change here.
 from __future__ import annotations
 
 import difflib
+import sys
 from typing import Any
 
-from flexos.config.schema import CompartmentEntry, LibraryEntry, is_module_name
+from flexos.config.schema import CompartmentEntry, LibraryEntry, did_you_mean, is_module_name
 from flexos.config.source import Source
 from flexos.drivers import driver_class, names
 from flexos.drivers.base import Driver
 from flexos.errors import DriverUnavailable
+from flexos.hardening import locate
 from flexos.image import CompartmentSpec
 
 
@@ -50,8 +52,7 @@ def unknown_driver(src: Source, index: int, entry: CompartmentEntry) -> str | No
         return src.error(loc, f"compartment {entry.name!r}: mechanism needs a 'driver' (one of: {', '.join(names())})")
     if driver_named(driver) is not None:
         return None
-    guess = difflib.get_close_matches(str(driver), names(), n=1)
-    hint = f"; did you mean {guess[0]!r}?" if guess else ""
+    hint = did_you_mean(str(driver), names())
     return src.error(loc + ("driver",), f"unknown driver {driver!r}{hint} (known drivers: {', '.join(names())})")
 
 
@@ -142,6 +143,18 @@ def reaches_declared(src: Source, index: int, entry: CompartmentEntry, declared:
 
 
 # -- libraries ------------------------------------------------------------------------------------
+# What every compartment's interpreter runs on (the import system, codecs, the main thread, the
+# os interface) and so flexos's runtime in it too: a gate cannot stand in for them.
+EVERY_COMPARTMENT = frozenset(
+    {
+        "builtins", "sys", "os", "posix", "posixpath", "genericpath", "stat", "_stat", "io", "_io", "abc", "_abc",
+        "codecs", "_codecs", "encodings", "importlib", "_imp", "_frozen_importlib", "_frozen_importlib_external",
+        "zipimport", "marshal", "site", "_sitebuiltins", "types", "_collections_abc", "warnings", "_warnings",
+        "threading", "_thread", "_weakref",
+    }
+)  # fmt: skip
+
+
 def library_name(src: Source, module: str) -> str | None:
     if not is_module_name(module):
         return src.error(
@@ -153,6 +166,19 @@ def library_name(src: Source, module: str) -> str | None:
         return src.error(
             ("libraries", module),
             f"library {module!r} cannot be placed: flexos itself runs in every compartment; remove this entry",
+        )
+    top = module.partition(".")[0]
+    if top == "__main__":
+        return src.error(
+            ("libraries", module),
+            "'__main__' cannot be placed: it is the app's own script, which runs in the default compartment; "
+            "move the code to box into a module of its own and place that",
+        )
+    if top in EVERY_COMPARTMENT:
+        return src.error(
+            ("libraries", module),
+            f"library {module!r} cannot be placed: every compartment's interpreter (and flexos in it) runs on "
+            f"its own {top!r}; remove this entry",
         )
     return None
 
@@ -194,3 +220,50 @@ def unused_compartments(src: Source, entries: list[CompartmentEntry], libraries:
         for index, entry in enumerate(entries)
         if not entry.default and entry.name not in used
     ]
+
+
+# -- placement, where the app runs -----------------------------------------------------------------
+def library_found(src: Source, module: str, search: list[str]) -> str | None:
+    """A module placed in an isolated compartment exists where the app imports from (``search``):
+    else the app would get ImportError at best, and the library it meant run unboxed at worst."""
+    if locate(module, search) is not None:
+        return None
+    parent, _, _last = module.rpartition(".")
+    if parent and locate(parent, search) is None:
+        return library_found(src, parent, search)
+    hint = _import_name_of_distribution(module) or _close_module(module, search)
+    where = f"package {parent!r}" if parent else "the app's path"
+    return src.error(
+        ("libraries", module),
+        f"library {module!r} is not a module found in {where} ({', '.join(search[:2])}, ...){hint}; "
+        "libraries: keys are import names",
+    )
+
+
+def _import_name_of_distribution(name: str) -> str:
+    """``pillow`` -> "; did you mean 'PIL' (the import name of the distribution 'pillow')?"."""
+    import importlib.metadata
+
+    def normal(text: str) -> str:
+        return text.lower().replace("-", "_").replace(".", "_")
+
+    found = importlib.metadata.packages_distributions()
+    for import_name, distributions in sorted(found.items(), key=lambda item: item[0].startswith("_")):
+        for distribution in distributions:
+            if normal(distribution) == normal(name) and normal(import_name) != normal(name):
+                return f"; did you mean {import_name!r} (the import name of the distribution {distribution!r})?"
+    return ""
+
+
+def _close_module(module: str, search: list[str]) -> str:
+    import pkgutil
+
+    parent, _, last = module.rpartition(".")
+    if parent:
+        spec = locate(parent, search)
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        known = [info.name for info in pkgutil.iter_modules(locations)]
+    else:
+        known = [info.name for info in pkgutil.iter_modules(search)] + list(sys.builtin_module_names)
+    guess = difflib.get_close_matches(last, known, n=1) or [k for k in known if k.lower() == last.lower()][:1]
+    return f"; did you mean {'.'.join(filter(None, [parent, guess[0]]))!r}?" if guess else ""

@@ -10,15 +10,28 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import os
 import re
 import typing
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+)
 
-from flexos.config.source import Source, plain
+from flexos.config.audit import deniable
+from flexos.config.source import Source, plain, where
 from flexos.drivers.base import Driver, option_types
 from flexos.errors import ConfigError
+from flexos.hardening import AUDIT_ALIASES
 from flexos.image import DEFAULT_MAX_REPLY
 
 NAME = r"^[A-Za-z_][A-Za-z0-9_-]*$"  # a compartment's name
@@ -36,18 +49,39 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-_SIZE = re.compile(r"^(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?$")
-_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+_SIZE = re.compile(r"^(\d+)\s*(B|KiB|MiB|GiB|TiB)?$")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
+_AMBIGUOUS = re.compile(r"^(\d+)\s*([kKmMgGtT])[bB]?$")
 
 
 def parse_size(text: str | int) -> int:
-    """``512MiB`` -> bytes; a bare int is bytes."""
+    """``512MiB`` -> bytes; a bare int is bytes. ``512MB`` is refused: half of the tools read it as
+    10**6 bytes, half as 2**20."""
     if isinstance(text, int):
         return text
+    ambiguous = _AMBIGUOUS.match(text.strip())
+    if ambiguous is not None:
+        number, unit = ambiguous.groups()
+        binary = f"{number}{unit.upper() if unit != 'k' else 'K'}iB"
+        raise ValueError(f"{text!r} is ambiguous: write {binary} (binary units) or a number of bytes")
     match = _SIZE.match(text.strip())
     if match is None:
         raise ValueError(f"{text!r} is not a size (write e.g. 512MiB, 2GiB or a number of bytes)")
     return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+def human_size(size: int) -> str:
+    """bytes -> the largest binary unit that writes it exactly (``536870912`` -> ``512MiB``)."""
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        if size and size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]}{unit}"
+    return f"{size}B"
+
+
+def did_you_mean(name: str, known: list[str]) -> str:
+    """'; did you mean X?' for the known name closest to ``name`` (by spelling, else by case), or ''."""
+    guess = difflib.get_close_matches(name, known, n=1) or [k for k in known if k.lower() == name.lower()][:1]
+    return f"; did you mean {guess[0]!r}?" if guess else ""
 
 
 # -- hardening ------------------------------------------------------------------------------------
@@ -84,15 +118,51 @@ class Audit(StrictModel):
     @field_validator("deny")
     @classmethod
     def _events(cls, events: list[str]) -> list[str]:
+        known = _deniable_events()
         for event in events:
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_.]*$", event):
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_./]*$", event):
                 raise ValueError(f"{event!r} is not an audit event name (e.g. subprocess, socket.connect, ctypes)")
+            if event not in known:
+                raise ValueError(
+                    f"{event!r} is not an audit event CPython raises, a prefix of some (socket: socket.*), "
+                    f"nor one of flexos's names ({', '.join(AUDIT_ALIASES)}){did_you_mean(event, known)}"
+                )
         return events
 
 
+@functools.cache
+def _deniable_events() -> list[str]:
+    return deniable(AUDIT_ALIASES)
+
+
 class Filesystem(StrictModel):
+    """Paths that exist now, absolute: ``~`` expanded, relative ones taken from flexos.yaml's
+    directory (the validation context's ``base``), whichever mechanism enforces them."""
+
     read: list[str] = Field(default_factory=list)
     write: list[str] = Field(default_factory=list)
+
+    @field_validator("read", "write")
+    @classmethod
+    def _existing(cls, paths: list[str], info: ValidationInfo) -> list[str]:
+        context = info.context or {}
+        if not context.get("here"):  # not to run here (a proposal, a space's base): kept as written
+            return paths
+        base = Path(context.get("base") or os.getcwd())
+        resolved = []
+        for written in paths:
+            path = Path(os.path.expanduser(written))
+            if not path.is_absolute():
+                path = base / path
+            path = Path(os.path.normpath(path))
+            if not path.exists():
+                relative = "" if Path(os.path.expanduser(written)).is_absolute() else f", relative to {base}"
+                raise ValueError(
+                    f"{written!r} does not exist ({path}{relative}): only paths that exist when the compartment "
+                    "starts can be granted; create it first"
+                )
+            resolved.append(str(path))
+        return resolved
 
 
 _SYSCALL = re.compile(r"^[a-z_][a-z0-9_]*$")
@@ -106,16 +176,53 @@ class Seccomp(StrictModel):
     @field_validator("deny", "allow")
     @classmethod
     def _syscalls(cls, names: list[str]) -> list[str]:
+        known = _system_calls()
         for name in names:
             if not _SYSCALL.match(name):
                 raise ValueError(f"{name!r} is not a system call name (e.g. execve, socket, ptrace)")
+            if known is not None and name not in known:
+                raise ValueError(
+                    f"{name!r} is not a system call on this machine (libseccomp){did_you_mean(name, known)}"
+                )
+        return names
+
+
+@functools.cache
+def _system_calls() -> list[str] | None:
+    """The names libseccomp knows for this machine's native ABI (None: no libseccomp here, which
+    ``flexos check`` reports for every compartment that asks for seccomp)."""
+    try:
+        import pyseccomp
+    except (ImportError, OSError):
+        return None
+    arch = pyseccomp.system_arch()
+    names = []
+    for number in range(1024):
+        try:
+            names.append(pyseccomp.resolve_syscall(arch, number).decode())
+        except ValueError:
+            continue
+    return names
+
+
+class KeptEnvironment(StrictModel):
+    """``env: {keep: [TZ, HOME]}``: a clean environment that keeps these of the app's variables."""
+
+    keep: list[str] = Field(min_length=1)
+
+    @field_validator("keep")
+    @classmethod
+    def _names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+                raise ValueError(f"{name!r} is not an environment variable name")
         return names
 
 
 class Hardening(StrictModel):
     """A compartment's ``hardening:`` (enforced in its own process, flexos/hardening.py)."""
 
-    env: Literal["inherit", "clean"] = "inherit"
+    env: Literal["inherit", "clean"] | KeptEnvironment = "inherit"
     network: Literal["allow", "none"] = "allow"
     filesystem: Filesystem | None = None
     seccomp: Seccomp | None = None  # a profile name, or {profile, deny, allow}
@@ -193,7 +300,9 @@ def _option_fields(options: type) -> dict[str, Any]:
     for spec in dataclasses.fields(options):
         annotation, factory = types[spec.name], spec.default_factory
         limits = dict(spec.metadata)
-        if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        if spec.name == "filesystem" and isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+            annotation = factory = Filesystem  # host paths a driver grants: one rule whichever driver
+        elif isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
             annotation = factory = _options_model(annotation)
         if "size" in limits:
             annotation = Annotated[int | str, AfterValidator(_size_at_least(*limits.pop("size")))]
@@ -216,10 +325,16 @@ def _size_at_least(minimum: int, why: str) -> typing.Callable[[int | str], int]:
     return size
 
 
-def validate(src: Source) -> ConfigFile:
+def context(src: Source, here: bool = False) -> dict[str, Any]:
+    """What validators need beyond the document: the directory relative paths are taken from, and
+    whether the image is to run on this machine (``here``: host paths must exist, and are resolved)."""
+    return {"base": str(src.base), "here": here}
+
+
+def validate(src: Source, here: bool = False) -> ConfigFile:
     """The whole file's structure and types; ConfigError listing every problem."""
     try:
-        return ConfigFile.model_validate(plain(src.doc))
+        return ConfigFile.model_validate(plain(src.doc), context=context(src, here))
     except ValidationError as exc:
         raise ConfigError(validation_problems(src, exc, ConfigFile)) from None
 
@@ -252,23 +367,20 @@ def validation_problems(
             allowed = list(owner.model_fields) if owner is not None else []
             guess = difflib.get_close_matches(str(key), allowed, n=1)
             hint = f"; did you mean {guess[0]!r}?" if guess else ""
-            where = _where(loc[:-1]) or "the top level"
-            problems.append(src.error(loc, f"unknown key {key!r} in {where}{hint} (allowed: {', '.join(allowed)})"))
+            owner_at = where(loc[:-1]) or "the top level"
+            problems.append(src.error(loc, f"unknown key {key!r} in {owner_at}{hint} (allowed: {', '.join(allowed)})"))
         elif kind == "missing":
             problems.append(
-                src.error(loc[:-1], f"{_where(loc[:-1]) or 'the top level'} is missing the required key {loc[-1]!r}")
+                src.error(loc[:-1], f"{where(loc[:-1]) or 'the top level'} is missing the required key {loc[-1]!r}")
             )
+        elif kind == "literal_error" and isinstance(err.get("input"), str):
+            allowed = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
+            hint = did_you_mean(err["input"], allowed)
+            problems.append(src.error(loc, f"{where(loc)}: {err['msg']}{hint}"))
         else:
             hint = _HINTS.get(kind, "")
-            problems.append(src.error(loc, f"{_where(loc)}: {err['msg']}" + (f" ({hint})" if hint else "")))
+            problems.append(src.error(loc, f"{where(loc)}: {err['msg']}" + (f" ({hint})" if hint else "")))
     return problems
-
-
-def _where(loc: tuple[Any, ...]) -> str:
-    text = ""
-    for key in loc:
-        text += f"[{key}]" if isinstance(key, int) else (f".{key}" if text else str(key))
-    return text
 
 
 def _model_at(model: type[BaseModel], path: tuple[Any, ...]) -> type[BaseModel] | None:

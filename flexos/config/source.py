@@ -45,6 +45,38 @@ class Source:
         """``FILE:LINE: message``, with the line of ``loc``."""
         return f"{self.path}:{self.line(loc)}: {message}"
 
+    @property
+    def base(self) -> Path:
+        """The directory relative paths in the document are taken from: the file's."""
+        return Path(self.path).resolve().parent
+
+
+class MappingSource(Source):
+    """A configuration given as Python data (``flexos.boot({...})``), of the same shape as
+    flexos.yaml: problems name the key path instead of a line."""
+
+    def __init__(self, path: str, doc: dict[str, Any]) -> None:
+        super().__init__(path, doc)  # type: ignore[arg-type]  # read as a mapping, never by line
+
+    def line(self, loc: tuple[Any, ...]) -> int:
+        return 0
+
+    def error(self, loc: tuple[Any, ...], message: str) -> str:
+        at = where(loc) or "the top level"
+        return f"{self.path}: {message}" if message.startswith(f"{at}") else f"{self.path}: {at}: {message}"
+
+    @property
+    def base(self) -> Path:
+        return Path.cwd()
+
+
+def where(loc: tuple[Any, ...]) -> str:
+    """A location in the document as written in messages: ``compartments[1].hardening``."""
+    text = ""
+    for key in loc:
+        text += f"[{key}]" if isinstance(key, int) else (f".{key}" if text else str(key))
+    return text
+
 
 def read_source(path: Path) -> Source:
     """Read ``path`` as a YAML mapping; anything else raises ConfigError naming the file (and line)."""

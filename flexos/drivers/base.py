@@ -160,6 +160,12 @@ class Driver(ABC):
         """What ``flexos check`` adds about a compartment with these ``options`` on this machine."""
         return None
 
+    @classmethod
+    def refuses(cls, extensions: dict[str, str]) -> dict[str, str]:
+        """Of these extension modules (name -> file) placed in a compartment of this driver, the
+        ones it cannot load, with why ({}: it loads any); ``flexos check`` asks, to say so early."""
+        return {}
+
     def make_link(self, mirrors: dict) -> Link:
         """The link to this compartment: it may import what this process serves, and a call waits at
         most the compartment's ``timeout``."""

@@ -51,6 +51,7 @@ class ProcessDriver(Driver):
         self._transport: ShmTransport | None = None
         self._pidfd: int | None = None
         self._console: Console | None = None
+        self._faults: _FaultLog | None = None
 
     @property
     def pid(self) -> int | None:
@@ -60,12 +61,16 @@ class ProcessDriver(Driver):
         name, options = self.spec.name, self.options
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._console = console = Console(name)
+        self._faults = faults = _FaultLog(name)
         try:
             proc = console.spawn(
-                [*_interpreter(), "-m", "flexos.runtime.child", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
+                [*_interpreter(), "-m", "flexos.runtime.child", str(theirs.fileno()), str(faults.fd)],
+                pass_fds=(theirs.fileno(), faults.fd),
                 env=hardening.environment(self.spec.hardening),
             )
+        except BaseException:
+            faults.close()
+            raise
         finally:
             theirs.close()
         self._proc = proc
@@ -80,6 +85,7 @@ class ProcessDriver(Driver):
         except ProtocolError as exc:
             problem = str(exc)
         if problem is not None:
+            faults.close()
             ours.close()
             proc.kill()
             proc.wait()
@@ -91,7 +97,7 @@ class ProcessDriver(Driver):
             ours,
             self._pidfd,
             select.POLLIN,
-            death=lambda: self._death(proc, console),
+            death=lambda: self._death(proc, console, faults),
             spin_us=options.spin_us,
             abort=proc.kill,
             max_frame=self.spec.max_reply,
@@ -105,15 +111,19 @@ class ProcessDriver(Driver):
             raise CompartmentCrashed(self.spec.name, None, "it is not running")
         self._transport.send_control(message, fds)
 
-    def _death(self, proc: subprocess.Popen, console: Console) -> CompartmentCrashed:
+    def _death(self, proc: subprocess.Popen, console: Console, faults: _FaultLog) -> CompartmentCrashed:
         try:
             returncode = proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             returncode = None
         console.wait_drained()  # what it printed as it died comes first
-        return CompartmentCrashed(self.spec.name, returncode)
+        stack = faults.read()
+        return CompartmentCrashed(self.spec.name, returncode, f"its own stack as it died:\n{stack}" if stack else "")
 
     def forget(self) -> bool:
+        if self._faults is not None:
+            self._faults.close()
+            self._faults = None
         if self._transport is not None:
             self._transport.forget()
             self._transport = None
@@ -127,6 +137,9 @@ class ProcessDriver(Driver):
         return True
 
     def stop(self) -> None:
+        if self._faults is not None:
+            self._faults.close()
+            self._faults = None
         if self._transport is not None:
             self._transport.close()
             self._transport = None
@@ -143,6 +156,30 @@ class ProcessDriver(Driver):
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
+
+
+class _FaultLog:
+    """A memfd the compartment's faulthandler writes its threads' stacks to when it dies of a
+    fatal signal: read (once) into the CompartmentCrashed the app gets."""
+
+    def __init__(self, name: str) -> None:
+        self.fd = os.memfd_create(f"flexos-{name}-faults")
+        self._stack: str | None = None
+        self._closed = False
+
+    def read(self) -> str:
+        if self._stack is None:
+            try:
+                self._stack = "" if self._closed else os.pread(self.fd, 1 << 16, 0).decode(errors="replace").strip()
+            except OSError:
+                self._stack = ""
+        return self._stack
+
+    def close(self) -> None:
+        if not self._closed:
+            self.read()  # a death reported after stop() still has its stack
+            self._closed = True
+            os.close(self.fd)
 
 
 def _interpreter() -> list[str]:

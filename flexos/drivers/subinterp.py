@@ -48,6 +48,12 @@ class SubinterpDriver(Driver):
         self._link: Link | None = None
 
     @classmethod
+    def refuses(cls, extensions: dict[str, str]) -> dict[str, str]:
+        from flexos.probe import subinterpreter_refuses
+
+        return subinterpreter_refuses(extensions)
+
+    @classmethod
     def unavailable(cls, options: Any = None) -> str | None:
         if sys.version_info < (3, 13):
             return (

@@ -14,6 +14,7 @@ import os
 import runpy
 import sys
 import threading
+import types
 import warnings
 import weakref
 from collections.abc import Callable
@@ -64,6 +65,8 @@ class Runtime:
                     self.compartments[name] = Compartment(name, spec, driver)
             self.broker = SiblingBroker(image, self.compartments)
         self.finder = GateFinder(image, self.local, self.compartment_for)
+        #: Modules placed elsewhere that were loaded before the gates, out of sys.modules while we run.
+        self.displaced: dict[str, types.ModuleType] = {}
         self.started = False
 
     def link_to(self, name: str, importer: Callable[[str], Any] | None = None) -> Link:
@@ -118,6 +121,7 @@ class Runtime:
         if self.started:
             return self
         sys.meta_path.insert(0, self.finder)
+        self._displace_loaded_modules()
         self.started = True
         _running.add(self)
         return self
@@ -132,8 +136,25 @@ class Runtime:
         for name, module in list(sys.modules.items()):
             if isinstance(module, ModuleProxy):
                 del sys.modules[name]
+        for name, module in self.displaced.items():
+            sys.modules.setdefault(name, module)
+        self.displaced.clear()
         for compartment in self.compartments.values():
             compartment.stop()
+
+    def _displace_loaded_modules(self) -> None:
+        """Take the modules placed in another (isolated) compartment out of ``sys.modules``, so
+        that the next import of each gets its gate, not the local copy loaded before the gates
+        existed (by flexos's own start-up, or by the app before it booted us). The code that
+        already holds one keeps it (flexos's machinery); :meth:`stop` puts them back."""
+        for name, module in list(sys.modules.items()):
+            owner = self.image.compartment_of(name)
+            if owner is None or owner == self.local or isinstance(module, ModuleProxy):
+                continue
+            handle = self.compartments.get(owner)
+            if handle is not None and handle.direct:
+                continue
+            self.displaced[name] = sys.modules.pop(name)
 
     def __enter__(self) -> Runtime:
         return self.start()

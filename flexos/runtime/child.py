@@ -1,5 +1,6 @@
-"""Where a compartment begins: ``python -I -m flexos.runtime.child FD CONSOLE_FD`` (a process), and
-the bootstrap of a subinterpreter (:func:`serve_in_subinterpreter`).
+"""Where a compartment begins: ``python -I -m flexos.runtime.child FD FAULTS_FD CONSOLE_FD`` (a process),
+the bootstrap of a subinterpreter (:func:`serve_in_subinterpreter`), and the app's own start under
+``flexos run`` (:func:`exec_app`: a lean interpreter that loads the runtime, not the CLI's stack).
 
 A process compartment receives its boot record over the control socket, applies the
 compartment's hardening (flexos/hardening.py) before any component code can run, installs the
@@ -11,6 +12,7 @@ variables); the app's ``sys.path`` is taken after. Neither imports the config/va
 
 from __future__ import annotations
 
+import marshal
 import os
 import select
 import signal
@@ -20,15 +22,18 @@ import threading
 import traceback
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from types import TracebackType
+from typing import Any, NoReturn
 
 from flexos import hardening
 from flexos.drivers import driver_class
 from flexos.drivers.console import install_synced_streams
 from flexos.drivers.sibling import SiblingDesk
-from flexos.errors import CompartmentCrashed, ProtocolError
+from flexos.errors import CompartmentCrashed, FlexosError, ProtocolError
 from flexos.gates.link import Link
-from flexos.runtime import Runtime
+from flexos.image import Image
+from flexos.runtime import Runtime, run_module, run_path
+from flexos.runtime.compartment import log_boundary
 from flexos.transports import Transport
 from flexos.transports.shm import ShmTransport
 from flexos.wire import control
@@ -72,9 +77,14 @@ def link_back(
 
 
 def main() -> None:
+    import faulthandler  # here: a subinterpreter imports this module, and faulthandler refuses to load there
+
     sock = socket.socket(fileno=int(sys.argv[1]))
     os.set_inheritable(sock.fileno(), False)
-    install_synced_streams(int(sys.argv[2]))
+    faults = int(sys.argv[2])  # the app reads it when we die: our stack goes into CompartmentCrashed
+    os.set_inheritable(faults, False)
+    faulthandler.enable(file=faults, all_threads=True)
+    install_synced_streams(int(sys.argv[3]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the app, which sees it first
     try:
         record = BootRecord.from_wire(sock.recv(1 << 20))
@@ -90,7 +100,9 @@ def main() -> None:
             hardening.isolate_network()
         if policy.get("filesystem") is not None:
             filesystem = policy["filesystem"]
-            hardening.restrict_filesystem(filesystem["read"], filesystem["write"], code=record.sys_path)
+            placed = [module for module, owner in image.libraries.items() if owner == name]
+            elsewhere = [module for module, owner in image.libraries.items() if owner != name]
+            hardening.restrict_filesystem(filesystem["read"], filesystem["write"], record.sys_path, placed, elsewhere)
         if filter_policy is not None:
             hardening.apply_seccomp(filter_policy, seccomp)
         sys.path[:] = record.sys_path  # the app's, writable places included: imports from it run hardened
@@ -111,9 +123,17 @@ def main() -> None:
             for module, rules in image.library_hardening.items()
             if image.compartment_of(module) == name
         }
+        hardening.explain_denials(name, policy, image.source, Link.dispatch.__code__, on_denial=log_boundary)
         deny = (policy.get("audit") or {}).get("deny", [])
         # Last: it trusts the code loaded until now, and only that.
-        hardening.install_audit_policy(deny, name, libraries, record.sys_path, importers=[Runtime.serve_import])
+        hardening.install_audit_policy(
+            deny,
+            name,
+            libraries,
+            record.sys_path,
+            importers=[Runtime.serve_import],
+            displaced=runtime.displaced.values(),
+        )
     except Exception:
         sock.send(control.encode(control.boot_failed(traceback.format_exc())))
         os._exit(1)
@@ -165,6 +185,68 @@ def _explain_incompatible(serve_import: Callable[[str], Any], name: str) -> Call
             ) from None
 
     return import_for_peer
+
+
+# -- the app, under flexos run ----------------------------------------------------------------------
+def exec_app(image: Image, module: str | None, args: list[str]) -> NoReturn:
+    """Replace this process (the CLI, with its config stack loaded) by a lean interpreter that
+    imports only the runtime and runs the app (``-m module args`` or ``script args``) under
+    ``image``: the app's module table holds what a plain ``python`` would, plus the runtime."""
+    memfd = os.memfd_create("flexos-image", 0)  # inherited across exec: the image, validated
+    os.write(memfd, marshal.dumps(image.to_dict()))
+    os.lseek(memfd, 0, os.SEEK_SET)
+    flags = sys.orig_argv[1 : sys.orig_argv.index(sys.argv[0])] if sys.argv[0] in sys.orig_argv else []
+    mode = ["-m", module] if module is not None else []
+    launch = "from flexos.runtime.child import run_app; run_app()"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # -P: the runtime loads from the interpreter's own path, never from a file in the working directory
+    os.execv(sys.executable, [sys.executable, *flags, "-P", "-c", launch, str(memfd), *mode, *args])
+
+
+def run_app() -> NoReturn:
+    """The lean interpreter's side of :func:`exec_app`: exit as ``python`` would for the app."""
+    memfd, *rest = sys.argv[1:]
+    with open(int(memfd), "rb") as data:
+        image = Image.from_dict(marshal.loads(data.read()))
+    sys.path.insert(0, "")  # the app's own first entry, which run_path and run_module set as python does
+    try:
+        if rest[0] == "-m":
+            run_module(rest[1], rest[2:], image)
+        else:
+            run_path(rest[0], rest[1:], image)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except FlexosError as exc:
+        traceback.print_exc()
+        print(f"flexos: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except BaseException as exc:
+        # the app's own uncaught exception, as python would print it: from the app's first frame
+        traceback.print_exception(type(exc), exc, _from_the_app(exc.__traceback__))
+        sys.exit(1)
+    sys.exit(0)
+
+
+def _from_the_app(tb: TracebackType | None) -> TracebackType | None:
+    """``tb`` from the app's own first frame (its ``__main__``) on, without flexos's frames (this
+    launcher, runpy, a gate's proxy and link: the remote traceback is the exception's note)."""
+    app = tb
+    while app is not None and app.tb_frame.f_globals.get("__name__") != "__main__":
+        app = app.tb_next
+    if app is None:
+        return tb
+    kept = []
+    while app is not None:
+        if not str(app.tb_frame.f_globals.get("__name__", "")).startswith("flexos."):
+            kept.append(app)
+        app = app.tb_next
+    rebuilt = None
+    for entry in reversed(kept):
+        rebuilt = TracebackType(rebuilt, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return rebuilt
 
 
 if __name__ == "__main__":

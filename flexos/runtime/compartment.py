@@ -6,6 +6,8 @@ it reaches and restarts the compartment through it when its link has closed.
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +17,16 @@ if TYPE_CHECKING:
     from flexos.drivers.base import Driver
     from flexos.gates.link import Link
     from flexos.image import CompartmentSpec
+
+
+VERBOSE = "FLEXOS_VERBOSE"  # set (``flexos run -v`` does): the boundaries are logged to stderr
+
+
+def log_boundary(message: str) -> None:
+    """Tell the user where a boundary was crossed or drawn (gated imports, starts, restarts,
+    denials), if they asked to see them."""
+    if os.environ.get(VERBOSE):
+        print(f"flexos[{os.getpid()}]: {message}", file=sys.stderr, flush=True)
 
 
 class Compartment:
@@ -59,9 +71,13 @@ class Compartment:
             if driver is None:  # a handle without a driver is always made with its link
                 raise RuntimeError(f"compartment {self.name!r} has neither a link nor a driver")
             if link is not None:
+                log_boundary(f"restarting compartment {self.name!r}: {link.closed_error()}")
                 driver.stop()
             self._modules.clear()
             link = driver.start(self._mirrors)
+            if os.environ.get(VERBOSE):
+                how = self.spec.driver if self.spec is not None else "reached"
+                log_boundary(f"started compartment {self.name!r} ({how}" + (f", pid {self.pid})" if self.pid else ")"))
             link.rebind = self._rebind
             self._link = link
             return link
@@ -77,6 +93,9 @@ class Compartment:
         link = self.link()
         module, is_package, names = checked_import_answer(link.call(Op.IMPORT, name), self.name)
         self._modules[name] = (link, module)
+        log_boundary(
+            f"import {name!r}: a gate to compartment {self.name!r}" + (f" (pid {self.pid})" if self.pid else "")
+        )
         return is_package, names
 
     def module_object(self, name: str) -> Any:

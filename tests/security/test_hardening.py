@@ -562,3 +562,54 @@ def test_library_hardening_is_configured_under_libraries(tmp_path: Path) -> None
     assert info.value.problems == [
         f"{bad}:6: library 'json': hardening needs a 'process' compartment; 'app' shares the app's process"
     ]
+
+
+# -- every denial says which setting caused it (issue 14) ------------------------------------------
+
+
+def _notes(info: pytest.ExceptionInfo) -> str:
+    return "\n".join(getattr(info.value, "__notes__", []))
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="explained through sys.monitoring (3.12+)")
+def test_denials_name_the_setting_that_caused_them(boot_attacker, places, loopback_server) -> None:
+    _landlock_abi_or_skip()
+    attacker = boot_attacker(
+        {
+            **_filesystem(places),
+            "seccomp": {"profile": "compute-only", "deny": [], "allow": ["socket", "connect"]},
+            "limits": {"memory": 256 << 20},
+            **({"network": "none"} if not _namespaces_work() else {}),
+        }
+    )
+    sandboxed = "compartment 'box' is sandboxed: "
+    with pytest.raises(PermissionError) as info:
+        attacker.read_file(str(places["secret"]))
+    assert f"{sandboxed}{places['secret']} is not under hardening.filesystem.read" in _notes(info)
+    with pytest.raises(PermissionError) as info:
+        attacker.spawn(["/bin/true"])
+    assert f"{sandboxed}hardening.seccomp refuses the system calls accept, accept4" in _notes(info)
+    with pytest.raises((MemoryError, flexos.CompartmentCrashed)) as info:
+        attacker.allocate(2 << 30)
+    if info.type is MemoryError:
+        assert f"{sandboxed}hardening.limits.memory holds it to {256 << 20} bytes of data" in _notes(info)
+    assert attacker.read_file(str(places["data"] / "public.txt")) == "public"  # nothing noted on success
+
+
+def test_network_none_denial_names_the_setting(boot_attacker, loopback_server) -> None:
+    reason = _namespaces_work()
+    if reason or sys.version_info < (3, 12):
+        pytest.skip(reason or "explained through sys.monitoring (3.12+)")
+    with pytest.raises(OSError) as info:
+        boot_attacker({"network": "none"}).connect("127.0.0.1", loopback_server)
+    if info.value.errno == errno.ENETUNREACH:
+        assert "compartment 'box' is sandboxed: hardening.network is none" in _notes(info)
+
+
+def test_a_crash_carries_the_compartments_own_stack(boot_attacker) -> None:
+    with pytest.raises(flexos.CompartmentCrashed) as info:
+        boot_attacker({}).segfault()
+    message = str(info.value)
+    assert message.startswith("compartment 'box' killed by signal 11 (SIGSEGV): its own stack as it died:\n")
+    assert "Fatal Python error: Segmentation fault" in message
+    assert re.search(r'File ".*attacker\.py", line \d+ in segfault', message), message
