@@ -16,6 +16,7 @@ not placed runs wherever it is called from.
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import os
 import subprocess
@@ -26,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from flexos.drivers import driver_class, names
-from flexos.hardening import CLEAN_ENVIRONMENT, expand_events
-from flexos.trace.runs import Edge, Observation, Runs, UnitInfo
+from flexos.hardening import CLEAN_ENVIRONMENT, app_code, expand_events
+from flexos.trace.runs import Edge, Observation, Run, Runs, UnitInfo
 from flexos.trace.units import APP, KNOWN_PARSERS, MAIN, STDLIB, library_entries
 
 if TYPE_CHECKING:
@@ -178,7 +179,7 @@ def _privilege_of(obs: Observation, runs: Runs) -> str | None:
     """What ``obs`` needs granted, said as what the compartment would do (None: nothing to grant)."""
     if obs.kind == "files":
         access, path = obs.key[0], obs.key[1]
-        if access in ("read", "list") and _always_readable(path, runs.runs[obs.run].always_readable):
+        if access in ("read", "list") and _free_read(path, access, runs.runs[obs.run]):
             return None
         verb = "open the database" if access == "database" else access
         return f"{verb} {runs.short(path, obs.run)}"
@@ -191,8 +192,23 @@ def _privilege_of(obs: Observation, runs: Runs) -> str | None:
     return f"spawn {obs.key[1]}"
 
 
-def _always_readable(path: str, roots: tuple[str, ...]) -> bool:
+def _always_readable(path: str, roots: Iterable[str]) -> bool:
     return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
+
+
+_CODE_SUFFIXES = tuple(importlib.machinery.all_suffixes())
+
+
+def _free_read(path: str, access: str, run: Run) -> bool:
+    """Read or listed without a grant: Python's own paths and the system's libraries, and the
+    app's own code as the import system reads it (its directories listed, its module files
+    read), which hardening opens to a compartment for the modules placed in it and those they
+    import (flexos.hardening.placed_code). The app's other files (.env, data) need a grant."""
+    if _always_readable(path, run.always_readable):
+        return True
+    if not _always_readable(path, app_code(run.sys_path)):
+        return False
+    return os.path.isdir(path) if access == "list" else path.endswith(_CODE_SUFFIXES)
 
 
 def place(runs: Runs) -> tuple[list[Compartment], dict[str, str], list[str]]:
@@ -316,7 +332,7 @@ def harden(proposal: Proposal, compartment: Compartment) -> Hardening:
         access, path, via = obs.key
         shown = runs.short(path, obs.run)
         if access in ("read", "list"):
-            if not _always_readable(path, runs.runs[obs.run].always_readable):
+            if not _free_read(path, access, runs.runs[obs.run]):
                 verb = "listed" if access == "list" else "read"
                 reads.setdefault(path, (_why(obs, runs, f"{verb} {shown}"), obs.run))
         elif access == "write":
