@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,8 @@ pytestmark = pytest.mark.slow
 CLIENTS = {"kv": "redis-benchmark", "kv_sqlite": "redis-benchmark", "http": "wrk", "sqlite_notes": None}
 # What each proposal must cut out: the C extension of each app, in a compartment of its own process.
 CUT = {"kv": "hiredis", "kv_sqlite": "sqlite3", "http": "httptools", "sqlite_notes": "sqlite3"}
+# Where each app's code is imported from (the workloads run it with this on PYTHONPATH).
+CODE = {"kv": "apps/kv", "kv_sqlite": "apps/kv", "http": "apps/http", "sqlite_notes": None}
 
 
 def grants(document: dict) -> list[tuple[str, list, object]]:
@@ -34,6 +37,8 @@ def grants(document: dict) -> list[tuple[str, list, object]]:
         hardening = compartment.get("hardening")
         if not hardening:
             continue
+        for item, target in enumerate(compartment.get("reaches") or []):
+            found.append((f"{compartment['name']}: reaches {target}", ["compartments", index, "reaches", item], None))
         where = ["compartments", index, "hardening"]
         if hardening.get("env") == "inherit":
             found.append((f"{compartment['name']}: env inherit", [*where, "env"], "clean"))
@@ -75,12 +80,16 @@ def test_the_proposal_runs_the_app_unchanged_and_grants_only_what_it_needs(app, 
     if CLIENTS[app] is not None and shutil.which(CLIENTS[app]) is None:
         pytest.skip(f"{CLIENTS[app]} is not installed (scripts/setup installs it)")
     workload = workloads.WORKLOADS[app]
-    proposal = tmp_path / "flexos.yaml"
+    # Each run has a directory of its own (its database, its log) with its flexos.yaml in it, since
+    # flexos reads a relative path in a flexos.yaml from the yaml's directory.
+    proposal = tmp_path / "trace" / "flexos.yaml"
     traced = workload([workloads.FLEXOS, "trace", "-o", str(proposal), "--write", "--"], tmp_path / "trace")
     assert traced.status == 0, traced.stderr
     assert "Predicted cost on this machine" in traced.stderr
+    code = [str(workloads.REPO / CODE[app])] if CODE[app] else []
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([*code, os.environ.get("PYTHONPATH", "")]))
     check = subprocess.run(
-        [workloads.FLEXOS, "check", "-c", str(proposal)], capture_output=True, text=True, timeout=120
+        [workloads.FLEXOS, "check", "-c", str(proposal)], capture_output=True, text=True, timeout=120, env=environment
     )
     assert check.returncode == 0, check.stdout + check.stderr
 
@@ -91,12 +100,16 @@ def test_the_proposal_runs_the_app_unchanged_and_grants_only_what_it_needs(app, 
     assert cut["mechanism"]["driver"] == "process" and cut["hardening"]["seccomp"] == "compute-only"
 
     plain = workload([workloads.PYTHON], tmp_path / "plain")
-    under = workload([workloads.FLEXOS, "run", "-c", str(proposal)], tmp_path / "proposal")
+    copied = tmp_path / "proposal" / "flexos.yaml"
+    copied.parent.mkdir()
+    shutil.copy(proposal, copied)
+    under = workload([workloads.FLEXOS, "run", "-c", str(copied)], tmp_path / "proposal")
     assert plain.status == 0 and under.status == 0, under.stderr
     assert under.output == plain.output == traced.output
 
     for index, (what, path, replacement) in enumerate(grants(document)):
-        mutated = tmp_path / f"mutated-{index}.yaml"
+        mutated = tmp_path / f"mutated-{index}" / "flexos.yaml"
+        mutated.parent.mkdir()
         dump(without(document, path, replacement), mutated)
         result = workload([workloads.FLEXOS, "run", "-c", str(mutated)], tmp_path / f"mutated-{index}")
         assert result.status != 0 or result.output != plain.output, f"{app}: without {what!r} the workload still works"

@@ -91,6 +91,7 @@ class Proposal:
     compartments: list[Compartment]
     placement: dict[str, str]  # unit -> compartment
     notes: list[str]  # what was seen and is not proposed, and why
+    directory: str | None = None  # where the flexos.yaml goes (relative paths are read from there)
 
     def compartment_of_chain(self, chain: Iterable[str]) -> str:
         """Where code with these units on its stack runs: the innermost placed one's compartment."""
@@ -309,13 +310,14 @@ def _short_site(site: str | None, run: int, runs: Runs) -> str:
     return f"{runs.short(path, run)}:{line}"
 
 
-def _display_path(path: str, runs: Runs, run: int) -> str:
-    """A path as flexos.yaml writes it: relative to the run's directory when beneath it."""
-    cwd = runs.runs[run].cwd.rstrip("/")
-    if path == cwd:
+def _display_path(path: str, proposal: Proposal, run: int) -> str:
+    """A path as flexos.yaml writes it: relative to the yaml's directory (where flexos reads a
+    relative path from; the run's, when the yaml's is not known) when beneath it."""
+    base = (proposal.directory or proposal.runs.runs[run].cwd).rstrip("/")
+    if path == base:
         return "."
-    if path.startswith(cwd + "/"):
-        return "./" + path[len(cwd) + 1 :]
+    if path.startswith(base + "/"):
+        return "./" + path[len(base) + 1 :]
     return path
 
 
@@ -395,10 +397,10 @@ def harden(proposal: Proposal, compartment: Compartment) -> Hardening:
     write_paths = _minimal(_temporary_generalised(writes, runs))
     read_paths = {p: w for p, w in _minimal(reads).items() if not any(_beneath(p, q) for q in write_paths)}
     hardening.write = [
-        Grant("filesystem.write", _display_path(p, runs, r), w) for p, (w, r) in sorted(write_paths.items())
+        Grant("filesystem.write", _display_path(p, proposal, r), w) for p, (w, r) in sorted(write_paths.items())
     ]
     hardening.read = [
-        Grant("filesystem.read", _display_path(p, runs, r), w) for p, (w, r) in sorted(read_paths.items())
+        Grant("filesystem.read", _display_path(p, proposal, r), w) for p, (w, r) in sorted(read_paths.items())
     ]
     hardening.seccomp_allow = [Grant("seccomp.allow", call, why) for call, why in sorted(allow.items())]
     events = [o for o in _attributed(proposal, compartment.name, "events")]
@@ -523,9 +525,10 @@ def reaches(proposal: Proposal, compartment: Compartment) -> dict[str, str]:
     return dict(sorted(found.items()))
 
 
-def propose(runs: Runs) -> Proposal:
+def propose(runs: Runs, directory: str | None = None) -> Proposal:
+    """The proposal from ``runs``, its paths written for a flexos.yaml in ``directory``."""
     compartments, placement, notes = place(runs)
-    proposal = Proposal(runs, compartments, placement, notes)
+    proposal = Proposal(runs, compartments, placement, notes, directory)
     for compartment in compartments:
         compartment.hardening = harden(proposal, compartment)
         compartment.reaches = reaches(proposal, compartment)

@@ -102,10 +102,10 @@ def trace(
         runs.save(runs_path)
     if not runs.runs:
         raise TraceError(f"no run recorded in {runs_path}: give the command to learn from (flexos trace -- app.py ...)")
-    proposal = propose(runs)
+    proposal = propose(runs, str(output.resolve().parent))
     prediction = predict(proposal, calibration(_drivers_to_price(proposal), recalibrate))
     text = proposal_yaml(proposal, prediction)
-    new_image = _validated(text, output)
+    new_image = _validated(text, output, list(runs.runs[-1].sys_path))
     outcome = Outcome(proposal, prediction, status)
     outcome.report.append(f"learned from {len(runs.runs)} run(s), kept in {runs_path}")
     if output.exists():
@@ -139,14 +139,15 @@ def trace(
     return outcome
 
 
-def _validated(text: str, output: Path) -> Any:
-    """The proposal's Image, as flexos.config reads it (a proposal it refuses is a flexos bug)."""
+def _validated(text: str, output: Path, search: list[str]) -> Any:
+    """The proposal's Image, as flexos.config reads it where the app runs, from ``search`` (a
+    proposal it refuses is a flexos bug)."""
     directory = output.parent if output.parent.exists() else Path(".")
     handle, name = tempfile.mkstemp(prefix=".flexos-trace-", suffix=".yaml", dir=directory)
     os.close(handle)
     try:
         Path(name).write_text(text)
-        image, _ = parse(name)
+        image, _ = parse(name, search)
     except ConfigError as exc:
         raise TraceError(
             "flexos trace wrote a flexos.yaml flexos refuses (a bug):\n" + "\n".join(exc.problems)
