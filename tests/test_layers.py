@@ -47,8 +47,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("flexos.runtime", "flexos.vm.guest"),
     # 8: flexos.yaml: reading, checking, resolving into an Image
     ("flexos.config",),
-    # 9: flexos explore, flexos trace
-    ("flexos.explore", "flexos.trace"),
+    # 9: flexos explore, flexos trace, the pytest plugin (pytest --flexos)
+    ("flexos.explore", "flexos.trace", "flexos.pytest_plugin"),
     # 10: every click command
     ("flexos.cli",),
 ]

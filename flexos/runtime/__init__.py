@@ -29,9 +29,11 @@ from flexos.gates.importer import GateFinder
 from flexos.gates.link import Link
 from flexos.gates.proxies import ModuleProxy
 from flexos.image import Image
+from flexos.runtime import state
 from flexos.runtime.compartment import Compartment
 from flexos.transports import Transport
 from flexos.wire.control import Route
+from flexos.wire.frames import Op, checked_import_answer
 
 __all__ = ["Compartment", "Runtime", "boot", "run_module", "run_path"]
 
@@ -61,7 +63,8 @@ class Runtime:
                     raise DriverUnavailable(f"{image.source}: compartment {name!r}: {reason}")
                 if name != self.local:
                     driver = driver_class(spec.driver)(spec, image, _DriverHost(self, name))
-                    self.compartments[name] = Compartment(name, spec, driver)
+                    self.compartments[name] = compartment = Compartment(name, spec, driver)
+                    compartment.on_start = partial(_share_interpreter_state, name)
             self.broker = SiblingBroker(image, self.compartments)
         self.finder = GateFinder(image, self.local, self.compartment_for)
         self.started = False
@@ -154,6 +157,8 @@ class Runtime:
         module, unless that compartment runs in the app's process unisolated (plain fcalls).
         Either only if the requester may reach the module's compartment (``Image.may_reach``).
         """
+        if name == state.__name__ and requester == self.image.default:  # the app shares its warnings etc.
+            return state
         owner = self.image.compartment_of(name)
         refusal = self.image.reach_refusal(requester, owner, name) if owner is not None else None
         if refusal is not None:
@@ -173,6 +178,12 @@ class Runtime:
         gate = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(gate)
         return gate
+
+
+def _share_interpreter_state(name: str, link: Link) -> None:
+    """Have compartment ``name``'s warnings, log records and prints reach the app's (flexos/runtime/state.py)."""
+    module = checked_import_answer(link.call(Op.IMPORT, state.__name__), name)[0]
+    module.install(state.interpreter(), state.show_warning, state.handle_record, state.write)
 
 
 class _DriverHost(Host):

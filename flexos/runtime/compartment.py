@@ -7,6 +7,7 @@ it reaches and restarts the compartment through it when its link has closed.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from flexos.wire.frames import Op, checked_import_answer
@@ -31,6 +32,8 @@ class Compartment:
         self._lock = threading.Lock()
         self._modules: dict[str, tuple[Link, Any]] = {}
         self._mirrors: dict = {}
+        #: Called with each new link, before any module is imported through it (set by the app's runtime).
+        self.on_start: Callable[[Link], None] | None = None
 
     @property
     def direct(self) -> bool:
@@ -63,6 +66,8 @@ class Compartment:
             self._modules.clear()
             link = driver.start(self._mirrors)
             link.rebind = self._rebind
+            if self.on_start is not None:
+                self.on_start(link)
             self._link = link
             return link
 
