@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,6 +69,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="with --flexos-diff: end a mechanism's run after this long (its unfinished tests count as lost)",
     )
     group.addoption("--flexos-outcomes", metavar="FILE", help="write each test's outcome to FILE (JSON lines)")
+    group.addoption(
+        "--flexos-sample",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run about one test in N, the same ones on every run and machine (chosen by a hash of the test id)",
+    )
 
 
 # -- booting the image --------------------------------------------------------------------------
@@ -129,6 +137,20 @@ def on_mechanism(image: Image, mechanism: str) -> Image:
         for name, spec in image.compartments.items()
     }
     return Image(compartments, image.libraries, f"{image.source} (on {mechanism})", image.library_hardening)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    every = config.option.flexos_sample
+    if every <= 1:
+        return
+    chosen = [item for item in items if in_sample(item.nodeid, every)]
+    config.hook.pytest_deselected(items=[item for item in items if not in_sample(item.nodeid, every)])
+    items[:] = chosen
+
+
+def in_sample(nodeid: str, every: int) -> bool:
+    """Whether test ``nodeid`` is one of the ``1/every`` that ``--flexos-sample`` runs."""
+    return zlib.crc32(nodeid.encode()) % every == 0
 
 
 @pytest.hookimpl(trylast=True)
@@ -330,7 +352,7 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
 
 def _without_own_options(args: list[str]) -> list[str]:
     """The command line a mechanism's run gets: the user's, without the options the run sets itself."""
-    valued = {"--flexos", "--flexos-driver", "--flexos-outcomes", "--flexos-diff-timeout"}
+    valued = {"--flexos", "--flexos-driver", "--flexos-outcomes", "--flexos-diff-timeout"}  # each takes a value
     kept: list[str] = []
     skip = False
     for arg in args:
