@@ -54,6 +54,9 @@ def check(config: str) -> None:
         described = driver.describe(options)  # e.g. which accelerator QEMU will use here, and why
         if described:
             click.echo(f"  {'':<14} {spec.driver}: {described}")
+        if reason is None:  # e.g. a library that falls back from its C extension in a subinterpreter
+            for note in driver.predict(sorted(m for m, owner in image.libraries.items() if owner == spec.name)):
+                click.echo(f"  {'':<14} {spec.driver}: {note}")
     click.echo("reach (whose modules each compartment may import; the default one reaches all):")
     for spec in image.compartments.values():
         if not spec.default:

@@ -320,7 +320,8 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
         raise pytest.UsageError("--flexos-diff needs --flexos FLEXOS_YAML (where the app's modules are placed)")
     from flexos.drivers import unavailable
 
-    args = _without_own_options(list(config.invocation_params.args))
+    # A module that fails to collect on one mechanism loses its own tests, not the whole comparison.
+    args = [*_without_own_options(list(config.invocation_params.args)), "--continue-on-collection-errors"]
     write = sys.stdout.write
     runs: list[SuiteRun] = []
     for mechanism in DIFF_ORDER:

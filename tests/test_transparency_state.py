@@ -1,5 +1,7 @@
 """Interpreter-wide state across a gate (issue 13, item 7): what a library in a compartment does
 to warnings, logging, sys.stdout and codecs, as the app sees it (docs/gates.md#interpreter-wide-state).
+And the debugging mode and subinterp (item 12): submodules of a strict fcalls package, C
+accelerators a library falls back from in a subinterpreter, Ctrl-C during a long call.
 
 Warnings, log records and prints reach the app's own machinery; codecs stay in the compartment
 that registers them. Each test runs over every gated driver.
@@ -12,10 +14,19 @@ import contextlib
 import importlib
 import io
 import logging
+import os
+import subprocess
 import sys
+import textwrap
+import time
 import warnings
+from pathlib import Path
 
 import pytest
+from conftest import FIXTURES
+from driver_variants import needs
+
+from flexos.drivers import driver_class
 
 
 @pytest.fixture
@@ -84,3 +95,65 @@ def test_a_codec_stays_in_the_compartment_that_registers_it(statelib, driver):
                 codecs.encode("abc", "statelib_rot")
     finally:
         statelib.unregister_codec()
+
+
+# -- item 12 ----------------------------------------------------------------------------------------
+def test_submodules_a_package_does_not_import_itself_import_through_the_gate(boot, driver):
+    for name in [name for name in sys.modules if name.split(".")[0] == "lazypkg"]:
+        del sys.modules[name]
+    boot(driver, {"lazypkg": "box"})
+    import lazypkg.leaf
+    from lazypkg import other
+
+    assert lazypkg.leaf.where() == "leaf of lazypkg 1.0"
+    assert other.twice() == "leaf of lazypkg 1.0" * 2
+    assert lazypkg.version == "1.0"
+
+
+def test_a_c_accelerator_a_library_falls_back_from_is_warned_at_import_and_predicted(boot, driver):
+    sys.modules.pop("simplejson", None)
+    boot(driver, {"simplejson": "box"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import simplejson
+    notes = [str(w.message) for w in caught if "C extension" in str(w.message)]
+    predicted = driver_class(driver.split("-")[0]).predict(["simplejson"])
+    if driver == "subinterp":
+        assert len(notes) == 1 and "without simplejson._speedups" in notes[0], notes
+        assert "Place 'simplejson' in a compartment with driver 'process'" in notes[0]
+        assert [note.split(" was imported")[0] for note in predicted] == ["simplejson"]
+    else:
+        assert notes == [] and predicted == []
+    assert simplejson.dumps({"a": [1]}) == '{"a": [1]}'
+
+
+@pytest.mark.parametrize("driver", ["fcalls-strict", "process", pytest.param("subinterp", marks=needs("subinterp"))])
+def test_ctrl_c_during_a_long_call_stops_it_promptly(driver, tmp_path: Path):
+    """In an app of its own: a stray SIGINT must not reach this pytest."""
+    script = tmp_path / "app.py"
+    script.write_text(
+        textwrap.dedent(f"""
+            import os, signal, sys, threading, time
+            sys.path.insert(0, {str(FIXTURES)!r})
+            from conftest import make_image
+            import flexos
+
+            with flexos.boot(make_image({driver!r}, {{"statelib": "box"}})):
+                import statelib
+                threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+                start = time.monotonic()
+                try:
+                    statelib.spin(30)
+                except KeyboardInterrupt:
+                    print(f"interrupted {{time.monotonic() - start:.1f}}")
+                print("next call", statelib.spin(0.01) > 0)
+        """)
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    assert run.returncode == 0, run.stderr
+    first, second = run.stdout.splitlines()
+    assert first.startswith("interrupted ") and float(first.split()[1]) < 3, run.stdout
+    assert second == "next call True"
+    assert time.monotonic() - start < 20

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from flexos.drivers.base import Driver
 from flexos.gates.link import Link
+from flexos.gates.proxies import ModuleProxy
 from flexos.transports.loopback import LoopbackTransport
 
 
@@ -55,12 +56,18 @@ class FcallsDriver(Driver):
         module = self._modules.get(name)
         if module is not None:
             return module
-        before = set(sys.modules)
-        with self.host.bypass_gates(self.spec.name):
-            module = importlib.import_module(name)
-        for key in set(sys.modules) - before | {name}:
-            if self.image.compartment_of(key) == self.spec.name and key in sys.modules:
-                self._modules[key] = sys.modules.pop(key)
+        # The import runs as if in the compartment: its modules imported so far are in sys.modules
+        # in place of the app's gates (a submodule needs its real parent package), then all go back.
+        gates = {key: sys.modules.pop(key) for key in self._modules if key in sys.modules}
+        sys.modules.update(self._modules)
+        try:
+            with self.host.bypass_gates(self.spec.name):
+                module = importlib.import_module(name)
+        finally:
+            for key, loaded in list(sys.modules.items()):
+                if self.image.compartment_of(key) == self.spec.name and not isinstance(loaded, ModuleProxy):
+                    self._modules[key] = sys.modules.pop(key)
+            sys.modules.update(gates)
         return module
 
     def stop(self) -> None:

@@ -16,6 +16,7 @@ or ``/proc/self/mem`` in the compartment reach the whole process, and a crash in
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -31,6 +32,13 @@ import sys
 sys.path[:] = SYS_PATH
 from flexos.runtime.child import serve_in_subinterpreter
 result = serve_in_subinterpreter(BOOT)
+"""
+# Runs in a throwaway interpreter for ``flexos check``: SYS_PATH and MODULES (a list literal) first.
+_PREDICT = """
+import sys
+sys.path[:] = SYS_PATH
+from flexos.runtime.child import fallbacks_on_import
+result = fallbacks_on_import(MODULES)
 """
 
 
@@ -69,6 +77,25 @@ class SubinterpDriver(Driver):
             "not a boundary against native code: ctypes, a C extension or /proc/self/mem in it "
             "reads and writes the whole app process"
         )
+
+    @classmethod
+    def predict(cls, modules: list[str]) -> list[str]:
+        """Import ``modules`` in a throwaway subinterpreter (as the compartment will) and say which
+        fall back from a C extension there, or cannot be imported."""
+        if not modules or cls.unavailable() is not None:
+            return []
+        from flexos import _subinterp
+
+        interp = _subinterp.create()
+        try:
+            answer = _subinterp.run(
+                interp, f"SYS_PATH = {[os.getcwd(), *sys.path]!r}\nMODULES = {modules!r}\n{_PREDICT}"
+            )
+        except RuntimeError as exc:
+            answer = f"importing {', '.join(modules)} in a subinterpreter failed: {exc}"
+        finally:
+            _subinterp.destroy(interp)
+        return str(answer).splitlines() if answer else []
 
     def start(self, mirrors: dict) -> Link:
         from flexos import _subinterp

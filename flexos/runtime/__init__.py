@@ -64,7 +64,7 @@ class Runtime:
                 if name != self.local:
                     driver = driver_class(spec.driver)(spec, image, _DriverHost(self, name))
                     self.compartments[name] = compartment = Compartment(name, spec, driver)
-                    compartment.on_start = partial(_share_interpreter_state, name)
+                    compartment.on_start = partial(_share_interpreter_state, name, driver.in_app_process)
             self.broker = SiblingBroker(image, self.compartments)
         self.finder = GateFinder(image, self.local, self.compartment_for)
         self.started = False
@@ -180,10 +180,13 @@ class Runtime:
         return gate
 
 
-def _share_interpreter_state(name: str, link: Link) -> None:
-    """Have compartment ``name``'s warnings, log records and prints reach the app's (flexos/runtime/state.py)."""
+def _share_interpreter_state(name: str, on_app_threads: bool, link: Link) -> None:
+    """Have compartment ``name``'s warnings, log records and prints reach the app's, and Ctrl-C
+    its code if it runs on the app's threads (flexos/runtime/state.py)."""
     module = checked_import_answer(link.call(Op.IMPORT, state.__name__), name)[0]
-    module.install(state.interpreter(), state.show_warning, state.handle_record, state.write)
+    own_interpreter = module.install(state.interpreter(), state.show_warning, state.handle_record, state.write)
+    if own_interpreter and on_app_threads:
+        state.interrupt_on_ctrl_c(name, module.interrupt)
 
 
 class _DriverHost(Host):

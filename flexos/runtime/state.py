@@ -13,17 +13,23 @@ after a compartment boots, the app calls :func:`install` in it with its own :fun
 - every log record reaches the app's logger of the same name, whose level and handlers decide;
 - ``print`` and every write to ``sys.stdout``/``sys.stderr`` go to the app's current ones.
 
-Codecs stay where they are registered (docs/gates.md#interpreter-wide-state says why). In an
+For a subinterp compartment, whose calls run on the app's own threads, Ctrl-C during a call
+raises KeyboardInterrupt in the compartment's code (:func:`interrupt_on_ctrl_c`), as it would
+unisolated. Codecs stay where they are registered (docs/gates.md#interpreter-wide-state says why). In an
 interpreter the app shares (strict fcalls) there is nothing to forward: :func:`install` does
 nothing there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -52,6 +58,11 @@ _RECORD_FIELDS = (
 )
 _ACCEPTED = frozenset((*_RECORD_FIELDS, "msg", "exc_text"))
 _PLAIN = (str, int, float, type(None))
+#: sys.monitoring tool ids no standard tool claims (0-2 and 5 are the debugger's, coverage's,
+#: the profiler's and the optimizer's).
+_FREE_TOOL_IDS = (3, 4)
+#: Seconds after Ctrl-C in which a compartment's next line raises KeyboardInterrupt.
+_INTERRUPT_WINDOW_S = 0.2
 #: At most this many modules' warnings are remembered (a compartment could name endlessly many).
 _MAX_REGISTRIES = 4096
 # The app's "once per location" memory of the warnings compartments forward, per module.
@@ -102,11 +113,11 @@ def install(
     app_show_warning: Callable[..., None],
     app_handle_record: Callable[[dict[str, Any]], None],
     app_write: Callable[[str, str | None], None],
-) -> None:
+) -> bool:
     """Forward this interpreter's warnings, log records and writes to the app (``app``: its
-    :func:`interpreter`; nothing to do if it is this one)."""
+    :func:`interpreter`); False if it is this one (nothing to forward)."""
     if app == interpreter():
-        return
+        return False
 
     def forward_warning(
         message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
@@ -121,6 +132,76 @@ def install(
     root.setLevel(logging.NOTSET)  # the app's loggers decide what is enabled
     sys.stdout = _AppStream("stdout", app_write, sys.stdout)
     sys.stderr = _AppStream("stderr", app_write, sys.stderr)
+    return True
+
+
+def interrupt(thread: int) -> bool:
+    """Raise KeyboardInterrupt in OS thread ``thread`` at the next line of Python it runs in this
+    interpreter within :data:`_INTERRUPT_WINDOW_S`, as Ctrl-C does in the app; False if debuggers
+    and profilers hold every monitoring tool id.
+
+    For a subinterp compartment, whose calls run on the app's own thread: the app's signal handler
+    runs only once the thread is back in the app. A C call or a ``sleep`` is not cut short (the
+    app's handler raises when it returns). The window keeps an interrupt the app's own handler has
+    already dealt with from hitting a later call."""
+    monitoring = sys.monitoring
+    tool = next((tool for tool in _FREE_TOOL_IDS if monitoring.get_tool(tool) is None), None)
+    if tool is None:
+        return False
+    until = time.monotonic() + _INTERRUPT_WINDOW_S
+    armed = [True]
+
+    def on_line(code: Any, line: int) -> Any:
+        late = time.monotonic() >= until
+        if not armed or (threading.get_ident() != thread and not late):
+            return None
+        armed.clear()
+        monitoring.set_events(tool, 0)
+        monitoring.register_callback(tool, monitoring.events.LINE, None)
+        monitoring.free_tool_id(tool)
+        if not late:
+            raise KeyboardInterrupt
+        return None
+
+    monitoring.use_tool_id(tool, "flexos-interrupt")
+    monitoring.register_callback(tool, monitoring.events.LINE, on_line)
+    monitoring.set_events(tool, monitoring.events.LINE)
+    return True
+
+
+# -- in the app: Ctrl-C reaches the compartments that run on the app's own threads --------------------
+_interrupts: dict[str, Callable[[int], bool]] = {}
+_watching = False
+
+
+def interrupt_on_ctrl_c(compartment: str, compartment_interrupt: Callable[[int], bool]) -> None:
+    """On SIGINT, have ``compartment`` (a subinterp: it runs on the app's threads) interrupt what the
+    app's main thread runs there. Watched through ``signal.set_wakeup_fd`` (chained to one the app
+    set before): the signal handler itself runs only once the main thread is back in the app."""
+    global _watching
+    _interrupts[compartment] = compartment_interrupt
+    if _watching or threading.current_thread() is not threading.main_thread():
+        return  # set_wakeup_fd is the main thread's; a later boot from it starts the watch
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return  # the app handles Ctrl-C itself
+    read, write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    chained = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    os.set_blocking(read, True)
+    _watching = True
+    main = threading.main_thread().ident or 0
+    threading.Thread(target=_watch_ctrl_c, args=(read, chained, main), daemon=True, name="flexos-ctrl-c").start()
+
+
+def _watch_ctrl_c(read: int, chained: int, main: int) -> None:
+    while True:
+        signals = os.read(read, 512)
+        if chained >= 0:
+            with contextlib.suppress(OSError):
+                os.write(chained, signals)
+        if signal.SIGINT in signals:
+            for compartment_interrupt in list(_interrupts.values()):
+                with contextlib.suppress(Exception):  # a compartment that ended, or refuses
+                    compartment_interrupt(main)
 
 
 def _module_of(filename: str) -> str:
