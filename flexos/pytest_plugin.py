@@ -101,12 +101,13 @@ def boot(config: str, mechanism: str | None = None) -> Runtime:
     if mechanism is not None:
         image = on_mechanism(image, mechanism)
     runtime = flexos.boot(image)
+    owners = {
+        name: image.compartment_of(name) for name, module in sys.modules.items() if not isinstance(module, ModuleProxy)
+    }
     early = sorted(
         name
-        for name, module in sys.modules.items()
-        if not isinstance(module, ModuleProxy)
-        and image.compartment_of(name) not in (None, image.default)
-        and not runtime.compartment_for(image.compartment_of(name) or "").direct
+        for name, owner in owners.items()
+        if owner is not None and owner != image.default and not runtime.compartment_for(owner).direct
     )
     if early:
         runtime.stop()

@@ -23,10 +23,11 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURES
 from driver_variants import needs
 
 from flexos.drivers import driver_class
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture

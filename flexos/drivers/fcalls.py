@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import types
 from dataclasses import dataclass
 
 from flexos.drivers.base import Driver
@@ -35,7 +36,7 @@ class FcallsDriver(Driver):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         # Modules of this compartment, kept out of sys.modules so the app only sees their gates.
-        self._modules: dict[str, object] = {}
+        self._modules: dict[str, types.ModuleType] = {}
         self._links: tuple[Link, Link] | None = None
 
     @property

@@ -184,7 +184,7 @@ def _share_interpreter_state(name: str, on_app_threads: bool, link: Link) -> Non
     """Have compartment ``name``'s warnings, log records and prints reach the app's, and Ctrl-C
     its code if it runs on the app's threads (flexos/runtime/state.py)."""
     module = checked_import_answer(link.call(Op.IMPORT, state.__name__), name)[0]
-    own_interpreter = module.install(state.interpreter(), state.show_warning, state.handle_record, state.write)
+    own_interpreter = module.install(state.interpreter(), state.AppState)
     if own_interpreter and on_app_threads:
         state.interrupt_on_ctrl_c(name, module.interrupt)
 

@@ -4,8 +4,9 @@ A compartment with an interpreter of its own (process, subinterp, vm) has its ow
 filters, ``logging`` tree and ``sys.stdout``; without this module a library's warnings would
 never reach the app's ``catch_warnings``, ``-W error`` or ``pytest.warns``, its log records
 would miss the app's handlers, and its prints would ignore ``contextlib.redirect_stdout``. Right
-after a compartment boots, the app calls :func:`install` in it with its own :func:`show_warning`,
-:func:`handle_record` and :func:`write`, so that:
+after a compartment boots, the app calls :func:`install` in it with :class:`AppState`, through
+which the compartment reaches the app's :func:`show_warning`, :func:`handle_record` and
+:func:`write`, so that:
 
 - every warning the compartment's own filters let through is handed to the app's
   ``warnings.warn_explicit``: the app's filters decide (an ``error`` filter raises at the
@@ -32,6 +33,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from flexos.errors import FlexosError
@@ -107,29 +109,37 @@ def write(stream: str, text: str | None) -> None:
         target.write(text)
 
 
+_SERVED: dict[str, Callable[..., None]] = {"warning": show_warning, "record": handle_record, "write": write}
+
+
+class AppState:
+    """What a compartment calls to reach the functions above: ``AppState(kind, *args)`` runs
+    ``_SERVED[kind](*args)`` in the app and makes nothing. A class, because a compartment holds a
+    class it is given outside its bound on the app's objects, and holds this one for its life."""
+
+    def __new__(cls, kind: str, *args: Any) -> None:  # type: ignore[misc]
+        _SERVED[kind](*args)
+
+
 # -- in the compartment -------------------------------------------------------------------------------
-def install(
-    app: tuple[int, int],
-    app_show_warning: Callable[..., None],
-    app_handle_record: Callable[[dict[str, Any]], None],
-    app_write: Callable[[str, str | None], None],
-) -> bool:
+def install(app: tuple[int, int], app_state: Callable[..., None]) -> bool:
     """Forward this interpreter's warnings, log records and writes to the app (``app``: its
-    :func:`interpreter`); False if it is this one (nothing to forward)."""
+    :func:`interpreter`; ``app_state``: its :class:`AppState`); False if it is this one."""
     if app == interpreter():
         return False
 
     def forward_warning(
         message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
     ) -> None:
-        app_show_warning(message, category, filename, lineno, _module_of(filename))
+        app_state("warning", message, category, filename, lineno, _module_of(filename))
 
     warnings.resetwarnings()
     warnings.simplefilter("always")  # the app's filters decide; the library's own still go first
     warnings.showwarning = forward_warning
     root = logging.getLogger()
-    root.addHandler(_AppHandler(app_handle_record))
+    root.addHandler(_AppHandler(partial(app_state, "record")))
     root.setLevel(logging.NOTSET)  # the app's loggers decide what is enabled
+    app_write = partial(app_state, "write")
     sys.stdout = _AppStream("stdout", app_write, sys.stdout)
     sys.stderr = _AppStream("stderr", app_write, sys.stderr)
     return True

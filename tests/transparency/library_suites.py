@@ -31,7 +31,7 @@ SUITES_DIR = Path(
 #: The mechanisms the library is placed on (the run without flexos is the reference).
 MECHANISMS = ("process", "subinterp")
 #: A test that takes longer than this (seconds) fails, and the suite goes on.
-TEST_TIMEOUT_S = 20
+TEST_TIMEOUT_S = 5
 #: A whole run (one suite on one mechanism) ends after this long; the tests it did not reach are lost.
 RUN_TIMEOUT_S = 120.0
 
@@ -93,7 +93,7 @@ SUITES = {
             {"simplejson": "lib", "simplejson.tests": "app"},
         ),
         LibrarySuite("markupsafe", "markupsafe-3.0.4", ("tests",), {"markupsafe": "lib"}),
-        LibrarySuite("pyyaml", "pyyaml-6.0.4", ("tests",), {"yaml": "lib", "_yaml": "lib"}, ci_sample=10),
+        LibrarySuite("pyyaml", "pyyaml-6.0.4", ("tests",), {"yaml": "lib", "_yaml": "lib"}, ci_sample=20),
         # Its conftest marks tests with pytest-cov's no_cover, and its filterwarnings turn the
         # unknown mark into an error at collection (its CI has pytest-cov, which we do not need).
         LibrarySuite(
@@ -101,7 +101,7 @@ SUITES = {
             "python_dateutil-4.0.0",
             ("-W", "ignore::pytest.PytestUnknownMarkWarning", "tests"),
             {"dateutil": "lib"},
-            ci_sample=40,
+            ci_sample=50,
         ),
     )
 }
