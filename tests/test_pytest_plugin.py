@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from driver_variants import needs
 
-from flexos.pytest_plugin import Outcome, OutcomeWriter, in_sample, read_outcomes
+from flexos import CompartmentSpec, Image
+from flexos.pytest_plugin import Outcome, OutcomeWriter, in_sample, on_mechanism, read_outcomes
 
 APP = Path(__file__).parent / "fixtures" / "plugin_app"
 
@@ -91,3 +92,22 @@ def test_outcomes_written_before_a_kill_are_read_and_a_cut_line_is_ignored(tmp_p
     with path.open("a") as file:
         file.write('["b", "fail')
     assert {k: v.outcome for k, v in read_outcomes(path).items()} == {"a": "passed"}
+
+
+def test_on_mechanism_moves_every_compartment_but_the_default_keeping_hardening_where_it_holds() -> None:
+    hardened = {"network": "none"}
+    image = Image(
+        {
+            "app": CompartmentSpec("app", "fcalls", default=True),
+            "lib": CompartmentSpec("lib", "process", {"spin_us": 5}, hardening=hardened),
+        },
+        {"pluglib": "lib"},
+    )
+    on_subinterp = on_mechanism(image, "subinterp")
+    assert on_subinterp.compartments["app"] == image.compartments["app"]
+    assert (on_subinterp.compartments["lib"].driver, on_subinterp.compartments["lib"].options) == ("subinterp", {})
+    assert on_subinterp.compartments["lib"].hardening == {}  # a subinterpreter cannot enforce it
+    assert on_mechanism(image, "process").compartments["lib"].hardening == hardened
+    assert on_mechanism(image, "fcalls-strict").compartments["lib"].options == {"strict": True}
+    with pytest.raises(ValueError, match="does not boot"):
+        on_mechanism(image, "plain")
