@@ -158,3 +158,19 @@ def test_ctrl_c_during_a_long_call_stops_it_promptly(driver, tmp_path: Path):
     assert first.startswith("interrupted ") and float(first.split()[1]) < 3, run.stdout
     assert second == "next call True"
     assert time.monotonic() - start < 20
+
+
+@pytest.mark.parametrize("driver", [pytest.param("subinterp", marks=needs("subinterp")), "process"])
+def test_flexos_check_predicts_the_fallback_for_a_subinterp_compartment_only(driver, tmp_path: Path):
+    (tmp_path / "flexos.yaml").write_text(
+        "compartments:\n"
+        "  - {name: app, mechanism: {driver: fcalls}, default: true}\n"
+        f"  - {{name: lib, mechanism: {{driver: {driver}}}}}\n"
+        "libraries:\n"
+        "  simplejson: {compartment: lib}\n"
+    )
+    flexos = Path(sys.executable).parent / "flexos"
+    run = subprocess.run([flexos, "check"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    predicted = "subinterp: simplejson was imported in a subinterp compartment without simplejson._speedups"
+    assert (predicted in run.stdout) == (driver == "subinterp"), run.stdout
