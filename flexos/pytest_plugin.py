@@ -94,13 +94,14 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
 def boot(config: str, mechanism: str | None = None) -> Runtime:
     """Boot ``config`` (on ``mechanism``, see :data:`MECHANISMS`), refusing modules it places
     elsewhere that are already imported: they would bypass their gates."""
-    import flexos
+    from flexos import runtime as flexos_runtime
+    from flexos.config import load
     from flexos.gates.proxies import ModuleProxy
 
-    image = flexos.load(config)
+    image = load(config)
     if mechanism is not None:
         image = on_mechanism(image, mechanism)
-    runtime = flexos.boot(image)
+    runtime = flexos_runtime.boot(image)
     owners = {
         name: image.compartment_of(name) for name, module in sys.modules.items() if not isinstance(module, ModuleProxy)
     }
