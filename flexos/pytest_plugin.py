@@ -220,7 +220,8 @@ def _first_line(report: pytest.TestReport | pytest.CollectReport) -> str:
     crash = getattr(longrepr, "reprcrash", None)
     if crash is not None:
         message = crash.message.strip().splitlines()
-        return f"{crash.path}:{crash.lineno}: {message[0] if message else ''}"
+        path, here = str(crash.path), os.getcwd() + os.sep
+        return f"{path.removeprefix(here)}:{crash.lineno}: {message[0] if message else ''}"
     text = str(longrepr).strip().splitlines()
     return text[-1] if text else ""
 
