@@ -147,8 +147,7 @@ class Measurement:
 def fetch() -> None:
     """Download the sdists in suites.txt (hash-checked by pip) and unpack each once."""
     SUITES_DIR.mkdir(parents=True, exist_ok=True)
-    wanted = [suite for suite in SUITES.values() if not suite.directory.is_dir()]
-    if not wanted:
+    if all(suite.directory.is_dir() for suite in SUITES.values()):
         return
     with tempfile.TemporaryDirectory(dir=SUITES_DIR) as download:
         subprocess.run(
@@ -177,6 +176,9 @@ def main() -> None:
     if options.command == "fetch":
         fetch()
         return
+    unknown = sorted(set(options.libraries) - set(SUITES))
+    if unknown:
+        parser.error(f"unknown library {', '.join(unknown)} (known: {', '.join(SUITES)})")
     with tempfile.TemporaryDirectory() as scratch:
         for name in options.libraries or list(SUITES):
             suite = SUITES[name]
@@ -184,9 +186,8 @@ def main() -> None:
             plain = suite.run("plain", Path(scratch), options.timeout, sample)
             print(plain.summary(), flush=True)
             for mechanism in options.mechanism or MECHANISMS:
-                print(
-                    Measurement(suite, plain, suite.run(mechanism, Path(scratch), options.timeout)).report(), flush=True
-                )
+                gated = suite.run(mechanism, Path(scratch), options.timeout, sample)
+                print(Measurement(suite, plain, gated).report(), flush=True)
 
 
 if __name__ == "__main__":
