@@ -91,6 +91,8 @@ def _check_report(image: Image, search: list[str]) -> dict[str, Any]:
                 "default": spec.default,
                 "options": spec.options,
                 "described": driver.describe(options),
+                # e.g. a library that falls back from its C extension in a subinterpreter
+                "predicted": driver.predict(sorted(placed)) if reason is None else [],
                 "restart": spec.restart,
                 "timeout": spec.timeout,
                 "max_reply": spec.max_reply if isolated else None,
@@ -145,6 +147,8 @@ def _echo_check_report(image: Image, report: dict[str, Any]) -> None:
             click.echo(f"  {'':<14} hardening: {_describe_hardening(entry['hardening'])}")
         if entry["described"]:  # e.g. which accelerator QEMU will use here, and why
             click.echo(f"  {'':<14} {entry['driver']}: {entry['described']}")
+        for note in entry["predicted"]:
+            click.echo(f"  {'':<14} {entry['driver']}: {note}")
     click.echo("reach (whose modules each compartment may import; the default one reaches all):")
     for spec in image.compartments.values():
         if not spec.default:

@@ -166,6 +166,12 @@ class Driver(ABC):
         ones it cannot load, with why ({}: it loads any); ``flexos check`` asks, to say so early."""
         return {}
 
+    @classmethod
+    def predict(cls, modules: list[str]) -> list[str]:
+        """What ``flexos check`` foresees for ``modules`` placed in a compartment of this driver on this
+        machine (e.g. a C extension it cannot load), one note each; nothing by default."""
+        return []
+
     def make_link(self, mirrors: dict) -> Link:
         """The link to this compartment: it may import what this process serves, and a call waits at
         most the compartment's ``timeout``."""

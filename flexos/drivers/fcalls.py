@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import importlib
 import sys
+import types
 from dataclasses import dataclass
 
 from flexos.drivers.base import Driver
 from flexos.gates.link import Link
+from flexos.gates.proxies import ModuleProxy
 from flexos.transports.loopback import LoopbackTransport
 
 
@@ -34,7 +36,7 @@ class FcallsDriver(Driver):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         # Modules of this compartment, kept out of sys.modules so the app only sees their gates.
-        self._modules: dict[str, object] = {}
+        self._modules: dict[str, types.ModuleType] = {}
         self._links: tuple[Link, Link] | None = None
 
     @property
@@ -55,12 +57,18 @@ class FcallsDriver(Driver):
         module = self._modules.get(name)
         if module is not None:
             return module
-        before = set(sys.modules)
-        with self.host.bypass_gates(self.spec.name):
-            module = importlib.import_module(name)
-        for key in set(sys.modules) - before | {name}:
-            if self.image.compartment_of(key) == self.spec.name and key in sys.modules:
-                self._modules[key] = sys.modules.pop(key)
+        # The import runs as if in the compartment: its modules imported so far are in sys.modules
+        # in place of the app's gates (a submodule needs its real parent package), then all go back.
+        gates = {key: sys.modules.pop(key) for key in self._modules if key in sys.modules}
+        sys.modules.update(self._modules)
+        try:
+            with self.host.bypass_gates(self.spec.name):
+                module = importlib.import_module(name)
+        finally:
+            for key, loaded in list(sys.modules.items()):
+                if self.image.compartment_of(key) == self.spec.name and not isinstance(loaded, ModuleProxy):
+                    self._modules[key] = sys.modules.pop(key)
+            sys.modules.update(gates)
         return module
 
     def stop(self) -> None:

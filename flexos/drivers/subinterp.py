@@ -16,6 +16,8 @@ or ``/proc/self/mem`` in the compartment reach the whole process, and a crash in
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from typing import Any
 
@@ -31,6 +33,22 @@ import sys
 sys.path[:] = SYS_PATH
 from flexos.runtime.child import serve_in_subinterpreter
 result = serve_in_subinterpreter(BOOT)
+"""
+# Runs in a throwaway interpreter for ``flexos check``: SYS_PATH and MODULES (a list literal) first.
+_PREDICT_IN_A_SUBINTERPRETER = """
+import sys
+from flexos import _subinterp
+interp = _subinterp.create()
+try:
+    print(_subinterp.run(interp, sys.argv[1]) or "")
+finally:
+    _subinterp.destroy(interp)
+"""
+_PREDICT = """
+import sys
+sys.path[:] = SYS_PATH
+from flexos.runtime.child import fallbacks_on_import
+result = fallbacks_on_import(MODULES)
 """
 
 
@@ -75,6 +93,28 @@ class SubinterpDriver(Driver):
             "not a boundary against native code: ctypes, a C extension or /proc/self/mem in it "
             "reads and writes the whole app process"
         )
+
+    @classmethod
+    def predict(cls, modules: list[str]) -> list[str]:
+        """Import ``modules`` in a subinterpreter of a throwaway process (as the compartment will,
+        but never in this one) and say which fall back from a C extension there, or cannot be
+        imported."""
+        if not modules or cls.unavailable() is not None:
+            return []
+        code = f"SYS_PATH = {[os.getcwd(), *sys.path]!r}\nMODULES = {modules!r}\n{_PREDICT}"
+        try:
+            done = subprocess.run(
+                [sys.executable, "-I", "-c", _PREDICT_IN_A_SUBINTERPRETER, code],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return [f"importing {', '.join(modules)} in a subinterpreter could not be tried: {exc}"]
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            return [f"importing {', '.join(modules)} in a subinterpreter failed: {last}"]
+        return [line for line in done.stdout.splitlines() if line]
 
     def start(self, mirrors: dict) -> Link:
         from flexos import _subinterp

@@ -30,9 +30,11 @@ from flexos.gates.importer import GateFinder
 from flexos.gates.link import Link
 from flexos.gates.proxies import ModuleProxy
 from flexos.image import Image
+from flexos.runtime import state
 from flexos.runtime.compartment import Compartment
 from flexos.transports import Transport
 from flexos.wire.control import Route
+from flexos.wire.frames import Op, checked_import_answer
 
 __all__ = ["Compartment", "Runtime", "boot", "run_module", "run_path"]
 
@@ -62,7 +64,8 @@ class Runtime:
                     raise DriverUnavailable(f"{image.source}: compartment {name!r}: {reason}")
                 if name != self.local:
                     driver = driver_class(spec.driver)(spec, image, _DriverHost(self, name))
-                    self.compartments[name] = Compartment(name, spec, driver)
+                    self.compartments[name] = compartment = Compartment(name, spec, driver)
+                    compartment.on_start = partial(_share_interpreter_state, name, driver.in_app_process)
             self.broker = SiblingBroker(image, self.compartments)
         self.finder = GateFinder(image, self.local, self.compartment_for)
         #: Modules placed elsewhere that were loaded before the gates, out of sys.modules while we run.
@@ -175,6 +178,8 @@ class Runtime:
         module, unless that compartment runs in the app's process unisolated (plain fcalls).
         Either only if the requester may reach the module's compartment (``Image.may_reach``).
         """
+        if name == state.__name__ and requester == self.image.default:  # the app shares its warnings etc.
+            return state
         owner = self.image.compartment_of(name)
         refusal = self.image.reach_refusal(requester, owner, name) if owner is not None else None
         if refusal is not None:
@@ -194,6 +199,15 @@ class Runtime:
         gate = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(gate)
         return gate
+
+
+def _share_interpreter_state(name: str, on_app_threads: bool, link: Link) -> None:
+    """Have compartment ``name``'s warnings, log records and prints reach the app's, and Ctrl-C
+    its code if it runs on the app's threads (flexos/runtime/state.py)."""
+    module = checked_import_answer(link.call(Op.IMPORT, state.__name__), name)[0]
+    own_interpreter = module.install(state.interpreter(), state.AppState)
+    if own_interpreter and on_app_threads:
+        state.interrupt_on_ctrl_c(name, module.interrupt)
 
 
 class _DriverHost(Host):

@@ -12,6 +12,7 @@ variables); the app's ``sys.path`` is taken after. Neither imports the config/va
 
 from __future__ import annotations
 
+import importlib
 import marshal
 import os
 import select
@@ -20,6 +21,7 @@ import socket
 import sys
 import threading
 import traceback
+import warnings
 from collections.abc import Callable
 from functools import partial
 from types import TracebackType
@@ -169,11 +171,14 @@ def serve_in_subinterpreter(boot: bytes) -> int | str:
 
 
 def _explain_incompatible(serve_import: Callable[[str], Any], name: str) -> Callable[[str], Any]:
-    """Import for the app, explaining extension modules that cannot live in a subinterpreter."""
+    """Import for the app, explaining extension modules that cannot live in a subinterpreter, and
+    warning (in the app: warnings cross) when a module imported without one it fell back from."""
+    refused = _watch_refused_extensions()
 
     def import_for_peer(module: str) -> Any:
+        before = len(refused)
         try:
-            return serve_import(module)
+            served = serve_import(module)
         except ImportError as exc:
             if _INCOMPATIBLE not in str(exc):
                 raise
@@ -183,6 +188,9 @@ def _explain_incompatible(serve_import: Callable[[str], Any], name: str) -> Call
                 f"compartment with driver 'process' instead.",
                 name=module,
             ) from None
+        if len(refused) > before:
+            warnings.warn(fallback_note(module, refused[before:], name), RuntimeWarning, stacklevel=1)
+        return served
 
     return import_for_peer
 
@@ -247,6 +255,54 @@ def _from_the_app(tb: TracebackType | None) -> TracebackType | None:
     for entry in reversed(kept):
         rebuilt = TracebackType(rebuilt, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
     return rebuilt
+
+
+def fallback_note(module: str, extensions: list[str], compartment: str | None = None) -> str:
+    """What to tell the user about a module that imported without the C extensions it fell back from."""
+    where = f"compartment {compartment!r}" if compartment else "a subinterp compartment"
+    return (
+        f"{module} was imported in {where} without {', '.join(sorted(set(extensions)))}: that C extension "
+        f"supports only the main interpreter (single-phase init), so {module} runs its fallback (often pure "
+        f"Python: slower, and it may behave differently). Place {module!r} in a compartment with driver "
+        f"'process' to keep it."
+    )
+
+
+def _watch_refused_extensions() -> list[str]:
+    """From now on, the name of every extension module this interpreter refuses to load (a list
+    that grows); a library may catch the ImportError and fall back silently."""
+    from importlib.machinery import ExtensionFileLoader
+
+    refused: list[str] = []
+    create_module = ExtensionFileLoader.create_module
+
+    def create_module_watched(self: ExtensionFileLoader, spec: Any) -> Any:
+        try:
+            return create_module(self, spec)
+        except ImportError as exc:
+            if _INCOMPATIBLE in str(exc):
+                refused.append(spec.name)
+            raise
+
+    ExtensionFileLoader.create_module = create_module_watched  # type: ignore[method-assign]
+    return refused
+
+
+def fallbacks_on_import(modules: list[str]) -> str:
+    """In a throwaway subinterpreter (``flexos check``): import each module, and say which ones fall
+    back from a C extension here, or cannot be imported at all (one note a line)."""
+    refused = _watch_refused_extensions()
+    notes = []
+    for module in modules:
+        before = len(refused)
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            notes.append(f"{module} cannot be imported in a subinterpreter: {type(exc).__name__}: {exc}")
+            continue
+        if len(refused) > before:
+            notes.append(fallback_note(module, refused[before:]))
+    return "\n".join(notes)
 
 
 if __name__ == "__main__":

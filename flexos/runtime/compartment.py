@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from flexos.wire.frames import Op, checked_import_answer
@@ -43,6 +44,8 @@ class Compartment:
         self._lock = threading.Lock()
         self._modules: dict[str, tuple[Link, Any]] = {}
         self._mirrors: dict = {}
+        #: Called with each new link, before any module is imported through it (set by the app's runtime).
+        self.on_start: Callable[[Link], None] | None = None
 
     @property
     def direct(self) -> bool:
@@ -79,6 +82,8 @@ class Compartment:
                 how = self.spec.driver if self.spec is not None else "reached"
                 log_boundary(f"started compartment {self.name!r} ({how}" + (f", pid {self.pid})" if self.pid else ")"))
             link.rebind = self._rebind
+            if self.on_start is not None:
+                self.on_start(link)
             self._link = link
             return link
 
