@@ -96,26 +96,26 @@ def boot(config: str, mechanism: str | None = None) -> Runtime:
     elsewhere that are already imported: they would bypass their gates."""
     from flexos import runtime as flexos_runtime
     from flexos.config import load
-    from flexos.gates.proxies import ModuleProxy
+    from flexos.drivers import driver_class
 
     image = load(config)
     if mechanism is not None:
         image = on_mechanism(image, mechanism)
-    runtime = flexos_runtime.boot(image)
-    owners = {
-        name: image.compartment_of(name) for name, module in sys.modules.items() if not isinstance(module, ModuleProxy)
-    }
+    # Asked before booting, which takes such modules out of sys.modules for later imports: the
+    # plugin that imported one still runs it in the app.
     early = sorted(
         name
-        for name, owner in owners.items()
-        if owner is not None and owner != image.default and not runtime.compartment_for(owner).direct
+        for name in list(sys.modules)
+        if (owner := image.compartment_of(name)) is not None
+        and owner != image.default
+        and not driver_class(image.compartments[owner].driver).direct
     )
     if early:
-        runtime.stop()
         raise pytest.UsageError(
             f"--flexos {config}: {', '.join(early)} already imported before flexos booted (by a pytest plugin?), "
             "so it would run in the app, not in its compartment; disable that plugin with -p no:NAME"
         )
+    runtime = flexos_runtime.boot(image)
     return runtime
 
 
