@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -47,13 +49,29 @@ def config_path(app: str, variant: Variant) -> Path:
     return path
 
 
+def staged(app: str, variant: Variant, workdir: Path) -> Path:
+    """The variant's flexos.yaml copied into the app's working directory, with the ``data``
+    directory it may be granted: as deployed, the yaml sits beside the app's data, and flexos reads
+    its relative paths (``./data``) from the yaml's directory."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "data").mkdir(exist_ok=True)  # Landlock allows only paths that exist at start
+    target = workdir / "flexos.yaml"
+    shutil.copyfile(config_path(app, variant), target)
+    return target
+
+
 def refusal(app: str, variant: Variant) -> str | None:
     """Why this machine cannot run ``variant`` (``flexos check`` says so), or None."""
     if variant.config is None:
         return None
-    proc = subprocess.run(
-        [FLEXOS, "check", "-c", str(config_path(app, variant))], capture_output=True, text=True, timeout=120
-    )
+    with tempfile.TemporaryDirectory(prefix=f"flexos-{app}-") as workdir:
+        proc = subprocess.run(  # staged as a run stages it, with the app's path: its modules are found
+            [FLEXOS, "check", "-c", str(staged(app, variant, Path(workdir)))],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=environment(app),
+        )
     if proc.returncode == 0:
         return None
     lines = [line for line in proc.stderr.splitlines() if line.strip() and "warning:" not in line]
@@ -79,14 +97,16 @@ def rotated(items: list, round_: int) -> list:
     return items[shift:] + items[:shift]
 
 
-def command(app: str, variant: Variant, args: list[str], launcher: Path | None = None) -> list[str]:
-    """``python -m APP``, ``flexos run -c CONFIG -m APP``, or ``python LAUNCHER CONFIG APP`` (same arguments)."""
+def command(app: str, variant: Variant, args: list[str], workdir: Path, launcher: Path | None = None) -> list[str]:
+    """``python -m APP``, ``flexos run -c CONFIG -m APP``, or ``python LAUNCHER CONFIG APP`` (same
+    arguments), the config staged in ``workdir``."""
     module = MODULES[app]
     if variant.config is None:
         return [PYTHON, "-m", module, *args]
+    config = str(staged(app, variant, workdir))
     if launcher is not None:
-        return [PYTHON, str(launcher), str(config_path(app, variant)), module, *args]
-    return [FLEXOS, "run", "-c", str(config_path(app, variant)), "-m", module, *args]
+        return [PYTHON, str(launcher), config, module, *args]
+    return [FLEXOS, "run", "-c", config, "-m", module, *args]
 
 
 def environment(app: str) -> dict[str, str]:
@@ -108,7 +128,7 @@ class AppProcess:
         self.lines: list[str] = []
         self._new_line = threading.Condition()
         self.proc = subprocess.Popen(
-            command(app, variant, args, launcher),
+            command(app, variant, args, workdir, launcher),
             cwd=workdir,
             env=environment(app),
             stdout=subprocess.PIPE,
