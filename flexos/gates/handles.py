@@ -108,6 +108,16 @@ class _ProxyRef(weakref.ref):
     handle: int
 
 
+class _CopyReleased:
+    """The release of one value proxy (one received copy of the handle): shaped as a _ProxyRef."""
+
+    __slots__ = ("handle",)
+    count = 1
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+
+
 class ImportTable:
     """Proxies of peer objects, one live proxy per handle, so identity survives the gate."""
 
@@ -116,7 +126,7 @@ class ImportTable:
         self._refs: dict[int, _ProxyRef] = {}
         # Weakref callbacks may run inside any allocation (even while _lock is held), so they
         # only append here; releases are computed when the next frame is sent.
-        self._dead: collections.deque[_ProxyRef] = collections.deque()
+        self._dead: collections.deque[_ProxyRef | _CopyReleased] = collections.deque()
         self.dying = self._dead  # truthy when releases are waiting to be sent
 
     def lookup_or_create(self, handle: int, create: Callable[[], Any]) -> Any:
@@ -133,6 +143,11 @@ class ImportTable:
             ref.count = 1
             self._refs[handle] = ref
             return proxy
+
+    def release_copy(self, handle: int) -> None:
+        """A value proxy of ``handle`` died: each is a proxy of its own (they cannot be weakly
+        referenced), counted once. Called from ``__del__``, so it only appends."""
+        self._dead.append(_CopyReleased(handle))
 
     def take_releases(self) -> list[list[int]]:
         """Release records for proxies that died since the last call."""

@@ -17,6 +17,7 @@ a callable of the peer's stays the peer's. Anything malformed raises
 from __future__ import annotations
 
 import builtins
+import inspect
 import struct
 import threading
 import types
@@ -26,6 +27,7 @@ from typing import Any, Protocol
 import msgpack
 
 from flexos.errors import FlexosError, GateError, ProtocolError
+from flexos.wire import values
 
 
 def _encoding() -> Any:
@@ -56,9 +58,11 @@ class Ext:
     CLASS = 8  # a class owned by the sender: [class handle, module, qualname]
     BACK = 9  # an object owned by the receiver: its handle (a little-endian u64)
     BUILTIN = 10  # a class of the builtins module, NotImplemented or Ellipsis, by name (ASCII)
-    EXCEPTION = 11  # an exception, by value: [class, args (a tuple), attributes (a str-keyed map)]
+    EXCEPTION = 11  # an exception, by value: [class, args (a tuple), attributes (a str-keyed map)(, str() text)]
     LOAN = 12  # a large buffer lent without a copy (same-process peers only): transport-defined
     MODULE = 13  # a module, by name (UTF-8): the receiver's own module or gate of that name
+    VALUE = 14  # a stdlib value (flexos.wire.values): [row name, the row's state]
+    VALUE_REF = 15  # an object of the sender's that is also a builtin value: [handle, class handle, value]
 
 
 # Builtins that travel by name because they are the same object on every side.
@@ -135,6 +139,9 @@ class ReferenceSpace(Protocol):
     def proxy(self, handle: int, class_handle: int) -> Any:
         """The local proxy of the peer's object ``handle`` (REF)."""
 
+    def value_proxy(self, handle: int, class_handle: int, value: Any) -> Any:
+        """The local value proxy of the peer's object ``handle``, a copy of ``value`` (VALUE_REF)."""
+
     def proxy_class(self, handle: int, module: str, qualname: str) -> type:
         """The local class standing for the peer's class ``handle`` (CLASS)."""
 
@@ -157,26 +164,31 @@ def _is_flexos_error(cls: type) -> bool:
 
 
 def builtin_name(obj: Any) -> str | None:
-    """The name under which ``obj`` is found in :mod:`builtins`, if it is one of its objects."""
+    """The name under which ``obj`` crosses by name: a class of :mod:`builtins` (or one of its
+    singletons), or a stdlib class of :data:`flexos.wire.values.CLASSES_BY_NAME`."""
     for name, value in _BUILTIN_SINGLETONS.items():
         if obj is value:
             return name
+    if type(obj) is type and obj in values.NAMES_OF_CLASSES:
+        return values.NAMES_OF_CLASSES[obj]
     own_name = getattr(obj, "__name__", None)
     if isinstance(own_name, str) and getattr(builtins, own_name, None) is obj:
         return own_name
     return None
 
 
-def _build_exception(cls: Any, args: Any, attrs: Any, trusted_peer: bool) -> BaseException:
+def _build_exception(cls: Any, args: Any, attrs: Any, text: str | None, trusted_peer: bool) -> BaseException:
     """Rebuild an exception from its wire record without running code chosen by the peer.
 
+    ``text`` is what ``str()`` gave in the sender, which a mirrored class shows as its own (a
+    library's ``__str__`` computes it from state set in an ``__init__`` that is never run here).
     One of flexos's own exception classes from a peer that is not trusted arrives as a GateError
     that says so (a compartment cannot make the app believe that flexos raised it).
     """
     if not (isinstance(cls, type) and issubclass(cls, BaseException)):
         raise ProtocolError(f"exception record names {cls!r}, which is not an exception class")
-    if not isinstance(args, tuple) or not isinstance(attrs, dict):
-        raise ProtocolError("exception record has malformed args or attributes")
+    if not isinstance(args, tuple) or not isinstance(attrs, dict) or type(text) not in (str, type(None)):
+        raise ProtocolError("exception record has malformed args, attributes or text")
     if not trusted_peer and cls is not GateError and _is_flexos_error(cls):
         text = str(args[0]) if len(args) == 1 else str(args)
         args = (
@@ -194,7 +206,13 @@ def _build_exception(cls: Any, args: Any, attrs: Any, trusted_peer: bool) -> Bas
         # Any other class: never run its __init__ on data from another compartment.
         exc = cls.__new__(cls)
         exc.args = args
+        if text is not None:
+            exc.__dict__["_flexos_text"] = text
     for key, value in attrs.items():
+        if key == "__notes__":
+            if type(value) is list and all(type(note) is str for note in value):
+                exc.__notes__ = value
+            continue
         if type(key) is not str or key.startswith("__") or (key not in _BUILTIN_EXCEPTION_ATTRS and hasattr(cls, key)):
             continue  # never shadow a method or property of the class (e.g. add_note = exec)
         if key in _BUILTIN_EXCEPTION_ATTRS:
@@ -205,6 +223,16 @@ def _build_exception(cls: Any, args: Any, attrs: Any, trusted_peer: bool) -> Bas
         else:
             exc.__dict__[key] = value  # never through a property setter of the class
     return exc
+
+
+def _public_properties(cls: type) -> tuple[str, ...]:
+    """The public properties of exception class ``cls``, whose values travel as attributes (the
+    receiver's mirror has no code to compute them)."""
+    return tuple(
+        name
+        for name in dir(cls)
+        if not name.startswith("_") and isinstance(inspect.getattr_static(cls, name, None), property)
+    )
 
 
 _INTROSPECTION_TYPES = (types.FrameType, types.CodeType, types.TracebackType)
@@ -227,7 +255,9 @@ _HANDLE = struct.Struct("<Q")  # BACK payload
     _MODULE,
     _BY_REFERENCE,
     _REFUSED,
-) = range(15)
+    _VALUE,
+    _VALUE_REF,
+) = range(17)
 _VALUE_KINDS = {
     tuple: _TUPLE,
     int: _BIGINT,  # msgpack packs ints natively up to 64 bits; only bigger ones come here
@@ -240,6 +270,7 @@ _VALUE_KINDS = {
     type(Ellipsis): _SINGLETON,
     Described: _DESCRIBED,
     ByReference: _BY_REFERENCE,
+    **dict.fromkeys(values.BY_CLASS, _VALUE),
 }
 # Attributes of builtin exceptions that live in slots rather than args or __dict__.
 _BUILTIN_EXCEPTION_ATTRS = frozenset({"filename", "filename2", "name", "path", "name_from"})
@@ -364,6 +395,17 @@ class _Packing:
             if type(name) is not str:
                 raise GateError("a module without a name cannot cross a gate")
             return msgpack.ExtType(Ext.MODULE, name.encode())
+        if kind == _VALUE:
+            row = values.BY_CLASS[cls]
+            return msgpack.ExtType(Ext.VALUE, self.pack([row.wire, row.state(obj)]))
+        if kind == _VALUE_REF:  # the peer's own value proxy goes back as its object
+            back = space.peer_handle(obj)
+            if back is not None:
+                return msgpack.ExtType(Ext.BACK, _HANDLE.pack(back))
+            handle = space.export(obj)
+            self.exported.append(handle)
+            value = self._codec._value_of(cls)(obj)
+            return msgpack.ExtType(Ext.VALUE_REF, self.pack([handle, space.export_class(cls), value]))
         if kind == _BY_REFERENCE:
             target = obj.obj
             handle = space.export(target)
@@ -372,29 +414,44 @@ class _Packing:
         raise GateError(f"a {cls.__name__} object cannot cross a gate (it reaches the interpreter's internals)")
 
     def pack_exception(self, exc: BaseException) -> bytes:
-        """The packed record [class, args, attrs] of an exception, which crosses by value.
+        """The packed record [class, args, attrs, text] of an exception, which crosses by value.
 
-        Its class crosses described only (the receiver matches it, never calls it). Packed once;
-        only if that fails are args replaced by their reprs and attributes that cannot travel
-        dropped, and what the failed tries exported is taken back.
+        Its class crosses described only (the receiver matches it, never calls it). Attributes
+        are its ``__dict__`` (its ``__notes__`` included), the slots of builtin exceptions and
+        the values of its class's public properties; ``text`` is its ``str()``. Packed once; only
+        if that fails are args replaced by their reprs and attributes that cannot travel dropped,
+        and what the failed tries exported is taken back.
         """
+        cls = type(exc)
         attrs = {key: getattr(exc, key) for key in _BUILTIN_EXCEPTION_ATTRS if getattr(exc, key, None) is not None}
         attrs.update(
             (key, value)
             for key, value in getattr(exc, "__dict__", {}).items()
-            if not key.startswith("__") and not key.startswith("_flexos")
+            if key == "__notes__" or not (key.startswith("__") or key.startswith("_flexos"))
         )
-        record_class = Described(type(exc))
+        properties = self._codec._properties.get(cls)
+        if properties is None:
+            properties = self._codec._properties[cls] = _public_properties(cls)
+        for name in properties:
+            try:
+                attrs.setdefault(name, getattr(exc, name))
+            except Exception:  # a property that fails here would fail in the receiver too
+                pass
+        try:
+            text = str(exc)
+        except Exception:
+            text = BaseException.__str__(exc)
+        record_class = Described(cls)
         mark = len(self.exported)
         try:
-            return self.pack([record_class, tuple(exc.args), attrs])
+            return self.pack([record_class, tuple(exc.args), attrs, text])
         except GateError:
             self.withdraw(mark)
         args = tuple(exc.args)
         if not self.fits(args):
             args = tuple(repr(a) for a in args)
         kept = {key: value for key, value in attrs.items() if self.fits(value)}
-        return self.pack([record_class, args, kept])
+        return self.pack([record_class, args, kept, text])
 
 
 class Codec:
@@ -415,6 +472,8 @@ class Codec:
         self._lending: dict[str, Any] = {}
         self._pool: list[_Packing] = []
         self._kinds: dict[type, int] = {}
+        self._values: dict[type, Callable[[Any], Any]] = {}  # builtin subclass -> its exact builtin value
+        self._properties: dict[type, tuple[str, ...]] = {}  # exception class -> its public properties
         self._depth = threading.local()  # of decoding
 
     def lend_buffers(self, lend: Callable[[Any], bytes], threshold: int) -> None:
@@ -484,9 +543,16 @@ class Codec:
             return _EXCEPTION
         if issubclass(cls, types.ModuleType):
             return _MODULE
+        if issubclass(cls, values.VALUE_BASE_CLASSES):
+            self._values[cls] = values.VALUE_BASES[values.value_base(cls)][1]
+            return _VALUE_REF
         if self._space.is_proxy_type(cls):
             return _PROXY
         return _PLAIN
+
+    def _value_of(self, cls: type) -> Callable[[Any], Any]:
+        """How to take the exact builtin value out of an instance of builtin subclass ``cls``."""
+        return self._values[cls]
 
     # -- decoding ---------------------------------------------------------------------------
     def unpack(self, data: bytes) -> Any:
@@ -533,6 +599,8 @@ class Codec:
             name = payload.decode("ascii", "replace")
             if name in _BUILTIN_SINGLETONS:
                 return _BUILTIN_SINGLETONS[name]
+            if name in values.CLASSES_BY_NAME:
+                return values.CLASSES_BY_NAME[name]
             if name.startswith("_") or not hasattr(builtins, name):
                 raise ProtocolError(f"unknown builtin {name!r}")
             value = getattr(builtins, name)
@@ -546,10 +614,21 @@ class Codec:
             return self._space.module(name)
         if code == Ext.EXCEPTION:
             record = self._expect(self.unpack(payload), list)
-            if len(record) != 3:
+            if len(record) not in (3, 4):
                 raise ProtocolError("malformed exception record")
-            cls, args, attrs = record
-            return _build_exception(cls, args, attrs, self._trusted_peer)
+            cls, args, attrs, *text = record  # the text is optional
+            return _build_exception(cls, args, attrs, text[0] if text else None, self._trusted_peer)
+        if code == Ext.VALUE:
+            record = self._expect(self.unpack(payload), list)
+            row = values.BY_WIRE.get(record[0]) if len(record) == 2 and type(record[0]) is str else None
+            if row is None:
+                raise ProtocolError("malformed or unknown value record")
+            return row.build(record[1])  # ValueError/TypeError on a bad state: ProtocolError in unpack
+        if code == Ext.VALUE_REF:
+            record = self._expect(self.unpack(payload), list)
+            if len(record) != 3 or type(record[0]) is not int or type(record[1]) is not int:
+                raise ProtocolError("malformed value reference")
+            return self._space.value_proxy(*record)
         if code == Ext.CLASS:
             record = self._expect(self.unpack(payload), list)
             if len(record) != 3 or type(record[0]) is not int or not all(type(r) is str for r in record[1:]):

@@ -49,9 +49,19 @@ class Op:
     CALL_METHOD = 6  # name, args, kwargs -> what the method returns
     OPERATOR = 7  # name (a wire name of flexos.wire.operators.FUNCTIONS), args -> the result
     DESCRIBE = 8  # target: a class handle -> a class description (flexos.wire.classes)
+    # The app derives a class from one of the receiver's: target: the first base's class handle,
+    # name: the class name, args=[qualname, module, bases, members] -> the new class's handle.
+    # Each member is [kind, name, value], kind one of SUBCLASS_MEMBER_KINDS.
+    SUBCLASS = 9
+    # A method as a base class defines it (``super().name(...)`` in the app's subclass): target: an
+    # instance, name, args=[base, *args] -> what the base's method returns.
+    SUPER = 10
 
 
-_OPS = frozenset(range(Op.IMPORT, Op.DESCRIBE + 1))
+_OPS = frozenset(range(Op.IMPORT, Op.SUPER + 1))
+# How a member of an app's subclass crosses: a method (a function the owner's class forwards
+# to), a classmethod or staticmethod (the function), a property ([fget, fset, fdel]), a value.
+SUBCLASS_MEMBER_KINDS = frozenset({"method", "classmethod", "staticmethod", "property", "value"})
 
 # Positions of the fields in each kind of frame (plain ints: read on every call).
 KIND = 0

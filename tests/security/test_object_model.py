@@ -1,0 +1,158 @@
+"""What a malicious library could do with each kind of crossing issue 13 added, and that it cannot.
+
+The decoder alone (the app's real codec for a strict-fcalls compartment, fed the bytes a hostile
+compartment would send), and a live compartment where the attack needs one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import sys
+
+import msgpack
+import pytest
+from driver_variants import needs
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import flexos
+from flexos.wire.codec import Ext
+from flexos.wire.frames import Kind, decode_frame
+from flexos.wire.values import BY_WIRE
+
+
+@pytest.fixture
+def codec(boot):
+    """The app's codec for a strict-fcalls compartment: the real wiring, all in this process."""
+    runtime = boot("fcalls-strict")
+    return runtime.compartments["box"].link().codec
+
+
+def _reply(value) -> bytes:
+    return msgpack.packb([Kind.REPLY, value, []], use_bin_type=True)
+
+
+def _ext(code, value) -> msgpack.ExtType:
+    return msgpack.ExtType(code, msgpack.packb(value, use_bin_type=True))
+
+
+def _value(row, state) -> msgpack.ExtType:
+    return _ext(Ext.VALUE, [row, state])
+
+
+# -- 1: values by value ---------------------------------------------------------------------------
+
+HOSTILE_VALUES = {
+    "unknown-row": _value("Popen", ["sh"]),
+    "row-not-str": _value(5, [1]),
+    "record-short": _ext(Ext.VALUE, ["date"]),
+    "date-out-of-range": _value("date", [2020, 13, 1]),
+    "date-strings": _value("date", ["2020", "1", "1"]),
+    "date-bool": _value("date", [True, 1, 1]),
+    "date-wrong-arity": _value("date", [2020, 1]),
+    "datetime-tzinfo-not-a-tzinfo": _value("datetime", [2020, 1, 1, 0, 0, 0, 0, "UTC", 0]),
+    "datetime-fold-2": _value("datetime", [2020, 1, 1, 0, 0, 0, 0, None, 2]),
+    "time-hour-25": _value("time", [25, 0, 0, 0, None, 0]),
+    "timedelta-overflow": _value("timedelta", [10**9, 0, 0]),
+    "timezone-offset-int": _value("timezone", [3600]),
+    "timezone-offset-too-big": _value("timezone", [_value("timedelta", [1, 0, 0])]),
+    "decimal-not-a-number": _value("Decimal", ["__import__('os')"]),
+    "decimal-not-str": _value("Decimal", [1.5]),
+    "ordered-dict-unhashable-key": _value("OrderedDict", [[[1], 2]]),
+    "ordered-dict-not-pairs": _value("OrderedDict", [[1, 2, 3]]),
+    "class-by-name-not-listed": msgpack.ExtType(Ext.BUILTIN, b"os.system"),
+    "class-by-name-module-only": msgpack.ExtType(Ext.BUILTIN, b"datetime.sys"),
+    "value-ref-short": _ext(Ext.VALUE_REF, [1, 2]),
+    "value-ref-not-ints": _ext(Ext.VALUE_REF, ["1", 2, "x"]),
+}
+
+
+@pytest.mark.parametrize("value", list(HOSTILE_VALUES.values()), ids=list(HOSTILE_VALUES))
+def test_a_malformed_value_is_a_protocol_error(codec, value):
+    """A stdlib value is built only from the row's checked state: anything else is refused."""
+    with pytest.raises(flexos.ProtocolError):
+        decode_frame(codec, _reply(value))
+
+
+def test_values_build_only_the_receivers_own_stdlib_types(codec):
+    zone = _value("timezone", [_value("timedelta", [0, 3600, 0]), "one"])
+    frame = decode_frame(
+        codec, _reply([_value("datetime", [2020, 1, 1, 0, 0, 0, 0, zone, 1]), _value("Decimal", ["NaN"])])
+    )
+    moment, number = frame[1]
+    assert type(moment) is datetime.datetime and moment.tzname() == "one" and moment.fold == 1
+    assert type(number) is decimal.Decimal and number.is_nan()
+
+
+@given(
+    st.sampled_from(sorted(BY_WIRE)),
+    st.lists(
+        st.one_of(st.integers(-(2**40), 2**40), st.text(max_size=4), st.none(), st.booleans(), st.floats()), max_size=10
+    ),
+)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_fuzzed_value_states_build_their_row_or_are_refused(codec, row, state):
+    try:
+        value = decode_frame(codec, _reply(_value(row, state)))[1]
+    except flexos.ProtocolError:
+        return
+    assert type(value) is BY_WIRE[row].cls
+
+
+def test_a_value_reference_must_name_a_class_of_that_value_type(boot):
+    """A compartment cannot make the app build a proxy of a class that is no subclass of the value's
+    type (a Point 'that is a str'), nor a value proxy out of a plain REF's class."""
+    runtime = boot("fcalls-strict")
+    import complib
+
+    link = runtime.compartments["box"].link()
+    complib.Point(1, 2)  # the app now mirrors Point: a known class handle
+    (point_class,) = [handle for handle, cls in link._classes.items() if cls.__name__ == "Point"]
+    with pytest.raises(flexos.ProtocolError, match="no subclass of the value's type"):
+        decode_frame(link.codec, _reply(_ext(Ext.VALUE_REF, [1, point_class, "a str"])))
+
+
+# -- 2: subclasses and base-method calls are the app's alone ----------------------------------------
+
+registered: list[str] = []
+
+
+class Plugin:
+    """An app class with a registry a subclass joins when it is made (a plugin system)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        registered.append(cls.__name__)
+
+    def _secret(self):
+        return "the app's private method"
+
+    def public(self):
+        return "public"
+
+
+@pytest.fixture(params=["fcalls-strict", "process", pytest.param("subinterp", marks=needs("subinterp"))])
+def subthief(request, boot):
+    sys.modules.pop("subthief", None)
+    boot(request.param, {"subthief": "box"})
+    import subthief
+
+    yield subthief
+    sys.modules.pop("subthief", None)
+
+
+def test_a_compartment_cannot_derive_from_a_class_the_app_gave_it(subthief):
+    """Deriving would make the app run code at class creation (its __init_subclass__, joining its
+    registries) and build a class of the library's choosing: refused, whatever the route."""
+    registered.clear()
+    with pytest.raises(TypeError, match="may not derive classes"):
+        subthief.derive(Plugin)
+    with pytest.raises(TypeError, match="may not derive classes"):
+        subthief.subclass_raw(Plugin, [["method", "public", print]])
+    assert registered == [] and Plugin().public() == "public"
+
+
+def test_a_compartment_cannot_call_base_methods_on_the_apps_objects(subthief):
+    with pytest.raises(TypeError, match="may not call base-class methods"):
+        subthief.call_base(Plugin(), Plugin, "_secret")
