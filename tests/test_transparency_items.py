@@ -251,3 +251,16 @@ def test_item_6_library_exceptions_keep_their_message_attributes_and_notes(lib):
     assert error.problem == "cannot parse '['" and error.line == 3 and error.where == "line 3"
     assert error.__notes__[0] == "the library's own note"
     assert "--- raised in compartment 'box' ---" in error.__notes__[-1]
+
+
+# -- 10: legal values that could not cross -------------------------------------------------------
+
+
+def test_item_10_legal_values_cross(lib):
+    lone = "a\ud800b\udfff"
+    assert lib.echo(lone) == lone and lib.echo({lone: [lone]}) == {lone: [lone]}
+    assert lib.echo(lib) is lib  # a module gate passed back is the library's own module there
+    thing = lib.dotted()
+    assert type(thing).__name__ == "pkg.Dotted" and lib.echo(thing) is thing
+    strided = memoryview(b"abcdef")[::2]
+    assert lib.echo(strided) == b"ace" and lib.length(strided) == 3

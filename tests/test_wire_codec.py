@@ -290,3 +290,21 @@ def test_flexos_exceptions_from_a_peer_arrive_as_gate_errors_unless_it_is_truste
         exc = frame[ERROR_EXCEPTION]
         assert type(exc) is expected and exc.compartment == "db"
         assert "killed by signal 9" in str(exc)
+
+
+def test_what_msgpack_cannot_pack_goes_to_default():
+    """A str with lone surrogates (no UTF-8 for it) and a non-contiguous view, where msgpack raises:
+    handed to ``default``, and without one a TypeError, never a half-written frame."""
+    seen = []
+
+    def default(obj):
+        seen.append(obj)
+        return msgpack.ExtType(16, obj.encode("utf-8", "surrogatepass")) if type(obj) is str else obj.tobytes()
+
+    strided = memoryview(b"abcdef")[::2]
+    packed = _msgpack.packb(["\ud800", strided], default=default, use_bin_type=True, strict_types=True)
+    assert seen == ["\ud800", strided]
+    assert _msgpack.unpackb(packed) == [msgpack.ExtType(16, b"\xed\xa0\x80"), b"ace"]
+    for value in ("\udfff", strided):
+        with pytest.raises(TypeError, match="can not serialize"):
+            _msgpack.packb(value)

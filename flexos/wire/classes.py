@@ -2,7 +2,8 @@
 
 A DESCRIBE call answers with one msgpack map, with exactly these keys (in this order):
 
-- ``name``, ``qualname``, ``module``: the class's ``__name__`` (an identifier), ``__qualname__``
+- ``name``, ``qualname``, ``module``: the class's ``__name__`` (an identifier, or identifiers
+  joined by dots, as some classes are named), ``__qualname__``
   and ``__module__`` ("" if it has none);
 - ``bases``: its bases other than ``object``, described only (:class:`~flexos.wire.codec.Described`:
   classes of the owner travel by reference, builtin ones by name);
@@ -122,8 +123,8 @@ def checked_description(desc: Any) -> ClassDescription:
     for key in ("name", "qualname", "module"):
         if type(desc[key]) is not str:
             raise ProtocolError("malformed class description")
-    if not desc["name"].isidentifier():
-        raise ProtocolError(f"class name {desc['name']!r} is not an identifier")
+    if not all(part.isidentifier() for part in desc["name"].split(".")):  # pkg.Dotted names exist
+        raise ProtocolError(f"class name {desc['name']!r} is not a dotted name")
     methods, dunders = desc["methods"], desc["dunders"]
     if type(methods) is not list or type(dunders) is not list or type(desc["bases"]) is not list:
         raise ProtocolError("malformed class description")

@@ -63,6 +63,7 @@ class Ext:
     MODULE = 13  # a module, by name (UTF-8): the receiver's own module or gate of that name
     VALUE = 14  # a stdlib value (flexos.wire.values): [row name, the row's state]
     VALUE_REF = 15  # an object of the sender's that is also a builtin value: [handle, class handle, value]
+    SURROGATES = 16  # a str with lone surrogates, which msgpack's UTF-8 str cannot hold: UTF-8, surrogatepass
 
 
 # Builtins that travel by name because they are the same object on every side.
@@ -257,8 +258,10 @@ _HANDLE = struct.Struct("<Q")  # BACK payload
     _REFUSED,
     _VALUE,
     _VALUE_REF,
-) = range(17)
+    _SURROGATES,
+) = range(18)
 _VALUE_KINDS = {
+    str: _SURROGATES,  # msgpack packs str natively; only one it cannot encode as UTF-8 comes here
     tuple: _TUPLE,
     int: _BIGINT,  # msgpack packs ints natively up to 64 bits; only bigger ones come here
     bool: _BIGINT,
@@ -395,6 +398,8 @@ class _Packing:
             if type(name) is not str:
                 raise GateError("a module without a name cannot cross a gate")
             return msgpack.ExtType(Ext.MODULE, name.encode())
+        if kind == _SURROGATES:
+            return msgpack.ExtType(Ext.SURROGATES, obj.encode("utf-8", "surrogatepass"))
         if kind == _VALUE:
             row = values.BY_CLASS[cls]
             return msgpack.ExtType(Ext.VALUE, self.pack([row.wire, row.state(obj)]))
@@ -618,6 +623,8 @@ class Codec:
                 raise ProtocolError("malformed exception record")
             cls, args, attrs, *text = record  # the text is optional
             return _build_exception(cls, args, attrs, text[0] if text else None, self._trusted_peer)
+        if code == Ext.SURROGATES:
+            return payload.decode("utf-8", "surrogatepass")
         if code == Ext.VALUE:
             record = self._expect(self.unpack(payload), list)
             row = values.BY_WIRE.get(record[0]) if len(record) == 2 and type(record[0]) is str else None

@@ -63,6 +63,7 @@ HOSTILE_VALUES = {
     "ordered-dict-not-pairs": _value("OrderedDict", [[1, 2, 3]]),
     "class-by-name-not-listed": msgpack.ExtType(Ext.BUILTIN, b"os.system"),
     "class-by-name-module-only": msgpack.ExtType(Ext.BUILTIN, b"datetime.sys"),
+    "surrogates-not-utf8": msgpack.ExtType(Ext.SURROGATES, b"\xff\xfe"),
     "value-ref-short": _ext(Ext.VALUE_REF, [1, 2]),
     "value-ref-not-ints": _ext(Ext.VALUE_REF, ["1", 2, "x"]),
 }
