@@ -264,3 +264,32 @@ def test_item_10_legal_values_cross(lib):
     assert type(thing).__name__ == "pkg.Dotted" and lib.echo(thing) is thing
     strided = memoryview(b"abcdef")[::2]
     assert lib.echo(strided) == b"ace" and lib.length(strided) == 3
+
+
+# -- 11: the compartment frees what the app dropped, and its weakref callbacks call the app -------
+
+
+class ZoneKey:
+    """An app object used as a key by the library: its hash and equality run in the app."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ZoneKey) and other.name == self.name
+
+
+@pytest.mark.timeout(60)
+def test_item_11_a_weakref_callback_calling_the_app_after_a_reply_does_not_deadlock(lib):
+    """dateutil's tz cache: a WeakValueDictionary keyed by the app's objects. When the app drops the
+    value, the compartment frees it after its next reply; the dictionary's callback hashes the key,
+    a call into the app that must get an answer, not wait on a channel nobody serves."""
+    for round_ in range(5):
+        zone = lib.cached_zone(ZoneKey(f"z{round_}"))
+        assert zone.key.name == f"z{round_}"
+        del zone
+        assert lib.cache_size() in (0, 1)  # carries the release; the callback runs after this reply
+    assert lib.cache_size() == 0 and lib.echo(1) == 1

@@ -224,8 +224,7 @@ class Link:
                 reply = self.dispatch(frame, deferred)
                 if deferred:  # free what the peer dropped while it reads our reply
                     channel.send(reply)
-                    self.exports.release(deferred)
-                    deferred.clear()
+                    self._release_unserved(deferred)
                     frame = channel.recv()
                 else:
                     frame = channel.exchange(reply)
@@ -233,6 +232,19 @@ class Link:
             pass  # the peer went away or broke the conversation: this channel is done
         finally:
             channel.close()  # on any exit, so that a caller waiting on it is told
+
+    def _release_unserved(self, deferred: Releases) -> None:
+        """Apply releases between two calls of the peer on this serving thread's channel: the
+        peer is not waiting on it, so a call that freeing makes (a weakref callback hashing a
+        proxy key, a ``__del__``) must go out as an outermost call, on a channel of its own."""
+        local = self._local
+        served = local.channel
+        local.channel = None
+        try:
+            self.exports.release(deferred)
+        finally:
+            local.channel = served
+            deferred.clear()
 
     def dispatch(self, data: bytes, deferred: Releases | None = None) -> bytes:
         """Run one call from the peer and return the reply frame; never raises.
