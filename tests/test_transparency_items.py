@@ -293,3 +293,59 @@ def test_item_11_a_weakref_callback_calling_the_app_after_a_reply_does_not_deadl
         del zone
         assert lib.cache_size() in (0, 1)  # carries the release; the callback runs after this reply
     assert lib.cache_size() == 0 and lib.echo(1) == 1
+
+
+# -- 8: patching a placed module -----------------------------------------------------------------
+
+
+def test_item_8_mock_patch_of_a_placed_module_is_undone(lib):
+    from unittest import mock
+
+    with mock.patch("valuelib.escape", lambda value: "patched"):
+        assert lib.escape("<") == "patched" and lib.Markup("a") + "<" == "apatched"  # the library's calls too
+    assert lib.escape("<") == "&lt;" and lib.Markup("a") + "<" == "a&lt;"
+    with mock.patch.object(lib, "ADDED", 1, create=True):
+        assert lib.ADDED == 1
+    assert not hasattr(lib, "ADDED")
+    lib.ADDED = 2
+    del lib.ADDED
+    assert not hasattr(lib, "ADDED")
+
+
+def test_item_8_a_wrapper_set_on_a_placed_module_calls_the_original(lib):
+    original = lib.escape
+    calls = []
+
+    def wrapper(value):
+        calls.append(value)
+        return original(value)
+
+    lib.escape = wrapper
+    try:
+        assert lib.escape("<") == "&lt;" and lib.Markup("a") + ">" == "a&gt;"
+        assert calls == ["<", ">"]
+    finally:
+        lib.escape = original
+    assert lib.escape is original or lib.escape("&") == "&amp;"
+    assert lib.Markup("") + "<" == "&lt;" and calls == ["<", ">"]
+
+
+# -- 9: library functions bind as methods on app classes ---------------------------------------
+
+
+def test_item_9_a_library_function_binds_as_a_method(lib):
+    class Holder:
+        kind = lib.type_of  # a module function
+        echo = lib.echo
+
+    class Greeter:
+        name = "ada"
+
+        @lib.logged
+        def greet(self, greeting):
+            return f"{greeting}, {self.name}"
+
+    holder = Holder()
+    assert holder.kind() == f"{__name__}.{Holder.__qualname__}"
+    assert holder.echo() is holder and Holder.echo(3) == 3
+    assert Greeter().greet("hi") == ("logged", "hi, ada")

@@ -22,6 +22,7 @@ from flexos.gates.handles import MAX_HANDLES, ExportTable, ImportTable
 from flexos.gates.policy import APP_POLICY, COMPARTMENT_POLICY, always_replicated
 from flexos.gates.proxies import (
     Mirrors,
+    ModuleFunction,
     RemoteObject,
     RemoteValue,
     build_subclass,
@@ -388,11 +389,14 @@ class Link:
             self.exports.release(releases)
 
     def is_proxy_type(self, cls: type) -> bool:
-        return issubclass(cls, (RemoteObject, RemoteValue))
+        return issubclass(cls, (RemoteObject, RemoteValue, ModuleFunction))
 
     def peer_handle(self, obj: Any) -> int | None:
         if isinstance(obj, (RemoteObject, RemoteValue)):
             return obj._flexos_handle if obj._flexos_link is self else None
+        if isinstance(obj, ModuleFunction):  # a module function goes home as the function itself
+            function = obj._flexos_bound
+            return function._flexos_handle if function._flexos_link is self else None
         if isinstance(obj, type):
             attrs = obj.__dict__
             if attrs.get("_flexos_class_link") is self:

@@ -249,6 +249,8 @@ def _synthesize(desc: ClassDescription) -> type:
     for wire in desc["dunders"]:
         op = BY_WIRE[wire]
         namespace[op.dunder] = _operator(op)
+    if module == "builtins" and qualname == "function":  # a function binds as a method, as it does here
+        namespace["__get__"] = _bind
     if desc["hash"] == "none":
         namespace["__hash__"] = None
     elif desc["hash"] == "remote":
@@ -267,6 +269,11 @@ def _synthesize(desc: ClassDescription) -> type:
         return RemoteClass(name, proxy_bases, namespace)
     except TypeError:  # an MRO the mirror cannot reproduce: keep the behaviour, drop the bases
         return RemoteClass(name, plain, namespace)
+
+
+def _bind(function: Any, obj: Any, owner: Any = None) -> Any:
+    """``__get__`` of a function's proxy: a method bound to ``obj`` (on a class: the function)."""
+    return function if obj is None else types.MethodType(function, obj)
 
 
 def _exception_text(exc: BaseException) -> str:
@@ -474,17 +481,26 @@ class ModuleFunction:
 
     __slots__ = ("__dict__", "__weakref__", "_flexos_bound", "_flexos_module")
 
-    def __init__(self, module: ModuleProxy, name: str) -> None:
+    def __init__(self, module: ModuleProxy, name: str, function: RemoteObject) -> None:
         self.__name__ = self.__qualname__ = name
         self.__module__ = module.__name__
         self._flexos_module = module
-        self._flexos_bound: RemoteObject | None = None  # the function in the current instance
+        # The function in the current instance, the one read (``orig = m.f; m.f = wrapper``
+        # keeps calling the original); looked up by name again only after a restart.
+        self._flexos_bound = function
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         function = self._flexos_bound
-        if function is None or function._flexos_link.closed:  # first call, or a restart since
-            function = self._flexos_bound = getattr(self._flexos_module._flexos_target(), self.__name__)
+        if function._flexos_link.closed:  # a restart since
+            found = getattr(self._flexos_module._flexos_target(), self.__name__)
+            if not isinstance(found, RemoteObject):  # the app's own function, set on the module
+                return found(*args, **kwargs)
+            function = self._flexos_bound = found
         return function._flexos_link.call(Op.CALL, function._flexos_handle, None, args, kwargs)
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        """Bind as a method, as a function does (a library's function set on an app class)."""
+        return self if obj is None else types.MethodType(self, obj)
 
     def __repr__(self) -> str:
         where = self._flexos_module._flexos_compartment.name
@@ -513,7 +529,7 @@ class ModuleProxy(types.ModuleType):
             raise AttributeError(name)
         value = getattr(self._flexos_target(), name)
         if isinstance(value, RemoteObject) and type(value).__name__ in _FUNCTION_TYPES:
-            value = ModuleFunction(self, name)
+            value = ModuleFunction(self, name, value)
         if isinstance(value, (type, types.ModuleType, ModuleFunction)):
             types.ModuleType.__setattr__(self, name, value)
         return value
@@ -524,6 +540,15 @@ class ModuleProxy(types.ModuleType):
         else:
             self.__dict__.pop(name, None)
             setattr(self._flexos_target(), name, value)
+
+    def __delattr__(self, name: str) -> None:
+        """Forwarded, like assignment (``mock.patch`` undoes a patch by deleting what it set)."""
+        bound = self.__dict__.pop(name, None)
+        if name in _LOCAL_MODULE_ATTRS or isinstance(bound, ModuleProxy):
+            if bound is None:
+                raise AttributeError(name)
+            return
+        delattr(self._flexos_target(), name)
 
     def __dir__(self) -> list[str]:
         return dir(self._flexos_target())

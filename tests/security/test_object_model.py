@@ -12,11 +12,12 @@ import sys
 
 import msgpack
 import pytest
-from driver_variants import needs
+from driver_variants import DRIVER_VARIANTS, needs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flexos
+from flexos import CompartmentSpec, Image
 from flexos.wire.codec import Ext
 from flexos.wire.frames import Kind, decode_frame
 from flexos.wire.values import BY_WIRE
@@ -134,13 +135,19 @@ class Plugin:
 
 
 @pytest.fixture(params=["fcalls-strict", "process", pytest.param("subinterp", marks=needs("subinterp"))])
-def subthief(request, boot):
-    sys.modules.pop("subthief", None)
-    boot(request.param, {"subthief": "box"})
+def subthief(request):
+    """subthief in compartment box, and caphelpers, an app module, in the default compartment."""
+    for name in ("subthief", "caphelpers"):
+        sys.modules.pop(name, None)
+    engine, options = DRIVER_VARIANTS[request.param]
+    specs = {"app": CompartmentSpec("app", "fcalls", default=True), "box": CompartmentSpec("box", engine, options)}
+    runtime = flexos.boot(Image(specs, {"subthief": "box", "caphelpers": "app"}, source="<test_object_model>"))
     import subthief
 
     yield subthief
-    sys.modules.pop("subthief", None)
+    runtime.stop()
+    for name in ("subthief", "caphelpers"):
+        sys.modules.pop(name, None)
 
 
 def test_a_compartment_cannot_derive_from_a_class_the_app_gave_it(subthief):
@@ -157,3 +164,15 @@ def test_a_compartment_cannot_derive_from_a_class_the_app_gave_it(subthief):
 def test_a_compartment_cannot_call_base_methods_on_the_apps_objects(subthief):
     with pytest.raises(TypeError, match="may not call base-class methods"):
         subthief.call_base(Plugin(), Plugin, "_secret")
+
+
+# -- 8: deleting a module attribute is forwarded, and a compartment still never writes the app's modules
+
+
+@pytest.mark.parametrize("subthief", ["process", pytest.param("subinterp", marks=needs("subinterp"))], indirect=True)
+def test_a_compartment_cannot_delete_from_the_apps_modules(subthief):
+    import caphelpers
+
+    with pytest.raises(AttributeError, match="never written through a gate"):
+        subthief.delete_from_app_module("check_token")
+    assert caphelpers.check_token("x") is not None
