@@ -322,7 +322,10 @@ def _app_subclass(
     if len(links) != 1:
         raise TypeError(f"class {name!r} derives from classes of more than one compartment")
     link = links.pop()
-    local_bases = tuple(_super_view(base) if "_flexos_by_name" in base.__dict__ else base for base in bases)
+    local_bases = tuple(
+        _super_view(base) if isinstance(base, RemoteClass) and "_flexos_by_name" in base.__dict__ else base
+        for base in bases
+    )
     cls: Any = type.__new__(mcls, name, local_bases, namespace, **kwargs)
     members = []
     for attr, value in _own_members(cls).items():
@@ -418,7 +421,8 @@ def build_subclass(name: Any, qualname: Any, module: Any, bases: Any, members: A
         elif kind == "property":
             if type(value) is not list or len(value) != 3:
                 raise ProtocolError("malformed subclass property")
-            namespace[attr] = property(*(None if f is None else _forwarder(f, attr, qualname) for f in value))
+            fget, fset, fdel = (None if f is None else _forwarder(f, attr, qualname) for f in value)
+            namespace[attr] = property(fget, fset, fdel)
         else:
             namespace[attr] = value
     return types.new_class(name, tuple(bases), exec_body=lambda body: body.update(namespace))
