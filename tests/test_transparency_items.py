@@ -349,3 +349,24 @@ def test_item_9_a_library_function_binds_as_a_method(lib):
     assert holder.kind() == f"{__name__}.{Holder.__qualname__}"
     assert holder.echo() is holder and Holder.echo(3) == 3
     assert Greeter().greet("hi") == ("logged", "hi, ada")
+
+
+# -- 13: coroutines, async iterators, async context managers ----------------------------------------
+
+
+def test_item_13_the_app_awaits_what_runs_in_the_compartment(lib):
+    import asyncio
+
+    async def main():
+        assert await lib.fetch(1) == ("fetched", 1)
+        assert await lib.fetch(2, lambda value: value * 10) == ("fetched", 20)  # a callback nests
+        assert [n async for n in lib.count(3)] == [0, 1, 2]
+        session = lib.Session()
+        async with session as entered:
+            assert entered is session and await session.get("/x") == ("fetched", "/x")
+        with pytest.raises(KeyError):
+            async with lib.Session() as failing:
+                raise KeyError("inside")
+        return session.log, failing.log
+
+    assert asyncio.run(main()) == (["enter", "exit None"], ["enter", "exit KeyError"])

@@ -186,6 +186,38 @@ def _optional(wire: str) -> Callable[..., Any]:
     return optional
 
 
+async def _awaiting(proxy: RemoteObject, wire: str, args: tuple[Any, ...]) -> Any:
+    """Await the owner's running of an awaitable it owns: the call waits in an executor thread,
+    so this event loop goes on meanwhile (callbacks the owner makes run on that thread, as for a
+    synchronous call). Holds ``proxy``: the owner keeps the object until the await is over."""
+    import asyncio
+    import functools
+
+    call = functools.partial(proxy._flexos_link.call, Op.OPERATOR, proxy._flexos_handle, wire, args)
+    return await asyncio.get_running_loop().run_in_executor(None, call)
+
+
+def _async(wire: str) -> Callable[..., Any]:
+    if wire == "await":  # __await__ answers an iterator, the others an awaitable
+
+        def await_(self: RemoteObject) -> Any:
+            return _awaiting(self, wire, ()).__await__()
+
+        return await_
+
+    def awaitable(self: RemoteObject) -> Any:
+        return _awaiting(self, wire, ())
+
+    return awaitable
+
+
+def _async_exit(wire: str) -> Callable[..., Any]:
+    def aexit(self: RemoteObject, exc_type: Any, exc: Any, tb: Any) -> Any:
+        return _awaiting(self, wire, (exc_type, exc, None))
+
+    return aexit
+
+
 def _exit(wire: str) -> Callable[..., Any]:
     def exit(self: RemoteObject, exc_type: Any, exc: Any, tb: Any) -> Any:
         # Tracebacks hold frames: they stay on this side of the gate.
@@ -202,6 +234,8 @@ _SHAPED: dict[Shape, Callable[[str], Callable[..., Any]]] = {
     Shape.CALL: _call,
     Shape.EXIT: _exit,
     Shape.OPTIONAL: _optional,
+    Shape.ASYNC: _async,
+    Shape.ASYNC_EXIT: _async_exit,
 }
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import operator
+import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -34,6 +35,10 @@ class Shape(enum.Enum):
     CALL = "call"  # (self, *args, **kwargs): a CALL op, not an OPERATOR
     EXIT = "exit"  # (self, exc_type, exc, tb): the traceback stays behind (it holds frames)
     OPTIONAL = "optional"  # (self, *args): an optional argument (``pow``'s modulo, ``round``'s ndigits)
+    # An awaitable (``__await__``, ``__anext__``, ``__aenter__``, ``__aexit__``): the caller awaits
+    # it; the owner runs the object's awaitable to completion on its thread's event loop.
+    ASYNC = "async"  # (self)
+    ASYNC_EXIT = "async_exit"  # (self, exc_type, exc, tb): the traceback stays behind
 
 
 def _enter(obj: Any) -> Any:
@@ -67,6 +72,35 @@ def _reduce_ex(obj: Any, protocol: Any) -> Any:
     if type(protocol) is not int:
         raise TypeError("the protocol of __reduce_ex__ must be an int")
     return cls.__reduce_ex__(obj, protocol)
+
+
+_loops = threading.local()
+
+
+def _run_to_completion(awaitable: Any) -> Any:
+    """The owner's side of an awaited proxy: run ``awaitable`` to completion on this thread's event
+    loop (one per serving thread, kept: an async generator's steps share it). Callbacks it makes
+    into the caller nest, as for any call."""
+    import asyncio
+
+    loop = getattr(_loops, "loop", None)
+    if loop is None or loop.is_closed():
+        loop = _loops.loop = asyncio.new_event_loop()
+
+    async def wait() -> Any:
+        return await awaitable
+
+    return loop.run_until_complete(wait())
+
+
+def _awaited(name: str) -> Callable[..., Any]:
+    """The object's special method ``name``, whose awaitable result the owner runs to completion."""
+
+    def apply(obj: Any, *args: Any) -> Any:
+        return _run_to_completion(getattr(type(obj), name)(obj, *args))
+
+    apply.__name__ = name
+    return apply
 
 
 class Operator(NamedTuple):
@@ -126,6 +160,13 @@ OPERATORS: tuple[Operator, ...] = (
     _numeric("html_format"),
     _numeric("json", Shape.UNARY),
     _row("reduce_ex", "__reduce_ex__", Shape.BINARY, _reduce_ex, marks=("__reduce_ex__", "__reduce__")),
+    # Coroutines, async iterators and async context managers: the caller awaits, the work runs in
+    # the owner.
+    _row("await", "__await__", Shape.ASYNC, _run_to_completion),
+    _row("aiter", "__aiter__", Shape.UNARY, _dunder("__aiter__")),
+    _row("anext", "__anext__", Shape.ASYNC, _awaited("__anext__")),
+    _row("aenter", "__aenter__", Shape.ASYNC, _awaited("__aenter__")),
+    _row("aexit", "__aexit__", Shape.ASYNC_EXIT, _awaited("__aexit__")),
     _row("repr", "__repr__", Shape.UNARY, repr, described=False),
     _row("dir", "__dir__", Shape.UNARY, dir, described=False),
     _row("hash", "__hash__", Shape.UNARY, hash, described=False),

@@ -176,3 +176,27 @@ def test_a_compartment_cannot_delete_from_the_apps_modules(subthief):
     with pytest.raises(AttributeError, match="never written through a gate"):
         subthief.delete_from_app_module("check_token")
     assert caphelpers.check_token("x") is not None
+
+
+# -- 4, 5, 13: operators apply only what the object's class itself offers ------------------------------
+
+
+class Secretive:
+    def __init__(self) -> None:
+        self._token = "s3cret"
+
+
+@pytest.mark.parametrize("subthief", ["process", pytest.param("subinterp", marks=needs("subinterp"))], indirect=True)
+def test_operators_reach_only_the_protocols_the_object_offers(subthief):
+    """object's own __reduce_ex__ would hand out the whole __dict__ (private state included); an
+    object that is not awaitable is not run; a missing operator is an AttributeError."""
+    secretive = Secretive()
+    with pytest.raises(TypeError, match="does not define __reduce_ex__"):
+        subthief.raw_operator(secretive, "reduce_ex", 2)
+    with pytest.raises(TypeError, match="can't be used in 'await'"):
+        subthief.raw_operator(secretive, "await")
+    with pytest.raises(AttributeError, match="__add__"):
+        subthief.raw_operator(secretive, "add", 1)
+    with pytest.raises(flexos.GateError, match="unknown operator '__import__'"):  # the app's refusal, relayed
+        subthief.raw_operator(secretive, "__import__", "os")
+    assert secretive._token == "s3cret"
