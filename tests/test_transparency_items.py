@@ -116,6 +116,7 @@ def test_item_1_builtin_subclasses_are_values_and_proxies(lib):
     # the app's own subclasses of builtins, in the library
     assert lib.dumps(Level.HIGH) == "2" and lib.is_instance(Level.LOW, "int")
     assert lib.dumps(Span(1, 2)) == "[1, 2]" and lib.is_instance(Span(1, 2), "tuple")
+    assert lib.as_object(Span(1, 2)) == ({"start": 1, "end": 2}, ("start", "end"))  # its public API
     assert lib.dumps(Tag("x")) == '"x"'
     assert lib.echo(Level.HIGH) is Level.HIGH and lib.echo(Tag("y")).shout() == "Y!"
 

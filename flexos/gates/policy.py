@@ -11,7 +11,8 @@ under this policy (a SES/LavaMoat-style membrane; RLBox's ``tainted<T>`` for wha
   ``__subclasses__``, ...) or an attribute of :data:`INTROSPECTION` (frames and code of
   generators, coroutines and tracebacks) is refused to everyone: from those, a compartment would
   walk from an object it was given to every object it was not. A compartment is also refused
-  private names (``_x``, name-mangled ``_C__x``) and ``mro`` (a class's bases, which it was not
+  private names (``_x``, name-mangled ``_C__x``; but a named tuple's ``_asdict``, ``_fields``,
+  ``_field_defaults``) and ``mro`` (a class's bases, which it was not
   given);
 - callbacks (functions, methods, builtins, ``functools.partial``) are call-only for a
   compartment: ``partial.func`` would be the wrapped function, callable with any argument;
@@ -75,6 +76,9 @@ INTROSPECTION = frozenset(
         "func_globals",
     }
 )
+# The documented API of named tuples, which a compartment may read on the app's: views of the
+# fields it already holds by value (simplejson's ``namedtuple_as_object`` calls ``_asdict``).
+NAMED_TUPLE_API = frozenset({"_asdict", "_fields", "_field_defaults"})
 # Public names a compartment is refused anyway: they lead from a class to classes it was not given.
 CLASS_WALKS = frozenset({"mro"})
 # Callbacks: a compartment may call them, and read nothing of them but OPEN_DUNDERS.
@@ -133,7 +137,10 @@ def readable_by_compartment(obj: Any, name: Any) -> str:
     if type(name) is not str:
         raise ProtocolError("attribute name must be a string")
     if name.startswith("_"):
-        if name not in OPEN_DUNDERS and not (name[:2] == name[-2:] == "__" and _plain_module_dunder(obj, name)):
+        if name not in OPEN_DUNDERS and not (
+            (name[:2] == name[-2:] == "__" and _plain_module_dunder(obj, name))
+            or (name in NAMED_TUPLE_API and isinstance(obj, tuple) and hasattr(type(obj), "_fields"))
+        ):
             raise _refused(name)
     elif name in INTROSPECTION or name in CLASS_WALKS:
         raise _refused(name)

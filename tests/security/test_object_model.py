@@ -200,3 +200,24 @@ def test_operators_reach_only_the_protocols_the_object_offers(subthief):
     with pytest.raises(flexos.GateError, match="unknown operator '__import__'"):  # the app's refusal, relayed
         subthief.raw_operator(secretive, "__import__", "os")
     assert secretive._token == "s3cret"
+
+
+class Fields(tuple):
+    """A tuple subclass that is no named tuple: its private names stay private."""
+
+    def _asdict(self):
+        return "private"
+
+
+@pytest.mark.parametrize("subthief", ["process", pytest.param("subinterp", marks=needs("subinterp"))], indirect=True)
+def test_only_the_named_tuple_api_of_private_names_is_readable(subthief):
+    from collections import namedtuple
+
+    span = namedtuple("Span", "start end")(1, 2)
+    assert subthief.read(span, "_fields") == ("start", "end")
+    assert subthief.read(span, "_asdict")() == {"start": 1, "end": 2}
+    for name in ("_make", "_replace"):
+        with pytest.raises(AttributeError):
+            subthief.read(span, name)
+    with pytest.raises(AttributeError, match="private"):
+        subthief.read(Fields((1,)), "_asdict")
