@@ -108,14 +108,15 @@ class _ProxyRef(weakref.ref):
     handle: int
 
 
-class _CopyReleased:
-    """The release of one value proxy (one received copy of the handle): shaped as a _ProxyRef."""
+class _Anchor:
+    """What a value proxy is weakly referenced through (``int``, ``bytes`` and ``tuple``
+    subclasses cannot be): it and the proxy hold each other, so it dies with the proxy, when the
+    cyclic garbage collector finds them unreachable."""
 
-    __slots__ = ("handle",)
-    count = 1
+    __slots__ = ("__weakref__", "proxy")
 
-    def __init__(self, handle: int) -> None:
-        self.handle = handle
+    def __init__(self, proxy: Any) -> None:
+        self.proxy = proxy
 
 
 class ImportTable:
@@ -126,7 +127,7 @@ class ImportTable:
         self._refs: dict[int, _ProxyRef] = {}
         # Weakref callbacks may run inside any allocation (even while _lock is held), so they
         # only append here; releases are computed when the next frame is sent.
-        self._dead: collections.deque[_ProxyRef | _CopyReleased] = collections.deque()
+        self._dead: collections.deque[_ProxyRef] = collections.deque()
         self.dying = self._dead  # truthy when releases are waiting to be sent
 
     def lookup_or_create(self, handle: int, create: Callable[[], Any]) -> Any:
@@ -144,10 +145,23 @@ class ImportTable:
             self._refs[handle] = ref
             return proxy
 
-    def release_copy(self, handle: int) -> None:
-        """A value proxy of ``handle`` died: each is a proxy of its own (they cannot be weakly
-        referenced), counted once. Called from ``__del__``, so it only appends."""
-        self._dead.append(_CopyReleased(handle))
+    def lookup_or_create_value(self, handle: int, create: Callable[[], Any]) -> Any:
+        """:meth:`lookup_or_create` for value proxies, which are referenced through an anchor."""
+        with self._lock:
+            ref = self._refs.get(handle)
+            if ref is not None:
+                anchor = ref()
+                if anchor is not None:
+                    ref.count += 1
+                    return anchor.proxy
+            proxy = create()
+            anchor = _Anchor(proxy)
+            proxy.__dict__["_flexos_anchor"] = anchor
+            ref = _ProxyRef(anchor, self._dead.append)
+            ref.handle = handle
+            ref.count = 1
+            self._refs[handle] = ref
+            return proxy
 
     def take_releases(self) -> list[list[int]]:
         """Release records for proxies that died since the last call."""

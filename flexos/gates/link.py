@@ -444,7 +444,7 @@ class Link:
         cls = self._classes.get(class_handle) or self._mirror(class_handle)
         if getattr(cls, "_flexos_value", None) is not type(value):
             raise ProtocolError("value reference names a class that is no subclass of the value's type")
-        return new_value_proxy(cls, self, handle, value)
+        return self.imports.lookup_or_create_value(handle, lambda: new_value_proxy(cls, self, handle, value))
 
     def proxy_class(self, handle: int, module: str, qualname: str) -> type:
         """A class value from the peer: a mirror, whose calls run in the peer. Only an exception

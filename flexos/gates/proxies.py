@@ -64,9 +64,10 @@ class RemoteValue:
     Its mirror derives from the builtin too (``str`` for a ``Markup``, ``int`` for an ``IntEnum``
     member, ``tuple`` for a named tuple), and the instance holds the value: whatever the builtin
     does runs locally on it, and cannot go stale, since the value is immutable. What the class adds
-    or overrides runs in the owner, as for any proxy. No ``__slots__``: ``int``, ``bytes`` and
-    ``tuple`` subclasses refuse them, and cannot be weakly referenced, so each arrival is a proxy
-    of its own, released by ``__del__`` (the owner counted each send).
+    or overrides runs in the owner, as for any proxy. No ``__slots__`` (``int``, ``bytes`` and
+    ``tuple`` subclasses refuse them): the handle, link and anchor (through which the import table
+    weakly references it, :meth:`~flexos.gates.handles.ImportTable.lookup_or_create_value`) live in
+    the instance's ``__dict__``. One live proxy per handle, so ``lib.red() is lib.Color.RED``.
     """
 
     _flexos_handle: int
@@ -86,13 +87,14 @@ class RemoteValue:
     def __repr__(self) -> str:
         return self._flexos_link.call(Op.OPERATOR, self._flexos_handle, "repr")
 
+    def __copy__(self) -> Any:
+        return self  # an immutable value: its copy is itself
+
+    def __deepcopy__(self, memo: Any) -> Any:
+        return self
+
     def __reduce_ex__(self, protocol: Any) -> Any:
         raise TypeError("a flexos proxy cannot be pickled: pass it through a gate instead")
-
-    def __del__(self) -> None:
-        attrs = self.__dict__
-        if "_flexos_link" in attrs:
-            attrs["_flexos_link"].imports.release_copy(attrs["_flexos_handle"])
 
 
 def new_value_proxy(cls: type, link: Link, handle: int, value: Any) -> Any:
