@@ -282,6 +282,21 @@ def test_item_10_legal_values_cross(lib):
     assert lib.echo(strided) == b"ace" and lib.length(strided) == 3
 
 
+def test_item_10_cyclic_and_deep_values_cross_as_graphs(lib):
+    """A cycle reaches the library, which raises its own error; what the library allows deep, it gets."""
+    cycle: list = [1]
+    cycle.append(cycle)
+    with pytest.raises(ValueError, match="Circular reference detected"):
+        lib.dumps_checked(cycle)
+    shared = [0]
+    assert lib.dumps_checked([shared, shared, {"k": (shared,)}]) == "ok"
+    back = lib.echo(cycle)
+    assert back[0] == 1 and back[1] is back
+    assert lib.depth(lib.nested(2000)) == 2000 and lib.depth(lib.echo(lib.nested(1000))) == 1000
+    loop = lib.cyclic()
+    assert loop["self"] is loop and loop["name"] == "loop"
+
+
 # -- 11: the compartment frees what the app dropped, and its weakref callbacks call the app -------
 
 

@@ -64,6 +64,8 @@ class Ext:
     VALUE = 14  # a stdlib value (flexos.wire.values): [row name, the row's state]
     VALUE_REF = 15  # an object of the sender's that is also a builtin value: [handle, class handle, value]
     SURROGATES = 16  # a str with lone surrogates, which msgpack's UTF-8 str cannot hold: UTF-8, surrogatepass
+    GRAPH = 17  # a value that is no tree (cyclic, or deeper than the bounds): [root, nodes] (see Codec.as_graph)
+    NODE = 18  # inside a GRAPH: the list or dict of that index in its nodes (a little-endian u32)
 
 
 # Builtins that travel by name because they are the same object on every side.
@@ -226,6 +228,40 @@ def _build_exception(cls: Any, args: Any, attrs: Any, text: str | None, trusted_
     return exc
 
 
+def _built_graph(record: Any) -> Any:
+    """The value of a GRAPH record ``[root, nodes]``: every node's list or dict made first, then
+    filled, NODE markers replaced by them (inside tuples, sets and frozensets too)."""
+    if len(record) != 2 or type(record[1]) is not list:
+        raise ProtocolError("malformed graph")
+    root, nodes = record
+    for node in nodes:
+        if type(node) is not list or len(node) != 2 or node[0] not in (0, 1) or type(node[1]) is not list:
+            raise ProtocolError("malformed graph node")
+    built: list[Any] = [[] if node[0] == 0 else {} for node in nodes]
+
+    def resolve(value: Any) -> Any:
+        kind = type(value)
+        if kind is _Node:
+            if value.index >= len(built):
+                raise ProtocolError("graph node out of range")
+            return built[value.index]
+        if kind is tuple or kind is set or kind is frozenset:
+            return kind(resolve(item) for item in value)
+        if kind is list or kind is dict:  # every list and dict of a graph is one of its nodes
+            raise ProtocolError("graph holds a list or dict outside its nodes")
+        return value
+
+    for (tag, content), container in zip(nodes, built, strict=True):
+        if tag == 0:
+            container.extend(resolve(item) for item in content)
+        else:
+            for pair in content:
+                if type(pair) is not list or len(pair) != 2:
+                    raise ProtocolError("malformed graph node")
+                container[resolve(pair[0])] = resolve(pair[1])
+    return resolve(root)
+
+
 def _public_properties(cls: type) -> tuple[str, ...]:
     """The public properties of exception class ``cls``, whose values travel as attributes (the
     receiver's mirror has no code to compute them)."""
@@ -238,6 +274,7 @@ def _public_properties(cls: type) -> tuple[str, ...]:
 
 _INTROSPECTION_TYPES = (types.FrameType, types.CodeType, types.TracebackType)
 _PAIR = struct.Struct("<QQ")  # REF payload: handle, class handle
+_NODE = struct.Struct("<I")  # NODE payload
 _HANDLE = struct.Struct("<Q")  # BACK payload
 # How a type crosses, as decided by Codec._classify.
 (
@@ -278,9 +315,21 @@ _VALUE_KINDS = {
 # Attributes of builtin exceptions that live in slots rather than args or __dict__.
 _BUILTIN_EXCEPTION_ATTRS = frozenset({"filename", "filename2", "name", "path", "name_from"})
 _MAX_NESTING = 32
+_CONTAINERS = frozenset({list, dict, tuple, set, frozenset})
+# Inside a GRAPH, the extension values whose items its resolution walks (and the NODE itself).
+_GRAPH_WALKED = frozenset({Ext.TUPLE, Ext.SET, Ext.FROZENSET, Ext.NODE, Ext.GRAPH})
 # What decoding malformed bytes can raise: the codec's errors derive from ValueError; unhashable
 # map keys give TypeError.
 DECODE_ERRORS = (ValueError, TypeError, KeyError, IndexError, RecursionError, OverflowError)
+
+
+class _Node:
+    """A NODE of a GRAPH being decoded: stands for a list or dict until they are all built."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
 
 
 class _Packing:
@@ -536,6 +585,42 @@ class Codec:
             packing.exported.clear()
             self._pool.append(packing)
 
+    def as_graph(self, value: Any) -> Any:
+        """``value`` as a GRAPH if it holds lists or dicts: each list and dict becomes a node, named
+        by index wherever it occurs, so cycles and shared containers are kept and no node nests in
+        another (a value too deep for the bounds crosses too). For a value that does not fit as a
+        tree; tuples, sets and frozensets stay values (and must fit the bounds)."""
+        if type(value) not in _CONTAINERS:
+            return value
+        nodes: list[Any] = []
+        index: dict[int, int] = {}
+        pending: list[tuple[int, Any]] = []
+
+        def ref(obj: Any) -> Any:
+            kind = type(obj)
+            if kind is list or kind is dict:
+                number = index.get(id(obj))
+                if number is None:
+                    number = index[id(obj)] = len(nodes)
+                    nodes.append(obj)  # replaced by its content below; keeps its id unique meanwhile
+                    pending.append((number, obj))
+                return msgpack.ExtType(Ext.NODE, _NODE.pack(number))
+            if kind is tuple or kind is set or kind is frozenset:
+                return kind(ref(item) for item in obj)
+            return obj
+
+        try:
+            root = ref(value)
+            while pending:
+                number, obj = pending.pop()
+                if type(obj) is list:
+                    nodes[number] = [0, [ref(item) for item in obj]]
+                else:
+                    nodes[number] = [1, [[ref(key), ref(item)] for key, item in obj.items()]]
+        except RecursionError:
+            raise GateError("value nested too deeply (in tuples or sets) to cross a gate") from None
+        return msgpack.ExtType(Ext.GRAPH, self.pack([root, nodes]))
+
     def _classify(self, cls: type) -> int:
         """How values of type ``cls`` cross (decided once per type)."""
         if cls in _VALUE_KINDS:
@@ -583,10 +668,15 @@ class Codec:
         if depth >= _MAX_NESTING:
             raise ProtocolError(f"value from compartment nested more than {_MAX_NESTING} levels deep")
         self._depth.n = depth + 1
+        in_graph = code not in _GRAPH_WALKED and self._depth.__dict__.get("graph")
+        if in_graph:  # a NODE may stand only where the graph's resolution looks
+            self._depth.graph = False
         try:
             return self._decode_ext(code, payload)
         finally:
             self._depth.n = depth
+            if in_graph:
+                self._depth.graph = True
 
     def _decode_ext(self, code: int, payload: bytes) -> Any:
         if code == Ext.TUPLE:
@@ -625,6 +715,19 @@ class Codec:
             return _build_exception(cls, args, attrs, text[0] if text else None, self._trusted_peer)
         if code == Ext.SURROGATES:
             return payload.decode("utf-8", "surrogatepass")
+        if code == Ext.NODE:
+            if not self._depth.__dict__.get("graph") or len(payload) != _NODE.size:
+                raise ProtocolError("malformed graph node, or one outside a graph")
+            return _Node(*_NODE.unpack(payload))
+        if code == Ext.GRAPH:
+            if self._depth.__dict__.get("graph"):
+                raise ProtocolError("graph inside a graph")
+            self._depth.graph = True
+            try:
+                record = self._expect(self.unpack(payload), list)
+            finally:
+                self._depth.graph = False
+            return _built_graph(record)
         if code == Ext.VALUE:
             record = self._expect(self.unpack(payload), list)
             row = values.BY_WIRE.get(record[0]) if len(record) == 2 and type(record[0]) is str else None

@@ -76,12 +76,24 @@ Releases = list[list[int]]  # [handle, count] pairs
 def encode_call(
     codec: Codec, op: int, target: int | str, name: str | None, args: Any, kwargs: Any, releases: Releases
 ) -> bytes:
-    """A CALL frame; empty ``args`` and ``kwargs`` travel as None."""
-    return codec.pack_frame([Kind.CALL, op, target, name, list(args) if args else None, kwargs or None, releases])
+    """A CALL frame; empty ``args`` and ``kwargs`` travel as None. Arguments that do not fit as
+    trees (a cyclic list, nesting deeper than the bounds) travel as graphs."""
+    try:
+        return codec.pack_frame([Kind.CALL, op, target, name, list(args) if args else None, kwargs or None, releases])
+    except GateError:
+        if not args and not kwargs:
+            raise
+    graphs = [codec.as_graph(arg) for arg in args] if args else None
+    keywords = {key: codec.as_graph(value) for key, value in kwargs.items()} if kwargs else None
+    return codec.pack_frame([Kind.CALL, op, target, name, graphs, keywords, releases])
 
 
 def encode_reply(codec: Codec, value: Any, releases: Releases) -> bytes:
-    return codec.pack_frame([Kind.REPLY, value, releases])
+    """A REPLY frame; a value that does not fit as a tree travels as a graph."""
+    try:
+        return codec.pack_frame([Kind.REPLY, value, releases])
+    except GateError:
+        return codec.pack_frame([Kind.REPLY, codec.as_graph(value), releases])
 
 
 def encode_error(codec: Codec, exc: BaseException, releases: Releases, with_traceback: bool = True) -> bytes:

@@ -65,6 +65,14 @@ HOSTILE_VALUES = {
     "class-by-name-not-listed": msgpack.ExtType(Ext.BUILTIN, b"os.system"),
     "class-by-name-module-only": msgpack.ExtType(Ext.BUILTIN, b"datetime.sys"),
     "surrogates-not-utf8": msgpack.ExtType(Ext.SURROGATES, b"\xff\xfe"),
+    "node-outside-graph": msgpack.ExtType(Ext.NODE, b"\x00\x00\x00\x00"),
+    "graph-node-out-of-range": _ext(Ext.GRAPH, [msgpack.ExtType(Ext.NODE, b"\x05\x00\x00\x00"), []]),
+    "graph-in-graph": _ext(Ext.GRAPH, [_ext(Ext.GRAPH, [1, []]), []]),
+    "graph-bad-tag": _ext(Ext.GRAPH, [1, [[7, []]]]),
+    "graph-node-not-list": _ext(Ext.GRAPH, [1, ["x"]]),
+    "graph-short": _ext(Ext.GRAPH, [1]),
+    "graph-unhashable-key": _ext(Ext.GRAPH, [1, [[1, [[msgpack.ExtType(Ext.NODE, b"\x00\x00\x00\x00"), 1]]]]]),
+    "graph-node-truncated": _ext(Ext.GRAPH, [msgpack.ExtType(Ext.NODE, b"\x00"), [[0, []]]]),
     "value-ref-short": _ext(Ext.VALUE_REF, [1, 2]),
     "value-ref-not-ints": _ext(Ext.VALUE_REF, ["1", 2, "x"]),
 }
@@ -221,3 +229,42 @@ def test_only_the_named_tuple_api_of_private_names_is_readable(subthief):
             subthief.read(span, name)
     with pytest.raises(AttributeError, match="private"):
         subthief.read(Fields((1,)), "_asdict")
+
+
+_NODES = st.builds(lambda n: msgpack.ExtType(Ext.NODE, n.to_bytes(4, "little")), st.integers(0, 6))
+_GRAPH_ITEMS = st.recursive(
+    st.one_of(st.integers(-(2**40), 2**40), st.text(max_size=3), _NODES),
+    lambda children: st.one_of(
+        st.lists(children, max_size=3), st.builds(lambda v: _ext(Ext.TUPLE, v), st.lists(children, max_size=3))
+    ),
+    max_leaves=8,
+)
+_GRAPH_NODES = st.lists(
+    st.one_of(
+        st.tuples(st.just(0), st.lists(_GRAPH_ITEMS, max_size=4)).map(list),
+        st.tuples(st.just(1), st.lists(st.lists(_GRAPH_ITEMS, min_size=2, max_size=2), max_size=3)).map(list),
+        _GRAPH_ITEMS,
+    ),
+    max_size=5,
+)
+
+
+@given(_GRAPH_ITEMS, _GRAPH_NODES)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_fuzzed_graphs_build_containers_or_are_refused(codec, root, nodes):
+    """A graph builds lists, dicts and tuples of what it holds, and never leaks a node marker."""
+    try:
+        value = decode_frame(codec, _reply(_ext(Ext.GRAPH, [root, nodes])))[1]
+    except flexos.ProtocolError:
+        return
+    seen, todo = set(), [value]
+    while todo:
+        item = todo.pop()
+        assert type(item).__name__ != "_Node"
+        if isinstance(item, (list, tuple)) and id(item) not in seen:
+            seen.add(id(item))
+            todo.extend(item)
+        elif isinstance(item, dict) and id(item) not in seen:
+            seen.add(id(item))
+            todo.extend(item.keys())
+            todo.extend(item.values())
