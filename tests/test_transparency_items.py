@@ -401,3 +401,18 @@ def test_item_13_the_app_awaits_what_runs_in_the_compartment(lib):
         return session.log, failing.log
 
     assert asyncio.run(main()) == (["enter", "exit None"], ["enter", "exit KeyError"])
+
+
+def test_item_11_a_packages_tests_placed_in_the_app_import_beside_the_gated_package(driver):
+    """simplejson in a box and simplejson.tests in the app: the app finds the submodule in the
+    package's own folder (the gate's __path__ is the package's), not ModuleNotFoundError."""
+    for name in ("valuepkg", "valuepkg.tests"):
+        sys.modules.pop(name, None)
+    engine, options = DRIVER_VARIANTS[driver]
+    specs = {"app": CompartmentSpec("app", "fcalls", default=True), "box": CompartmentSpec("box", engine, options)}
+    with flexos.boot(Image(specs, {"valuepkg": "box", "valuepkg.tests": "app"}, source="<valuepkg>")):
+        import valuepkg.tests
+
+        assert valuepkg.tests.run()[::2] == ("ModuleProxy", "valuepkg.tests")
+    for name in ("valuepkg", "valuepkg.tests"):
+        sys.modules.pop(name, None)

@@ -323,6 +323,11 @@ _GRAPH_WALKED = frozenset({Ext.TUPLE, Ext.SET, Ext.FROZENSET, Ext.NODE, Ext.GRAP
 DECODE_ERRORS = (ValueError, TypeError, KeyError, IndexError, RecursionError, OverflowError)
 
 
+class NotATree(GateError):
+    """A value that cannot be encoded as a tree: cyclic, or nested deeper than the bounds (a
+    frame's encoder then tries it as a GRAPH)."""
+
+
 class _Node:
     """A NODE of a GRAPH being decoded: stands for a list or dict until they are all built."""
 
@@ -361,7 +366,7 @@ class _Packing:
         """
         depth = self.depth
         if depth >= _MAX_NESTING:
-            raise GateError(f"value nested more than {_MAX_NESTING} levels deep (or cyclic) cannot cross a gate")
+            raise NotATree(f"value nested more than {_MAX_NESTING} levels deep (or cyclic) cannot cross a gate")
         self.depth = depth + 1
         codec = self._codec
         try:
@@ -369,7 +374,7 @@ class _Packing:
                 obj, default=self.default, use_bin_type=True, strict_types=True, **codec._lending
             )
         except (ValueError, RecursionError) as exc:  # msgpack reports deep/cyclic structures this way
-            raise GateError(f"value cannot cross a gate: {exc}") from None
+            raise NotATree(f"value cannot cross a gate: {exc}") from None
         finally:
             self.depth = depth
 
@@ -553,7 +558,7 @@ class Codec:
         except (ValueError, RecursionError) as exc:  # msgpack reports deep/cyclic structures this way
             packing.packer.reset()
             packing.withdraw(0)
-            raise GateError(f"value cannot cross a gate: {exc}") from None
+            raise NotATree(f"value cannot cross a gate: {exc}") from None
         except BaseException:
             packing.packer.reset()
             packing.withdraw(0)

@@ -27,7 +27,7 @@ from typing import Any
 import msgpack
 
 from flexos.errors import GateError, ProtocolError
-from flexos.wire.codec import DECODE_ERRORS, Codec, Ext, encoding
+from flexos.wire.codec import DECODE_ERRORS, Codec, Ext, NotATree, encoding
 
 
 class Kind:
@@ -80,7 +80,7 @@ def encode_call(
     trees (a cyclic list, nesting deeper than the bounds) travel as graphs."""
     try:
         return codec.pack_frame([Kind.CALL, op, target, name, list(args) if args else None, kwargs or None, releases])
-    except GateError:
+    except NotATree:
         if not args and not kwargs:
             raise
     graphs = [codec.as_graph(arg) for arg in args] if args else None
@@ -92,7 +92,7 @@ def encode_reply(codec: Codec, value: Any, releases: Releases) -> bytes:
     """A REPLY frame; a value that does not fit as a tree travels as a graph."""
     try:
         return codec.pack_frame([Kind.REPLY, value, releases])
-    except GateError:
+    except NotATree:
         return codec.pack_frame([Kind.REPLY, codec.as_graph(value), releases])
 
 
