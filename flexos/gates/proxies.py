@@ -373,8 +373,8 @@ def _app_subclass(
             members.append([type(value).__name__, attr, value.__func__])
         elif isinstance(value, property):
             members.append(["property", attr, [value.fget, value.fset, value.fdel]])
-        elif not (attr.startswith("__") and attr.endswith("__")):
-            members.append(["value", attr, value])
+        elif not (attr.startswith("__") and attr.endswith("__")) and not hasattr(type(value), "__get__"):
+            members.append(["value", attr, value])  # (other descriptors, slots among them, stay the app's)
             if attr in cls.__dict__:
                 type.__delattr__(cls, attr)  # read from the owner's class from now on: one copy
     handle = link.call(

@@ -555,10 +555,10 @@ class Codec:
             packing = _Packing(self)
         try:
             data = packing.packer.pack(frame)
-        except (ValueError, RecursionError) as exc:  # msgpack reports deep/cyclic structures this way
+        except (ValueError, RecursionError, NotATree) as exc:  # msgpack reports deep/cyclic structures so
             packing.packer.reset()
             packing.withdraw(0)
-            raise NotATree(f"value cannot cross a gate: {exc}") from None
+            return self._pack_as_graphs(frame, exc)
         except BaseException:
             packing.packer.reset()
             packing.withdraw(0)
@@ -567,6 +567,16 @@ class Codec:
             packing.exported.clear()
         self._pool.append(packing)
         return data
+
+    def _pack_as_graphs(self, frame: list[Any], failure: BaseException) -> bytes:
+        """``frame`` again with its values as graphs (:meth:`as_graph`), after it could not be
+        packed as a tree; NotATree if it has none to retry, or fails again."""
+        from flexos.wire.frames import as_graphs  # frames builds on the codec: imported on this path only
+
+        retry = as_graphs(self, frame)
+        if retry is None:
+            raise failure if isinstance(failure, NotATree) else NotATree(f"value cannot cross a gate: {failure}")
+        return self._encoded(_Packing.pack, retry)
 
     def pack(self, obj: Any) -> bytes:
         """Encode a value on its own (what it exports is taken back if that fails)."""

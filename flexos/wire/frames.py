@@ -27,7 +27,7 @@ from typing import Any
 import msgpack
 
 from flexos.errors import GateError, ProtocolError
-from flexos.wire.codec import DECODE_ERRORS, Codec, Ext, NotATree, encoding
+from flexos.wire.codec import DECODE_ERRORS, Codec, Ext, encoding
 
 
 class Kind:
@@ -77,23 +77,28 @@ def encode_call(
     codec: Codec, op: int, target: int | str, name: str | None, args: Any, kwargs: Any, releases: Releases
 ) -> bytes:
     """A CALL frame; empty ``args`` and ``kwargs`` travel as None. Arguments that do not fit as
-    trees (a cyclic list, nesting deeper than the bounds) travel as graphs."""
-    try:
-        return codec.pack_frame([Kind.CALL, op, target, name, list(args) if args else None, kwargs or None, releases])
-    except NotATree:
-        if not args and not kwargs:
-            raise
-    graphs = [codec.as_graph(arg) for arg in args] if args else None
-    keywords = {key: codec.as_graph(value) for key, value in kwargs.items()} if kwargs else None
-    return codec.pack_frame([Kind.CALL, op, target, name, graphs, keywords, releases])
+    trees (a cyclic list, nesting deeper than the bounds) travel as graphs (:func:`as_graphs`)."""
+    return codec.pack_frame([Kind.CALL, op, target, name, list(args) if args else None, kwargs or None, releases])
 
 
 def encode_reply(codec: Codec, value: Any, releases: Releases) -> bytes:
     """A REPLY frame; a value that does not fit as a tree travels as a graph."""
-    try:
-        return codec.pack_frame([Kind.REPLY, value, releases])
-    except NotATree:
-        return codec.pack_frame([Kind.REPLY, codec.as_graph(value), releases])
+    return codec.pack_frame([Kind.REPLY, value, releases])
+
+
+def as_graphs(codec: Codec, frame: list[Any]) -> list[Any] | None:
+    """A CALL or REPLY frame that could not be packed, its values as graphs (None for another kind:
+    there is nothing to retry). The codec asks, on that failure path only."""
+    if frame[KIND] == Kind.REPLY:
+        return [Kind.REPLY, codec.as_graph(frame[REPLY_VALUE]), frame[REPLY_RELEASES]]
+    if frame[KIND] == Kind.CALL and (frame[CALL_ARGS] or frame[CALL_KWARGS]):
+        graphs = frame[:]
+        if frame[CALL_ARGS]:
+            graphs[CALL_ARGS] = [codec.as_graph(arg) for arg in frame[CALL_ARGS]]
+        if frame[CALL_KWARGS]:
+            graphs[CALL_KWARGS] = {key: codec.as_graph(value) for key, value in frame[CALL_KWARGS].items()}
+        return graphs
+    return None
 
 
 def encode_error(codec: Codec, exc: BaseException, releases: Releases, with_traceback: bool = True) -> bytes:
