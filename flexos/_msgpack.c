@@ -247,6 +247,10 @@ pack_native(ModuleState *state, Buffer *buf, PyObject *obj, const Hooks *hooks, 
     if (PyUnicode_CheckExact(obj)) {
         Py_ssize_t n;
         const char *utf8 = PyUnicode_AsUTF8AndSize(obj, &n);
+        if (utf8 == NULL && PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) {
+            PyErr_Clear();
+            return 1; /* lone surrogates, which UTF-8 cannot hold (msgpack raises): `default`'s business */
+        }
         return utf8 == NULL ? -1 : pack_raw(buf, utf8, n, 1);
     }
     if (PyBytes_CheckExact(obj)) {
@@ -258,6 +262,10 @@ pack_native(ModuleState *state, Buffer *buf, PyObject *obj, const Hooks *hooks, 
     if (Py_IS_TYPE(obj, &PyMemoryView_Type)) {
         Py_buffer view;
         if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0) {
+            if (PyErr_ExceptionMatches(PyExc_BufferError)) {
+                PyErr_Clear();
+                return 1; /* not contiguous (msgpack raises): `default`'s business */
+            }
             return -1;
         }
         int rc = lend_or_pack(state, buf, obj, view.buf, view.len, hooks);

@@ -10,7 +10,8 @@ Every error that crosses from flexos into an app is a ``flexos.FlexosError``. Th
     │   └── HardeningError        a protection it asks for cannot be applied (raised in its process)
     ├── CompartmentCrashed        the compartment serving a call died; it restarts on next use
     ├── GateError                 a value cannot cross a gate; or flexos's own error, raised by a compartment
-    │   └── TooManyHandles        (flexos.gates.handles) a compartment holds all the objects it may
+    │   ├── TooManyHandles        (flexos.gates.handles) a compartment holds all the objects it may
+    │   └── NotATree              (flexos.wire.codec) a value is cyclic or too deep to pack as a tree
     ├── ProtocolError             a peer sent bytes that are not a valid flexos frame
     │   └── ReplyTooLarge         (flexos.transports) a frame over the compartment's max_reply
     ├── PeerGone                  (flexos.transports) the peer is dead      ┐ a transport's signals to

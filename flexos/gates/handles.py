@@ -108,6 +108,17 @@ class _ProxyRef(weakref.ref):
     handle: int
 
 
+class _Anchor:
+    """What a value proxy is weakly referenced through (``int``, ``bytes`` and ``tuple``
+    subclasses cannot be): it and the proxy hold each other, so it dies with the proxy, when the
+    cyclic garbage collector finds them unreachable."""
+
+    __slots__ = ("__weakref__", "proxy")
+
+    def __init__(self, proxy: Any) -> None:
+        self.proxy = proxy
+
+
 class ImportTable:
     """Proxies of peer objects, one live proxy per handle, so identity survives the gate."""
 
@@ -129,6 +140,24 @@ class ImportTable:
                     return proxy
             proxy = create()
             ref = _ProxyRef(proxy, self._dead.append)
+            ref.handle = handle
+            ref.count = 1
+            self._refs[handle] = ref
+            return proxy
+
+    def lookup_or_create_value(self, handle: int, create: Callable[[], Any]) -> Any:
+        """:meth:`lookup_or_create` for value proxies, which are referenced through an anchor."""
+        with self._lock:
+            ref = self._refs.get(handle)
+            if ref is not None:
+                anchor = ref()
+                if anchor is not None:
+                    ref.count += 1
+                    return anchor.proxy
+            proxy = create()
+            anchor = _Anchor(proxy)
+            proxy.__dict__["_flexos_anchor"] = anchor
+            ref = _ProxyRef(anchor, self._dead.append)
             ref.handle = handle
             ref.count = 1
             self._refs[handle] = ref

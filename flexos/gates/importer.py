@@ -13,7 +13,7 @@ import threading
 import types
 from collections.abc import Callable, Iterator
 from importlib.abc import Loader, MetaPathFinder
-from importlib.machinery import ModuleSpec
+from importlib.machinery import ModuleSpec, PathFinder
 from typing import TYPE_CHECKING, Any
 
 from flexos.gates.proxies import ModuleOwner, ModuleProxy
@@ -52,9 +52,14 @@ class GateFinder(MetaPathFinder):
         if compartment.direct:
             return None
         is_package, names = compartment.import_module(fullname)
-        return ModuleSpec(
+        spec = ModuleSpec(
             fullname, GateLoader(compartment, names), origin=f"flexos compartment {owner!r}", is_package=is_package
         )
+        if is_package:  # where its submodules placed here (or unlisted) are found: the package's own folders
+            found = PathFinder.find_spec(fullname, path)
+            if found is not None and found.submodule_search_locations is not None:
+                spec.submodule_search_locations = list(found.submodule_search_locations)
+        return spec
 
     @contextlib.contextmanager
     def bypass(self, owner: str) -> Iterator[None]:

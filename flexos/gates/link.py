@@ -20,7 +20,17 @@ from typing import Any
 from flexos.errors import CompartmentCrashed, FlexosError, GateError, ProtocolError
 from flexos.gates.handles import MAX_HANDLES, ExportTable, ImportTable
 from flexos.gates.policy import APP_POLICY, COMPARTMENT_POLICY, always_replicated
-from flexos.gates.proxies import Mirrors, RemoteObject, mirror_class, new_proxy, reachable_by_name
+from flexos.gates.proxies import (
+    Mirrors,
+    ModuleFunction,
+    RemoteObject,
+    RemoteValue,
+    build_subclass,
+    mirror_class,
+    new_proxy,
+    new_value_proxy,
+    reachable_by_name,
+)
 from flexos.transports import (
     CallTimeout,
     Channel,
@@ -215,8 +225,7 @@ class Link:
                 reply = self.dispatch(frame, deferred)
                 if deferred:  # free what the peer dropped while it reads our reply
                     channel.send(reply)
-                    self.exports.release(deferred)
-                    deferred.clear()
+                    self._release_unserved(deferred)
                     frame = channel.recv()
                 else:
                     frame = channel.exchange(reply)
@@ -224,6 +233,19 @@ class Link:
             pass  # the peer went away or broke the conversation: this channel is done
         finally:
             channel.close()  # on any exit, so that a caller waiting on it is told
+
+    def _release_unserved(self, deferred: Releases) -> None:
+        """Apply releases between two calls of the peer on this serving thread's channel: the
+        peer is not waiting on it, so a call that freeing makes (a weakref callback hashing a
+        proxy key, a ``__del__``) must go out as an outermost call, on a channel of its own."""
+        local = self._local
+        served = local.channel
+        local.channel = None
+        try:
+            self.exports.release(deferred)
+        finally:
+            local.channel = served
+            deferred.clear()
 
     def dispatch(self, data: bytes, deferred: Releases | None = None) -> bytes:
         """Run one call from the peer and return the reply frame; never raises.
@@ -275,6 +297,17 @@ class Link:
             if op == Op.DELATTR:
                 delattr(obj, self._writable(obj, name))
                 return None
+            if op == Op.SUPER:
+                return self._call_base(obj, name, args, kwargs)
+            if op == Op.SUBCLASS:
+                if not self.peer_is_app:
+                    raise TypeError(
+                        f"compartment {self.peer!r} may not derive classes from this side's classes: "
+                        "only the app, the principal, may (a subclass would run its code here)"
+                    )
+                if len(args) != 4:
+                    raise ProtocolError("malformed subclass request")
+                return self.export_class(build_subclass(name, *args))
             if op == Op.DESCRIBE:
                 cls = described_class(obj) if type(obj) is Described else obj
                 if not isinstance(cls, type):
@@ -290,6 +323,27 @@ class Link:
             # The gate's own handle on the module: the one module that crosses by reference.
             return import_answer(ByReference(module), isinstance(getattr(module, "__path__", None), list), list(names))
         raise ProtocolError(f"operation {op} does not take target {target!r}")
+
+    def _call_base(self, obj: Any, name: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        """``super().name(*args)`` as the app's subclass means it: ``base``'s own method, on ``obj``."""
+        if not self.peer_is_app:
+            raise TypeError(f"compartment {self.peer!r} may not call base-class methods on this side's objects")
+        if not args or not isinstance(args[0], type):
+            raise ProtocolError("malformed base-class call")
+        base, *rest = args
+        mro = type(obj).__mro__
+        if base not in mro:
+            raise TypeError(f"a {type(obj).__name__} is not an instance of {base.__name__}")
+        if name != "__init__":
+            self._readable(obj, name)
+        position = mro.index(base)
+        target = super(mro[position - 1], obj) if position else obj
+        return getattr(target, name)(*rest, **kwargs)
+
+    def adopt_class(self, handle: int, cls: type) -> None:
+        """``cls`` stands for the peer's class ``handle`` (an app's subclass the peer made for it)."""
+        with self._class_lock:
+            self._classes[handle] = cls
 
     # -- ReferenceSpace -------------------------------------------------------------------------
     def export(self, obj: Any) -> int:
@@ -335,11 +389,14 @@ class Link:
             self.exports.release(releases)
 
     def is_proxy_type(self, cls: type) -> bool:
-        return issubclass(cls, RemoteObject)
+        return issubclass(cls, (RemoteObject, RemoteValue, ModuleFunction))
 
     def peer_handle(self, obj: Any) -> int | None:
-        if isinstance(obj, RemoteObject):
+        if isinstance(obj, (RemoteObject, RemoteValue)):
             return obj._flexos_handle if obj._flexos_link is self else None
+        if isinstance(obj, ModuleFunction):  # a module function goes home as the function itself
+            function = obj._flexos_bound
+            return function._flexos_handle if function._flexos_link is self else None
         if isinstance(obj, type):
             attrs = obj.__dict__
             if attrs.get("_flexos_class_link") is self:
@@ -382,6 +439,12 @@ class Link:
         if not issubclass(cls, RemoteObject):  # an exception class: its instances cross by value
             raise ProtocolError("object reference names a class that cannot have proxies")
         return self.imports.lookup_or_create(handle, lambda: new_proxy(cls, self, handle))
+
+    def value_proxy(self, handle: int, class_handle: int, value: Any) -> Any:
+        cls = self._classes.get(class_handle) or self._mirror(class_handle)
+        if getattr(cls, "_flexos_value", None) is not type(value):
+            raise ProtocolError("value reference names a class that is no subclass of the value's type")
+        return self.imports.lookup_or_create_value(handle, lambda: new_value_proxy(cls, self, handle, value))
 
     def proxy_class(self, handle: int, module: str, qualname: str) -> type:
         """A class value from the peer: a mirror, whose calls run in the peer. Only an exception

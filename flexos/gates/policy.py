@@ -6,11 +6,13 @@ principal: a compartment serves the app's requests as Python would (minus interp
 internals), while the app, and a compartment serving a sibling, serve a *compartment's* requests
 under this policy (a SES/LavaMoat-style membrane; RLBox's ``tainted<T>`` for what comes back):
 
-- names: a dunder other than :data:`OPEN_DUNDERS` (``__globals__``, ``__dict__``, ``__class__``,
+- names: a dunder other than :data:`OPEN_DUNDERS` or a module's plain-data dunder
+  (``yaml.__with_libyaml__``, ``__author__``) (``__globals__``, ``__dict__``, ``__class__``,
   ``__subclasses__``, ...) or an attribute of :data:`INTROSPECTION` (frames and code of
   generators, coroutines and tracebacks) is refused to everyone: from those, a compartment would
   walk from an object it was given to every object it was not. A compartment is also refused
-  private names (``_x``, name-mangled ``_C__x``) and ``mro`` (a class's bases, which it was not
+  private names (``_x``, name-mangled ``_C__x``; but a named tuple's ``_asdict``, ``_fields``,
+  ``_field_defaults``) and ``mro`` (a class's bases, which it was not
   given);
 - callbacks (functions, methods, builtins, ``functools.partial``) are call-only for a
   compartment: ``partial.func`` would be the wrapped function, callable with any argument;
@@ -74,6 +76,9 @@ INTROSPECTION = frozenset(
         "func_globals",
     }
 )
+# The documented API of named tuples, which a compartment may read on the app's: views of the
+# fields it already holds by value (simplejson's ``namedtuple_as_object`` calls ``_asdict``).
+NAMED_TUPLE_API = frozenset({"_asdict", "_fields", "_field_defaults"})
 # Public names a compartment is refused anyway: they lead from a class to classes it was not given.
 CLASS_WALKS = frozenset({"mro"})
 # Callbacks: a compartment may call them, and read nothing of them but OPEN_DUNDERS.
@@ -106,12 +111,23 @@ def _refused(name: str) -> AttributeError:
     return AttributeError(f"attribute {name!r} cannot be reached through a flexos gate")
 
 
+# The types of the module-level dunder attributes a peer may read (yaml.__with_libyaml__,
+# __author__): plain data, which leads nowhere (__builtins__, __loader__, __spec__ are not).
+_PLAIN_DATA = frozenset({bool, int, float, str, type(None)})
+
+
+def _plain_module_dunder(obj: Any, name: str) -> bool:
+    """Whether ``name`` is a dunder data attribute of module ``obj`` that holds plain data."""
+    return isinstance(obj, types.ModuleType) and type(obj.__dict__.get(name, obj)) in _PLAIN_DATA
+
+
 def readable_by_app(obj: Any, name: Any) -> str:
     """``name`` if the app may reach that attribute: anything but interpreter internals."""
     if type(name) is not str:
         raise ProtocolError("attribute name must be a string")
     if (name.startswith("__") and name.endswith("__") and name not in OPEN_DUNDERS) or name in INTROSPECTION:
-        raise _refused(name)
+        if name in INTROSPECTION or not _plain_module_dunder(obj, name):
+            raise _refused(name)
     return name
 
 
@@ -121,7 +137,10 @@ def readable_by_compartment(obj: Any, name: Any) -> str:
     if type(name) is not str:
         raise ProtocolError("attribute name must be a string")
     if name.startswith("_"):
-        if name not in OPEN_DUNDERS:
+        if name not in OPEN_DUNDERS and not (
+            (name[:2] == name[-2:] == "__" and _plain_module_dunder(obj, name))
+            or (name in NAMED_TUPLE_API and isinstance(obj, tuple) and hasattr(type(obj), "_fields"))
+        ):
             raise _refused(name)
     elif name in INTROSPECTION or name in CLASS_WALKS:
         raise _refused(name)

@@ -14,9 +14,11 @@ import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from flexos.errors import ProtocolError
 from flexos.wire.classes import ClassDescription
-from flexos.wire.frames import Op
+from flexos.wire.frames import SUBCLASS_MEMBER_KINDS, Op
 from flexos.wire.operators import BY_WIRE, Operator, Shape
+from flexos.wire.values import MIRROR_BASES, VALUE_BASES
 
 if TYPE_CHECKING:
     from flexos.gates.link import Link
@@ -56,6 +58,55 @@ class RemoteObject:
         raise TypeError("a flexos proxy cannot be pickled: pass it through a gate instead")
 
 
+class RemoteValue:
+    """Base of value proxies: a proxy of a remote object that is also a copy of its builtin value.
+
+    Its mirror derives from the builtin too (``str`` for a ``Markup``, ``int`` for an ``IntEnum``
+    member, ``tuple`` for a named tuple), and the instance holds the value: whatever the builtin
+    does runs locally on it, and cannot go stale, since the value is immutable. What the class adds
+    or overrides runs in the owner, as for any proxy. No ``__slots__`` (``int``, ``bytes`` and
+    ``tuple`` subclasses refuse them): the handle, link and anchor (through which the import table
+    weakly references it, :meth:`~flexos.gates.handles.ImportTable.lookup_or_create_value`) live in
+    the instance's ``__dict__``. One live proxy per handle, so ``lib.red() is lib.Color.RED``.
+    """
+
+    _flexos_handle: int
+    _flexos_link: Link
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_flexos_"):
+            raise AttributeError(name)
+        return self._flexos_link.call(Op.GETATTR, self._flexos_handle, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self._flexos_link.call(Op.SETATTR, self._flexos_handle, name, (value,))
+
+    def __delattr__(self, name: str) -> None:
+        self._flexos_link.call(Op.DELATTR, self._flexos_handle, name)
+
+    def __repr__(self) -> str:
+        return self._flexos_link.call(Op.OPERATOR, self._flexos_handle, "repr")
+
+    def __copy__(self) -> Any:
+        return self  # an immutable value: its copy is itself
+
+    def __deepcopy__(self, memo: Any) -> Any:
+        return self
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("a flexos proxy cannot be pickled: pass it through a gate instead")
+
+
+def new_value_proxy(cls: type, link: Link, handle: int, value: Any) -> Any:
+    """A value proxy of the peer's object ``handle``, holding ``value`` (built by the builtin
+    itself: no code of the class's runs)."""
+    proxy: Any = type(value).__new__(cls, value)
+    attrs = proxy.__dict__
+    attrs["_flexos_link"] = link
+    attrs["_flexos_handle"] = handle
+    return proxy
+
+
 class RemoteClass(type):
     """Metaclass of mirrored classes: instantiating one creates the object in its compartment.
 
@@ -67,6 +118,11 @@ class RemoteClass(type):
     _flexos_class_link: Link
     _flexos_class_handle: int
     _flexos_by_name: bool
+
+    def __new__(mcls, name: str, bases: tuple[type, ...], namespace: dict[str, Any], **kwargs: Any) -> RemoteClass:
+        if "_flexos_by_name" in namespace:  # a mirror, synthesized from its description
+            return super().__new__(mcls, name, bases, namespace)
+        return _app_subclass(mcls, name, bases, namespace, kwargs)
 
     def _flexos_live(cls) -> tuple[Link, int]:
         link = cls._flexos_class_link
@@ -125,6 +181,45 @@ def _call(wire: str) -> Callable[..., Any]:
     return call
 
 
+def _optional(wire: str) -> Callable[..., Any]:
+    def optional(self: RemoteObject, *args: Any) -> Any:
+        return self._flexos_link.call(Op.OPERATOR, self._flexos_handle, wire, args)
+
+    return optional
+
+
+async def _awaiting(proxy: RemoteObject, wire: str, args: tuple[Any, ...]) -> Any:
+    """Await the owner's running of an awaitable it owns: the call waits in an executor thread,
+    so this event loop goes on meanwhile (callbacks the owner makes run on that thread, as for a
+    synchronous call). Holds ``proxy``: the owner keeps the object until the await is over."""
+    import asyncio
+    import functools
+
+    call = functools.partial(proxy._flexos_link.call, Op.OPERATOR, proxy._flexos_handle, wire, args)
+    return await asyncio.get_running_loop().run_in_executor(None, call)
+
+
+def _async(wire: str) -> Callable[..., Any]:
+    if wire == "await":  # __await__ answers an iterator, the others an awaitable
+
+        def await_(self: RemoteObject) -> Any:
+            return _awaiting(self, wire, ()).__await__()
+
+        return await_
+
+    def awaitable(self: RemoteObject) -> Any:
+        return _awaiting(self, wire, ())
+
+    return awaitable
+
+
+def _async_exit(wire: str) -> Callable[..., Any]:
+    def aexit(self: RemoteObject, exc_type: Any, exc: Any, tb: Any) -> Any:
+        return _awaiting(self, wire, (exc_type, exc, None))
+
+    return aexit
+
+
 def _exit(wire: str) -> Callable[..., Any]:
     def exit(self: RemoteObject, exc_type: Any, exc: Any, tb: Any) -> Any:
         # Tracebacks hold frames: they stay on this side of the gate.
@@ -140,6 +235,9 @@ _SHAPED: dict[Shape, Callable[[str], Callable[..., Any]]] = {
     Shape.SETITEM: _setitem,
     Shape.CALL: _call,
     Shape.EXIT: _exit,
+    Shape.OPTIONAL: _optional,
+    Shape.ASYNC: _async,
+    Shape.ASYNC_EXIT: _async_exit,
 }
 
 
@@ -170,7 +268,7 @@ def _synthesize(desc: ClassDescription) -> type:
     name, qualname, module, bases = desc["name"], desc["qualname"], desc["module"], desc["bases"]
     if desc["exception"]:  # a real exception class: its instances cross by value
         exc_bases = tuple(b for b in bases if isinstance(b, type) and issubclass(b, BaseException))
-        exc_namespace = {"__module__": module, "__qualname__": qualname}
+        exc_namespace = {"__module__": module, "__qualname__": qualname, "__str__": _exception_text}
         try:
             return type(name, exc_bases or (Exception,), exc_namespace)
         except TypeError:
@@ -180,21 +278,201 @@ def _synthesize(desc: ClassDescription) -> type:
         "__module__": module,
         "__qualname__": qualname,
         "_flexos_by_name": desc["by_name"],
+        "_flexos_methods": tuple(desc["methods"]),
     }
     for method in desc["methods"]:
         namespace[method] = _method(method)
     for wire in desc["dunders"]:
         op = BY_WIRE[wire]
         namespace[op.dunder] = _operator(op)
+    if module == "builtins" and qualname == "function":  # a function binds as a method, as it does here
+        namespace["__get__"] = _bind
     if desc["hash"] == "none":
         namespace["__hash__"] = None
     elif desc["hash"] == "remote":
         namespace["__hash__"] = _operator(BY_WIRE["hash"])
-    proxy_bases = tuple(b for b in bases if isinstance(b, RemoteClass)) or (RemoteObject,)
+    if desc["value"]:  # a value proxy: the builtin base, and mirrored bases that are value proxies too
+        builtin = VALUE_BASES[desc["value"]][0]
+        namespace["_flexos_value"] = builtin
+        plain: tuple[type, ...] = (RemoteValue, builtin)
+        proxy_bases = tuple(b for b in bases if isinstance(b, RemoteClass) and issubclass(b, builtin)) or plain
+    else:
+        plain = (RemoteObject,)
+        mirrored = tuple(b for b in bases if isinstance(b, RemoteClass) and issubclass(b, RemoteObject))
+        kept = tuple(b for b in bases if b in MIRROR_BASES)
+        proxy_bases = (mirrored or plain) + kept
     try:
         return RemoteClass(name, proxy_bases, namespace)
     except TypeError:  # an MRO the mirror cannot reproduce: keep the behaviour, drop the bases
-        return RemoteClass(name, (RemoteObject,), namespace)
+        return RemoteClass(name, plain, namespace)
+
+
+def _bind(function: Any, obj: Any, owner: Any = None) -> Any:
+    """``__get__`` of a function's proxy: a method bound to ``obj`` (on a class: the function)."""
+    return function if obj is None else types.MethodType(function, obj)
+
+
+def _exception_text(exc: BaseException) -> str:
+    """``str()`` of a mirrored exception: the text its class gave it in its compartment."""
+    text = exc.__dict__.get("_flexos_text")
+    return text if type(text) is str else BaseException.__str__(exc)
+
+
+# -- app subclasses of mirrored classes -------------------------------------------------------------
+
+# What a class statement puts in a namespace that is no member to forward.
+_CLASS_MACHINERY = frozenset(
+    {
+        "__module__",
+        "__qualname__",
+        "__doc__",
+        "__dict__",
+        "__weakref__",
+        "__slots__",
+        "__firstlineno__",
+        "__static_attributes__",
+        "__classcell__",
+        "__orig_bases__",
+        "__init_subclass__",
+        "__class_getitem__",
+        "__new__",
+        "__parameters__",
+    }
+)
+
+
+def _app_subclass(
+    mcls: type, name: str, bases: tuple[type, ...], namespace: dict[str, Any], kwargs: dict[str, Any]
+) -> Any:
+    """A class the app derives from mirrored classes (``class UpperLoader(yaml.SafeLoader)``).
+
+    The owner of the bases makes a real subclass of its classes whose members forward to the
+    app's (:func:`build_subclass`), so that the library, calling ``self.construct_scalar(...)``
+    on an instance, runs the app's override; this local class stands for it (its instances are
+    proxies of the owner's instances, and it is what the owner's class crosses back as). In the
+    app, each mirrored base is replaced by its :func:`_super_view`, so that ``super().name()``
+    runs the base's method, not the override again.
+    """
+    mirrored = [base for base in bases if isinstance(base, RemoteClass)]
+    links = {base._flexos_class_link for base in mirrored}
+    if len(links) != 1:
+        raise TypeError(f"class {name!r} derives from classes of more than one compartment")
+    link = links.pop()
+    local_bases = tuple(
+        _super_view(base) if isinstance(base, RemoteClass) and "_flexos_by_name" in base.__dict__ else base
+        for base in bases
+    )
+    cls: Any = type.__new__(mcls, name, local_bases, namespace, **kwargs)
+    members = []
+    for attr, value in _own_members(cls).items():
+        if attr in _CLASS_MACHINERY or attr.startswith("_flexos_"):
+            continue
+        if isinstance(value, types.FunctionType):
+            members.append(["method", attr, value])
+        elif isinstance(value, (classmethod, staticmethod)):
+            members.append([type(value).__name__, attr, value.__func__])
+        elif isinstance(value, property):
+            members.append(["property", attr, [value.fget, value.fset, value.fdel]])
+        elif not (attr.startswith("__") and attr.endswith("__")) and not hasattr(type(value), "__get__"):
+            members.append(["value", attr, value])  # (other descriptors, slots among them, stay the app's)
+            if attr in cls.__dict__:
+                type.__delattr__(cls, attr)  # read from the owner's class from now on: one copy
+    handle = link.call(
+        Op.SUBCLASS, mirrored[0]._flexos_class_handle, name, [cls.__qualname__, cls.__module__, mirrored, members]
+    )
+    type.__setattr__(cls, "_flexos_class_link", link)
+    type.__setattr__(cls, "_flexos_class_handle", handle)
+    type.__setattr__(cls, "_flexos_by_name", False)
+    link.adopt_class(handle, cls)
+    return cls
+
+
+def _own_members(cls: type) -> dict[str, Any]:
+    """The members the app's classes in ``cls``'s MRO define (mixins included), the nearest first."""
+    members: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if not isinstance(klass, RemoteClass) or "_flexos_by_name" not in klass.__dict__:
+            if klass not in (object, RemoteObject) and "_flexos_view" not in klass.__dict__:
+                members.update(klass.__dict__)
+    return members
+
+
+def _super_view(mirror: RemoteClass) -> type:
+    """``mirror`` as a base of an app's class: a subclass whose methods (and ``__init__``) run the
+    mirrored class's own implementation on the instance (a SUPER call), whatever the instance's
+    class overrides: what ``super()`` means."""
+    view = mirror.__dict__.get("_flexos_super_view")
+    if view is None:
+        namespace: dict[str, Any] = {
+            "__slots__": (),
+            "__module__": mirror.__module__,
+            "__qualname__": mirror.__qualname__,
+            "_flexos_view": True,
+        }
+        methods = {name for klass in mirror.__mro__ for name in klass.__dict__.get("_flexos_methods", ())}
+        for method in (*methods, "__init__"):
+            namespace[method] = _super_method(mirror, method)
+        view = type.__new__(RemoteClass, mirror.__name__, (mirror,), namespace)
+        type.__setattr__(mirror, "_flexos_super_view", view)
+    return view
+
+
+def _super_method(base: RemoteClass, name: str) -> Callable[..., Any]:
+    def method(self: RemoteObject, *args: Any, **kwargs: Any) -> Any:
+        return self._flexos_link.call(Op.SUPER, self._flexos_handle, name, (base, *args), kwargs)
+
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
+def build_subclass(name: Any, qualname: Any, module: Any, bases: Any, members: Any) -> type:
+    """The owner's side of an app's subclass: a real subclass of ``bases`` (its own classes) whose
+    methods, class and static methods and properties forward to the app's functions."""
+    if not all(type(text) is str for text in (name, qualname, module)) or not name.isidentifier():
+        raise ProtocolError("malformed subclass request")
+    if (
+        type(bases) is not list
+        or not bases
+        or not all(isinstance(b, type) and not isinstance(b, RemoteClass) for b in bases)
+    ):
+        raise TypeError("a class can only derive from classes of the compartment that owns them")
+    if type(members) is not list:
+        raise ProtocolError("malformed subclass request")
+    namespace: dict[str, Any] = {"__module__": module, "__qualname__": qualname}
+    for member in members:
+        if (
+            type(member) is not list
+            or len(member) != 3
+            or member[0] not in SUBCLASS_MEMBER_KINDS
+            or type(member[1]) is not str
+        ):
+            raise ProtocolError("malformed subclass member")
+        kind, attr, value = member
+        if kind == "method":
+            namespace[attr] = _forwarder(value, attr, qualname)
+        elif kind == "classmethod":
+            namespace[attr] = classmethod(_forwarder(value, attr, qualname))
+        elif kind == "staticmethod":
+            namespace[attr] = staticmethod(_forwarder(value, attr, qualname))
+        elif kind == "property":
+            if type(value) is not list or len(value) != 3:
+                raise ProtocolError("malformed subclass property")
+            fget, fset, fdel = (None if f is None else _forwarder(f, attr, qualname) for f in value)
+            namespace[attr] = property(fget, fset, fdel)
+        else:
+            namespace[attr] = value
+    return types.new_class(name, tuple(bases), exec_body=lambda body: body.update(namespace))
+
+
+def _forwarder(function: Any, name: str, qualname: str) -> Callable[..., Any]:
+    """A plain function (so that it binds as a method) that calls the app's ``function``."""
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return function(*args, **kwargs)
+
+    forward.__name__ = name
+    forward.__qualname__ = f"{qualname}.{name}"
+    return forward
 
 
 def new_proxy(cls: type[RemoteObject], link: Link, handle: int) -> RemoteObject:
@@ -243,17 +521,26 @@ class ModuleFunction:
 
     __slots__ = ("__dict__", "__weakref__", "_flexos_bound", "_flexos_module")
 
-    def __init__(self, module: ModuleProxy, name: str) -> None:
+    def __init__(self, module: ModuleProxy, name: str, function: RemoteObject) -> None:
         self.__name__ = self.__qualname__ = name
         self.__module__ = module.__name__
         self._flexos_module = module
-        self._flexos_bound: RemoteObject | None = None  # the function in the current instance
+        # The function in the current instance, the one read (``orig = m.f; m.f = wrapper``
+        # keeps calling the original); looked up by name again only after a restart.
+        self._flexos_bound = function
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         function = self._flexos_bound
-        if function is None or function._flexos_link.closed:  # first call, or a restart since
-            function = self._flexos_bound = getattr(self._flexos_module._flexos_target(), self.__name__)
+        if function._flexos_link.closed:  # a restart since
+            found = getattr(self._flexos_module._flexos_target(), self.__name__)
+            if not isinstance(found, RemoteObject):  # the app's own function, set on the module
+                return found(*args, **kwargs)
+            function = self._flexos_bound = found
         return function._flexos_link.call(Op.CALL, function._flexos_handle, None, args, kwargs)
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        """Bind as a method, as a function does (a library's function set on an app class)."""
+        return self if obj is None else types.MethodType(self, obj)
 
     def __repr__(self) -> str:
         where = self._flexos_module._flexos_compartment.name
@@ -282,7 +569,7 @@ class ModuleProxy(types.ModuleType):
             raise AttributeError(name)
         value = getattr(self._flexos_target(), name)
         if isinstance(value, RemoteObject) and type(value).__name__ in _FUNCTION_TYPES:
-            value = ModuleFunction(self, name)
+            value = ModuleFunction(self, name, value)
         if isinstance(value, (type, types.ModuleType, ModuleFunction)):
             types.ModuleType.__setattr__(self, name, value)
         return value
@@ -293,6 +580,15 @@ class ModuleProxy(types.ModuleType):
         else:
             self.__dict__.pop(name, None)
             setattr(self._flexos_target(), name, value)
+
+    def __delattr__(self, name: str) -> None:
+        """Forwarded, like assignment (``mock.patch`` undoes a patch by deleting what it set)."""
+        bound = self.__dict__.pop(name, None)
+        if name in _LOCAL_MODULE_ATTRS or isinstance(bound, ModuleProxy):
+            if bound is None:
+                raise AttributeError(name)
+            return
+        delattr(self._flexos_target(), name)
 
     def __dir__(self) -> list[str]:
         return dir(self._flexos_target())

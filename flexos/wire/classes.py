@@ -2,7 +2,8 @@
 
 A DESCRIBE call answers with one msgpack map, with exactly these keys (in this order):
 
-- ``name``, ``qualname``, ``module``: the class's ``__name__`` (an identifier), ``__qualname__``
+- ``name``, ``qualname``, ``module``: the class's ``__name__`` (an identifier, or identifiers
+  joined by dots, as some classes are named), ``__qualname__``
   and ``__module__`` ("" if it has none);
 - ``bases``: its bases other than ``object``, described only (:class:`~flexos.wire.codec.Described`:
   classes of the owner travel by reference, builtin ones by name);
@@ -13,8 +14,12 @@ A DESCRIBE call answers with one msgpack map, with exactly these keys (in this o
   them), which the mirror forwards as method calls;
 - ``dunders``: the wire names of the operators it implements (of
   :data:`flexos.wire.operators.DESCRIBED`), in the table's order;
-- ``hash``: ``"none"`` (unhashable), ``"identity"`` (``object.__hash__``) or ``"remote"`` (its own
-  ``__hash__``, applied by the owner);
+- ``value``: the builtin value type it derives from (``"str"``, ``"int"``, ``"float"``,
+  ``"bytes"``, ``"tuple"``: :data:`flexos.wire.values.VALUE_BASES`), or ``""``. Instances of such a
+  class cross as value proxies, and ``methods`` and ``dunders`` then list only what the class
+  adds to or overrides of that base: the rest runs locally on the copied value;
+- ``hash``: ``"none"`` (unhashable), ``"identity"`` (inherited: ``object.__hash__``, or the value
+  base's own) or ``"remote"`` (its own ``__hash__``, applied by the owner);
 - ``by_name``: whether the owner reaches it again as ``module.qualname`` (its mirror then
   survives a restart of the owner's compartment).
 
@@ -31,6 +36,7 @@ from typing import Any, Literal, TypedDict, cast
 from flexos.errors import ProtocolError
 from flexos.wire.codec import Described
 from flexos.wire.operators import DESCRIBED, DESCRIBED_WIRES
+from flexos.wire.values import VALUE_BASES, value_base
 
 
 class ClassDescription(TypedDict):
@@ -41,6 +47,7 @@ class ClassDescription(TypedDict):
     exception: bool
     methods: list[str]
     dunders: list[str]
+    value: str
     hash: Literal["none", "identity", "remote"]
     by_name: bool
 
@@ -57,14 +64,21 @@ def _lookup(cls: type, name: str) -> Any:
     return None
 
 
+def _overrides(cls: type, base: type, name: str) -> bool:
+    """Whether ``cls`` defines ``name`` other than ``base`` (and ``object``) does."""
+    mine = _lookup(cls, name)
+    return mine is not None and mine is not _lookup(base, name) and mine is not object.__dict__.get(name)
+
+
 def describe_class(cls: type, reaches: Callable[[str, str, type], bool], private: bool = True) -> ClassDescription:
     """What a peer needs to mirror ``cls``; ``reaches(module, qualname, cls)`` says whether the
     owner finds ``cls`` again by that name; ``private``: list methods whose names start with ``_``."""
     hidden = ("__", "_flexos") if private else ("_",)
+    value = value_base(cls)
+    base = VALUE_BASES[value][0] if value else object  # what the mirror inherits locally
     dunders = []
     for op in DESCRIBED:
-        mine = _lookup(cls, op.dunder)
-        if mine is not None and mine is not object.__dict__.get(op.dunder):
+        if any(_overrides(cls, base, dunder) for dunder in op.marks):
             dunders.append(op.wire)
     methods = []
     for name in dir(cls):
@@ -76,13 +90,13 @@ def describe_class(cls: type, reaches: Callable[[str, str, type], bool], private
             continue
         if isinstance(attr, (staticmethod, classmethod, type, property)):
             continue
-        if callable(attr) and hasattr(type(attr), "__get__"):
+        if callable(attr) and hasattr(type(attr), "__get__") and (base is object or _overrides(cls, base, name)):
             methods.append(name)
     hash_method = _lookup(cls, "__hash__")
     hashing: Literal["none", "identity", "remote"]
     if hash_method is None:
         hashing = "none"
-    elif hash_method is object.__hash__:
+    elif hash_method is object.__hash__ or hash_method is _lookup(base, "__hash__"):
         hashing = "identity"
     else:
         hashing = "remote"
@@ -96,6 +110,7 @@ def describe_class(cls: type, reaches: Callable[[str, str, type], bool], private
         "exception": issubclass(cls, BaseException),
         "methods": methods,
         "dunders": dunders,
+        "value": value,
         "hash": hashing,
         "by_name": reaches(module, qualname, cls),
     }
@@ -108,8 +123,8 @@ def checked_description(desc: Any) -> ClassDescription:
     for key in ("name", "qualname", "module"):
         if type(desc[key]) is not str:
             raise ProtocolError("malformed class description")
-    if not desc["name"].isidentifier():
-        raise ProtocolError(f"class name {desc['name']!r} is not an identifier")
+    if not all(part.isidentifier() for part in desc["name"].split(".")):  # pkg.Dotted names exist
+        raise ProtocolError(f"class name {desc['name']!r} is not a dotted name")
     methods, dunders = desc["methods"], desc["dunders"]
     if type(methods) is not list or type(dunders) is not list or type(desc["bases"]) is not list:
         raise ProtocolError("malformed class description")
@@ -117,6 +132,8 @@ def checked_description(desc: Any) -> ClassDescription:
         if type(method) is not str or not method.isidentifier() or method.startswith(("__", "_flexos")):
             raise ProtocolError(f"refused method name {method!r} in class description")
     if not all(wire in DESCRIBED_WIRES for wire in dunders) or desc["hash"] not in _HASHING:
+        raise ProtocolError("malformed class description")
+    if type(desc["value"]) is not str or (desc["value"] and desc["value"] not in VALUE_BASES):
         raise ProtocolError("malformed class description")
     if type(desc["exception"]) is not bool or type(desc["by_name"]) is not bool:
         raise ProtocolError("malformed class description")

@@ -17,6 +17,7 @@ a callable of the peer's stays the peer's. Anything malformed raises
 from __future__ import annotations
 
 import builtins
+import inspect
 import struct
 import threading
 import types
@@ -26,6 +27,7 @@ from typing import Any, Protocol
 import msgpack
 
 from flexos.errors import FlexosError, GateError, ProtocolError
+from flexos.wire import values
 
 
 def _encoding() -> Any:
@@ -56,9 +58,14 @@ class Ext:
     CLASS = 8  # a class owned by the sender: [class handle, module, qualname]
     BACK = 9  # an object owned by the receiver: its handle (a little-endian u64)
     BUILTIN = 10  # a class of the builtins module, NotImplemented or Ellipsis, by name (ASCII)
-    EXCEPTION = 11  # an exception, by value: [class, args (a tuple), attributes (a str-keyed map)]
+    EXCEPTION = 11  # an exception, by value: [class, args (a tuple), attributes (a str-keyed map)(, str() text)]
     LOAN = 12  # a large buffer lent without a copy (same-process peers only): transport-defined
     MODULE = 13  # a module, by name (UTF-8): the receiver's own module or gate of that name
+    VALUE = 14  # a stdlib value (flexos.wire.values): [row name, the row's state]
+    VALUE_REF = 15  # an object of the sender's that is also a builtin value: [handle, class handle, value]
+    SURROGATES = 16  # a str with lone surrogates, which msgpack's UTF-8 str cannot hold: UTF-8, surrogatepass
+    GRAPH = 17  # a value that is no tree (cyclic, or deeper than the bounds): [root, nodes] (see Codec.as_graph)
+    NODE = 18  # inside a GRAPH: the list or dict of that index in its nodes (a little-endian u32)
 
 
 # Builtins that travel by name because they are the same object on every side.
@@ -135,6 +142,9 @@ class ReferenceSpace(Protocol):
     def proxy(self, handle: int, class_handle: int) -> Any:
         """The local proxy of the peer's object ``handle`` (REF)."""
 
+    def value_proxy(self, handle: int, class_handle: int, value: Any) -> Any:
+        """The local value proxy of the peer's object ``handle``, a copy of ``value`` (VALUE_REF)."""
+
     def proxy_class(self, handle: int, module: str, qualname: str) -> type:
         """The local class standing for the peer's class ``handle`` (CLASS)."""
 
@@ -157,26 +167,31 @@ def _is_flexos_error(cls: type) -> bool:
 
 
 def builtin_name(obj: Any) -> str | None:
-    """The name under which ``obj`` is found in :mod:`builtins`, if it is one of its objects."""
+    """The name under which ``obj`` crosses by name: a class of :mod:`builtins` (or one of its
+    singletons), or a stdlib class of :data:`flexos.wire.values.CLASSES_BY_NAME`."""
     for name, value in _BUILTIN_SINGLETONS.items():
         if obj is value:
             return name
+    if type(obj) is type and obj in values.NAMES_OF_CLASSES:
+        return values.NAMES_OF_CLASSES[obj]
     own_name = getattr(obj, "__name__", None)
     if isinstance(own_name, str) and getattr(builtins, own_name, None) is obj:
         return own_name
     return None
 
 
-def _build_exception(cls: Any, args: Any, attrs: Any, trusted_peer: bool) -> BaseException:
+def _build_exception(cls: Any, args: Any, attrs: Any, text: str | None, trusted_peer: bool) -> BaseException:
     """Rebuild an exception from its wire record without running code chosen by the peer.
 
+    ``text`` is what ``str()`` gave in the sender, which a mirrored class shows as its own (a
+    library's ``__str__`` computes it from state set in an ``__init__`` that is never run here).
     One of flexos's own exception classes from a peer that is not trusted arrives as a GateError
     that says so (a compartment cannot make the app believe that flexos raised it).
     """
     if not (isinstance(cls, type) and issubclass(cls, BaseException)):
         raise ProtocolError(f"exception record names {cls!r}, which is not an exception class")
-    if not isinstance(args, tuple) or not isinstance(attrs, dict):
-        raise ProtocolError("exception record has malformed args or attributes")
+    if not isinstance(args, tuple) or not isinstance(attrs, dict) or type(text) not in (str, type(None)):
+        raise ProtocolError("exception record has malformed args, attributes or text")
     if not trusted_peer and cls is not GateError and _is_flexos_error(cls):
         text = str(args[0]) if len(args) == 1 else str(args)
         args = (
@@ -194,7 +209,13 @@ def _build_exception(cls: Any, args: Any, attrs: Any, trusted_peer: bool) -> Bas
         # Any other class: never run its __init__ on data from another compartment.
         exc = cls.__new__(cls)
         exc.args = args
+        if text is not None:
+            exc.__dict__["_flexos_text"] = text
     for key, value in attrs.items():
+        if key == "__notes__":
+            if type(value) is list and all(type(note) is str for note in value):
+                exc.__notes__ = value
+            continue
         if type(key) is not str or key.startswith("__") or (key not in _BUILTIN_EXCEPTION_ATTRS and hasattr(cls, key)):
             continue  # never shadow a method or property of the class (e.g. add_note = exec)
         if key in _BUILTIN_EXCEPTION_ATTRS:
@@ -207,8 +228,53 @@ def _build_exception(cls: Any, args: Any, attrs: Any, trusted_peer: bool) -> Bas
     return exc
 
 
+def _built_graph(record: Any) -> Any:
+    """The value of a GRAPH record ``[root, nodes]``: every node's list or dict made first, then
+    filled, NODE markers replaced by them (inside tuples, sets and frozensets too)."""
+    if len(record) != 2 or type(record[1]) is not list:
+        raise ProtocolError("malformed graph")
+    root, nodes = record
+    for node in nodes:
+        if type(node) is not list or len(node) != 2 or node[0] not in (0, 1) or type(node[1]) is not list:
+            raise ProtocolError("malformed graph node")
+    built: list[Any] = [[] if node[0] == 0 else {} for node in nodes]
+
+    def resolve(value: Any) -> Any:
+        kind = type(value)
+        if kind is _Node:
+            if value.index >= len(built):
+                raise ProtocolError("graph node out of range")
+            return built[value.index]
+        if kind is tuple or kind is set or kind is frozenset:
+            return kind(resolve(item) for item in value)
+        if kind is list or kind is dict:  # every list and dict of a graph is one of its nodes
+            raise ProtocolError("graph holds a list or dict outside its nodes")
+        return value
+
+    for (tag, content), container in zip(nodes, built, strict=True):
+        if tag == 0:
+            container.extend(resolve(item) for item in content)
+        else:
+            for pair in content:
+                if type(pair) is not list or len(pair) != 2:
+                    raise ProtocolError("malformed graph node")
+                container[resolve(pair[0])] = resolve(pair[1])
+    return resolve(root)
+
+
+def _public_properties(cls: type) -> tuple[str, ...]:
+    """The public properties of exception class ``cls``, whose values travel as attributes (the
+    receiver's mirror has no code to compute them)."""
+    return tuple(
+        name
+        for name in dir(cls)
+        if not name.startswith("_") and isinstance(inspect.getattr_static(cls, name, None), property)
+    )
+
+
 _INTROSPECTION_TYPES = (types.FrameType, types.CodeType, types.TracebackType)
 _PAIR = struct.Struct("<QQ")  # REF payload: handle, class handle
+_NODE = struct.Struct("<I")  # NODE payload
 _HANDLE = struct.Struct("<Q")  # BACK payload
 # How a type crosses, as decided by Codec._classify.
 (
@@ -227,8 +293,12 @@ _HANDLE = struct.Struct("<Q")  # BACK payload
     _MODULE,
     _BY_REFERENCE,
     _REFUSED,
-) = range(15)
+    _VALUE,
+    _VALUE_REF,
+    _SURROGATES,
+) = range(18)
 _VALUE_KINDS = {
+    str: _SURROGATES,  # msgpack packs str natively; only one it cannot encode as UTF-8 comes here
     tuple: _TUPLE,
     int: _BIGINT,  # msgpack packs ints natively up to 64 bits; only bigger ones come here
     bool: _BIGINT,
@@ -240,13 +310,31 @@ _VALUE_KINDS = {
     type(Ellipsis): _SINGLETON,
     Described: _DESCRIBED,
     ByReference: _BY_REFERENCE,
+    **dict.fromkeys(values.BY_CLASS, _VALUE),
 }
 # Attributes of builtin exceptions that live in slots rather than args or __dict__.
 _BUILTIN_EXCEPTION_ATTRS = frozenset({"filename", "filename2", "name", "path", "name_from"})
 _MAX_NESTING = 32
+_CONTAINERS = frozenset({list, dict, tuple, set, frozenset})
+# Inside a GRAPH, the extension values whose items its resolution walks (and the NODE itself).
+_GRAPH_WALKED = frozenset({Ext.TUPLE, Ext.SET, Ext.FROZENSET, Ext.NODE, Ext.GRAPH})
 # What decoding malformed bytes can raise: the codec's errors derive from ValueError; unhashable
 # map keys give TypeError.
 DECODE_ERRORS = (ValueError, TypeError, KeyError, IndexError, RecursionError, OverflowError)
+
+
+class NotATree(GateError):
+    """A value that cannot be encoded as a tree: cyclic, or nested deeper than the bounds (a
+    frame's encoder then tries it as a GRAPH)."""
+
+
+class _Node:
+    """A NODE of a GRAPH being decoded: stands for a list or dict until they are all built."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
 
 
 class _Packing:
@@ -278,7 +366,7 @@ class _Packing:
         """
         depth = self.depth
         if depth >= _MAX_NESTING:
-            raise GateError(f"value nested more than {_MAX_NESTING} levels deep (or cyclic) cannot cross a gate")
+            raise NotATree(f"value nested more than {_MAX_NESTING} levels deep (or cyclic) cannot cross a gate")
         self.depth = depth + 1
         codec = self._codec
         try:
@@ -286,7 +374,7 @@ class _Packing:
                 obj, default=self.default, use_bin_type=True, strict_types=True, **codec._lending
             )
         except (ValueError, RecursionError) as exc:  # msgpack reports deep/cyclic structures this way
-            raise GateError(f"value cannot cross a gate: {exc}") from None
+            raise NotATree(f"value cannot cross a gate: {exc}") from None
         finally:
             self.depth = depth
 
@@ -364,6 +452,19 @@ class _Packing:
             if type(name) is not str:
                 raise GateError("a module without a name cannot cross a gate")
             return msgpack.ExtType(Ext.MODULE, name.encode())
+        if kind == _SURROGATES:
+            return msgpack.ExtType(Ext.SURROGATES, obj.encode("utf-8", "surrogatepass"))
+        if kind == _VALUE:
+            row = values.BY_CLASS[cls]
+            return msgpack.ExtType(Ext.VALUE, self.pack([row.wire, row.state(obj)]))
+        if kind == _VALUE_REF:  # the peer's own value proxy goes back as its object
+            back = space.peer_handle(obj)
+            if back is not None:
+                return msgpack.ExtType(Ext.BACK, _HANDLE.pack(back))
+            handle = space.export(obj)
+            self.exported.append(handle)
+            value = self._codec._value_of(cls)(obj)
+            return msgpack.ExtType(Ext.VALUE_REF, self.pack([handle, space.export_class(cls), value]))
         if kind == _BY_REFERENCE:
             target = obj.obj
             handle = space.export(target)
@@ -372,29 +473,44 @@ class _Packing:
         raise GateError(f"a {cls.__name__} object cannot cross a gate (it reaches the interpreter's internals)")
 
     def pack_exception(self, exc: BaseException) -> bytes:
-        """The packed record [class, args, attrs] of an exception, which crosses by value.
+        """The packed record [class, args, attrs, text] of an exception, which crosses by value.
 
-        Its class crosses described only (the receiver matches it, never calls it). Packed once;
-        only if that fails are args replaced by their reprs and attributes that cannot travel
-        dropped, and what the failed tries exported is taken back.
+        Its class crosses described only (the receiver matches it, never calls it). Attributes
+        are its ``__dict__`` (its ``__notes__`` included), the slots of builtin exceptions and
+        the values of its class's public properties; ``text`` is its ``str()``. Packed once; only
+        if that fails are args replaced by their reprs and attributes that cannot travel dropped,
+        and what the failed tries exported is taken back.
         """
+        cls = type(exc)
         attrs = {key: getattr(exc, key) for key in _BUILTIN_EXCEPTION_ATTRS if getattr(exc, key, None) is not None}
         attrs.update(
             (key, value)
             for key, value in getattr(exc, "__dict__", {}).items()
-            if not key.startswith("__") and not key.startswith("_flexos")
+            if key == "__notes__" or not (key.startswith("__") or key.startswith("_flexos"))
         )
-        record_class = Described(type(exc))
+        properties = self._codec._properties.get(cls)
+        if properties is None:
+            properties = self._codec._properties[cls] = _public_properties(cls)
+        for name in properties:
+            try:
+                attrs.setdefault(name, getattr(exc, name))
+            except Exception:  # a property that fails here would fail in the receiver too
+                pass
+        try:
+            text = str(exc)
+        except Exception:
+            text = BaseException.__str__(exc)
+        record_class = Described(cls)
         mark = len(self.exported)
         try:
-            return self.pack([record_class, tuple(exc.args), attrs])
+            return self.pack([record_class, tuple(exc.args), attrs, text])
         except GateError:
             self.withdraw(mark)
         args = tuple(exc.args)
         if not self.fits(args):
             args = tuple(repr(a) for a in args)
         kept = {key: value for key, value in attrs.items() if self.fits(value)}
-        return self.pack([record_class, args, kept])
+        return self.pack([record_class, args, kept, text])
 
 
 class Codec:
@@ -415,6 +531,8 @@ class Codec:
         self._lending: dict[str, Any] = {}
         self._pool: list[_Packing] = []
         self._kinds: dict[type, int] = {}
+        self._values: dict[type, Callable[[Any], Any]] = {}  # builtin subclass -> its exact builtin value
+        self._properties: dict[type, tuple[str, ...]] = {}  # exception class -> its public properties
         self._depth = threading.local()  # of decoding
 
     def lend_buffers(self, lend: Callable[[Any], bytes], threshold: int) -> None:
@@ -437,10 +555,10 @@ class Codec:
             packing = _Packing(self)
         try:
             data = packing.packer.pack(frame)
-        except (ValueError, RecursionError) as exc:  # msgpack reports deep/cyclic structures this way
+        except (ValueError, RecursionError, NotATree) as exc:  # msgpack reports deep/cyclic structures so
             packing.packer.reset()
             packing.withdraw(0)
-            raise GateError(f"value cannot cross a gate: {exc}") from None
+            return self._pack_as_graphs(frame, exc)
         except BaseException:
             packing.packer.reset()
             packing.withdraw(0)
@@ -449,6 +567,16 @@ class Codec:
             packing.exported.clear()
         self._pool.append(packing)
         return data
+
+    def _pack_as_graphs(self, frame: list[Any], failure: BaseException) -> bytes:
+        """``frame`` again with its values as graphs (:meth:`as_graph`), after it could not be
+        packed as a tree; NotATree if it has none to retry, or fails again."""
+        from flexos.wire.frames import as_graphs  # frames builds on the codec: imported on this path only
+
+        retry = as_graphs(self, frame)
+        if retry is None:
+            raise failure if isinstance(failure, NotATree) else NotATree(f"value cannot cross a gate: {failure}")
+        return self._encoded(_Packing.pack, retry)
 
     def pack(self, obj: Any) -> bytes:
         """Encode a value on its own (what it exports is taken back if that fails)."""
@@ -472,6 +600,42 @@ class Codec:
             packing.exported.clear()
             self._pool.append(packing)
 
+    def as_graph(self, value: Any) -> Any:
+        """``value`` as a GRAPH if it holds lists or dicts: each list and dict becomes a node, named
+        by index wherever it occurs, so cycles and shared containers are kept and no node nests in
+        another (a value too deep for the bounds crosses too). For a value that does not fit as a
+        tree; tuples, sets and frozensets stay values (and must fit the bounds)."""
+        if type(value) not in _CONTAINERS:
+            return value
+        nodes: list[Any] = []
+        index: dict[int, int] = {}
+        pending: list[tuple[int, Any]] = []
+
+        def ref(obj: Any) -> Any:
+            kind = type(obj)
+            if kind is list or kind is dict:
+                number = index.get(id(obj))
+                if number is None:
+                    number = index[id(obj)] = len(nodes)
+                    nodes.append(obj)  # replaced by its content below; keeps its id unique meanwhile
+                    pending.append((number, obj))
+                return msgpack.ExtType(Ext.NODE, _NODE.pack(number))
+            if kind is tuple or kind is set or kind is frozenset:
+                return kind(ref(item) for item in obj)
+            return obj
+
+        try:
+            root = ref(value)
+            while pending:
+                number, obj = pending.pop()
+                if type(obj) is list:
+                    nodes[number] = [0, [ref(item) for item in obj]]
+                else:
+                    nodes[number] = [1, [[ref(key), ref(item)] for key, item in obj.items()]]
+        except RecursionError:
+            raise GateError("value nested too deeply (in tuples or sets) to cross a gate") from None
+        return msgpack.ExtType(Ext.GRAPH, self.pack([root, nodes]))
+
     def _classify(self, cls: type) -> int:
         """How values of type ``cls`` cross (decided once per type)."""
         if cls in _VALUE_KINDS:
@@ -484,9 +648,16 @@ class Codec:
             return _EXCEPTION
         if issubclass(cls, types.ModuleType):
             return _MODULE
+        if issubclass(cls, values.VALUE_BASE_CLASSES):
+            self._values[cls] = values.VALUE_BASES[values.value_base(cls)][1]
+            return _VALUE_REF
         if self._space.is_proxy_type(cls):
             return _PROXY
         return _PLAIN
+
+    def _value_of(self, cls: type) -> Callable[[Any], Any]:
+        """How to take the exact builtin value out of an instance of builtin subclass ``cls``."""
+        return self._values[cls]
 
     # -- decoding ---------------------------------------------------------------------------
     def unpack(self, data: bytes) -> Any:
@@ -512,10 +683,15 @@ class Codec:
         if depth >= _MAX_NESTING:
             raise ProtocolError(f"value from compartment nested more than {_MAX_NESTING} levels deep")
         self._depth.n = depth + 1
+        in_graph = code not in _GRAPH_WALKED and self._depth.__dict__.get("graph")
+        if in_graph:  # a NODE may stand only where the graph's resolution looks
+            self._depth.graph = False
         try:
             return self._decode_ext(code, payload)
         finally:
             self._depth.n = depth
+            if in_graph:
+                self._depth.graph = True
 
     def _decode_ext(self, code: int, payload: bytes) -> Any:
         if code == Ext.TUPLE:
@@ -533,6 +709,8 @@ class Codec:
             name = payload.decode("ascii", "replace")
             if name in _BUILTIN_SINGLETONS:
                 return _BUILTIN_SINGLETONS[name]
+            if name in values.CLASSES_BY_NAME:
+                return values.CLASSES_BY_NAME[name]
             if name.startswith("_") or not hasattr(builtins, name):
                 raise ProtocolError(f"unknown builtin {name!r}")
             value = getattr(builtins, name)
@@ -546,10 +724,36 @@ class Codec:
             return self._space.module(name)
         if code == Ext.EXCEPTION:
             record = self._expect(self.unpack(payload), list)
-            if len(record) != 3:
+            if len(record) not in (3, 4):
                 raise ProtocolError("malformed exception record")
-            cls, args, attrs = record
-            return _build_exception(cls, args, attrs, self._trusted_peer)
+            cls, args, attrs, *text = record  # the text is optional
+            return _build_exception(cls, args, attrs, text[0] if text else None, self._trusted_peer)
+        if code == Ext.SURROGATES:
+            return payload.decode("utf-8", "surrogatepass")
+        if code == Ext.NODE:
+            if not self._depth.__dict__.get("graph") or len(payload) != _NODE.size:
+                raise ProtocolError("malformed graph node, or one outside a graph")
+            return _Node(*_NODE.unpack(payload))
+        if code == Ext.GRAPH:
+            if self._depth.__dict__.get("graph"):
+                raise ProtocolError("graph inside a graph")
+            self._depth.graph = True
+            try:
+                record = self._expect(self.unpack(payload), list)
+            finally:
+                self._depth.graph = False
+            return _built_graph(record)
+        if code == Ext.VALUE:
+            record = self._expect(self.unpack(payload), list)
+            row = values.BY_WIRE.get(record[0]) if len(record) == 2 and type(record[0]) is str else None
+            if row is None:
+                raise ProtocolError("malformed or unknown value record")
+            return row.build(record[1])  # ValueError/TypeError on a bad state: ProtocolError in unpack
+        if code == Ext.VALUE_REF:
+            record = self._expect(self.unpack(payload), list)
+            if len(record) != 3 or type(record[0]) is not int or type(record[1]) is not int:
+                raise ProtocolError("malformed value reference")
+            return self._space.value_proxy(*record)
         if code == Ext.CLASS:
             record = self._expect(self.unpack(payload), list)
             if len(record) != 3 or type(record[0]) is not int or not all(type(r) is str for r in record[1:]):

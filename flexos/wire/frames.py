@@ -49,9 +49,19 @@ class Op:
     CALL_METHOD = 6  # name, args, kwargs -> what the method returns
     OPERATOR = 7  # name (a wire name of flexos.wire.operators.FUNCTIONS), args -> the result
     DESCRIBE = 8  # target: a class handle -> a class description (flexos.wire.classes)
+    # The app derives a class from one of the receiver's: target: the first base's class handle,
+    # name: the class name, args=[qualname, module, bases, members] -> the new class's handle.
+    # Each member is [kind, name, value], kind one of SUBCLASS_MEMBER_KINDS.
+    SUBCLASS = 9
+    # A method as a base class defines it (``super().name(...)`` in the app's subclass): target: an
+    # instance, name, args=[base, *args] -> what the base's method returns.
+    SUPER = 10
 
 
-_OPS = frozenset(range(Op.IMPORT, Op.DESCRIBE + 1))
+_OPS = frozenset(range(Op.IMPORT, Op.SUPER + 1))
+# How a member of an app's subclass crosses: a method (a function the owner's class forwards
+# to), a classmethod or staticmethod (the function), a property ([fget, fset, fdel]), a value.
+SUBCLASS_MEMBER_KINDS = frozenset({"method", "classmethod", "staticmethod", "property", "value"})
 
 # Positions of the fields in each kind of frame (plain ints: read on every call).
 KIND = 0
@@ -66,12 +76,29 @@ Releases = list[list[int]]  # [handle, count] pairs
 def encode_call(
     codec: Codec, op: int, target: int | str, name: str | None, args: Any, kwargs: Any, releases: Releases
 ) -> bytes:
-    """A CALL frame; empty ``args`` and ``kwargs`` travel as None."""
+    """A CALL frame; empty ``args`` and ``kwargs`` travel as None. Arguments that do not fit as
+    trees (a cyclic list, nesting deeper than the bounds) travel as graphs (:func:`as_graphs`)."""
     return codec.pack_frame([Kind.CALL, op, target, name, list(args) if args else None, kwargs or None, releases])
 
 
 def encode_reply(codec: Codec, value: Any, releases: Releases) -> bytes:
+    """A REPLY frame; a value that does not fit as a tree travels as a graph."""
     return codec.pack_frame([Kind.REPLY, value, releases])
+
+
+def as_graphs(codec: Codec, frame: list[Any]) -> list[Any] | None:
+    """A CALL or REPLY frame that could not be packed, its values as graphs (None for another kind:
+    there is nothing to retry). The codec asks, on that failure path only."""
+    if frame[KIND] == Kind.REPLY:
+        return [Kind.REPLY, codec.as_graph(frame[REPLY_VALUE]), frame[REPLY_RELEASES]]
+    if frame[KIND] == Kind.CALL and (frame[CALL_ARGS] or frame[CALL_KWARGS]):
+        graphs = frame[:]
+        if frame[CALL_ARGS]:
+            graphs[CALL_ARGS] = [codec.as_graph(arg) for arg in frame[CALL_ARGS]]
+        if frame[CALL_KWARGS]:
+            graphs[CALL_KWARGS] = {key: codec.as_graph(value) for key, value in frame[CALL_KWARGS].items()}
+        return graphs
+    return None
 
 
 def encode_error(codec: Codec, exc: BaseException, releases: Releases, with_traceback: bool = True) -> bytes:

@@ -1,0 +1,418 @@
+"""The gate's object model on what real libraries do (issue 13): one test per numbered item.
+
+Each test is a small reproducer of a failure found by running markupsafe's, simplejson's,
+PyYAML's and dateutil's own suites with the library in another compartment, here against
+tests/fixtures/valuelib (the same shapes, in miniature, knowing nothing of flexos), once per
+gated driver.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import datetime
+import decimal
+import enum
+import importlib
+import sys
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import pytest
+from driver_variants import DRIVER_VARIANTS, GATED_DRIVERS
+
+import flexos
+from flexos import CompartmentSpec, Image
+from flexos.gates.proxies import RemoteValue
+
+LIBRARY = "valuelib"
+
+
+@pytest.fixture(params=GATED_DRIVERS)
+def driver(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def lib(driver: str) -> Iterator[object]:
+    """``import valuelib``, placed in compartment ``box`` under ``driver``."""
+    sys.modules.pop(LIBRARY, None)
+    engine, options = DRIVER_VARIANTS[driver]
+    specs = {
+        "app": CompartmentSpec("app", "fcalls", default=True),
+        "box": CompartmentSpec("box", engine, dict(options)),
+    }
+    runtime = flexos.boot(Image(specs, {LIBRARY: "box"}, source=f"<test_transparency_items: {driver}>"))
+    try:
+        yield importlib.import_module(LIBRARY)
+    finally:
+        runtime.stop()
+        sys.modules.pop(LIBRARY, None)
+
+
+# -- 1: immutable values cross by value ------------------------------------------------------------
+
+
+class Level(enum.IntEnum):
+    LOW = 1
+    HIGH = 2
+
+
+class Span(NamedTuple):
+    start: int
+    end: int
+
+
+class Tag(str):
+    def shout(self) -> str:
+        return self.upper() + "!"
+
+
+def test_item_1_stdlib_values_cross_by_value_as_the_receivers_own_types(lib):
+    utc2 = datetime.timezone(datetime.timedelta(hours=2), "plus2")
+    values = [
+        decimal.Decimal("1.10"),
+        datetime.date(2020, 2, 29),
+        datetime.time(12, 30, 15, 500, tzinfo=utc2, fold=1),
+        datetime.datetime(2020, 1, 1, 8, 0, tzinfo=datetime.UTC),
+        datetime.datetime(1999, 12, 31, 23, 59, 59, 999999),
+        datetime.timedelta(days=-1, seconds=5, microseconds=7),
+        utc2,
+        collections.OrderedDict([("b", 1), ("a", [2, decimal.Decimal("3")])]),
+    ]
+    for value in values:
+        back = lib.echo(value)
+        assert type(back) is type(value) and back == value
+        assert lib.type_of(value) == f"{type(value).__module__}.{type(value).__qualname__}"
+    assert lib.echo(values[2]).fold == 1 and lib.echo(utc2).tzname(None) == "plus2"
+    assert lib.dumps(decimal.Decimal("1.10")) == "1.10"
+    assert lib.ordered_keys(collections.OrderedDict([("z", 1), ("a", 2)])) == ["z", "a"]
+    assert lib.echo(decimal.Decimal) is decimal.Decimal and lib.echo(datetime.tzinfo) is datetime.tzinfo
+
+
+def test_item_1_value_proxies_are_released_when_the_app_drops_them(lib):
+    import gc
+
+    lib.echo(None)  # bound before counting: the function is an exported object too
+    kept = [lib.Markup(f"<{n}>") for n in range(50)]
+    held = lib.export_count()
+    del kept
+    gc.collect()  # a value proxy and its anchor form a cycle: the collector frees them
+    lib.echo(None)  # carries the releases
+    assert lib.export_count() <= held - 50
+
+
+def test_item_1_a_library_tzinfo_is_a_tzinfo_on_both_sides(lib):
+    """dateutil's `datetime(2020, 1, 1, tzinfo=tz.gettz("UTC"))`: a library tzinfo by reference
+    is still a tzinfo, so the app's datetime accepts it and asks the library for offsets."""
+    zone = lib.Fixed(3)
+    assert isinstance(zone, datetime.tzinfo)
+    moment = datetime.datetime(2020, 1, 1, tzinfo=zone)
+    assert moment.utcoffset() == datetime.timedelta(hours=3) and moment.tzname() == "FIXED+3"
+    assert lib.offset_of(moment) == datetime.timedelta(hours=3)  # crosses back with the library's own zone
+    made = lib.in_zone(2021, zone)
+    assert type(made) is datetime.datetime and made.tzinfo is zone
+
+
+def test_item_1_builtin_subclasses_are_values_and_proxies(lib):
+    """A Markup is a str, an IntEnum member an int, a named tuple a tuple, on both sides: the
+    builtin part works locally, what the class adds runs in its owner."""
+    markup = lib.Markup("<b>")
+    assert isinstance(markup, str) and isinstance(markup, RemoteValue)
+    assert len(markup) == 3 and markup.upper() == "<B>" and markup == "<b>" and "<b>" in {markup}
+    assert markup.striptags() == "" and repr(markup) == "Markup('<b>')"
+    assert lib.echo(markup) is markup
+    red = lib.red()
+    assert isinstance(red, int) and red == 1 and red + 1 == 2 and red.name == "RED"
+    assert red is lib.Color.RED and red is lib.echo(red) and lib.red() is red  # one proxy per object
+    assert copy.copy(markup) is markup and copy.deepcopy([red]) == [red]
+    pair = lib.pair(1, [2])
+    assert isinstance(pair, tuple) and pair == (1, [2]) and pair.right == [2]
+    # the app's own subclasses of builtins, in the library
+    assert lib.dumps(Level.HIGH) == "2" and lib.is_instance(Level.LOW, "int")
+    assert lib.dumps(Span(1, 2)) == "[1, 2]" and lib.is_instance(Span(1, 2), "tuple")
+    assert lib.as_object(Span(1, 2)) == ({"start": 1, "end": 2}, ("start", "end"))  # its public API
+    assert lib.dumps(Tag("x")) == '"x"'
+    assert lib.echo(Level.HIGH) is Level.HIGH and lib.echo(Tag("y")).shout() == "Y!"
+
+
+# -- 2: an app subclass of a library class --------------------------------------------------------
+
+
+def test_item_2_an_app_subclass_runs_its_overrides_when_the_library_calls_them(lib):
+    class UpperLoader(lib.Loader):
+        def construct_scalar(self, text):
+            return super().construct_scalar(text).upper()
+
+    class DateEncoder(lib.Encoder):
+        def __init__(self):
+            super().__init__()
+            self.seen = 0
+
+        def default(self, value):
+            self.seen += 1
+            if isinstance(value, datetime.date):
+                return value.isoformat()
+            return super().default(value)
+
+    assert lib.load("a b", Loader=UpperLoader) == ["A", "B"]
+    assert lib.load("a b") == ["a", "b"]
+    assert lib.encode(datetime.date(2020, 1, 2), DateEncoder) == "'2020-01-02'"
+    with pytest.raises(TypeError, match="not serializable"):
+        lib.encode(object, DateEncoder)
+    loader = UpperLoader("x")  # the app's own instance: its methods are the app's
+    assert isinstance(loader, UpperLoader) and isinstance(loader, lib.Loader)
+    assert loader.get_data() == ["X"] and loader.stream == "x"
+
+
+def test_item_2_a_constructor_added_to_a_subclass_stays_on_the_subclass(lib):
+    """PyYAML's `MyLoader.add_constructor(...)` must not register on SafeLoader itself."""
+
+    class MyLoader(lib.Loader):
+        pass
+
+    MyLoader.add_constructor("!up", lambda loader, text: text.upper())
+    assert lib.load("!up:x y", Loader=MyLoader) == ["X", "y"]
+    assert lib.safe_load("!up:x y") == ["x", "y"]  # the base did not get it
+    assert lib.load("!up:x", Loader=lib.Loader) == ["x"]
+
+
+# -- 3: comparing a proxy with a local object of the same replicated type --------------------------
+
+
+def test_item_3_proxy_equals_local_of_a_replicated_type_without_ping_pong(lib):
+    import valuetwin
+
+    remote = lib.twin(1)
+    local = valuetwin.Twin(1)
+    assert (remote == local) is False and (local == remote) is False  # different objects, as `is` says
+    assert remote != local and lib.compare(remote, local) is False
+    assert lib.compare(remote, remote) is True
+
+
+# -- 4: protocols objects offer to libraries -------------------------------------------------------
+
+
+class Profile:
+    """An app object offering markupsafe's, simplejson's and PyYAML's protocols."""
+
+    def __init__(self, title: str) -> None:
+        self.title = title
+
+    def __html__(self) -> str:
+        return f"<h1>{self.title}</h1>"
+
+    def __html_format__(self, spec: str) -> str:
+        return f"<h{spec}>{self.title}</h{spec}>"
+
+    def __json__(self) -> dict:
+        return {"title": self.title}
+
+    def __format__(self, spec: str) -> str:
+        return f"Profile[{self.title:{spec}}]"
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        return (Profile, (self.title,))
+
+
+def test_item_4_the_library_uses_the_protocols_app_objects_offer(lib):
+    escaped, html_format, json_form, formatted, state = lib.protocols(Profile("<x>"))
+    assert escaped == "<h1><x></h1>" and html_format == "<h2><x></h2>" and json_form == {"title": "<x>"}
+    assert formatted == "Profile[   <x>]" and state == ("<x>",)
+    assert lib.dumps(Profile("a")) == "html:<h1>a</h1>"
+
+
+def test_item_4_the_app_uses_the_protocols_library_objects_offer(lib):
+    page = lib.Page("<t>")
+    assert page.__html__() == "<h1>&lt;t&gt;</h1>" and lib.escape(page) == "<h1>&lt;t&gt;</h1>"
+    assert page.__json__() == {"title": "<t>"} and f"{page:>4}" == "Page[ <t>]"
+    assert page.__reduce_ex__(2)[1] == ("<t>",)
+    assert lib.__with_libyaml__ is False and lib.__author__ == "valuelib's authors"
+    with pytest.raises(AttributeError):
+        lib.__builtins__  # noqa: B018 (a dunder that leads somewhere stays refused)
+
+
+# -- 5: operators --------------------------------------------------------------------------------
+
+
+def test_item_5_operators_are_forwarded_reflected_and_in_place(lib):
+    cents = lib.Money(150)
+    assert (cents + 50).cents == 200 and (50 + cents).cents == 200 and (cents + cents).cents == 300
+    assert (cents - 50).cents == 100 and (200 - cents).cents == 50
+    assert (cents * 2).cents == 300 and (2 * cents).cents == 300 and (cents / 2).cents == 75
+    assert cents // 7 == 21 and cents % 7 == 3 and divmod(cents, 7) == (21, 3)
+    assert cents**2 == 22500 and pow(cents, 2, 7) == 2 and cents @ lib.Money(2) == 300
+    assert (cents & 6, cents | 1, cents ^ 1, cents << 1, cents >> 1) == (6, 151, 151, 300, 75)
+    assert (-cents).cents == -150 and (+cents) is cents and abs(-cents).cents == 150 and ~cents == -151
+    assert round(cents) == 200 and round(cents, -1) == 150
+    assert f"{cents}" == "$1.50" and format(cents, ".1f") == "$1.5"
+    total = cents
+    total += 5
+    assert total is cents and cents.cents == 155
+    markup = lib.Markup("<b>")
+    assert markup + "<i>" == "<b>&lt;i&gt;" and type(markup + "<i>") is type(markup)
+    assert "<i>" + markup == "&lt;i&gt;<b>" and lib.Markup("%s!") % "<" == "&lt;!"
+    with pytest.raises(TypeError):
+        cents + "text"  # NotImplemented from the library: the app's own interpreter raises
+
+
+# -- 6: a library's exception classes keep their message, attributes and notes -------------------
+
+
+def test_item_6_library_exceptions_keep_their_message_attributes_and_notes(lib):
+    with pytest.raises(lib.ParseError) as caught:
+        lib.parse("[")
+    error = caught.value
+    assert str(error) == "cannot parse '[' at line 3"
+    assert error.problem == "cannot parse '['" and error.line == 3 and error.where == "line 3"
+    assert error.__notes__[0] == "the library's own note"
+    assert "--- raised in compartment 'box' ---" in error.__notes__[-1]
+
+
+# -- 10: legal values that could not cross -------------------------------------------------------
+
+
+def test_item_10_legal_values_cross(lib):
+    lone = "a\ud800b\udfff"
+    assert lib.echo(lone) == lone and lib.echo({lone: [lone]}) == {lone: [lone]}
+    assert lib.echo(lib) is lib  # a module gate passed back is the library's own module there
+    thing = lib.dotted()
+    assert type(thing).__name__ == "pkg.Dotted" and lib.echo(thing) is thing
+    strided = memoryview(b"abcdef")[::2]
+    assert lib.echo(strided) == b"ace" and lib.length(strided) == 3
+
+
+def test_item_10_cyclic_and_deep_values_cross_as_graphs(lib):
+    """A cycle reaches the library, which raises its own error; what the library allows deep, it gets."""
+    cycle: list = [1]
+    cycle.append(cycle)
+    with pytest.raises(ValueError, match="Circular reference detected"):
+        lib.dumps_checked(cycle)
+    shared = [0]
+    assert lib.dumps_checked([shared, shared, {"k": (shared,)}]) == "ok"
+    back = lib.echo(cycle)
+    assert back[0] == 1 and back[1] is back
+    assert lib.depth(lib.nested(2000)) == 2000 and lib.depth(lib.echo(lib.nested(1000))) == 1000
+    loop = lib.cyclic()
+    assert loop["self"] is loop and loop["name"] == "loop"
+
+
+# -- 11: the compartment frees what the app dropped, and its weakref callbacks call the app -------
+
+
+class ZoneKey:
+    """An app object used as a key by the library: its hash and equality run in the app."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ZoneKey) and other.name == self.name
+
+
+@pytest.mark.timeout(60)
+def test_item_11_a_weakref_callback_calling_the_app_after_a_reply_does_not_deadlock(lib):
+    """dateutil's tz cache: a WeakValueDictionary keyed by the app's objects. When the app drops the
+    value, the compartment frees it after its next reply; the dictionary's callback hashes the key,
+    a call into the app that must get an answer, not wait on a channel nobody serves."""
+    for round_ in range(5):
+        zone = lib.cached_zone(ZoneKey(f"z{round_}"))
+        assert zone.key.name == f"z{round_}"
+        del zone
+        assert lib.cache_size() in (0, 1)  # carries the release; the callback runs after this reply
+    assert lib.cache_size() == 0 and lib.echo(1) == 1
+
+
+# -- 8: patching a placed module -----------------------------------------------------------------
+
+
+def test_item_8_mock_patch_of_a_placed_module_is_undone(lib):
+    from unittest import mock
+
+    with mock.patch("valuelib.escape", lambda value: "patched"):
+        assert lib.escape("<") == "patched" and lib.Markup("a") + "<" == "apatched"  # the library's calls too
+    assert lib.escape("<") == "&lt;" and lib.Markup("a") + "<" == "a&lt;"
+    with mock.patch.object(lib, "ADDED", 1, create=True):
+        assert lib.ADDED == 1
+    assert not hasattr(lib, "ADDED")
+    lib.ADDED = 2
+    del lib.ADDED
+    assert not hasattr(lib, "ADDED")
+
+
+def test_item_8_a_wrapper_set_on_a_placed_module_calls_the_original(lib):
+    original = lib.escape
+    calls = []
+
+    def wrapper(value):
+        calls.append(value)
+        return original(value)
+
+    lib.escape = wrapper
+    try:
+        assert lib.escape("<") == "&lt;" and lib.Markup("a") + ">" == "a&gt;"
+        assert calls == ["<", ">"]
+    finally:
+        lib.escape = original
+    assert lib.escape is original or lib.escape("&") == "&amp;"
+    assert lib.Markup("") + "<" == "&lt;" and calls == ["<", ">"]
+
+
+# -- 9: library functions bind as methods on app classes ---------------------------------------
+
+
+def test_item_9_a_library_function_binds_as_a_method(lib):
+    class Holder:
+        kind = lib.type_of  # a module function
+        echo = lib.echo
+
+    class Greeter:
+        name = "ada"
+
+        @lib.logged
+        def greet(self, greeting):
+            return f"{greeting}, {self.name}"
+
+    holder = Holder()
+    assert holder.kind() == f"{__name__}.{Holder.__qualname__}"
+    assert holder.echo() is holder and Holder.echo(3) == 3
+    assert Greeter().greet("hi") == ("logged", "hi, ada")
+
+
+# -- 13: coroutines, async iterators, async context managers ----------------------------------------
+
+
+def test_item_13_the_app_awaits_what_runs_in_the_compartment(lib):
+    import asyncio
+
+    async def main():
+        assert await lib.fetch(1) == ("fetched", 1)
+        assert await lib.fetch(2, lambda value: value * 10) == ("fetched", 20)  # a callback nests
+        assert [n async for n in lib.count(3)] == [0, 1, 2]
+        session = lib.Session()
+        async with session as entered:
+            assert entered is session and await session.get("/x") == ("fetched", "/x")
+        with pytest.raises(KeyError):
+            async with lib.Session() as failing:
+                raise KeyError("inside")
+        return session.log, failing.log
+
+    assert asyncio.run(main()) == (["enter", "exit None"], ["enter", "exit KeyError"])
+
+
+def test_item_11_a_packages_tests_placed_in_the_app_import_beside_the_gated_package(driver):
+    """simplejson in a box and simplejson.tests in the app: the app finds the submodule in the
+    package's own folder (the gate's __path__ is the package's), not ModuleNotFoundError."""
+    for name in ("valuepkg", "valuepkg.tests"):
+        sys.modules.pop(name, None)
+    engine, options = DRIVER_VARIANTS[driver]
+    specs = {"app": CompartmentSpec("app", "fcalls", default=True), "box": CompartmentSpec("box", engine, options)}
+    with flexos.boot(Image(specs, {"valuepkg": "box", "valuepkg.tests": "app"}, source="<valuepkg>")):
+        import valuepkg.tests
+
+        assert valuepkg.tests.run()[::2] == ("ModuleProxy", "valuepkg.tests")
+    for name in ("valuepkg", "valuepkg.tests"):
+        sys.modules.pop(name, None)
