@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import re
 import signal
 import threading
 import time
@@ -122,6 +123,8 @@ def test_crash_inside_the_call_reports_the_signal(runtime, complib):
     with pytest.raises(flexos.CompartmentCrashed) as info:
         complib.crash()
     assert info.value.signal == signal.SIGKILL
+    (note,) = info.value.__notes__
+    assert re.fullmatch(r"the call it was serving: CALL of object \d+ \(a function\)", note), note
     assert complib.add(1, 1) == 2
 
 

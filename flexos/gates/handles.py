@@ -130,6 +130,11 @@ class ImportTable:
         self._dead: collections.deque[_ProxyRef] = collections.deque()
         self.dying = self._dead  # truthy when releases are waiting to be sent
 
+    def peek(self, handle: int) -> Any:
+        """Our live proxy of ``handle``, or None: to name it in a message, never to count it."""
+        ref = self._refs.get(handle)
+        return ref() if ref is not None else None
+
     def lookup_or_create(self, handle: int, create: Callable[[], Any]) -> Any:
         with self._lock:
             ref = self._refs.get(handle)

@@ -60,6 +60,7 @@ from flexos.wire.frames import (
     Op,
     Releases,
     decode_frame,
+    describe_call,
     encode_call,
     encode_error,
     encode_reply,
@@ -164,7 +165,12 @@ class Link:
             healthy = True
         except PeerGone:
             self.closed = True
-            raise self.closed_error() from None
+            ended = self.closed_error()
+            if isinstance(ended, CompartmentCrashed):
+                held = self.imports.peek(target) if isinstance(target, int) else None
+                what = None if held is None else f"a {type(held).__qualname__}"
+                ended.add_note(f"the call it was serving: {describe_call(op, target, name, what)}")
+            raise ended from None
         except CallTimeout:
             self.closed = True
             self._transport.abort()
