@@ -47,7 +47,8 @@ FAST_FAILURE = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 50
 # first process (the kernel kills the rest), even when the test times out.
 UNSHARE = ["unshare", "--user", "--map-root-user", "--net", "--mount", "--pid", "--fork", "--mount-proc"]
 
-pytestmark = pytest.mark.slow
+# One cluster for the whole file: under pytest-xdist every test of it runs on one worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray-cluster")]
 
 
 # -- in the namespace -----------------------------------------------------------------------------------

@@ -30,8 +30,9 @@ def test_fuzz_targets_quick() -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_fuzz_targets_ten_thousand_cases_each() -> None:
-    """Config loader, frame decoder and hostile replies: 10,000 cases per property."""
-    done = _run(10_000, timeout=1700)
+def test_fuzz_targets_three_thousand_cases_each() -> None:
+    """Config loader, frame decoder and hostile replies: 3,000 cases per property in CI (a
+    deliberate run, ``bench/fuzz.py``, makes 10,000)."""
+    done = _run(3_000, timeout=1700)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("10000 cases per property: ok") == 3
+    assert done.stdout.count("3000 cases per property: ok") == 3

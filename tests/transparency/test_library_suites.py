@@ -17,25 +17,27 @@ from library_suites import MECHANISMS, SUITES, LibrarySuite, Measurement
 from flexos.pytest_plugin import SuiteRun
 
 #: The least share of the plainly passing tests that must pass with the library on the mechanism,
-#: per library and mechanism, on the CI sample. Issue 13's goal is 0.95 for each. Today's values
-#: (2026-12-02, before the gate object model's fixes) sit under what the CI sample kept then, with
-#: room for runs the timeout cuts short (a failing test costs ~1.5 s today, and a stalled one 5 s):
-#: simplejson 0% (its tests, simplejson.tests, do not import under a placed simplejson), MarkupSafe
-#: 62% / 65% (14% once, when a run stalled), PyYAML 24% / 28% (runs cut at the timeout),
-#: python-dateutil 0% / 0%. Raise each as the fixes land.
+#: per library and mechanism, on the CI sample. Issue 13's goal is 0.95 for each. Measured on the
+#: CI sample on 2026-12-02 after the gate object model's fixes (quiet machine, serial run):
+#: simplejson 86% / 77%, MarkupSafe 96% / 96%, PyYAML 47% (cut at the timeout) / 32%, dateutil
+#: 91% / 91%. Each threshold sits a few points under, with room for a loaded machine; PyYAML under
+#: process is cut by the timeout, so its share depends on the machine's speed.
 THRESHOLDS: dict[tuple[str, str], float] = {
-    ("simplejson", "process"): 0.0,
-    ("simplejson", "subinterp"): 0.0,
-    ("markupsafe", "process"): 0.10,
-    ("markupsafe", "subinterp"): 0.55,
-    ("pyyaml", "process"): 0.15,
-    ("pyyaml", "subinterp"): 0.15,
-    ("dateutil", "process"): 0.0,
-    ("dateutil", "subinterp"): 0.0,
+    ("simplejson", "process"): 0.80,
+    ("simplejson", "subinterp"): 0.72,
+    ("markupsafe", "process"): 0.90,
+    ("markupsafe", "subinterp"): 0.90,
+    ("pyyaml", "process"): 0.25,
+    ("pyyaml", "subinterp"): 0.28,
+    ("dateutil", "process"): 0.85,
+    ("dateutil", "subinterp"): 0.85,
 }
 #: One run (a suite's sample on one mechanism) ends after this long; what it did not reach is lost.
 CI_RUN_TIMEOUT_S = 20.0
 REPORTS = Path(__file__).parents[2] / "results" / "transparency"
+# Under pytest-xdist, every suite on one worker: each plain run is made once, and the suites do not
+# compete with each other for the 20 s of their runs.
+pytestmark = pytest.mark.xdist_group("transparency")
 
 _plain_runs: dict[str, SuiteRun] = {}
 
