@@ -67,6 +67,8 @@ def describe_call(op: int, target: int | str, name: str | None, what: str | None
     messages; ``what``: the target's kind, when the caller knows it."""
     on = f"module {target!r}" if isinstance(target, str) else f"object {target}" + (f" ({what})" if what else "")
     return f"{_OP_NAMES.get(op, op)}{f' {name!r}' if name else ''} of {on}"
+
+
 # How a member of an app's subclass crosses: a method (a function the owner's class forwards
 # to), a classmethod or staticmethod (the function), a property ([fget, fset, fdel]), a value.
 SUBCLASS_MEMBER_KINDS = frozenset({"method", "classmethod", "staticmethod", "property", "value"})
