@@ -12,6 +12,7 @@ import pytest
 
 from flexos.config import parse
 from flexos.explore.order import documented_order, members
+from flexos.explore.search import DECISIVE
 from flexos.explore.space import load_space
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -239,14 +240,20 @@ EXAMPLE = ROOT / "examples" / "explore_sqlite" / "space.yaml"
 
 def test_sqlite_example_end_to_end(tmp_path: Path) -> None:
     """The real workload: inserts.py under `flexos run`, sqlite3 in the app's process or a process."""
-    # A budget every configuration meets: the safest one is the answer, found by measuring two.
+    # A budget every configuration meets: the safest one is the answer, found by measuring two,
+    # unless the runs of one scatter so much that it is not decisive (a loaded machine): then the
+    # search measures the star's neighbours to settle it, and the answer is the same.
     done = explore(str(EXAMPLE), "--budget", "1", "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["stars"] == ["Q1Audit_pEnvSeccomp"]
-    assert results["measured"] == 2 and results["inferred"] == 7
     measured = {r["name"]: r for r in results["results"] if r["status"] == "measured"}
-    assert set(measured) == {"Q1_f", "Q1Audit_pEnvSeccomp"}
+    assert {"Q1_f", "Q1Audit_pEnvSeccomp"} <= set(measured)
+    assert results["measured"] + results["inferred"] == 9
+    if all(r["certainty"] >= DECISIVE for r in measured.values()):
+        assert set(measured) == {"Q1_f", "Q1Audit_pEnvSeccomp"}, json.dumps(results)
+    else:
+        assert len(measured) > 2
     for record in measured.values():
         assert len(record["runs"]) == 3 and all(v > 0 for v in record["runs"])
         image, _ = parse(record["config"])
@@ -261,7 +268,8 @@ def test_sqlite_example_end_to_end(tmp_path: Path) -> None:
     assert results["stars"] == [] and results["measured"] == 1
 
     # A budget between the two measured: the answer must agree with what was measured.
-    low, high = sorted(r["value"] for r in measured.values())
+    values = [r["value"] for r in measured.values()]
+    low, high = min(values), max(values)
     done = explore(str(EXAMPLE), "--budget", str((low * high) ** 0.5), "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr
     results = json.loads((tmp_path / "results.json").read_text())
