@@ -58,8 +58,12 @@ DEFAULT_SPIN_US = 200
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 _fence_lock = threading.Lock()
-_CHECKS_PER_CLOCK_READ = 64
-_TIGHT_SPIN_S = 10e-6
+_CHECKS_PER_CLOCK_READ = 16
+# The adaptive wait (RingChannel._wait): the least a spinning channel's budget shrinks to, a
+# parking channel's probing spin, and how often it probes (doubling while probes fail).
+_SPIN_FLOOR_S = 5e-6
+_PROBE_SPIN_S = 20e-6
+_PROBE_EVERY_MIN, _PROBE_EVERY_MAX = 16, 1024
 # Threads of this process spinning right now. A spinning thread holds the GIL, so a second
 # spinner would only keep the first from seeing its reply: later waiters block at once.
 _spinners: list[int] = []
@@ -87,7 +91,17 @@ class RingChannel(ABC):
         self._in_payload = base + (_HEADER + capacity if side == 0 else _HEADER)
         self._out_seq = 0
         self._in_seq = 0
-        self._spin_s = spin_us * 1e-6
+        self._budget_max = spin_us * 1e-6
+        self._budget = self._budget_max
+        # Confined to one CPU (taskset, a one-CPU container), the peer (our child or parent, which
+        # inherited it) shares that CPU: a spin could only delay it.
+        one_cpu = len(os.sched_getaffinity(0)) == 1
+        self._parking = one_cpu or not self._budget_max
+        self._probe_every = _PROBE_EVERY_MAX if one_cpu else _PROBE_EVERY_MIN
+        self._waits_since_probe = 0
+        self.spun = 0  # waits that ended while spinning
+        self.missed = 0  # spins that ended without the frame
+        self.parked = 0  # waits that blocked
         self.closed = False
 
     @abstractmethod
@@ -204,34 +218,73 @@ class RingChannel(ABC):
         raise ReplyTooLarge(f"a frame over the max_reply of {self._max_frame} bytes arrived; its channel was dropped")
 
     def _wait(self, offset: int, value: int, deadline: float | None = None) -> None:
-        """Spin, then spin yielding the CPU, then block.
+        """Wait until the sequence number at ``offset`` is ``value``: spin, or park at once.
 
-        A reply from another core arrives within a few µs, so the first stretch spins tight. If
-        the peer shares our core it cannot run while we spin, so after that stretch every batch
-        of checks yields the core (and the GIL) to it; past the window we sleep on the eventfd.
+        Which is right depends on where the peer runs, so the channel learns it from its own
+        recent waits (adaptive spin-then-park, as adaptive mutexes do):
+
+        - *spinning*: spin up to the budget. A frame that arrives while we spin proves the peer
+          runs beside us (a reply from another CPU takes a few µs); a wait that ends soon after
+          we gave up and parked proves the opposite: the peer could not run until we stopped
+          (it shares our CPU, or its CPU is busy), so spinning only delayed it: park from now
+          on. A wait that ends long after is a slow call or an idle peer: halve the budget, so a
+          compartment waiting for its next call does not burn the CPU its app needs.
+        - *parking*: block on the first miss, one hand-over per wait (no yield loops); every
+          ``_probe_every`` waits (doubling while probes fail) one short spin probes whether the
+          peer now runs elsewhere.
+
+        One thread per process spins at a time (a spinner holds the GIL; a second would keep the
+        first from seeing its reply), and a process confined to one CPU starts out parking.
         """
         if _spinners:
+            self.parked += 1
             return self._block(offset, value, deadline)
+        if self._parking:
+            self._waits_since_probe += 1
+            if self._waits_since_probe >= self._probe_every:
+                self._waits_since_probe = 0
+                if self._spin(offset, value, min(self._budget_max, _PROBE_SPIN_S)):
+                    self._parking = False  # the peer answered while we spun: it runs beside us
+                    self._budget = self._budget_max
+                    self._probe_every = _PROBE_EVERY_MIN
+                    return None
+                self._probe_every = min(2 * self._probe_every, _PROBE_EVERY_MAX)
+            self.parked += 1
+            return self._block(offset, value, deadline)
+        budget = self._budget
+        if self._spin(offset, value, budget):
+            return None
+        parked_at = time.perf_counter()
+        self.parked += 1
+        self._block(offset, value, deadline)
+        if time.perf_counter() - parked_at < budget:
+            self._parking = True  # it came right after we stopped spinning: the peer needed our CPU
+            self._waits_since_probe = 0
+        else:
+            self._budget = max(_SPIN_FLOOR_S, budget / 2)
+        return None
+
+    def _spin(self, offset: int, value: int, budget: float) -> bool:
+        """Spin up to ``budget`` seconds for the sequence number at ``offset`` to be ``value``."""
         mm = self._mm
         unpack = _SEQ.unpack_from
         clock = time.perf_counter
         start = clock()
-        tight_until = start + _TIGHT_SPIN_S
-        spin_until = start + self._spin_s
+        until = start + budget
         _spinners.append(1)
         try:
             while True:
                 for _ in range(_CHECKS_PER_CLOCK_READ):
                     if unpack(mm, offset)[0] == value:
-                        return
-                now = clock()
-                if now > spin_until:
-                    break
-                if now > tight_until:
-                    os.sched_yield()
+                        self.spun += 1
+                        if clock() - start > self._budget / 2:  # it took most of the budget: allow more
+                            self._budget = min(self._budget_max, 2 * self._budget)
+                        return True
+                if clock() > until:
+                    self.missed += 1
+                    return False
         finally:
             _spinners.pop()
-        self._block(offset, value, deadline)
 
 
 class ShmChannel(RingChannel):
