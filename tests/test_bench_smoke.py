@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,7 +63,11 @@ def test_gate_latency_quick_prints_every_mechanism_and_goal(tmp_path):
     for goal in GATE_GOALS:
         assert any(goal in line and line.startswith(("PASS", "MISS")) for line in lines), f"no verdict for {goal!r}"
     result = json.loads((tmp_path / "gate.json").read_text())
-    assert [row["label"] for row in result["mechanisms"].values()] == GATE_ROWS
+    assert list(result["placements"]) == ["quiet", "one-cpu", "busy"]
+    for placement, measured in result["placements"].items():
+        assert [row["label"] for row in measured["mechanisms"].values()] == GATE_ROWS
+        assert measured["cpus"] == (1 if placement == "one-cpu" else len(os.sched_getaffinity(0)))
+    assert any(line.startswith(("PASS", "MISS")) and "busy: process gate vs managers" in line for line in lines)
 
 
 def test_sqlite_inserts_quick_prints_every_configuration(tmp_path):

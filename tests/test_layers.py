@@ -35,8 +35,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("flexos.errors", "flexos._linux", "flexos.image"),
     # 2: everything a peer can send, and the codec's C build
     ("flexos.wire", "flexos._msgpack"),
-    # 3: what moves frames, and the subinterp transport's C gate
-    ("flexos.transports", "flexos._subinterp"),
+    # 3: what moves frames; the subinterp transport's C gate and the shm channel's hot path
+    ("flexos.transports", "flexos._subinterp", "flexos._ring"),
     # 4: handles, proxies, importer, link, policy
     ("flexos.gates",),
     # 5: what a compartment's process applies to itself, and what the machine offers

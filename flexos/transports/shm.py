@@ -32,7 +32,6 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
-import select
 import socket
 import struct
 import threading
@@ -41,6 +40,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from flexos._ring import ARRIVED, CLOSED, GONE, Ring
 from flexos.errors import ProtocolError
 from flexos.transports import CallTimeout, ChannelClosed, ControlHandler, PeerGone, ReplyTooLarge, ServedTransport
 from flexos.wire.control import CONTROL_MAX, OPEN_CHANNEL
@@ -61,8 +61,8 @@ _fence_lock = threading.Lock()
 _CHECKS_PER_CLOCK_READ = 16
 # The adaptive wait (RingChannel._wait): the least a spinning channel's budget shrinks to, a
 # parking channel's probing spin, and how often it probes (doubling while probes fail).
-_SPIN_FLOOR_S = 5e-6
-_PROBE_SPIN_S = 20e-6
+_SPIN_FLOOR_NS = 5_000
+_PROBE_SPIN_NS = 20_000
 _PROBE_EVERY_MIN, _PROBE_EVERY_MAX = 16, 1024
 # Threads of this process spinning right now. A spinning thread holds the GIL, so a second
 # spinner would only keep the first from seeing its reply: later waiters block at once.
@@ -91,7 +91,7 @@ class RingChannel(ABC):
         self._in_payload = base + (_HEADER + capacity if side == 0 else _HEADER)
         self._out_seq = 0
         self._in_seq = 0
-        self._budget_max = spin_us * 1e-6
+        self._budget_max = int(spin_us * 1000)  # ns, as every spin budget below
         self._budget = self._budget_max
         # Confined to one CPU (taskset, a one-CPU container), the peer (our child or parent, which
         # inherited it) shares that CPU: a spin could only delay it.
@@ -99,6 +99,10 @@ class RingChannel(ABC):
         self._parking = one_cpu or not self._budget_max
         self._probe_every = _PROBE_EVERY_MAX if one_cpu else _PROBE_EVERY_MIN
         self._waits_since_probe = 0
+        # What stores a frame and what polls for one: attributes, so that a subclass's C versions
+        # are called without a Python frame in between.
+        self._publish: Callable[[int, bytes | memoryview, int, int, int, int], bool] = self._python_publish
+        self._poll_for: Callable[[int, int, int], int] = self._python_poll_for
         self.spun = 0  # waits that ended while spinning
         self.missed = 0  # spins that ended without the frame
         self.parked = 0  # waits that blocked
@@ -121,15 +125,10 @@ class RingChannel(ABC):
         if size > self._capacity:
             self._send_fragments(frame, deadline)
             return self.recv(deadline)
-        mm = self._mm
-        start = self._out_payload
-        mm[start : start + size] = frame
         seq = self._out_seq = self._out_seq + 1
-        _FRAGMENT.pack_into(mm, self._out_hdr, size, 0, seq)
-        _fence_lock.acquire()
-        _fence_lock.release()
-        if _FLAG.unpack_from(mm, self._peer_sleep)[0]:
+        if self._publish(self._out_payload, frame, self._out_hdr, 0, seq, self._peer_sleep):
             self._wake_peer()
+        mm = self._mm
         hdr = self._in_hdr
         expected = self._in_seq + 1
         if _SEQ.unpack_from(mm, hdr + _SEQ_AT)[0] != expected:
@@ -145,31 +144,21 @@ class RingChannel(ABC):
         size = len(frame)
         if size > self._capacity:
             return self._send_fragments(frame)
-        mm = self._mm
-        start = self._out_payload
-        mm[start : start + size] = frame
         seq = self._out_seq = self._out_seq + 1
-        _FRAGMENT.pack_into(mm, self._out_hdr, size, 0, seq)
-        _fence_lock.acquire()
-        _fence_lock.release()
-        if _FLAG.unpack_from(mm, self._peer_sleep)[0]:
+        if self._publish(self._out_payload, frame, self._out_hdr, 0, seq, self._peer_sleep):
             self._wake_peer()
 
     def _send_fragments(self, frame: bytes, deadline: float | None = None) -> None:
-        mm, hdr, capacity = self._mm, self._out_hdr, self._capacity
+        hdr, capacity = self._out_hdr, self._capacity
         view = memoryview(frame)
         start = self._out_payload
         for pos in range(0, len(frame), capacity):
             if pos:  # the peer acknowledges each fragment before we overwrite it
                 self._wait(hdr + _ACK_AT, self._out_seq, deadline)
             chunk = view[pos : pos + capacity]
-            mm[start : start + len(chunk)] = chunk
             more = _MORE if pos + len(chunk) < len(frame) else 0
             seq = self._out_seq = self._out_seq + 1
-            _FRAGMENT.pack_into(mm, hdr, len(chunk), more, seq)
-            _fence_lock.acquire()
-            _fence_lock.release()
-            if _FLAG.unpack_from(mm, self._peer_sleep)[0]:
+            if self._publish(start, chunk, hdr, more, seq, self._peer_sleep):
                 self._wake_peer()
 
     def recv(self, deadline: float | None = None, *, resume: bool = False) -> bytes:
@@ -243,7 +232,7 @@ class RingChannel(ABC):
             self._waits_since_probe += 1
             if self._waits_since_probe >= self._probe_every:
                 self._waits_since_probe = 0
-                if self._spin(offset, value, min(self._budget_max, _PROBE_SPIN_S)):
+                if self._spin(offset, value, min(self._budget_max, _PROBE_SPIN_NS)):
                     self._parking = False  # the peer answered while we spun: it runs beside us
                     self._budget = self._budget_max
                     self._probe_every = _PROBE_EVERY_MIN
@@ -254,37 +243,57 @@ class RingChannel(ABC):
         budget = self._budget
         if self._spin(offset, value, budget):
             return None
-        parked_at = time.perf_counter()
+        parked_at = time.perf_counter_ns()
         self.parked += 1
         self._block(offset, value, deadline)
-        if time.perf_counter() - parked_at < budget:
+        if time.perf_counter_ns() - parked_at < budget:
             self._parking = True  # it came right after we stopped spinning: the peer needed our CPU
             self._waits_since_probe = 0
         else:
-            self._budget = max(_SPIN_FLOOR_S, budget / 2)
+            self._budget = max(_SPIN_FLOOR_NS, budget // 2)
         return None
 
-    def _spin(self, offset: int, value: int, budget: float) -> bool:
-        """Spin up to ``budget`` seconds for the sequence number at ``offset`` to be ``value``."""
-        mm = self._mm
-        unpack = _SEQ.unpack_from
-        clock = time.perf_counter
-        start = clock()
-        until = start + budget
+    def _spin(self, offset: int, value: int, budget: int) -> bool:
+        """Spin up to ``budget`` ns for the sequence number at ``offset`` to be ``value``."""
         _spinners.append(1)
         try:
-            while True:
-                for _ in range(_CHECKS_PER_CLOCK_READ):
-                    if unpack(mm, offset)[0] == value:
-                        self.spun += 1
-                        if clock() - start > self._budget / 2:  # it took most of the budget: allow more
-                            self._budget = min(self._budget_max, 2 * self._budget)
-                        return True
-                if clock() > until:
-                    self.missed += 1
-                    return False
+            took = self._poll_for(offset, value, budget)
         finally:
             _spinners.pop()
+        if took < 0:
+            self.missed += 1
+            return False
+        self.spun += 1
+        if took > self._budget // 2:  # it took most of the budget: allow more
+            self._budget = min(self._budget_max, 2 * self._budget)
+        return True
+
+    # -- the primitives, in Python (ShmChannel's are flexos/_ring.c's) ----------------------------
+    def _python_publish(
+        self, payload_off: int, frame: bytes | memoryview, hdr_off: int, flags: int, seq: int, peer_sleep_off: int
+    ) -> bool:
+        """Store ``frame`` and its header (``seq`` last), fence: does the peer sleep?"""
+        mm = self._mm
+        size = len(memoryview(frame))
+        mm[payload_off : payload_off + size] = frame
+        _FRAGMENT.pack_into(mm, hdr_off, size, flags, seq)
+        _fence_lock.acquire()
+        _fence_lock.release()
+        return bool(_FLAG.unpack_from(mm, peer_sleep_off)[0])
+
+    def _python_poll_for(self, offset: int, value: int, budget: int) -> int:
+        """Poll the sequence number at ``offset`` until it is ``value``: the ns it took, or -1
+        once ``budget`` ns are spent."""
+        mm = self._mm
+        unpack = _SEQ.unpack_from
+        clock = time.perf_counter_ns
+        start = clock()
+        while True:
+            for _ in range(_CHECKS_PER_CLOCK_READ):
+                if unpack(mm, offset)[0] == value:
+                    return clock() - start
+            if clock() - start > budget:
+                return -1
 
 
 class ShmChannel(RingChannel):
@@ -308,13 +317,13 @@ class ShmChannel(RingChannel):
         mm = mmap.mmap(mem_fd, size)
         os.close(mem_fd)
         super().__init__(mm, 0, side, capacity, spin_us, max_frame)
+        self._ring = ring = Ring(mm)
+        self._publish, self._poll_for = ring.publish, ring.spin
         self._efds = (efd0, efd1)
         self._my_efd = efd0 if side == 0 else efd1
         self._peer_efd = efd1 if side == 0 else efd0
         self._watch_fd = watch_fd
-        self._poll = select.poll()
-        self._poll.register(self._my_efd, select.POLLIN)
-        self._poll.register(watch_fd, watch_events)
+        self._watch_events = watch_events
 
     @classmethod
     def create(
@@ -342,37 +351,23 @@ class ShmChannel(RingChannel):
             pass  # it is readable, so the peer's poll() returns anyway
 
     def _block(self, offset: int, value: int, deadline: float | None = None) -> None:
-        mm = self._mm
+        park, watch_fd, watch_events = self._ring.park, self._watch_fd, self._watch_events
         wait_ms = _BLOCK_POLL_MS
         while True:
-            _FLAG.pack_into(mm, self._my_sleep, 1)
-            _fence_lock.acquire()
-            _fence_lock.release()
-            if _SEQ.unpack_from(mm, offset)[0] == value:
-                _FLAG.pack_into(mm, self._my_sleep, 0)
-                return
-            if _FLAG.unpack_from(mm, self._peer_closed)[0]:
-                _FLAG.pack_into(mm, self._my_sleep, 0)
-                raise ChannelClosed()
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    _FLAG.pack_into(mm, self._my_sleep, 0)
                     raise CallTimeout()
                 wait_ms = min(_BLOCK_POLL_MS, int(left * 1000) + 1)
-            for fd, events in self._poll.poll(wait_ms):
-                if fd == self._watch_fd or events & select.POLLNVAL:
-                    _FLAG.pack_into(mm, self._my_sleep, 0)
-                    raise PeerGone()
-                try:
-                    os.eventfd_read(fd)
-                except BlockingIOError:
-                    pass
-            _FLAG.pack_into(mm, self._my_sleep, 0)
-            if self.closed:
-                raise PeerGone()
-            if _SEQ.unpack_from(mm, offset)[0] == value:
+            status = park(
+                self._my_sleep, offset, value, self._peer_closed, self._my_efd, watch_fd, watch_events, wait_ms
+            )
+            if status == ARRIVED:
                 return
+            if status == CLOSED:
+                raise ChannelClosed()
+            if status == GONE or self.closed:
+                raise PeerGone()
 
     def close(self) -> None:
         """Close this side, and tell a peer that may be waiting on it."""
@@ -391,6 +386,7 @@ class ShmChannel(RingChannel):
                 os.close(fd)
             except OSError:
                 pass
+        self._ring.release()
         try:
             self._mm.close()
         except BufferError:
