@@ -8,15 +8,18 @@
  *       copy the frame into the payload, store its length and flags, then its sequence number
  *       (a release store, so the reader that sees it sees the rest), issue a full fence, and
  *       say whether the peer sleeps (the caller then wakes it);
- *   spin(offset, value, budget_ns) -> int
+ *   spin(offset, value, budget_ns, my_cpu_off, peer_cpu_off) -> int
  *       poll the u64 at offset (acquire loads, a pause between) until it is value: the ns it
- *       took, or -1 once the budget is spent;
- *   park(sleep_off, offset, value, closed_off, efd, watch_fd, watch_events, timeout_ms) -> int
+ *       took; once the budget is spent, MISSED (-1), or NEEDS_CPU (-2) if the spin itself says
+ *       the peer could not run meanwhile: we were preempted mid-spin (someone else wanted this
+ *       CPU) or the peer last ran on the CPU we spin on. Stores the CPU we run on (plus one;
+ *       0 is "not known") at my_cpu_off first;
+ *   park(sleep_off, offset, value, closed_off, efd, watch_fd, watch_events, timeout_ms, my_cpu_off) -> int
  *       the sleeping side of the Dekker handshake: set our "sleeping" flag, fence, look again;
  *       then poll the eventfd and the peer's watch fd with the GIL released. ARRIVED (0),
  *       CLOSED (1: the peer closed its side), GONE (2: the watch fd fired), or AGAIN (3: the
  *       timeout passed, or a signal came; the caller checks its deadline and calls again).
- *       Our flag is clear whenever it returns.
+ *       Our flag is clear whenever it returns, and the CPU we woke on is stored.
  *
  * Every offset is checked against the buffer, so a wrong one raises instead of touching memory
  * outside the mapping. The layout itself (what lives at which offset) is shm.py's.
@@ -24,6 +27,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <sched.h>
 #include <poll.h>
 #include <stdint.h>
 #include <string.h>
@@ -40,6 +44,15 @@
 #endif
 
 enum { ARRIVED = 0, CLOSED = 1, GONE = 2, AGAIN = 3 };
+enum { MISSED = -1, NEEDS_CPU = -2 };
+
+/* A gap this long between two looks at the clock while spinning means we did not run. */
+#define PREEMPTED_NS 20000
+
+static uint32_t this_cpu(void) {
+    int cpu = sched_getcpu();
+    return cpu < 0 ? 0 : (uint32_t)cpu + 1;
+}
 
 typedef struct {
     PyObject_HEAD
@@ -149,33 +162,44 @@ static PyObject *ring_publish(Ring *self, PyObject *const *args, Py_ssize_t narg
 }
 
 static PyObject *ring_spin(Ring *self, PyObject *const *args, Py_ssize_t nargs) {
-    Py_ssize_t a[3];
-    if (ssize_args(args, nargs, 3, a, 0) < 0)
+    Py_ssize_t a[5];
+    if (ssize_args(args, nargs, 5, a, 0) < 0)
         return NULL;
     char *word = at(self, a[0], 8, 8);
-    if (!word)
+    char *mine = word ? at(self, a[3], 4, 4) : NULL;
+    char *peers = mine ? at(self, a[4], 4, 4) : NULL;
+    if (!peers)
         return NULL;
+    uint32_t cpu = this_cpu();
+    __atomic_store_n((uint32_t *)mine, cpu, __ATOMIC_RELAXED);
     uint64_t value = (uint64_t)a[1];
-    uint64_t start = now_ns(), budget = a[2] > 0 ? (uint64_t)a[2] : 0;
+    uint64_t start = now_ns(), last = start, budget = a[2] > 0 ? (uint64_t)a[2] : 0;
+    int preempted = 0;
     for (;;) {
-        for (int i = 0; i < 64; i++) {
+        for (int i = 0; i < 16; i++) {
             if (__atomic_load_n((uint64_t *)word, __ATOMIC_ACQUIRE) == value)
                 return PyLong_FromUnsignedLongLong(now_ns() - start);
             CPU_RELAX();
         }
-        if (now_ns() - start > budget)
-            return PyLong_FromLong(-1);
+        uint64_t now = now_ns();
+        preempted |= now - last > PREEMPTED_NS;
+        last = now;
+        if (now - start > budget)
+            break;
     }
+    uint32_t peer = __atomic_load_n((uint32_t *)peers, __ATOMIC_RELAXED);
+    return PyLong_FromLong(preempted || (peer && peer == this_cpu()) ? NEEDS_CPU : MISSED);
 }
 
 static PyObject *ring_park(Ring *self, PyObject *const *args, Py_ssize_t nargs) {
-    Py_ssize_t a[8];
-    if (ssize_args(args, nargs, 8, a, 0) < 0)
+    Py_ssize_t a[9];
+    if (ssize_args(args, nargs, 9, a, 0) < 0)
         return NULL;
     char *mine = at(self, a[0], 4, 4);
     char *word = mine ? at(self, a[1], 8, 8) : NULL;
     char *closed = word ? at(self, a[3], 4, 4) : NULL;
-    if (!closed)
+    char *my_cpu = closed ? at(self, a[8], 4, 4) : NULL;
+    if (!my_cpu)
         return NULL;
     uint64_t value = (uint64_t)a[2];
     uint32_t *sleep_flag = (uint32_t *)mine;
@@ -212,6 +236,7 @@ static PyObject *ring_park(Ring *self, PyObject *const *args, Py_ssize_t nargs) 
         }
     }
     __atomic_store_n(sleep_flag, 0, __ATOMIC_RELAXED);
+    __atomic_store_n((uint32_t *)my_cpu, this_cpu(), __ATOMIC_RELAXED);
     if (status == AGAIN && PyErr_CheckSignals() < 0)
         return NULL; /* a signal handler raised (KeyboardInterrupt): the wait ends with it */
     return PyLong_FromLong(status);
@@ -221,9 +246,9 @@ static PyMethodDef ring_methods[] = {
     {"publish", (PyCFunction)(void (*)(void))ring_publish, METH_FASTCALL,
      "publish(payload_off, frame, hdr_off, flags, seq, peer_sleep_off) -> peer sleeps"},
     {"spin", (PyCFunction)(void (*)(void))ring_spin, METH_FASTCALL,
-     "spin(offset, value, budget_ns) -> ns it took, or -1"},
+     "spin(offset, value, budget_ns, my_cpu_off, peer_cpu_off) -> ns it took, MISSED or NEEDS_CPU"},
     {"park", (PyCFunction)(void (*)(void))ring_park, METH_FASTCALL,
-     "park(sleep_off, offset, value, closed_off, efd, watch_fd, watch_events, timeout_ms) -> status"},
+     "park(sleep_off, offset, value, closed_off, efd, watch_fd, watch_events, timeout_ms, my_cpu_off) -> status"},
     {"release", (PyCFunction)ring_release, METH_NOARGS, "release the ring's hold on its memory"},
     {NULL, NULL, 0, NULL},
 };
@@ -253,7 +278,8 @@ static int ring_exec(PyObject *module) {
     if (failed)
         return -1;
     if (PyModule_AddIntConstant(module, "ARRIVED", ARRIVED) < 0 || PyModule_AddIntConstant(module, "CLOSED", CLOSED) < 0 ||
-        PyModule_AddIntConstant(module, "GONE", GONE) < 0 || PyModule_AddIntConstant(module, "AGAIN", AGAIN) < 0)
+        PyModule_AddIntConstant(module, "GONE", GONE) < 0 || PyModule_AddIntConstant(module, "AGAIN", AGAIN) < 0 ||
+        PyModule_AddIntConstant(module, "MISSED", MISSED) < 0 || PyModule_AddIntConstant(module, "NEEDS_CPU", NEEDS_CPU) < 0)
         return -1;
     return 0;
 }

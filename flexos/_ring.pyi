@@ -6,6 +6,8 @@ ARRIVED: int
 CLOSED: int
 GONE: int
 AGAIN: int
+MISSED: int
+NEEDS_CPU: int
 
 class Ring:
     """Holds a writable export of ``memory`` until :meth:`release`; every offset is checked."""
@@ -16,8 +18,9 @@ class Ring:
     ) -> bool:
         """Copy ``frame`` in, store its length and flags, then ``seq`` (release), fence; the peer sleeps?"""
 
-    def spin(self, offset: int, value: int, budget_ns: int, /) -> int:
-        """Poll the u64 at ``offset`` until it is ``value``: the ns it took, or -1 past the budget."""
+    def spin(self, offset: int, value: int, budget_ns: int, my_cpu_off: int, peer_cpu_off: int, /) -> int:
+        """Poll the u64 at ``offset`` until it is ``value``: the ns it took; past the budget,
+        MISSED, or NEEDS_CPU if we were preempted or the peer last ran on our CPU."""
 
     def park(
         self,
@@ -29,6 +32,7 @@ class Ring:
         watch_fd: int,
         watch_events: int,
         timeout_ms: int,
+        my_cpu_off: int,
         /,
     ) -> int:
         """Flag ourselves sleeping, look again, poll: ARRIVED, CLOSED, GONE or AGAIN."""

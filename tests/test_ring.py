@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from flexos._ring import AGAIN, ARRIVED, CLOSED, GONE, Ring
+from flexos._ring import AGAIN, ARRIVED, CLOSED, GONE, MISSED, NEEDS_CPU, Ring
 
-SLEEP, CLOSED_FLAG, PEER_SLEEP, HEADER, PAYLOAD = 0, 4, 64, 128, 256
+SLEEP, CLOSED_FLAG, MY_CPU, PEER_SLEEP, PEER_CPU, HEADER, PAYLOAD = 0, 4, 8, 64, 72, 128, 256
 
 
 @pytest.fixture
@@ -35,9 +35,10 @@ def test_publish_stores_the_frame_then_its_header_and_reports_a_sleeping_peer(me
 
 def test_spin_returns_how_long_it_took_or_minus_one(memory: mmap.mmap) -> None:
     ring = Ring(memory)
-    assert ring.spin(HEADER + 8, 1, 1_000_000) == -1  # nothing there: 1 ms, then it gives up
+    assert ring.spin(HEADER + 8, 1, 1_000_000, MY_CPU, PEER_CPU) in (MISSED, NEEDS_CPU)  # nothing there: 1 ms
+    assert struct.unpack_from("<I", memory, MY_CPU)[0] >= 1  # it said which CPU it spins on
     struct.pack_into("<Q", memory, HEADER + 8, 1)
-    assert 0 <= ring.spin(HEADER + 8, 1, 1_000_000) < 1_000_000
+    assert 0 <= ring.spin(HEADER + 8, 1, 1_000_000, MY_CPU, PEER_CPU) < 1_000_000
 
 
 def test_spin_sees_a_store_from_another_thread(memory: mmap.mmap) -> None:
@@ -46,7 +47,7 @@ def test_spin_sees_a_store_from_another_thread(memory: mmap.mmap) -> None:
     writer.start()
     took = -1
     while took < 0:  # the spin holds the GIL: the writer runs between spins
-        took = ring.spin(HEADER + 8, 3, 100_000)
+        took = ring.spin(HEADER + 8, 3, 100_000, MY_CPU, PEER_CPU)
     writer.join()
 
 
@@ -65,7 +66,7 @@ def test_park_arrives_on_a_wake_up_and_clears_its_flag(memory: mmap.mmap) -> Non
         thread.start()
         status = AGAIN
         while status == AGAIN:
-            status = ring.park(SLEEP, HEADER + 8, 5, CLOSED_FLAG, efd, watch_r, select.POLLIN, 1000)
+            status = ring.park(SLEEP, HEADER + 8, 5, CLOSED_FLAG, efd, watch_r, select.POLLIN, 1000, MY_CPU)
         thread.join()
         assert status == ARRIVED and struct.unpack_from("<I", memory, SLEEP)[0] == 0
         with pytest.raises(BlockingIOError):  # the wake-up was consumed
@@ -79,11 +80,11 @@ def test_park_reports_a_closed_peer_a_dead_peer_and_a_timeout(memory: mmap.mmap)
     ring = Ring(memory)
     efd, watch_r, watch_w = os.eventfd(0, os.EFD_NONBLOCK), *os.pipe()
     try:
-        assert ring.park(SLEEP, HEADER + 8, 9, CLOSED_FLAG, efd, watch_r, select.POLLIN, 10) == AGAIN
+        assert ring.park(SLEEP, HEADER + 8, 9, CLOSED_FLAG, efd, watch_r, select.POLLIN, 10, MY_CPU) == AGAIN
         os.write(watch_w, b"x")  # the watch fd fires: the peer is gone
-        assert ring.park(SLEEP, HEADER + 8, 9, CLOSED_FLAG, efd, watch_r, select.POLLIN, 1000) == GONE
+        assert ring.park(SLEEP, HEADER + 8, 9, CLOSED_FLAG, efd, watch_r, select.POLLIN, 1000, MY_CPU) == GONE
         struct.pack_into("<I", memory, CLOSED_FLAG, 1)
-        assert ring.park(SLEEP, HEADER + 8, 9, CLOSED_FLAG, efd, watch_r, select.POLLIN, 1000) == CLOSED
+        assert ring.park(SLEEP, HEADER + 8, 9, CLOSED_FLAG, efd, watch_r, select.POLLIN, 1000, MY_CPU) == CLOSED
         assert struct.unpack_from("<I", memory, SLEEP)[0] == 0
     finally:
         for fd in (efd, watch_r, watch_w):
@@ -102,7 +103,7 @@ def test_a_signal_handler_that_raises_ends_a_park(memory: mmap.mmap) -> None:
         signal.setitimer(signal.ITIMER_REAL, 0.05)
         started = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
-            ring.park(SLEEP, HEADER + 8, 9, CLOSED_FLAG, efd, watch_r, select.POLLIN, 10_000)
+            ring.park(SLEEP, HEADER + 8, 9, CLOSED_FLAG, efd, watch_r, select.POLLIN, 10_000, MY_CPU)
         assert time.monotonic() - started < 5  # it did not wait out the 10 s poll
         assert struct.unpack_from("<I", memory, SLEEP)[0] == 0
     finally:
@@ -121,9 +122,9 @@ def test_a_signal_handler_that_raises_ends_a_park(memory: mmap.mmap) -> None:
         lambda r: r.publish(PAYLOAD, b"x", HEADER + 4, 0, 1, PEER_SLEEP),  # a misaligned header
         lambda r: r.publish(PAYLOAD, b"x", HEADER, 0, 1, 4094),
         lambda r: r.publish(PAYLOAD, b"x", HEADER, 1 << 32, 1, PEER_SLEEP),
-        lambda r: r.spin(4092, 1, 10),
-        lambda r: r.spin(1 << 40, 1, 10),
-        lambda r: r.park(4093, HEADER + 8, 1, CLOSED_FLAG, -1, -1, 0, 0),
+        lambda r: r.spin(4092, 1, 10, MY_CPU, PEER_CPU),
+        lambda r: r.spin(1 << 40, 1, 10, MY_CPU, PEER_CPU),
+        lambda r: r.park(4093, HEADER + 8, 1, CLOSED_FLAG, -1, -1, 0, 0, MY_CPU),
     ],
     ids=[
         "payload-past-end",
@@ -150,7 +151,7 @@ def test_a_released_ring_refuses_and_frees_its_memory(memory: mmap.mmap) -> None
         memory.close()
     ring.release()
     with pytest.raises(ValueError, match="released"):
-        ring.spin(HEADER + 8, 1, 10)
+        ring.spin(HEADER + 8, 1, 10, MY_CPU, PEER_CPU)
     memory.close()
 
 

@@ -1,9 +1,8 @@
 """The shared-memory channel's wait strategy learns where its peer runs (flexos/transports/shm.py).
 
-The policy is driven through a real RingChannel over real shared memory, with a peer whose
-answer comes when the test decides: at once once we park (the peer needed our CPU), long after
-(a slow call), or already there (a peer on another CPU). No timing is asserted, only which way
-the channel chose; the bounds used are far from what a loaded machine could blur.
+The policy is driven through a real RingChannel over real shared memory whose spins end as the
+test scripts (the C spin's outcomes are tested in test_ring.py), and under `taskset` end to end.
+No timing is asserted, only which way the channel chose.
 """
 
 from __future__ import annotations
@@ -13,43 +12,43 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Callable
 
 import pytest
 
 from flexos.transports import shm
 from flexos.transports.shm import RingChannel
 
-SEQ = 128 + 8 + 64  # direction 1->0's sequence number, which side 0 waits on (the layout in shm.py)
+SEQ = 192 + 8  # direction 1->0's sequence number, which side 0 waits on (the layout in shm.py)
+ACK = 128 + 16  # direction 0->1's acknowledgement: the peer picked up our frame
 
 
 class ScriptedPeer(RingChannel):
-    """Side 0 of a channel whose peer acts, when we park, as ``on_park`` says."""
+    """Side 0 of a channel that has sent one frame; each spin ends as the test scripts it (the
+    ns it took, MISSED or NEEDS_CPU), and a park finds the answer."""
 
-    def __init__(self, spin_us: float, on_park: Callable[[mmap.mmap, int, int], None]) -> None:
+    def __init__(self, spin_us: float = 200) -> None:
         super().__init__(mmap.mmap(-1, 256 + 2 * 4096), 0, 0, 4096, spin_us)
-        self._on_park = on_park
+        self._out_seq = 1
+        self.outcome = shm.MISSED
+        self.spins: list[int] = []  # the budget of each spin
+        self._poll_for = self._scripted
         self.next_value = 1
 
+    def _scripted(self, offset: int, value: int, budget: int, my_cpu: int, peer_cpu: int) -> int:
+        self.spins.append(budget)
+        return self.outcome
+
     def _block(self, offset: int, value: int, deadline: float | None = None) -> None:
-        self._on_park(self._mm, offset, value)
+        shm._SEQ.pack_into(self._mm, offset, value)
 
     def _wake_peer(self) -> None:
         pass
 
-    def wait_once(self) -> None:
+    def wait_once(self, outcome: int, peer_took_it: bool = True) -> None:
+        self.outcome = outcome
+        shm._SEQ.pack_into(self._mm, ACK, self._out_seq if peer_took_it else 0)
         value, self.next_value = self.next_value, self.next_value + 1
         self._wait(SEQ, value)
-
-
-def answer_at_once(mm: mmap.mmap, offset: int, value: int) -> None:
-    shm._SEQ.pack_into(mm, offset, value)
-
-
-def answer_later(mm: mmap.mmap, offset: int, value: int) -> None:
-    time.sleep(0.02)
-    shm._SEQ.pack_into(mm, offset, value)
 
 
 @pytest.fixture(autouse=True)
@@ -58,38 +57,44 @@ def two_cpus() -> None:
         pytest.skip("the learning rules apply where the peer can run on another CPU; this process has one")
 
 
-def test_an_answer_right_after_parking_means_the_peer_needed_our_cpu() -> None:
-    channel = ScriptedPeer(50_000, answer_at_once)  # a 50 ms spin finds nothing; parked, the answer is there
-    channel.wait_once()
-    assert channel._parking and channel.parked == 1 and channel.spun == 0
+def test_spins_that_find_the_peer_could_not_run_switch_to_parking() -> None:
+    channel = ScriptedPeer()
+    for _ in range(shm._SUSPICIONS_TO_PARK - 1):
+        channel.wait_once(shm.NEEDS_CPU)
+    channel.wait_once(100)  # one answer while spinning clears the suspicion
+    assert not channel._parking
+    for _ in range(shm._SUSPICIONS_TO_PARK):
+        channel.wait_once(shm.NEEDS_CPU)
+    assert channel._parking
+    spins = len(channel.spins)
     for _ in range(shm._PROBE_EVERY_MIN - 1):  # from now on: one hand-over per wait, no spinning
-        channel.wait_once()
-    assert channel.parked == shm._PROBE_EVERY_MIN and channel.spun == 0
+        channel.wait_once(shm.NEEDS_CPU)
+    assert len(channel.spins) == spins
 
 
 def test_a_failed_probe_doubles_the_probing_interval_and_a_successful_one_resumes_spinning() -> None:
-    channel = ScriptedPeer(50_000, answer_at_once)
-    for _ in range(shm._PROBE_EVERY_MIN + 1):  # the first wait teaches parking; the 16th after it probes
-        channel.wait_once()
+    channel = ScriptedPeer()
+    for _ in range(shm._SUSPICIONS_TO_PARK + shm._PROBE_EVERY_MIN):  # taught to park; the 16th wait probes
+        channel.wait_once(shm.NEEDS_CPU)
     assert channel._parking and channel._probe_every == 2 * shm._PROBE_EVERY_MIN
+    assert channel.spins[-1] == shm._PROBE_SPIN_NS
     for _ in range(2 * shm._PROBE_EVERY_MIN - 1):
-        channel.wait_once()
-    # The next wait probes, and this time the peer has already answered: it runs on another CPU.
-    shm._SEQ.pack_into(channel._mm, SEQ, channel.next_value)
-    channel.wait_once()
-    assert not channel._parking and channel.spun == 1 and channel._probe_every == shm._PROBE_EVERY_MIN
+        channel.wait_once(shm.NEEDS_CPU)
+    channel.wait_once(shm.MISSED)  # this probe says the peer could have run: it runs elsewhere
+    assert not channel._parking and channel._probe_every == shm._PROBE_EVERY_MIN
 
 
-def test_a_slow_answer_halves_the_spin_budget_and_a_quick_one_keeps_spinning() -> None:
-    channel = ScriptedPeer(1_000, answer_later)  # spin 1 ms, then the answer comes 20 ms after parking
-    channel.wait_once()
+def test_a_peer_that_runs_but_answers_late_halves_the_budget_down_to_a_floor() -> None:
+    channel = ScriptedPeer(1_000)
+    channel.wait_once(shm.MISSED)
     assert not channel._parking and channel._budget == 500_000
+    channel.wait_once(shm.MISSED, peer_took_it=False)  # not picked up yet: maybe waking, budget kept
+    assert channel._budget == 500_000
     for _ in range(10):
-        channel.wait_once()
-    assert channel._budget == shm._SPIN_FLOOR_NS  # halved down to the floor, never to nothing
-    shm._SEQ.pack_into(channel._mm, SEQ, channel.next_value)
-    channel.wait_once()
-    assert not channel._parking and channel.spun == 1
+        channel.wait_once(shm.MISSED)
+    assert not channel._parking and channel._budget == shm._SPIN_FLOOR_NS
+    channel.wait_once(shm._SPIN_FLOOR_NS)  # it took the whole budget: allow more
+    assert channel._budget == 2 * shm._SPIN_FLOOR_NS
 
 
 def test_a_process_confined_to_one_cpu_never_spins() -> None:

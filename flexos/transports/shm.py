@@ -4,7 +4,7 @@ On these VMs a blocking wake-up that crosses cores costs ~70 µs while a spinnin
 write in ~1 µs, so a waiting side polls the shared sequence number for a short window (the cost
 of one wake-up) and only then sleeps. Layout of the shared region::
 
-    0    side 0 "sleeping", "closed" (u32s)  64   side 1 "sleeping", "closed" (u32s)
+    0    side 0 "sleeping", "closed", cpu + 1 (u32s)    64   side 1: the same
     128  direction 0->1: len u32, flags u32, seq u64, ack u64
     192  direction 1->0: same
     256  payload 0->1 [capacity]            256+capacity  payload 1->0 [capacity]
@@ -12,8 +12,10 @@ of one wake-up) and only then sleeps. Layout of the shared region::
 A writer publishes a fragment by storing its payload, then len, flags and the next sequence
 number in one ``pack_into`` (which stores fields in order, so seq lands last); a reader waits for
 that exact number (``pack_into`` is not atomic, so "non-zero" is not a safe signal). A channel is
-a strictly alternating conversation, so a frame from the peer proves it consumed ours: only the
-fragments of a frame larger than the capacity are acknowledged one by one. A reader stops at
+a strictly alternating conversation, so a frame from the peer proves it consumed ours. A reader
+acknowledges each frame as it picks it up (its sequence number in "ack"): a writer waits for that
+only between the fragments of a frame larger than the capacity, and a spinning writer reads it
+to learn whether the peer runs at all (the adaptive wait, RingChannel._wait). A reader stops at
 ``max_frame`` bytes of one frame (ReplyTooLarge) instead of reassembling whatever the peer sends,
 and a deadline holds for a whole frame, however slowly its fragments come.
 
@@ -40,7 +42,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from flexos._ring import ARRIVED, CLOSED, GONE, Ring
+from flexos._ring import ARRIVED, CLOSED, GONE, MISSED, NEEDS_CPU, Ring
 from flexos.errors import ProtocolError
 from flexos.transports import CallTimeout, ChannelClosed, ControlHandler, PeerGone, ReplyTooLarge, ServedTransport
 from flexos.wire.control import CONTROL_MAX, OPEN_CHANNEL
@@ -61,9 +63,11 @@ _fence_lock = threading.Lock()
 _CHECKS_PER_CLOCK_READ = 16
 # The adaptive wait (RingChannel._wait): the least a spinning channel's budget shrinks to, a
 # parking channel's probing spin, and how often it probes (doubling while probes fail).
-_SPIN_FLOOR_NS = 5_000
-_PROBE_SPIN_NS = 20_000
+_SPIN_FLOOR_NS = 20_000
+_PROBE_SPIN_NS = 100_000
 _PROBE_EVERY_MIN, _PROBE_EVERY_MAX = 16, 1024
+_SUSPICIONS_TO_PARK = 3
+_PREEMPTED_NS = 20_000  # a gap this long between two looks at the clock: we did not run
 # Threads of this process spinning right now. A spinning thread holds the GIL, so a second
 # spinner would only keep the first from seeing its reply: later waiters block at once.
 _spinners: list[int] = []
@@ -85,6 +89,7 @@ class RingChannel(ABC):
         self._my_sleep = base + (0 if side == 0 else 64)
         self._peer_sleep = base + (64 if side == 0 else 0)
         self._my_closed = self._my_sleep + 4
+        self._my_cpu, self._peer_cpu = self._my_sleep + 8, self._peer_sleep + 8
         self._peer_closed = self._peer_sleep + 4
         self._out_hdr, self._in_hdr = (base + 128, base + 192) if side == 0 else (base + 192, base + 128)
         self._out_payload = base + (_HEADER if side == 0 else _HEADER + capacity)
@@ -99,10 +104,11 @@ class RingChannel(ABC):
         self._parking = one_cpu or not self._budget_max
         self._probe_every = _PROBE_EVERY_MAX if one_cpu else _PROBE_EVERY_MIN
         self._waits_since_probe = 0
+        self._suspicions = 0  # spins in a row that found the peer could not run
         # What stores a frame and what polls for one: attributes, so that a subclass's C versions
         # are called without a Python frame in between.
         self._publish: Callable[[int, bytes | memoryview, int, int, int, int], bool] = self._python_publish
-        self._poll_for: Callable[[int, int, int], int] = self._python_poll_for
+        self._poll_for: Callable[[int, int, int, int, int], int] = self._python_poll_for
         self.spun = 0  # waits that ended while spinning
         self.missed = 0  # spins that ended without the frame
         self.parked = 0  # waits that blocked
@@ -137,6 +143,7 @@ class RingChannel(ABC):
         if flags or size > self._fast_limit:
             return self.recv(deadline, resume=True)
         self._in_seq = expected
+        _SEQ.pack_into(mm, hdr + _ACK_AT, expected)  # picked up: tells a spinning peer we run
         start = self._in_payload
         return mm[start : start + size]
 
@@ -184,6 +191,7 @@ class RingChannel(ABC):
             data = mm[start : start + size]
             self._in_seq = expected
             if not flags:
+                _SEQ.pack_into(mm, hdr + _ACK_AT, expected)
                 if parts:
                     parts.append(data)
                     return b"".join(parts)
@@ -210,17 +218,19 @@ class RingChannel(ABC):
         """Wait until the sequence number at ``offset`` is ``value``: spin, or park at once.
 
         Which is right depends on where the peer runs, so the channel learns it from its own
-        recent waits (adaptive spin-then-park, as adaptive mutexes do):
+        waits (adaptive spin-then-park, as adaptive mutexes do). A spin that ends empty-handed
+        says why (``_poll_for``): either the peer could not run meanwhile (we were preempted
+        mid-spin, so someone else wanted our CPU, or the peer last ran on our CPU), or it runs
+        elsewhere and is just not done.
 
-        - *spinning*: spin up to the budget. A frame that arrives while we spin proves the peer
-          runs beside us (a reply from another CPU takes a few µs); a wait that ends soon after
-          we gave up and parked proves the opposite: the peer could not run until we stopped
-          (it shares our CPU, or its CPU is busy), so spinning only delayed it: park from now
-          on. A wait that ends long after is a slow call or an idle peer: halve the budget, so a
-          compartment waiting for its next call does not burn the CPU its app needs.
+        - *spinning*: spin up to the budget. If the peer could not run, spinning only delays it:
+          park from now on. If it runs elsewhere and picked our frame up (its ack), this is a
+          slow call or the pause before the app's next call: halve the budget (down to a floor),
+          so that a compartment waiting for its next call does not burn a CPU; a frame that
+          took most of the budget doubles it again.
         - *parking*: block on the first miss, one hand-over per wait (no yield loops); every
-          ``_probe_every`` waits (doubling while probes fail) one short spin probes whether the
-          peer now runs elsewhere.
+          ``_probe_every`` waits (doubling while probes find the peer needs our CPU) one short
+          spin probes whether it runs elsewhere now.
 
         One thread per process spins at a time (a spinner holds the GIL; a second would keep the
         first from seeing its reply), and a process confined to one CPU starts out parking.
@@ -232,41 +242,51 @@ class RingChannel(ABC):
             self._waits_since_probe += 1
             if self._waits_since_probe >= self._probe_every:
                 self._waits_since_probe = 0
-                if self._spin(offset, value, min(self._budget_max, _PROBE_SPIN_NS)):
-                    self._parking = False  # the peer answered while we spun: it runs beside us
+                outcome = self._spin(offset, value, min(self._budget_max, _PROBE_SPIN_NS))
+                if outcome != NEEDS_CPU:  # the peer answered, or could have: it runs beside us
+                    self._parking = False
                     self._budget = self._budget_max
                     self._probe_every = _PROBE_EVERY_MIN
-                    return None
-                self._probe_every = min(2 * self._probe_every, _PROBE_EVERY_MAX)
+                    if outcome >= 0:
+                        return None
+                else:
+                    self._probe_every = min(2 * self._probe_every, _PROBE_EVERY_MAX)
             self.parked += 1
             return self._block(offset, value, deadline)
         budget = self._budget
-        if self._spin(offset, value, budget):
+        outcome = self._spin(offset, value, budget)
+        if outcome >= 0:
+            self._suspicions = 0
             return None
-        parked_at = time.perf_counter_ns()
+        if outcome == NEEDS_CPU:
+            self._suspicions += 1
+            if self._suspicions >= _SUSPICIONS_TO_PARK:  # one could be the VM's steal time
+                self._parking = True
+                self._waits_since_probe = 0
+        elif self._peer_took_last():
+            self._budget = min(self._budget_max, max(_SPIN_FLOOR_NS, budget // 2))
         self.parked += 1
-        self._block(offset, value, deadline)
-        if time.perf_counter_ns() - parked_at < budget:
-            self._parking = True  # it came right after we stopped spinning: the peer needed our CPU
-            self._waits_since_probe = 0
-        else:
-            self._budget = max(_SPIN_FLOOR_NS, budget // 2)
-        return None
+        return self._block(offset, value, deadline)
 
-    def _spin(self, offset: int, value: int, budget: int) -> bool:
-        """Spin up to ``budget`` ns for the sequence number at ``offset`` to be ``value``."""
+    def _peer_took_last(self) -> bool:
+        """The peer picked up the last frame we sent (or we sent none)."""
+        return bool(_SEQ.unpack_from(self._mm, self._out_hdr + _ACK_AT)[0] == self._out_seq)
+
+    def _spin(self, offset: int, value: int, budget: int) -> int:
+        """Spin up to ``budget`` ns for the sequence number at ``offset`` to be ``value``: the ns
+        it took, or MISSED, or NEEDS_CPU (see ``_poll_for``)."""
         _spinners.append(1)
         try:
-            took = self._poll_for(offset, value, budget)
+            outcome = self._poll_for(offset, value, budget, self._my_cpu, self._peer_cpu)
         finally:
             _spinners.pop()
-        if took < 0:
+        if outcome < 0:
             self.missed += 1
-            return False
-        self.spun += 1
-        if took > self._budget // 2:  # it took most of the budget: allow more
-            self._budget = min(self._budget_max, 2 * self._budget)
-        return True
+        else:
+            self.spun += 1
+            if outcome > self._budget // 2:  # it took most of the budget: allow more
+                self._budget = min(self._budget_max, 2 * self._budget)
+        return outcome
 
     # -- the primitives, in Python (ShmChannel's are flexos/_ring.c's) ----------------------------
     def _python_publish(
@@ -281,19 +301,25 @@ class RingChannel(ABC):
         _fence_lock.release()
         return bool(_FLAG.unpack_from(mm, peer_sleep_off)[0])
 
-    def _python_poll_for(self, offset: int, value: int, budget: int) -> int:
-        """Poll the sequence number at ``offset`` until it is ``value``: the ns it took, or -1
-        once ``budget`` ns are spent."""
+    def _python_poll_for(self, offset: int, value: int, budget: int, my_cpu: int, peer_cpu: int) -> int:
+        """Poll the sequence number at ``offset`` until it is ``value``: the ns it took; once
+        ``budget`` ns are spent, NEEDS_CPU if we were preempted meanwhile, else MISSED. (The C
+        version also compares the CPUs each side last ran on, at ``my_cpu`` and ``peer_cpu``;
+        Python cannot ask which CPU it runs on.)"""
         mm = self._mm
         unpack = _SEQ.unpack_from
         clock = time.perf_counter_ns
-        start = clock()
+        start = last = clock()
+        preempted = False
         while True:
             for _ in range(_CHECKS_PER_CLOCK_READ):
                 if unpack(mm, offset)[0] == value:
                     return clock() - start
-            if clock() - start > budget:
-                return -1
+            now = clock()
+            preempted |= now - last > _PREEMPTED_NS
+            last = now
+            if now - start > budget:
+                return NEEDS_CPU if preempted else MISSED
 
 
 class ShmChannel(RingChannel):
@@ -351,7 +377,7 @@ class ShmChannel(RingChannel):
             pass  # it is readable, so the peer's poll() returns anyway
 
     def _block(self, offset: int, value: int, deadline: float | None = None) -> None:
-        park, watch_fd, watch_events = self._ring.park, self._watch_fd, self._watch_events
+        park, watch_fd, watch_events, cpu = self._ring.park, self._watch_fd, self._watch_events, self._my_cpu
         wait_ms = _BLOCK_POLL_MS
         while True:
             if deadline is not None:
@@ -360,7 +386,7 @@ class ShmChannel(RingChannel):
                     raise CallTimeout()
                 wait_ms = min(_BLOCK_POLL_MS, int(left * 1000) + 1)
             status = park(
-                self._my_sleep, offset, value, self._peer_closed, self._my_efd, watch_fd, watch_events, wait_ms
+                self._my_sleep, offset, value, self._peer_closed, self._my_efd, watch_fd, watch_events, wait_ms, cpu
             )
             if status == ARRIVED:
                 return
