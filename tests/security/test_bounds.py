@@ -177,7 +177,7 @@ def test_a_compartment_that_acknowledges_slowly_cannot_outlast_the_timeout(boot_
     start = time.monotonic()
     with pytest.raises(flexos.CompartmentCrashed, match=r"timeout of 2\.0 s"):
         flooder.echo(bytes(int(3.5 * MiB)))
-    assert time.monotonic() - start < 3.0
+    assert time.monotonic() - start < 3.5  # unbounded, its four fragments would take 4 s of acks
     assert flooder.echo("restarted") == "restarted"
 
 
