@@ -222,6 +222,8 @@ static PyObject *ring_park(Ring *self, PyObject *const *args, Py_ssize_t nargs) 
             (void)got;
         }
         Py_END_ALLOW_THREADS
+        if (!self->held) /* released (its channel closed) while we slept: the memory may be gone */
+            return PyLong_FromLong(GONE);
         if (ready < 0 && error != EINTR) {
             __atomic_store_n(sleep_flag, 0, __ATOMIC_RELAXED);
             errno = error;

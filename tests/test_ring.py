@@ -10,6 +10,7 @@ import signal
 import struct
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -21,6 +22,15 @@ SLEEP, CLOSED_FLAG, MY_CPU, PEER_SLEEP, PEER_CPU, HEADER, PAYLOAD = 0, 4, 8, 64,
 @pytest.fixture
 def memory() -> mmap.mmap:
     return mmap.mmap(-1, 4096)
+
+
+@pytest.fixture
+def fds() -> Iterator[tuple[int, int, int]]:
+    """An eventfd to park on, and a pipe whose read end stands for the peer's watch fd."""
+    efd, watch_r, watch_w = os.eventfd(0, os.EFD_NONBLOCK), *os.pipe()
+    yield efd, watch_r, watch_w
+    for fd in (efd, watch_r, watch_w):
+        os.close(fd)
 
 
 def test_publish_stores_the_frame_then_its_header_and_reports_a_sleeping_peer(memory: mmap.mmap) -> None:
@@ -51,49 +61,61 @@ def test_spin_sees_a_store_from_another_thread(memory: mmap.mmap) -> None:
     writer.join()
 
 
-def test_park_arrives_on_a_wake_up_and_clears_its_flag(memory: mmap.mmap) -> None:
+def test_park_arrives_on_a_wake_up_and_clears_its_flag(memory: mmap.mmap, fds: tuple[int, int, int]) -> None:
     ring = Ring(memory)
-    efd, watch_r, watch_w = os.eventfd(0, os.EFD_NONBLOCK), *os.pipe()
-    try:
+    efd, watch_r, _ = fds
 
-        def peer() -> None:
-            time.sleep(0.02)
-            assert struct.unpack_from("<I", memory, SLEEP)[0] == 1  # it said it sleeps
-            struct.pack_into("<Q", memory, HEADER + 8, 5)
-            os.eventfd_write(efd, 1)
+    def peer() -> None:
+        time.sleep(0.02)
+        assert struct.unpack_from("<I", memory, SLEEP)[0] == 1  # it said it sleeps
+        struct.pack_into("<Q", memory, HEADER + 8, 5)
+        os.eventfd_write(efd, 1)
 
-        thread = threading.Thread(target=peer)
-        thread.start()
-        status = AGAIN
-        while status == AGAIN:
-            status = ring.park(SLEEP, HEADER + 8, 5, CLOSED_FLAG, efd, watch_r, select.POLLIN, 1000, MY_CPU)
-        thread.join()
-        assert status == ARRIVED and struct.unpack_from("<I", memory, SLEEP)[0] == 0
-        with pytest.raises(BlockingIOError):  # the wake-up was consumed
-            os.eventfd_read(efd)
-    finally:
-        for fd in (efd, watch_r, watch_w):
-            os.close(fd)
+    thread = threading.Thread(target=peer)
+    thread.start()
+    status = AGAIN
+    while status == AGAIN:
+        status = ring.park(SLEEP, HEADER + 8, 5, CLOSED_FLAG, efd, watch_r, select.POLLIN, 1000, MY_CPU)
+    thread.join()
+    assert status == ARRIVED and struct.unpack_from("<I", memory, SLEEP)[0] == 0
+    assert struct.unpack_from("<I", memory, MY_CPU)[0] >= 1  # it said which CPU it woke on
+    with pytest.raises(BlockingIOError):  # the wake-up was consumed
+        os.eventfd_read(efd)
 
 
-def test_park_reports_a_closed_peer_a_dead_peer_and_a_timeout(memory: mmap.mmap) -> None:
+def test_park_reports_a_closed_peer_a_dead_peer_and_a_timeout(memory: mmap.mmap, fds: tuple[int, int, int]) -> None:
     ring = Ring(memory)
-    efd, watch_r, watch_w = os.eventfd(0, os.EFD_NONBLOCK), *os.pipe()
-    try:
-        assert ring.park(SLEEP, HEADER + 8, 9, CLOSED_FLAG, efd, watch_r, select.POLLIN, 10, MY_CPU) == AGAIN
-        os.write(watch_w, b"x")  # the watch fd fires: the peer is gone
-        assert ring.park(SLEEP, HEADER + 8, 9, CLOSED_FLAG, efd, watch_r, select.POLLIN, 1000, MY_CPU) == GONE
-        struct.pack_into("<I", memory, CLOSED_FLAG, 1)
-        assert ring.park(SLEEP, HEADER + 8, 9, CLOSED_FLAG, efd, watch_r, select.POLLIN, 1000, MY_CPU) == CLOSED
-        assert struct.unpack_from("<I", memory, SLEEP)[0] == 0
-    finally:
-        for fd in (efd, watch_r, watch_w):
-            os.close(fd)
+    efd, watch_r, watch_w = fds
+    assert ring.park(SLEEP, HEADER + 8, 9, CLOSED_FLAG, efd, watch_r, select.POLLIN, 10, MY_CPU) == AGAIN
+    os.write(watch_w, b"x")  # the watch fd fires: the peer is gone
+    assert ring.park(SLEEP, HEADER + 8, 9, CLOSED_FLAG, efd, watch_r, select.POLLIN, 1000, MY_CPU) == GONE
+    struct.pack_into("<I", memory, CLOSED_FLAG, 1)
+    assert ring.park(SLEEP, HEADER + 8, 9, CLOSED_FLAG, efd, watch_r, select.POLLIN, 1000, MY_CPU) == CLOSED
+    assert struct.unpack_from("<I", memory, SLEEP)[0] == 0
 
 
-def test_a_signal_handler_that_raises_ends_a_park(memory: mmap.mmap) -> None:
+def test_a_ring_released_and_unmapped_during_a_park_is_not_touched(
+    memory: mmap.mmap, fds: tuple[int, int, int]
+) -> None:
+    """Another thread closing the channel while we sleep: the park ends as if the peer were gone."""
     ring = Ring(memory)
-    efd, watch_r, watch_w = os.eventfd(0, os.EFD_NONBLOCK), *os.pipe()
+    efd, watch_r, _ = fds
+
+    def close_it() -> None:
+        time.sleep(0.05)
+        ring.release()
+        memory.close()  # unmapped: a store into it now would crash the process
+
+    closer = threading.Thread(target=close_it)
+    closer.start()
+    status = ring.park(SLEEP, HEADER + 8, 9, CLOSED_FLAG, efd, watch_r, select.POLLIN, 300, MY_CPU)
+    closer.join()
+    assert status == GONE and memory.closed
+
+
+def test_a_signal_handler_that_raises_ends_a_park(memory: mmap.mmap, fds: tuple[int, int, int]) -> None:
+    ring = Ring(memory)
+    efd, watch_r, _ = fds
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -109,8 +131,6 @@ def test_a_signal_handler_that_raises_ends_a_park(memory: mmap.mmap) -> None:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-        for fd in (efd, watch_r, watch_w):
-            os.close(fd)
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,10 @@
-"""A shared-memory channel between two processes: spin briefly, then block on an eventfd.
+"""A shared-memory channel between two processes: spin, or block on an eventfd, as the peer's
+placement makes right.
 
 On these VMs a blocking wake-up that crosses cores costs ~70 µs while a spinning reader sees a
-write in ~1 µs, so a waiting side polls the shared sequence number for a short window (the cost
-of one wake-up) and only then sleeps. Layout of the shared region::
+write in ~1 µs, so a waiting side polls the shared sequence number while the peer runs on
+another CPU; when the peer needs our CPU, spinning only delays it, so it blocks at once
+(RingChannel._wait learns which holds). Layout of the shared region::
 
     0    side 0 "sleeping", "closed", cpu + 1 (u32s)    64   side 1: the same
     128  direction 0->1: len u32, flags u32, seq u64, ack u64
