@@ -74,19 +74,21 @@ def _image(config: str | os.PathLike[str] | Image | dict[str, Any] | None) -> Im
     return load() if config is None else load(os.fspath(config))
 
 
-def boot(config: str | os.PathLike[str] | Image | dict[str, Any] | None = None) -> Runtime:
+def boot(config: str | os.PathLike[str] | Image | dict[str, Any] | None = None, *, stats: bool = False) -> Runtime:
     """Boot an image (a flexos.yaml path, default ./flexos.yaml, the same as a dict, or an Image) in this process and
     return its running :class:`Runtime`; use it as a context manager::
 
         with flexos.boot("flexos.yaml"):
             import sqlite3          # a gate to the compartment sqlite3 is placed in
+
+    ``stats=True``: the gates count what they carry, read with :meth:`Runtime.stats` (as ``flexos run --stats``).
     """
     import sys
     import warnings
 
     from flexos import runtime
 
-    booted = runtime.boot(_image(config))
+    booted = runtime.boot(_image(config), stats=stats)
     displaced = {id(module): name for name, module in booted.displaced.items()}
     main = sys.modules.get("__main__")
     for bound, value in list(vars(main).items()) if main is not None else ():

@@ -5,8 +5,9 @@
  * is per-interpreter safe (all state in module state), avoids keyword parsing on the hot path,
  * and mirrors exactly the options the protocol uses: Packer(default, use_bin_type=True, strict_types=True).pack/reset, packb, and
  * unpackb(data, ext_hook, strict_map_key=False, raw=False). Output is byte-for-byte what
- * msgpack-python produces; tests check both directions against it. One addition: `lend`, a hook
- * that replaces a large buffer by an ExtType naming memory shared with the peer (zero-copy).
+ * msgpack-python produces; tests check both directions against it. Two differences: `lend`, a hook
+ * that replaces a large buffer by an ExtType naming memory shared with the peer, and bytearray and
+ * memoryview, which go to `default` (so that they can keep their type) unless they are lent.
  *
  * The decoder treats its input as hostile: every length is checked against what is left, and
  * nesting is bounded, so no input can make it read out of bounds or recurse without limit.
@@ -256,11 +257,19 @@ pack_native(ModuleState *state, Buffer *buf, PyObject *obj, const Hooks *hooks, 
     if (PyBytes_CheckExact(obj)) {
         return lend_or_pack(state, buf, obj, PyBytes_AS_STRING(obj), PyBytes_GET_SIZE(obj), hooks);
     }
+    /* bytearray and memoryview keep their type across a gate: lent when large, else packed by
+       `default` (msgpack-python packs both as bin, so they would arrive as bytes). */
     if (PyByteArray_CheckExact(obj)) {
+        if (hooks->lend == NULL || hooks->lend == Py_None || PyByteArray_GET_SIZE(obj) < hooks->lend_threshold) {
+            return 1;
+        }
         return lend_or_pack(state, buf, obj, PyByteArray_AS_STRING(obj), PyByteArray_GET_SIZE(obj), hooks);
     }
     if (Py_IS_TYPE(obj, &PyMemoryView_Type)) {
         Py_buffer view;
+        if (hooks->lend == NULL || hooks->lend == Py_None) {
+            return 1;
+        }
         if (PyObject_GetBuffer(obj, &view, PyBUF_SIMPLE) < 0) {
             if (PyErr_ExceptionMatches(PyExc_BufferError)) {
                 PyErr_Clear();
@@ -268,7 +277,7 @@ pack_native(ModuleState *state, Buffer *buf, PyObject *obj, const Hooks *hooks, 
             }
             return -1;
         }
-        int rc = lend_or_pack(state, buf, obj, view.buf, view.len, hooks);
+        int rc = view.len < hooks->lend_threshold ? 1 : lend_or_pack(state, buf, obj, view.buf, view.len, hooks);
         PyBuffer_Release(&view);
         return rc;
     }

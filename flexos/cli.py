@@ -253,8 +253,21 @@ def _describe_hardening(hardening: dict) -> str:
 @click.option(
     "-v", "--verbose", is_flag=True, help="Log gated imports, compartment starts, restarts and denials to stderr."
 )
+@click.option(
+    "--stats",
+    is_flag=True,
+    help="At exit, print to stderr what the gates carried: per compartment calls, time, bytes, proxies, restarts.",
+)
+@click.option(
+    "--stats-json",
+    metavar="FILE",
+    type=click.Path(dir_okay=False, writable=True),
+    help="At exit, write the gate statistics to FILE as JSON (schema in docs/config.md).",
+)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def run(config: str | None, module: str | None, verbose: bool, args: tuple[str, ...]) -> None:
+def run(
+    config: str | None, module: str | None, verbose: bool, stats: bool, stats_json: str | None, args: tuple[str, ...]
+) -> None:
     """Run an unmodified app (SCRIPT [ARGS]... or -m MODULE [ARGS]...) under the image
     (FLEXOS_VERBOSE=1 in the environment logs as -v does, for apps started otherwise)."""
     from flexos.config import app_path, load
@@ -280,7 +293,8 @@ def run(config: str | None, module: str | None, verbose: bool, args: tuple[str, 
         _fail(exc.problems)
     from flexos.runtime.child import exec_app
 
-    exec_app(image, module, list(args))  # does not return: the app runs in a lean interpreter
+    json_file = None if stats_json is None else os.path.abspath(stats_json)  # the app may chdir
+    exec_app(image, module, list(args), stats, json_file)  # does not return: the app runs in a lean interpreter
 
 
 @main.command()

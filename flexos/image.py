@@ -39,6 +39,8 @@ class Image:
     source: str = "<flexos.yaml>"
     # Per-library hardening (the audit policy of events raised from that library's own frames).
     library_hardening: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Per-library data-sharing strategy where the default is wrong: {"buffers": "view"}.
+    library_sharing: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def default(self) -> str:
@@ -89,6 +91,15 @@ class Image:
             f"to allow it, add {target!r} to the reaches: list of compartment {source!r} in {self.source}"
         )
 
+    def buffer_sharing(self, compartment: str) -> str:
+        """How large bytes-like values cross between the app and ``compartment``: ``copy`` (each
+        side gets its own object) or ``view`` (a read-only view of an immutable shared buffer), as
+        the libraries placed there declare (they must agree: flexos.config checks it)."""
+        for module, sharing in self.library_sharing.items():
+            if self.compartment_of(module) == compartment and "buffers" in sharing:
+                return sharing["buffers"]
+        return "copy"
+
     def is_replicated(self, module: str) -> bool:
         """Unlisted modules are loaded by every compartment that imports them (own copy each)."""
         return self.compartment_of(module) is None or module == "flexos" or module.startswith("flexos.")
@@ -98,6 +109,7 @@ class Image:
             "source": self.source,
             "libraries": dict(self.libraries),
             "library_hardening": dict(self.library_hardening),
+            "library_sharing": dict(self.library_sharing),
             "compartments": [
                 {
                     "name": s.name,
@@ -125,4 +137,5 @@ class Image:
             libraries=dict(data["libraries"]),
             source=data["source"],
             library_hardening=dict(data.get("library_hardening", {})),
+            library_sharing=dict(data.get("library_sharing", {})),
         )

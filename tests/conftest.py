@@ -49,9 +49,11 @@ def boot() -> Iterator[Callable[..., flexos.Runtime]]:
     """Boot images for one test; every runtime is stopped and fixture modules forgotten after it."""
     runtimes: list[flexos.Runtime] = []
 
-    def _boot(variant: str, libraries: dict[str, str] | None = None, restart: str = "on-failure") -> flexos.Runtime:
+    def _boot(
+        variant: str, libraries: dict[str, str] | None = None, restart: str = "on-failure", stats: bool = False
+    ) -> flexos.Runtime:
         _forget_fixture_modules()
-        runtime = flexos.boot(make_image(variant, libraries, restart))
+        runtime = flexos.boot(make_image(variant, libraries, restart), stats=stats)
         runtimes.append(runtime)
         return runtime
 

@@ -208,7 +208,7 @@ def test_the_check_catches_names_that_do_not_exist(resolver: Resolver) -> None:
 
         - `flexos.load(path="app.yaml")`: reads it.
         - `Image`: `compartments`, `compartment_of(module)`, `modules_in(compartment)`.
-        - `Runtime.compartments[name]`: `.pid` and `.restarts`.
+        - `Runtime.compartments[name]`: `.pid` and `.uptime`.
         - `flexos.config.parse(file)` and `sys.modules`, which is prose.
         """
     )
@@ -217,7 +217,7 @@ def test_the_check_catches_names_that_do_not_exist(resolver: Resolver) -> None:
         "`flexos.start`",
         '`flexos.load(path="app.yaml")`',
         "`modules_in(compartment)`",
-        "`.restarts`",
+        "`.uptime`",
         "`flexos.config.parse(file)`",
     ], found
     assert checked == 10

@@ -177,6 +177,84 @@ def test_item_2_a_constructor_added_to_a_subclass_stays_on_the_subclass(lib):
     assert lib.load("!up:x", Loader=lib.Loader) == ["x"]
 
 
+class Tokens:
+    """A mixin keeping its state in containers on the instance (PyYAML's CanonicalScanner)."""
+
+    def __init__(self, stream: str) -> None:
+        self.tokens: list[str] = []
+        self.seen: dict[str, int] = {}
+
+    def get_data(self) -> list:
+        for word in self.stream.split():
+            self.tokens.append(word)
+            self.seen[word] = len(self.tokens)
+        out = []
+        while self.tokens:
+            out.append(self.construct_scalar(self.tokens.pop(0)))
+        return out
+
+
+def test_item_2_an_apps_methods_mutate_the_containers_they_keep_on_the_instance(lib):
+    """The instance lives in the library; the app's methods read its list and dict attributes as
+    live views, so ``self.tokens.pop(0)`` empties the instance's own list (a copy never emptied)."""
+
+    class TokenLoader(Tokens, lib.Loader):
+        def __init__(self, stream: str) -> None:
+            lib.Loader.__init__(self, stream)
+            Tokens.__init__(self, stream)
+
+    assert lib.load("a b c", Loader=TokenLoader) == ["a", "b", "c"]
+    loader = TokenLoader("x y")
+    assert loader.get_data() == ["x", "y"] and loader.seen == {"x": 1, "y": 2} and loader.tokens == []
+    assert loader.stream == "x y" and len(loader.seen) == 2 and "x" in loader.seen
+
+
+def test_item_2_an_explicit_base_call_runs_the_bases_own_method(lib):
+    """``Base.method(self, ...)`` and ``Base.__init__(self, ...)`` in an app's subclass (PyYAML's
+    loaders call each base's so): the base's own code, not the override again (that recursed),
+    and a mixin behind an app's subclass never stands in for the subclass's own ``__init__``."""
+
+    class Mixin:
+        def __init__(self, stream: str) -> None:
+            raise AssertionError("the mixin's __init__ must not run")
+
+    class Upper(lib.Loader, Mixin):
+        def __init__(self, stream: str) -> None:
+            lib.Loader.__init__(self, stream.strip())
+
+        def construct_scalar(self, text: str) -> str:
+            return lib.Loader.construct_scalar(self, text).upper()
+
+    class Shout(Upper):
+        def construct_scalar(self, text: str) -> str:
+            return Upper.construct_scalar(self, text) + "!"
+
+    assert lib.load(" a b ", Loader=Upper) == ["A", "B"]
+    assert lib.load(" a b ", Loader=Shout) == ["A!", "B!"]
+
+
+class Basket:
+    def __init__(self) -> None:
+        self.items = ["apple"]
+
+    def label(self) -> str:
+        return "basket"
+
+
+class GiftBasket(Basket):
+    def label(self) -> str:
+        return "gift " + super().label()
+
+
+def test_item_2_hostile_a_library_gets_no_live_view_and_no_base_call_on_app_objects(lib):
+    """The live views and base calls above are the app's: a library given an app object still
+    gets copies of its containers, and cannot run a base's method past the object's override."""
+    basket = GiftBasket()
+    assert lib.grow(basket, "items", "pear") == ["apple"] and basket.items == ["apple"]
+    with pytest.raises(TypeError, match="may not call base-class methods"):
+        lib.base_call(Basket, basket, "label")
+
+
 # -- 3: comparing a proxy with a local object of the same replicated type --------------------------
 
 
@@ -220,6 +298,29 @@ def test_item_4_the_library_uses_the_protocols_app_objects_offer(lib):
     assert escaped == "<h1><x></h1>" and html_format == "<h2><x></h2>" and json_form == {"title": "<x>"}
     assert formatted == "Profile[   <x>]" and state == ("<x>",)
     assert lib.dumps(Profile("a")) == "html:<h1>a</h1>"
+
+
+class Duck:
+    def _asdict(self) -> dict:
+        return {"quack": 1}
+
+
+class Refusing:
+    def __getattr__(self, name: str) -> object:
+        raise RuntimeError(f"no {name} here")
+
+
+def test_item_4_the_library_uses_the_asdict_protocol_of_any_app_object(lib):
+    """``_asdict`` is a protocol (simplejson's), as ``for_json``: offered by any object, and the
+    object's own ``__getattr__`` answers for it; other private names stay private (security tests)."""
+    assert lib.as_mapping(Duck()) == {"quack": 1} and lib.as_mapping(object()) is None
+    with pytest.raises(RuntimeError, match="no _asdict here"):
+        lib.as_mapping(Refusing())
+
+
+def test_item_4_a_placed_modules_file_is_its_own(lib):
+    """``os.path.dirname(json.__file__)`` (simplejson's suite finds its sources so)."""
+    assert lib.__file__.endswith("valuelib.py")
 
 
 def test_item_4_the_app_uses_the_protocols_library_objects_offer(lib):

@@ -25,6 +25,7 @@ from flexos.drivers.console import Console
 from flexos.errors import CompartmentCrashed, CompartmentStartError, ProtocolError
 from flexos.gates.link import Link
 from flexos.transports import PEER_CHANNELS
+from flexos.transports.bulk import BulkPort, make_arenas
 from flexos.transports.shm import ShmTransport
 from flexos.wire import control
 
@@ -75,16 +76,22 @@ class ProcessDriver(Driver):
             theirs.close()
         self._proc = proc
         boot = self.boot_record(spin_us=options.spin_us)
+        bulk_fds, their_bulk_fds = make_arenas()
         try:
             ours.settimeout(options.start_timeout)
-            ours.sendall(boot.to_wire())
+            socket.send_fds(ours, [boot.to_wire()], their_bulk_fds)  # the compartment's side of the bulk port
             problem = control.read_boot_answer(control.decode(ours.recv(1 << 16)))
             ours.settimeout(None)
         except OSError as exc:
             problem = f"no answer ({exc})"
         except ProtocolError as exc:
             problem = str(exc)
+        finally:
+            for fd in their_bulk_fds:  # the compartment holds its own now
+                os.close(fd)
         if problem is not None:
+            for fd in bulk_fds:
+                os.close(fd)
             faults.close()
             ours.close()
             proc.kill()
@@ -93,6 +100,9 @@ class ProcessDriver(Driver):
             raise CompartmentStartError(f"compartment {name!r} failed to boot: {problem}")
         self._pidfd = os.pidfd_open(proc.pid)
         link = self.make_link(mirrors)
+        link.carry_bulk(
+            BulkPort(bulk_fds, views=self.image.buffer_sharing(name) == "view", max_frame=self.spec.max_reply)
+        )
         self._transport = ShmTransport(
             ours,
             self._pidfd,

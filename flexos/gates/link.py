@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flexos.errors import CompartmentCrashed, FlexosError, GateError, ProtocolError
+from flexos.gates import stats
 from flexos.gates.handles import MAX_HANDLES, ExportTable, ImportTable
 from flexos.gates.policy import APP_POLICY, COMPARTMENT_POLICY, always_replicated
 from flexos.gates.proxies import (
@@ -41,6 +42,8 @@ from flexos.transports import (
     ServedChannel,
     Transport,
 )
+from flexos.transports.bulk import BulkPort
+from flexos.wire.bulk import THRESHOLD as BULK_THRESHOLD
 from flexos.wire.classes import checked_description, describe_class
 from flexos.wire.codec import ByReference, Codec, Described, described_class
 from flexos.wire.frames import (
@@ -70,6 +73,9 @@ from flexos.wire.frames import (
 from flexos.wire.operators import FUNCTIONS
 
 _NO_RELEASES: Releases = []  # shared: never appended to
+# Mutable containers that an instance of an app's subclass holds as attributes: the app reads them
+# by reference (a live view), since its methods are the instance's and mutate its state in place.
+_LIVE_STATE = frozenset({list, dict, set})
 
 
 def _local_class(module: str, qualname: str) -> type | None:
@@ -126,6 +132,14 @@ class Link:
         self._free: list[Channel] = []
         self._local = threading.local()
         self._inline: Channel | None = None
+        self.bulk: BulkPort | None = None  # large buffers beside the frames (a process compartment and the app)
+        if not peer_is_app and stats.enabled():  # the app's side counts (flexos run --stats)
+            stats.instrument(self)
+
+    def carry_bulk(self, port: BulkPort) -> None:
+        """Send bytes-like values of BULK_THRESHOLD bytes or more through ``port`` (and take them)."""
+        self.bulk = port
+        self.codec.lend_buffers(port.lend, BULK_THRESHOLD)
 
     def attach(self, transport: Transport) -> None:
         self._transport = transport
@@ -157,10 +171,15 @@ class Link:
         timeout = self.timeout
         # One deadline for the whole call: every fragment and every callback exchange shares it.
         deadline = None if timeout is None else time.monotonic() + timeout
+        bulk = self.bulk
         try:
             reply = channel.exchange(frame, deadline)
+            if bulk is not None:
+                bulk.received()
             while self._inline is None and frame_kind(reply) == Kind.CALL:  # the peer calls back mid-call
                 reply = channel.exchange(self.dispatch(reply), deadline)
+                if bulk is not None:
+                    bulk.received()
             result = decode_frame(self.codec, reply)
             healthy = True
         except PeerGone:
@@ -185,6 +204,8 @@ class Link:
         except ReplyTooLarge as refused:
             raise ReplyTooLarge(f"compartment {self.peer!r}: {refused}") from None
         finally:
+            if bulk is not None and not healthy:
+                bulk.received()  # what this call lent is not waited for any more
             if outermost:
                 local.channel = None
                 if healthy and not self.closed:
@@ -214,6 +235,9 @@ class Link:
         """After a fork: this process must never use the parent's channels, nor close them."""
         self.closed = True
         self._free.clear()
+        if self.bulk is not None:  # the parent's arenas: never written from here
+            self.bulk = None
+            self.codec.stop_lending()
         reason = (
             f"this object lives in compartment {self.peer!r} of the process this one was forked from; "
             "a forked process reaches its own instance of that compartment through the module again"
@@ -225,9 +249,12 @@ class Link:
         """Serve calls arriving on ``channel`` until the peer closes it (a worker thread's loop)."""
         self._local.channel = channel
         deferred: Releases = []
+        bulk = self.bulk
         try:
             frame = channel.recv()
             while True:
+                if bulk is not None:
+                    bulk.received()
                 reply = self.dispatch(frame, deferred)
                 if deferred:  # free what the peer dropped while it reads our reply
                     channel.send(reply)
@@ -238,6 +265,8 @@ class Link:
         except (PeerGone, ChannelClosed, ProtocolError, OSError, ValueError):
             pass  # the peer went away or broke the conversation: this channel is done
         finally:
+            if bulk is not None:
+                bulk.received()
             channel.close()  # on any exit, so that a caller waiting on it is told
 
     def _release_unserved(self, deferred: Releases) -> None:
@@ -289,7 +318,11 @@ class Link:
             if op == Op.CALL_METHOD:
                 return getattr(obj, self._readable(obj, name))(*args, **kwargs)
             if op == Op.GETATTR:
-                return getattr(obj, self._readable(obj, name))
+                value = getattr(obj, self._readable(obj, name))
+                live = type(value) in _LIVE_STATE and self.peer_is_app
+                if live and getattr(type(obj), "_flexos_app_subclass", False):
+                    return ByReference(value)  # the app's methods mutate the instance's own state
+                return value
             if op == Op.OPERATOR:
                 function = FUNCTIONS.get(name) if name is not None else None
                 if function is None:
@@ -434,7 +467,10 @@ class Link:
         return module
 
     def borrow(self, payload: bytes) -> Any:
-        """A buffer the peer lent us without a copy; only same-process transports can lend."""
+        """A buffer the peer lent us beside the frame: through our bulk port, or the transport's
+        own loans (same-process transports)."""
+        if self.bulk is not None:
+            return self.bulk.borrow(payload)
         borrow = getattr(self._transport, "borrow", None)
         if borrow is None:
             raise ProtocolError("compartment sent a buffer loan over a transport that cannot carry one")
@@ -483,3 +519,5 @@ class Link:
         while self._free:
             self._free.pop().close()
         self.exports.clear()
+        if self.bulk is not None:
+            self.bulk.close()

@@ -12,7 +12,7 @@ under this policy (a SES/LavaMoat-style membrane; RLBox's ``tainted<T>`` for wha
   generators, coroutines and tracebacks) is refused to everyone: from those, a compartment would
   walk from an object it was given to every object it was not. A compartment is also refused
   private names (``_x``, name-mangled ``_C__x``; but a named tuple's ``_asdict``, ``_fields``,
-  ``_field_defaults``) and ``mro`` (a class's bases, which it was not
+  ``_field_defaults``, and the ``_asdict`` protocol of any object) and ``mro`` (a class's bases, which it was not
   given);
 - callbacks (functions, methods, builtins, ``functools.partial``) are call-only for a
   compartment: ``partial.func`` would be the wrapped function, callable with any argument;
@@ -79,6 +79,10 @@ INTROSPECTION = frozenset(
 # The documented API of named tuples, which a compartment may read on the app's: views of the
 # fields it already holds by value (simplejson's ``namedtuple_as_object`` calls ``_asdict``).
 NAMED_TUPLE_API = frozenset({"_asdict", "_fields", "_field_defaults"})
+# ``_asdict`` is also a protocol any object may offer (simplejson serializes an object with an
+# ``_asdict()`` as the mapping it answers, as it does with ``for_json()``): readable on any object,
+# so that an object offering it is asked (its own ``__getattr__`` included), like ``__json__``.
+AS_DICT = "_asdict"
 # Public names a compartment is refused anyway: they lead from a class to classes it was not given.
 CLASS_WALKS = frozenset({"mro"})
 # Callbacks: a compartment may call them, and read nothing of them but OPEN_DUNDERS.
@@ -139,6 +143,7 @@ def readable_by_compartment(obj: Any, name: Any) -> str:
     if name.startswith("_"):
         if name not in OPEN_DUNDERS and not (
             (name[:2] == name[-2:] == "__" and _plain_module_dunder(obj, name))
+            or name == AS_DICT
             or (name in NAMED_TUPLE_API and isinstance(obj, tuple) and hasattr(type(obj), "_fields"))
         ):
             raise _refused(name)

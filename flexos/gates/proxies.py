@@ -145,8 +145,15 @@ class RemoteClass(type):
         return f"<class '{cls.__module__}.{cls.__qualname__}' in compartment {cls._flexos_class_link.peer!r}>"
 
 
-def _method(name: str) -> Any:
+def _method(name: str, owner: list[type]) -> Any:
+    """A mirror's method ``name``; ``owner`` holds the mirror once it is made. Called as
+    ``Base.name(self, ...)`` on an instance whose class has a ``name`` of its own (an app's
+    subclass overriding it, or a subclass's mirror), it runs ``Base``'s own implementation, as
+    without a gate, rather than dispatching on the instance again (which recursed)."""
+
     def method(self: RemoteObject, *args: Any, **kwargs: Any) -> Any:
+        if getattr(type(self), name, None) is not method:
+            return self._flexos_link.call(Op.SUPER, self._flexos_handle, name, (owner[0], *args), kwargs)
         return self._flexos_link.call(Op.CALL_METHOD, self._flexos_handle, name, args, kwargs)
 
     method.__name__ = method.__qualname__ = name
@@ -280,8 +287,9 @@ def _synthesize(desc: ClassDescription) -> type:
         "_flexos_by_name": desc["by_name"],
         "_flexos_methods": tuple(desc["methods"]),
     }
+    owner: list[type] = []
     for method in desc["methods"]:
-        namespace[method] = _method(method)
+        namespace[method] = _method(method, owner)
     for wire in desc["dunders"]:
         op = BY_WIRE[wire]
         namespace[op.dunder] = _operator(op)
@@ -302,9 +310,13 @@ def _synthesize(desc: ClassDescription) -> type:
         kept = tuple(b for b in bases if b in MIRROR_BASES)
         proxy_bases = (mirrored or plain) + kept
     try:
-        return RemoteClass(name, proxy_bases, namespace)
+        cls = RemoteClass(name, proxy_bases, namespace)
     except TypeError:  # an MRO the mirror cannot reproduce: keep the behaviour, drop the bases
-        return RemoteClass(name, plain, namespace)
+        cls = RemoteClass(name, plain, namespace)
+    if not desc["value"]:  # never run by instantiation: only as ``Base.__init__(self, ...)``
+        type.__setattr__(cls, "__init__", _super_method(cls, "__init__"))
+    owner.append(cls)
+    return cls
 
 
 def _bind(function: Any, obj: Any, owner: Any = None) -> Any:
@@ -388,12 +400,15 @@ def _app_subclass(
 
 
 def _own_members(cls: type) -> dict[str, Any]:
-    """The members the app's classes in ``cls``'s MRO define (mixins included), the nearest first."""
+    """The members the app's classes in ``cls``'s MRO define (mixins included), the nearest first;
+    not those of a mirrored base or an app's subclass of one and what they derive from, which the
+    owner's class already has (``class Mine(CanonicalLoader)``, itself an app's subclass of
+    PyYAML's classes with mixins, keeps ``CanonicalLoader.__init__``, not a mixin's)."""
+    served = {klass for base in cls.__mro__[1:] if isinstance(base, RemoteClass) for klass in base.__mro__}
     members: dict[str, Any] = {}
     for klass in reversed(cls.__mro__):
-        if not isinstance(klass, RemoteClass) or "_flexos_by_name" not in klass.__dict__:
-            if klass not in (object, RemoteObject) and "_flexos_view" not in klass.__dict__:
-                members.update(klass.__dict__)
+        if klass not in served and klass is not object and "_flexos_view" not in klass.__dict__:
+            members.update(klass.__dict__)
     return members
 
 
@@ -438,7 +453,7 @@ def build_subclass(name: Any, qualname: Any, module: Any, bases: Any, members: A
         raise TypeError("a class can only derive from classes of the compartment that owns them")
     if type(members) is not list:
         raise ProtocolError("malformed subclass request")
-    namespace: dict[str, Any] = {"__module__": module, "__qualname__": qualname}
+    namespace: dict[str, Any] = {"__module__": module, "__qualname__": qualname, "_flexos_app_subclass": True}
     for member in members:
         if (
             type(member) is not list
@@ -565,7 +580,8 @@ class ModuleProxy(types.ModuleType):
         return self._flexos_compartment.module_object(self.__name__)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("_flexos_") or name in _LOCAL_MODULE_ATTRS:
+        # ``__file__``, unless the import set one here: the module's own (a test finds its data by it).
+        if name.startswith("_flexos_") or (name in _LOCAL_MODULE_ATTRS and name != "__file__"):
             raise AttributeError(name)
         value = getattr(self._flexos_target(), name)
         if isinstance(value, RemoteObject) and type(value).__name__ in _FUNCTION_TYPES:

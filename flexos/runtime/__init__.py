@@ -14,6 +14,7 @@ import os
 import runpy
 import sys
 import threading
+import time
 import types
 import warnings
 import weakref
@@ -26,17 +27,19 @@ from flexos.drivers import driver_class, unavailable
 from flexos.drivers.base import Host
 from flexos.drivers.sibling import SiblingBroker, SiblingDesk, SiblingDriver, route
 from flexos.errors import DriverUnavailable, ProtocolError
+from flexos.gates import stats as gate_stats
 from flexos.gates.importer import GateFinder
 from flexos.gates.link import Link
 from flexos.gates.proxies import ModuleProxy
 from flexos.image import Image
 from flexos.runtime import state
 from flexos.runtime.compartment import Compartment
+from flexos.runtime.stats import RunStats, collect
 from flexos.transports import Transport
 from flexos.wire.control import Route
 from flexos.wire.frames import Op, checked_import_answer
 
-__all__ = ["Compartment", "Runtime", "boot", "run_module", "run_path"]
+__all__ = ["Compartment", "RunStats", "Runtime", "boot", "run_module", "run_path"]
 
 
 class Runtime:
@@ -45,10 +48,17 @@ class Runtime:
     The default compartment (the app) boots every other compartment, decides how each reaches the
     others (``routes_from``), relays what has no direct path and brokers what has; a compartment
     runs a Runtime too, with ``local`` set to its own name and ``routes`` from its boot record.
+
+    ``stats``: the app's gates count what they carry, for :meth:`stats` (``flexos run --stats``).
     """
 
-    def __init__(self, image: Image, local: str | None = None, routes: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, image: Image, local: str | None = None, routes: dict[str, str] | None = None, *, stats: bool = False
+    ) -> None:
         self.image = image
+        self.counting = stats
+        self._began = 0.0
+        self._final: RunStats | None = None
         self.local = local or image.default
         self.routes = routes or {}
         self.compartments: dict[str, Compartment] = {}
@@ -123,6 +133,10 @@ class Runtime:
     def start(self) -> Runtime:
         if self.started:
             return self
+        if self.counting:
+            gate_stats.enable()  # before any compartment starts: only links made now count
+            self._final = None
+            self._began = time.perf_counter()
         sys.meta_path.insert(0, self.finder)
         self._displace_loaded_modules()
         self.started = True
@@ -142,8 +156,19 @@ class Runtime:
         for name, module in self.displaced.items():
             sys.modules.setdefault(name, module)
         self.displaced.clear()
+        if self.counting:  # while the links still hold their proxies
+            self._final = self.stats()
+            gate_stats.disable()
         for compartment in self.compartments.values():
             compartment.stop()
+
+    def stats(self) -> RunStats:
+        """What the app's gates carried since :meth:`start` (until :meth:`stop`), per compartment."""
+        if self._final is not None:
+            return self._final
+        if not self.counting:
+            raise RuntimeError("this runtime does not count: boot it with stats=True (flexos run --stats)")
+        return collect(self.compartments, time.perf_counter() - self._began)
 
     def _displace_loaded_modules(self) -> None:
         """Take the modules placed in another (isolated) compartment out of ``sys.modules``, so
@@ -263,28 +288,44 @@ def _warn_before_fork() -> None:
 os.register_at_fork(before=_warn_before_fork, after_in_child=_forget_after_fork)
 
 
-def boot(image: Image) -> Runtime:
-    """Boot ``image`` in this process and return its running :class:`Runtime`.
+def boot(image: Image, stats: bool = False) -> Runtime:
+    """Boot ``image`` in this process and return its running :class:`Runtime` (``stats``: its
+    gates count, see :meth:`Runtime.stats`).
 
     Use it as a context manager; imports made inside go through the gates::
 
         with flexos.runtime.boot(image):
             import sqlite3          # a gate to the compartment sqlite3 is placed in
     """
-    return Runtime(image).start()
+    return Runtime(image, stats=stats).start()
 
 
-def run_path(path: str, args: list[str], image: Image) -> None:
-    """Run a script unmodified under ``image``, as ``python path args...`` would."""
+Report = Callable[[RunStats], None]
+
+
+def run_path(path: str, args: list[str], image: Image, report: Report | None = None) -> None:
+    """Run a script unmodified under ``image``, as ``python path args...`` would; ``report``
+    gets the run's gate statistics once the runtime has stopped, however the script ended."""
     sys.argv = [path, *args]
     sys.path[0] = str(Path(path).resolve().parent)
-    with boot(image):
-        runpy.run_path(path, run_name="__main__")
+    runtime = boot(image, stats=report is not None)
+    try:
+        with runtime:
+            runpy.run_path(path, run_name="__main__")
+    finally:
+        if report is not None:
+            report(runtime.stats())
 
 
-def run_module(module: str, args: list[str], image: Image) -> None:
-    """Run a module unmodified under ``image``, as ``python -m module args...`` would."""
+def run_module(module: str, args: list[str], image: Image, report: Report | None = None) -> None:
+    """Run a module unmodified under ``image``, as ``python -m module args...`` would (``report``:
+    as :func:`run_path`)."""
     sys.argv = [module, *args]
     sys.path[0] = os.getcwd()
-    with boot(image):
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    runtime = boot(image, stats=report is not None)
+    try:
+        with runtime:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+    finally:
+        if report is not None:
+            report(runtime.stats())

@@ -12,6 +12,7 @@ variables); the app's ``sys.path`` is taken after. Neither imports the config/va
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import marshal
 import os
@@ -34,9 +35,11 @@ from flexos.drivers.sibling import SiblingDesk
 from flexos.errors import CompartmentCrashed, FlexosError, ProtocolError
 from flexos.gates.link import Link
 from flexos.image import Image
-from flexos.runtime import Runtime, run_module, run_path
+from flexos.runtime import Runtime, run_module, run_path, stats
 from flexos.runtime.compartment import log_boundary
+from flexos.runtime.stats import RunStats
 from flexos.transports import Transport
+from flexos.transports.bulk import BulkPort
 from flexos.transports.shm import ShmTransport
 from flexos.wire import control
 from flexos.wire.control import BootRecord, Route
@@ -89,7 +92,8 @@ def main() -> None:
     install_synced_streams(int(sys.argv[3]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the app, which sees it first
     try:
-        record = BootRecord.from_wire(sock.recv(1 << 20))
+        boot, bulk_fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 3)
+        record = BootRecord.from_wire(boot)
         image, name = record.image, record.name
         policy = image.compartments[name].hardening
         for sibling, way in record.routes.items():  # loaded now, from flexos's own place, not on first use
@@ -119,6 +123,8 @@ def main() -> None:
             spin_us=record.spin_us,
         )
         runtime, parent = link_back(record, transport)
+        if len(bulk_fds) == 3:  # the app's large buffers, and ours, beside the frames
+            parent.carry_bulk(BulkPort(bulk_fds, views=image.buffer_sharing(name) == "view"))
         runtime.siblings = siblings = SiblingDesk(transport, record.spin_us, runtime.link_to)
         libraries = {
             module: rules["audit"]["deny"]
@@ -196,12 +202,16 @@ def _explain_incompatible(serve_import: Callable[[str], Any], name: str) -> Call
 
 
 # -- the app, under flexos run ----------------------------------------------------------------------
-def exec_app(image: Image, module: str | None, args: list[str]) -> NoReturn:
+def exec_app(
+    image: Image, module: str | None, args: list[str], stats: bool = False, stats_json: str | None = None
+) -> NoReturn:
     """Replace this process (the CLI, with its config stack loaded) by a lean interpreter that
     imports only the runtime and runs the app (``-m module args`` or ``script args``) under
-    ``image``: the app's module table holds what a plain ``python`` would, plus the runtime."""
-    memfd = os.memfd_create("flexos-image", 0)  # inherited across exec: the image, validated
-    os.write(memfd, marshal.dumps(image.to_dict()))
+    ``image``: the app's module table holds what a plain ``python`` would, plus the runtime.
+    ``stats``: print the gate statistics to stderr at exit; ``stats_json``: write them there."""
+    memfd = os.memfd_create("flexos-image", 0)  # inherited across exec: the image, validated, and what to report
+    launch_record = {"image": image.to_dict(), "stats": stats, "stats_json": stats_json}
+    os.write(memfd, marshal.dumps(launch_record))
     os.lseek(memfd, 0, os.SEEK_SET)
     flags = sys.orig_argv[1 : sys.orig_argv.index(sys.argv[0])] if sys.argv[0] in sys.orig_argv else []
     mode = ["-m", module] if module is not None else []
@@ -216,13 +226,25 @@ def run_app() -> NoReturn:
     """The lean interpreter's side of :func:`exec_app`: exit as ``python`` would for the app."""
     memfd, *rest = sys.argv[1:]
     with open(int(memfd), "rb") as data:
-        image = Image.from_dict(marshal.loads(data.read()))
+        launch_record = marshal.loads(data.read())
+    image = Image.from_dict(launch_record["image"])
+    wanted = launch_record["stats"] or launch_record["stats_json"] is not None
+    collected: list[RunStats] = []  # the run's statistics, reported last: after the app's traceback, if any
+    report = collected.append if wanted else None
     sys.path.insert(0, "")  # the app's own first entry, which run_path and run_module set as python does
     try:
+        _run_app(rest, image, report)
+    finally:
+        if collected:
+            _report(collected[0], launch_record["stats"], launch_record["stats_json"])
+
+
+def _run_app(rest: list[str], image: Image, report: Callable[[RunStats], None] | None) -> NoReturn:
+    try:
         if rest[0] == "-m":
-            run_module(rest[1], rest[2:], image)
+            run_module(rest[1], rest[2:], image, report)
         else:
-            run_path(rest[0], rest[1:], image)
+            run_path(rest[0], rest[1:], image, report)
     except SystemExit:
         raise
     except KeyboardInterrupt:
@@ -236,6 +258,21 @@ def run_app() -> NoReturn:
         traceback.print_exception(type(exc), exc, _from_the_app(exc.__traceback__))
         sys.exit(1)
     sys.exit(0)
+
+
+def _report(run: RunStats, table: bool, json_file: str | None) -> None:
+    """What ``flexos run --stats`` / ``--stats-json FILE`` does with the run's statistics at exit:
+    the table goes to the process's own stderr (fd 2, whatever the app did to ``sys.stderr``),
+    never to stdout, which is the app's. It starts after an empty line: what the app wrote last
+    need not end with a newline (a crash's last words often do not), and fd 2 cannot tell."""
+    if json_file is not None:
+        with open(json_file, "w") as out:
+            out.write(stats.to_json(run) + "\n")
+    if table:
+        for stream in (sys.stdout, sys.stderr):  # the app's buffered output first, the table after it
+            with contextlib.suppress(Exception):  # an app may have closed or replaced them
+                stream.flush()
+        os.write(2, ("\n" + stats.table(run) + "\n").encode())
 
 
 def _from_the_app(tb: TracebackType | None) -> TracebackType | None:

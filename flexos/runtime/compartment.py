@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,9 @@ class Compartment:
         self._mirrors: dict = {}
         #: Called with each new link, before any module is imported through it (set by the app's runtime).
         self.on_start: Callable[[Link], None] | None = None
+        self.starts = 0  # links made by the driver, restarts included
+        self.restarts = 0  # of those, the ones that replaced a closed link (flexos run --stats)
+        self.start_seconds = 0.0  # spent in the driver's start, every start together
 
     @property
     def direct(self) -> bool:
@@ -54,6 +58,11 @@ class Compartment:
     @property
     def pid(self) -> int | None:
         return self.driver.pid if self.driver else None
+
+    @property
+    def current_link(self) -> Link | None:
+        """The link made last, live or closed (None before the first start and after stop)."""
+        return self._link
 
     @property
     def running(self) -> bool:
@@ -77,7 +86,11 @@ class Compartment:
                 log_boundary(f"restarting compartment {self.name!r}: {link.closed_error()}")
                 driver.stop()
             self._modules.clear()
+            started = time.perf_counter()
             link = driver.start(self._mirrors)
+            self.start_seconds += time.perf_counter() - started
+            self.starts += 1
+            self.restarts += self._link is not None  # the closed link it replaces
             if os.environ.get(VERBOSE):
                 how = self.spec.driver if self.spec is not None else "reached"
                 log_boundary(f"started compartment {self.name!r} ({how}" + (f", pid {self.pid})" if self.pid else ")"))

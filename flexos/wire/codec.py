@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import msgpack
 
 from flexos.errors import FlexosError, GateError, ProtocolError
-from flexos.wire import values
+from flexos.wire import bulk, values
 
 
 def _encoding() -> Any:
@@ -66,6 +66,8 @@ class Ext:
     SURROGATES = 16  # a str with lone surrogates, which msgpack's UTF-8 str cannot hold: UTF-8, surrogatepass
     GRAPH = 17  # a value that is no tree (cyclic, or deeper than the bounds): [root, nodes] (see Codec.as_graph)
     NODE = 18  # inside a GRAPH: the list or dict of that index in its nodes (a little-endian u32)
+    BYTEARRAY = 19  # a bytearray: its bytes (the receiver's own copy)
+    MEMORYVIEW = 20  # a memoryview: [format, shape, its bytes in C order] (a read-only view of the receiver's copy)
 
 
 # Builtins that travel by name because they are the same object on every side.
@@ -228,6 +230,21 @@ def _build_exception(cls: Any, args: Any, attrs: Any, text: str | None, trusted_
     return exc
 
 
+def memoryview_record(view: memoryview) -> list[Any]:
+    """[format, shape, bytes in C order] of a memoryview (any layout, strided ones included)."""
+    fmt, shape = bulk.view_format(view)
+    return [fmt, shape, view.tobytes()]
+
+
+def built_memoryview(record: list[Any]) -> memoryview:
+    """A read-only memoryview of the receiver's own copy, from a MEMORYVIEW record (checked)."""
+    if len(record) != 3 or type(record[2]) is not bytes:
+        raise ProtocolError("malformed memoryview record")
+    fmt, shape, data = record
+    bulk.check_view_format(fmt, shape, len(data))
+    return bulk.shaped_view(memoryview(data), (fmt, shape))
+
+
 def _built_graph(record: Any) -> Any:
     """The value of a GRAPH record ``[root, nodes]``: every node's list or dict made first, then
     filled, NODE markers replaced by them (inside tuples, sets and frozensets too)."""
@@ -296,7 +313,8 @@ _HANDLE = struct.Struct("<Q")  # BACK payload
     _VALUE,
     _VALUE_REF,
     _SURROGATES,
-) = range(18)
+    _BYTEARRAY,
+) = range(19)
 _VALUE_KINDS = {
     str: _SURROGATES,  # msgpack packs str natively; only one it cannot encode as UTF-8 comes here
     tuple: _TUPLE,
@@ -306,6 +324,7 @@ _VALUE_KINDS = {
     frozenset: _FROZENSET,
     complex: _COMPLEX,
     memoryview: _MEMORYVIEW,
+    bytearray: _BYTEARRAY,
     type(NotImplemented): _SINGLETON,
     type(Ellipsis): _SINGLETON,
     Described: _DESCRIBED,
@@ -441,8 +460,10 @@ class _Packing:
             return msgpack.ExtType(Ext.FROZENSET, self.pack(list(obj)))
         if kind == _COMPLEX:
             return msgpack.ExtType(Ext.COMPLEX, self.pack([obj.real, obj.imag]))
+        if kind == _BYTEARRAY:
+            return msgpack.ExtType(Ext.BYTEARRAY, bytes(obj))
         if kind == _MEMORYVIEW:
-            return obj.tobytes()
+            return msgpack.ExtType(Ext.MEMORYVIEW, self.pack(memoryview_record(obj)))
         if kind == _EXCEPTION:
             return msgpack.ExtType(Ext.EXCEPTION, self.pack_exception(obj))
         if kind == _SINGLETON:
@@ -542,6 +563,12 @@ class Codec:
 
         self._encoding = _msgpack
         self._lending = {"lend": lambda buffer: msgpack.ExtType(Ext.LOAN, lend(buffer)), "lend_threshold": threshold}
+        self._pool.clear()
+
+    def stop_lending(self) -> None:
+        """Copy every buffer into the frame again (the lender is gone, e.g. after a fork)."""
+        self._encoding = encoding
+        self._lending = {}
         self._pool.clear()
 
     # -- encoding ---------------------------------------------------------------------------
@@ -730,6 +757,10 @@ class Codec:
             return _build_exception(cls, args, attrs, text[0] if text else None, self._trusted_peer)
         if code == Ext.SURROGATES:
             return payload.decode("utf-8", "surrogatepass")
+        if code == Ext.BYTEARRAY:
+            return bytearray(payload)
+        if code == Ext.MEMORYVIEW:
+            return built_memoryview(self._expect(self.unpack(payload), list))
         if code == Ext.NODE:
             if not self._depth.__dict__.get("graph") or len(payload) != _NODE.size:
                 raise ProtocolError("malformed graph node, or one outside a graph")

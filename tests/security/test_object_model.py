@@ -211,14 +211,18 @@ def test_operators_reach_only_the_protocols_the_object_offers(subthief):
 
 
 class Fields(tuple):
-    """A tuple subclass that is no named tuple: its private names stay private."""
+    """A tuple subclass that is no named tuple: its private names stay private, but for the
+    ``_asdict`` protocol it offers (simplejson's, as ``for_json``)."""
 
     def _asdict(self):
+        return {"offered": True}
+
+    def _make(self):
         return "private"
 
 
 @pytest.mark.parametrize("subthief", ["process", pytest.param("subinterp", marks=needs("subinterp"))], indirect=True)
-def test_only_the_named_tuple_api_of_private_names_is_readable(subthief):
+def test_only_the_named_tuple_api_and_the_asdict_protocol_of_private_names_are_readable(subthief):
     from collections import namedtuple
 
     span = namedtuple("Span", "start end")(1, 2)
@@ -227,8 +231,11 @@ def test_only_the_named_tuple_api_of_private_names_is_readable(subthief):
     for name in ("_make", "_replace"):
         with pytest.raises(AttributeError):
             subthief.read(span, name)
+    assert subthief.read(Fields((1,)), "_asdict")() == {"offered": True}
     with pytest.raises(AttributeError, match="private"):
-        subthief.read(Fields((1,)), "_asdict")
+        subthief.read(Fields((1,)), "_make")
+    with pytest.raises(AttributeError, match="private"):
+        subthief.read(Fields((1,)), "_field_defaults")
 
 
 _NODES = st.builds(lambda n: msgpack.ExtType(Ext.NODE, n.to_bytes(4, "little")), st.integers(0, 6))

@@ -18,19 +18,21 @@ from flexos.pytest_plugin import SuiteRun
 
 #: The least share of the plainly passing tests that must pass with the library on the mechanism,
 #: per library and mechanism, on the CI sample. Issue 13's goal is 0.95 for each. Measured on the
-#: CI sample on 2026-12-02 after the gate object model's fixes (quiet machine, serial run):
-#: simplejson 86% / 77%, MarkupSafe 96% / 96%, PyYAML 47% (cut at the timeout) / 32%, dateutil
-#: 91% / 91%. Each threshold sits a few points under, with room for a loaded machine; PyYAML under
-#: process is cut by the timeout, so its share depends on the machine's speed.
+#: CI sample on 2026-12-02, twice (a shared machine; the whole file took 59 s and 80 s on one
+#: worker): simplejson 89-90% / 81%, MarkupSafe 96% / 96%, PyYAML 99% / 50%, dateutil 91% / 91%.
+#: Each threshold sits a few points under. PyYAML under subinterp loses its libyaml half (a C
+#: extension an own-GIL subinterpreter refuses: docs/gates.md, "What stays impossible"). On a
+#: loaded machine MarkupSafe's process run can reach its 20 s timeout (its leak test makes 80,000
+#: calls), which cut it to 16% once.
 THRESHOLDS: dict[tuple[str, str], float] = {
-    ("simplejson", "process"): 0.80,
-    ("simplejson", "subinterp"): 0.72,
+    ("simplejson", "process"): 0.86,
+    ("simplejson", "subinterp"): 0.78,
     ("markupsafe", "process"): 0.90,
     ("markupsafe", "subinterp"): 0.90,
-    ("pyyaml", "process"): 0.25,
-    ("pyyaml", "subinterp"): 0.28,
-    ("dateutil", "process"): 0.85,
-    ("dateutil", "subinterp"): 0.85,
+    ("pyyaml", "process"): 0.95,
+    ("pyyaml", "subinterp"): 0.47,
+    ("dateutil", "process"): 0.87,
+    ("dateutil", "subinterp"): 0.87,
 }
 #: One run (a suite's sample on one mechanism) ends after this long; what it did not reach is lost.
 CI_RUN_TIMEOUT_S = 20.0
