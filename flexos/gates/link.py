@@ -175,11 +175,11 @@ class Link:
         try:
             reply = channel.exchange(frame, deadline)
             if bulk is not None:
-                bulk.received()
+                bulk.received(len(reply))
             while self._inline is None and frame_kind(reply) == Kind.CALL:  # the peer calls back mid-call
                 reply = channel.exchange(self.dispatch(reply), deadline)
                 if bulk is not None:
-                    bulk.received()
+                    bulk.received(len(reply))
             result = decode_frame(self.codec, reply)
             healthy = True
         except PeerGone:
@@ -254,7 +254,7 @@ class Link:
             frame = channel.recv()
             while True:
                 if bulk is not None:
-                    bulk.received()
+                    bulk.received(len(frame))
                 reply = self.dispatch(frame, deferred)
                 if deferred:  # free what the peer dropped while it reads our reply
                     channel.send(reply)
@@ -283,7 +283,7 @@ class Link:
             deferred.clear()
 
     def dispatch(self, data: bytes, deferred: Releases | None = None) -> bytes:
-        """Run one call from the peer and return the reply frame; never raises.
+        """Run one call from the peer and return the reply frame; raises only ReplyTooLarge.
 
         Releases piggybacked on the call go to ``deferred`` when given, for the caller to apply
         after sending the reply (counts are additive, so applying them late is safe).
@@ -292,6 +292,11 @@ class Link:
         imports = self.imports
         try:
             call = decode_frame(codec, data)
+        except ReplyTooLarge:  # its buffers are over the bound: refused whole, as the transport
+            raise  # refuses a frame over it, so the caller drops the channel and names the peer
+        except BaseException as exc:
+            return encode_error(codec, exc, imports.take_releases())
+        try:
             if call[KIND] != Kind.CALL:
                 raise ProtocolError("expected a call frame")
             releases = call[CALL_RELEASES]

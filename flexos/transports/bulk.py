@@ -147,15 +147,16 @@ class BulkPort:
         finally:
             os.close(fd)
 
-    def received(self) -> None:
-        """This thread got the peer's next frame on its channel: the peer decoded (copied out)
-        everything this thread lent from the arena before, so its slots are free again."""
+    def received(self, frame_size: int = 0) -> None:
+        """This thread got the peer's next frame on its channel (``frame_size`` bytes, which count
+        against the bound with the buffers it lends): the peer decoded (copied out) everything
+        this thread lent from the arena before, so its slots are free again."""
         local = self._local.__dict__
         pending = local.get("pending")
         if pending:
             self.release(pending)
             pending.clear()
-        local["budget"] = self._max_frame
+        local["budget"] = None if self._max_frame is None else self._max_frame - frame_size
 
     def release(self, starts: list[int]) -> None:
         with self._lock:
