@@ -34,7 +34,9 @@ class Feature:
 
 
 _KVM_GET_API_VERSION = 0xAE00
-_CHILD_TIMEOUT_S = 0.4
+# How long a probe child may take. Generous: a fork of a large process on a loaded machine can
+# take a good part of a second, and a probe that gives up early reports a feature as missing.
+_CHILD_TIMEOUT_S = 3.0
 
 
 def _linux_only(name: str) -> Callable[[Callable[[], Feature]], Callable[[], Feature]]:
