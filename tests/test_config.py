@@ -1226,6 +1226,16 @@ def test_a_silent_library_beside_a_view_one_is_warned_of(tmp_path: Path) -> None
     assert image.buffer_sharing("box") == "view"
 
 
+def test_check_says_which_compartments_share_buffers_as_views(tmp_path: Path) -> None:
+    write(tmp_path, SHARING % ("process", "view") + "  csv: {compartment: box, sharing: {buffers: view}}\n")
+    done = flexos_cli("check", "--json", cwd=tmp_path)
+    report = json.loads(done.stdout)
+    assert {entry["name"]: entry["buffers"] for entry in report["compartments"]} == {"app": None, "box": "view"}
+    done = flexos_cli("check", cwd=tmp_path)
+    line = next(line for line in done.stdout.splitlines() if line.startswith("  box ") and "call timeout" in line)
+    assert line.endswith("; large buffers cross as read-only views (sharing: buffers: view)")
+
+
 # -- the flexos check command ---------------------------------------------------------------------
 
 
