@@ -96,6 +96,7 @@ def _check_report(image: Image, search: list[str]) -> dict[str, Any]:
                 "restart": spec.restart,
                 "timeout": spec.timeout,
                 "max_reply": spec.max_reply if isolated else None,
+                "buffers": image.buffer_sharing(spec.name) if isolated else None,
                 "hardening": spec.hardening,
                 "effective": effective_policy(spec.hardening, search, placed, elsewhere) if driver.hardenable else None,
                 "reaches": None if spec.default else _reached(image, spec),
@@ -178,7 +179,12 @@ def _describe_effective(entry: dict[str, Any]) -> list[str]:
     timeout = f"{entry['timeout']:g}s per call, then the compartment is ended" if entry["timeout"] else "none"
     lines = [
         f"  {name:<14} restart {entry['restart']}; call timeout {timeout}"
-        + (f"; replies up to {human_size(entry['max_reply'])}" if entry["max_reply"] else ""),
+        + (f"; replies up to {human_size(entry['max_reply'])}" if entry["max_reply"] else "")
+        + (
+            "; large buffers cross as read-only views (sharing: buffers: view)"
+            if entry.get("buffers") == "view"
+            else ""
+        ),
         f"  {'':<14} reaches  {', '.join(entry['reaches']) or 'nothing'}",
     ]
     if effective is None:

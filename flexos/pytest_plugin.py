@@ -121,7 +121,7 @@ def boot(config: str, mechanism: str | None = None) -> Runtime:
 
 def on_mechanism(image: Image, mechanism: str) -> Image:
     """``image`` with every compartment but the default on ``mechanism`` (its default options;
-    hardening kept only where that driver can enforce it)."""
+    hardening and ``buffers: view`` kept only where that driver can enforce them)."""
     from flexos.drivers import driver_class
     from flexos.image import Image
 
@@ -130,6 +130,12 @@ def on_mechanism(image: Image, mechanism: str) -> Image:
         raise ValueError(f"mechanism {mechanism!r} does not boot an image")
     driver, options = target
     hardenable = driver_class(driver).hardenable
+    # Views only where that driver lends sealed buffers (elsewhere flexos.config would refuse them).
+    sharing = {
+        module: declared
+        for module, declared in image.library_sharing.items()
+        if declared.get("buffers") != "view" or driver_class(driver).buffer_views
+    }
     compartments = {
         name: spec
         if spec.default
@@ -138,7 +144,7 @@ def on_mechanism(image: Image, mechanism: str) -> Image:
         )
         for name, spec in image.compartments.items()
     }
-    return Image(compartments, image.libraries, f"{image.source} (on {mechanism})", image.library_hardening)
+    return Image(compartments, image.libraries, f"{image.source} (on {mechanism})", image.library_hardening, sharing)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -553,7 +553,8 @@ def test_unknown_library_key(tmp_path: Path) -> None:
         """,
     )
     assert (
-        only_problem(path) == f"{path}:9: unknown key 'version' in libraries.sqlite3 (allowed: compartment, hardening)"
+        only_problem(path)
+        == f"{path}:9: unknown key 'version' in libraries.sqlite3 (allowed: compartment, hardening, sharing)"
     )
 
 
@@ -573,7 +574,7 @@ def test_misspelled_library_key(tmp_path: Path) -> None:
     assert problems(path) == [
         f"{path}:6: libraries.sqlite3 is missing the required key 'compartment'",
         f"{path}:7: unknown key 'compartmnt' in libraries.sqlite3; did you mean 'compartment'? "
-        "(allowed: compartment, hardening)",
+        "(allowed: compartment, hardening, sharing)",
     ]
 
 
@@ -1096,6 +1097,143 @@ def test_check_prints_each_compartments_reach(tmp_path: Path) -> None:
         ["db", "->", "app, box, parser  (reaches: not declared; unhardened, so every compartment)"],
     ]
     assert out[first + 4] == "libraries:"
+
+
+# -- sharing --------------------------------------------------------------------------------------
+SHARING = """\
+compartments:
+  - name: app
+    mechanism: {driver: fcalls}
+    default: true
+  - name: box
+    mechanism: {driver: %s}
+libraries:
+  json:
+    compartment: box
+    sharing: {buffers: %s}
+"""
+
+
+def test_buffers_view_in_a_process_compartment_reaches_the_image(tmp_path: Path) -> None:
+    image, notes = parse(write(tmp_path, SHARING % ("process", "view")))
+    assert notes == []
+    assert image.library_sharing == {"json": {"buffers": "view"}}
+    assert image.buffer_sharing("box") == "view" and image.buffer_sharing("app") == "copy"
+    assert Image.from_dict(json.loads(json.dumps(image.to_dict()))) == image
+
+
+def test_buffers_copy_is_the_default_and_may_be_written(tmp_path: Path) -> None:
+    image, _ = parse(write(tmp_path, SHARING % ("subinterp", "copy")))
+    assert image.library_sharing == {"json": {"buffers": "copy"}} and image.buffer_sharing("box") == "copy"
+    image, _ = parse(write(tmp_path, GOOD))
+    assert image.library_sharing == {} and image.buffer_sharing("db") == "copy"
+
+
+@pytest.mark.parametrize(
+    ("driver", "does"),
+    [
+        ("subinterp", "lend the app's own memory, unsealed"),
+        ("fcalls", "pass the app's own objects"),
+        ("vm", "copy them through its ivshmem window"),
+    ],
+)
+def test_buffers_view_outside_a_process_compartment_is_refused(tmp_path: Path, driver: str, does: str) -> None:
+    path = write(tmp_path, SHARING % (driver, "view"))
+    problem = only_problem(path)
+    assert problem.startswith(
+        f"{path}:10: library 'json': buffers: view needs a 'process' compartment (its gates lend large buffers "
+        f"as read-only views of sealed shared memory); 'box' is a {driver!r} compartment, whose gates {does}"
+    )
+    assert problem.endswith(
+        "remove the key (buffers: copy is the default) or move the library to a 'process' compartment"
+    )
+
+
+def test_buffers_view_in_the_default_compartment_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, (SHARING % ("process", "view")).replace("compartment: box", "compartment: app"))
+    assert f"{path}:10: library 'json': buffers: view needs a 'process' compartment" in only_problem(path)
+
+
+def test_buffers_view_is_asked_of_the_drivers_capability(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rule reads the driver's ``buffer_views``, not its name: a driver that gains the port passes."""
+    from flexos.drivers.subinterp import SubinterpDriver
+
+    monkeypatch.setattr(SubinterpDriver, "buffer_views", True)
+    image, _ = parse(write(tmp_path, SHARING % ("subinterp", "view")))
+    assert image.buffer_sharing("box") == "view"
+
+
+def test_an_unknown_strategy_gets_did_you_mean(tmp_path: Path) -> None:
+    path = write(tmp_path, SHARING % ("process", "veiw"))
+    assert only_problem(path) == (
+        f"{path}:10: libraries.json.sharing.buffers: Input should be 'copy' or 'view'; did you mean 'view'?"
+    )
+
+
+def test_an_unknown_sharing_key_lists_the_allowed_ones(tmp_path: Path) -> None:
+    path = write(tmp_path, (SHARING % ("process", "view")).replace("{buffers: view}", "{buffer: view}"))
+    assert only_problem(path) == (
+        f"{path}:10: unknown key 'buffer' in libraries.json.sharing; did you mean 'buffers'? (allowed: buffers)"
+    )
+
+
+def test_conflicting_strategies_in_one_compartment_name_both_lines(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, SHARING % ("process", "view") + "  csv:\n    compartment: box\n    sharing: {buffers: copy}\n"
+    )
+    assert only_problem(path) == (
+        f"{path}:13: library 'csv' declares buffers: copy, but library 'json' (line 10), in the same compartment "
+        "'box', declares buffers: view; a compartment's gates have one strategy for all its libraries: make the "
+        "two agree, or place one in a compartment of its own"
+    )
+
+
+def test_conflicting_strategies_given_as_a_dict_name_the_key_paths() -> None:
+    entries = {"json": {"compartment": "box", "sharing": {"buffers": "view"}}}
+    entries["csv"] = {"compartment": "box", "sharing": {"buffers": "copy"}}
+    data = {
+        "compartments": [
+            {"name": "app", "mechanism": {"driver": "fcalls"}, "default": True},
+            {"name": "box", "mechanism": {"driver": "process"}},
+        ],
+        "libraries": entries,
+    }
+    with pytest.raises(ConfigError) as info:
+        flexos.config.load_mapping(data)
+    assert info.value.problems == [
+        "flexos.boot({...}): libraries.csv.sharing.buffers: library 'csv' declares buffers: copy, but library "
+        "'json' (libraries.json.sharing.buffers), in the same compartment 'box', declares buffers: view; a "
+        "compartment's gates have one strategy for all its libraries: make the two agree, or place one in a "
+        "compartment of its own"
+    ]
+
+
+def test_agreeing_strategies_and_other_compartments_pass(tmp_path: Path) -> None:
+    extra = "  csv:\n    compartment: box\n    sharing: {buffers: view}\n  zlib: {compartment: app}\n"
+    image, notes = parse(write(tmp_path, SHARING % ("process", "view") + extra))
+    assert notes == []
+    assert image.library_sharing == {"json": {"buffers": "view"}, "csv": {"buffers": "view"}}
+
+
+def test_a_silent_library_beside_a_view_one_is_warned_of(tmp_path: Path) -> None:
+    path = write(tmp_path, SHARING % ("process", "view") + "  csv: {compartment: box}\n")
+    image, notes = parse(path)
+    assert notes == [
+        f"{path}:11: warning: library 'csv' declares no sharing, but library 'json' in the same compartment 'box' "
+        "declares buffers: view, so 'csv' gets read-only memoryviews for large buffers too; add sharing: "
+        "{buffers: view} to 'csv' to say so, or place it in another compartment"
+    ]
+    assert image.buffer_sharing("box") == "view"
+
+
+def test_check_says_which_compartments_share_buffers_as_views(tmp_path: Path) -> None:
+    write(tmp_path, SHARING % ("process", "view") + "  csv: {compartment: box, sharing: {buffers: view}}\n")
+    done = flexos_cli("check", "--json", cwd=tmp_path)
+    report = json.loads(done.stdout)
+    assert {entry["name"]: entry["buffers"] for entry in report["compartments"]} == {"app": None, "box": "view"}
+    done = flexos_cli("check", cwd=tmp_path)
+    line = next(line for line in done.stdout.splitlines() if line.startswith("  box ") and "call timeout" in line)
+    assert line.endswith("; large buffers cross as read-only views (sharing: buffers: view)")
 
 
 # -- the flexos check command ---------------------------------------------------------------------

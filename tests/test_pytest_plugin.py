@@ -111,3 +111,15 @@ def test_on_mechanism_moves_every_compartment_but_the_default_keeping_hardening_
     assert on_mechanism(image, "fcalls-strict").compartments["lib"].options == {"strict": True}
     with pytest.raises(ValueError, match="does not boot"):
         on_mechanism(image, "plain")
+
+
+def test_on_mechanism_keeps_buffer_views_only_where_the_driver_lends_sealed_buffers() -> None:
+    image = Image(
+        {"app": CompartmentSpec("app", "fcalls", default=True), "lib": CompartmentSpec("lib", "process")},
+        {"pluglib": "lib", "other": "lib"},
+        library_sharing={"pluglib": {"buffers": "view"}},
+    )
+    assert on_mechanism(image, "process").buffer_sharing("lib") == "view"
+    assert on_mechanism(image, "subinterp").library_sharing == {}
+    copies = Image(image.compartments, image.libraries, library_sharing={"pluglib": {"buffers": "copy"}})
+    assert on_mechanism(copies, "subinterp").library_sharing == {"pluglib": {"buffers": "copy"}}

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from flexos.config import rules
 from flexos.config.schema import (
     Hardening,
+    LibraryEntry,
     LibraryHardening,
     StrictModel,
     context,
@@ -86,6 +87,8 @@ def parse_document(src: Source, search: list[str] | None = None) -> tuple[Image,
         problems.append(problem)
     libraries: dict[str, str] = {}
     library_hardening: dict[str, dict] = {}
+    library_sharing: dict[str, dict[str, str]] = {}
+    placed: dict[str, LibraryEntry] = {}  # the entries without problems
     declared = list(dict.fromkeys(entry.name for entry in config.compartments))
     isolated = {entry.name for entry in config.compartments if not entry.default}
     for index, entry in enumerate(config.compartments):
@@ -95,6 +98,7 @@ def parse_document(src: Source, search: list[str] | None = None) -> tuple[Image,
             rules.library_name(src, module)
             or rules.declared_compartment(src, module, library, declared)
             or rules.library_hardening_needs_hardenable(src, module, library, specs)
+            or rules.buffer_views_need_a_port(src, module, library, specs)
             or (
                 rules.library_found(src, module, search)
                 if search is not None and library.compartment in isolated
@@ -106,11 +110,19 @@ def parse_document(src: Source, search: list[str] | None = None) -> tuple[Image,
             continue
         if library.hardening is not None:
             library_hardening[module] = library.hardening.model_dump()
+        if library.sharing is not None and library.sharing.model_fields_set:
+            library_sharing[module] = library.sharing.model_dump(exclude_unset=True)
         libraries[module] = library.compartment
+        placed[module] = library
+    problems.extend(rules.buffer_strategies_agree(src, placed))
     if problems:
         raise ConfigError(problems)
     notes = rules.unused_compartments(src, config.compartments, libraries)
-    return Image(specs, libraries, source=src.path, library_hardening=library_hardening), notes
+    notes += rules.silent_libraries_in_view_compartments(src, placed)
+    image = Image(
+        specs, libraries, source=src.path, library_hardening=library_hardening, library_sharing=library_sharing
+    )
+    return image, notes
 
 
 def _compartments(src: Source, entries: list, problems: list[str], here: bool) -> dict[str, CompartmentSpec]:

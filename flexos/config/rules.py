@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 from flexos.config.schema import CompartmentEntry, LibraryEntry, did_you_mean, is_module_name
-from flexos.config.source import Source
+from flexos.config.source import Source, where
 from flexos.drivers import driver_class, names
 from flexos.drivers.base import Driver
 from flexos.errors import DriverUnavailable
@@ -208,7 +208,83 @@ def library_hardening_needs_hardenable(
     )
 
 
+def buffer_views_need_a_port(
+    src: Source, module: str, library: LibraryEntry, specs: dict[str, CompartmentSpec]
+) -> str | None:
+    """``buffers: view`` is kept only where a driver lends sealed buffers (its bulk port): anywhere
+    else the library would be handed what the driver does instead, which is not what was declared."""
+    owner = specs.get(library.compartment)  # None: its compartment has a problem of its own
+    if library.sharing is None or library.sharing.buffers != "view" or owner is None:
+        return None
+    driver = driver_class(owner.driver)
+    if driver.buffer_views:
+        return None
+    return src.error(
+        ("libraries", module, "sharing", "buffers"),
+        f"library {module!r}: buffers: view needs a {_drivers_that('buffer_views')} compartment (its gates lend "
+        f"large buffers as read-only views of sealed shared memory); {library.compartment!r} is a {driver.name!r} "
+        f"compartment, whose gates {driver.large_buffers}; remove the key (buffers: copy is the default) or move "
+        f"the library to a {_drivers_that('buffer_views')} compartment",
+    )
+
+
+def declared_buffers(library: LibraryEntry) -> str | None:
+    """The ``buffers:`` strategy the entry writes, or None (it leaves it to its compartment)."""
+    if library.sharing is None or "buffers" not in library.sharing.model_fields_set:
+        return None
+    return library.sharing.buffers
+
+
+def buffer_strategies_agree(src: Source, libraries: dict[str, LibraryEntry]) -> list[str]:
+    """A compartment has one bulk port, so one buffer strategy: its libraries may not declare two."""
+    first: dict[str, str] = {}  # compartment -> the first library declaring a strategy there
+    found = []
+    for module, library in libraries.items():
+        strategy = declared_buffers(library)
+        if strategy is None:
+            continue
+        earlier = first.setdefault(library.compartment, module)
+        theirs = declared_buffers(libraries[earlier])
+        if theirs == strategy:
+            continue
+        found.append(
+            src.error(
+                ("libraries", module, "sharing", "buffers"),
+                f"library {module!r} declares buffers: {strategy}, but library {earlier!r} "
+                f"({_at(src, ('libraries', earlier, 'sharing', 'buffers'))}), in the same compartment "
+                f"{library.compartment!r}, declares buffers: {theirs}; a compartment's gates have one strategy "
+                "for all its libraries: make the two agree, or place one in a compartment of its own",
+            )
+        )
+    return found
+
+
+def _at(src: Source, loc: tuple[Any, ...]) -> str:
+    """Where ``loc`` is, as a message names a second place: its line, or its key path (no file)."""
+    line = src.line(loc)
+    return f"line {line}" if line else where(loc)
+
+
 # -- warnings -------------------------------------------------------------------------------------
+def silent_libraries_in_view_compartments(src: Source, libraries: dict[str, LibraryEntry]) -> list[str]:
+    """A library that declares no strategy gets its compartment's: views, if another declares them."""
+    viewing: dict[str, str] = {}  # compartment -> the first library declaring views there
+    for module, library in libraries.items():
+        if declared_buffers(library) == "view":
+            viewing.setdefault(library.compartment, module)
+    return [
+        src.error(
+            ("libraries", module),
+            f"warning: library {module!r} declares no sharing, but library {viewing[library.compartment]!r} in "
+            f"the same compartment {library.compartment!r} declares buffers: view, so {module!r} gets read-only "
+            f"memoryviews for large buffers too; add sharing: {{buffers: view}} to {module!r} to say so, "
+            "or place it in another compartment",
+        )
+        for module, library in libraries.items()
+        if declared_buffers(library) is None and library.compartment in viewing
+    ]
+
+
 def unused_compartments(src: Source, entries: list[CompartmentEntry], libraries: dict[str, str]) -> list[str]:
     used = set(libraries.values())
     return [

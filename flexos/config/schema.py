@@ -263,9 +263,18 @@ class CompartmentEntry(StrictModel):
     reaches: list[str] | None = None  # compartment names (flexos.config.rules.reaches_declared)
 
 
+class LibrarySharing(StrictModel):
+    """How a library's data crosses its compartment's gates where the default is wrong (FlexOS's
+    shared heap / DSS / whitelists): ``buffers: view`` lends large bytes-like values as read-only
+    views of sealed shared memory instead of copying them (flexos.config.rules says where)."""
+
+    buffers: Literal["copy", "view"] = "copy"
+
+
 class LibraryEntry(StrictModel):
     compartment: str
     hardening: LibraryHardening | None = None
+    sharing: LibrarySharing | None = None
 
 
 class ConfigFile(StrictModel):

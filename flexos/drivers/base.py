@@ -117,6 +117,12 @@ class Driver(ABC):
     hardenable: ClassVar[bool] = False
     #: ``timeout:`` can be enforced (a stuck call runs on a thread that is not the caller's).
     supports_timeout: ClassVar[bool] = False
+    #: ``sharing: {buffers: view}`` is honoured: large bytes-like values cross between the app and
+    #: the compartment as read-only views of sealed shared memory (the bulk port,
+    #: flexos/transports/bulk.py), immutable for both sides.
+    buffer_views: ClassVar[bool] = False
+    #: What its gates do with a large bytes-like value instead, as a refusal of ``buffers: view`` says.
+    large_buffers: ClassVar[str] = "copy them"
     #: How strong a boundary it puts around its compartment, for explore's safety order
     #: (0 = same compartment; a higher number separates more).
     strength: ClassVar[int] = 0

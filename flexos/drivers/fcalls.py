@@ -28,6 +28,7 @@ class FcallsDriver(Driver):
     name = "fcalls"
     may_be_default = True
     in_app_process = True
+    large_buffers = "pass the app's own objects (copies of them with strict: true)"
     strength = 1
     letter = "f"
     Options = FcallsOptions

@@ -17,6 +17,7 @@ class PkuDriver(Driver):
     name = "intel-pku"
     implemented = False
     in_app_process = True
+    large_buffers = "are not implemented"
 
     @classmethod
     def unavailable(cls, options: Any = None) -> str:

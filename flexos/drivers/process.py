@@ -41,6 +41,7 @@ class ProcessDriver(Driver):
     direct_siblings = True
     hardenable = True
     supports_timeout = True
+    buffer_views = True
     strength = 3
     letter = "p"
     Options = ProcessOptions

@@ -55,6 +55,9 @@ result = fallbacks_on_import(MODULES)
 class SubinterpDriver(Driver):
     name = "subinterp"
     in_app_process = True
+    large_buffers = (
+        "lend the app's own memory, unsealed (the app may still write a lent bytearray), and copy what comes back"
+    )
     strength = 2
     letter = "s"
     fork_aborts_child = True

@@ -52,6 +52,7 @@ class VmOptions:
 class VmDriver(Driver):
     name = "vm"
     supports_timeout = True
+    large_buffers = "copy them through its ivshmem window"
     strength = 4
     letter = "v"
     Options = VmOptions
