@@ -174,6 +174,18 @@ class BulkPort:
             pending.clear()
         local["budget"] = None if self._max_frame is None else self._max_frame - frame_size
 
+    def set_aside(self) -> list[int]:
+        """The slots this thread lent on its channel, out of reach of :meth:`received` while it
+        makes calls on other channels (their frames prove nothing about this one's)."""
+        local = self._local.__dict__
+        lent: list[int] = local.get("pending") or []
+        local["pending"] = []
+        return lent
+
+    def restore(self, lent: list[int]) -> None:
+        """Slots :meth:`set_aside` took, waiting again for this thread's next frame."""
+        self._local.__dict__.setdefault("pending", []).extend(lent)
+
     def release(self, starts: list[int]) -> None:
         with self._lock:
             for start in starts:

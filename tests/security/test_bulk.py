@@ -15,6 +15,7 @@ import hashlib
 import importlib
 import os
 import sys
+import time
 from array import array
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -421,3 +422,26 @@ def test_the_sealed_path_leaves_no_descriptor_open(boot_bulkbox: Callable[..., B
     assert booted.box.forget() == 0
     assert _open_fds() <= fds
     assert booted.port.unclaimed() == 0 and booted.box.unclaimed() == 0
+
+
+def test_a_call_made_while_releasing_does_not_free_the_reply_being_read(booted: Booted) -> None:
+    """The app serves a compartment's call, sends a large reply, then applies the releases that came
+    with the call; an object freed then calls the compartment on a channel of its own. That call's
+    answer proves nothing about the reply on the first channel: its slot stays taken until that
+    channel's next frame, or the app could overwrite it while the compartment still copies it out."""
+    port, box = booted.port, booted.box
+    seen: list[int] = []
+
+    class CallsOnDeath:
+        def __del__(self) -> None:
+            box.echo("freed")
+            seen.append(port.arena_in_use())
+
+    index = box.keep(CallsOnDeath())
+    assert box.drop_then_call_back(index, lambda: b"\x66" * (4 * MiB)) == 4 * MiB
+    deadline = time.monotonic() + 10
+    while not seen and time.monotonic() < deadline:  # the app's serving thread frees after replying
+        time.sleep(0.01)
+    assert seen and seen[0] >= 4 * MiB
+    assert box.echo("still serving") == "still serving"
+    assert bytes(box.make("bytes", MiB, 0x33)) == b"\x33" * MiB
