@@ -8,9 +8,11 @@ more crosses through shared memory instead, with one copy on each side at most:
   its arena (pre-faulted after first use: the fastest copy there is) and sends its offset; the
   receiver copies it out into an object of its own while it decodes the frame, so nothing it
   checks or keeps is memory the sender can still write. The compartment maps the app's arena
-  from a read-only descriptor: it cannot write a byte of it. A channel is a strict alternation,
-  so the peer's next frame on it proves it decoded ours: the sending thread frees its slots then
-  (:meth:`BulkPort.received`).
+  from a read-only descriptor, and that arena is sealed against writes and new writable
+  mappings once the app has mapped it: the compartment cannot write a byte of it, not even
+  through a read-write reopening of its descriptor. A channel is a strict alternation, so the
+  peer's next frame on it proves it decoded ours: the sending thread frees its slots then
+  (:meth:`BulkPort.received`; a call it makes on another channel meanwhile proves nothing).
 - **sealed buffers** (the ``view`` sharing strategy, and any buffer that does not fit the arena):
   the sender writes the buffer into a memfd of its own, seals it against writing, shrinking and
   growing, and passes the descriptor over the port's socket before the frame; the receiver checks
