@@ -269,6 +269,9 @@ def test_a_viewed_buffer_is_read_only_and_does_not_follow_the_sender() -> None:
             viewed[0] = 0
         original[:] = bytes(THRESHOLD)
         assert bytes(viewed) == b"\x08" * THRESHOLD
+        grid = memoryview(bytes(range(256)) * 256).cast("i", [64, 256])
+        shaped = compartment.borrow(app.lend(grid))
+        assert (shaped.readonly, shaped.format, shaped.shape, shaped.tolist()) == (True, "i", (64, 256), grid.tolist())
     finally:
         app.close()
         compartment.close()
