@@ -19,7 +19,7 @@ import pytest
 import flexos
 from flexos import Image
 from flexos.errors import ProtocolError
-from flexos.transports.bulk import BulkPort, make_arenas
+from flexos.transports.bulk import BulkPort, open_port
 from flexos.wire import bulk
 from flexos.wire.bulk import Kind, Loan, Placement
 
@@ -129,8 +129,8 @@ def ports() -> Iterator[Callable[..., tuple[BulkPort, BulkPort]]]:
     made: list[BulkPort] = []
 
     def _make(app_views: bool, compartment_views: bool) -> tuple[BulkPort, BulkPort]:
-        app_fds, compartment_fds = make_arenas(1 << 20)
-        pair = BulkPort(app_fds, views=app_views), BulkPort(compartment_fds, views=compartment_views)
+        app, compartment_fds = open_port(1 << 20, views=app_views)
+        pair = app, BulkPort(compartment_fds, views=compartment_views)
         made.extend(pair)
         return pair
 

@@ -25,7 +25,7 @@ from flexos.drivers.console import Console
 from flexos.errors import CompartmentCrashed, CompartmentStartError, ProtocolError
 from flexos.gates.link import Link
 from flexos.transports import PEER_CHANNELS
-from flexos.transports.bulk import BulkPort, make_arenas
+from flexos.transports.bulk import open_port
 from flexos.transports.shm import ShmTransport
 from flexos.wire import control
 
@@ -77,7 +77,7 @@ class ProcessDriver(Driver):
             theirs.close()
         self._proc = proc
         boot = self.boot_record(spin_us=options.spin_us)
-        bulk_fds, their_bulk_fds = make_arenas()
+        port, their_bulk_fds = open_port(views=self.image.buffer_sharing(name) == "view", max_frame=self.spec.max_reply)
         try:
             ours.settimeout(options.start_timeout)
             socket.send_fds(ours, [boot.to_wire()], their_bulk_fds)  # the compartment's side of the bulk port
@@ -91,8 +91,7 @@ class ProcessDriver(Driver):
             for fd in their_bulk_fds:  # the compartment holds its own now
                 os.close(fd)
         if problem is not None:
-            for fd in bulk_fds:
-                os.close(fd)
+            port.close()
             faults.close()
             ours.close()
             proc.kill()
@@ -101,9 +100,7 @@ class ProcessDriver(Driver):
             raise CompartmentStartError(f"compartment {name!r} failed to boot: {problem}")
         self._pidfd = os.pidfd_open(proc.pid)
         link = self.make_link(mirrors)
-        link.carry_bulk(
-            BulkPort(bulk_fds, views=self.image.buffer_sharing(name) == "view", max_frame=self.spec.max_reply)
-        )
+        link.carry_bulk(port)
         self._transport = ShmTransport(
             ours,
             self._pidfd,

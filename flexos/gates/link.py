@@ -272,15 +272,20 @@ class Link:
     def _release_unserved(self, deferred: Releases) -> None:
         """Apply releases between two calls of the peer on this serving thread's channel: the
         peer is not waiting on it, so a call that freeing makes (a weakref callback hashing a
-        proxy key, a ``__del__``) must go out as an outermost call, on a channel of its own."""
+        proxy key, a ``__del__``) must go out as an outermost call, on a channel of its own. The
+        reply just sent may still be read: its bulk slots wait for this channel's next frame, not
+        for the answer to such a call."""
         local = self._local
         served = local.channel
         local.channel = None
+        lent = self.bulk.set_aside() if self.bulk is not None else None
         try:
             self.exports.release(deferred)
         finally:
             local.channel = served
             deferred.clear()
+            if lent and self.bulk is not None:
+                self.bulk.restore(lent)
 
     def dispatch(self, data: bytes, deferred: Releases | None = None) -> bytes:
         """Run one call from the peer and return the reply frame; raises only ReplyTooLarge.

@@ -8,9 +8,11 @@ more crosses through shared memory instead, with one copy on each side at most:
   its arena (pre-faulted after first use: the fastest copy there is) and sends its offset; the
   receiver copies it out into an object of its own while it decodes the frame, so nothing it
   checks or keeps is memory the sender can still write. The compartment maps the app's arena
-  from a read-only descriptor: it cannot write a byte of it. A channel is a strict alternation,
-  so the peer's next frame on it proves it decoded ours: the sending thread frees its slots then
-  (:meth:`BulkPort.received`).
+  from a read-only descriptor, and that arena is sealed against writes and new writable
+  mappings once the app has mapped it: the compartment cannot write a byte of it, not even
+  through a read-write reopening of its descriptor. A channel is a strict alternation, so the
+  peer's next frame on it proves it decoded ours: the sending thread frees its slots then
+  (:meth:`BulkPort.received`; a call it makes on another channel meanwhile proves nothing).
 - **sealed buffers** (the ``view`` sharing strategy, and any buffer that does not fit the arena):
   the sender writes the buffer into a memfd of its own, seals it against writing, shrinking and
   growing, and passes the descriptor over the port's socket before the frame; the receiver checks
@@ -28,6 +30,7 @@ import fcntl
 import mmap
 import os
 import socket
+import sys
 import threading
 from typing import Any
 
@@ -42,33 +45,46 @@ DEFAULT_ARENA = 256 << 20
 _ALIGN = 4096
 _UNCLAIMED = 64  # descriptors of sealed buffers received but not yet named by a frame, at most
 _TRANSFER_SIZE = 8
+# A view's mapping holds no descriptor (Python 3.13+): with one each, many kept views would run out of them.
+_UNTRACKED: dict[str, Any] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 
 
-def make_arenas(size: int = DEFAULT_ARENA) -> tuple[list[int], list[int]]:
-    """(The app) the descriptors of a new port: ours and the compartment's, each [socket, the
-    arena we write, the arena we read]. The compartment's copy of the app's arena is read-only."""
+def open_port(
+    size: int = DEFAULT_ARENA, *, views: bool = False, max_frame: int | None = None
+) -> tuple[BulkPort, list[int]]:
+    """(The app) a new port, and the compartment's descriptors for its side: [socket, the arena
+    it writes, the arena it reads]. The compartment's copy of the app's arena is read-only, and the
+    arena is sealed against writes and new writable mappings once the app has mapped it (a
+    read-only memfd descriptor can be reopened read-write through /proc/self/fd)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    arenas = []
-    for name in ("flexos-arena-app", "flexos-arena-compartment"):
-        fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    app_arena = os.memfd_create("flexos-arena-app", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    compartment_arena = os.memfd_create("flexos-arena-compartment", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    for fd in (app_arena, compartment_arena):
         os.ftruncate(fd, size)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, bulk.ARENA_SEALS)
-        arenas.append(fd)
-    app_arena, compartment_arena = arenas
+    written = mmap.mmap(app_arena, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    fcntl.fcntl(app_arena, fcntl.F_ADD_SEALS, bulk.ARENA_SEALS | fcntl.F_SEAL_FUTURE_WRITE)
+    fcntl.fcntl(compartment_arena, fcntl.F_ADD_SEALS, bulk.ARENA_SEALS)
     app_arena_read_only = os.open(f"/proc/self/fd/{app_arena}", os.O_RDONLY | os.O_CLOEXEC)
-    return (
-        [ours.detach(), app_arena, compartment_arena],
-        [theirs.detach(), os.dup(compartment_arena), app_arena_read_only],
-    )
+    their_fds = [theirs.detach(), os.dup(compartment_arena), app_arena_read_only]
+    port = BulkPort([ours.detach(), app_arena, compartment_arena], views=views, max_frame=max_frame, written=written)
+    return port, their_fds
 
 
 class BulkPort:
     """One side of the bulk buffers to one peer: ``fds`` = [socket, arena we write, arena we read]
     (this object owns them). ``views``: the ``view`` sharing strategy, both ways (we lend sealed
     buffers to be viewed, and view those the peer lends so). ``max_frame`` bounds the bytes one
-    frame of the peer's may make us copy or map."""
+    frame of the peer's may make us copy or map. ``written``: our arena's writable mapping, made
+    before the arena was sealed against new ones (the app's side, :func:`open_port`)."""
 
-    def __init__(self, fds: list[int], *, views: bool = False, max_frame: int | None = None) -> None:
+    def __init__(
+        self,
+        fds: list[int],
+        *,
+        views: bool = False,
+        max_frame: int | None = None,
+        written: mmap.mmap | None = None,
+    ) -> None:
         sock_fd, out_fd, in_fd = fds
         self._sock = socket.socket(fileno=sock_fd)
         self._sock.setblocking(False)
@@ -76,7 +92,9 @@ class BulkPort:
             out_size, in_size = os.fstat(out_fd).st_size, os.fstat(in_fd).st_size
             bulk.check_arena(out_fd, out_size)
             bulk.check_arena(in_fd, in_size)
-            self._out = mmap.mmap(out_fd, out_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            if written is None:
+                written = mmap.mmap(out_fd, out_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self._out = written
             self._in = mmap.mmap(in_fd, in_size, mmap.MAP_SHARED, mmap.PROT_READ)
         finally:
             os.close(out_fd)
@@ -158,6 +176,18 @@ class BulkPort:
             pending.clear()
         local["budget"] = None if self._max_frame is None else self._max_frame - frame_size
 
+    def set_aside(self) -> list[int]:
+        """The slots this thread lent on its channel, out of reach of :meth:`received` while it
+        makes calls on other channels (their frames prove nothing about this one's)."""
+        local = self._local.__dict__
+        lent: list[int] = local.get("pending") or []
+        local["pending"] = []
+        return lent
+
+    def restore(self, lent: list[int]) -> None:
+        """Slots :meth:`set_aside` took, waiting again for this thread's next frame."""
+        self._local.__dict__.setdefault("pending", []).extend(lent)
+
     def release(self, starts: list[int]) -> None:
         with self._lock:
             for start in starts:
@@ -193,7 +223,7 @@ class BulkPort:
         try:
             bulk.check_sealed_buffer(fd, loan.length)
             if loan.placement == Placement.VIEW and self.views and loan.length:
-                mapped = mmap.mmap(fd, loan.length, mmap.MAP_SHARED, mmap.PROT_READ)
+                mapped = mmap.mmap(fd, loan.length, mmap.MAP_SHARED, mmap.PROT_READ, **_UNTRACKED)
                 return bulk.shaped_view(memoryview(mapped), shape)
             copied = _read_all(fd, loan.length)
         finally:
@@ -210,13 +240,13 @@ class BulkPort:
             unclaimed = self._unclaimed
             while transfer not in unclaimed:
                 try:
-                    message, fds, _flags, _addr = socket.recv_fds(self._sock, _TRANSFER_SIZE + 1, 1)
+                    message, fds, flags, _addr = socket.recv_fds(self._sock, _TRANSFER_SIZE + 1, 1)
                 except BlockingIOError:
                     raise ProtocolError(
                         f"peer named sealed buffer {transfer}, whose descriptor it never sent"
                     ) from None
                 try:
-                    number = bulk.decode_transfer(message, fds)
+                    number = bulk.decode_transfer(message, fds, flags)
                 except ProtocolError:
                     for fd in fds:
                         os.close(fd)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import stat
 import struct
 from dataclasses import dataclass
@@ -87,9 +88,10 @@ def encode_transfer(transfer: int) -> bytes:
     return _TRANSFER.pack(transfer)
 
 
-def decode_transfer(message: bytes, fds: list[int]) -> int:
-    """The transfer id of a message that brings a sealed buffer's descriptor (exactly one)."""
-    if len(message) != _TRANSFER.size or len(fds) != 1:
+def decode_transfer(message: bytes, fds: list[int], flags: int = 0) -> int:
+    """The transfer id of a message that brings a sealed buffer's descriptor (exactly one: a
+    message truncated on receipt, ``flags`` MSG_CTRUNC or MSG_TRUNC, had more than it may)."""
+    if len(message) != _TRANSFER.size or len(fds) != 1 or flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
         raise ProtocolError("malformed buffer transfer message")
     return int(_TRANSFER.unpack(message)[0])
 
