@@ -8,18 +8,16 @@
  *       copy the frame into the payload, store its length and flags, then its sequence number
  *       (a release store, so the reader that sees it sees the rest), issue a full fence, and
  *       say whether the peer sleeps (the caller then wakes it);
- *   spin(offset, value, budget_ns, my_cpu_off, peer_cpu_off) -> int
+ *   spin(offset, value, budget_ns) -> int
  *       poll the u64 at offset (acquire loads, a pause between) until it is value: the ns it
- *       took; once the budget is spent, MISSED (-1), or NEEDS_CPU (-2) if the spin itself says
- *       the peer could not run meanwhile: we were preempted mid-spin (someone else wanted this
- *       CPU) or the peer last ran on the CPU we spin on. Stores the CPU we run on (plus one;
- *       0 is "not known") at my_cpu_off first;
- *   park(sleep_off, offset, value, closed_off, efd, watch_fd, watch_events, timeout_ms, my_cpu_off) -> int
+ *       took; once the budget is spent, MISSED (-1), or NEEDS_CPU (-2) if we were preempted
+ *       mid-spin (someone else wanted this CPU: perhaps the peer, which spinning only delays);
+ *   park(sleep_off, offset, value, closed_off, efd, watch_fd, watch_events, timeout_ms) -> int
  *       the sleeping side of the Dekker handshake: set our "sleeping" flag, fence, look again;
  *       then poll the eventfd and the peer's watch fd with the GIL released. ARRIVED (0),
  *       CLOSED (1: the peer closed its side), GONE (2: the watch fd fired), or AGAIN (3: the
  *       timeout passed, or a signal came; the caller checks its deadline and calls again).
- *       Our flag is clear whenever it returns, and the CPU we woke on is stored.
+ *       Our flag is clear whenever it returns.
  *
  * Every offset is checked against the buffer, so a wrong one raises instead of touching memory
  * outside the mapping. The layout itself (what lives at which offset) is shm.py's.
@@ -27,7 +25,6 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
-#include <sched.h>
 #include <poll.h>
 #include <stdint.h>
 #include <string.h>
@@ -48,11 +45,6 @@ enum { MISSED = -1, NEEDS_CPU = -2 };
 
 /* A gap this long between two looks at the clock while spinning means we did not run. */
 #define PREEMPTED_NS 20000
-
-static uint32_t this_cpu(void) {
-    int cpu = sched_getcpu();
-    return cpu < 0 ? 0 : (uint32_t)cpu + 1;
-}
 
 typedef struct {
     PyObject_HEAD
@@ -162,16 +154,12 @@ static PyObject *ring_publish(Ring *self, PyObject *const *args, Py_ssize_t narg
 }
 
 static PyObject *ring_spin(Ring *self, PyObject *const *args, Py_ssize_t nargs) {
-    Py_ssize_t a[5];
-    if (ssize_args(args, nargs, 5, a, 0) < 0)
+    Py_ssize_t a[3];
+    if (ssize_args(args, nargs, 3, a, 0) < 0)
         return NULL;
     char *word = at(self, a[0], 8, 8);
-    char *mine = word ? at(self, a[3], 4, 4) : NULL;
-    char *peers = mine ? at(self, a[4], 4, 4) : NULL;
-    if (!peers)
+    if (!word)
         return NULL;
-    uint32_t cpu = this_cpu();
-    __atomic_store_n((uint32_t *)mine, cpu, __ATOMIC_RELAXED);
     uint64_t value = (uint64_t)a[1];
     uint64_t start = now_ns(), last = start, budget = a[2] > 0 ? (uint64_t)a[2] : 0;
     int preempted = 0;
@@ -187,19 +175,17 @@ static PyObject *ring_spin(Ring *self, PyObject *const *args, Py_ssize_t nargs) 
         if (now - start > budget)
             break;
     }
-    uint32_t peer = __atomic_load_n((uint32_t *)peers, __ATOMIC_RELAXED);
-    return PyLong_FromLong(preempted || (peer && peer == this_cpu()) ? NEEDS_CPU : MISSED);
+    return PyLong_FromLong(preempted ? NEEDS_CPU : MISSED);
 }
 
 static PyObject *ring_park(Ring *self, PyObject *const *args, Py_ssize_t nargs) {
-    Py_ssize_t a[9];
-    if (ssize_args(args, nargs, 9, a, 0) < 0)
+    Py_ssize_t a[8];
+    if (ssize_args(args, nargs, 8, a, 0) < 0)
         return NULL;
     char *mine = at(self, a[0], 4, 4);
     char *word = mine ? at(self, a[1], 8, 8) : NULL;
     char *closed = word ? at(self, a[3], 4, 4) : NULL;
-    char *my_cpu = closed ? at(self, a[8], 4, 4) : NULL;
-    if (!my_cpu)
+    if (!closed)
         return NULL;
     uint64_t value = (uint64_t)a[2];
     uint32_t *sleep_flag = (uint32_t *)mine;
@@ -238,7 +224,6 @@ static PyObject *ring_park(Ring *self, PyObject *const *args, Py_ssize_t nargs) 
         }
     }
     __atomic_store_n(sleep_flag, 0, __ATOMIC_RELAXED);
-    __atomic_store_n((uint32_t *)my_cpu, this_cpu(), __ATOMIC_RELAXED);
     if (status == AGAIN && PyErr_CheckSignals() < 0)
         return NULL; /* a signal handler raised (KeyboardInterrupt): the wait ends with it */
     return PyLong_FromLong(status);
@@ -248,9 +233,9 @@ static PyMethodDef ring_methods[] = {
     {"publish", (PyCFunction)(void (*)(void))ring_publish, METH_FASTCALL,
      "publish(payload_off, frame, hdr_off, flags, seq, peer_sleep_off) -> peer sleeps"},
     {"spin", (PyCFunction)(void (*)(void))ring_spin, METH_FASTCALL,
-     "spin(offset, value, budget_ns, my_cpu_off, peer_cpu_off) -> ns it took, MISSED or NEEDS_CPU"},
+     "spin(offset, value, budget_ns) -> ns it took, MISSED or NEEDS_CPU"},
     {"park", (PyCFunction)(void (*)(void))ring_park, METH_FASTCALL,
-     "park(sleep_off, offset, value, closed_off, efd, watch_fd, watch_events, timeout_ms, my_cpu_off) -> status"},
+     "park(sleep_off, offset, value, closed_off, efd, watch_fd, watch_events, timeout_ms) -> status"},
     {"release", (PyCFunction)ring_release, METH_NOARGS, "release the ring's hold on its memory"},
     {NULL, NULL, 0, NULL},
 };

@@ -18,9 +18,9 @@ class Ring:
     ) -> bool:
         """Copy ``frame`` in, store its length and flags, then ``seq`` (release), fence; the peer sleeps?"""
 
-    def spin(self, offset: int, value: int, budget_ns: int, my_cpu_off: int, peer_cpu_off: int, /) -> int:
+    def spin(self, offset: int, value: int, budget_ns: int, /) -> int:
         """Poll the u64 at ``offset`` until it is ``value``: the ns it took; past the budget,
-        MISSED, or NEEDS_CPU if we were preempted or the peer last ran on our CPU."""
+        MISSED, or NEEDS_CPU if we were preempted meanwhile."""
 
     def park(
         self,
@@ -32,7 +32,6 @@ class Ring:
         watch_fd: int,
         watch_events: int,
         timeout_ms: int,
-        my_cpu_off: int,
         /,
     ) -> int:
         """Flag ourselves sleeping, look again, poll: ARRIVED, CLOSED, GONE or AGAIN."""

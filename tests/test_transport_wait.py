@@ -34,7 +34,7 @@ class ScriptedPeer(RingChannel):
         self._poll_for = self._scripted
         self.next_value = 1
 
-    def _scripted(self, offset: int, value: int, budget: int, my_cpu: int, peer_cpu: int) -> int:
+    def _scripted(self, offset: int, value: int, budget: int) -> int:
         self.spins.append(budget)
         return self.outcome
 
@@ -98,7 +98,8 @@ def test_a_peer_that_runs_but_answers_late_halves_the_budget_down_to_a_floor() -
 
 
 def test_a_process_confined_to_one_cpu_never_spins() -> None:
-    """Under `taskset -c 0` the app side of a real process compartment's gate hands over at once."""
+    """Under `taskset -c 0` the app side of a real process compartment's gate hands over at once,
+    and never probes: the compartment inherited the affinity, so it can never run elsewhere."""
     script = textwrap.dedent(
         """
         import os, sys, tempfile, pathlib
@@ -107,6 +108,7 @@ def test_a_process_confined_to_one_cpu_never_spins() -> None:
         (lib / "echo_one_cpu.py").write_text("def f(x):\\n    return x\\n")
         sys.path.insert(0, str(lib))
         import flexos
+        import flexos.transports.shm as shm
         from flexos import CompartmentSpec, Image
         image = Image(
             compartments={"app": CompartmentSpec("app", "fcalls", default=True), "c": CompartmentSpec("c", "process")},
@@ -114,7 +116,8 @@ def test_a_process_confined_to_one_cpu_never_spins() -> None:
         )
         with flexos.boot(image) as runtime:
             import echo_one_cpu
-            assert sum(echo_one_cpu.f(i) for i in range(300)) == sum(range(300))
+            calls = 3 * shm._PROBE_EVERY_MAX  # past the longest probing interval: it never probes
+            assert sum(echo_one_cpu.f(i) for i in range(calls)) == sum(range(calls))
             link = runtime.compartments["c"].link()
             print(sum(c.spun + c.missed for c in link._free), sum(c.parked for c in link._free))
         """

@@ -6,7 +6,7 @@ write in ~1 µs, so a waiting side polls the shared sequence number while the pe
 another CPU; when the peer needs our CPU, spinning only delays it, so it blocks at once
 (RingChannel._wait learns which holds). Layout of the shared region::
 
-    0    side 0 "sleeping", "closed", cpu + 1 (u32s)    64   side 1: the same
+    0    side 0 "sleeping", "closed" (u32s)    64   side 1: the same
     128  direction 0->1: len u32, flags u32, seq u64, ack u64
     192  direction 1->0: same
     256  payload 0->1 [capacity]            256+capacity  payload 1->0 [capacity]
@@ -80,6 +80,9 @@ class RingChannel(ABC):
     above); how a side waits for the peer, and wakes it, is the subclass's. ``max_frame`` bounds
     the frames read (None: only memory does)."""
 
+    #: The peer runs where we may run (a child or parent process, which inherited our affinity).
+    peer_inherits_affinity = False
+
     def __init__(
         self, mm: mmap.mmap, base: int, side: int, capacity: int, spin_us: float, max_frame: int | None = None
     ) -> None:
@@ -91,7 +94,6 @@ class RingChannel(ABC):
         self._my_sleep = base + (0 if side == 0 else 64)
         self._peer_sleep = base + (64 if side == 0 else 0)
         self._my_closed = self._my_sleep + 4
-        self._my_cpu, self._peer_cpu = self._my_sleep + 8, self._peer_sleep + 8
         self._peer_closed = self._peer_sleep + 4
         self._out_hdr, self._in_hdr = (base + 128, base + 192) if side == 0 else (base + 192, base + 128)
         self._out_payload = base + (_HEADER if side == 0 else _HEADER + capacity)
@@ -100,17 +102,18 @@ class RingChannel(ABC):
         self._in_seq = 0
         self._budget_max = int(spin_us * 1000)  # ns, as every spin budget below
         self._budget = self._budget_max
-        # Confined to one CPU (taskset, a one-CPU container), the peer (our child or parent, which
-        # inherited it) shares that CPU: a spin could only delay it.
+        # Confined to one CPU (taskset, a one-CPU container), a spin could only delay a peer that
+        # shares it: start out parking, and never probe if the peer inherited our affinity.
         one_cpu = len(os.sched_getaffinity(0)) == 1
         self._parking = one_cpu or not self._budget_max
+        self._never_spin = one_cpu and self.peer_inherits_affinity
         self._probe_every = _PROBE_EVERY_MAX if one_cpu else _PROBE_EVERY_MIN
         self._waits_since_probe = 0
         self._suspicions = 0  # spins in a row that found the peer could not run
         # What stores a frame and what polls for one: attributes, so that a subclass's C versions
         # are called without a Python frame in between.
         self._publish: Callable[[int, bytes | memoryview, int, int, int, int], bool] = self._python_publish
-        self._poll_for: Callable[[int, int, int, int, int], int] = self._python_poll_for
+        self._poll_for: Callable[[int, int, int], int] = self._python_poll_for
         self.spun = 0  # waits that ended while spinning
         self.missed = 0  # spins that ended without the frame
         self.parked = 0  # waits that blocked
@@ -221,9 +224,11 @@ class RingChannel(ABC):
 
         Which is right depends on where the peer runs, so the channel learns it from its own
         waits (adaptive spin-then-park, as adaptive mutexes do). A spin that ends empty-handed
-        says why (``_poll_for``): either the peer could not run meanwhile (we were preempted
-        mid-spin, so someone else wanted our CPU, or the peer last ran on our CPU), or it runs
-        elsewhere and is just not done.
+        says why (``_poll_for``): either we were preempted mid-spin (someone else wanted our
+        CPU, perhaps the peer), or the peer runs elsewhere and is just not done. Where the peer
+        last ran is no evidence: on a quiet machine the wake-ups of two parking sides make the
+        scheduler place them on one CPU, so that signal would keep them parking side by side,
+        while two spinning sides get spread over the CPUs by its load balancer.
 
         - *spinning*: spin up to the budget. If the peer could not run, spinning only delays it:
           park from now on. If it runs elsewhere and picked our frame up (its ack), this is a
@@ -235,14 +240,15 @@ class RingChannel(ABC):
           spin probes whether it runs elsewhere now.
 
         One thread per process spins at a time (a spinner holds the GIL; a second would keep the
-        first from seeing its reply), and a process confined to one CPU starts out parking.
+        first from seeing its reply). A channel confined to one CPU starts out parking, and
+        never probes when its peer is confined with it (:attr:`peer_inherits_affinity`).
         """
         if _spinners:
             self.parked += 1
             return self._block(offset, value, deadline)
         if self._parking:
             self._waits_since_probe += 1
-            if self._waits_since_probe >= self._probe_every:
+            if self._waits_since_probe >= self._probe_every and not self._never_spin:
                 self._waits_since_probe = 0
                 outcome = self._spin(offset, value, min(self._budget_max, _PROBE_SPIN_NS))
                 if outcome != NEEDS_CPU:  # the peer answered, or could have: it runs beside us
@@ -279,7 +285,7 @@ class RingChannel(ABC):
         it took, or MISSED, or NEEDS_CPU (see ``_poll_for``)."""
         _spinners.append(1)
         try:
-            outcome = self._poll_for(offset, value, budget, self._my_cpu, self._peer_cpu)
+            outcome = self._poll_for(offset, value, budget)
         finally:
             _spinners.pop()
         if outcome < 0:
@@ -303,11 +309,9 @@ class RingChannel(ABC):
         _fence_lock.release()
         return bool(_FLAG.unpack_from(mm, peer_sleep_off)[0])
 
-    def _python_poll_for(self, offset: int, value: int, budget: int, my_cpu: int, peer_cpu: int) -> int:
+    def _python_poll_for(self, offset: int, value: int, budget: int) -> int:
         """Poll the sequence number at ``offset`` until it is ``value``: the ns it took; once
-        ``budget`` ns are spent, NEEDS_CPU if we were preempted meanwhile, else MISSED. (The C
-        version also compares the CPUs each side last ran on, at ``my_cpu`` and ``peer_cpu``;
-        Python cannot ask which CPU it runs on.)"""
+        ``budget`` ns are spent, NEEDS_CPU if we were preempted meanwhile, else MISSED."""
         mm = self._mm
         unpack = _SEQ.unpack_from
         clock = time.perf_counter_ns
@@ -327,6 +331,8 @@ class RingChannel(ABC):
 class ShmChannel(RingChannel):
     """One side (0 or 1) of a shared-memory channel between two processes: a sealed memfd, and an
     eventfd per side that a sleeping side blocks on."""
+
+    peer_inherits_affinity = True
 
     def __init__(
         self,
@@ -379,7 +385,8 @@ class ShmChannel(RingChannel):
             pass  # it is readable, so the peer's poll() returns anyway
 
     def _block(self, offset: int, value: int, deadline: float | None = None) -> None:
-        park, watch_fd, watch_events, cpu = self._ring.park, self._watch_fd, self._watch_events, self._my_cpu
+        park, watch_fd, watch_events = self._ring.park, self._watch_fd, self._watch_events
+        my_sleep, peer_closed, my_efd = self._my_sleep, self._peer_closed, self._my_efd
         wait_ms = _BLOCK_POLL_MS
         while True:
             if deadline is not None:
@@ -387,9 +394,7 @@ class ShmChannel(RingChannel):
                 if left <= 0:
                     raise CallTimeout()
                 wait_ms = min(_BLOCK_POLL_MS, int(left * 1000) + 1)
-            status = park(
-                self._my_sleep, offset, value, self._peer_closed, self._my_efd, watch_fd, watch_events, wait_ms, cpu
-            )
+            status = park(my_sleep, offset, value, peer_closed, my_efd, watch_fd, watch_events, wait_ms)
             if status == ARRIVED:
                 return
             if status == CLOSED:
