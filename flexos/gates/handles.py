@@ -151,18 +151,23 @@ class ImportTable:
             return proxy
 
     def lookup_or_create_value(self, handle: int, create: Callable[[], Any]) -> Any:
-        """:meth:`lookup_or_create` for value proxies, which are referenced through an anchor."""
+        """:meth:`lookup_or_create` for value proxies. Those of ``str``, ``float`` and ``complex``
+        subclasses are referenced directly, so they die when their last reference goes, as the
+        library's own value would; ``int``, ``bytes`` and ``tuple`` subclasses refuse weak
+        references, so theirs go through an anchor, and die when the cyclic collector runs."""
         with self._lock:
             ref = self._refs.get(handle)
             if ref is not None:
-                anchor = ref()
-                if anchor is not None:
+                target = ref()
+                if target is not None:
                     ref.count += 1
-                    return anchor.proxy
+                    return target.proxy if type(target) is _Anchor else target
             proxy = create()
-            anchor = _Anchor(proxy)
-            proxy.__dict__["_flexos_anchor"] = anchor
-            ref = _ProxyRef(anchor, self._dead.append)
+            if type(proxy).__weakrefoffset__:
+                target = proxy
+            else:
+                target = proxy.__dict__["_flexos_anchor"] = _Anchor(proxy)
+            ref = _ProxyRef(target, self._dead.append)
             ref.handle = handle
             ref.count = 1
             self._refs[handle] = ref

@@ -65,9 +65,10 @@ class RemoteValue:
     member, ``tuple`` for a named tuple), and the instance holds the value: whatever the builtin
     does runs locally on it, and cannot go stale, since the value is immutable. What the class adds
     or overrides runs in the owner, as for any proxy. No ``__slots__`` (``int``, ``bytes`` and
-    ``tuple`` subclasses refuse them): the handle, link and anchor (through which the import table
-    weakly references it, :meth:`~flexos.gates.handles.ImportTable.lookup_or_create_value`) live in
-    the instance's ``__dict__``. One live proxy per handle, so ``lib.red() is lib.Color.RED``.
+    ``tuple`` subclasses refuse them): the handle, link and, for those three, the anchor through
+    which the import table weakly references it
+    (:meth:`~flexos.gates.handles.ImportTable.lookup_or_create_value`) live in the instance's
+    ``__dict__``. One live proxy per handle, so ``lib.red() is lib.Color.RED``.
     """
 
     _flexos_handle: int
