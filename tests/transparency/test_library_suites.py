@@ -18,17 +18,16 @@ from flexos.pytest_plugin import SuiteRun
 
 #: The least share of the plainly passing tests that must pass with the library on the mechanism,
 #: per library and mechanism, on the CI sample. Issue 13's goal is 0.95 for each. Measured on the
-#: CI sample on 2026-12-02, twice (a shared machine; the whole file took 59 s and 80 s on one
-#: worker): simplejson 89-90% / 81%, MarkupSafe 96% / 96%, PyYAML 99% / 50%, dateutil 91% / 91%.
-#: Each threshold sits a few points under. PyYAML under subinterp loses its libyaml half (a C
-#: extension an own-GIL subinterpreter refuses: docs/gates.md, "What stays impossible"). On a
-#: loaded machine MarkupSafe's process run can reach its 20 s timeout (its leak test makes 80,000
-#: calls), which cut it to 16% once.
+#: CI sample on 2026-12-03 (a shared machine): simplejson 90% / 81%, MarkupSafe 99% / 99% (96% when
+#: its two leak tests, 80,000 calls each, overrun their 5 s under load), PyYAML 99% / 50%, dateutil
+#: 91% / 91%. Each threshold sits a few points under. PyYAML under subinterp loses its libyaml half
+#: (a C extension an own-GIL subinterpreter refuses: docs/gates.md, "What stays impossible"). On a
+#: loaded machine MarkupSafe's process run can reach its 20 s timeout, which cut it to 16% once.
 THRESHOLDS: dict[tuple[str, str], float] = {
     ("simplejson", "process"): 0.86,
     ("simplejson", "subinterp"): 0.78,
-    ("markupsafe", "process"): 0.90,
-    ("markupsafe", "subinterp"): 0.90,
+    ("markupsafe", "process"): 0.93,
+    ("markupsafe", "subinterp"): 0.93,
     ("pyyaml", "process"): 0.95,
     ("pyyaml", "subinterp"): 0.47,
     ("dateutil", "process"): 0.87,
