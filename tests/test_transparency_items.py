@@ -107,6 +107,13 @@ def test_item_1_value_proxies_are_released_when_the_app_drops_them(lib):
         gc.enable()
 
 
+def test_one_function_under_two_names_is_one_object_in_the_app(lib):
+    """``markupsafe._escape_inner is markupsafe._speedups._escape_inner``: a module function
+    reached through two attributes is the same object, as it is in the library."""
+    assert lib.echo_again is lib.echo
+    assert lib.echo_again("x") == "x"
+
+
 def test_item_1_tuple_subclass_value_proxies_are_released_by_the_collector(lib):
     """``int``, ``bytes`` and ``tuple`` subclasses refuse weak references: their proxies are
     referenced through an anchor, a cycle that the collector frees."""

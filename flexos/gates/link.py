@@ -124,6 +124,9 @@ class Link:
         self.timeout: float | None = None
         self._mirrors = mirrors if mirrors is not None else {}
         self._classes: dict[int, type] = {}
+        # handle -> the by-name ModuleFunction of that function (flexos.gates.proxies.ModuleProxy):
+        # one per function, however many module attributes name it, so ``m.f is m.sub.f`` holds.
+        self.module_functions: dict[int, Any] = {}
         self._class_handles: dict[type, int] = {}
         self._grants: dict[type, int] = {}  # class -> how many sent values grant it (taken back if one fails)
         self._export_lock = threading.Lock()

@@ -586,7 +586,11 @@ class ModuleProxy(types.ModuleType):
             raise AttributeError(name)
         value = getattr(self._flexos_target(), name)
         if isinstance(value, RemoteObject) and type(value).__name__ in _FUNCTION_TYPES:
-            value = ModuleFunction(self, name, value)
+            known = value._flexos_link.module_functions
+            wrapper = known.get(value._flexos_handle)
+            if wrapper is None or wrapper._flexos_bound is not value:  # (rebound after a restart)
+                wrapper = known[value._flexos_handle] = ModuleFunction(self, name, value)
+            value = wrapper
         if isinstance(value, (type, types.ModuleType, ModuleFunction)):
             types.ModuleType.__setattr__(self, name, value)
         return value
