@@ -142,7 +142,8 @@ class ImportTable:
                 proxy = ref()
                 if proxy is not None:
                     ref.count += 1
-                    return proxy
+                    # (an anchor if the peer named this handle as a value before: its proxy)
+                    return proxy.proxy if type(proxy) is _Anchor else proxy
             proxy = create()
             ref = _ProxyRef(proxy, self._dead.append)
             ref.handle = handle

@@ -400,3 +400,40 @@ def test_random_garbage_replies_from_a_live_compartment(hostile):
         with pytest.raises(flexos.ProtocolError):
             hostile.echo(i)
     assert hostile.echo("ok") == "ok"
+
+
+# -- one handle named as two kinds of reference ------------------------------------------------
+
+
+class _ValueStr(str):
+    """Stands in for a value proxy of a ``str`` subclass (weakly referenceable)."""
+
+
+class _ValueInt(int):
+    """Stands in for a value proxy of an ``int`` subclass (referenced through an anchor)."""
+
+
+class _Object:
+    """Stands in for an object proxy."""
+
+
+@pytest.mark.parametrize("value_class", [_ValueStr, _ValueInt])
+def test_a_handle_sent_as_an_object_and_as_a_value_never_yields_flexos_internals(value_class) -> None:
+    """The peer chooses the handles: naming one as a value after naming it as an object (or the
+    other way round) gets the receiver one of the proxies it made, never the anchor behind one."""
+    from flexos.gates.handles import ImportTable
+
+    made: list[object] = []
+
+    def make(cls: type) -> object:
+        proxy = cls("7") if cls is not _Object else cls()
+        made.append(proxy)
+        return proxy
+
+    table = ImportTable()
+    first = table.lookup_or_create(1, lambda: make(_Object))
+    assert table.lookup_or_create_value(1, lambda: make(value_class)) in (first, *made)
+    first_value = table.lookup_or_create_value(2, lambda: make(value_class))
+    again = table.lookup_or_create(2, lambda: make(_Object))
+    assert again is first_value
+    assert all(type(proxy) in (_Object, value_class) for proxy in made)
