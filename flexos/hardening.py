@@ -284,6 +284,7 @@ def install_audit_policy(
     code_paths: Iterable[str] = (),
     importers: Iterable[Any] = (),
     displaced: Iterable[types.ModuleType] = (),
+    origins: dict[str, str] | None = None,
 ) -> None:
     """Refuse denied audit events raised on behalf of component code, for the life of the process.
 
@@ -294,13 +295,20 @@ def install_audit_policy(
     acting for whoever started it. For the component's events the compartment's ``deny`` applies,
     and the ``deny`` of each library in ``libraries`` (found on ``code_paths``) that has code on the
     stack or started the thread, or of every library when no component code is in sight (a thread
-    running a C function, a C callable that flexos's dispatcher was handed).
+    running a C function, a C callable that flexos's dispatcher was handed). ``origins``: where each
+    policy is written (``audit``, ``libraries.NAME``: ``FILE:LINE``), for the messages.
 
     The hook calls nothing a component could have defined: identity checks, exact-str comparisons
     and C attribute reads only, so no component code runs while it decides.
     """
     exact, prefixes = expand_events(deny)
     per_library = {name: expand_events(events) for name, events in (libraries or {}).items()}
+    origins = origins or {}
+    written = f"hardening.audit, {origins.get('audit', 'flexos.yaml')}"
+    written_for = {
+        name: f"libraries.{name}.hardening.audit, {origins.get(f'libraries.{name}', 'flexos.yaml')}"
+        for name in per_library
+    }
     watched = frozenset(exact.union(*(events for events, _ in per_library.values())))
     if not watched:
         return
@@ -371,7 +379,7 @@ def install_audit_policy(
             if guarded:
                 raise PermissionError(
                     f"{event!r} is denied in compartment {compartment!r}: it reaches the audit hook's own state "
-                    "(flexos.yaml hardening.audit)"
+                    f"({written})"
                 )
             try:
                 caller = sys._getframe(1)
@@ -384,13 +392,13 @@ def install_audit_policy(
                 return
             if event in exact or event.startswith(prefixes):
                 raise PermissionError(
-                    f"{event!r} is denied in compartment {compartment!r} (flexos.yaml hardening.audit)"
+                    f"{event!r} is denied in compartment {compartment!r} ({written})"
                 )
             for library in sorted(acting):
                 library_exact, library_prefixes = per_library[library]
                 if event in library_exact or event.startswith(library_prefixes):
                     raise PermissionError(
-                        f"{event!r} is denied for library {library!r} (flexos.yaml libraries.{library}.hardening.audit)"
+                        f"{event!r} is denied for library {library!r} ({written_for[library]})"
                     )
         finally:
             busy.discard(me)
@@ -773,45 +781,83 @@ def effective_policy(
 
 
 # -- denials that say which setting caused them ------------------------------------------------------
+def _human(size: int) -> str:
+    """bytes in the largest binary unit that writes them exactly (flexos.config.human_size, which
+    a compartment does not import)."""
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size and size % (1 << shift) == 0:
+            return f"{size >> shift}{unit}"
+    return f"{size} bytes"
+
+
+def _seccomp_reason(hardening: dict[str, Any], origins: dict[str, str]) -> str:
+    """Why an EPERM can be the seccomp filter's: what it is made of and where, a few of the calls
+    it refuses (``flexos check`` lists them all)."""
+    declared = hardening.get("seccomp") or {}
+    denied = seccomp_denied(seccomp_policy(hardening) or {})
+    named = [call for call in ("execve", "fork", "socket", "connect", "ptrace") if call in denied][:4]
+    named += [call for call in denied if call not in named][: 4 - len(named)]
+    more = f" and {len(denied) - len(named)} more" if len(denied) > len(named) else ""
+    parts = [f"profile {declared['profile']}"] if declared.get("profile") else []
+    parts += [f"{key}: {', '.join(declared[key])}" for key in ("deny", "allow") if declared.get(key)]
+    if (hardening.get("limits") or {}).get("processes") == 0:
+        parts.append("limits.processes: 0")
+        where = origins.get("limits.processes", "?") if not declared else origins.get("seccomp", "?")
+    else:
+        where = origins.get("seccomp", "?")
+    return (
+        f"hardening.seccomp ({'; '.join(parts)}; {where}) answers EPERM to the system calls "
+        f"{', '.join(named)}{more} (flexos check lists them all)"
+    )
+
+
+
 _DENIAL_TOOL = 4  # a sys.monitoring tool id free of debuggers (0), coverage (1), profilers (2), optimizers (5)
 
 
 def explain_denials(
     compartment: str,
     hardening: dict[str, Any],
-    source: str,
+    origins: dict[str, str],
     boundary: types.CodeType,
     on_denial: Callable[[str], None] = lambda note: None,
 ) -> None:
     """Note, on an error a call returns to the caller, which setting of ``hardening`` can have caused
-    it, as audit denials say theirs: Landlock's EACCES, seccomp's EPERM, an isolated network's
-    ENETUNREACH, a MemoryError under ``limits.memory``. Only exceptions the code ``boundary`` (the
-    gate's dispatcher) catches are explained; the callback runs when an exception is caught (an identity
-    test for any other), never on a call that raises nothing."""
+    it and where it is written (``origins``: ``filesystem``, ``seccomp``, ``network``,
+    ``limits.memory``, ``limits.processes`` -> ``FILE:LINE``), as audit denials say theirs:
+    Landlock's EACCES, seccomp's EPERM, an isolated network's ENETUNREACH, a MemoryError under
+    ``limits.memory``. Only exceptions the code ``boundary`` (the gate's dispatcher) catches are
+    explained; the callback runs when an exception is caught (an identity test for any other),
+    never on a call that raises nothing."""
     monitoring = getattr(sys, "monitoring", None)
     where = f"compartment {compartment!r} is sandboxed"
     by_errno: dict[int, str] = {}
     if hardening.get("filesystem") is not None:
-        by_errno[errno.EACCES] = "{filename} is not under hardening.filesystem.read (or .write, to write it)"
+        by_errno[errno.EACCES] = (
+            "{filename} is not under hardening.filesystem.read (or .write, to write it) "
+            f"({origins.get('filesystem', '?')})"
+        )
     if hardening.get("seccomp") is not None or (hardening.get("limits") or {}).get("processes") == 0:
-        denied = ", ".join(seccomp_denied(seccomp_policy(hardening) or {}))
-        by_errno[errno.EPERM] = f"hardening.seccomp refuses the system calls {denied}"
+        by_errno[errno.EPERM] = _seccomp_reason(hardening, origins)
     if hardening.get("network") == "none":
-        by_errno[errno.ENETUNREACH] = "hardening.network is none: it has a network namespace of its own, only lo"
+        by_errno[errno.ENETUNREACH] = (
+            f"hardening.network is none ({origins.get('network', '?')}): it has a network namespace of its own, only lo"
+        )
     memory = (hardening.get("limits") or {}).get("memory")
     if monitoring is None or not (by_errno or memory):
         return
+    memory_reason = f"hardening.limits.memory holds it to {_human(memory or 0)} of data ({origins.get('limits.memory', '?')})"
 
     def handled(code: types.CodeType, offset: int, exc: BaseException) -> None:
         if code is not boundary:
             return
         if type(exc) is MemoryError and memory:
-            why = f"hardening.limits.memory holds it to {memory} bytes of data"
+            why = memory_reason
         elif isinstance(exc, OSError) and exc.errno in by_errno:
             why = by_errno[exc.errno].format(filename=exc.filename if exc.filename is not None else "the path")
         else:
             return
-        note = f"{where}: {why} ({source})"
+        note = f"{where}: {why}"
         try:
             if note not in getattr(exc, "__notes__", ()):
                 exc.add_note(note)

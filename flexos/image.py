@@ -16,6 +16,35 @@ DEFAULT_CONFIG = "flexos.yaml"
 # enough that a compartment cannot make the app hold more than 2x this per channel.
 DEFAULT_MAX_REPLY = 64 << 20
 
+# What every compartment's interpreter runs on (the import system, codecs, the main thread, the
+# os interface) and so flexos's runtime in it too: a gate cannot stand in for them.
+EVERY_COMPARTMENT = frozenset(
+    {
+        "builtins", "sys", "os", "posix", "posixpath", "genericpath", "stat", "_stat", "io", "_io", "abc", "_abc",
+        "codecs", "_codecs", "encodings", "importlib", "_imp", "_frozen_importlib", "_frozen_importlib_external",
+        "zipimport", "marshal", "site", "_sitebuiltins", "types", "_collections_abc", "warnings", "_warnings",
+        "threading", "_thread", "_weakref",
+    }
+)  # fmt: skip
+
+
+def placement_refusal(module: str) -> str | None:
+    """Why ``module`` can never be placed in a compartment (it would silently stay the app's), or None."""
+    top = module.partition(".")[0]
+    if top == "flexos":
+        return f"library {module!r} cannot be placed: flexos itself runs in every compartment; remove this entry"
+    if top == "__main__":
+        return (
+            "'__main__' cannot be placed: it is the app's own script, which runs in the default compartment; "
+            "move the code to box into a module of its own and place that"
+        )
+    if top in EVERY_COMPARTMENT:
+        return (
+            f"library {module!r} cannot be placed: every compartment's interpreter (and flexos in it) runs on "
+            f"its own {top!r}; remove this entry"
+        )
+    return None
+
 
 @dataclass(frozen=True)
 class CompartmentSpec:
@@ -41,6 +70,9 @@ class Image:
     library_hardening: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Per-library data-sharing strategy where the default is wrong: {"buffers": "view"}.
     library_sharing: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Where each hardening setting is written, for messages that name it: a key path
+    # (``compartments.parsers.hardening.filesystem``, ``libraries.json.hardening.audit``) -> ``FILE:LINE``.
+    origins: dict[str, str] = field(default_factory=dict)
 
     @property
     def default(self) -> str:
@@ -91,6 +123,10 @@ class Image:
             f"to allow it, add {target!r} to the reaches: list of compartment {source!r} in {self.source}"
         )
 
+    def origin(self, key: str) -> str:
+        """Where the setting at ``key`` (see ``origins``) is written: ``FILE:LINE``, else the file."""
+        return self.origins.get(key, self.source)
+
     def buffer_sharing(self, compartment: str) -> str:
         """How large bytes-like values cross between the app and ``compartment``: ``copy`` (each
         side gets its own object) or ``view`` (a read-only view of an immutable shared buffer), as
@@ -110,6 +146,7 @@ class Image:
             "libraries": dict(self.libraries),
             "library_hardening": dict(self.library_hardening),
             "library_sharing": dict(self.library_sharing),
+            "origins": dict(self.origins),
             "compartments": [
                 {
                     "name": s.name,
@@ -138,4 +175,5 @@ class Image:
             source=data["source"],
             library_hardening=dict(data.get("library_hardening", {})),
             library_sharing=dict(data.get("library_sharing", {})),
+            origins=dict(data.get("origins", {})),
         )

@@ -120,9 +120,32 @@ def parse_document(src: Source, search: list[str] | None = None) -> tuple[Image,
     notes = rules.unused_compartments(src, config.compartments, libraries)
     notes += rules.silent_libraries_in_view_compartments(src, placed)
     image = Image(
-        specs, libraries, source=src.path, library_hardening=library_hardening, library_sharing=library_sharing
+        specs,
+        libraries,
+        source=src.path,
+        library_hardening=library_hardening,
+        library_sharing=library_sharing,
+        origins=_origins(src, config.compartments, library_hardening),
     )
     return image, notes
+
+
+# The hardening settings a denial can be explained by, each a key path under ``hardening:``.
+_EXPLAINED = (("filesystem",), ("seccomp",), ("network",), ("limits", "memory"), ("limits", "processes"), ("audit",))
+
+
+def _origins(src: Source, entries: list, library_hardening: dict[str, dict]) -> dict[str, str]:
+    """Where each hardening setting is written (``FILE:LINE``), for the notes and messages of denials."""
+    origins = {}
+    for index, entry in enumerate(entries):
+        if entry.hardening is None:
+            continue
+        for setting in _EXPLAINED:
+            loc = ("compartments", index, "hardening", *setting)
+            origins[".".join(("compartments", entry.name, "hardening", *setting))] = src.at(loc)
+    for module in library_hardening:
+        origins[f"libraries.{module}.hardening.audit"] = src.at(("libraries", module, "hardening", "audit"))
+    return origins
 
 
 def _compartments(src: Source, entries: list, problems: list[str], here: bool) -> dict[str, CompartmentSpec]:

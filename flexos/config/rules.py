@@ -16,6 +16,7 @@ from flexos.config.source import Source, where
 from flexos.drivers import driver_class, names
 from flexos.drivers.base import Driver
 from flexos.errors import DriverUnavailable
+from flexos.image import placement_refusal
 from flexos.hardening import locate
 from flexos.image import CompartmentSpec
 
@@ -143,16 +144,6 @@ def reaches_declared(src: Source, index: int, entry: CompartmentEntry, declared:
 
 
 # -- libraries ------------------------------------------------------------------------------------
-# What every compartment's interpreter runs on (the import system, codecs, the main thread, the
-# os interface) and so flexos's runtime in it too: a gate cannot stand in for them.
-EVERY_COMPARTMENT = frozenset(
-    {
-        "builtins", "sys", "os", "posix", "posixpath", "genericpath", "stat", "_stat", "io", "_io", "abc", "_abc",
-        "codecs", "_codecs", "encodings", "importlib", "_imp", "_frozen_importlib", "_frozen_importlib_external",
-        "zipimport", "marshal", "site", "_sitebuiltins", "types", "_collections_abc", "warnings", "_warnings",
-        "threading", "_thread", "_weakref",
-    }
-)  # fmt: skip
 
 
 def library_name(src: Source, module: str) -> str | None:
@@ -162,24 +153,9 @@ def library_name(src: Source, module: str) -> str | None:
             f"library {module!r} is not an importable module name "
             "(dotted Python identifiers, e.g. 'sqlite3' or 'myapp.parsers')",
         )
-    if module == "flexos" or module.startswith("flexos."):
-        return src.error(
-            ("libraries", module),
-            f"library {module!r} cannot be placed: flexos itself runs in every compartment; remove this entry",
-        )
-    top = module.partition(".")[0]
-    if top == "__main__":
-        return src.error(
-            ("libraries", module),
-            "'__main__' cannot be placed: it is the app's own script, which runs in the default compartment; "
-            "move the code to box into a module of its own and place that",
-        )
-    if top in EVERY_COMPARTMENT:
-        return src.error(
-            ("libraries", module),
-            f"library {module!r} cannot be placed: every compartment's interpreter (and flexos in it) runs on "
-            f"its own {top!r}; remove this entry",
-        )
+    refusal = placement_refusal(module)
+    if refusal is not None:
+        return src.error(("libraries", module), refusal)
     return None
 
 

@@ -227,6 +227,27 @@ class Hardening(StrictModel):
     filesystem: Filesystem | None = None
     seccomp: Seccomp | None = None  # a profile name, or {profile, deny, allow}
 
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env(cls, value: Any) -> Any:
+        """One message for the three forms (pydantic would give one per member of the union)."""
+        if value in ("inherit", "clean"):
+            return value
+        if isinstance(value, dict):
+            unknown = [key for key in value if key != "keep"]
+            if unknown:
+                hint = did_you_mean(str(unknown[0]), ["keep"])
+                raise ValueError(f"unknown key {unknown[0]!r} in env{hint} (allowed: keep)")
+            keep = value.get("keep")
+            if not isinstance(keep, list) or not keep or not all(isinstance(name, str) for name in keep):
+                raise ValueError(f"env: {{keep: ...}} takes a list of variable names (keep: [TZ, HOME]), not {keep!r}")
+            for name in keep:
+                if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+                    raise ValueError(f"{name!r} is not an environment variable name")
+            return value
+        hint = did_you_mean(value, ["inherit", "clean"]) if isinstance(value, str) else ""
+        raise ValueError(f"env is 'inherit', 'clean' or {{keep: [NAME, ...]}}, not {value!r}{hint}")
+
     @field_validator("seccomp", mode="before")
     @classmethod
     def _seccomp(cls, value: Any) -> Any:

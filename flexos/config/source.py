@@ -45,6 +45,10 @@ class Source:
         """``FILE:LINE: message``, with the line of ``loc``."""
         return f"{self.path}:{self.line(loc)}: {message}"
 
+    def at(self, loc: tuple[Any, ...]) -> str:
+        """Where ``loc`` is written, as a note names it: ``FILE:LINE``."""
+        return f"{self.path}:{self.line(loc)}"
+
     @property
     def base(self) -> Path:
         """The directory relative paths in the document are taken from: the file's."""
@@ -64,6 +68,9 @@ class MappingSource(Source):
     def error(self, loc: tuple[Any, ...], message: str) -> str:
         at = where(loc) or "the top level"
         return f"{self.path}: {message}" if message.startswith(f"{at}") else f"{self.path}: {at}: {message}"
+
+    def at(self, loc: tuple[Any, ...]) -> str:
+        return f"{self.path} {where(loc)}"
 
     @property
     def base(self) -> Path:

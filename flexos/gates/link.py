@@ -189,9 +189,7 @@ class Link:
             self.closed = True
             ended = self.closed_error()
             if isinstance(ended, CompartmentCrashed):
-                held = self.imports.peek(target) if isinstance(target, int) else None
-                what = None if held is None else f"a {type(held).__qualname__}"
-                ended.add_note(f"the call it was serving: {describe_call(op, target, name, what)}")
+                ended.add_note(f"the call it was serving: {self._running(op, target, name)}")
             raise ended from None
         except CallTimeout:
             self.closed = True
@@ -229,6 +227,19 @@ class Link:
                 BaseException.add_note(exc, f"--- raised in compartment {self.peer!r} ---\n{remote_traceback.rstrip()}")
             raise exc
         raise ProtocolError("compartment answered a call with a call frame")
+
+    def _running(self, op: int, target: int | str, name: str | None) -> str:
+        """The call a compartment died serving, named as the app wrote it where known
+        (``crashy.segv()``, ``CALL_METHOD 'execute' of object 12 (a Cursor)``)."""
+        held = self.imports.peek(target) if isinstance(target, int) else None
+        what = None if held is None else f"a {type(held).__qualname__}"
+        described = describe_call(op, target, name, what)
+        function = self.module_functions.get(target) if isinstance(target, int) else None
+        if function is not None and op == Op.CALL:
+            return f"{function.__module__}.{function.__name__}() ({described})"
+        if isinstance(target, str) and name:  # a module's attribute, by name
+            return f"{target}.{name} ({described})"
+        return described
 
     def closed_error(self) -> BaseException:
         """What a call on this closed link raises: the transport says why the peer is gone."""

@@ -24,14 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from flexos.drivers import driver_class, unavailable
+from flexos.drivers import names as driver_names
 from flexos.drivers.base import Host
 from flexos.drivers.sibling import SiblingBroker, SiblingDesk, SiblingDriver, route
-from flexos.errors import DriverUnavailable, ProtocolError
+from flexos.errors import ConfigError, DriverUnavailable, ProtocolError
 from flexos.gates import stats as gate_stats
 from flexos.gates.importer import GateFinder
 from flexos.gates.link import Link
 from flexos.gates.proxies import ModuleProxy
-from flexos.image import Image
+from flexos.image import Image, placement_refusal
 from flexos.runtime import state
 from flexos.runtime.compartment import Compartment
 from flexos.runtime.stats import RunStats, collect
@@ -40,6 +41,29 @@ from flexos.wire.control import Route
 from flexos.wire.frames import Op, checked_import_answer
 
 __all__ = ["Compartment", "RunStats", "Runtime", "boot", "run_module", "run_path"]
+
+
+def unsafe_image(image: Image) -> list[str]:
+    """What an image built in Python (not read from flexos.yaml, whose rules refuse the same) asks
+    for that would silently not isolate: a default compartment on a driver that cannot hold the
+    app, a module that can never be placed."""
+    problems = []
+    default = image.compartments[image.default]
+    try:
+        holds_the_app = driver_class(default.driver).may_be_default
+    except DriverUnavailable:  # an unknown driver: refused as such below
+        holds_the_app = True
+    if not holds_the_app:
+        allowed = [name for name in driver_names() if driver_class(name).may_be_default]
+        problems.append(
+            f"{image.source}: compartment {default.name!r} is the default one, which is the app's own process; "
+            f"give it driver {' or '.join(map(repr, allowed))} and isolate the other compartments"
+        )
+    for module in image.libraries:
+        refusal = placement_refusal(module)
+        if refusal is not None:
+            problems.append(f"{image.source}: {refusal}")
+    return problems
 
 
 class Runtime:
@@ -68,6 +92,9 @@ class Runtime:
         self.siblings: SiblingDesk | None = None
         self._lock = threading.Lock()
         if self.local == image.default:
+            refused = unsafe_image(image)
+            if refused:
+                raise ConfigError(refused)
             for name, spec in image.compartments.items():
                 reason = unavailable(spec.driver)
                 if reason:

@@ -131,7 +131,12 @@ def main() -> None:
             for module, rules in image.library_hardening.items()
             if image.compartment_of(module) == name
         }
-        hardening.explain_denials(name, policy, image.source, Link.dispatch.__code__, on_denial=log_boundary)
+        settings = ("filesystem", "seccomp", "network", "limits.memory", "limits.processes", "audit")
+        origins = {setting: image.origin(f"compartments.{name}.hardening.{setting}") for setting in settings}
+        origins |= {
+            f"libraries.{module}": image.origin(f"libraries.{module}.hardening.audit") for module in libraries
+        }
+        hardening.explain_denials(name, policy, origins, Link.dispatch.__code__, on_denial=log_boundary)
         deny = (policy.get("audit") or {}).get("deny", [])
         # Last: it trusts the code loaded until now, and only that.
         hardening.install_audit_policy(
@@ -141,6 +146,7 @@ def main() -> None:
             record.sys_path,
             importers=[Runtime.serve_import],
             displaced=runtime.displaced.values(),
+            origins=origins,
         )
     except Exception:
         sock.send(control.encode(control.boot_failed(traceback.format_exc())))
@@ -250,8 +256,10 @@ def _run_app(rest: list[str], image: Image, report: Callable[[RunStats], None] |
     except KeyboardInterrupt:
         sys.exit(130)
     except FlexosError as exc:
-        traceback.print_exc()
-        print(f"flexos: {exc}", file=sys.stderr)
+        if _from_the_app(exc.__traceback__) is exc.__traceback__:  # before the app ran: flexos's own
+            print(f"flexos: {exc}", file=sys.stderr)
+        else:  # raised to the app (a crashed compartment, a refused reach): as the app's own error
+            traceback.print_exception(type(exc), exc, _from_the_app(exc.__traceback__))
         sys.exit(1)
     except BaseException as exc:
         # the app's own uncaught exception, as python would print it: from the app's first frame

@@ -111,9 +111,20 @@ def as_graphs(codec: Codec, frame: list[Any]) -> list[Any] | None:
     return None
 
 
+def remote_traceback(exc: BaseException) -> str:
+    """``exc``'s traceback as the caller is shown it: from the first frame that is not the gate's
+    dispatcher (the library's own), without its notes (they travel with the exception itself)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_globals.get("__name__") == "flexos.gates.link":
+        tb = tb.tb_next
+    shown = traceback.TracebackException(type(exc), exc, tb)
+    shown.__notes__ = None
+    return "".join(shown.format())
+
+
 def encode_error(codec: Codec, exc: BaseException, releases: Releases, with_traceback: bool = True) -> bytes:
     """An ERROR frame; if ``exc`` itself cannot travel, a GateError that describes it."""
-    text = "".join(traceback.format_exception(exc)) if with_traceback else ""
+    text = remote_traceback(exc) if with_traceback else ""
     try:
         record = codec.pack_exception(exc)
     except Exception as fail:  # the exception's class itself cannot travel: degrade to a GateError
