@@ -241,7 +241,7 @@ def _describe_hardening(hardening: dict) -> str:
         parts.append("no network")
     if hardening.get("filesystem") is not None:
         fs = hardening["filesystem"]
-        parts.append(f"filesystem read {fs['read'] or '-'} write {fs['write'] or '-'}")
+        parts.append(f"filesystem read {', '.join(fs['read']) or '-'} write {', '.join(fs['write']) or '-'}")
     if hardening.get("seccomp") is not None:
         parts.append(f"seccomp {hardening['seccomp'].get('profile') or 'custom'}")
     limits = {k: v for k, v in (hardening.get("limits") or {}).items() if v is not None}

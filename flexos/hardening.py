@@ -391,15 +391,11 @@ def install_audit_policy(
             if first == _IMPORTER or (first == _MACHINERY_CODE and event in _MACHINERY_EVENTS):
                 return
             if event in exact or event.startswith(prefixes):
-                raise PermissionError(
-                    f"{event!r} is denied in compartment {compartment!r} ({written})"
-                )
+                raise PermissionError(f"{event!r} is denied in compartment {compartment!r} ({written})")
             for library in sorted(acting):
                 library_exact, library_prefixes = per_library[library]
                 if event in library_exact or event.startswith(library_prefixes):
-                    raise PermissionError(
-                        f"{event!r} is denied for library {library!r} ({written_for[library]})"
-                    )
+                    raise PermissionError(f"{event!r} is denied for library {library!r} ({written_for[library]})")
         finally:
             busy.discard(me)
 
@@ -795,7 +791,8 @@ def _seccomp_reason(hardening: dict[str, Any], origins: dict[str, str]) -> str:
     it refuses (``flexos check`` lists them all)."""
     declared = hardening.get("seccomp") or {}
     denied = seccomp_denied(seccomp_policy(hardening) or {})
-    named = [call for call in ("execve", "fork", "socket", "connect", "ptrace") if call in denied][:4]
+    known: tuple[str, ...] = ("execve", "fork", "socket", "connect", "ptrace")
+    named = [call for call in known if call in denied][:4]
     named += [call for call in denied if call not in named][: 4 - len(named)]
     more = f" and {len(denied) - len(named)} more" if len(denied) > len(named) else ""
     parts = [f"profile {declared['profile']}"] if declared.get("profile") else []
@@ -809,7 +806,6 @@ def _seccomp_reason(hardening: dict[str, Any], origins: dict[str, str]) -> str:
         f"hardening.seccomp ({'; '.join(parts)}; {where}) answers EPERM to the system calls "
         f"{', '.join(named)}{more} (flexos check lists them all)"
     )
-
 
 
 _DENIAL_TOOL = 4  # a sys.monitoring tool id free of debuggers (0), coverage (1), profilers (2), optimizers (5)
@@ -846,7 +842,9 @@ def explain_denials(
     memory = (hardening.get("limits") or {}).get("memory")
     if monitoring is None or not (by_errno or memory):
         return
-    memory_reason = f"hardening.limits.memory holds it to {_human(memory or 0)} of data ({origins.get('limits.memory', '?')})"
+    memory_reason = (
+        f"hardening.limits.memory holds it to {_human(memory or 0)} of data ({origins.get('limits.memory', '?')})"
+    )
 
     def handled(code: types.CodeType, offset: int, exc: BaseException) -> None:
         if code is not boundary:

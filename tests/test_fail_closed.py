@@ -537,7 +537,7 @@ def test_compute_only_lets_asyncio_run_but_no_other_socket(tmp_path: Path, monke
         with pytest.raises(PermissionError) as info:
             boxpkg.inet_pair()
         if sys.version_info >= (3, 12):  # the note comes through sys.monitoring
-            assert "hardening.seccomp refuses the system calls accept" in "\n".join(info.value.__notes__)
+            assert "hardening.seccomp (profile compute-only; " in "\n".join(info.value.__notes__)
 
 
 # -- cosmetics ---------------------------------------------------------------------------------------
@@ -562,6 +562,12 @@ def test_a_warning_names_the_yaml_line(tmp_path: Path) -> None:
     assert [(warning.filename, warning.lineno) for warning in caught] == [(str(path), 7)]
 
 
+def json_module_file() -> str:
+    import json
+
+    return str(json.__file__)
+
+
 def test_a_remote_error_prints_the_apps_frames_then_the_compartments_once(tmp_path: Path) -> None:
     (tmp_path / "flexos.yaml").write_text(box_yaml(["json"]))
     (tmp_path / "remote.py").write_text('import json\n\njson.loads("{bad")\n')
@@ -572,6 +578,12 @@ def test_a_remote_error_prints_the_apps_frames_then_the_compartments_once(tmp_pa
     assert lines[raised - 1].startswith("json.decoder.JSONDecodeError: Expecting property name")
     assert "flexos" not in "\n".join(lines[:raised])
     assert done.stderr.count("--- raised in compartment") == 1
+    # the compartment's part starts at the library's frame, not the gate's dispatcher
+    assert lines[raised + 1 : raised + 3] == [
+        "Traceback (most recent call last):",
+        f'  File "{Path(json_module_file()).parent / "__init__.py"}", line {lines[raised + 2].rsplit("line ", 1)[1]}',
+    ]
+    assert "flexos" not in done.stderr
 
 
 @pytest.mark.skipif(sys.version_info < (3, 13), reason="the subinterp driver needs CPython 3.13+")
@@ -588,3 +600,190 @@ def test_check_predicts_an_extension_a_subinterpreter_will_not_load(tmp_path: Pa
     assert warning.endswith(
         "does not support loading in subinterpreters); place 'PIL' in a compartment with a process of its own"
     )
+
+
+# -- every denial names its setting and the line it is written on ------------------------------------
+DENIED_YAML = """\
+compartments:
+  - name: app
+    mechanism: {driver: fcalls}
+    default: true
+  - name: files
+    mechanism: {driver: process}
+    hardening:
+      filesystem: {read: [./data]}
+      seccomp: compute-only
+      limits: {memory: 256MiB}
+  - name: offline
+    mechanism: {driver: process}
+    hardening:
+      network: none
+      audit: {deny: [subprocess]}
+libraries:
+  denied: {compartment: files}
+  offline: {compartment: offline}
+"""
+
+DENIED_APP = """\
+import socket, sys
+import denied, offline
+
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+attempts = [
+    (denied.read, (".env",)),
+    (denied.spawn, ()),
+    (denied.allocate, (2 << 30,)),
+    (offline.run, ()),
+    (offline.connect, (server.getsockname()[1],)),
+]
+for function, args in attempts:
+    try:
+        function(*args)
+    except (OSError, MemoryError) as exc:
+        notes = [note for note in getattr(exc, "__notes__", []) if "sandboxed" in note]
+        print(type(exc).__name__, getattr(exc, "errno", None), "|", exc, "|", " / ".join(notes))
+denied.segfault()
+"""
+
+DENIED_MODULES = {
+    "denied.py": textwrap.dedent(
+        """\
+        import ctypes, os
+
+        def read(path):
+            with open(path) as f:
+                return f.read()
+
+        def spawn():
+            os.posix_spawn("/bin/true", ["/bin/true"], {})
+
+        def allocate(size):
+            return bytearray(size)
+
+        def segfault():
+            ctypes.string_at(0)
+        """
+    ),
+    "offline.py": textwrap.dedent(
+        """\
+        import socket, subprocess
+
+        def run():
+            subprocess.run(["/bin/true"])
+
+        def connect(port):
+            with socket.socket() as s:
+                s.connect(("127.0.0.1", port))
+        """
+    ),
+}
+
+
+def line_of(text: str, needle: str) -> int:
+    return next(number for number, line in enumerate(text.splitlines(), 1) if needle in line)
+
+
+def test_each_denial_names_its_setting_and_its_line_under_run(tmp_path: Path) -> None:
+    """As a user sees them: a Landlock EACCES, a seccomp EPERM, a MemoryError under limits.memory,
+    an audit denial and a netns ENETUNREACH each name the setting and its flexos.yaml line; a crash
+    names the call that was running and carries the compartment's own stack."""
+    from flexos.hardening import landlock_abi
+    from flexos.probe import machine_report
+
+    missing = [f.name for f in machine_report() if f.name in ("landlock", "seccomp", "netns") and not f.available]
+    if missing or landlock_abi() < 1:
+        pytest.skip(f"this machine lacks {', '.join(missing) or 'landlock'}")
+    for name, text in DENIED_MODULES.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "data").mkdir()
+    (tmp_path / ".env").write_text("TOKEN=secret\n")
+    (tmp_path / "flexos.yaml").write_text(DENIED_YAML)
+    (tmp_path / "app.py").write_text(DENIED_APP)
+    done = subprocess.run([str(FLEXOS), "run", "app.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    at = {
+        key: f"flexos.yaml:{line_of(DENIED_YAML, key)}"
+        for key in ("filesystem", "seccomp", "memory", "audit", "network")
+    }
+    sandboxed = "compartment 'files' is sandboxed: "
+    assert done.stdout.splitlines() == [
+        f"PermissionError 13 | [Errno 13] Permission denied: '.env' | {sandboxed}.env is not under "
+        f"hardening.filesystem.read (or .write, to write it) ({at['filesystem']})",
+        f"PermissionError 1 | [Errno 1] Operation not permitted: '/bin/true' | {sandboxed}hardening.seccomp "
+        f"(profile compute-only; {at['seccomp']}) answers EPERM to the system calls execve, fork, socket, connect "
+        "and 34 more (flexos check lists them all)",
+        f"MemoryError None |  | {sandboxed}hardening.limits.memory holds it to 256MiB of data ({at['memory']})",
+        "PermissionError None | 'subprocess.Popen' is denied in compartment 'offline' "
+        f"(hardening.audit, {at['audit']}) | ",
+        f"OSError 101 | [Errno 101] Network is unreachable | compartment 'offline' is sandboxed: hardening.network "
+        f"is none ({at['network']}): it has a network namespace of its own, only lo",
+    ], done.stderr
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert lines[:4] == [
+        "Traceback (most recent call last):",
+        '  File "app.py", line 19, in <module>',
+        "    denied.segfault()",
+        "    ~~~~~~~~~~~~~~~^^",
+    ], done.stderr
+    assert (
+        lines[4] == "flexos.errors.CompartmentCrashed: compartment 'files' killed by signal 11 (SIGSEGV): "
+        "its own stack as it died:"
+    )
+    assert re.search(r'File ".*denied\.py", line \d+ in segfault', done.stderr), done.stderr
+    assert re.fullmatch(
+        r"the call it was serving: denied\.segfault\(\) \(CALL of object \d+ \(a function\)\)", lines[-1]
+    )
+    assert done.stderr.count("killed by signal 11") == 1  # printed once, as the app's own error
+
+
+# -- the Python API with an Image: the same refusals as flexos.yaml -------------------------------------
+@pytest.mark.parametrize("driver", ["subinterp", "vm", "process"])
+def test_boot_refuses_an_image_whose_default_cannot_hold_the_app(driver: str) -> None:
+    image = Image(
+        {"app": CompartmentSpec("app", driver, default=True), "box": CompartmentSpec("box", "process")}, {"json": "box"}
+    )
+    with pytest.raises(ConfigError) as info:
+        flexos.boot(image)
+    assert info.value.problems == [
+        "<flexos.yaml>: compartment 'app' is the default one, which is the app's own process; "
+        "give it driver 'fcalls' and isolate the other compartments"
+    ]
+
+
+@pytest.mark.parametrize("module", ["os", "sys.monitoring", "__main__", "flexos.config"])
+def test_boot_refuses_an_image_placing_what_can_never_be_placed(module: str) -> None:
+    image = Image(
+        {"app": CompartmentSpec("app", "fcalls", default=True), "box": CompartmentSpec("box", "process")},
+        {module: "box"},
+    )
+    with pytest.raises(ConfigError, match="cannot be placed"):
+        flexos.boot(image)
+
+
+def test_env_has_one_message_per_mistake(tmp_path: Path) -> None:
+    assert hardened_problems(tmp_path, "{env: clear}") == [
+        "7: compartments[1].hardening.env: Value error, env is 'inherit', 'clean' or {keep: [NAME, ...]}, "
+        "not 'clear'; did you mean 'clean'?"
+    ]
+    assert hardened_problems(tmp_path, "{env: {kep: [TZ]}}") == [
+        "7: compartments[1].hardening.env: Value error, unknown key 'kep' in env; did you mean 'keep'? (allowed: keep)"
+    ]
+    assert hardened_problems(tmp_path, "{env: {keep: [TZ, 3x]}}") == [
+        "7: compartments[1].hardening.env: Value error, '3x' is not an environment variable name"
+    ]
+
+
+def test_every_missing_path_is_named(tmp_path: Path) -> None:
+    (problem,) = hardened_problems(tmp_path, "{filesystem: {read: [./nodata, ~/nothere, /etc]}}")
+    assert "'./nodata' does not exist" in problem and "'~/nothere' does not exist" in problem
+    assert problem.endswith("create them first")
+
+
+def test_check_searches_the_apps_path_not_the_commands(tmp_path: Path) -> None:
+    """The directory of the ``flexos`` command (a venv's bin) is not where the app imports from."""
+    (tmp_path / "flexos.yaml").write_text(box_yaml(["nosuchmodule"]))
+    done = subprocess.run([str(FLEXOS), "check"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert f"library 'nosuchmodule' is not a module found in the app's path ({tmp_path}, " in done.stderr
+    assert str(FLEXOS.parent) not in done.stderr

@@ -72,9 +72,25 @@ def parse(path: str | Path, search: list[str] | None = None) -> tuple[Image, lis
 
 def app_path(config: str | Path, app_dir: str | Path | None = None) -> list[str]:
     """Where an app run with ``config`` imports from: its own directory (the script's; unknown: the
-    working directory and the config's), then this interpreter's path."""
+    working directory and the config's), then this interpreter's path (without the directory of the
+    ``flexos`` command itself, which is not the app's)."""
     first = [str(app_dir)] if app_dir is not None else [os.getcwd(), str(Path(config).resolve().parent)]
-    return list(dict.fromkeys(entry or os.getcwd() for entry in [*first, *sys.path]))
+    return list(dict.fromkeys(entry or os.getcwd() for entry in [*first, *_interpreter_path()]))
+
+
+def _interpreter_path() -> list[str]:
+    """``sys.path``, less its first entry when that is the directory of a console script
+    (``.venv/bin`` under the ``flexos`` command): the app, run by python, will not have it."""
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if (
+        sys.path
+        and script is not None
+        and script.name == "flexos"
+        and sys.path[0]
+        and Path(sys.path[0]).resolve() == script.resolve().parent
+    ):
+        return sys.path[1:]
+    return list(sys.path)
 
 
 def parse_document(src: Source, search: list[str] | None = None) -> tuple[Image, list[str]]:

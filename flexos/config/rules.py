@@ -16,9 +16,8 @@ from flexos.config.source import Source, where
 from flexos.drivers import driver_class, names
 from flexos.drivers.base import Driver
 from flexos.errors import DriverUnavailable
-from flexos.image import placement_refusal
 from flexos.hardening import locate
-from flexos.image import CompartmentSpec
+from flexos.image import CompartmentSpec, placement_refusal
 
 
 def driver_named(name: Any) -> type[Driver] | None:

@@ -149,7 +149,7 @@ class Filesystem(StrictModel):
         if not context.get("here"):  # not to run here (a proposal, a space's base): kept as written
             return paths
         base = Path(context.get("base") or os.getcwd())
-        resolved = []
+        resolved, missing = [], []
         for written in paths:
             path = Path(os.path.expanduser(written))
             if not path.is_absolute():
@@ -157,11 +157,13 @@ class Filesystem(StrictModel):
             path = Path(os.path.normpath(path))
             if not path.exists():
                 relative = "" if Path(os.path.expanduser(written)).is_absolute() else f", relative to {base}"
-                raise ValueError(
-                    f"{written!r} does not exist ({path}{relative}): only paths that exist when the compartment "
-                    "starts can be granted; create it first"
-                )
+                missing.append(f"{written!r} does not exist ({path}{relative})")
             resolved.append(str(path))
+        if missing:
+            raise ValueError(
+                f"{'; '.join(missing)}: only paths that exist when the compartment starts can be granted; "
+                f"create {'it' if len(missing) == 1 else 'them'} first"
+            )
         return resolved
 
 

@@ -133,9 +133,7 @@ def main() -> None:
         }
         settings = ("filesystem", "seccomp", "network", "limits.memory", "limits.processes", "audit")
         origins = {setting: image.origin(f"compartments.{name}.hardening.{setting}") for setting in settings}
-        origins |= {
-            f"libraries.{module}": image.origin(f"libraries.{module}.hardening.audit") for module in libraries
-        }
+        origins |= {f"libraries.{module}": image.origin(f"libraries.{module}.hardening.audit") for module in libraries}
         hardening.explain_denials(name, policy, origins, Link.dispatch.__code__, on_denial=log_boundary)
         deny = (policy.get("audit") or {}).get("deny", [])
         # Last: it trusts the code loaded until now, and only that.
