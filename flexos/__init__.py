@@ -93,13 +93,20 @@ def boot(config: str | os.PathLike[str] | Image | dict[str, Any] | None = None, 
     main = sys.modules.get("__main__")
     for bound, value in list(vars(main).items()) if main is not None else ():
         if id(value) in displaced:
-            owner = booted.image.compartment_of(displaced[id(value)])
-            warnings.warn(
-                f"{bound!r} in __main__ is the local module {displaced[id(value)]!r}, imported before flexos.boot(); "
-                f"{booted.image.source} places it in compartment {owner!r}: import it after boot to reach it there",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            what = f"the local module {displaced[id(value)]!r}"
+            module = displaced[id(value)]
+        else:  # a function or class taken from one (from zipfile import ZipFile)
+            module = getattr(value, "__module__", None) if callable(value) else None
+            if type(module) is not str or module not in booted.displaced:
+                continue
+            what = f"{module}.{getattr(value, '__qualname__', bound)} of the local module {module!r}"
+        owner = booted.image.compartment_of(module)
+        warnings.warn(
+            f"{bound!r} in __main__ is {what}, imported before flexos.boot(); "
+            f"{booted.image.source} places it in compartment {owner!r}: import it after boot to reach it there",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return booted
 
 

@@ -3,6 +3,7 @@ gated or refused, never accepted."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -89,9 +90,13 @@ def test_boot_gates_a_module_the_app_imported_first() -> None:
 
 def test_boot_warns_of_a_name_bound_before_it(tmp_path: Path) -> None:
     (tmp_path / "flexos.yaml").write_text(box_yaml(["json"]))
-    script = "import json, flexos\nwith flexos.boot('flexos.yaml'):\n    pass\n"
+    script = "import json, flexos\nfrom json import loads\nwith flexos.boot('flexos.yaml'):\n    pass\n"
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+    assert (
+        "'loads' in __main__ is json.loads of the local module 'json', imported before flexos.boot(); "
+        "flexos.yaml places it in compartment 'box'"
+    ) in done.stderr
     assert (
         "'json' in __main__ is the local module 'json', imported before flexos.boot(); flexos.yaml places it in "
         "compartment 'box': import it after boot to reach it there"
@@ -475,6 +480,21 @@ def test_run_verbose_logs_gated_imports_starts_restarts_and_denials(tmp_path: Pa
     if landlock_abi() >= 1:
         assert done.stdout.splitlines()[0] == "PermissionError"
         assert "denied: PermissionError: [Errno 13] Permission denied: '.env'; compartment 'box' is sandboxed: " in log
+
+
+def test_flexos_verbose_logs_for_an_app_started_by_python(tmp_path: Path) -> None:
+    """FLEXOS_VERBOSE=1 does for flexos.boot in a plain ``python app.py`` what ``flexos run -v`` does."""
+    write_boxpkg(tmp_path, "{}")
+    (tmp_path / "app.py").write_text(
+        "import flexos\nwith flexos.boot('flexos.yaml'):\n    import boxpkg\n    boxpkg.pid()\n"
+    )
+    env = {**os.environ, "FLEXOS_VERBOSE": "1"}
+    done = subprocess.run([sys.executable, "app.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"flexos\[\d+\]: started compartment 'box' \(process, pid \d+\)", done.stderr), done.stderr
+    assert re.search(r"import 'boxpkg': a gate to compartment 'box' \(pid \d+\)", done.stderr), done.stderr
+    quiet = subprocess.run([sys.executable, "app.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert (quiet.returncode, quiet.stderr) == (0, "")
 
 
 def test_env_keeps_the_named_variables_and_drops_the_rest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
