@@ -246,7 +246,9 @@ def _describe_hardening(hardening: dict) -> str:
         parts.append(f"seccomp {hardening['seccomp'].get('profile') or 'custom'}")
     limits = {k: v for k, v in (hardening.get("limits") or {}).items() if v is not None}
     if limits:
-        parts.append("limits " + ", ".join(f"{k}={v}" for k, v in limits.items()))
+        from flexos.config import human_size
+
+        parts.append("limits " + ", ".join(f"{k}={human_size(v) if k == 'memory' else v}" for k, v in limits.items()))
     deny = (hardening.get("audit") or {}).get("deny")
     if deny:
         parts.append(f"audit deny {', '.join(deny)}")

@@ -221,3 +221,32 @@ def test_the_check_catches_names_that_do_not_exist(resolver: Resolver) -> None:
         "`flexos.config.parse(file)`",
     ], found
     assert checked == 10
+
+
+def test_the_effective_policy_in_config_md_is_what_check_prints(tmp_path: Path) -> None:
+    """docs/config.md's ``flexos check`` sample, run again: every line but the interpreter's own
+    paths (which depend on the install, and which the doc shortens) is printed as shown."""
+    import subprocess
+    import sys
+
+    text = (DOCS / "config.md").read_text()
+    start = text.index("For `/srv/app/flexos.yaml`")
+    yaml = text[text.index("```yaml\n", start) + 8 : text.index("```\n", text.index("```yaml\n", start) + 8)]
+    shown_at = text.index("```\neffective policy", start) + 4
+    shown = text[shown_at : text.index("```\n", shown_at)].splitlines()
+    app = tmp_path / "app"
+    (app / "parsers").mkdir(parents=True)
+    (app / "data").mkdir()
+    (app / "parsers" / "__init__.py").write_text("import util\n")
+    (app / "util.py").write_text("")
+    (app / "flexos.yaml").write_text(yaml)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "flexos"), "check"], cwd=app, capture_output=True, text=True, timeout=60
+    )
+    out = done.stdout.splitlines()
+    printed = out[out.index(shown[0]) : out.index("this machine:")]
+    own_code = "(the interpreter's own code"
+    assert [line for line in printed if own_code not in line] == [
+        line.replace("/srv/app", str(app)) for line in shown if own_code not in line
+    ]
+    assert len(printed) == len(shown)

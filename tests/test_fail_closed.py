@@ -404,6 +404,8 @@ def test_check_prints_the_effective_policy(tmp_path: Path) -> None:
     assert "denies os.exec, os.fork" in text and "subprocess.Popen" in text
     assert "network  none" in text and "env      clean: only LANG, PATH" in text
     assert "limits   memory 512MiB" in text
+    summary = next(line.strip() for line in out if line.strip().startswith("hardening: "))
+    assert f"filesystem read {tmp_path / 'data'} write -" in summary and "limits memory=512MiB" in summary
 
 
 def test_check_json_is_the_same_report(tmp_path: Path) -> None:
