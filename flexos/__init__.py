@@ -96,9 +96,10 @@ def boot(config: str | os.PathLike[str] | Image | dict[str, Any] | None = None, 
             what = f"the local module {displaced[id(value)]!r}"
             module = displaced[id(value)]
         else:  # a function or class taken from one (from zipfile import ZipFile)
-            module = getattr(value, "__module__", None) if callable(value) else None
-            if type(module) is not str or module not in booted.displaced:
+            written = getattr(value, "__module__", None) if callable(value) else None
+            if type(written) is not str or written not in booted.displaced:
                 continue
+            module = written
             what = f"{module}.{getattr(value, '__qualname__', bound)} of the local module {module!r}"
         owner = booted.image.compartment_of(module)
         warnings.warn(
