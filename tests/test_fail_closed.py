@@ -809,3 +809,13 @@ def test_check_searches_the_apps_path_not_the_commands(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert f"library 'nosuchmodule' is not a module found in the app's path ({tmp_path}, " in done.stderr
     assert str(FLEXOS.parent) not in done.stderr
+
+
+def test_a_library_written_as_a_name_says_how_to_write_it(tmp_path: Path) -> None:
+    path = tmp_path / "flexos.yaml"
+    path.write_text(box_yaml([]) + "  json: box\n")
+    with pytest.raises(ConfigError) as info:
+        parse(path)
+    assert info.value.problems == [
+        f"{path}:8: libraries.json: Input should be a valid dictionary (write json: {{compartment: box}})"
+    ]

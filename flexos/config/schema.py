@@ -411,7 +411,15 @@ def validation_problems(
             problems.append(src.error(loc, f"{where(loc)}: {err['msg']}{hint}"))
         else:
             hint = _HINTS.get(kind, "")
-            problems.append(src.error(loc, f"{where(loc)}: {err['msg']}" + (f" ({hint})" if hint else "")))
+            message = re.sub(r" or instance of \w+$", "", err["msg"])  # pydantic's class names are not the file's
+            if (
+                kind == "model_type"
+                and loc[:1] == ("libraries",)
+                and len(loc) == 2
+                and isinstance(err.get("input"), str)
+            ):
+                hint = f"write {loc[1]}: {{compartment: {err['input']}}}"
+            problems.append(src.error(loc, f"{where(loc)}: {message}" + (f" ({hint})" if hint else "")))
     return problems
 
 
