@@ -797,14 +797,14 @@ def _seccomp_reason(hardening: dict[str, Any], origins: dict[str, str]) -> str:
     more = f" and {len(denied) - len(named)} more" if len(denied) > len(named) else ""
     parts = [f"profile {declared['profile']}"] if declared.get("profile") else []
     parts += [f"{key}: {', '.join(declared[key])}" for key in ("deny", "allow") if declared.get(key)]
+    if declared:
+        parts.append(origins.get("seccomp", "?"))
     if (hardening.get("limits") or {}).get("processes") == 0:
-        parts.append("limits.processes: 0")
-        where = origins.get("limits.processes", "?") if not declared else origins.get("seccomp", "?")
-    else:
-        where = origins.get("seccomp", "?")
+        parts.append(f"limits.processes: 0, {origins.get('limits.processes', '?')}")
+    setting = "hardening.seccomp" if declared else "hardening.limits.processes"
     return (
-        f"hardening.seccomp ({'; '.join(parts)}; {where}) answers EPERM to the system calls "
-        f"{', '.join(named)}{more} (flexos check lists them all)"
+        f"{setting} ({'; '.join(parts)}) answers EPERM to the system calls {', '.join(named)}{more} "
+        "(flexos check lists them all)"
     )
 
 

@@ -144,7 +144,14 @@ def on_mechanism(image: Image, mechanism: str) -> Image:
         )
         for name, spec in image.compartments.items()
     }
-    return Image(compartments, image.libraries, f"{image.source} (on {mechanism})", image.library_hardening, sharing)
+    return Image(
+        compartments,
+        image.libraries,
+        f"{image.source} (on {mechanism})",
+        image.library_hardening,
+        sharing,
+        image.origins,
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -124,7 +124,9 @@ def test_crash_inside_the_call_reports_the_signal(runtime, complib):
         complib.crash()
     assert info.value.signal == signal.SIGKILL
     (note,) = info.value.__notes__
-    assert re.fullmatch(r"the call it was serving: CALL of object \d+ \(a function\)", note), note
+    assert re.fullmatch(r"the call it was serving: complib\.crash\(\) \(CALL of object \d+ \(a function\)\)", note), (
+        note
+    )
     assert complib.add(1, 1) == 2
 
 
