@@ -819,3 +819,19 @@ def test_a_library_written_as_a_name_says_how_to_write_it(tmp_path: Path) -> Non
     assert info.value.problems == [
         f"{path}:8: libraries.json: Input should be a valid dictionary (write json: {{compartment: box}})"
     ]
+
+
+def test_a_library_audit_denial_names_its_yaml_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "spawner.py").write_text("import subprocess\n\ndef run():\n    subprocess.run(['/bin/true'])\n")
+    path = tmp_path / "flexos.yaml"
+    path.write_text(box_yaml([]) + "  spawner:\n    compartment: box\n    hardening: {audit: {deny: [subprocess]}}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("spawner", None)
+    with flexos.boot(str(path)):
+        import spawner
+
+        with pytest.raises(PermissionError) as info:
+            spawner.run()
+    assert str(info.value) == (
+        f"'subprocess.Popen' is denied for library 'spawner' (libraries.spawner.hardening.audit, {path}:10)"
+    )
