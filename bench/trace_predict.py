@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -37,23 +38,30 @@ SERVERS = {"kv", "http"}
 def run_app(app: str, rounds: int, sizes: dict[str, tuple[int, int]], workdir: Path) -> dict:
     workload = workloads.WORKLOADS[app]
     traced_size, measured_size = sizes[app]
-    proposal_file = workdir / "flexos.yaml"
+    # The proposal is traced and run where it is, in each run's own directory: a flexos.yaml's
+    # relative paths (its database's directory, ./data) are read from the yaml's directory.
+    proposal_file = workdir / "trace" / "flexos.yaml"
     plain = workload([workloads.PYTHON], workdir / "plain-smoke", traced_size)
     traced = workload(
         [workloads.FLEXOS, "trace", "-o", str(proposal_file), "--write", "--"], workdir / "trace", traced_size
     )
     if traced.status != 0 or not proposal_file.exists():
         raise SystemExit(f"{app}: the traced run failed:\n{traced.stderr[-3000:]}")
-    runs = Runs.load(workdir / "flexos.trace.json")
-    proposal = propose(runs)
+    runs = Runs.load(proposal_file.with_name("flexos.trace.json"))
+    proposal = propose(runs, str(proposal_file.parent))
     costs = calibration(sorted({c.mechanism for c in proposal.compartments}), again=True)  # the machine as it is now
     prediction = predict(proposal, costs)
     measured: dict[str, list[float]] = {"plain": [], "proposal": []}
     for round_ in range(rounds):
         order = ["plain", "proposal"] if round_ % 2 == 0 else ["proposal", "plain"]
         for kind in order:
-            launcher = [workloads.PYTHON] if kind == "plain" else [workloads.FLEXOS, "run", "-c", str(proposal_file)]
-            result = workload(launcher, workdir / f"{kind}-{round_}", measured_size)
+            here = workdir / f"{kind}-{round_}"
+            launcher = [workloads.PYTHON]
+            if kind == "proposal":
+                here.mkdir(parents=True)
+                shutil.copy(proposal_file, here / "flexos.yaml")
+                launcher = [workloads.FLEXOS, "run", "-c", str(here / "flexos.yaml")]
+            result = workload(launcher, here, measured_size)
             if result.status != 0:
                 raise SystemExit(f"{app} ({kind}) failed:\n{result.stderr[-3000:]}")
             measured[kind].append(result.seconds)
