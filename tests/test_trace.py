@@ -24,8 +24,8 @@ import pytest
 from flexos.config import parse
 from flexos.trace.cost import Calibration, GateCost, predict
 from flexos.trace.diff import compare
-from flexos.trace.emit import proposal_yaml, scalar, space_yaml
-from flexos.trace.propose import Proposal, harden, place, propose, reaches
+from flexos.trace.emit import _mechanism_line, proposal_yaml, scalar, space_yaml
+from flexos.trace.propose import Compartment, Proposal, harden, mechanisms, place, propose, reaches
 from flexos.trace.recorder import RECORD_VERSION, wire_size
 from flexos.trace.runs import Run, Runs
 
@@ -435,6 +435,20 @@ def test_runs_merge_into_one_proposal_granting_what_either_needed():
     assert Runs([Run(first), Run(second)]).edges()[("__main__", "cparser")].calls == 15
 
 
+def test_a_c_extension_that_refuses_subinterpreters_is_not_offered_subinterp():
+    pytest.importorskip("hiredis", reason="scripts/setup installs hiredis (apps/kv's parser)")
+    pytest.importorskip("markupsafe", reason="scripts/setup installs markupsafe (apps/http's templates)")
+    refusing = Compartment("hiredis", "hiredis", ["hiredis"], {"hiredis": "C extension"})
+    loading = Compartment("markupsafe", "markupsafe", ["markupsafe"], {"markupsafe": "C extension"})
+    mechanisms([refusing, loading], sys.path)
+    assert "does not support loading in subinterpreters" in (refusing.usable["subinterp"] or "")
+    assert refusing.mechanism == "process" and refusing.usable["process"] is None
+    assert loading.usable["subinterp"] is None  # multi-phase initialisation: it loads there
+    assert "not subinterp: ImportError: module hiredis does not support loading in subinterpreters" in (
+        _mechanism_line(refusing)
+    )
+
+
 # -- the cost ----------------------------------------------------------------------------------------
 def test_the_prediction_prices_each_crossing_and_byte_over_the_work_between_the_first_and_last():
     data = run_record(edges=[("__main__", "cparser", 1000, 100_000), ("cparser", "cparser", 9, 9)], units=UNITS)
@@ -512,6 +526,7 @@ compartments:
       seccomp: compute-only
 libraries:
   cparser: {compartment: cparser}
+  json: {compartment: cparser}
 """
 
 
@@ -544,6 +559,7 @@ def test_the_diff_compares_paths_variables_and_reaches_as_enforced(tmp_path):
     reach = changes["compartment cparser: reaches + json"]
     assert reach.widens and reach.why == "cparser names json"
     assert changes["compartment cparser: timeout 5.0 -> None"].widens
+    assert changes["library json: cparser -> json (with what json may do)"].widens
     elsewhere = {change.text for change in compare(old, new, proposal, "/elsewhere")}
     assert "compartment cparser: filesystem.write + ./out" in elsewhere  # /elsewhere/out is not /w/out
 

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -197,6 +198,22 @@ print(sorted(multipart.parse(sys.argv[1], int(os.environ["APP_PORT"])).items()))
 """
 
 
+def unexplained(text: str) -> list[str]:
+    """The lines of a proposal that set or grant something with no comment saying why (on the line
+    or just above it)."""
+    lines = text.splitlines()
+    options = ("env", "network", "reaches", "seccomp", "audit", "read", "write", "keep", "allow", "profile")
+    found = []
+    for index, line in enumerate(lines):
+        word = line.strip().removeprefix("- ").partition(":")[0]
+        granting = line.strip().startswith("- ") and not line.strip().startswith("- name:")
+        if line.rstrip().endswith(":"):  # a key whose items follow, each explained
+            continue
+        if (granting or word in options) and "#" not in line and not lines[index - 1].strip().startswith("#"):
+            found.append(line)
+    return found
+
+
 def test_each_kind_of_grant_is_one_the_traced_run_cannot_do_without(tmp_path):
     """Files read and written, a kept variable, the network, each system call, each audit family
     not denied and a reach: the proposal grants each, runs the app unchanged, and without any one
@@ -266,6 +283,8 @@ def test_each_kind_of_grant_is_one_the_traced_run_cannot_do_without(tmp_path):
             "sqlite3: filesystem.write .",
         ]
         assert sorted(found) == sorted(expected), text
+        assert unexplained(text) == [], text  # every grant says which unit, where and how often
+        assert "multipart at multipart/__init__.py:19 (1x): subprocess.Popen: true" in text
         still_working = []
         for what, mutate in grants(document):
             dump(without(document, mutate), project / "flexos.yaml")
@@ -276,3 +295,55 @@ def test_each_kind_of_grant_is_one_the_traced_run_cannot_do_without(tmp_path):
     finally:
         stop.set()
         server.close()
+
+
+NOTES_TESTS = """
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import notes
+
+
+def test_a_note_is_listed_once_added(tmp_path, capsys):
+    database = str(tmp_path / "notes.db")
+    assert notes.main(["--db", database, "add", "buy", "milk"]) == 0
+    assert notes.main(["--db", database, "list"]) == 0
+    assert "buy milk" in capsys.readouterr().out
+
+
+def test_a_missing_note_is_an_error(tmp_path):
+    assert notes.main(["--db", str(tmp_path / "notes.db"), "delete", "7"]) == 1
+"""
+
+
+def test_a_run_of_the_apps_tests_merges_with_the_apps_run_into_one_proposal_both_pass_under(tmp_path):
+    """``flexos trace -- notes.py ...`` then ``flexos trace -- -m pytest tests/``: one proposal
+    from both runs, which checks, and under which the app and its test suite both still pass."""
+    (tmp_path / "tests").mkdir()
+    shutil.copy(workloads.NOTES, tmp_path / "notes.py")
+    (tmp_path / "tests" / "test_notes.py").write_text(NOTES_TESTS)
+    pytest_words = ["-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider", "tests/"]
+
+    def run(*words: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(list(words), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    app = run(workloads.FLEXOS, "trace", "-o", "flexos.yaml", "--", "notes.py", "add", "call", "mom")
+    assert app.returncode == 0 and app.stdout == "added note 1\n", app.stderr
+    suite = run(workloads.FLEXOS, "trace", "-o", "flexos.yaml", "--write", "--", *pytest_words)
+    assert suite.returncode == 0 and "2 passed" in suite.stdout, suite.stdout + suite.stderr
+    text = (tmp_path / "flexos.yaml").read_text()
+    assert "#   python notes.py add call mom" in text and "#   python -m pytest" in text
+    assert "notes: {compartment" not in text  # the script stays the app's, though its tests import it
+    document = YAML(typ="rt").load(text)
+    cut = next(c for c in document["compartments"] if c["name"] == document["libraries"]["sqlite3"]["compartment"])
+    # the tests' databases are in tmp_path directories, which change from run to run: the temporary
+    # directory is granted, and it holds the app's database (this test's directory) too
+    assert cut["hardening"]["filesystem"]["write"] == [tempfile.gettempdir()]
+    check = run(workloads.FLEXOS, "check")
+    assert check.returncode == 0, check.stdout + check.stderr
+    listed = run(workloads.FLEXOS, "run", "notes.py", "list")
+    assert listed.returncode == 0 and listed.stdout.endswith("call mom\n"), listed.stderr
+    under = run(workloads.FLEXOS, "run", *pytest_words)
+    assert under.returncode == 0 and "2 passed" in under.stdout, under.stdout + under.stderr

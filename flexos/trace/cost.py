@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from typing import Any
 from flexos.trace.propose import DEFAULT, Proposal
 
 _ECHO = "def echo(value):\n    return value\n"
-CALIBRATION_VERSION = 4
+CALIBRATION_VERSION = 5
 
 
 def cache_file() -> Path:
@@ -121,14 +122,16 @@ def _measure(drivers: list[str], base: bool) -> dict[str, Any]:
 
 
 # -- the calibration child -------------------------------------------------------------------------
-def _per_call(function: Any, argument: Any, calls: int, rounds: int = 5) -> float:
-    """The median over ``rounds`` of the mean time of ``calls`` calls."""
+def _per_call(
+    function: Any, argument: Any, calls: int, rounds: int = 5, clock: Callable[[], float] = time.perf_counter
+) -> float:
+    """The median over ``rounds`` of the mean time of ``calls`` calls, by ``clock``."""
     times = []
     for _ in range(rounds):
-        started = time.perf_counter()
+        started = clock()
         for _ in range(calls):
             function(argument)
-        times.append((time.perf_counter() - started) / calls)
+        times.append((clock() - started) / calls)
     return statistics.median(times)
 
 
@@ -200,18 +203,20 @@ def loop(n):
 
 
 def _dispatch_cost(workdir: Path) -> float:
-    """What a PY_START event costs sys.monitoring besides the callback's body (an empty one here)."""
+    """What a PY_START event costs sys.monitoring besides the callback's body (an empty one here),
+    in this thread's CPU time: the recorder's share is of the traced run's CPU time, and a wall
+    clock on a loaded machine would count the other processes' turns too."""
     (workdir / "flexos_trace_loop.py").write_text(_LOOP)
     loop = importlib.import_module("flexos_trace_loop").loop  # written just now
     n = 100_000
-    plain = _per_call(loop, n, 1)
+    plain = _per_call(loop, n, 3, clock=time.thread_time)
     monitoring = sys.monitoring
     tool = next(t for t in (monitoring.PROFILER_ID, 3, 4) if monitoring.get_tool(t) is None)
     monitoring.use_tool_id(tool, "flexos trace calibration")
     monitoring.register_callback(tool, monitoring.events.PY_START, lambda code, offset: None)
     monitoring.set_events(tool, monitoring.events.PY_START)
     try:
-        traced = _per_call(loop, n, 1)
+        traced = _per_call(loop, n, 3, clock=time.thread_time)
     finally:
         monitoring.set_events(tool, 0)
         monitoring.free_tool_id(tool)

@@ -86,7 +86,7 @@ def compare(old: Image, new: Image, proposal: Proposal, base: str | None = None)
         elif before_c is None:
             changes.append(Change(f"library {module}: placed in {after_c}", False))
         else:
-            changes.append(Change(f"library {module}: {before_c} -> {after_c}", False))
+            changes.append(Change(f"library {module}: {before_c} -> {after_c} (with what {after_c} may do)", True))
     for module in sorted(set(old.library_hardening) | set(new.library_hardening)):
         before_d = set((old.library_hardening.get(module) or {}).get("audit", {}).get("deny", []))
         after_d = set((new.library_hardening.get(module) or {}).get("audit", {}).get("deny", []))

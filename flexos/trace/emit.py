@@ -91,6 +91,7 @@ def _hardening_lines(compartment: Compartment) -> list[str]:
     lines += _grant_lines("read", hardening.read, 8, "nothing outside Python's own paths and the system libraries")
     lines += _grant_lines("write", hardening.write, 8, "wrote, created and removed nothing")
     if hardening.seccomp_allow:
+        lines += _comment("compute-only, but for the system calls below (its sockets and processes make them)", 6)
         lines += ["      seccomp:", "        profile: compute-only"]
         lines += _grant_lines("allow", hardening.seccomp_allow, 8, "")
     else:
