@@ -465,6 +465,11 @@ def test_the_prediction_prices_each_crossing_and_byte_over_the_work_between_the_
     assert prediction.work_s == pytest.approx(work)
     assert prediction.slowdown == pytest.approx((work + row.added_s) / work)
     assert row.alternatives == {"subinterp": pytest.approx((work + 1000 * 2e-6 + 100_000 * 1e-9) / work)}
+    # on a machine as loaded as the calibration found it, the work takes longer by the wall clock
+    # the gates' round trips are measured by, and the same crossings weigh less
+    loaded = predict(proposal, Calibration(gates, 0.02, 0.3, 0.0, stretch=2.0))
+    assert loaded.work_s == pytest.approx(work)
+    assert loaded.slowdown == pytest.approx((2 * work + row.added_s) / (2 * work))
     base = 0.02 + 1.0 - 0.5
     assert prediction.whole_run == pytest.approx((base + row.added_s + 0.05 + 0.3) / base)
 
