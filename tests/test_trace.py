@@ -90,6 +90,26 @@ sys.exit(int(os.environ.get("APP_EXIT", "0")))
 """
 
 
+@pytest.fixture(autouse=True)
+def calibrated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A calibration cache of this machine's shape, so the command's tests do not spend a
+    calibration's half minute each (the apps' tests, marked slow, calibrate for real)."""
+    from flexos.trace.cost import _machine, cache_file
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+    gate = {"start_s": 0.3, "call_s": 20e-6, "byte_s": 10e-9}
+    cache = {
+        "machine": _machine(),
+        "gates": {"process": gate, "subinterp": gate, "vm": gate},
+        "python_start_s": 0.02,
+        "flexos_run_s": 0.3,
+        "monitoring_event_s": 30e-9,
+        "stretch": [1.0],
+    }
+    cache_file().parent.mkdir(parents=True)
+    cache_file().write_text(json.dumps(cache))
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     site = tmp_path / "site-packages" / "fakelib"

@@ -3,21 +3,24 @@ crossings the runs made.
 
 A calibration (``python -m flexos.trace.cost DRIVER...``, in a child process of its own) boots a
 compartment of each driver the proposal may use with a one-function module in it, and measures
-the time to start it and import the module, a small call's round trip, and the time per byte of
-a list of 2000 small lists crossing both ways (what apps pass: per byte, many small values cost
-several times what one large bytes object does). Once, it also measures Python's own start,
-``flexos run``'s (reading flexos.yaml, booting the runtime), and what ``sys.monitoring`` costs
-per event besides the recorder's callbacks (which time themselves), so that a traced run's CPU
-time can be told from the app's. The answers are cached in
+a small call's round trip and the time per byte of a list of 2000 small lists crossing both ways
+(what apps pass: per byte, many small values cost several times what one large bytes object
+does), then what such a compartment, hardened as a proposal hardens it, adds to ``flexos run`` of
+a script that calls it once. Once, it also measures Python's own start, ``flexos run``'s (reading
+flexos.yaml, booting the runtime), and what ``sys.monitoring`` costs per event besides the
+recorder's callbacks (which time themselves), so that a traced run's CPU time can be told from
+the app's; and, between the rest, how much longer a CPU-bound loop takes by the wall clock than
+in CPU time (the *stretch*: on a shared machine the round trips measured include other
+processes' turns, and so will the app's own work). The answers are cached in
 ``$XDG_CACHE_HOME/flexos/trace/calibration.json`` (default ``~/.cache``), keyed by this machine,
 Python and flexos; ``flexos trace --recalibrate`` measures again.
 
 The prediction, per compartment: its crossings (calls between a unit placed in it and a unit
 outside it, both ways) x the round trip of its mechanism, plus their bytes x the time per byte,
 over the CPU time the runs spent between the first and the last of those calls (less the
-recorder's own share). A short command also pays, once per run, ``flexos run``'s start and each
-compartment's: the *whole-run* figure adds them to the runs' wall time (less the recorder's) and
-Python's start.
+recorder's own share) times the stretch. A short command also pays, once per run, ``flexos
+run``'s start and each compartment's: the *whole-run* figure adds them to the runs' wall time
+(less the recorder's) and Python's start.
 """
 
 from __future__ import annotations
