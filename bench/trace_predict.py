@@ -41,6 +41,7 @@ def run_app(app: str, rounds: int, sizes: dict[str, tuple[int, int]], workdir: P
     # The proposal is traced and run where it is, in each run's own directory: a flexos.yaml's
     # relative paths (its database's directory, ./data) are read from the yaml's directory.
     proposal_file = workdir / "trace" / "flexos.yaml"
+    calibration(["process", "subinterp"])  # cached first: the tracing column is the trace's, not a calibration's
     plain = workload([workloads.PYTHON], workdir / "plain-smoke", traced_size)
     traced = workload(
         [workloads.FLEXOS, "trace", "-o", str(proposal_file), "--write", "--"], workdir / "trace", traced_size
