@@ -24,8 +24,8 @@ import pytest
 from flexos.config import parse
 from flexos.trace.cost import Calibration, GateCost, predict
 from flexos.trace.diff import compare
-from flexos.trace.emit import proposal_yaml, scalar, space_yaml
-from flexos.trace.propose import Proposal, harden, place, propose
+from flexos.trace.emit import _mechanism_line, proposal_yaml, scalar, space_yaml
+from flexos.trace.propose import Compartment, Proposal, harden, mechanisms, place, propose, reaches
 from flexos.trace.recorder import RECORD_VERSION, wire_size
 from flexos.trace.runs import Run, Runs
 
@@ -88,6 +88,26 @@ if os.environ.get("APP_PORT"):
 print("spawned", fakelib.spawn())
 sys.exit(int(os.environ.get("APP_EXIT", "0")))
 """
+
+
+@pytest.fixture(autouse=True)
+def calibrated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A calibration cache of this machine's shape, so the command's tests do not spend a
+    calibration's half minute each (the apps' tests, marked slow, calibrate for real)."""
+    from flexos.trace.cost import _machine, cache_file
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+    gate = {"start_s": 0.3, "call_s": 20e-6, "byte_s": 10e-9}
+    cache = {
+        "machine": _machine(),
+        "gates": {"process": gate, "subinterp": gate, "vm": gate},
+        "python_start_s": 0.02,
+        "flexos_run_s": 0.3,
+        "monitoring_event_s": 30e-9,
+        "stretch": [1.0],
+    }
+    cache_file().parent.mkdir(parents=True)
+    cache_file().write_text(json.dumps(cache))
 
 
 @pytest.fixture
@@ -378,10 +398,42 @@ def test_least_privilege_grants_what_the_compartment_did_on_the_narrowest_path_t
     assert [g.value for g in hardening.read] == ["/bin/true", "/etc/cparser.conf", "./in"]
     assert [g.value for g in hardening.write] == ["./out"]
     assert "created out/result.bin" in hardening.write[0].why
-    assert hardening.env == "inherit" and "$HOME" in hardening.why["env"] and "$PATH" not in hardening.why["env"]
+    assert hardening.env == "keep" and hardening.env_value() == {"keep": ["HOME"]}  # not PATH, not UNSET
+    assert "read $HOME" in hardening.env_keep[0].why and "app.py:3" in hardening.env_keep[0].why
     assert hardening.network == "allow" and "10.0.0.1:80" in hardening.why["network"]
-    assert [g.value for g in hardening.seccomp_allow] == ["connect", "execve", "fork", "socket", "vfork"]
+    # subprocess's child starts with vfork, then executes: nothing else of a spawn is refused
+    assert [g.value for g in hardening.seccomp_allow] == ["connect", "execve", "socket", "vfork"]
     assert hardening.audit_deny == ["ctypes"]  # it raised subprocess and socket events
+
+
+def test_a_compartment_that_iterated_the_environment_inherits_it_and_one_that_binds_serves():
+    inside = ("cparser", "__main__")
+    proposal, (compartment,) = proposal_for(
+        env=[(("*", True), inside), (("HOME", True), inside)],
+        sockets=[
+            (("socket.bind", "AF_INET", "127.0.0.1:0"), inside),
+            (("socket.getaddrinfo", "name", "127.0.0.1"), inside),  # numeric: glibc reads no file for it
+        ],
+        processes=[(("os.fork", None, ""), inside)],  # glibc forks with clone, which compute-only allows
+    )
+    hardening = harden(proposal, compartment)
+    assert hardening.env == "inherit" and "iterated os.environ" in hardening.why["env"]
+    assert [g.value for g in hardening.seccomp_allow] == ["accept4", "bind", "listen"]
+    assert hardening.read == []
+    by_name, (compartment,) = proposal_for(sockets=[(("socket.getaddrinfo", "name", "db.example"), inside)])
+    assert "/etc/hosts" in [g.value for g in harden(by_name, compartment).read]
+
+
+def test_the_apps_script_stays_in_the_app_when_its_tests_import_it_as_a_module():
+    units = {**UNITS, "notes": {"kind": "app", "modules": ["notes"], "extensions": []}}
+    script = run_record(edges=[("__main__", "json", 5, 0)], units=units)
+    script["command"] = ["notes.py", "list"]
+    tests = run_record(edges=[("notes", "json", 50, 0), ("app.core", "notes", 2, 0)], units=units)
+    tests["command"] = ["-m", "pytest", "tests/"]
+    compartments, placement, _ = place(Runs([Run(script), Run(tests)]))
+    assert [c.units for c in compartments] == [["json"]] and "notes" not in placement
+    _, placement, _ = place(Runs([Run(tests)]))  # without the script's run, notes is a module like any other
+    assert placement.get("notes") == "json"
 
 
 def test_a_compartment_that_did_nothing_gets_nothing():
@@ -403,6 +455,20 @@ def test_runs_merge_into_one_proposal_granting_what_either_needed():
     assert Runs([Run(first), Run(second)]).edges()[("__main__", "cparser")].calls == 15
 
 
+def test_a_c_extension_that_refuses_subinterpreters_is_not_offered_subinterp():
+    pytest.importorskip("hiredis", reason="scripts/setup installs hiredis (apps/kv's parser)")
+    pytest.importorskip("markupsafe", reason="scripts/setup installs markupsafe (apps/http's templates)")
+    refusing = Compartment("hiredis", "hiredis", ["hiredis"], {"hiredis": "C extension"})
+    loading = Compartment("markupsafe", "markupsafe", ["markupsafe"], {"markupsafe": "C extension"})
+    mechanisms([refusing, loading], sys.path)
+    assert "does not support loading in subinterpreters" in (refusing.usable["subinterp"] or "")
+    assert refusing.mechanism == "process" and refusing.usable["process"] is None
+    assert loading.usable["subinterp"] is None  # multi-phase initialisation: it loads there
+    assert "not subinterp: ImportError: module hiredis does not support loading in subinterpreters" in (
+        _mechanism_line(refusing)
+    )
+
+
 # -- the cost ----------------------------------------------------------------------------------------
 def test_the_prediction_prices_each_crossing_and_byte_over_the_work_between_the_first_and_last():
     data = run_record(edges=[("__main__", "cparser", 1000, 100_000), ("cparser", "cparser", 9, 9)], units=UNITS)
@@ -419,6 +485,11 @@ def test_the_prediction_prices_each_crossing_and_byte_over_the_work_between_the_
     assert prediction.work_s == pytest.approx(work)
     assert prediction.slowdown == pytest.approx((work + row.added_s) / work)
     assert row.alternatives == {"subinterp": pytest.approx((work + 1000 * 2e-6 + 100_000 * 1e-9) / work)}
+    # on a machine as loaded as the calibration found it, the work takes longer by the wall clock
+    # the gates' round trips are measured by, and the same crossings weigh less
+    loaded = predict(proposal, Calibration(gates, 0.02, 0.3, 0.0, stretch=2.0))
+    assert loaded.work_s == pytest.approx(work)
+    assert loaded.slowdown == pytest.approx((2 * work + row.added_s) / (2 * work))
     base = 0.02 + 1.0 - 0.5
     assert prediction.whole_run == pytest.approx((base + row.added_s + 0.05 + 0.3) / base)
 
@@ -464,6 +535,60 @@ def test_the_diff_marks_what_widens_and_says_why(tmp_path):
     assert not compare(new, new, proposal)
 
 
+KEPT = """\
+compartments:
+  - name: app
+    mechanism: {driver: fcalls}
+    default: true
+  - name: cparser
+    mechanism: {driver: process}
+    timeout: 5
+    reaches: []
+    hardening:
+      env: {keep: [LANGUAGE]}
+      network: none
+      filesystem: {read: [/w/in], write: [/w/out]}
+      seccomp: compute-only
+libraries:
+  cparser: {compartment: cparser}
+  json: {compartment: cparser}
+"""
+
+
+def test_the_diff_compares_paths_variables_and_reaches_as_enforced(tmp_path):
+    data = run_record(
+        edges=[("__main__", "cparser", 10, 100), ("app.core", "json", 5, 0)],
+        units=UNITS,
+        files=[(("create", "/w/out/r.bin", "open"), ("cparser",)), (("list", "/w/in", "os.listdir"), ("cparser",))],
+        env=[(("HOME", True), ("cparser",))],
+    )
+    data["uses"] = {"cparser": {"json": "cparser"}}
+    runs = Runs([Run(data)])
+    proposal = Proposal(runs, *place(runs))
+    for compartment in proposal.compartments:
+        compartment.hardening = harden(proposal, compartment)
+        compartment.reaches = reaches(proposal, compartment)
+        compartment.mechanism = "process"
+    (tmp_path / "old.yaml").write_text(
+        KEPT.replace("libraries:", "  - name: json\n    mechanism: {driver: process}\nlibraries:")
+    )
+    (tmp_path / "new.yaml").write_text(proposal_yaml(proposal, None))
+    old, _ = parse(tmp_path / "old.yaml")
+    new, _ = parse(tmp_path / "new.yaml")
+    changes = {change.text: change for change in compare(old, new, proposal, "/w")}
+    # ./out and ./in here are /w/out and /w/in there: the same grants, not a change
+    assert not [text for text in changes if "filesystem" in text], changes
+    kept = changes["compartment cparser: env.keep + HOME"]
+    assert kept.widens and "read $HOME" in (kept.why or "")
+    assert not changes["compartment cparser: env.keep - LANGUAGE"].widens
+    reach = changes["compartment cparser: reaches + json"]
+    assert reach.widens and reach.why == "cparser names json"
+    assert changes["compartment cparser: timeout 5.0 -> None"].widens
+    assert changes["library json: cparser -> json (with what json may do)"].widens
+    elsewhere = {change.text for change in compare(old, new, proposal, "/elsewhere")}
+    assert "compartment cparser: filesystem.write + ./out" in elsewhere  # /elsewhere/out is not /w/out
+
+
 # -- the command -------------------------------------------------------------------------------------
 def trace(project: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -498,6 +623,11 @@ def test_flexos_trace_writes_a_proposal_that_runs_then_only_prints_what_a_new_ru
     assert under.returncode == 0, under.stderr
     assert under.stdout == plain.stdout
 
+    again = trace(project, "-o", "flexos.yaml", "--", "app.py", "c")  # the same paths: nothing changes
+    assert again.returncode == 0, again.stderr
+    assert "flexos.yaml already is the proposal: nothing to change" in again.stderr, again.stderr
+    assert "WIDENS" not in again.stderr and (project / "flexos.yaml").read_text() == proposal
+
     elsewhere = project.parent / f"{project.name}-elsewhere"  # in the temporary directory, not the app's
     elsewhere.mkdir()
     (project / "app2.py").write_text(
@@ -515,7 +645,7 @@ def test_flexos_trace_writes_a_proposal_that_runs_then_only_prints_what_a_new_ru
     image, _ = parse(project / "flexos.yaml")
     assert image.compartments["sqlite3"].hardening["filesystem"]["write"] == [temporary]  # it holds the app too
     assert "#   python app2.py" in (project / "flexos.yaml").read_text()
-    assert len(json.loads((project / "flexos.trace.json").read_text())["runs"]) == 2
+    assert len(json.loads((project / "flexos.trace.json").read_text())["runs"]) == 3
 
 
 def test_flexos_trace_passes_the_apps_exit_status_on_and_keeps_its_run(project):

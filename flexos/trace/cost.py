@@ -3,21 +3,24 @@ crossings the runs made.
 
 A calibration (``python -m flexos.trace.cost DRIVER...``, in a child process of its own) boots a
 compartment of each driver the proposal may use with a one-function module in it, and measures
-the time to start it and import the module, a small call's round trip, and the time per byte of
-a list of 2000 small lists crossing both ways (what apps pass: per byte, many small values cost
-several times what one large bytes object does). Once, it also measures Python's own start,
-``flexos run``'s (reading flexos.yaml, booting the runtime), and what ``sys.monitoring`` costs
-per event besides the recorder's callbacks (which time themselves), so that a traced run's CPU
-time can be told from the app's. The answers are cached in
+a small call's round trip and the time per byte of a list of 2000 small lists crossing both ways
+(what apps pass: per byte, many small values cost several times what one large bytes object
+does), then what such a compartment, hardened as a proposal hardens it, adds to ``flexos run`` of
+a script that calls it once. Once, it also measures Python's own start, ``flexos run``'s (reading
+flexos.yaml, booting the runtime), and what ``sys.monitoring`` costs per event besides the
+recorder's callbacks (which time themselves), so that a traced run's CPU time can be told from
+the app's; and, between the rest, how much longer a CPU-bound loop takes by the wall clock than
+in CPU time (the *stretch*: on a shared machine the round trips measured include other
+processes' turns, and so will the app's own work). The answers are cached in
 ``$XDG_CACHE_HOME/flexos/trace/calibration.json`` (default ``~/.cache``), keyed by this machine,
 Python and flexos; ``flexos trace --recalibrate`` measures again.
 
 The prediction, per compartment: its crossings (calls between a unit placed in it and a unit
 outside it, both ways) x the round trip of its mechanism, plus their bytes x the time per byte,
 over the CPU time the runs spent between the first and the last of those calls (less the
-recorder's own share). A short command also pays, once per run, ``flexos run``'s start and each
-compartment's: the *whole-run* figure adds them to the runs' wall time (less the recorder's) and
-Python's start.
+recorder's own share) times the stretch. A short command also pays, once per run, ``flexos
+run``'s start and each compartment's: the *whole-run* figure adds them to the runs' wall time
+(less the recorder's) and Python's start.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +42,7 @@ from typing import Any
 from flexos.trace.propose import DEFAULT, Proposal
 
 _ECHO = "def echo(value):\n    return value\n"
-CALIBRATION_VERSION = 4
+CALIBRATION_VERSION = 6
 
 
 def cache_file() -> Path:
@@ -69,7 +73,7 @@ def _flexos_version() -> str:
 
 @dataclass(frozen=True)
 class GateCost:
-    start_s: float  # boot the compartment and import its first module
+    start_s: float  # what one compartment adds to ``flexos run``'s start, hardened as a proposal hardens it
     call_s: float  # a small call's round trip
     byte_s: float  # per byte carried (either way), for many small values in builtin containers
 
@@ -80,6 +84,9 @@ class Calibration:
     python_start_s: float
     flexos_run_s: float  # what ``flexos run`` adds to a run before the app starts (config, runtime)
     monitoring_event_s: float  # what sys.monitoring costs per event besides the recorder's callback
+    # How much longer CPU-bound work takes by the wall clock than in CPU time while calibrating (1:
+    # a CPU to itself): the gates' round trips are wall time, the traced work is CPU time.
+    stretch: float = 1.0
 
 
 def calibration(drivers: list[str], again: bool = False) -> Calibration:
@@ -97,6 +104,7 @@ def calibration(drivers: list[str], again: bool = False) -> Calibration:
     if missing or "python_start_s" not in cached:
         measured = _measure(missing, base="python_start_s" not in cached)
         cached["gates"].update(measured.pop("gates"))
+        cached["stretch"] = [*cached.get("stretch", []), *measured.pop("stretch")]
         cached.update(measured)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.name}.{os.getpid()}")
@@ -107,6 +115,7 @@ def calibration(drivers: list[str], again: bool = False) -> Calibration:
         cached["python_start_s"],
         cached["flexos_run_s"],
         cached["monitoring_event_s"],
+        statistics.median(cached.get("stretch") or [1.0]),
     )
 
 
@@ -121,18 +130,28 @@ def _measure(drivers: list[str], base: bool) -> dict[str, Any]:
 
 
 # -- the calibration child -------------------------------------------------------------------------
-def _per_call(function: Any, argument: Any, calls: int, rounds: int = 5) -> float:
-    """The median over ``rounds`` of the mean time of ``calls`` calls."""
+def _per_call(
+    function: Any, argument: Any, calls: int, rounds: int = 5, clock: Callable[[], float] = time.perf_counter
+) -> float:
+    """The median over ``rounds`` of the mean time of ``calls`` calls, by ``clock``."""
     times = []
     for _ in range(rounds):
-        started = time.perf_counter()
+        started = clock()
         for _ in range(calls):
             function(argument)
-        times.append((time.perf_counter() - started) / calls)
+        times.append((clock() - started) / calls)
     return statistics.median(times)
 
 
+# What a proposal gives a compartment of a driver that can be hardened: start costs include it.
+_PROPOSED_HARDENING = (
+    "    hardening: {env: clean, network: none, filesystem: {read: [], write: []}, seccomp: compute-only,"
+    " audit: {deny: [subprocess, ctypes, socket]}}\n"
+)
+
+
 def _gate(driver: str, workdir: Path) -> dict[str, float]:
+    from flexos.drivers import driver_class
     from flexos.image import CompartmentSpec, Image
     from flexos.runtime import boot
     from flexos.trace.recorder import wire_size
@@ -148,20 +167,39 @@ def _gate(driver: str, workdir: Path) -> dict[str, float]:
         source="<flexos trace calibration>",
     )
     payload = _payload()
-    started = time.perf_counter()
     with boot(image):
         echo = importlib.import_module(module).echo
         echo(0)
-        start = time.perf_counter() - started
         _per_call(echo, 0, 200, rounds=1)
         small = _per_call(echo, 0, 400)
         _per_call(echo, payload, 3, rounds=1)
         big = _per_call(echo, payload, 10)
+    # A compartment's start, as a short command pays it: ``flexos run`` of a script that calls it
+    # once, against ``flexos run`` of an empty script with no compartment (_starts).
+    hardening = _PROPOSED_HARDENING if driver_class(driver).hardenable else ""
+    (workdir / f"{module}.yaml").write_text(
+        f"compartments:\n  - name: {DEFAULT}\n    mechanism: {{driver: fcalls}}\n    default: true\n"
+        f"  - name: calibrated\n    mechanism: {{driver: {driver}}}\n    reaches: []\n{hardening}"
+        f"libraries:\n  {module}: {{compartment: calibrated}}\n"
+    )
+    (workdir / f"{module}_app.py").write_text(f"import {module}\n{module}.echo(0)\n")
+    run = [sys.executable, "-c", "from flexos.cli import main; main()", "run", "-c", f"{module}.yaml"]
     return {
-        "start_s": start,
+        "start_s": _wall([*run, f"{module}_app.py"], workdir) - _wall(_EMPTY_RUN, workdir),
         "call_s": small,
         "byte_s": max(0.0, (big - small) / (2 * wire_size(payload))),
     }
+
+
+_EMPTY_RUN = [sys.executable, "-c", "from flexos.cli import main; main()", "run", "-c", "empty.yaml", "empty.py"]
+
+
+def _stretch(seconds: float = 0.1) -> float:
+    """Wall time over this thread's CPU time for a CPU-bound loop of about ``seconds``."""
+    wall, cpu = time.perf_counter(), time.thread_time()
+    while time.thread_time() - cpu < seconds:
+        sum(range(1000))
+    return (time.perf_counter() - wall) / (time.thread_time() - cpu)
 
 
 def _payload() -> list[list[bytes]]:
@@ -178,13 +216,16 @@ def _wall(command: list[str], cwd: Path, times: int = 3) -> float:
     return statistics.median(measured)
 
 
-def _starts(workdir: Path) -> dict[str, float]:
+def _empty(workdir: Path) -> None:
     (workdir / "empty.py").write_text("")
-    (workdir / "flexos.yaml").write_text(
+    (workdir / "empty.yaml").write_text(
         f"compartments:\n  - name: {DEFAULT}\n    mechanism: {{driver: fcalls}}\n    default: true\n"
     )
+
+
+def _starts(workdir: Path) -> dict[str, float]:
     python = _wall([sys.executable, "empty.py"], workdir)
-    flexos_run = _wall([sys.executable, "-c", "from flexos.cli import main; main()", "run", "empty.py"], workdir)
+    flexos_run = _wall(_EMPTY_RUN, workdir)
     return {"python_start_s": python, "flexos_run_s": max(0.0, flexos_run - python)}
 
 
@@ -200,18 +241,20 @@ def loop(n):
 
 
 def _dispatch_cost(workdir: Path) -> float:
-    """What a PY_START event costs sys.monitoring besides the callback's body (an empty one here)."""
+    """What a PY_START event costs sys.monitoring besides the callback's body (an empty one here),
+    in this thread's CPU time: the recorder's share is of the traced run's CPU time, and a wall
+    clock on a loaded machine would count the other processes' turns too."""
     (workdir / "flexos_trace_loop.py").write_text(_LOOP)
     loop = importlib.import_module("flexos_trace_loop").loop  # written just now
     n = 100_000
-    plain = _per_call(loop, n, 1)
+    plain = _per_call(loop, n, 3, clock=time.thread_time)
     monitoring = sys.monitoring
     tool = next(t for t in (monitoring.PROFILER_ID, 3, 4) if monitoring.get_tool(t) is None)
     monitoring.use_tool_id(tool, "flexos trace calibration")
     monitoring.register_callback(tool, monitoring.events.PY_START, lambda code, offset: None)
     monitoring.set_events(tool, monitoring.events.PY_START)
     try:
-        traced = _per_call(loop, n, 1)
+        traced = _per_call(loop, n, 3, clock=time.thread_time)
     finally:
         monitoring.set_events(tool, 0)
         monitoring.free_tool_id(tool)
@@ -224,10 +267,17 @@ def _calibrate(argv: list[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="flexos-trace-calibration-") as tmp:
         workdir = Path(tmp)
         sys.path.insert(0, tmp)  # compartments get the app's sys.path
-        result: dict[str, Any] = {"gates": {driver: _gate(driver, workdir) for driver in drivers}}
+        _empty(workdir)
+        stretch = [_stretch()]
+        result: dict[str, Any] = {"gates": {}}
+        for driver in drivers:
+            result["gates"][driver] = _gate(driver, workdir)
+            stretch.append(_stretch())
         if base:
             result.update(_starts(workdir))
             result["monitoring_event_s"] = _dispatch_cost(workdir)
+            stretch.append(_stretch())
+        result["stretch"] = stretch
     return result
 
 
@@ -293,7 +343,10 @@ def predict(proposal: Proposal, costs: Calibration) -> Prediction:
             started[charged].add(run)
             span = window.setdefault(run, [first, last])
             span[0], span[1] = min(span[0], first), max(span[1], last)
-    work = max(1e-4, sum((last - first) * (1 - shares[run]) for run, (first, last) in window.items()))
+    # The traced work in CPU time, as long as it takes by the wall clock on the machine as calibrated
+    # (the gates' costs are wall time, measured under the same load).
+    cpu_work = max(1e-4, sum((last - first) * (1 - shares[run]) for run, (first, last) in window.items()))
+    work = cpu_work * costs.stretch
     chosen = {c.name: c.mechanism for c in proposal.compartments}
     rows = [
         CompartmentCost(
@@ -317,7 +370,7 @@ def predict(proposal: Proposal, costs: Calibration) -> Prediction:
         total + sum(row.starts * costs.gates[row.mechanism].start_s for row in rows) + len(runs) * costs.flexos_run_s
     )
     return Prediction(
-        rows, work, (work + total) / work, (base + extra) / base if base > 0 else 1.0, max(shares, default=0.0)
+        rows, cpu_work, (work + total) / work, (base + extra) / base if base > 0 else 1.0, max(shares, default=0.0)
     )
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flexos.drivers import driver_class
-from flexos.image import Image
+from flexos.image import CompartmentSpec, Image
 from flexos.trace.propose import Proposal
 
 
@@ -28,20 +28,36 @@ class Change:
         return f"  {mark}{self.text}" + (f"\n{'':9}because: {self.why}" if self.why else "")
 
 
+def _resolved(path: str, base: str | None) -> str:
+    """A granted path as flexos enforces it: ``~`` expanded, a relative one from the yaml's directory."""
+    path = os.path.expanduser(path)
+    if base is not None and not os.path.isabs(path):
+        path = os.path.join(base, path)
+    return os.path.normpath(path)
+
+
 def _covered(path: str, paths: list[str]) -> bool:
-    path = os.path.normpath(path)
-    return any(path == os.path.normpath(p) or path.startswith(os.path.normpath(p).rstrip("/") + "/") for p in paths)
+    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in paths)
 
 
-def _paths(old: list[str], new: list[str], where: str, why: Any) -> list[Change]:
-    changes = [Change(f"{where} + {p}", not _covered(p, old), why(p)) for p in new if p not in old]
-    changes += [Change(f"{where} - {p}", False) for p in old if p not in new]
+def _paths(old: list[str], new: list[str], where: str, why: Any, base: str | None) -> list[Change]:
+    """Path by path, compared as enforced (``.`` in one file is the directory the other names)."""
+    old_at = {_resolved(p, base): p for p in old}
+    new_at = {_resolved(p, base): p for p in new}
+    changes = [
+        Change(f"{where} + {written}", not _covered(at, list(old_at)), why(written))
+        for at, written in new_at.items()
+        if at not in old_at
+    ]
+    changes += [Change(f"{where} - {written}", False) for at, written in old_at.items() if at not in new_at]
     return changes
 
 
-def compare(old: Image, new: Image, proposal: Proposal) -> list[Change]:
-    """Every difference between ``old`` (the file on disk) and ``new`` (the proposal's image)."""
+def compare(old: Image, new: Image, proposal: Proposal, base: str | None = None) -> list[Change]:
+    """Every difference between ``old`` (the file on disk) and ``new`` (the proposal's image);
+    relative paths in either are read from ``base``, the yaml's directory."""
     grants = {(c.name, g.option, g.value): g.why for c in proposal.compartments for g in c.hardening.grants()}
+    reasons = {(c.name, target): why for c in proposal.compartments for target, why in c.reaches.items()}
     changes: list[Change] = []
     for name in dict.fromkeys([*old.compartments, *new.compartments]):
         before, after = old.compartments.get(name), new.compartments.get(name)
@@ -55,8 +71,11 @@ def compare(old: Image, new: Image, proposal: Proposal) -> list[Change]:
         if before.driver != after.driver:
             weaker = driver_class(after.driver).strength < driver_class(before.driver).strength
             changes.append(Change(f"compartment {name}: driver {before.driver} -> {after.driver}", weaker))
+        elif before.options != after.options:
+            changes.append(Change(f"compartment {name}: mechanism {before.options} -> {after.options}", False))
+        changes += _settings(name, before, after, lambda target, n=name: reasons.get((n, target)))
         changes += _hardening(
-            name, before.hardening, after.hardening, lambda option, value, n=name: grants.get((n, option, value))
+            name, before.hardening, after.hardening, lambda option, value, n=name: grants.get((n, option, value)), base
         )
     for module in sorted(set(old.libraries) | set(new.libraries)):
         before_c, after_c = old.libraries.get(module), new.libraries.get(module)
@@ -67,7 +86,7 @@ def compare(old: Image, new: Image, proposal: Proposal) -> list[Change]:
         elif before_c is None:
             changes.append(Change(f"library {module}: placed in {after_c}", False))
         else:
-            changes.append(Change(f"library {module}: {before_c} -> {after_c}", False))
+            changes.append(Change(f"library {module}: {before_c} -> {after_c} (with what {after_c} may do)", True))
     for module in sorted(set(old.library_hardening) | set(new.library_hardening)):
         before_d = set((old.library_hardening.get(module) or {}).get("audit", {}).get("deny", []))
         after_d = set((new.library_hardening.get(module) or {}).get("audit", {}).get("deny", []))
@@ -76,7 +95,60 @@ def compare(old: Image, new: Image, proposal: Proposal) -> list[Change]:
     return changes
 
 
-def _hardening(name: str, before: dict[str, Any], after: dict[str, Any], why: Any) -> list[Change]:
+def _settings(name: str, before: CompartmentSpec, after: CompartmentSpec, why: Any) -> list[Change]:
+    """What a compartment may reach, and its own limits (timeout, replies, restarts)."""
+    where = f"compartment {name}:"
+    changes: list[Change] = []
+    if before.reaches != after.reaches:
+        if after.reaches is None:
+            changes.append(Change(f"{where} reaches: no longer declared", bool(after.hardening)))
+        else:
+            for target in after.reaches:
+                if before.reaches is None or target not in before.reaches:
+                    widens = before.reaches is not None or not before.hardening
+                    changes.append(Change(f"{where} reaches + {target}", widens, why(target)))
+            for target in before.reaches or ():
+                if target not in after.reaches:
+                    changes.append(Change(f"{where} reaches - {target}", False))
+    if before.timeout != after.timeout:
+        looser = after.timeout is None or (before.timeout is not None and after.timeout > before.timeout)
+        changes.append(Change(f"{where} timeout {before.timeout} -> {after.timeout}", looser))
+    if before.max_reply != after.max_reply:
+        changes.append(
+            Change(f"{where} max_reply {before.max_reply} -> {after.max_reply}", after.max_reply > before.max_reply)
+        )
+    if before.restart != after.restart:
+        changes.append(Change(f"{where} restart {before.restart} -> {after.restart}", False))
+    return changes
+
+
+def _env_names(env: Any) -> list[str] | None:
+    """The app's variables a compartment sees (None: all of them)."""
+    if env in (None, "inherit"):
+        return None
+    return list(env.get("keep", [])) if isinstance(env, dict) else []
+
+
+def _environment(where: str, before: Any, after: Any, why: Any) -> list[Change]:
+    old, new = _env_names(before), _env_names(after)
+    if old == new:
+        return []
+    if new is None:
+        return [Change(f"{where} env {_env_text(before)} -> inherit", True, why("env", "inherit"))]
+    if old is None:
+        return [Change(f"{where} env inherit -> {_env_text(after)}", False)]
+    changes = [Change(f"{where} env.keep + {n}", True, why("env.keep", n)) for n in new if n not in old]
+    changes += [Change(f"{where} env.keep - {n}", False) for n in old if n not in new]
+    return changes
+
+
+def _env_text(env: Any) -> str:
+    return f"{{keep: [{', '.join(env['keep'])}]}}" if isinstance(env, dict) else str(env)
+
+
+def _hardening(
+    name: str, before: dict[str, Any], after: dict[str, Any], why: Any, base: str | None = None
+) -> list[Change]:
     where = f"compartment {name}:"
     changes: list[Change] = []
     if not before and not after:
@@ -85,14 +157,7 @@ def _hardening(name: str, before: dict[str, Any], after: dict[str, Any], why: An
         return [Change(f"{where} hardening removed", True)]
     if after and not before:
         return [Change(f"{where} hardening added", False)]
-    if before.get("env") != after.get("env"):
-        changes.append(
-            Change(
-                f"{where} env {before.get('env')} -> {after.get('env')}",
-                after.get("env") != "clean",
-                why("env", after.get("env")),
-            )
-        )
+    changes += _environment(where, before.get("env"), after.get("env"), why)
     if before.get("network") != after.get("network"):
         widens = after.get("network") != "none"
         changes.append(
@@ -110,7 +175,11 @@ def _hardening(name: str, before: dict[str, Any], after: dict[str, Any], why: An
     elif fs_before is not None and fs_after is not None:
         for key in ("read", "write"):
             changes += _paths(
-                fs_before[key], fs_after[key], f"{where} filesystem.{key}", lambda p, k=key: why(f"filesystem.{k}", p)
+                fs_before[key],
+                fs_after[key],
+                f"{where} filesystem.{key}",
+                lambda p, k=key: why(f"filesystem.{k}", p),
+                base,
             )
     sc_before, sc_after = before.get("seccomp"), after.get("seccomp")
     if sc_before is not None and sc_after is None:

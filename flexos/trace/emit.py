@@ -81,12 +81,17 @@ def _hardening_lines(compartment: Compartment) -> list[str]:
     else:
         lines = ["    reaches: []  # imports nothing placed in another compartment"]
     lines.append("    hardening:")
-    lines += _comment(hardening.why["env"], 6) + [f"      env: {hardening.env}"]
+    if hardening.env == "keep":
+        lines += _comment(hardening.why["env"], 6) + ["      env:"]
+        lines += _grant_lines("keep", hardening.env_keep, 8, "")
+    else:
+        lines += _comment(hardening.why["env"], 6) + [f"      env: {hardening.env}"]
     lines += _comment(hardening.why["network"], 6) + [f"      network: {hardening.network}"]
     lines.append("      filesystem:")
     lines += _grant_lines("read", hardening.read, 8, "nothing outside Python's own paths and the system libraries")
     lines += _grant_lines("write", hardening.write, 8, "wrote, created and removed nothing")
     if hardening.seccomp_allow:
+        lines += _comment("compute-only, but for the system calls below (its sockets and processes make them)", 6)
         lines += ["      seccomp:", "        profile: compute-only"]
         lines += _grant_lines("allow", hardening.seccomp_allow, 8, "")
     else:

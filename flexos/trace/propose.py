@@ -24,6 +24,7 @@ import sys
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flexos.drivers import driver_class, names
@@ -53,21 +54,26 @@ class Grant:
 
 @dataclass
 class Hardening:
-    env: str = "clean"
+    env: str = "clean"  # clean, keep (clean but the variables in env_keep) or inherit
     network: str = "none"
     read: list[Grant] = field(default_factory=list)
     write: list[Grant] = field(default_factory=list)
+    env_keep: list[Grant] = field(default_factory=list)
     seccomp_allow: list[Grant] = field(default_factory=list)
     audit_deny: list[str] = field(default_factory=list)
     why: dict[str, str] = field(default_factory=dict)  # option -> why it is what it is
 
     def grants(self) -> list[Grant]:
         extra = []
-        if self.env != "clean":
+        if self.env == "inherit":
             extra.append(Grant("env", self.env, self.why["env"]))
         if self.network != "none":
             extra.append(Grant("network", self.network, self.why["network"]))
-        return [*self.read, *self.write, *self.seccomp_allow, *extra]
+        return [*self.read, *self.write, *self.env_keep, *self.seccomp_allow, *extra]
+
+    def env_value(self) -> str | dict[str, list[str]]:
+        """``env:`` as flexos.yaml writes it."""
+        return {"keep": [grant.value for grant in self.env_keep]} if self.env == "keep" else self.env
 
 
 @dataclass
@@ -234,11 +240,12 @@ def place(runs: Runs) -> tuple[list[Compartment], dict[str, str], list[str]]:
         placement[info.name] = name
     weights = _weights(edges)
     packages = {u for u in units if any(other.startswith(u + ".") for other in units)}
+    scripts = _scripts(runs)
     changed = True
     while changed:
         changed = False
         for unit in sorted(weights, key=lambda u: -max(weights[u].values(), default=0)):
-            if unit in placement or unit in packages or not _may_join(unit, units):
+            if unit in placement or unit in packages or unit in scripts or not _may_join(unit, units):
                 continue
             towards: dict[str, int] = {}
             for other, calls in weights[unit].items():
@@ -268,6 +275,20 @@ def place(runs: Runs) -> tuple[list[Compartment], dict[str, str], list[str]]:
             placement[unit] = best
             changed = True
     return compartments, placement, list(dict.fromkeys(notes))
+
+
+def _scripts(runs: Runs) -> set[str]:
+    """The app's scripts by their module names (``notes`` for ``notes.py``, ``kv`` for ``-m kv``):
+    a run of the app's tests imports its script as a module, which is still the app's script."""
+    found = set()
+    for run in runs.runs:
+        command = run.command
+        if command and command[0] == "-m":
+            if len(command) > 1:
+                found.add(".".join(command[1].split(".")[:2]))
+        elif command and command[0].endswith(".py"):
+            found.add(Path(command[0]).stem)
+    return found
 
 
 def _may_join(unit: str, units: dict[str, UnitInfo]) -> bool:
@@ -356,9 +377,9 @@ def harden(proposal: Proposal, compartment: Compartment) -> Hardening:
         elif event == "socket.bind":
             why = _why(obs, runs, f"bound {address}")
             allow.setdefault("bind", why)
-            for call in ("listen", "accept", "accept4"):  # no audit event shows these: a bound socket serves
-                allow.setdefault(call, why + "; inferred: a bound socket listens and accepts")
-        elif family == "name":
+            for call in ("listen", "accept4"):  # no audit event shows these: a bound socket serves
+                allow.setdefault(call, why + "; inferred: a bound socket listens and accepts (Python's accept4)")
+        elif family == "name" and not _numeric(address):  # glibc resolves a numeric address itself
             for resolver in _RESOLVER_FILES:
                 if os.path.exists(resolver):
                     reads.setdefault(
@@ -370,27 +391,31 @@ def harden(proposal: Proposal, compartment: Compartment) -> Hardening:
     for obs in _attributed(proposal, compartment.name, "processes"):
         event, program, argv = obs.key
         why = _why(obs, runs, f"{event}: {argv or program}")
-        for call in ("execve", "fork", "vfork"):
-            allow.setdefault(call, why)
+        if event not in ("os.fork", "os.forkpty"):  # every spawn but a bare fork executes a program
+            allow.setdefault("execve", why)
+        if event == "subprocess.Popen":  # its child starts with vfork; glibc's fork and posix_spawn use clone
+            allow.setdefault("vfork", why)
         if program:
             found = program if os.path.isabs(program) else _which(program, runs.runs[obs.run].cwd)
             if found and not _always_readable(found, runs.runs[obs.run].always_readable):
                 reads.setdefault(found, (why + " (its program)", obs.run))
-    set_variables = sorted(
-        {
-            o.key[0]
-            for o in _attributed(proposal, compartment.name, "env")
-            if o.key[1] and o.key[0] not in CLEAN_ENVIRONMENT
-        }
-    )
-    if set_variables:
+    read_set: dict[str, Observation] = {}  # variable -> the first read of it while it was set
+    for obs in _attributed(proposal, compartment.name, "env"):
+        if obs.key[1] and obs.key[0] not in CLEAN_ENVIRONMENT:
+            read_set.setdefault(obs.key[0], obs)
+    if "*" in read_set:  # it iterated the environment: which of its variables it used is not known
         hardening.env = "inherit"
-        first = next(o for o in _attributed(proposal, compartment.name, "env") if o.key[0] == set_variables[0])
-        hardening.why["env"] = _why(first, runs, f"read {', '.join('$' + v for v in set_variables)}") + (
-            "; flexos.yaml has no keep-list: env: clean keeps only PATH and LANG"
-        )
+        hardening.why["env"] = _why(read_set["*"], runs, "iterated os.environ (every variable)")
+    elif read_set:
+        hardening.env = "keep"
+        hardening.env_keep = [
+            Grant("env.keep", name, _why(obs, runs, f"read ${name}")) for name, obs in sorted(read_set.items())
+        ]
+        hardening.why["env"] = "a clean environment but the variables it read while they were set"
     else:
-        hardening.why["env"] = "read no variable that is set, other than PATH and LANG (env: clean keeps those)"
+        hardening.why["env"] = (
+            "read no variable that is set, other than PATH and LANG (env: clean sets those: /usr/bin:/bin, C.UTF-8)"
+        )
     hardening.why.setdefault(
         "network", "connected, bound or sent to no address" if not sockets else "sockets, but no address"
     )
@@ -426,6 +451,17 @@ def _temporary_generalised(paths: dict[str, tuple[str, int]], runs: Runs) -> dic
             path = temporary
         found.setdefault(path, (why, run))
     return found
+
+
+def _numeric(host: str) -> bool:
+    """Whether ``host`` is an IP address written out (no name to resolve)."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    return True
 
 
 def _minimal(paths: dict[str, tuple[str, int]]) -> dict[str, tuple[str, int]]:

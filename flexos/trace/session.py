@@ -113,7 +113,7 @@ def trace(
             old_image, _ = parse(output)
         except ConfigError as exc:
             raise TraceError(f"{output} exists and flexos cannot read it:\n" + "\n".join(exc.problems)) from None
-        changes = compare(old_image, new_image, proposal)
+        changes = compare(old_image, new_image, proposal, str(output.resolve().parent))
         widening = sum(change.widens for change in changes)
         if not changes:
             outcome.report.append(f"{output} already is the proposal: nothing to change")
@@ -140,14 +140,16 @@ def trace(
 
 
 def _validated(text: str, output: Path, search: list[str]) -> Any:
-    """The proposal's Image, as flexos.config reads it where the app runs, from ``search`` (a
-    proposal it refuses is a flexos bug)."""
+    """The proposal's Image with its paths as written (as an existing flexos.yaml is read to be
+    compared), once flexos.config has read it where the app runs, from ``search`` (a proposal it
+    refuses is a flexos bug)."""
     directory = output.parent if output.parent.exists() else Path(".")
     handle, name = tempfile.mkstemp(prefix=".flexos-trace-", suffix=".yaml", dir=directory)
     os.close(handle)
     try:
         Path(name).write_text(text)
-        image, _ = parse(name, search)
+        parse(name, search)
+        image, _ = parse(name)
     except ConfigError as exc:
         raise TraceError(
             "flexos trace wrote a flexos.yaml flexos refuses (a bug):\n" + "\n".join(exc.problems)
