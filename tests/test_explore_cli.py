@@ -302,3 +302,58 @@ def test_sqlite_example_lists_nine_configurations() -> None:
         "Q1_pEnvSeccomp",
         "Q1Audit_pEnvSeccomp",
     ]
+
+
+def test_the_engine_flag_and_key(tmp_path: Path) -> None:
+    """``--engine`` and the space's ``engine:`` key: the flag overrides the key, a wrong name names
+    the choices (the ray engine itself runs in tests/test_explore_ray.py, in a namespace of its own)."""
+    from click.testing import CliRunner
+
+    from flexos.cli import main
+
+    unknown = CliRunner().invoke(main, ["explore", str(make(tmp_path)), "--budget", "300", "--engine", "dask"])
+    assert unknown.exit_code == 2 and "unknown engine 'dask' (known: local, ray)" in unknown.stderr
+    mistyped = make(tmp_path, SPACE.replace("  benchmark:", "  engine: rayy\n  benchmark:"))
+    refused = CliRunner().invoke(main, ["explore", str(mistyped), "--budget", "300"])
+    assert refused.exit_code == 2
+    assert f"{mistyped}:10: explore.engine: Input should be 'local' or 'ray'; did you mean 'ray'?" in refused.stderr
+    assert calls(tmp_path) == []
+    keys = "  engine: ray\n  address: 127.0.0.1:9\n  benchmark:"
+    quick = "command: echo $FLEXOS_REPEAT >> calls.log; echo 500"  # every configuration meets the budget
+    on_cluster = make(tmp_path, SPACE.replace("  benchmark:", keys).replace("command: python bench.py", quick))
+    space, _ = load_space(on_cluster)
+    assert (space.engine, space.address) == ("ray", "127.0.0.1:9")
+    out = tmp_path / "out"
+    local = explore(str(on_cluster), "--budget", "300", "--engine", "local", "--out", str(out))  # no Ray starts
+    assert local.returncode == 0, local.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["hosts"]) == ["local"] and len(calls(tmp_path)) == 2 * results["measured"]
+    assert "batches" not in local.stdout  # one host: no batches line
+
+
+def test_the_report_shows_unlike_hosts(tmp_path: Path) -> None:
+    """Results from unlike hosts are visible: each kind of host (CPU, kernel, Python, flexos,
+    drivers, features) with how many hosts are of it, and the lost runs."""
+    from flexos.explore import report
+    from flexos.explore.engines import this_host
+    from flexos.explore.order import safety_facts
+    from flexos.explore.search import Goal, search
+
+    space, _ = load_space(make(tmp_path))
+    configs = space.configurations()
+    order = documented_order(configs)
+    facts = [safety_facts(c) for c in configs]
+    goal = Goal(1, statistic="median")
+    answer = search(order, goal, facts, lambda i: [2.0, 2.0], batch=2)
+    here = this_host().record()
+    other = {**here, "hostname": "b", "kernel": "6.1.0-other", "features": {**here["features"], "landlock": False}}
+    hosts = {"n1": here, "n2": {**here, "hostname": "a2"}, "n3": other}
+    execution = report.Execution(hosts, [("J1_f", "node died")], (len(answer.measured), True))
+    text = report.table(space, configs, order, goal, answer, execution)
+    kind = f"{here['cpu']}, kernel {here['kernel']}, Python {here['python']}"
+    assert f"on 3 hosts: 2 x {kind}" in text
+    assert f"; 1 x {here['cpu']}, kernel 6.1.0-other, Python {here['python']}" in text
+    assert "lost 1 runs with their host, run again elsewhere: J1_f" in text
+    summary = report.summary(space, configs, order, goal, answer, execution)
+    assert summary["hosts"]["n3"]["hostname"] == "b" and summary["hosts"]["n3"]["kernel"] == "6.1.0-other"
+    assert {"hostname", "cpu", "kernel", "features", "drivers"} <= set(summary["hosts"]["n1"])
