@@ -154,6 +154,8 @@ def log_run(log: Path, config_path: str, event: str, **times: float) -> None:
         "repeat": os.environ.get("FLEXOS_REPEAT"),
         "node": os.environ.get("FLEXOS_NODE"),
         "hostname": socket.gethostname(),
+        "cwd": os.getcwd(),  # where the engine ran it (on a cluster: the job's shipped working_dir)
+        "config_path": config_path,
         **times,
     }
     with log.open("a") as stream:  # one short write per line: lines of concurrent runs do not interleave

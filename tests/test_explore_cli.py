@@ -357,3 +357,34 @@ def test_the_report_shows_unlike_hosts(tmp_path: Path) -> None:
     summary = report.summary(space, configs, order, goal, answer, execution)
     assert summary["hosts"]["n3"]["hostname"] == "b" and summary["hosts"]["n3"]["kernel"] == "6.1.0-other"
     assert {"hostname", "cpu", "kernel", "features", "drivers"} <= set(summary["hosts"]["n1"])
+
+
+def test_the_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    """On a terminal stderr shows a bar of configurations settled, even on a pty that reports no
+    size (as under script or a CI runner); on a pipe it stays hidden (the other tests)."""
+    import os
+    import pty
+    import threading
+
+    quick = "command: echo $FLEXOS_REPEAT >> calls.log; echo 500"
+    space_path = make(tmp_path, SPACE.replace("command: python bench.py", quick))
+    primary, secondary = pty.openpty()
+    command = [str(FLEXOS), "explore", str(space_path), "--budget", "300", "--out", str(tmp_path / "out")]
+    done = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=secondary, stdin=subprocess.DEVNULL)
+    os.close(secondary)
+    shown: list[bytes] = []
+
+    def drain() -> None:
+        try:
+            while chunk := os.read(primary, 4096):
+                shown.append(chunk)
+        except OSError:  # the process closed its end
+            pass
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    assert done.wait(timeout=300) == 0
+    reader.join(timeout=30)
+    os.close(primary)
+    terminal = b"".join(shown).decode()
+    assert "explore: 100%" in terminal and "| 13/13 [" in terminal and "config/s" in terminal, terminal
