@@ -50,8 +50,10 @@ FAST_FAILURE = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 50
 # first process (the kernel kills the rest), even when the test times out.
 UNSHARE = ["unshare", "--user", "--map-root-user", "--net", "--mount", "--pid", "--fork", "--mount-proc"]
 
-# One cluster for the whole file: under pytest-xdist every test of it runs on one worker.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray-cluster")]
+# One cluster for the whole file: under pytest-xdist every test of it runs on one worker. Its
+# scenarios run in the first test's setup, 4 minutes on a loaded 2-vCPU machine: the fixture's own
+# limit (600 s, with the namespace's output) comes before pytest-timeout's.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray-cluster"), pytest.mark.timeout(660)]
 
 
 # -- in the namespace -----------------------------------------------------------------------------------
