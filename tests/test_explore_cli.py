@@ -388,3 +388,25 @@ def test_the_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     os.close(primary)
     terminal = b"".join(shown).decode()
     assert "explore: 100%" in terminal and "| 13/13 [" in terminal and "config/s" in terminal, terminal
+
+
+def test_ray_is_an_extra_never_a_dependency(tmp_path: Path) -> None:
+    """Without ray installed the local engine explores (and never imports it), and --engine ray
+    says which extra to install."""
+    quick = "command: echo 500"
+    space_path = make(tmp_path, SPACE.replace("command: python bench.py", quick))
+    program = f"""
+import sys
+sys.modules["ray"] = None  # as if ray were not installed: importing it raises ModuleNotFoundError
+from click.testing import CliRunner
+from flexos.cli import main
+local = CliRunner().invoke(main, ["explore", {str(space_path)!r}, "--budget", "300", "--out", {str(tmp_path / "a")!r}])
+assert local.exit_code == 0, local.output
+assert not [name for name in sys.modules if name.startswith("ray.")]
+ray = CliRunner().invoke(main, ["explore", {str(space_path)!r}, "--budget", "300", "--engine", "ray"])
+print(ray.exit_code, ray.stderr)
+"""
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("1 flexos explore: the ray engine needs ray, which this install lacks: ")
+    assert "pip install 'flexos[cluster]'" in done.stdout
