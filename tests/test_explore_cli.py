@@ -302,3 +302,111 @@ def test_sqlite_example_lists_nine_configurations() -> None:
         "Q1_pEnvSeccomp",
         "Q1Audit_pEnvSeccomp",
     ]
+
+
+def test_the_engine_flag_and_key(tmp_path: Path) -> None:
+    """``--engine`` and the space's ``engine:`` key: the flag overrides the key, a wrong name names
+    the choices (the ray engine itself runs in tests/test_explore_ray.py, in a namespace of its own)."""
+    from click.testing import CliRunner
+
+    from flexos.cli import main
+
+    unknown = CliRunner().invoke(main, ["explore", str(make(tmp_path)), "--budget", "300", "--engine", "dask"])
+    assert unknown.exit_code == 2 and "unknown engine 'dask' (known: local, ray)" in unknown.stderr
+    mistyped = make(tmp_path, SPACE.replace("  benchmark:", "  engine: rayy\n  benchmark:"))
+    refused = CliRunner().invoke(main, ["explore", str(mistyped), "--budget", "300"])
+    assert refused.exit_code == 2
+    assert f"{mistyped}:10: explore.engine: Input should be 'local' or 'ray'; did you mean 'ray'?" in refused.stderr
+    assert calls(tmp_path) == []
+    keys = "  engine: ray\n  address: 127.0.0.1:9\n  benchmark:"
+    quick = "command: echo $FLEXOS_REPEAT >> calls.log; echo 500"  # every configuration meets the budget
+    on_cluster = make(tmp_path, SPACE.replace("  benchmark:", keys).replace("command: python bench.py", quick))
+    space, _ = load_space(on_cluster)
+    assert (space.engine, space.address) == ("ray", "127.0.0.1:9")
+    out = tmp_path / "out"
+    local = explore(str(on_cluster), "--budget", "300", "--engine", "local", "--out", str(out))  # no Ray starts
+    assert local.returncode == 0, local.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["hosts"]) == ["local"] and len(calls(tmp_path)) == 2 * results["measured"]
+    assert "batches" not in local.stdout  # one host: no batches line
+
+
+def test_the_report_shows_unlike_hosts(tmp_path: Path) -> None:
+    """Results from unlike hosts are visible: each kind of host (CPU, kernel, Python, flexos,
+    drivers, features) with how many hosts are of it, and the lost runs."""
+    from flexos.explore import report
+    from flexos.explore.engines import this_host
+    from flexos.explore.order import safety_facts
+    from flexos.explore.search import Goal, search
+
+    space, _ = load_space(make(tmp_path))
+    configs = space.configurations()
+    order = documented_order(configs)
+    facts = [safety_facts(c) for c in configs]
+    goal = Goal(1, statistic="median")
+    answer = search(order, goal, facts, lambda i: [2.0, 2.0], batch=2)
+    here = this_host().record()
+    other = {**here, "hostname": "b", "kernel": "6.1.0-other", "features": {**here["features"], "landlock": False}}
+    hosts = {"n1": here, "n2": {**here, "hostname": "a2"}, "n3": other}
+    execution = report.Execution(hosts, [("J1_f", "node died")], (len(answer.measured), True))
+    text = report.table(space, configs, order, goal, answer, execution)
+    kind = f"{here['cpu']}, kernel {here['kernel']}, Python {here['python']}"
+    assert f"on 3 hosts: 2 x {kind}" in text
+    assert f"; 1 x {here['cpu']}, kernel 6.1.0-other, Python {here['python']}" in text
+    assert "lost 1 runs with their host, run again elsewhere: J1_f" in text
+    summary = report.summary(space, configs, order, goal, answer, execution)
+    assert summary["hosts"]["n3"]["hostname"] == "b" and summary["hosts"]["n3"]["kernel"] == "6.1.0-other"
+    assert {"hostname", "cpu", "kernel", "features", "drivers"} <= set(summary["hosts"]["n1"])
+
+
+def test_the_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    """On a terminal stderr shows a bar of configurations settled, even on a pty that reports no
+    size (as under script or a CI runner); on a pipe it stays hidden (the other tests)."""
+    import os
+    import pty
+    import threading
+
+    quick = "command: echo $FLEXOS_REPEAT >> calls.log; echo 500"
+    space_path = make(tmp_path, SPACE.replace("command: python bench.py", quick))
+    primary, secondary = pty.openpty()
+    command = [str(FLEXOS), "explore", str(space_path), "--budget", "300", "--out", str(tmp_path / "out")]
+    done = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=secondary, stdin=subprocess.DEVNULL)
+    os.close(secondary)
+    shown: list[bytes] = []
+
+    def drain() -> None:
+        try:
+            while chunk := os.read(primary, 4096):
+                shown.append(chunk)
+        except OSError:  # the process closed its end
+            pass
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    assert done.wait(timeout=300) == 0
+    reader.join(timeout=30)
+    os.close(primary)
+    terminal = b"".join(shown).decode()
+    assert "explore: 100%" in terminal and "| 13/13 [" in terminal and "config/s" in terminal, terminal
+
+
+def test_ray_is_an_extra_never_a_dependency(tmp_path: Path) -> None:
+    """Without ray installed the local engine explores (and never imports it), and --engine ray
+    says which extra to install."""
+    quick = "command: echo 500"
+    space_path = make(tmp_path, SPACE.replace("command: python bench.py", quick))
+    program = f"""
+import sys
+sys.modules["ray"] = None  # as if ray were not installed: importing it raises ModuleNotFoundError
+from click.testing import CliRunner
+from flexos.cli import main
+local = CliRunner().invoke(main, ["explore", {str(space_path)!r}, "--budget", "300", "--out", {str(tmp_path / "a")!r}])
+assert local.exit_code == 0, local.output
+assert not [name for name in sys.modules if name.startswith("ray.")]
+ray = CliRunner().invoke(main, ["explore", {str(space_path)!r}, "--budget", "300", "--engine", "ray"])
+print(ray.exit_code, ray.stderr)
+"""
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("1 flexos explore: the ray engine needs ray, which this install lacks: ")
+    assert "pip install 'flexos[cluster]'" in done.stdout

@@ -18,6 +18,8 @@ import ipaddress
 import itertools
 import json
 import os
+import pty
+import re
 import shutil
 import signal
 import subprocess
@@ -37,8 +39,9 @@ REPLAY = ROOT / "bench" / "replay_redis.yaml"
 SQLITE = ROOT / "examples" / "explore_sqlite" / "space.yaml"
 FLEXOS = Path(sys.executable).parent / "flexos"
 BUDGETS = list(range(300_000, 1_100_001, 50_000))
-KILL_BUDGET = 1_100_000
+BUDGET = 1_100_000  # of the interrupted exploration, resumed while a host dies
 RESUME_BUDGET = 500_000
+INTERRUPT_AFTER = 8  # runs ended before the exploration is interrupted
 WORKERS = 2
 # Faster than Ray's defaults, so a killed node is declared dead within seconds.
 FAST_FAILURE = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_failure_threshold": 3}
@@ -47,8 +50,10 @@ FAST_FAILURE = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 50
 # first process (the kernel kills the rest), even when the test times out.
 UNSHARE = ["unshare", "--user", "--map-root-user", "--net", "--mount", "--pid", "--fork", "--mount-proc"]
 
-# One cluster for the whole file: under pytest-xdist every test of it runs on one worker.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray-cluster")]
+# One cluster for the whole file: under pytest-xdist every test of it runs on one worker. Its
+# scenarios run in the first test's setup, 4 minutes on a loaded 2-vCPU machine: the fixture's own
+# limit (600 s, with the namespace's output) comes before pytest-timeout's.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray-cluster"), pytest.mark.timeout(660)]
 
 
 # -- in the namespace -----------------------------------------------------------------------------------
@@ -136,6 +141,18 @@ def scenario_stars(address: str, out: Path) -> dict[str, Any]:
     return {"answers": answers, "hosts": sorted(runner.hosts), "log": replay_log(), "resumed": resumed}
 
 
+def slow_replay(directory: Path, extra: str = "") -> Path:
+    """The replay space with runs of 0.3 s (so runs are seen running), in ``directory``; ``extra``
+    is added to its explore section."""
+    space = directory / "replay_redis.yaml"
+    directory.mkdir(parents=True)
+    replay = ROOT / "bench" / "replay_redis.py"
+    command = f"FLEXOS_REPLAY_SECONDS=0.3 python {replay}"
+    text = REPLAY.read_text().replace("command: python replay_redis.py", f"command: {command}")
+    space.write_text(text.replace("  benchmark:", f"{extra}  benchmark:"))
+    return space
+
+
 def scenario_sqlite(address: str, out: Path) -> dict[str, Any]:
     """examples/explore_sqlite through the CLI: only the head offers seccomp."""
     command = [str(FLEXOS), "explore", str(SQLITE), "--budget", "1", "--out", str(out)]
@@ -149,24 +166,58 @@ def scenario_sqlite(address: str, out: Path) -> dict[str, Any]:
     }
 
 
-def scenario_kill(cluster: Any, out: Path) -> dict[str, Any]:
-    """A worker node is killed while it runs a benchmark; the exploration goes on without it. The
-    space is the replay's with runs of 0.3 s, so the killer sees one running; the node dies with
-    every process it ran (its workers and their benchmark), as a host does."""
-    space = out / "space" / "replay_redis.yaml"
-    space.parent.mkdir(parents=True)
-    replay = ROOT / "bench" / "replay_redis.py"
-    command = f"FLEXOS_REPLAY_SECONDS=0.3 python {replay}"
-    space.write_text(REPLAY.read_text().replace("command: python replay_redis.py", f"command: {command}"))
+def on_a_terminal(command: list[str], stop_when: Callable[[], bool]) -> tuple[int, str]:
+    """Run ``command`` with stderr on a terminal (a pty), sending it SIGINT (Ctrl-C) once
+    ``stop_when()`` holds; its return code and what the terminal showed."""
+    primary, secondary = pty.openpty()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=secondary, stdin=subprocess.DEVNULL)
+    os.close(secondary)
+    shown: list[bytes] = []
+
+    def drain() -> None:  # until the process closes the terminal
+        with contextlib.suppress(OSError):
+            while chunk := os.read(primary, 4096):
+                shown.append(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if stop_when():
+            process.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.05)
+    process.wait(timeout=120)
+    reader.join(timeout=30)
+    os.close(primary)
+    return process.returncode, b"".join(shown).decode(errors="replace")[-20000:]
+
+
+def scenario_interrupt_and_kill(cluster: Any, out: Path) -> dict[str, Any]:
+    """A cluster exploration is interrupted (Ctrl-C, its stderr a terminal where the progress bar
+    shows), then run again on the cluster, named this time by the space file's ``engine:`` and
+    ``address:`` keys; while it runs a worker node is killed mid-run, and the exploration goes on
+    without it. The space is the replay's with runs of 0.3 s, so runs are seen running; the node
+    dies with every process it ran (its workers and their benchmark), as a host does."""
+    flagged = slow_replay(out / "flags")
+    keyed = slow_replay(out / "keys", f"  engine: ray\n  address: {cluster.address}\n")
+    results = out / "explore"
     before = len(replay_log())
+    command = [str(FLEXOS), "explore", str(flagged), "--budget", str(BUDGET), "--out", str(results)]
+    interrupted, terminal = on_a_terminal(
+        [*command, "--engine", "ray", "--address", cluster.address],
+        lambda: sum(e["event"] == "end" for e in replay_log()[before:]) >= INTERRUPT_AFTER,
+    )
+    cached = [json.loads(line) for line in (results / "cache.jsonl").read_text().splitlines()]
+    middle = len(replay_log())
     workers = {node.node_id: node for node in cluster.worker_nodes}
     killed: dict[str, str] = {}
 
     def kill_one_running() -> None:
-        """Kill a worker node that has finished a run and is running another."""
+        """Kill a worker node that has finished a run of the resumed exploration and is running another."""
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not finished.is_set():
-            log = replay_log()[before:]
+            log = replay_log()[middle:]
             ended = {(e["node"], e["config"], e["repeat"]) for e in log if e["event"] == "end"}
             running = [
                 e["node"]
@@ -190,32 +241,39 @@ def scenario_kill(cluster: Any, out: Path) -> dict[str, Any]:
     finished = threading.Event()
     killer = threading.Thread(target=kill_one_running)
     killer.start()
-    command = [str(FLEXOS), "explore", str(space), "--budget", str(KILL_BUDGET), "--out", str(out / "explore")]
-    try:
+    try:  # no --engine, no --address: the space file's keys say where
         done = subprocess.run(
-            [*command, "--engine", "ray", "--address", cluster.address], capture_output=True, text=True
+            [str(FLEXOS), "explore", str(keyed), "--budget", str(BUDGET), "--out", str(results)],
+            capture_output=True,
+            text=True,
         )
     finally:
         finished.set()
         killer.join()
-    results = json.loads((out / "explore" / "results.json").read_text()) if done.returncode == 0 else {}
+    summary = json.loads((results / "results.json").read_text()) if done.returncode == 0 else {}
     return {
+        "interrupted": interrupted,
+        "terminal": terminal,
+        "cached": [(e["configuration"], e["run"]) for e in cached if "value" in e],
         "returncode": done.returncode,
         "stdout": done.stdout,
         "stderr": done.stderr[-3000:],
-        "results": results,
-        "stars": sorted(results.get("stars", [])),
+        "results": summary,
+        "stars": sorted(summary.get("stars", [])),
         "killed": killed.get("node"),
-        "lost": results.get("lost"),
-        "hosts": sorted(results.get("hosts", [])),
+        "lost": summary.get("lost"),
+        "hosts": sorted(summary.get("hosts", [])),
         "log": replay_log()[before:],
+        "resumed_log": replay_log()[middle:],
     }
 
 
 def scenario_own_ray(out: Path) -> dict[str, Any]:
-    """--engine ray without --address: a Ray of its own on this machine, one host."""
+    """--engine ray without --address: a Ray of its own on this machine, one host (beside the
+    cluster, which it must not join; its runs log elsewhere)."""
     command = [str(FLEXOS), "explore", str(REPLAY), "--budget", "1e12", "--out", str(out), "--engine", "ray"]
-    done = subprocess.run(command, capture_output=True, text=True)
+    env = {**os.environ, "FLEXOS_REPLAY_LOG": str(out.parent / "own-replay.jsonl")}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     results = json.loads((out / "results.json").read_text()) if done.returncode == 0 else {}
     return {"returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr[-3000:], "results": results}
 
@@ -261,15 +319,20 @@ def in_namespace(target: Path) -> None:
                 cluster.wait_for_nodes()
                 return {"head": cluster.head_node.node_id, "resources": everything}
 
+            # A Ray of its own starts (mostly waiting) while the cluster's first scenario runs.
+            own = threading.Thread(target=timed, args=("own_ray", lambda: scenario_own_ray(out / "own")))
             try:
                 timed("cluster", start)
+                own.start()
                 timed("stars", lambda: scenario_stars(cluster.address, out / "stars"))
                 timed("sqlite", lambda: scenario_sqlite(cluster.address, out / "sqlite"))
-                timed("kill", lambda: scenario_kill(cluster, out / "kill"))  # last: it takes a host away
+                # last: it takes a host away
+                timed("interrupt_and_kill", lambda: scenario_interrupt_and_kill(cluster, out / "kill"))
             finally:
+                if own.ident is not None:
+                    own.join()
                 if cluster is not None:
                     cluster.shutdown()
-            timed("own_ray", lambda: scenario_own_ray(out / "own"))
     finally:
         stop.set()
     found["foreign"] = sorted(set(found["foreign"] + foreign_sockets()))
@@ -385,14 +448,14 @@ def test_a_cluster_exploration_resumes_locally(cluster: dict[str, Any]) -> None:
 
 def test_never_two_runs_on_one_host(cluster: dict[str, Any]) -> None:
     assert_one_run_per_host(cluster["stars"]["log"])
-    assert_one_run_per_host(cluster["kill"]["log"])
+    assert_one_run_per_host(cluster["interrupt_and_kill"]["log"])
 
 
 def test_a_host_dying_mid_run_loses_only_its_run(cluster: dict[str, Any]) -> None:
-    found = cluster["kill"]
+    found = cluster["interrupt_and_kill"]
     assert found["returncode"] == 0, found["stderr"]
     print(f"lost with the killed host: {found['lost']}")
-    assert found["stars"] == sequential_stars()[KILL_BUDGET]
+    assert found["stars"] == sequential_stars()[BUDGET]
     assert f"lost {len(found['lost'])} runs with their host, run again elsewhere" in found["stdout"]
     results = found["results"]
     assert results["batches"] < results["measured"]  # three, then two hosts: the report compares with one
@@ -404,10 +467,47 @@ def test_a_host_dying_mid_run_loses_only_its_run(cluster: dict[str, Any]) -> Non
     assert found["killed"], "no worker node was seen running a benchmark"
     assert found["lost"], "the killed node's run was not recorded as lost"
     assert found["killed"] in found["hosts"]  # it ran runs before it died
-    ended = [e for e in found["log"] if e["event"] == "end"]
+    ended = [e for e in found["resumed_log"] if e["event"] == "end"]
     for lost in found["lost"]:  # run again, elsewhere
         assert any(e["config"] == lost["configuration"] and e["node"] != found["killed"] for e in ended), lost
     assert len({e["node"] for e in ended} - {found["killed"]}) == WORKERS  # the others went on
+    hosts = results["hosts"]  # each host as the report shows it: here all of one kind
+    host = next(iter(hosts.values()))
+    assert f"on {len(hosts)} hosts: {len(hosts)} x {host['cpu']}, kernel {host['kernel']}, Python" in found["stdout"]
+
+
+def test_runs_happen_in_the_shipped_working_dir(cluster: dict[str, Any]) -> None:
+    """The benchmark's directory reaches the hosts as Ray's runtime environment (``working_dir``):
+    each run's directory is Ray's unpacked copy, not bench/; the generated flexos.yaml is written on
+    the host, where FLEXOS_CONFIG names it."""
+    log = [e for e in cluster["stars"]["log"] if e["event"] == "end"]
+    assert log
+    for entry in log:
+        assert "runtime_resources" in entry["cwd"] and Path(entry["cwd"]) != ROOT / "bench", entry
+        assert (Path(entry["cwd"]) / "replay_redis.py").name == "replay_redis.py"
+        config = Path(entry["config_path"])
+        assert config.parent.name.startswith("flexos-explore-") and config.stem == entry["config"], entry
+
+
+def test_an_interrupted_cluster_exploration_resumes_on_the_cluster(cluster: dict[str, Any]) -> None:
+    """Ctrl-C mid-run: the runs done so far are in cache.jsonl; run again on the cluster (named by
+    the space file's engine and address keys this time) it runs only what is missing. Its stderr
+    was a terminal: the progress bar showed configurations settled and hosts busy."""
+    found = cluster["interrupt_and_kill"]
+    terminal = found["terminal"]
+    assert found["interrupted"] == 130, terminal[-3000:]
+    assert "flexos explore: interrupted." in terminal and "runs are cached in" in terminal
+    assert re.search(r"\b\d+/80 \[[^\]]*, [1-3]/3 hosts busy", terminal), terminal[-3000:]
+    assert found["returncode"] == 0, found["stderr"]
+    results = found["results"]
+    measured = {r["name"] for r in results["results"] if r["status"] == "measured"}
+    cached = {(name, run) for name, run in found["cached"] if name in measured}
+    assert cached, "nothing the search needed was cached before the interruption"
+    assert len(found["cached"]) < 5 * len(measured)  # it was stopped before the end
+    assert f"benchmark runs: {5 * len(measured) - len(cached)} now" in found["stdout"]  # nothing cached ran again
+    resumed = {(e["config"], int(e["repeat"])) for e in found["resumed_log"] if e["event"] == "start"}
+    assert not cached & resumed
+    assert set(results["hosts"]) >= set(found["hosts"]) and len(results["hosts"]) == WORKERS + 1  # on the cluster
 
 
 def test_sqlite_example_on_a_cluster(cluster: dict[str, Any]) -> None:

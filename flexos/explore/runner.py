@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -203,8 +205,24 @@ class Runner:
 
     def progress(self, total: int) -> tqdm:
         """A progress bar over configurations settled (measured or inferred); hidden when stderr is no terminal."""
-        self.bar = tqdm(total=total, unit="config", desc="explore", disable=None, leave=True)
+        columns, lines = _terminal_size()
+        self.bar = tqdm(
+            total=total, unit="config", desc="explore", disable=None, leave=True, ncols=columns, nrows=lines
+        )
         return self.bar
+
+
+def _terminal_size() -> tuple[int | None, int | None]:
+    """The bar's width and the screen's height when the terminal on stderr reports none (a pty
+    nobody sized, as under script or a CI runner): 100 x 24, where tqdm would draw a bar of no
+    width, or hide it below a screen of no lines. None: tqdm asks the terminal itself."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return None, None
+    if size.columns and size.lines:
+        return None, None
+    return size.columns or 100, size.lines or 24
 
 
 def cached_runs(out: Path) -> int:
