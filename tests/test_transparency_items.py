@@ -393,8 +393,27 @@ def test_item_6_library_exceptions_keep_their_message_attributes_and_notes(lib):
     error = caught.value
     assert str(error) == "cannot parse '[' at line 3"
     assert error.problem == "cannot parse '['" and error.line == 3 and error.where == "line 3"
-    assert error.__notes__[0] == "the library's own note"
-    assert "--- raised in compartment 'box' ---" in error.__notes__[-1]
+    assert error.__notes__ == ["the library's own note"]
+    assert isinstance(error.__cause__, flexos.RemoteTraceback) and error.__cause__.compartment == "box"
+    assert "raised in compartment 'box'" in str(error.__cause__) and "in parse" in error.__cause__.text
+
+
+class AppFailure(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kind", [LookupError, AppFailure])
+def test_item_6_an_app_exception_raised_back_through_the_library_is_the_apps_own_object(lib, kind):
+    error = kind("the app's")
+
+    def fail() -> None:
+        raise error
+
+    with pytest.raises(kind) as caught:
+        lib.through(fail)
+    assert caught.value is error
+    assert error.__notes__ == ["raised through the library"]
+    assert error.__cause__ is None  # its own cause: no remote traceback is set on the app's object
 
 
 # -- 10: legal values that could not cross -------------------------------------------------------

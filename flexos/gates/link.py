@@ -17,7 +17,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from flexos.errors import CompartmentCrashed, FlexosError, GateError, ProtocolError
+from flexos.errors import CompartmentCrashed, FlexosError, GateError, ProtocolError, RemoteTraceback
 from flexos.gates import stats
 from flexos.gates.handles import MAX_HANDLES, ExportTable, ImportTable
 from flexos.gates.policy import APP_POLICY, COMPARTMENT_POLICY, always_replicated
@@ -73,6 +73,7 @@ from flexos.wire.frames import (
 from flexos.wire.operators import FUNCTIONS
 
 _NO_RELEASES: Releases = []  # shared: never appended to
+_SET_CAUSE = BaseException.__dict__["__cause__"].__set__  # never a property a peer's class defines
 # Mutable containers that an instance of an app's subclass holds as attributes: the app reads them
 # by reference (a live view), since its methods are the instance's and mutate its state in place.
 _LIVE_STATE = frozenset({list, dict, set})
@@ -225,8 +226,10 @@ class Link:
                 self.exports.release(result[ERROR_RELEASES])
             exc = result[ERROR_EXCEPTION]
             remote_traceback = result[ERROR_TRACEBACK]
-            if remote_traceback:  # unbound: the instance's own attributes come from the peer
-                BaseException.add_note(exc, f"--- raised in compartment {self.peer!r} ---\n{remote_traceback.rstrip()}")
+            if remote_traceback and not self.codec.is_own_exception(exc):
+                # Unbound: the instance's own attributes come from the peer. Setting the cause
+                # also suppresses the context (this frame's, which says nothing).
+                _SET_CAUSE(exc, RemoteTraceback(self.peer, remote_traceback))
             raise exc
         raise ProtocolError("compartment answered a call with a call frame")
 

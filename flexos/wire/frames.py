@@ -21,6 +21,7 @@ decoded frame is the validated msgpack list itself: no per-frame object on the h
 
 from __future__ import annotations
 
+import os
 import traceback
 from typing import Any
 
@@ -111,9 +112,21 @@ def as_graphs(codec: Codec, frame: list[Any]) -> list[Any] | None:
     return None
 
 
+_FLEXOS_DIRECTORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _remote_traceback(exc: BaseException) -> str:
+    """``exc``'s traceback as text, from the first frame that is not flexos's own (the frames
+    that served the call say nothing about where the library failed)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename.startswith(_FLEXOS_DIRECTORY):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
 def encode_error(codec: Codec, exc: BaseException, releases: Releases, with_traceback: bool = True) -> bytes:
     """An ERROR frame; if ``exc`` itself cannot travel, a GateError that describes it."""
-    text = "".join(traceback.format_exception(exc)) if with_traceback else ""
+    text = _remote_traceback(exc) if with_traceback else ""
     try:
         record = codec.pack_exception(exc)
     except Exception as fail:  # the exception's class itself cannot travel: degrade to a GateError
