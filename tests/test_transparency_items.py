@@ -163,6 +163,79 @@ def test_item_1_builtin_subclasses_are_values_and_proxies(lib):
     assert lib.echo(Level.HIGH) is Level.HIGH and lib.echo(Tag("y")).shout() == "Y!"
 
 
+class Registry(dict):
+    def describe(self) -> str:
+        return f"{len(self)} entries"
+
+
+class Row(list):
+    def describe(self) -> str:
+        return f"a row of {len(self)}"
+
+
+class LowerKeys(dict):
+    def describe(self) -> str:
+        return "lower"
+
+    def __setitem__(self, key: str, value: object) -> None:
+        super().__setitem__(key.lower(), value)
+
+
+def test_item_1_an_apps_dict_and_list_subclasses_are_dicts_and_lists_in_the_library(lib):
+    """A container copy: a dict (list) to the library's type checks and C code, holding the
+    contents as they are when it crosses; what the class adds runs in the app."""
+    registry = Registry(b=1, a=Row([1, 2]))
+    assert lib.container_facts(registry) == [True, "Registry", {"b": 1, "a": [1, 2]}, "2 entries"]
+    assert lib.container_facts(Row([3])) == [True, "Row", [3], "a row of 1"]
+    assert lib.dumps(registry) == '{"b": 1, "a": [1, 2]}'
+    assert lib.echo(registry) is registry and lib.echo(registry["a"]) is registry["a"]
+    lib.keep(registry)
+    registry["c"] = 3
+    assert lib.kept_len() == 2  # the library's copy is of when it crossed, as for a plain dict ...
+    lib.echo(registry)
+    assert lib.kept_len() == 3  # ... and is made again each time it crosses
+
+
+def test_item_1_hostile_a_library_changes_its_copy_of_an_app_container_never_the_apps(lib):
+    registry, row = Registry(a=1), Row([1])
+    assert lib.set_item(registry, "a", "changed") == "changed" and registry == {"a": 1}
+    assert lib.set_item(row, 0, "changed") == "changed" and row == [1]
+    lower = LowerKeys()
+    with pytest.raises(KeyError):  # as without flexos: it stored "key", and reading "KEY" fails
+        lib.set_item(lower, "KEY", 1)
+    assert lower == {"key": 1}  # the class's own override is the app's code: it ran in the app
+
+
+def test_hostile_a_compartment_cannot_send_a_container_copy_to_the_app():
+    """Only the app's containers cross as copies: a container value reference from a compartment
+    (which would give the app a dict the compartment filled) is refused."""
+    from flexos.gates.link import Link
+    from flexos.gates.proxies import mirror_class
+    from flexos.wire.classes import checked_description
+
+    description = {
+        "name": "Config",
+        "qualname": "Config",
+        "module": "lib",
+        "bases": [],
+        "exception": False,
+        "methods": [],
+        "dunders": [],
+        "value": "dict",
+        "hash": "none",
+        "by_name": False,
+    }
+    for peer_is_app in (False, True):
+        link = Link("peer", peer_is_app=peer_is_app)
+        link.adopt_class(5, mirror_class(link, 5, checked_description(dict(description)), {}))
+        if peer_is_app:
+            copy_of = link.value_proxy(1, 5, {"a": 1})
+            assert isinstance(copy_of, dict) and copy_of == {"a": 1}
+        else:
+            with pytest.raises(flexos.ProtocolError, match="only the app's cross as copies"):
+                link.value_proxy(1, 5, {"a": 1})
+
+
 # -- 2: an app subclass of a library class --------------------------------------------------------
 
 

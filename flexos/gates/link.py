@@ -31,6 +31,7 @@ from flexos.gates.proxies import (
     new_proxy,
     new_value_proxy,
     reachable_by_name,
+    refill_container,
 )
 from flexos.transports import (
     CallTimeout,
@@ -98,6 +99,8 @@ class Link:
     this side serves as Python would; any other peer's requests are served under the capability
     policy (:mod:`flexos.gates.policy`): it may hold a bounded number of this side's objects, call
     only the classes it was given, and flexos's own exceptions it sends arrive as GateError.
+    ``app_side``: this is the app's link to a compartment, over which the app's ``dict`` and
+    ``list`` subclasses cross as container copies (:data:`flexos.wire.values.CONTAINER_BASES`).
     """
 
     def __init__(
@@ -108,10 +111,12 @@ class Link:
         mirrors: Mirrors | None = None,
         replicated: Callable[[str], bool] | None = None,
         peer_is_app: bool = False,
+        app_side: bool = False,
     ) -> None:
         self.peer = peer
         self.peer_is_app = peer_is_app
-        self.codec = Codec(self, trusted_peer=peer_is_app)
+        self.app_side = app_side
+        self.codec = Codec(self, trusted_peer=peer_is_app, containers_as_copies=app_side)
         self.exports = ExportTable(f"compartment {peer!r}", None if peer_is_app else MAX_HANDLES)
         self.imports = ImportTable()
         policy = APP_POLICY if peer_is_app else COMPARTMENT_POLICY
@@ -367,7 +372,7 @@ class Link:
                 cls = described_class(obj) if type(obj) is Described else obj
                 if not isinstance(cls, type):
                     raise ProtocolError("describe needs a class handle")
-                return describe_class(cls, reachable_by_name, private=self._private_methods)
+                return describe_class(cls, reachable_by_name, private=self._private_methods, containers=self.app_side)
         elif op == Op.IMPORT and type(target) is str:  # always a str here: decode_frame admits int or str
             if self._import is None:
                 raise ImportError(f"compartment {self.peer!r} may not import from here")
@@ -500,8 +505,16 @@ class Link:
 
     def value_proxy(self, handle: int, class_handle: int, value: Any) -> Any:
         cls = self._classes.get(class_handle) or self._mirror(class_handle)
-        if getattr(cls, "_flexos_value", None) is not type(value):
+        builtin = getattr(cls, "_flexos_value", None)
+        if builtin is not type(value):
             raise ProtocolError("value reference names a class that is no subclass of the value's type")
+        if builtin is dict or builtin is list:
+            if not self.peer_is_app:
+                raise ProtocolError(f"compartment {self.peer!r} sent a container copy: only the app's cross as copies")
+            proxy = self.imports.lookup_or_create_value(handle, lambda: new_value_proxy(cls, self, handle, value))
+            if isinstance(proxy, builtin):  # (not a proxy made when it crossed by reference)
+                refill_container(proxy, value)  # the contents as they are now, each time it crosses
+            return proxy
         return self.imports.lookup_or_create_value(handle, lambda: new_value_proxy(cls, self, handle, value))
 
     def proxy_class(self, handle: int, module: str, qualname: str) -> type:

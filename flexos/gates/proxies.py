@@ -9,6 +9,7 @@ its mirrored class holding a handle.
 
 from __future__ import annotations
 
+import copy
 import sys
 import types
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from flexos.errors import ProtocolError
 from flexos.wire.classes import ClassDescription
 from flexos.wire.frames import SUBCLASS_MEMBER_KINDS, Op
 from flexos.wire.operators import BY_WIRE, Operator, Shape
-from flexos.wire.values import MIRROR_BASES, VALUE_BASES
+from flexos.wire.values import MIRROR_BASES, PROXY_VALUE_BASES
 
 if TYPE_CHECKING:
     from flexos.gates.link import Link
@@ -100,12 +101,31 @@ class RemoteValue:
 
 def new_value_proxy(cls: type, link: Link, handle: int, value: Any) -> Any:
     """A value proxy of the peer's object ``handle``, holding ``value`` (built by the builtin
-    itself: no code of the class's runs)."""
-    proxy: Any = type(value).__new__(cls, value)
+    itself: no code of the class's runs; a container's contents come with :func:`refill_container`)."""
+    builtin: Any = type(value)
+    proxy: Any = builtin.__new__(cls) if builtin is dict or builtin is list else builtin.__new__(cls, value)
     attrs = proxy.__dict__
     attrs["_flexos_link"] = link
     attrs["_flexos_handle"] = handle
     return proxy
+
+
+def refill_container(proxy: Any, contents: dict[Any, Any] | list[Any]) -> None:
+    """Make a container copy hold ``contents``, with the builtin's own methods (the class's
+    overrides, which run in the app, are never called)."""
+    if type(contents) is dict:
+        dict.clear(proxy)
+        dict.update(proxy, contents)
+    else:
+        list.__init__(proxy, contents)
+
+
+def _copy_of_container(proxy: Any, memo: Any = None) -> Any:
+    """``copy.copy`` (and ``deepcopy``) of a container copy: a plain builtin copy of what it holds
+    (the class's own copy protocol would run in the app and give back the app's object)."""
+    builtin = type(proxy)._flexos_value
+    plain = builtin.copy(proxy)
+    return plain if memo is None else copy.deepcopy(plain, memo)
 
 
 class RemoteClass(type):
@@ -301,8 +321,10 @@ def _synthesize(desc: ClassDescription) -> type:
     elif desc["hash"] == "remote":
         namespace["__hash__"] = _operator(BY_WIRE["hash"])
     if desc["value"]:  # a value proxy: the builtin base, and mirrored bases that are value proxies too
-        builtin = VALUE_BASES[desc["value"]][0]
+        builtin = PROXY_VALUE_BASES[desc["value"]][0]
         namespace["_flexos_value"] = builtin
+        if builtin is dict or builtin is list:
+            namespace["__copy__"] = namespace["__deepcopy__"] = _copy_of_container
         plain: tuple[type, ...] = (RemoteValue, builtin)
         proxy_bases = tuple(b for b in bases if isinstance(b, RemoteClass) and issubclass(b, builtin)) or plain
     else:

@@ -552,9 +552,12 @@ class Codec:
     from any other peer they arrive as GateError.
     """
 
-    def __init__(self, space: ReferenceSpace, *, trusted_peer: bool = False) -> None:
+    def __init__(
+        self, space: ReferenceSpace, *, trusted_peer: bool = False, containers_as_copies: bool = False
+    ) -> None:
         self._space = space
         self._trusted_peer = trusted_peer
+        self._containers_as_copies = containers_as_copies
         # The bound extension decoder, made once rather than per frame (decode_frame passes it too).
         self.ext_hook = self._ext_hook
         self._encoding = encoding  # for packing: lend_buffers needs flexos._msgpack
@@ -732,6 +735,9 @@ class Codec:
             return _VALUE_REF
         if self._space.is_proxy_type(cls):
             return _PROXY
+        if self._containers_as_copies and issubclass(cls, values.CONTAINER_BASE_CLASSES):
+            self._values[cls] = values.CONTAINER_BASES[values.container_base(cls)][1]
+            return _VALUE_REF
         return _PLAIN
 
     def _value_of(self, cls: type) -> Callable[[Any], Any]:

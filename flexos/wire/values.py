@@ -134,6 +134,29 @@ VALUE_BASES: dict[str, tuple[type, Callable[[Any], Any]]] = {
 VALUE_BASE_CLASSES: tuple[type, ...] = tuple(base for base, _ in VALUE_BASES.values())
 
 
+# Mutable builtins whose subclasses' instances, the app's only, cross to a compartment as
+# *container copies*: a value proxy whose builtin value is a copy of the contents (taken with the
+# builtin's own ``copy``, so no code of the class runs), made again each time the object crosses,
+# so that ``isinstance(d, dict)`` and C code that reads a dict or list (simplejson's encoder) work
+# on it. What the class adds or overrides runs in the app; the builtin's own methods run on the
+# copy, as they do on a plain ``dict`` or ``list`` argument, which crosses as a copy.
+CONTAINER_BASES: dict[str, tuple[type, Callable[[Any], Any]]] = {
+    "dict": (dict, dict.copy),
+    "list": (list, list.copy),
+}
+CONTAINER_BASE_CLASSES: tuple[type, ...] = (dict, list)
+#: Every builtin a value proxy may derive from.
+PROXY_VALUE_BASES: dict[str, tuple[type, Callable[[Any], Any]]] = {**VALUE_BASES, **CONTAINER_BASES}
+
+
+def container_base(cls: type) -> str:
+    """The wire name of the mutable builtin ``cls`` derives from ("" if none)."""
+    for name, (base, _) in CONTAINER_BASES.items():
+        if issubclass(cls, base):
+            return name
+    return ""
+
+
 def value_base(cls: type) -> str:
     """The wire name of the builtin value type ``cls`` derives from ("" if none)."""
     for name, (base, _) in VALUE_BASES.items():
