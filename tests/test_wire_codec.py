@@ -362,3 +362,13 @@ def test_a_peer_naming_an_exception_it_was_not_sent_or_under_another_class_gets_
 def test_malformed_exception_tokens_are_refused(tokens):
     with pytest.raises(ProtocolError):
         decode_frame(Codec(_Space()), _record("KeyError", *tokens))
+
+
+def test_flexos_own_exception_sent_back_by_an_untrusted_peer_is_a_gate_error_not_the_original():
+    """The app's refusal of a compartment's request, raised back through the compartment, is not
+    the app's own ProtocolError again: from a compartment, flexos's exceptions arrive as GateError."""
+    space = _Space()  # one space: the classes each side describes are the other's
+    app, library = Codec(space), Codec(space, trusted_peer=True)
+    refusal = ProtocolError("unknown operator '__import__'")
+    back = _through(library, app, _through(app, library, refusal))
+    assert type(back) is GateError and "unknown operator" in str(back)

@@ -348,6 +348,11 @@ class Link:
                 function = FUNCTIONS.get(name) if name is not None else None
                 if function is None:
                     raise ProtocolError(f"unknown operator {name!r}")
+                if name == "pickle" and not self.peer_is_app:
+                    raise TypeError(
+                        f"compartment {self.peer!r} may not pickle this side's objects (a pickle holds an "
+                        "object's whole state): it uses the copy protocols their classes define"
+                    )
                 return function(obj, *args)
             if op == Op.SETATTR:
                 if len(args) != 1:
@@ -382,6 +387,14 @@ class Link:
                 names = [n for n in dir(module) if not n.startswith("_")]
             # The gate's own handle on the module: the one module that crosses by reference.
             return import_answer(ByReference(module), isinstance(getattr(module, "__path__", None), list), list(names))
+        if op == Op.UNPICKLE:
+            if not self.peer_is_app:
+                raise TypeError(f"compartment {self.peer!r} may not have this side unpickle anything")
+            if len(args) != 1 or type(args[0]) is not bytes:
+                raise ProtocolError("unpickle takes the bytes of one pickle")
+            import pickle  # only on this path
+
+            return pickle.loads(args[0])  # what this side pickled of its own object, the app says
         raise ProtocolError(f"operation {op} does not take target {target!r}")
 
     def _call_base(self, obj: Any, name: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:

@@ -56,7 +56,7 @@ class RemoteObject:
         return self._flexos_link.call(Op.OPERATOR, self._flexos_handle, "dir")
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        raise TypeError("a flexos proxy cannot be pickled: pass it through a gate instead")
+        return _pickled_by_its_owner(self, protocol)
 
 
 class RemoteValue:
@@ -96,7 +96,40 @@ class RemoteValue:
         return self
 
     def __reduce_ex__(self, protocol: Any) -> Any:
+        return _pickled_by_its_owner(self, protocol)
+
+
+#: How :func:`unpickled_in` finds the app's link to a compartment by name, newest first (each
+#: running Runtime of the app adds its own; a compartment's Runtime adds none).
+LINK_FINDERS: list[Callable[[str], Link | None]] = []
+
+
+def _pickled_by_its_owner(proxy: Any, protocol: Any) -> Any:
+    """``__reduce_ex__`` of a compartment's object in the app (so ``pickle``, ``copy.copy`` and
+    ``copy.deepcopy`` work): the compartment pickles its own object, and unpickling asks it to
+    unpickle those bytes (:func:`unpickled_in`); the app never unpickles them. A compartment may
+    not pickle the app's objects (their classes' own copy protocols excepted, as operators)."""
+    link = proxy._flexos_link
+    if link.peer_is_app:
         raise TypeError("a flexos proxy cannot be pickled: pass it through a gate instead")
+    data = link.call(Op.OPERATOR, proxy._flexos_handle, "pickle", (protocol,))
+    if type(data) is not bytes:
+        raise ProtocolError(f"compartment {link.peer!r} answered a pickle request with a {type(data).__name__}")
+    return (unpickled_in, (link.peer, data))
+
+
+def unpickled_in(compartment: str, data: bytes) -> Any:
+    """The object compartment ``compartment`` pickled as ``data``, unpickled there (its proxy here)."""
+    for find in reversed(LINK_FINDERS):
+        link = find(compartment)
+        if link is not None:
+            return link.call(Op.UNPICKLE, "", None, (data,))
+    import pickle
+
+    raise pickle.UnpicklingError(
+        f"this pickle holds an object of compartment {compartment!r}, pickled there: load it where flexos runs "
+        "that compartment (the app never unpickles a compartment's bytes itself)"
+    )
 
 
 def new_value_proxy(cls: type, link: Link, handle: int, value: Any) -> Any:
@@ -284,7 +317,7 @@ def mirror_class(link: Link, handle: int, desc: ClassDescription, mirrors: Mirro
     key = (desc["module"], desc["qualname"]) if desc["by_name"] else None
     cls = mirrors.get(key) if key else None
     if cls is None:
-        cls = _synthesize(desc)
+        cls = _synthesize(desc, link.peer_is_app)
         if key:
             mirrors[key] = cls
     type.__setattr__(cls, "_flexos_class_link", link)
@@ -292,7 +325,8 @@ def mirror_class(link: Link, handle: int, desc: ClassDescription, mirrors: Mirro
     return cls
 
 
-def _synthesize(desc: ClassDescription) -> type:
+def _synthesize(desc: ClassDescription, peer_is_app: bool) -> type:
+    """``peer_is_app``: the class is the app's (mirrored in a compartment)."""
     name, qualname, module, bases = desc["name"], desc["qualname"], desc["module"], desc["bases"]
     if desc["exception"]:  # a real exception class: its instances cross by value
         exc_bases = tuple(b for b in bases if isinstance(b, type) and issubclass(b, BaseException))
@@ -312,6 +346,8 @@ def _synthesize(desc: ClassDescription) -> type:
     for method in desc["methods"]:
         namespace[method] = _method(method, owner)
     for wire in desc["dunders"]:
+        if wire == "reduce_ex" and not peer_is_app:
+            continue  # the app pickles a compartment's object in its owner (RemoteObject.__reduce_ex__)
         op = BY_WIRE[wire]
         namespace[op.dunder] = _operator(op)
     if module == "builtins" and qualname == "function":  # a function binds as a method, as it does here

@@ -606,10 +606,14 @@ class Codec:
 
     def _exception_back(self, token: Any, cls: Any, attrs: Any) -> BaseException | None:
         """Our own exception ``token`` the peer returns (raised through its code), with the notes
-        that code added; None if it is not one we still keep, or the record's class is not its."""
+        that code added; None if it is not one we still keep, or the record's class is not its, or
+        it is one of flexos's own from a peer we do not trust (the app's refusal of a compartment's
+        request is not the app's to see again as raised by flexos on its own call)."""
         exc = self._sent_exceptions.get(token) if type(token) is int else None
         if exc is None or cls is not type(exc):
             return None
+        if not self._trusted_peer and _is_flexos_error(cls):
+            return None  # arrives as a GateError, as flexos's own exceptions from a compartment do
         notes = attrs.get("__notes__") if isinstance(attrs, dict) else None
         ours = list(getattr(exc, "__notes__", None) or ())
         if type(notes) is list and notes[: len(ours)] == ours:

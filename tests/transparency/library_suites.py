@@ -74,7 +74,12 @@ class LibrarySuite:
         return path
 
     def run(
-        self, mechanism: str, where: Path, timeout: float = RUN_TIMEOUT_S, sample: int = 1, without: tuple[str, ...] = ()
+        self,
+        mechanism: str,
+        where: Path,
+        timeout: float = RUN_TIMEOUT_S,
+        sample: int = 1,
+        without: tuple[str, ...] = (),
     ) -> SuiteRun:
         """One run of the suite (about one test in ``sample``) on ``mechanism`` (or ``plain``),
         ``without`` those modules importable."""
