@@ -80,6 +80,9 @@ def test_item_1_stdlib_values_cross_by_value_as_the_receivers_own_types(lib):
         datetime.timedelta(days=-1, seconds=5, microseconds=7),
         utc2,
         collections.OrderedDict([("b", 1), ("a", [2, decimal.Decimal("3")])]),
+        slice(1, None, -2),  # a library indexes with it: rrule[1:3] (isinstance(item, slice))
+        slice(Level.LOW, decimal.Decimal("2")),
+        range(2, 12, 5),
     ]
     for value in values:
         back = lib.echo(value)

@@ -82,6 +82,17 @@ def _build_decimal(state: Any) -> decimal.Decimal:
         raise ValueError("malformed Decimal") from None
 
 
+def _build_slice(state: Any) -> slice:
+    if type(state) is not list or len(state) != 3:
+        raise ValueError("malformed slice")
+    return slice(*state)  # its bounds crossed by their own rules; a slice runs no code of theirs
+
+
+def _build_range(state: Any) -> range:
+    start, stop, step = _ints(state, 3)
+    return range(start, stop, step)
+
+
 def _build_ordered_dict(state: Any) -> collections.OrderedDict[Any, Any]:
     if type(state) is not list or not all(type(pair) is list and len(pair) == 2 for pair in state):
         raise ValueError("malformed OrderedDict")
@@ -105,6 +116,8 @@ VALUE_TYPES: tuple[ValueType, ...] = (
     ),
     ValueType("timedelta", datetime.timedelta, lambda d: [d.days, d.seconds, d.microseconds], _build_timedelta),
     ValueType("timezone", datetime.timezone, lambda tz: list(tz.__getinitargs__()), _build_timezone),
+    ValueType("slice", slice, lambda s: [s.start, s.stop, s.step], _build_slice),
+    ValueType("range", range, lambda r: [r.start, r.stop, r.step], _build_range),
     ValueType("OrderedDict", collections.OrderedDict, lambda d: [[k, v] for k, v in d.items()], _build_ordered_dict),
 )
 BY_WIRE: dict[str, ValueType] = {row.wire: row for row in VALUE_TYPES}
