@@ -22,6 +22,7 @@ from flexos.errors import (
     FlexosError,
     GateError,
     ProtocolError,
+    RemoteTraceback,
 )
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (5 ms), as type checkers allow
@@ -139,6 +140,7 @@ __all__ = [
     "GateError",
     "Image",
     "ProtocolError",
+    "RemoteTraceback",
     "Runtime",
     "__version__",
     "boot",

@@ -20,6 +20,9 @@ Every error that crosses from flexos into an app is a ``flexos.FlexosError``. Th
     ├── BenchmarkFailed           (flexos.explore.engines) flexos explore's benchmark failed
     └── TraceError                (flexos.trace.runs) no run to learn from, or a record flexos cannot read
 
+    Exception
+    └── RemoteTraceback           where an exception arriving from a compartment was raised there
+
     UserWarning
     └── ConfigWarning             (flexos.config) a flexos.yaml is valid but likely not what was meant
 
@@ -109,3 +112,35 @@ class CompartmentCrashed(FlexosError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.compartment, self.returncode, self.detail), self.__dict__)
+
+
+# C0 and C1 controls but newline and tab, and the bidirectional overrides (a terminal would act on
+# them, or show text other than what it is): what another compartment's text shows as escapes.
+_SHOWN_AS_ESCAPES = {
+    code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    for code in (*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+    if code not in (0x09, 0x0A)
+}
+
+
+class RemoteTraceback(Exception):
+    """Where an exception that arrives from a compartment was raised there: its traceback in that
+    compartment, as text. flexos sets it as the ``__cause__`` of the exception the caller receives
+    (as ``concurrent.futures`` does for a worker process's exception), so a traceback shows both
+    sides while the exception's own ``__notes__`` stay exactly the library's.
+
+    Not a FlexosError: it reports no failure of flexos. The text is the compartment's to write;
+    control characters other than newlines and tabs are escaped before it is shown.
+    """
+
+    def __init__(self, compartment: str, text: str) -> None:
+        text = text.translate(_SHOWN_AS_ESCAPES)
+        super().__init__(compartment, text)
+        self.compartment = compartment
+        self.text = text
+
+    def __str__(self) -> str:
+        return f"raised in compartment {self.compartment!r}:\n\n{self.text.rstrip()}"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.compartment, self.text), self.__dict__)

@@ -70,6 +70,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption("--flexos-outcomes", metavar="FILE", help="write each test's outcome to FILE (JSON lines)")
     group.addoption(
+        "--flexos-without",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="run as if MODULE could not be imported (e.g. a C extension subinterpreters refuse: the "
+        "reference a subinterp run is compared with); repeatable",
+    )
+    group.addoption(
         "--flexos-sample",
         type=int,
         default=1,
@@ -83,6 +91,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser, args: list[str]) -> None:
     """Boot before the first conftest: a conftest's imports go through the gates like a test's."""
     options = early_config.known_args_namespace
+    for name in options.flexos_without:
+        sys.modules[name] = None  # type: ignore[assignment]  # import then raises ImportError, as it would there
     if options.flexos_outcomes and not options.flexos_diff:
         writer = early_config.stash[_OUTCOMES] = OutcomeWriter(Path(options.flexos_outcomes))
         early_config.pluginmanager.register(writer, "flexos-outcomes")
@@ -370,6 +380,7 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
 def _without_own_options(args: list[str]) -> list[str]:
     """The command line a mechanism's run gets: the user's, without the options the run sets itself."""
     valued = {"--flexos", "--flexos-driver", "--flexos-outcomes", "--flexos-diff-timeout"}  # each takes a value
+    # (--flexos-without stays: each run of the comparison is without those modules)
     kept: list[str] = []
     skip = False
     for arg in args:

@@ -13,6 +13,7 @@ import os
 
 import pytest
 
+import flexos
 from flexos.gates.proxies import ModuleProxy
 
 
@@ -479,13 +480,15 @@ def test_exception_class_is_stable_across_calls(complib):
     assert errors[0] is errors[1] is complib.LibError
 
 
-def test_remote_traceback_in_notes(complib):
+def test_the_remote_traceback_is_the_cause_and_the_notes_stay_the_librarys(complib):
     with pytest.raises(RuntimeError) as info:
         complib.raise_in_library_frame()
-    notes = "\n".join(getattr(info.value, "__notes__", []))
-    assert "_deep_library_frame" in notes
-    assert "raised deep inside the library" in notes
-    assert "box" in notes
+    cause = info.value.__cause__
+    assert isinstance(cause, flexos.RemoteTraceback) and cause.compartment == "box"
+    assert "_deep_library_frame" in cause.text and "raised deep inside the library" in cause.text
+    assert "complib" in cause.text.splitlines()[1]  # it starts at the library's frame, not the gate's
+    assert not hasattr(info.value, "__notes__")
+    assert info.value.__suppress_context__
 
 
 # -- identity -----------------------------------------------------------------------------------

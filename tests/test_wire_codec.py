@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flexos.errors import GateError, ProtocolError
-from flexos.wire.codec import Codec
+from flexos.wire.codec import KEPT_EXCEPTIONS, Codec, Ext
 from flexos.wire.frames import (
     CALL_ARGS,
     CALL_KWARGS,
@@ -308,3 +308,67 @@ def test_what_msgpack_cannot_pack_goes_to_default():
     for value in ("\udfff", strided):
         with pytest.raises(TypeError, match="can not serialize"):
             _msgpack.packb(value)
+
+
+# -- an exception that goes out and comes back ---------------------------------------------------
+
+
+def _through(sender: Codec, receiver: Codec, exc: BaseException) -> BaseException:
+    """``exc`` as ``receiver`` gets it in an ERROR frame from ``sender``."""
+    return decode_frame(receiver, encode_error(sender, exc, [], with_traceback=False))[ERROR_EXCEPTION]
+
+
+def test_an_exception_raised_back_through_the_peer_is_the_object_that_went_out_with_the_peers_notes():
+    app, library = Codec(_Space()), Codec(_Space())
+    original = ValueError("original error")
+    original.add_note("the app's note")
+    replica = _through(app, library, original)
+    assert replica is not original and replica.__notes__ == ["the app's note"]
+    replica.add_note("the library's note")
+    back = _through(library, app, replica)
+    assert back is original and app.is_own_exception(back)
+    assert original.__notes__ == ["the app's note", "the library's note"]
+    assert not app.is_own_exception(_through(library, app, ValueError("the library's own")))
+
+
+def test_only_the_last_exceptions_sent_come_back_as_themselves():
+    app, library = Codec(_Space()), Codec(_Space())
+    sent = [ValueError(n) for n in range(KEPT_EXCEPTIONS + 3)]
+    replicas = [_through(app, library, exc) for exc in sent]
+    back = [_through(library, app, replica) for replica in replicas]
+    assert [b is s for b, s in zip(back, sent, strict=True)] == [False] * 3 + [True] * KEPT_EXCEPTIONS
+    assert [b.args for b in back] == [s.args for s in sent]  # the forgotten ones arrive as copies
+
+
+def _record(cls: str, *tokens: object) -> bytes:
+    args = msgpack.ExtType(Ext.TUPLE, msgpack.packb(["x"]))
+    body = msgpack.packb([msgpack.ExtType(Ext.BUILTIN, cls.encode()), args, {}, "x", *tokens])
+    return msgpack.packb([Kind.ERROR, msgpack.ExtType(Ext.EXCEPTION, body), "", []])
+
+
+def test_a_peer_naming_an_exception_it_was_not_sent_or_under_another_class_gets_a_copy_built():
+    app, library = Codec(_Space()), Codec(_Space())
+    original = KeyError("k")
+    _through(app, library, original)
+    (token,) = app._sent_exceptions  # the one token the library was given
+    forged_token = decode_frame(app, _record("KeyError", None, token + 1))[ERROR_EXCEPTION]
+    other_class = decode_frame(app, _record("ValueError", None, token))[ERROR_EXCEPTION]
+    assert type(forged_token) is KeyError and forged_token is not original
+    assert type(other_class) is ValueError and not app.is_own_exception(other_class)
+    assert decode_frame(app, _record("KeyError", None, token))[ERROR_EXCEPTION] is original
+
+
+@pytest.mark.parametrize("tokens", [("1", None), (None, 1.5), (None, [1]), (True,)])
+def test_malformed_exception_tokens_are_refused(tokens):
+    with pytest.raises(ProtocolError):
+        decode_frame(Codec(_Space()), _record("KeyError", *tokens))
+
+
+def test_flexos_own_exception_sent_back_by_an_untrusted_peer_is_a_gate_error_not_the_original():
+    """The app's refusal of a compartment's request, raised back through the compartment, is not
+    the app's own ProtocolError again: from a compartment, flexos's exceptions arrive as GateError."""
+    space = _Space()  # one space: the classes each side describes are the other's
+    app, library = Codec(space), Codec(space, trusted_peer=True)
+    refusal = ProtocolError("unknown operator '__import__'")
+    back = _through(library, app, _through(app, library, refusal))
+    assert type(back) is GateError and "unknown operator" in str(back)

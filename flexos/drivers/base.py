@@ -182,7 +182,11 @@ class Driver(ABC):
         """The link to this compartment: it may import what this process serves, and a call waits at
         most the compartment's ``timeout``."""
         link = Link(
-            self.spec.name, importer=self.host.serve_import, mirrors=mirrors, replicated=self.image.is_replicated
+            self.spec.name,
+            importer=self.host.serve_import,
+            mirrors=mirrors,
+            replicated=self.image.is_replicated,
+            app_side=True,
         )
         link.timeout = self.spec.timeout
         return link

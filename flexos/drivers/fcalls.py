@@ -45,7 +45,7 @@ class FcallsDriver(Driver):
         return not self.options.strict
 
     def start(self, mirrors: dict) -> Link:
-        caller = Link(self.spec.name, mirrors=mirrors, replicated=self.image.is_replicated)
+        caller = Link(self.spec.name, mirrors=mirrors, replicated=self.image.is_replicated, app_side=True)
         compartment = Link(
             self.image.default, importer=self._import, replicated=self.image.is_replicated, peer_is_app=True
         )

@@ -17,7 +17,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from flexos.errors import CompartmentCrashed, FlexosError, GateError, ProtocolError
+from flexos.errors import CompartmentCrashed, FlexosError, GateError, ProtocolError, RemoteTraceback
 from flexos.gates import stats
 from flexos.gates.handles import MAX_HANDLES, ExportTable, ImportTable
 from flexos.gates.policy import APP_POLICY, COMPARTMENT_POLICY, always_replicated
@@ -31,6 +31,7 @@ from flexos.gates.proxies import (
     new_proxy,
     new_value_proxy,
     reachable_by_name,
+    refill_container,
 )
 from flexos.transports import (
     CallTimeout,
@@ -73,6 +74,7 @@ from flexos.wire.frames import (
 from flexos.wire.operators import FUNCTIONS
 
 _NO_RELEASES: Releases = []  # shared: never appended to
+_SET_CAUSE = BaseException.__dict__["__cause__"].__set__  # never a property a peer's class defines
 # Mutable containers that an instance of an app's subclass holds as attributes: the app reads them
 # by reference (a live view), since its methods are the instance's and mutate its state in place.
 _LIVE_STATE = frozenset({list, dict, set})
@@ -97,6 +99,8 @@ class Link:
     this side serves as Python would; any other peer's requests are served under the capability
     policy (:mod:`flexos.gates.policy`): it may hold a bounded number of this side's objects, call
     only the classes it was given, and flexos's own exceptions it sends arrive as GateError.
+    ``app_side``: this is the app's link to a compartment, over which the app's ``dict`` and
+    ``list`` subclasses cross as container copies (:data:`flexos.wire.values.CONTAINER_BASES`).
     """
 
     def __init__(
@@ -107,10 +111,12 @@ class Link:
         mirrors: Mirrors | None = None,
         replicated: Callable[[str], bool] | None = None,
         peer_is_app: bool = False,
+        app_side: bool = False,
     ) -> None:
         self.peer = peer
         self.peer_is_app = peer_is_app
-        self.codec = Codec(self, trusted_peer=peer_is_app)
+        self.app_side = app_side
+        self.codec = Codec(self, trusted_peer=peer_is_app, containers_as_copies=app_side)
         self.exports = ExportTable(f"compartment {peer!r}", None if peer_is_app else MAX_HANDLES)
         self.imports = ImportTable()
         policy = APP_POLICY if peer_is_app else COMPARTMENT_POLICY
@@ -223,8 +229,10 @@ class Link:
                 self.exports.release(result[ERROR_RELEASES])
             exc = result[ERROR_EXCEPTION]
             remote_traceback = result[ERROR_TRACEBACK]
-            if remote_traceback:  # unbound: the instance's own attributes come from the peer
-                BaseException.add_note(exc, f"--- raised in compartment {self.peer!r} ---\n{remote_traceback.rstrip()}")
+            if remote_traceback and not self.codec.is_own_exception(exc):
+                # Unbound: the instance's own attributes come from the peer. Setting the cause
+                # also suppresses the context (this frame's, which says nothing).
+                _SET_CAUSE(exc, RemoteTraceback(self.peer, remote_traceback))
             raise exc
         raise ProtocolError("compartment answered a call with a call frame")
 
@@ -351,6 +359,11 @@ class Link:
                 function = FUNCTIONS.get(name) if name is not None else None
                 if function is None:
                     raise ProtocolError(f"unknown operator {name!r}")
+                if name == "pickle" and not self.peer_is_app:
+                    raise TypeError(
+                        f"compartment {self.peer!r} may not pickle this side's objects (a pickle holds an "
+                        "object's whole state): it uses the copy protocols their classes define"
+                    )
                 return function(obj, *args)
             if op == Op.SETATTR:
                 if len(args) != 1:
@@ -375,7 +388,7 @@ class Link:
                 cls = described_class(obj) if type(obj) is Described else obj
                 if not isinstance(cls, type):
                     raise ProtocolError("describe needs a class handle")
-                return describe_class(cls, reachable_by_name, private=self._private_methods)
+                return describe_class(cls, reachable_by_name, private=self._private_methods, containers=self.app_side)
         elif op == Op.IMPORT and type(target) is str:  # always a str here: decode_frame admits int or str
             if self._import is None:
                 raise ImportError(f"compartment {self.peer!r} may not import from here")
@@ -385,6 +398,14 @@ class Link:
                 names = [n for n in dir(module) if not n.startswith("_")]
             # The gate's own handle on the module: the one module that crosses by reference.
             return import_answer(ByReference(module), isinstance(getattr(module, "__path__", None), list), list(names))
+        if op == Op.UNPICKLE:
+            if not self.peer_is_app:
+                raise TypeError(f"compartment {self.peer!r} may not have this side unpickle anything")
+            if len(args) != 1 or type(args[0]) is not bytes:
+                raise ProtocolError("unpickle takes the bytes of one pickle")
+            import pickle  # only on this path
+
+            return pickle.loads(args[0])  # what this side pickled of its own object, the app says
         raise ProtocolError(f"operation {op} does not take target {target!r}")
 
     def _call_base(self, obj: Any, name: Any, args: list[Any], kwargs: dict[str, Any]) -> Any:
@@ -508,8 +529,16 @@ class Link:
 
     def value_proxy(self, handle: int, class_handle: int, value: Any) -> Any:
         cls = self._classes.get(class_handle) or self._mirror(class_handle)
-        if getattr(cls, "_flexos_value", None) is not type(value):
+        builtin = getattr(cls, "_flexos_value", None)
+        if builtin is not type(value):
             raise ProtocolError("value reference names a class that is no subclass of the value's type")
+        if builtin is dict or builtin is list:
+            if not self.peer_is_app:
+                raise ProtocolError(f"compartment {self.peer!r} sent a container copy: only the app's cross as copies")
+            proxy = self.imports.lookup_or_create_value(handle, lambda: new_value_proxy(cls, self, handle, value))
+            if isinstance(proxy, builtin):  # (not a proxy made when it crossed by reference)
+                refill_container(proxy, value)  # the contents as they are now, each time it crosses
+            return proxy
         return self.imports.lookup_or_create_value(handle, lambda: new_value_proxy(cls, self, handle, value))
 
     def proxy_class(self, handle: int, module: str, qualname: str) -> type:

@@ -9,6 +9,7 @@ its mirrored class holding a handle.
 
 from __future__ import annotations
 
+import copy
 import sys
 import types
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from flexos.errors import ProtocolError
 from flexos.wire.classes import ClassDescription
 from flexos.wire.frames import SUBCLASS_MEMBER_KINDS, Op
 from flexos.wire.operators import BY_WIRE, Operator, Shape
-from flexos.wire.values import MIRROR_BASES, VALUE_BASES
+from flexos.wire.values import MIRROR_BASES, PROXY_VALUE_BASES
 
 if TYPE_CHECKING:
     from flexos.gates.link import Link
@@ -55,7 +56,7 @@ class RemoteObject:
         return self._flexos_link.call(Op.OPERATOR, self._flexos_handle, "dir")
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        raise TypeError("a flexos proxy cannot be pickled: pass it through a gate instead")
+        return _pickled_by_its_owner(self, protocol)
 
 
 class RemoteValue:
@@ -95,17 +96,69 @@ class RemoteValue:
         return self
 
     def __reduce_ex__(self, protocol: Any) -> Any:
+        return _pickled_by_its_owner(self, protocol)
+
+
+#: How :func:`unpickled_in` finds the app's link to a compartment by name, newest first (each
+#: running Runtime of the app adds its own; a compartment's Runtime adds none).
+LINK_FINDERS: list[Callable[[str], Link | None]] = []
+
+
+def _pickled_by_its_owner(proxy: Any, protocol: Any) -> Any:
+    """``__reduce_ex__`` of a compartment's object in the app (so ``pickle``, ``copy.copy`` and
+    ``copy.deepcopy`` work): the compartment pickles its own object, and unpickling asks it to
+    unpickle those bytes (:func:`unpickled_in`); the app never unpickles them. A compartment may
+    not pickle the app's objects (their classes' own copy protocols excepted, as operators)."""
+    link = proxy._flexos_link
+    if link.peer_is_app:
         raise TypeError("a flexos proxy cannot be pickled: pass it through a gate instead")
+    data = link.call(Op.OPERATOR, proxy._flexos_handle, "pickle", (protocol,))
+    if type(data) is not bytes:
+        raise ProtocolError(f"compartment {link.peer!r} answered a pickle request with a {type(data).__name__}")
+    return (unpickled_in, (link.peer, data))
+
+
+def unpickled_in(compartment: str, data: bytes) -> Any:
+    """The object compartment ``compartment`` pickled as ``data``, unpickled there (its proxy here)."""
+    for find in reversed(LINK_FINDERS):
+        link = find(compartment)
+        if link is not None:
+            return link.call(Op.UNPICKLE, "", None, (data,))
+    import pickle
+
+    raise pickle.UnpicklingError(
+        f"this pickle holds an object of compartment {compartment!r}, pickled there: load it where flexos runs "
+        "that compartment (the app never unpickles a compartment's bytes itself)"
+    )
 
 
 def new_value_proxy(cls: type, link: Link, handle: int, value: Any) -> Any:
     """A value proxy of the peer's object ``handle``, holding ``value`` (built by the builtin
-    itself: no code of the class's runs)."""
-    proxy: Any = type(value).__new__(cls, value)
+    itself: no code of the class's runs; a container's contents come with :func:`refill_container`)."""
+    builtin: Any = type(value)
+    proxy: Any = builtin.__new__(cls) if builtin is dict or builtin is list else builtin.__new__(cls, value)
     attrs = proxy.__dict__
     attrs["_flexos_link"] = link
     attrs["_flexos_handle"] = handle
     return proxy
+
+
+def refill_container(proxy: Any, contents: dict[Any, Any] | list[Any]) -> None:
+    """Make a container copy hold ``contents``, with the builtin's own methods (the class's
+    overrides, which run in the app, are never called)."""
+    if type(contents) is dict:
+        dict.clear(proxy)
+        dict.update(proxy, contents)
+    else:
+        list.__init__(proxy, contents)
+
+
+def _copy_of_container(proxy: Any, memo: Any = None) -> Any:
+    """``copy.copy`` (and ``deepcopy``) of a container copy: a plain builtin copy of what it holds
+    (the class's own copy protocol would run in the app and give back the app's object)."""
+    builtin = type(proxy)._flexos_value
+    plain = builtin.copy(proxy)
+    return plain if memo is None else copy.deepcopy(plain, memo)
 
 
 class RemoteClass(type):
@@ -264,7 +317,7 @@ def mirror_class(link: Link, handle: int, desc: ClassDescription, mirrors: Mirro
     key = (desc["module"], desc["qualname"]) if desc["by_name"] else None
     cls = mirrors.get(key) if key else None
     if cls is None:
-        cls = _synthesize(desc)
+        cls = _synthesize(desc, link.peer_is_app)
         if key:
             mirrors[key] = cls
     type.__setattr__(cls, "_flexos_class_link", link)
@@ -272,7 +325,8 @@ def mirror_class(link: Link, handle: int, desc: ClassDescription, mirrors: Mirro
     return cls
 
 
-def _synthesize(desc: ClassDescription) -> type:
+def _synthesize(desc: ClassDescription, peer_is_app: bool) -> type:
+    """``peer_is_app``: the class is the app's (mirrored in a compartment)."""
     name, qualname, module, bases = desc["name"], desc["qualname"], desc["module"], desc["bases"]
     if desc["exception"]:  # a real exception class: its instances cross by value
         exc_bases = tuple(b for b in bases if isinstance(b, type) and issubclass(b, BaseException))
@@ -292,6 +346,8 @@ def _synthesize(desc: ClassDescription) -> type:
     for method in desc["methods"]:
         namespace[method] = _method(method, owner)
     for wire in desc["dunders"]:
+        if wire == "reduce_ex" and not peer_is_app:
+            continue  # the app pickles a compartment's object in its owner (RemoteObject.__reduce_ex__)
         op = BY_WIRE[wire]
         namespace[op.dunder] = _operator(op)
     if module == "builtins" and qualname == "function":  # a function binds as a method, as it does here
@@ -301,8 +357,10 @@ def _synthesize(desc: ClassDescription) -> type:
     elif desc["hash"] == "remote":
         namespace["__hash__"] = _operator(BY_WIRE["hash"])
     if desc["value"]:  # a value proxy: the builtin base, and mirrored bases that are value proxies too
-        builtin = VALUE_BASES[desc["value"]][0]
+        builtin = PROXY_VALUE_BASES[desc["value"]][0]
         namespace["_flexos_value"] = builtin
+        if builtin is dict or builtin is list:
+            namespace["__copy__"] = namespace["__deepcopy__"] = _copy_of_container
         plain: tuple[type, ...] = (RemoteValue, builtin)
         proxy_bases = tuple(b for b in bases if isinstance(b, RemoteClass) and issubclass(b, builtin)) or plain
     else:

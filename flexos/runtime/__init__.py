@@ -31,7 +31,7 @@ from flexos.errors import ConfigError, DriverUnavailable, ProtocolError
 from flexos.gates import stats as gate_stats
 from flexos.gates.importer import GateFinder
 from flexos.gates.link import Link
-from flexos.gates.proxies import ModuleProxy
+from flexos.gates.proxies import LINK_FINDERS, ModuleProxy
 from flexos.image import Image, placement_refusal
 from flexos.runtime import state
 from flexos.runtime.compartment import Compartment
@@ -109,6 +109,11 @@ class Runtime:
         self.displaced: dict[str, types.ModuleType] = {}
         self.started = False
 
+    def _link_for_unpickling(self, name: str) -> Link | None:
+        """The live link to compartment ``name`` (restarted if need be), if this image runs one."""
+        compartment = self.compartments.get(name)
+        return None if compartment is None or name == self.local else compartment.link()
+
     def link_to(self, name: str, importer: Callable[[str], Any] | None = None) -> Link:
         """A new link to compartment ``name``, serving its imports (``importer``: ours, for it)."""
         return Link(
@@ -168,6 +173,8 @@ class Runtime:
         self._displace_loaded_modules()
         self.started = True
         _running.add(self)
+        if self.local == self.image.default:  # what the app pickled of a compartment's object comes back there
+            LINK_FINDERS.append(self._link_for_unpickling)
         return self
 
     def stop(self) -> None:
@@ -175,6 +182,8 @@ class Runtime:
             return
         self.started = False
         _running.discard(self)
+        if self._link_for_unpickling in LINK_FINDERS:
+            LINK_FINDERS.remove(self._link_for_unpickling)
         if self.finder in sys.meta_path:
             sys.meta_path.remove(self.finder)
         for name, module in list(sys.modules.items()):

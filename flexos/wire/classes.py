@@ -15,9 +15,10 @@ A DESCRIBE call answers with one msgpack map, with exactly these keys (in this o
 - ``dunders``: the wire names of the operators it implements (of
   :data:`flexos.wire.operators.DESCRIBED`), in the table's order;
 - ``value``: the builtin value type it derives from (``"str"``, ``"int"``, ``"float"``,
-  ``"bytes"``, ``"tuple"``: :data:`flexos.wire.values.VALUE_BASES`), or ``""``. Instances of such a
-  class cross as value proxies, and ``methods`` and ``dunders`` then list only what the class
-  adds to or overrides of that base: the rest runs locally on the copied value;
+  ``"bytes"``, ``"tuple"``: :data:`flexos.wire.values.VALUE_BASES`; and from the app only,
+  ``"dict"`` or ``"list"``: :data:`~flexos.wire.values.CONTAINER_BASES`), or ``""``. Instances of
+  such a class cross as value proxies, and ``methods`` and ``dunders`` then list only what the
+  class adds to or overrides of that base: the rest runs locally on the copied value;
 - ``hash``: ``"none"`` (unhashable), ``"identity"`` (inherited: ``object.__hash__``, or the value
   base's own) or ``"remote"`` (its own ``__hash__``, applied by the owner);
 - ``by_name``: whether the owner reaches it again as ``module.qualname`` (its mirror then
@@ -36,7 +37,7 @@ from typing import Any, Literal, TypedDict, cast
 from flexos.errors import ProtocolError
 from flexos.wire.codec import Described
 from flexos.wire.operators import DESCRIBED, DESCRIBED_WIRES
-from flexos.wire.values import VALUE_BASES, value_base
+from flexos.wire.values import PROXY_VALUE_BASES, container_base, value_base
 
 
 class ClassDescription(TypedDict):
@@ -70,12 +71,16 @@ def _overrides(cls: type, base: type, name: str) -> bool:
     return mine is not None and mine is not _lookup(base, name) and mine is not object.__dict__.get(name)
 
 
-def describe_class(cls: type, reaches: Callable[[str, str, type], bool], private: bool = True) -> ClassDescription:
+def describe_class(
+    cls: type, reaches: Callable[[str, str, type], bool], private: bool = True, containers: bool = False
+) -> ClassDescription:
     """What a peer needs to mirror ``cls``; ``reaches(module, qualname, cls)`` says whether the
-    owner finds ``cls`` again by that name; ``private``: list methods whose names start with ``_``."""
+    owner finds ``cls`` again by that name; ``private``: list methods whose names start with ``_``;
+    ``containers``: instances of a ``dict`` or ``list`` subclass cross as container copies (the
+    app's, to a compartment)."""
     hidden = ("__", "_flexos") if private else ("_",)
-    value = value_base(cls)
-    base = VALUE_BASES[value][0] if value else object  # what the mirror inherits locally
+    value = value_base(cls) or (container_base(cls) if containers else "")
+    base = PROXY_VALUE_BASES[value][0] if value else object  # what the mirror inherits locally
     dunders = []
     for op in DESCRIBED:
         if any(_overrides(cls, base, dunder) for dunder in op.marks):
@@ -133,7 +138,7 @@ def checked_description(desc: Any) -> ClassDescription:
             raise ProtocolError(f"refused method name {method!r} in class description")
     if not all(wire in DESCRIBED_WIRES for wire in dunders) or desc["hash"] not in _HASHING:
         raise ProtocolError("malformed class description")
-    if type(desc["value"]) is not str or (desc["value"] and desc["value"] not in VALUE_BASES):
+    if type(desc["value"]) is not str or (desc["value"] and desc["value"] not in PROXY_VALUE_BASES):
         raise ProtocolError("malformed class description")
     if type(desc["exception"]) is not bool or type(desc["by_name"]) is not bool:
         raise ProtocolError("malformed class description")

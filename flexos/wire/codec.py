@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import builtins
 import inspect
+import itertools
 import struct
 import threading
 import types
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -58,7 +60,9 @@ class Ext:
     CLASS = 8  # a class owned by the sender: [class handle, module, qualname]
     BACK = 9  # an object owned by the receiver: its handle (a little-endian u64)
     BUILTIN = 10  # a class of the builtins module, NotImplemented or Ellipsis, by name (ASCII)
-    EXCEPTION = 11  # an exception, by value: [class, args (a tuple), attributes (a str-keyed map)(, str() text)]
+    # An exception, by value: [class, args (a tuple), attributes (a str-keyed map)(, str() text(,
+    # the sender's token for it, the receiver's token if it is the receiver's own exception back))]
+    EXCEPTION = 11
     LOAN = 12  # a large buffer lent without a copy (same-process peers only): transport-defined
     MODULE = 13  # a module, by name (UTF-8): the receiver's own module or gate of that name
     VALUE = 14  # a stdlib value (flexos.wire.values): [row name, the row's state]
@@ -334,6 +338,10 @@ _VALUE_KINDS = {
 # Attributes of builtin exceptions that live in slots rather than args or __dict__.
 _BUILTIN_EXCEPTION_ATTRS = frozenset({"filename", "filename2", "name", "path", "name_from"})
 _MAX_NESTING = 32
+#: How many of the exceptions it last sent a side keeps (strongly, tracebacks included), so that
+#: one raised back through the peer's code within that many is the very object that went out.
+KEPT_EXCEPTIONS = 8
+_TOKEN_TYPES = (int, type(None))
 _CONTAINERS = frozenset({list, dict, tuple, set, frozenset})
 # Inside a GRAPH, the extension values whose items its resolution walks (and the NODE itself).
 _GRAPH_WALKED = frozenset({Ext.TUPLE, Ext.SET, Ext.FROZENSET, Ext.NODE, Ext.GRAPH})
@@ -522,16 +530,17 @@ class _Packing:
         except Exception:
             text = BaseException.__str__(exc)
         record_class = Described(cls)
+        mine, yours = self._codec.exception_tokens(exc)
         mark = len(self.exported)
         try:
-            return self.pack([record_class, tuple(exc.args), attrs, text])
+            return self.pack([record_class, tuple(exc.args), attrs, text, mine, yours])
         except GateError:
             self.withdraw(mark)
         args = tuple(exc.args)
         if not self.fits(args):
             args = tuple(repr(a) for a in args)
         kept = {key: value for key, value in attrs.items() if self.fits(value)}
-        return self.pack([record_class, args, kept, text])
+        return self.pack([record_class, args, kept, text, mine, yours])
 
 
 class Codec:
@@ -543,9 +552,12 @@ class Codec:
     from any other peer they arrive as GateError.
     """
 
-    def __init__(self, space: ReferenceSpace, *, trusted_peer: bool = False) -> None:
+    def __init__(
+        self, space: ReferenceSpace, *, trusted_peer: bool = False, containers_as_copies: bool = False
+    ) -> None:
         self._space = space
         self._trusted_peer = trusted_peer
+        self._containers_as_copies = containers_as_copies
         # The bound extension decoder, made once rather than per frame (decode_frame passes it too).
         self.ext_hook = self._ext_hook
         self._encoding = encoding  # for packing: lend_buffers needs flexos._msgpack
@@ -554,6 +566,11 @@ class Codec:
         self._kinds: dict[type, int] = {}
         self._values: dict[type, Callable[[Any], Any]] = {}  # builtin subclass -> its exact builtin value
         self._properties: dict[type, tuple[str, ...]] = {}  # exception class -> its public properties
+        # The last exceptions sent (token -> exception) and received (id -> (replica, the peer's
+        # token)), so that an exception which comes back is the very object that went out.
+        self._sent_exceptions: OrderedDict[int, BaseException] = OrderedDict()
+        self._received_exceptions: OrderedDict[int, tuple[BaseException, int]] = OrderedDict()
+        self._exception_tokens = itertools.count(1)
         self._depth = threading.local()  # of decoding
 
     def lend_buffers(self, lend: Callable[[Any], bytes], threshold: int) -> None:
@@ -570,6 +587,48 @@ class Codec:
         self._encoding = encoding
         self._lending = {}
         self._pool.clear()
+
+    # -- exceptions that go out and come back ------------------------------------------------
+    def exception_tokens(self, exc: BaseException) -> tuple[int, int | None]:
+        """The token under which ``exc`` is kept while it is out (one of the last
+        :data:`KEPT_EXCEPTIONS` sent), and the peer's token for it if it is one the peer sent."""
+        token = next(self._exception_tokens)
+        sent = self._sent_exceptions
+        sent[token] = exc
+        if len(sent) > KEPT_EXCEPTIONS:
+            sent.popitem(last=False)
+        received = self._received_exceptions.get(id(exc))
+        return token, received[1] if received is not None and received[0] is exc else None
+
+    def is_own_exception(self, exc: BaseException) -> bool:
+        """Whether ``exc``, just decoded, is one this side sent that came back (not a replica)."""
+        return any(kept is exc for kept in list(self._sent_exceptions.values()))
+
+    def _exception_back(self, token: Any, cls: Any, attrs: Any) -> BaseException | None:
+        """Our own exception ``token`` the peer returns (raised through its code), with the notes
+        that code added; None if it is not one we still keep, or the record's class is not its, or
+        it is one of flexos's own from a peer we do not trust (the app's refusal of a compartment's
+        request is not the app's to see again as raised by flexos on its own call)."""
+        exc = self._sent_exceptions.get(token) if type(token) is int else None
+        if exc is None or cls is not type(exc):
+            return None
+        if not self._trusted_peer and _is_flexos_error(cls):
+            return None  # arrives as a GateError, as flexos's own exceptions from a compartment do
+        notes = attrs.get("__notes__") if isinstance(attrs, dict) else None
+        ours = list(getattr(exc, "__notes__", None) or ())
+        if type(notes) is list and notes[: len(ours)] == ours:
+            for note in notes[len(ours) :]:
+                if type(note) is str:
+                    BaseException.add_note(exc, note)  # unbound: the app's class may define add_note
+        return exc
+
+    def _received_exception(self, exc: BaseException, token: Any) -> BaseException:
+        if type(token) is int:
+            received = self._received_exceptions
+            received[id(exc)] = (exc, token)
+            if len(received) > KEPT_EXCEPTIONS:
+                received.popitem(last=False)
+        return exc
 
     # -- encoding ---------------------------------------------------------------------------
     def pack_frame(self, frame: list[Any]) -> bytes:
@@ -680,6 +739,9 @@ class Codec:
             return _VALUE_REF
         if self._space.is_proxy_type(cls):
             return _PROXY
+        if self._containers_as_copies and issubclass(cls, values.CONTAINER_BASE_CLASSES):
+            self._values[cls] = values.CONTAINER_BASES[values.container_base(cls)][1]
+            return _VALUE_REF
         return _PLAIN
 
     def _value_of(self, cls: type) -> Callable[[Any], Any]:
@@ -751,10 +813,18 @@ class Codec:
             return self._space.module(name)
         if code == Ext.EXCEPTION:
             record = self._expect(self.unpack(payload), list)
-            if len(record) not in (3, 4):
+            if len(record) not in (3, 4, 6):
                 raise ProtocolError("malformed exception record")
-            cls, args, attrs, *text = record  # the text is optional
-            return _build_exception(cls, args, attrs, text[0] if text else None, self._trusted_peer)
+            cls, args, attrs, *rest = record  # the text and the tokens are optional
+            mine, yours = rest[1:] if len(rest) == 3 else (None, None)
+            if not (type(mine) in _TOKEN_TYPES and type(yours) in _TOKEN_TYPES):
+                raise ProtocolError("exception record has malformed tokens")
+            if yours is not None:
+                back = self._exception_back(yours, cls, attrs)
+                if back is not None:
+                    return back
+            exc = _build_exception(cls, args, attrs, rest[0] if rest else None, self._trusted_peer)
+            return exc if mine is None else self._received_exception(exc, mine)
         if code == Ext.SURROGATES:
             return payload.decode("utf-8", "surrogatepass")
         if code == Ext.BYTEARRAY:

@@ -56,9 +56,12 @@ class Op:
     # A method as a base class defines it (``super().name(...)`` in the app's subclass): target: an
     # instance, name, args=[base, *args] -> what the base's method returns.
     SUPER = 10
+    # The app unpickles, in the compartment, what the compartment pickled of its own object
+    # (OPERATOR "pickle"): target: "", args=[the pickle's bytes] -> the object (from the app only).
+    UNPICKLE = 11
 
 
-_OPS = frozenset(range(Op.IMPORT, Op.SUPER + 1))
+_OPS = frozenset(range(Op.IMPORT, Op.UNPICKLE + 1))
 _OP_NAMES = {value: name for name, value in vars(Op).items() if not name.startswith("_")}
 
 

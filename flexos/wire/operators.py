@@ -113,6 +113,12 @@ class Operator(NamedTuple):
     marks: tuple[str, ...] = ()
 
 
+def _pickled(obj: Any, protocol: Any) -> bytes:
+    import pickle  # only on this path
+
+    return pickle.dumps(obj, protocol if type(protocol) is int else None)
+
+
 def _row(wire: str, dunder: str, shape: Shape, function: Callable[..., Any] | None, **options: Any) -> Operator:
     return Operator(wire, dunder, shape, function, options.get("described", True), options.get("marks", (dunder,)))
 
@@ -167,6 +173,9 @@ OPERATORS: tuple[Operator, ...] = (
     _row("anext", "__anext__", Shape.ASYNC, _awaited("__anext__")),
     _row("aenter", "__aenter__", Shape.ASYNC, _awaited("__aenter__")),
     _row("aexit", "__aexit__", Shape.ASYNC_EXIT, _awaited("__aexit__")),
+    # The app pickles (and copies) a compartment's object in its owner, as bytes it never unpickles
+    # itself (Op.UNPICKLE sends them back); a compartment may not ask this of the app's objects.
+    _row("pickle", "__reduce_ex__", Shape.BINARY, _pickled, described=False),
     _row("repr", "__repr__", Shape.UNARY, repr, described=False),
     _row("dir", "__dir__", Shape.UNARY, dir, described=False),
     _row("hash", "__hash__", Shape.UNARY, hash, described=False),

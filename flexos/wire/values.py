@@ -82,6 +82,17 @@ def _build_decimal(state: Any) -> decimal.Decimal:
         raise ValueError("malformed Decimal") from None
 
 
+def _build_slice(state: Any) -> slice:
+    if type(state) is not list or len(state) != 3:
+        raise ValueError("malformed slice")
+    return slice(*state)  # its bounds crossed by their own rules; a slice runs no code of theirs
+
+
+def _build_range(state: Any) -> range:
+    start, stop, step = _ints(state, 3)
+    return range(start, stop, step)
+
+
 def _build_ordered_dict(state: Any) -> collections.OrderedDict[Any, Any]:
     if type(state) is not list or not all(type(pair) is list and len(pair) == 2 for pair in state):
         raise ValueError("malformed OrderedDict")
@@ -105,6 +116,8 @@ VALUE_TYPES: tuple[ValueType, ...] = (
     ),
     ValueType("timedelta", datetime.timedelta, lambda d: [d.days, d.seconds, d.microseconds], _build_timedelta),
     ValueType("timezone", datetime.timezone, lambda tz: list(tz.__getinitargs__()), _build_timezone),
+    ValueType("slice", slice, lambda s: [s.start, s.stop, s.step], _build_slice),
+    ValueType("range", range, lambda r: [r.start, r.stop, r.step], _build_range),
     ValueType("OrderedDict", collections.OrderedDict, lambda d: [[k, v] for k, v in d.items()], _build_ordered_dict),
 )
 BY_WIRE: dict[str, ValueType] = {row.wire: row for row in VALUE_TYPES}
@@ -132,6 +145,29 @@ VALUE_BASES: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "tuple": (tuple, lambda t: tuple.__getitem__(t, slice(None))),
 }
 VALUE_BASE_CLASSES: tuple[type, ...] = tuple(base for base, _ in VALUE_BASES.values())
+
+
+# Mutable builtins whose subclasses' instances, the app's only, cross to a compartment as
+# *container copies*: a value proxy whose builtin value is a copy of the contents (taken with the
+# builtin's own ``copy``, so no code of the class runs), made again each time the object crosses,
+# so that ``isinstance(d, dict)`` and C code that reads a dict or list (simplejson's encoder) work
+# on it. What the class adds or overrides runs in the app; the builtin's own methods run on the
+# copy, as they do on a plain ``dict`` or ``list`` argument, which crosses as a copy.
+CONTAINER_BASES: dict[str, tuple[type, Callable[[Any], Any]]] = {
+    "dict": (dict, dict.copy),
+    "list": (list, list.copy),
+}
+CONTAINER_BASE_CLASSES: tuple[type, ...] = (dict, list)
+#: Every builtin a value proxy may derive from.
+PROXY_VALUE_BASES: dict[str, tuple[type, Callable[[Any], Any]]] = {**VALUE_BASES, **CONTAINER_BASES}
+
+
+def container_base(cls: type) -> str:
+    """The wire name of the mutable builtin ``cls`` derives from ("" if none)."""
+    for name, (base, _) in CONTAINER_BASES.items():
+        if issubclass(cls, base):
+            return name
+    return ""
 
 
 def value_base(cls: type) -> str:

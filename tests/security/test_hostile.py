@@ -437,3 +437,16 @@ def test_a_handle_sent_as_an_object_and_as_a_value_never_yields_flexos_internals
     again = table.lookup_or_create(2, lambda: make(_Object))
     assert again is first_value
     assert all(type(proxy) in (_Object, value_class) for proxy in made)
+
+
+# -- pickling: the app pickles a compartment's objects in their compartment, never the reverse ------
+
+
+def test_a_compartment_cannot_have_the_app_pickle_or_unpickle(hostile):
+    """A pickle holds an object's whole state, and unpickling runs code the bytes name: the app
+    pickles a compartment's objects there and has them unpickled there, never the other way round."""
+    pickled = hostile.raw_operator(_Object(), "pickle")
+    assert pickled.startswith("refused: TypeError") and "may not pickle this side's objects" in pickled, pickled
+    unpickled = hostile.raw_call(Op.UNPICKLE, "", None, (pickle.dumps(ValueError("x")),))
+    assert unpickled.startswith("refused: TypeError") and "may not have this side unpickle" in unpickled, unpickled
+    assert hostile.echo("still fine") == "still fine"

@@ -47,6 +47,10 @@ class LibrarySuite:
     libraries: dict[str, str] = field(default_factory=dict)
     #: CI runs about one test in this many (``--flexos-sample``), the same ones every time.
     ci_sample: int = 1
+    #: Its C extensions that refuse to load in a subinterpreter (checked: :func:`refused_by_subinterpreters`).
+    #: Under ``subinterp`` the library runs without them, as it does in a subinterpreter without
+    #: flexos, so the run it is compared with is the plain one without them too.
+    subinterpreter_refuses: tuple[str, ...] = ()
 
     @property
     def directory(self) -> Path:
@@ -69,14 +73,22 @@ class LibrarySuite:
         path.write_text("\n".join(lines) + "\n")
         return path
 
-    def run(self, mechanism: str, where: Path, timeout: float = RUN_TIMEOUT_S, sample: int = 1) -> SuiteRun:
-        """One run of the suite (about one test in ``sample``) on ``mechanism`` (or ``plain``)."""
+    def run(
+        self,
+        mechanism: str,
+        where: Path,
+        timeout: float = RUN_TIMEOUT_S,
+        sample: int = 1,
+        without: tuple[str, ...] = (),
+    ) -> SuiteRun:
+        """One run of the suite (about one test in ``sample``) on ``mechanism`` (or ``plain``),
+        ``without`` those modules importable."""
         if not self.directory.is_dir():
             raise FileNotFoundError(f"{self.directory}: the {self.name} test suite is not fetched; run scripts/setup")
         # A module that fails to collect loses its own tests, not the whole run's.
         args = ["-q", "-p", "no:cacheprovider", "--continue-on-collection-errors"]
         args += [f"--timeout={TEST_TIMEOUT_S}", "--timeout-method=signal"]
-        args += [f"--flexos-sample={sample}", *self.args]
+        args += [f"--flexos-sample={sample}", *(f"--flexos-without={name}" for name in without), *self.args]
         config = None if mechanism == "plain" else str(self.flexos_yaml(where))
         # -P: a source tree in the sdist's directory must not shadow the installed library.
         return run_suite(args, mechanism, config, cwd=self.directory, timeout=timeout, safe_path=True)
@@ -91,9 +103,17 @@ SUITES = {
             "simplejson-4.3.0",
             ("--pyargs", "simplejson.tests"),
             {"simplejson": "lib", "simplejson.tests": "app"},
+            subinterpreter_refuses=("simplejson._speedups",),
         ),
         LibrarySuite("markupsafe", "markupsafe-3.0.4", ("tests",), {"markupsafe": "lib"}),
-        LibrarySuite("pyyaml", "pyyaml-6.0.4", ("tests",), {"yaml": "lib", "_yaml": "lib"}, ci_sample=20),
+        LibrarySuite(
+            "pyyaml",
+            "pyyaml-6.0.4",
+            ("tests",),
+            {"yaml": "lib", "_yaml": "lib"},
+            ci_sample=20,
+            subinterpreter_refuses=("yaml._yaml",),
+        ),
         # Its conftest marks tests with pytest-cov's no_cover, and its filterwarnings turn the
         # unknown mark into an error at collection (its CI has pytest-cov, which we do not need).
         LibrarySuite(
@@ -107,38 +127,63 @@ SUITES = {
 }
 
 
+def refused_by_subinterpreters(module: str) -> bool:
+    """Whether importing ``module`` in an own-GIL subinterpreter, without flexos, fails because
+    the extension does not support subinterpreters (what excuses its tests under ``subinterp``)."""
+    probe = (
+        "import _interpreters, sys\n"
+        "interp = _interpreters.create('isolated')\n"
+        f"failure = _interpreters.exec(interp, 'import {module}')\n"
+        "sys.exit(0 if failure is not None and 'does not support loading in subinterpreters' in failure.msg else 1)\n"
+    )
+    return subprocess.run([sys.executable, "-c", probe], check=False).returncode == 0
+
+
 @dataclass
 class Measurement:
-    """One suite on one mechanism, against the run without flexos."""
+    """One suite on one mechanism, against the run without flexos (``reference``: the run without
+    flexos and without the extensions the mechanism cannot load, if any)."""
 
     suite: LibrarySuite
     plain: SuiteRun
     gated: SuiteRun
+    reference: SuiteRun | None = None
+
+    @property
+    def compared_with(self) -> SuiteRun:
+        return self.reference or self.plain
 
     @property
     def kept(self) -> int:
-        return len(self.plain.passed() & self.gated.passed())
+        return len(self.compared_with.passed() & self.gated.passed())
 
     @property
     def share(self) -> float:
-        return self.kept / max(1, len(self.plain.passed()))
+        return self.kept / max(1, len(self.compared_with.passed()))
 
     def lost(self) -> list[str]:
-        """Each test that passes without flexos and not on the mechanism, with its first line."""
-        passing = self.plain.passed()
+        """Each test that passes in the reference and not on the mechanism, with its first line."""
+        passing = self.compared_with.passed()
         return [
             f"{nodeid}: {theirs.outcome}: {theirs.line}"
-            for nodeid, _mine, theirs in differences(self.plain, self.gated)
+            for nodeid, _mine, theirs in differences(self.compared_with, self.gated)
             if nodeid in passing
         ]
 
     def summary(self) -> str:
-        return (
-            f"{self.suite.name:11} {self.gated.mechanism:10} {self.kept:5} of {len(self.plain.passed()):5} "
-            f"plain passes ({self.share:.0%}); plain {self.plain.seconds:.0f} s, "
+        plain_kept = len(self.plain.passed() & self.gated.passed())
+        line = (
+            f"{self.suite.name:11} {self.gated.mechanism:10} {plain_kept:5} of {len(self.plain.passed()):5} "
+            f"plain passes ({plain_kept / max(1, len(self.plain.passed())):.0%}); plain {self.plain.seconds:.0f} s, "
             f"{self.gated.mechanism} {self.gated.seconds:.0f} s"
             + (" (timed out)" if self.gated.returncode is None else "")
         )
+        if self.reference is not None:
+            line += (
+                f"\n{'':22} {self.kept:5} of {len(self.reference.passed()):5} passes without "
+                f"{', '.join(self.suite.subinterpreter_refuses)} ({self.share:.0%}), as the library loads there"
+            )
+        return line
 
     def report(self) -> str:
         return "\n".join([self.summary(), *(f"  {line}" for line in self.lost())]) + "\n"
@@ -187,7 +232,11 @@ def main() -> None:
             print(plain.summary(), flush=True)
             for mechanism in options.mechanism or MECHANISMS:
                 gated = suite.run(mechanism, Path(scratch), options.timeout, sample)
-                print(Measurement(suite, plain, gated).report(), flush=True)
+                reference = None
+                if mechanism == "subinterp" and suite.subinterpreter_refuses:
+                    without = suite.subinterpreter_refuses
+                    reference = suite.run("plain", Path(scratch), options.timeout, sample, without)
+                print(Measurement(suite, plain, gated, reference).report(), flush=True)
 
 
 if __name__ == "__main__":
