@@ -57,6 +57,8 @@ from flexos.wire.frames import (
     ERROR_RELEASES,
     ERROR_TRACEBACK,
     KIND,
+    NO_KWARGS,
+    NOT_PLAIN,
     REPLY_RELEASES,
     REPLY_VALUE,
     Kind,
@@ -69,10 +71,15 @@ from flexos.wire.frames import (
     encode_reply,
     frame_kind,
     import_answer,
+    plain_call_frame,
+    plain_call_parts,
+    plain_reply_frame,
+    plain_reply_value,
 )
 from flexos.wire.operators import FUNCTIONS
 
 _NO_RELEASES: Releases = []  # shared: never appended to
+_OP_CALL = Op.CALL
 # Mutable containers that an instance of an app's subclass holds as attributes: the app reads them
 # by reference (a live view), since its methods are the instance's and mutate its state in place.
 _LIVE_STATE = frozenset({list, dict, set})
@@ -136,6 +143,8 @@ class Link:
         self._local = threading.local()
         self._inline: Channel | None = None
         self.bulk: BulkPort | None = None  # large buffers beside the frames (a process compartment and the app)
+        # dispatch() runs a plain CALL itself, as _execute would; False once _execute is wrapped (stats).
+        self._plain_execute = True
         if not peer_is_app and stats.enabled():  # the app's side counts (flexos run --stats)
             stats.instrument(self)
 
@@ -155,9 +164,11 @@ class Link:
         if self.closed:
             raise self.closed_error()
         imports = self.imports
-        frame = encode_call(
-            self.codec, op, target, name, args, kwargs, imports.take_releases() if imports.dying else _NO_RELEASES
-        )
+        codec = self.codec
+        releases = imports.take_releases() if imports.dying else _NO_RELEASES
+        frame = plain_call_frame(op, target, name, args, kwargs, releases, codec.raw_limit)
+        if frame is None:  # not all plain: the codec's own path (references, extension types, graphs)
+            frame = encode_call(codec, op, target, name, args, kwargs, releases)
         channel = self._inline
         outermost = False
         if channel is None:
@@ -179,11 +190,15 @@ class Link:
             reply = channel.exchange(frame, deadline)
             if bulk is not None:
                 bulk.received(len(reply))
-            while self._inline is None and frame_kind(reply) == Kind.CALL:  # the peer calls back mid-call
+            value = plain_reply_value(reply)
+            if value is not NOT_PLAIN:
+                healthy = True
+                return value
+            while frame_kind(reply) == Kind.CALL:  # the peer calls back mid-call
                 reply = channel.exchange(self.dispatch(reply), deadline)
                 if bulk is not None:
                     bulk.received(len(reply))
-            result = decode_frame(self.codec, reply)
+            result = decode_frame(codec, reply)
             healthy = True
         except PeerGone:
             self.closed = True
@@ -215,6 +230,10 @@ class Link:
                     self._free.append(channel)
                 else:  # state unknown after an error mid-exchange: never reuse the channel
                     channel.close()
+        return self._answer(result)
+
+    def _answer(self, result: list[Any]) -> Any:
+        """What a call returns (or raises) for the peer's decoded answer frame ``result``."""
         kind = result[KIND]
         if kind == Kind.REPLY:
             if result[REPLY_RELEASES]:
@@ -298,6 +317,21 @@ class Link:
         """
         codec = self.codec
         imports = self.imports
+        parts = plain_call_parts(data, NO_KWARGS)
+        if parts is not None:  # all plain, and valid as decode_frame would have it
+            op, target, name, args, kwargs = parts
+            try:
+                # _execute's first case, without its frame (a str target is no key: _execute refuses it)
+                entry = self.exports.objects.get(target) if op == _OP_CALL and self._plain_execute else None  # type: ignore[arg-type]
+                if entry is not None:
+                    result = entry[0](*args, **kwargs)
+                else:
+                    result = self._execute(op, target, name, args, kwargs)
+                releases = imports.take_releases() if imports.dying else _NO_RELEASES
+                reply = plain_reply_frame(result, releases, codec.raw_limit)
+                return reply if reply is not None else encode_reply(codec, result, releases)
+            except BaseException as exc:  # everything, including SystemExit, belongs to the caller
+                return encode_error(codec, exc, imports.take_releases(), with_traceback=type(exc) is not StopIteration)
         try:
             call = decode_frame(codec, data)
         except ReplyTooLarge:  # its buffers are over the bound: refused whole, as the transport
