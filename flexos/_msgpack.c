@@ -31,6 +31,7 @@ typedef struct {
     PyObject *kw_ext_hook, *kw_strict_map_key, *kw_raw; /* interned: keywords match by identity */
     PyObject *kind_call, *kind_reply; /* the frame kinds, 1 and 2 */
     PyObject *not_plain;              /* NOT_PLAIN: reply_value's "take the Python path" */
+    PyObject *no_releases;            /* an empty list, never given out */
     Buffer frame;                     /* the hot path's frame buffer */
 } ModuleState;
 
@@ -904,28 +905,25 @@ reply_value(PyObject *module, PyObject *frame)
     return value;
 }
 
-/* call_parts(frame, no_kwargs) -> (op, target, name, args, kwargs) | None: the fields of a CALL
- * frame [1, op, target, name, args, kwargs, []] of plain values that frames.decode_frame would
- * accept, as it gives them (absent args as (), absent kwargs as `no_kwargs`); None for any other
- * frame, malformed ones included (decode_frame then refuses them, as it always did). */
-static PyObject *
-call_parts(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* The fields of a CALL frame [1, op, target, name, args, kwargs, []] of plain values that
+ * frames.decode_frame would accept, as it gives them (absent args as (), absent kwargs as
+ * `no_kwargs`), into `fields` (new references): 0; 1 for any other frame, malformed ones included
+ * (nothing is set then, and no error). */
+static int
+decode_call(ModuleState *state, PyObject *frame, PyObject *no_kwargs, PyObject **fields, long *op_out)
 {
-    if (nargs != 2) {
-        return PyErr_Format(PyExc_TypeError, "call_parts() takes 2 arguments");
-    }
-    PyObject *frame = args[0];
     if (!PyBytes_CheckExact(frame)) {
-        Py_RETURN_NONE;
+        return 1;
     }
     const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(frame);
     Py_ssize_t n = PyBytes_GET_SIZE(frame);
     if (n < 8 || data[0] != 0x97 || data[1] != 0x01 || data[n - 1] != 0x90) {
-        Py_RETURN_NONE;
+        return 1;
     }
-    ModuleState *state = PyModule_GetState(module);
     Reader reader = {data + 2, data + n - 1, NULL, state, 1};
-    PyObject *fields[5] = {NULL, NULL, NULL, NULL, NULL};
+    for (int i = 0; i < 5; i++) {
+        fields[i] = NULL;
+    }
     for (int i = 0; i < 5; i++) {
         fields[i] = unpack_object(&reader, 1);
         if (fields[i] == NULL) {
@@ -954,7 +952,7 @@ call_parts(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto not_plain;
     }
     if (kwargs == Py_None) {
-        Py_SETREF(fields[4], Py_NewRef(args[1]));
+        Py_SETREF(fields[4], Py_NewRef(no_kwargs));
     }
     else if (PyDict_CheckExact(kwargs)) {
         PyObject *key, *value;
@@ -968,20 +966,114 @@ call_parts(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     else {
         goto not_plain;
     }
-    PyObject *parts = PyTuple_New(5);
-    if (parts == NULL) {
-        goto not_plain;
-    }
-    for (int i = 0; i < 5; i++) {
-        PyTuple_SET_ITEM(parts, i, fields[i]);
-    }
-    return parts;
+    *op_out = op_value;
+    return 0;
 not_plain:
     for (int i = 0; i < 5; i++) {
-        Py_XDECREF(fields[i]);
+        Py_CLEAR(fields[i]);
     }
     PyErr_Clear(); /* any failure: decode_frame decides, and raises what it raises */
-    Py_RETURN_NONE;
+    return 1;
+}
+
+static PyObject *
+parts_tuple(PyObject **fields)
+{
+    PyObject *parts = PyTuple_New(5);
+    for (int i = 0; i < 5; i++) {
+        if (parts != NULL) {
+            PyTuple_SET_ITEM(parts, i, fields[i]);
+        }
+        else {
+            Py_DECREF(fields[i]);
+        }
+    }
+    return parts;
+}
+
+/* call_parts(frame, no_kwargs) -> (op, target, name, args, kwargs) | None: decode_call's fields. */
+static PyObject *
+call_parts(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        return PyErr_Format(PyExc_TypeError, "call_parts() takes 2 arguments");
+    }
+    PyObject *fields[5];
+    long op;
+    if (decode_call(PyModule_GetState(module), args[0], args[1], fields, &op)) {
+        Py_RETURN_NONE;
+    }
+    return parts_tuple(fields);
+}
+
+/* serve_call(frame, objects, no_kwargs, dying, raw_limit): Link.dispatch's common case. For a plain
+ * CALL frame (decode_call) of op CALL naming a handle in `objects` (handle -> [object, count]),
+ * calls the object as Link._execute does, obj(*args, **kwargs), and answers its REPLY frame
+ * (bytes); or (result,) when that is not plain, or releases wait in `dying`, for the caller to
+ * encode; the object's exception propagates. For another plain CALL frame: its fields, as
+ * call_parts (nothing was run); None for any frame that is not plain (nothing was run). `objects`
+ * None: never call, give the fields. */
+static PyObject *
+serve_call(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        return PyErr_Format(PyExc_TypeError, "serve_call() takes 5 arguments");
+    }
+    Py_ssize_t raw_limit;
+    if (raw_limit_of(args[4], &raw_limit) < 0) {
+        return NULL;
+    }
+    ModuleState *state = PyModule_GetState(module);
+    PyObject *fields[5], *objects = args[1];
+    long op;
+    if (decode_call(state, args[0], args[2], fields, &op)) {
+        Py_RETURN_NONE;
+    }
+    PyObject *entry = NULL;
+    if (op == 5 && PyLong_CheckExact(fields[1]) && PyDict_CheckExact(objects)) {
+        entry = PyDict_GetItemWithError(objects, fields[1]); /* borrowed; an int's hash runs no code */
+        if (entry == NULL && PyErr_Occurred()) {
+            PyErr_Clear();
+        }
+    }
+    if (entry == NULL || !PyList_CheckExact(entry) || PyList_GET_SIZE(entry) < 1) {
+        return parts_tuple(fields); /* Link._execute decides */
+    }
+    PyObject *callee = Py_NewRef(PyList_GET_ITEM(entry, 0));
+    PyObject *call_args = fields[3], *kwargs = fields[4];
+    PyObject *arg_tuple = PyTuple_CheckExact(call_args) ? Py_NewRef(call_args) : PyList_AsTuple(call_args);
+    PyObject *result = NULL;
+    if (arg_tuple != NULL) {
+        result = PyObject_Call(callee, arg_tuple, PyDict_GET_SIZE(kwargs) ? kwargs : NULL);
+        Py_DECREF(arg_tuple);
+    }
+    Py_DECREF(callee);
+    for (int i = 0; i < 5; i++) {
+        Py_DECREF(fields[i]);
+    }
+    if (result == NULL) {
+        return NULL;
+    }
+    Py_ssize_t waiting = PyObject_Size(args[3]);
+    if (waiting < 0) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    PyObject *reply = NULL;
+    if (waiting == 0) {
+        PyObject *items[3] = {state->kind_reply, result, state->no_releases};
+        reply = plain_items(state, items, 3, NULL, 0, raw_limit);
+        if (reply == NULL) {
+            Py_DECREF(result);
+            return NULL;
+        }
+    }
+    if (reply == NULL || reply == Py_None) {
+        Py_XDECREF(reply);
+        reply = PyTuple_Pack(1, result);
+    }
+    Py_DECREF(result);
+    return reply;
 }
 
 /* -- module -------------------------------------------------------------------------------- */
@@ -996,6 +1088,8 @@ static PyMethodDef methods[] = {
     {"reply_value", reply_value, METH_O, "reply_value(frame) -> value | NOT_PLAIN"},
     {"call_parts", (PyCFunction)(void (*)(void))call_parts, METH_FASTCALL,
      "call_parts(frame, no_kwargs) -> (op, target, name, args, kwargs) | None"},
+    {"serve_call", (PyCFunction)(void (*)(void))serve_call, METH_FASTCALL,
+     "serve_call(frame, objects, no_kwargs, dying, raw_limit) -> bytes | (result,) | fields | None"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1019,8 +1113,9 @@ module_exec(PyObject *module)
     state->kind_call = PyLong_FromLong(1);
     state->kind_reply = PyLong_FromLong(2);
     state->not_plain = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
+    state->no_releases = PyList_New(0);
     if (state->packer_type == NULL || !state->kw_ext_hook || !state->kw_strict_map_key || !state->kw_raw ||
-        !state->kind_call || !state->kind_reply || !state->not_plain) {
+        !state->kind_call || !state->kind_reply || !state->not_plain || !state->no_releases) {
         return -1;
     }
     if (PyModule_AddObjectRef(module, "NOT_PLAIN", state->not_plain) < 0) {
@@ -1045,6 +1140,7 @@ module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(state->kind_call);
     Py_VISIT(state->kind_reply);
     Py_VISIT(state->not_plain);
+    Py_VISIT(state->no_releases);
     return 0;
 }
 
@@ -1060,6 +1156,7 @@ module_clear(PyObject *module)
     Py_CLEAR(state->kind_call);
     Py_CLEAR(state->kind_reply);
     Py_CLEAR(state->not_plain);
+    Py_CLEAR(state->no_releases);
     PyMem_Free(state->frame.data);
     state->frame.data = NULL;
     state->frame.cap = 0;

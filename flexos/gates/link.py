@@ -119,6 +119,7 @@ class Link:
         self.peer_is_app = peer_is_app
         self.codec = Codec(self, trusted_peer=peer_is_app)
         self.exports = ExportTable(f"compartment {peer!r}", None if peer_is_app else MAX_HANDLES)
+        self._exported = self.exports.objects  # handle -> [object, count], read on every call served
         self.imports = ImportTable()
         policy = APP_POLICY if peer_is_app else COMPARTMENT_POLICY
         self._readable, self._writable, self._private_methods = policy
@@ -171,6 +172,8 @@ class Link:
             frame = encode_call(codec, op, target, name, args, kwargs, releases)
         channel = self._inline
         outermost = False
+        timeout = self.timeout
+        deadline = None  # an inline peer runs on our own stack: nothing to time out
         if channel is None:
             local = self._local
             channel = getattr(local, "channel", None)
@@ -181,10 +184,9 @@ class Link:
                 except IndexError:
                     channel = self._transport.open_channel()
                 local.channel = channel
+            if timeout is not None:  # one deadline for the whole call: every fragment and callback shares it
+                deadline = time.monotonic() + timeout
         healthy = False
-        timeout = self.timeout
-        # One deadline for the whole call: every fragment and every callback exchange shares it.
-        deadline = None if timeout is None else time.monotonic() + timeout
         bulk = self.bulk
         try:
             reply = channel.exchange(frame, deadline)
@@ -322,9 +324,9 @@ class Link:
             op, target, name, args, kwargs = parts
             try:
                 # _execute's first case, without its frame (a str target is no key: _execute refuses it)
-                entry = self.exports.objects.get(target) if op == _OP_CALL and self._plain_execute else None  # type: ignore[arg-type]
+                entry = self._exported.get(target) if op == _OP_CALL and self._plain_execute else None  # type: ignore[arg-type]
                 if entry is not None:
-                    result = entry[0](*args, **kwargs)
+                    result = entry[0](*args, **kwargs) if kwargs else entry[0](*args)
                 else:
                     result = self._execute(op, target, name, args, kwargs)
                 releases = imports.take_releases() if imports.dying else _NO_RELEASES
