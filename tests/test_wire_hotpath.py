@@ -34,6 +34,7 @@ from flexos.wire.frames import (
     plain_call_parts,
     plain_reply_frame,
     plain_reply_value,
+    plain_serve_call,
 )
 
 _msgpack = pytest.importorskip("flexos._msgpack")
@@ -328,13 +329,13 @@ def _answers(frame: bytes, *, plain: bool) -> tuple[Any, ...]:
     handle = link.export(held)
     assert handle == 1
     link.export_class(_Held)  # a described-only class handle: 2
-    saved = link_module.plain_call_parts
+    saved = link_module.plain_serve_call
     if not plain:
-        link_module.plain_call_parts = frames._no_plain_frame
+        link_module.plain_serve_call = frames._no_plain_frame
     try:
         reply = link.dispatch(frame)
     finally:
-        link_module.plain_call_parts = saved
+        link_module.plain_serve_call = saved
     decoded = decode_frame(link.codec, reply)
     if decoded[0] == Kind.REPLY:
         return ("reply", decoded[1], held.calls)
@@ -369,3 +370,62 @@ def test_a_described_class_is_not_callable_through_the_hot_path():
     frame = msgpack.packb([1, Op.CALL, 2, None, None, None, []], use_bin_type=True)
     kind, error, message, _ = _answers(frame, plain=True)
     assert kind == "error" and error is TypeError and "was not granted" in message
+
+
+SERVED_BY_THE_LINK = {
+    "a result that is not plain": [1, Op.CALL, 3, None, [[1, 2]], None, []],
+    "a callee that raises": [1, Op.CALL, 4, None, None, None, []],
+    "a callee that raises StopIteration": [1, Op.CALL, 5, None, None, None, []],
+    "a callee that exits": [1, Op.CALL, 6, None, None, None, []],
+}
+
+
+def _serving_link() -> Link:
+    link = Link("peer")
+    link.export(_Held())  # 1
+    link.export_class(_Held)  # 2
+    link.export(tuple)  # 3: a result that needs the codec
+    link.export(lambda: 1 / 0)  # 4
+    link.export(lambda: next(iter(())))  # 5
+    link.export(lambda: exit(3))  # 6
+    return link
+
+
+@pytest.mark.parametrize("case", sorted(SERVED_BY_THE_LINK))
+def test_what_the_c_path_hands_back_is_encoded_as_the_python_path_encodes_it(case):
+    frame = msgpack.packb(SERVED_BY_THE_LINK[case], use_bin_type=True)
+    answers = []
+    for plain in (True, False):
+        link = _serving_link()
+        saved = link_module.plain_serve_call
+        if not plain:
+            link_module.plain_serve_call = frames._no_plain_frame
+        try:
+            decoded = decode_frame(link.codec, link.dispatch(frame))
+        finally:
+            link_module.plain_serve_call = saved
+        answers.append((decoded[0], type(decoded[1]), str(decoded[1]), bool(decoded[0] == Kind.ERROR and decoded[2])))
+    assert answers[0] == answers[1]
+
+
+def test_serve_call_answers():
+    objects = {1: [lambda *a, **k: [list(a), k], 1], 2: [lambda: (1,), 1], 3: [lambda: 1 / 0, 1]}
+    call = msgpack.packb([1, Op.CALL, 1, None, [1, "x"], {"k": 2}, []], use_bin_type=True)
+    assert plain_serve_call(call, objects, NO_KWARGS, [], NO_LIMIT) == msgpack.packb([2, [[1, "x"], {"k": 2}], []])
+    # Releases waiting: the result, for the link to send with them.
+    assert plain_serve_call(call, objects, NO_KWARGS, [object()], NO_LIMIT) == ([[1, "x"], {"k": 2}],)
+    # Not plain: the result, for the codec.
+    assert plain_serve_call(msgpack.packb([1, 5, 2, None, None, None, []]), objects, NO_KWARGS, [], NO_LIMIT) == ((1,),)
+    with pytest.raises(ZeroDivisionError):
+        plain_serve_call(msgpack.packb([1, 5, 3, None, None, None, []]), objects, NO_KWARGS, [], NO_LIMIT)
+    # Not a held handle, another op, or no objects given: the fields, nothing run.
+    for frame, objs in (
+        ([1, 5, 9, None, None, None, []], objects),
+        ([1, 6, 1, "m", None, None, []], objects),
+        ([1, 5, 1, None, None, None, []], None),
+    ):
+        parts = plain_serve_call(msgpack.packb(frame), objs, NO_KWARGS, [], NO_LIMIT)
+        assert parts == plain_call_parts(msgpack.packb(frame), NO_KWARGS) and len(parts) == 5
+    for case in sorted(HOSTILE):
+        served = plain_serve_call(HOSTILE[case], {}, NO_KWARGS, [], NO_LIMIT)
+        assert served is None or (len(served) == 5 and type(_python_path(HOSTILE[case])) is list)

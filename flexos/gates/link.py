@@ -72,9 +72,9 @@ from flexos.wire.frames import (
     frame_kind,
     import_answer,
     plain_call_frame,
-    plain_call_parts,
     plain_reply_frame,
     plain_reply_value,
+    plain_serve_call,
 )
 from flexos.wire.operators import FUNCTIONS
 
@@ -319,21 +319,22 @@ class Link:
         """
         codec = self.codec
         imports = self.imports
-        parts = plain_call_parts(data, NO_KWARGS)
-        if parts is not None:  # all plain, and valid as decode_frame would have it
-            op, target, name, args, kwargs = parts
-            try:
-                # _execute's first case, without its frame (a str target is no key: _execute refuses it)
-                entry = self._exported.get(target) if op == _OP_CALL and self._plain_execute else None  # type: ignore[arg-type]
-                if entry is not None:
-                    result = entry[0](*args, **kwargs) if kwargs else entry[0](*args)
-                else:
-                    result = self._execute(op, target, name, args, kwargs)
+        try:
+            # A plain CALL frame (all plain values, valid as decode_frame would have it): of a handle
+            # we exported, called and answered in C as _execute's first case does (bytes); else
+            # its result to encode, or its fields for _execute. None: the Python path below.
+            served = plain_serve_call(
+                data, self._exported if self._plain_execute else None, NO_KWARGS, imports.dying, codec.raw_limit
+            )
+            if served is not None:
+                if type(served) is bytes:
+                    return served
+                result = served[0] if len(served) == 1 else self._execute(*served)
                 releases = imports.take_releases() if imports.dying else _NO_RELEASES
                 reply = plain_reply_frame(result, releases, codec.raw_limit)
                 return reply if reply is not None else encode_reply(codec, result, releases)
-            except BaseException as exc:  # everything, including SystemExit, belongs to the caller
-                return encode_error(codec, exc, imports.take_releases(), with_traceback=type(exc) is not StopIteration)
+        except BaseException as exc:  # everything, including SystemExit, belongs to the caller
+            return encode_error(codec, exc, imports.take_releases(), with_traceback=type(exc) is not StopIteration)
         try:
             call = decode_frame(codec, data)
         except ReplyTooLarge:  # its buffers are over the bound: refused whole, as the transport

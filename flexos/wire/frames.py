@@ -230,12 +230,15 @@ if hasattr(encoding, "call_frame"):
     plain_call_parts: Callable[[bytes, dict[str, Any]], tuple[int, int | str, str | None, Any, Any] | None] = (
         encoding.call_parts
     )
+    # serve_call(frame, objects, no_kwargs, dying, raw_limit): Link.dispatch's common case (see there).
+    plain_serve_call: Callable[[bytes, Any, dict[str, Any], Any, int], Any] = encoding.serve_call
 else:  # msgpack-python, where flexos._msgpack was not built: every frame takes the path above
     NOT_PLAIN = object()
     plain_call_frame = _no_plain_frame
     plain_reply_frame = _no_plain_frame
     plain_reply_value = _no_plain_value
     plain_call_parts = _no_plain_frame
+    plain_serve_call = _no_plain_frame
 NO_KWARGS = _NO_KWARGS
 _TARGETS = frozenset({int, str})
 _NAMES = frozenset({str, type(None)})
