@@ -37,12 +37,17 @@ typedef struct {
 
 /* -- encoding ------------------------------------------------------------------------------ */
 
-static int
+static int grow(Buffer *buf, Py_ssize_t extra);
+
+static inline int
 reserve(Buffer *buf, Py_ssize_t extra)
 {
-    if (buf->len + extra <= buf->cap) {
-        return 0;
-    }
+    return buf->len + extra <= buf->cap ? 0 : grow(buf, extra);
+}
+
+static int
+grow(Buffer *buf, Py_ssize_t extra)
+{
     Py_ssize_t cap = buf->cap ? buf->cap : 256;
     while (cap < buf->len + extra) {
         cap *= 2;
@@ -57,7 +62,7 @@ reserve(Buffer *buf, Py_ssize_t extra)
     return 0;
 }
 
-static int
+static inline int
 put(Buffer *buf, const void *bytes, Py_ssize_t n)
 {
     if (reserve(buf, n) < 0) {
@@ -80,9 +85,13 @@ put_be(Buffer *buf, unsigned char type, uint64_t value, int n)
     return put(buf, out, n + 1);
 }
 
-static int
+static inline int
 put_byte(Buffer *buf, unsigned char byte)
 {
+    if (buf->len < buf->cap) { /* the common case: no call */
+        buf->data[buf->len++] = (char)byte;
+        return 0;
+    }
     return put(buf, &byte, 1);
 }
 
@@ -779,6 +788,14 @@ pack_plain(ModuleState *state, Buffer *buf, PyObject *obj, Py_ssize_t raw_limit,
     if (type == &PyBytes_Type) {
         Py_ssize_t n = PyBytes_GET_SIZE(obj);
         return n >= raw_limit ? 1 : pack_raw(buf, PyBytes_AS_STRING(obj), n, 0);
+    }
+#if PY_VERSION_HEX >= 0x030C0000
+    if (type == &PyLong_Type && PyUnstable_Long_IsCompact((PyLongObject *)obj)) { /* no overflow check needed */
+        return pack_signed(buf, (long long)PyUnstable_Long_CompactValue((PyLongObject *)obj));
+    }
+#endif
+    if (type == &PyUnicode_Type && PyUnicode_IS_COMPACT_ASCII(obj)) { /* its UTF-8 is its data */
+        return pack_raw(buf, (const char *)PyUnicode_DATA(obj), PyUnicode_GET_LENGTH(obj), 1);
     }
     if (obj == Py_None || type == &PyBool_Type || type == &PyLong_Type || type == &PyFloat_Type ||
         type == &PyUnicode_Type) {
