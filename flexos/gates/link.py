@@ -171,6 +171,18 @@ class Link:
         if frame is None:  # not all plain: the codec's own path (references, extension types, graphs)
             frame = encode_call(codec, op, target, name, args, kwargs, releases)
         channel = self._inline
+        if channel is not None and self.bulk is None:
+            # The peer runs on our own stack: no channel to keep, no deadline, and its calls back
+            # are recursion (a CALL frame as its answer is malformed: _answer refuses it).
+            try:
+                reply = channel.exchange(frame)
+                value = plain_reply_value(reply)
+                if value is not NOT_PLAIN:
+                    return value
+                result = decode_frame(codec, reply)
+            except (PeerGone, ReplyTooLarge) as failure:
+                raise self._failed(failure, op, target, name, None) from None
+            return self._answer(result)
         outermost = False
         timeout = self.timeout
         deadline = None  # an inline peer runs on our own stack: nothing to time out
@@ -196,33 +208,14 @@ class Link:
             if value is not NOT_PLAIN:
                 healthy = True
                 return value
-            while frame_kind(reply) == Kind.CALL:  # the peer calls back mid-call
+            while self._inline is None and frame_kind(reply) == Kind.CALL:  # the peer calls back mid-call
                 reply = channel.exchange(self.dispatch(reply), deadline)
                 if bulk is not None:
                     bulk.received(len(reply))
             result = decode_frame(codec, reply)
             healthy = True
-        except PeerGone:
-            self.closed = True
-            ended = self.closed_error()
-            if isinstance(ended, CompartmentCrashed):
-                held = self.imports.peek(target) if isinstance(target, int) else None
-                what = None if held is None else f"a {type(held).__qualname__}"
-                ended.add_note(f"the call it was serving: {describe_call(op, target, name, what)}")
-            raise ended from None
-        except CallTimeout:
-            self.closed = True
-            self._transport.abort()
-            ended = self.closed_error()
-            raise CompartmentCrashed(
-                self.peer,
-                getattr(ended, "returncode", None),
-                f"no answer within its timeout of {timeout} s, so it was ended",
-            ) from None
-        except ChannelClosed:
-            raise ProtocolError(f"compartment {self.peer!r} dropped the call without answering") from None
-        except ReplyTooLarge as refused:
-            raise ReplyTooLarge(f"compartment {self.peer!r}: {refused}") from None
+        except (PeerGone, CallTimeout, ChannelClosed, ReplyTooLarge) as failure:
+            raise self._failed(failure, op, target, name, timeout) from None
         finally:
             if bulk is not None and not healthy:
                 bulk.received()  # what this call lent is not waited for any more
@@ -233,6 +226,32 @@ class Link:
                 else:  # state unknown after an error mid-exchange: never reuse the channel
                     channel.close()
         return self._answer(result)
+
+    def _failed(
+        self, failure: BaseException, op: int, target: int | str, name: str | None, timeout: float | None
+    ) -> BaseException:
+        """What a call raises when its exchange failed with ``failure`` (PeerGone, CallTimeout,
+        ChannelClosed or ReplyTooLarge)."""
+        if isinstance(failure, PeerGone):
+            self.closed = True
+            ended = self.closed_error()
+            if isinstance(ended, CompartmentCrashed):
+                held = self.imports.peek(target) if isinstance(target, int) else None
+                what = None if held is None else f"a {type(held).__qualname__}"
+                ended.add_note(f"the call it was serving: {describe_call(op, target, name, what)}")
+            return ended
+        if isinstance(failure, CallTimeout):
+            self.closed = True
+            self._transport.abort()
+            ended = self.closed_error()
+            return CompartmentCrashed(
+                self.peer,
+                getattr(ended, "returncode", None),
+                f"no answer within its timeout of {timeout} s, so it was ended",
+            )
+        if isinstance(failure, ChannelClosed):
+            return ProtocolError(f"compartment {self.peer!r} dropped the call without answering")
+        return ReplyTooLarge(f"compartment {self.peer!r}: {failure}")
 
     def _answer(self, result: list[Any]) -> Any:
         """What a call returns (or raises) for the peer's decoded answer frame ``result``."""
