@@ -17,9 +17,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flexos.errors import ProtocolError
+from flexos.errors import FlexosError, ProtocolError
 from flexos.gates import link as link_module
 from flexos.gates.link import Link
+from flexos.transports import PeerGone, ReplyTooLarge
+from flexos.transports.loopback import LoopbackTransport
 from flexos.wire import frames
 from flexos.wire.codec import Codec
 from flexos.wire.frames import (
@@ -429,3 +431,49 @@ def test_serve_call_answers():
     for case in sorted(HOSTILE):
         served = plain_serve_call(HOSTILE[case], {}, NO_KWARGS, [], NO_LIMIT)
         assert served is None or (len(served) == 5 and type(_python_path(HOSTILE[case])) is list)
+
+
+# -- the caller's side: what an inline peer answers -----------------------------------------------
+def _calling_link(answer: Any) -> Link:
+    """A link whose inline peer answers every frame with ``answer(frame)``."""
+    link = Link("peer")
+    link.attach(LoopbackTransport(lambda frame, deferred=None: answer(frame)))
+    return link
+
+
+def test_an_inline_peers_plain_reply_is_the_calls_value():
+    sent: list[bytes] = []
+    link = _calling_link(lambda frame: sent.append(frame) or msgpack.packb([2, {"v": [1, 2.5]}, []]))
+    assert link.call(Op.CALL, 7, None, (1, "x")) == {"v": [1, 2.5]}
+    assert sent == [_reference_call(Op.CALL, 7, None, (1, "x"), None, [])]
+
+
+def test_an_inline_peer_answering_with_a_call_frame_is_refused_not_served():
+    served: list[bytes] = []
+    link = _calling_link(lambda frame: msgpack.packb([1, Op.CALL, 1, None, None, None, []]))
+    link.dispatch = lambda data, deferred=None: served.append(data) or b""  # type: ignore[method-assign]
+    with pytest.raises(ProtocolError, match="call frame"):
+        link.call(Op.CALL, 7)
+    assert served == []
+
+
+def test_an_inline_peers_malformed_or_oversized_answer_is_refused():
+    for answer in (b"\x93\x02\xc1\x90", b"\x93\x02\xdd\xff\xff\xff\xff\x90", b""):
+        with pytest.raises(ProtocolError):
+            _calling_link(lambda frame, answer=answer: answer).call(Op.CALL, 7)
+
+    def too_large(frame: bytes) -> bytes:
+        raise ReplyTooLarge("over the bound")
+
+    with pytest.raises(ReplyTooLarge, match="compartment 'peer': over the bound"):
+        _calling_link(too_large).call(Op.CALL, 7)
+
+
+def test_an_inline_peer_gone_closes_the_link():
+    def gone(frame: bytes) -> bytes:
+        raise PeerGone("ended")
+
+    link = _calling_link(gone)
+    with pytest.raises(FlexosError, match="loopback peer closed"):  # what the transport says the death is
+        link.call(Op.CALL, 7)
+    assert link.closed
