@@ -33,6 +33,7 @@ typedef struct {
     PyObject *not_plain;              /* NOT_PLAIN: reply_value's "take the Python path" */
     PyObject *no_releases;            /* an empty list, never given out */
     Buffer frame;                     /* the hot path's frame buffer */
+    int frame_busy;                   /* it is being filled */
 } ModuleState;
 
 /* -- encoding ------------------------------------------------------------------------------ */
@@ -811,6 +812,10 @@ static PyObject *
 plain_items(ModuleState *state, PyObject *const *items, Py_ssize_t n, PyObject *spread, Py_ssize_t spread_at,
             Py_ssize_t raw_limit)
 {
+    if (state->frame_busy) { /* re-entered (a finalizer run by an allocation here): the Python path */
+        Py_RETURN_NONE;
+    }
+    state->frame_busy = 1;
     Buffer *buf = &state->frame;
     buf->len = 0;
     int rc = put_byte(buf, (unsigned char)(0x90 | n));
@@ -833,7 +838,11 @@ plain_items(ModuleState *state, PyObject *const *items, Py_ssize_t n, PyObject *
         buf->data = NULL;
         buf->cap = 0;
     }
-    if (rc == 1) {
+    state->frame_busy = 0;
+    /* Not plain, or too large for msgpack (ValueError, which the codec's packer answers with its
+       graph retry and its own error): the Python path decides. */
+    if (rc == 1 || (rc < 0 && PyErr_ExceptionMatches(PyExc_ValueError))) {
+        PyErr_Clear();
         Py_RETURN_NONE;
     }
     return result;
