@@ -20,25 +20,35 @@
 #define NEST_LIMIT 511
 
 typedef struct {
-    PyObject *ext_type; /* msgpack.ext.ExtType of this interpreter */
-    PyTypeObject *packer_type;
-    PyObject *kw_ext_hook, *kw_strict_map_key, *kw_raw; /* interned: keywords match by identity */
-} ModuleState;
-
-/* -- encoding ------------------------------------------------------------------------------ */
-
-typedef struct {
     char *data;
     Py_ssize_t len;
     Py_ssize_t cap;
 } Buffer;
 
-static int
+typedef struct {
+    PyObject *ext_type; /* msgpack.ext.ExtType of this interpreter */
+    PyTypeObject *packer_type;
+    PyObject *kw_ext_hook, *kw_strict_map_key, *kw_raw; /* interned: keywords match by identity */
+    PyObject *kind_call, *kind_reply; /* the frame kinds, 1 and 2 */
+    PyObject *not_plain;              /* NOT_PLAIN: reply_value's "take the Python path" */
+    PyObject *no_releases;            /* an empty list, never given out */
+    Buffer frame;                     /* the hot path's frame buffer */
+    int frame_busy;                   /* it is being filled */
+} ModuleState;
+
+/* -- encoding ------------------------------------------------------------------------------ */
+
+static int grow(Buffer *buf, Py_ssize_t extra);
+
+static inline int
 reserve(Buffer *buf, Py_ssize_t extra)
 {
-    if (buf->len + extra <= buf->cap) {
-        return 0;
-    }
+    return buf->len + extra <= buf->cap ? 0 : grow(buf, extra);
+}
+
+static int
+grow(Buffer *buf, Py_ssize_t extra)
+{
     Py_ssize_t cap = buf->cap ? buf->cap : 256;
     while (cap < buf->len + extra) {
         cap *= 2;
@@ -53,7 +63,7 @@ reserve(Buffer *buf, Py_ssize_t extra)
     return 0;
 }
 
-static int
+static inline int
 put(Buffer *buf, const void *bytes, Py_ssize_t n)
 {
     if (reserve(buf, n) < 0) {
@@ -76,9 +86,13 @@ put_be(Buffer *buf, unsigned char type, uint64_t value, int n)
     return put(buf, out, n + 1);
 }
 
-static int
+static inline int
 put_byte(Buffer *buf, unsigned char byte)
 {
+    if (buf->len < buf->cap) { /* the common case: no call */
+        buf->data[buf->len++] = (char)byte;
+        return 0;
+    }
     return put(buf, &byte, 1);
 }
 
@@ -495,6 +509,7 @@ typedef struct {
     const unsigned char *end;
     PyObject *ext_hook;
     ModuleState *state;
+    int plain_only; /* an extension value is refused (the hot path's decoders) */
 } Reader;
 
 static int
@@ -561,6 +576,10 @@ static PyObject *
 unpack_ext(Reader *r, Py_ssize_t n)
 {
     if (need(r, n + 1) < 0) {
+        return NULL;
+    }
+    if (r->plain_only) {
+        PyErr_SetString(PyExc_ValueError, "not a plain value");
         return NULL;
     }
     int code = (int8_t)*r->p++;
@@ -700,7 +719,7 @@ unpackb(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwn
     if (PyObject_GetBuffer(args[0], &data, PyBUF_SIMPLE) < 0) {
         return NULL;
     }
-    Reader reader = {data.buf, (const unsigned char *)data.buf + data.len, ext_hook, state};
+    Reader reader = {data.buf, (const unsigned char *)data.buf + data.len, ext_hook, state, 0};
     PyObject *result = unpack_object(&reader, 0);
     if (result != NULL && reader.p != reader.end) {
         Py_CLEAR(result);
@@ -710,11 +729,393 @@ unpackb(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwn
     return result;
 }
 
+/* -- the gate's hot path: frames of plain values ------------------------------------------
+ *
+ * A gate call of the common shape (a few arguments of builtin types, a handle target, no
+ * releases) costs more in the Python that builds and takes apart its frames than in msgpack. These
+ * functions do that in C for frames whose values are all *plain*: None, bool, int within 64 bits,
+ * float, str that UTF-8 can hold, bytes below the lending threshold, and lists and dicts of them,
+ * at most PLAIN_DEPTH deep. For such values the Python path never calls its `default` hook (or its
+ * ext_hook, when decoding), so its bytes and its decisions are exactly these. Anything else is
+ * not refused here: the functions answer "not plain" (None, or NOT_PLAIN) and the caller takes
+ * the Python path, which makes the decision (and raises the error) it always made. */
+
+#define PLAIN_DEPTH 16
+
+static const Hooks no_hooks = {NULL, NULL, 0};
+
+/* 0 packed, 1 not plain (nothing is promised about `buf` then), -1 error. */
+static int
+pack_plain(ModuleState *state, Buffer *buf, PyObject *obj, Py_ssize_t raw_limit, int depth)
+{
+    PyTypeObject *type = Py_TYPE(obj);
+    if (type == &PyList_Type) {
+        if (depth >= PLAIN_DEPTH) {
+            return 1;
+        }
+        Py_ssize_t n = PyList_GET_SIZE(obj);
+        int rc = put_length(buf, n, 0x90, 16, 0, 0xdc, 0xdd);
+        for (Py_ssize_t i = 0; rc == 0 && i < n; i++) {
+            if (i >= PyList_GET_SIZE(obj)) {
+                return 1; /* changed under us (a GC callback): the Python path decides */
+            }
+            PyObject *item = Py_NewRef(PyList_GET_ITEM(obj, i));
+            rc = pack_plain(state, buf, item, raw_limit, depth + 1);
+            Py_DECREF(item);
+        }
+        return rc;
+    }
+    if (type == &PyDict_Type) {
+        if (depth >= PLAIN_DEPTH) {
+            return 1;
+        }
+        Py_ssize_t n = PyDict_GET_SIZE(obj);
+        int rc = put_length(buf, n, 0x80, 16, 0, 0xde, 0xdf);
+        PyObject *key, *value;
+        Py_ssize_t pos = 0, seen = 0;
+        while (rc == 0 && PyDict_Next(obj, &pos, &key, &value)) {
+            Py_INCREF(key);
+            Py_INCREF(value);
+            rc = pack_plain(state, buf, key, raw_limit, depth + 1);
+            if (rc == 0) {
+                rc = pack_plain(state, buf, value, raw_limit, depth + 1);
+            }
+            Py_DECREF(key);
+            Py_DECREF(value);
+            seen++;
+        }
+        return rc == 0 && (seen != n || PyDict_GET_SIZE(obj) != n) ? 1 : rc;
+    }
+    if (type == &PyBytes_Type) {
+        Py_ssize_t n = PyBytes_GET_SIZE(obj);
+        return n >= raw_limit ? 1 : pack_raw(buf, PyBytes_AS_STRING(obj), n, 0);
+    }
+#if PY_VERSION_HEX >= 0x030C0000
+    if (type == &PyLong_Type && PyUnstable_Long_IsCompact((PyLongObject *)obj)) { /* no overflow check needed */
+        return pack_signed(buf, (long long)PyUnstable_Long_CompactValue((PyLongObject *)obj));
+    }
+#endif
+    if (type == &PyUnicode_Type && PyUnicode_IS_COMPACT_ASCII(obj)) { /* its UTF-8 is its data */
+        return pack_raw(buf, (const char *)PyUnicode_DATA(obj), PyUnicode_GET_LENGTH(obj), 1);
+    }
+    if (obj == Py_None || type == &PyBool_Type || type == &PyLong_Type || type == &PyFloat_Type ||
+        type == &PyUnicode_Type) {
+        return pack_native(state, buf, obj, &no_hooks, depth);
+    }
+    return 1;
+}
+
+/* Packs frame items into the module's frame buffer (plain packing runs no Python code, so it is
+ * never re-entered): bytes, None if an item is not plain, NULL on error. `spread`, if not NULL,
+ * is a non-empty tuple packed, as a list, in place of item `spread_at`. */
+static PyObject *
+plain_items(ModuleState *state, PyObject *const *items, Py_ssize_t n, PyObject *spread, Py_ssize_t spread_at,
+            Py_ssize_t raw_limit)
+{
+    if (state->frame_busy) { /* re-entered (a finalizer run by an allocation here): the Python path */
+        Py_RETURN_NONE;
+    }
+    state->frame_busy = 1;
+    Buffer *buf = &state->frame;
+    buf->len = 0;
+    int rc = put_byte(buf, (unsigned char)(0x90 | n));
+    for (Py_ssize_t i = 0; rc == 0 && i < n; i++) {
+        if (spread != NULL && i == spread_at) {
+            Py_ssize_t count = PyTuple_GET_SIZE(spread);
+            rc = put_length(buf, count, 0x90, 16, 0, 0xdc, 0xdd);
+            for (Py_ssize_t j = 0; rc == 0 && j < count; j++) {
+                rc = pack_plain(state, buf, PyTuple_GET_ITEM(spread, j), raw_limit, 2);
+            }
+        }
+        else {
+            rc = pack_plain(state, buf, items[i], raw_limit, 1);
+        }
+    }
+    PyObject *result = rc == 0 ? PyBytes_FromStringAndSize(buf->data, buf->len) : NULL;
+    buf->len = 0;
+    if (buf->cap > (1 << 16)) { /* do not pin a large buffer */
+        PyMem_Free(buf->data);
+        buf->data = NULL;
+        buf->cap = 0;
+    }
+    state->frame_busy = 0;
+    /* Not plain, or too large for msgpack (ValueError, which the codec's packer answers with its
+       graph retry and its own error): the Python path decides. */
+    if (rc == 1 || (rc < 0 && PyErr_ExceptionMatches(PyExc_ValueError))) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    return result;
+}
+
+static int
+raw_limit_of(PyObject *obj, Py_ssize_t *limit)
+{
+    *limit = PyLong_AsSsize_t(obj);
+    return *limit == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* call_frame(op, target, name, args, kwargs, releases, raw_limit) -> bytes | None: the CALL frame
+ * frames.encode_call makes, [1, op, target, name, list(args) or nil, kwargs or nil, releases], if
+ * it holds only plain values; `args` a tuple or list, `kwargs` a dict or None. */
+static PyObject *
+call_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7) {
+        return PyErr_Format(PyExc_TypeError, "call_frame() takes 7 arguments");
+    }
+    Py_ssize_t raw_limit;
+    if (raw_limit_of(args[6], &raw_limit) < 0) {
+        return NULL;
+    }
+    PyObject *call_args = args[3], *kwargs = args[4], *spread = NULL;
+    ModuleState *state = PyModule_GetState(module);
+    PyObject *items[7] = {state->kind_call, args[0], args[1], args[2], Py_None, Py_None, args[5]};
+    if (PyTuple_CheckExact(call_args)) {
+        spread = PyTuple_GET_SIZE(call_args) ? call_args : NULL;
+    }
+    else if (PyList_CheckExact(call_args)) {
+        items[4] = PyList_GET_SIZE(call_args) ? call_args : Py_None;
+    }
+    else {
+        Py_RETURN_NONE; /* any other iterable: the Python path makes its list */
+    }
+    if (PyDict_CheckExact(kwargs)) {
+        items[5] = PyDict_GET_SIZE(kwargs) ? kwargs : Py_None;
+    }
+    else if (kwargs != Py_None) {
+        Py_RETURN_NONE;
+    }
+    return plain_items(state, items, 7, spread, 4, raw_limit);
+}
+
+/* reply_frame(value, releases, raw_limit) -> bytes | None: frames.encode_reply's REPLY frame,
+ * if it holds only plain values. */
+static PyObject *
+reply_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        return PyErr_Format(PyExc_TypeError, "reply_frame() takes 3 arguments");
+    }
+    Py_ssize_t raw_limit;
+    if (raw_limit_of(args[2], &raw_limit) < 0) {
+        return NULL;
+    }
+    ModuleState *state = PyModule_GetState(module);
+    PyObject *items[3] = {state->kind_reply, args[0], args[1]};
+    return plain_items(state, items, 3, NULL, 0, raw_limit);
+}
+
+/* reply_value(frame) -> value | NOT_PLAIN: the value of a REPLY frame [2, value, []] whose value
+ * is plain, as frames.decode_frame returns it; NOT_PLAIN for any other frame, malformed ones
+ * included (decode_frame then refuses them, as it always did). */
+static PyObject *
+reply_value(PyObject *module, PyObject *frame)
+{
+    ModuleState *state = PyModule_GetState(module);
+    if (!PyBytes_CheckExact(frame)) {
+        return Py_NewRef(state->not_plain);
+    }
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(frame);
+    Py_ssize_t n = PyBytes_GET_SIZE(frame);
+    if (n < 4 || data[0] != 0x93 || data[1] != 0x02 || data[n - 1] != 0x90) {
+        return Py_NewRef(state->not_plain);
+    }
+    Reader reader = {data + 2, data + n - 1, NULL, state, 1};
+    PyObject *value = unpack_object(&reader, 1);
+    if (value == NULL || reader.p != reader.end) {
+        Py_XDECREF(value);
+        PyErr_Clear(); /* any failure: decode_frame decides, and raises what it raises */
+        return Py_NewRef(state->not_plain);
+    }
+    return value;
+}
+
+/* The fields of a CALL frame [1, op, target, name, args, kwargs, []] of plain values that
+ * frames.decode_frame would accept, as it gives them (absent args as (), absent kwargs as
+ * `no_kwargs`), into `fields` (new references): 0; 1 for any other frame, malformed ones included
+ * (nothing is set then, and no error). */
+static int
+decode_call(ModuleState *state, PyObject *frame, PyObject *no_kwargs, PyObject **fields, long *op_out)
+{
+    if (!PyBytes_CheckExact(frame)) {
+        return 1;
+    }
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(frame);
+    Py_ssize_t n = PyBytes_GET_SIZE(frame);
+    if (n < 8 || data[0] != 0x97 || data[1] != 0x01 || data[n - 1] != 0x90) {
+        return 1;
+    }
+    Reader reader = {data + 2, data + n - 1, NULL, state, 1};
+    for (int i = 0; i < 5; i++) {
+        fields[i] = NULL;
+    }
+    for (int i = 0; i < 5; i++) {
+        fields[i] = unpack_object(&reader, 1);
+        if (fields[i] == NULL) {
+            goto not_plain;
+        }
+    }
+    if (reader.p != reader.end) {
+        goto not_plain;
+    }
+    PyObject *op = fields[0], *target = fields[1], *name = fields[2], *call_args = fields[3], *kwargs = fields[4];
+    if (!PyLong_CheckExact(op)) {
+        goto not_plain;
+    }
+    long op_value = PyLong_AsLong(op);
+    if (op_value < 1 || op_value > 10 || !(PyLong_CheckExact(target) || PyUnicode_CheckExact(target)) ||
+        !(name == Py_None || PyUnicode_CheckExact(name))) {
+        goto not_plain;
+    }
+    if (call_args == Py_None) {
+        Py_SETREF(fields[3], PyTuple_New(0));
+        if (fields[3] == NULL) {
+            goto not_plain;
+        }
+    }
+    else if (!PyList_CheckExact(call_args)) {
+        goto not_plain;
+    }
+    if (kwargs == Py_None) {
+        Py_SETREF(fields[4], Py_NewRef(no_kwargs));
+    }
+    else if (PyDict_CheckExact(kwargs)) {
+        PyObject *key, *value;
+        Py_ssize_t pos = 0;
+        while (PyDict_Next(kwargs, &pos, &key, &value)) {
+            if (!PyUnicode_CheckExact(key)) {
+                goto not_plain;
+            }
+        }
+    }
+    else {
+        goto not_plain;
+    }
+    *op_out = op_value;
+    return 0;
+not_plain:
+    for (int i = 0; i < 5; i++) {
+        Py_CLEAR(fields[i]);
+    }
+    PyErr_Clear(); /* any failure: decode_frame decides, and raises what it raises */
+    return 1;
+}
+
+static PyObject *
+parts_tuple(PyObject **fields)
+{
+    PyObject *parts = PyTuple_New(5);
+    for (int i = 0; i < 5; i++) {
+        if (parts != NULL) {
+            PyTuple_SET_ITEM(parts, i, fields[i]);
+        }
+        else {
+            Py_DECREF(fields[i]);
+        }
+    }
+    return parts;
+}
+
+/* call_parts(frame, no_kwargs) -> (op, target, name, args, kwargs) | None: decode_call's fields. */
+static PyObject *
+call_parts(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        return PyErr_Format(PyExc_TypeError, "call_parts() takes 2 arguments");
+    }
+    PyObject *fields[5];
+    long op;
+    if (decode_call(PyModule_GetState(module), args[0], args[1], fields, &op)) {
+        Py_RETURN_NONE;
+    }
+    return parts_tuple(fields);
+}
+
+/* serve_call(frame, objects, no_kwargs, dying, raw_limit): Link.dispatch's common case. For a plain
+ * CALL frame (decode_call) of op CALL naming a handle in `objects` (handle -> [object, count]),
+ * calls the object as Link._execute does, obj(*args, **kwargs), and answers its REPLY frame
+ * (bytes); or (result,) when that is not plain, or releases wait in `dying`, for the caller to
+ * encode; the object's exception propagates. For another plain CALL frame: its fields, as
+ * call_parts (nothing was run); None for any frame that is not plain (nothing was run). `objects`
+ * None: never call, give the fields. */
+static PyObject *
+serve_call(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        return PyErr_Format(PyExc_TypeError, "serve_call() takes 5 arguments");
+    }
+    Py_ssize_t raw_limit;
+    if (raw_limit_of(args[4], &raw_limit) < 0) {
+        return NULL;
+    }
+    ModuleState *state = PyModule_GetState(module);
+    PyObject *fields[5], *objects = args[1];
+    long op;
+    if (decode_call(state, args[0], args[2], fields, &op)) {
+        Py_RETURN_NONE;
+    }
+    PyObject *entry = NULL;
+    if (op == 5 && PyLong_CheckExact(fields[1]) && PyDict_CheckExact(objects)) {
+        entry = PyDict_GetItemWithError(objects, fields[1]); /* borrowed; an int's hash runs no code */
+        if (entry == NULL && PyErr_Occurred()) {
+            PyErr_Clear();
+        }
+    }
+    if (entry == NULL || !PyList_CheckExact(entry) || PyList_GET_SIZE(entry) < 1) {
+        return parts_tuple(fields); /* Link._execute decides */
+    }
+    PyObject *callee = Py_NewRef(PyList_GET_ITEM(entry, 0));
+    PyObject *call_args = fields[3], *kwargs = fields[4];
+    PyObject *arg_tuple = PyTuple_CheckExact(call_args) ? Py_NewRef(call_args) : PyList_AsTuple(call_args);
+    PyObject *result = NULL;
+    if (arg_tuple != NULL) {
+        result = PyObject_Call(callee, arg_tuple, PyDict_GET_SIZE(kwargs) ? kwargs : NULL);
+        Py_DECREF(arg_tuple);
+    }
+    Py_DECREF(callee);
+    for (int i = 0; i < 5; i++) {
+        Py_DECREF(fields[i]);
+    }
+    if (result == NULL) {
+        return NULL;
+    }
+    Py_ssize_t waiting = PyObject_Size(args[3]);
+    if (waiting < 0) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    PyObject *reply = NULL;
+    if (waiting == 0) {
+        PyObject *items[3] = {state->kind_reply, result, state->no_releases};
+        reply = plain_items(state, items, 3, NULL, 0, raw_limit);
+        if (reply == NULL) {
+            Py_DECREF(result);
+            return NULL;
+        }
+    }
+    if (reply == NULL || reply == Py_None) {
+        Py_XDECREF(reply);
+        reply = PyTuple_Pack(1, result);
+    }
+    Py_DECREF(result);
+    return reply;
+}
+
 /* -- module -------------------------------------------------------------------------------- */
 
 static PyMethodDef methods[] = {
     {"packb", (PyCFunction)(void (*)(void))packb, METH_VARARGS | METH_KEYWORDS, "packb(o, *, default) -> bytes"},
     {"unpackb", (PyCFunction)(void (*)(void))unpackb, METH_FASTCALL | METH_KEYWORDS, "unpackb(packed, *, ext_hook)"},
+    {"call_frame", (PyCFunction)(void (*)(void))call_frame, METH_FASTCALL,
+     "call_frame(op, target, name, args, kwargs, releases, raw_limit) -> bytes | None"},
+    {"reply_frame", (PyCFunction)(void (*)(void))reply_frame, METH_FASTCALL,
+     "reply_frame(value, releases, raw_limit) -> bytes | None"},
+    {"reply_value", reply_value, METH_O, "reply_value(frame) -> value | NOT_PLAIN"},
+    {"call_parts", (PyCFunction)(void (*)(void))call_parts, METH_FASTCALL,
+     "call_parts(frame, no_kwargs) -> (op, target, name, args, kwargs) | None"},
+    {"serve_call", (PyCFunction)(void (*)(void))serve_call, METH_FASTCALL,
+     "serve_call(frame, objects, no_kwargs, dying, raw_limit) -> bytes | (result,) | fields | None"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -735,7 +1136,15 @@ module_exec(PyObject *module)
     state->kw_ext_hook = PyUnicode_InternFromString("ext_hook");
     state->kw_strict_map_key = PyUnicode_InternFromString("strict_map_key");
     state->kw_raw = PyUnicode_InternFromString("raw");
-    if (state->packer_type == NULL || !state->kw_ext_hook || !state->kw_strict_map_key || !state->kw_raw) {
+    state->kind_call = PyLong_FromLong(1);
+    state->kind_reply = PyLong_FromLong(2);
+    state->not_plain = PyObject_CallNoArgs((PyObject *)&PyBaseObject_Type);
+    state->no_releases = PyList_New(0);
+    if (state->packer_type == NULL || !state->kw_ext_hook || !state->kw_strict_map_key || !state->kw_raw ||
+        !state->kind_call || !state->kind_reply || !state->not_plain || !state->no_releases) {
+        return -1;
+    }
+    if (PyModule_AddObjectRef(module, "NOT_PLAIN", state->not_plain) < 0) {
         return -1;
     }
     if (PyModule_AddObjectRef(module, "Packer", (PyObject *)state->packer_type) < 0 ||
@@ -754,6 +1163,10 @@ module_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(state->kw_ext_hook);
     Py_VISIT(state->kw_strict_map_key);
     Py_VISIT(state->kw_raw);
+    Py_VISIT(state->kind_call);
+    Py_VISIT(state->kind_reply);
+    Py_VISIT(state->not_plain);
+    Py_VISIT(state->no_releases);
     return 0;
 }
 
@@ -766,6 +1179,13 @@ module_clear(PyObject *module)
     Py_CLEAR(state->kw_ext_hook);
     Py_CLEAR(state->kw_strict_map_key);
     Py_CLEAR(state->kw_raw);
+    Py_CLEAR(state->kind_call);
+    Py_CLEAR(state->kind_reply);
+    Py_CLEAR(state->not_plain);
+    Py_CLEAR(state->no_releases);
+    PyMem_Free(state->frame.data);
+    state->frame.data = NULL;
+    state->frame.cap = 0;
     return 0;
 }
 

@@ -58,6 +58,8 @@ from flexos.wire.frames import (
     ERROR_RELEASES,
     ERROR_TRACEBACK,
     KIND,
+    NO_KWARGS,
+    NOT_PLAIN,
     REPLY_RELEASES,
     REPLY_VALUE,
     Kind,
@@ -70,11 +72,16 @@ from flexos.wire.frames import (
     encode_reply,
     frame_kind,
     import_answer,
+    plain_call_frame,
+    plain_reply_frame,
+    plain_reply_value,
+    plain_serve_call,
 )
 from flexos.wire.operators import FUNCTIONS
 
 _NO_RELEASES: Releases = []  # shared: never appended to
 _SET_CAUSE = BaseException.__dict__["__cause__"].__set__  # never a property a peer's class defines
+_OP_CALL = Op.CALL
 # Mutable containers that an instance of an app's subclass holds as attributes: the app reads them
 # by reference (a live view), since its methods are the instance's and mutate its state in place.
 _LIVE_STATE = frozenset({list, dict, set})
@@ -118,6 +125,7 @@ class Link:
         self.app_side = app_side
         self.codec = Codec(self, trusted_peer=peer_is_app, containers_as_copies=app_side)
         self.exports = ExportTable(f"compartment {peer!r}", None if peer_is_app else MAX_HANDLES)
+        self._exported = self.exports.objects  # handle -> [object, count], read on every call served
         self.imports = ImportTable()
         policy = APP_POLICY if peer_is_app else COMPARTMENT_POLICY
         self._readable, self._writable, self._private_methods = policy
@@ -142,6 +150,8 @@ class Link:
         self._local = threading.local()
         self._inline: Channel | None = None
         self.bulk: BulkPort | None = None  # large buffers beside the frames (a process compartment and the app)
+        # dispatch() runs a plain CALL itself, as _execute would; False once _execute is wrapped (stats).
+        self._plain_execute = True
         if not peer_is_app and stats.enabled():  # the app's side counts (flexos run --stats)
             stats.instrument(self)
 
@@ -161,11 +171,27 @@ class Link:
         if self.closed:
             raise self.closed_error()
         imports = self.imports
-        frame = encode_call(
-            self.codec, op, target, name, args, kwargs, imports.take_releases() if imports.dying else _NO_RELEASES
-        )
+        codec = self.codec
+        releases = imports.take_releases() if imports.dying else _NO_RELEASES
+        frame = plain_call_frame(op, target, name, args, kwargs, releases, codec.raw_limit)
+        if frame is None:  # not all plain: the codec's own path (references, extension types, graphs)
+            frame = encode_call(codec, op, target, name, args, kwargs, releases)
         channel = self._inline
+        if channel is not None and self.bulk is None:
+            # The peer runs on our own stack: no channel to keep, no deadline, and its calls back
+            # are recursion (a CALL frame as its answer is malformed: _answer refuses it).
+            try:
+                reply = channel.exchange(frame)
+                value = plain_reply_value(reply)
+                if value is not NOT_PLAIN:
+                    return value
+                result = decode_frame(codec, reply)
+            except (PeerGone, ReplyTooLarge) as failure:
+                raise self._failed(failure, op, target, name, None) from None
+            return self._answer(result)
         outermost = False
+        timeout = self.timeout
+        deadline = None  # an inline peer runs on our own stack: nothing to time out
         if channel is None:
             local = self._local
             channel = getattr(local, "channel", None)
@@ -176,40 +202,26 @@ class Link:
                 except IndexError:
                     channel = self._transport.open_channel()
                 local.channel = channel
+            if timeout is not None:  # one deadline for the whole call: every fragment and callback shares it
+                deadline = time.monotonic() + timeout
         healthy = False
-        timeout = self.timeout
-        # One deadline for the whole call: every fragment and every callback exchange shares it.
-        deadline = None if timeout is None else time.monotonic() + timeout
         bulk = self.bulk
         try:
             reply = channel.exchange(frame, deadline)
             if bulk is not None:
                 bulk.received(len(reply))
+            value = plain_reply_value(reply)
+            if value is not NOT_PLAIN:
+                healthy = True
+                return value
             while self._inline is None and frame_kind(reply) == Kind.CALL:  # the peer calls back mid-call
                 reply = channel.exchange(self.dispatch(reply), deadline)
                 if bulk is not None:
                     bulk.received(len(reply))
-            result = decode_frame(self.codec, reply)
+            result = decode_frame(codec, reply)
             healthy = True
-        except PeerGone:
-            self.closed = True
-            ended = self.closed_error()
-            if isinstance(ended, CompartmentCrashed):
-                ended.add_note(f"the call it was serving: {self._running(op, target, name)}")
-            raise ended from None
-        except CallTimeout:
-            self.closed = True
-            self._transport.abort()
-            ended = self.closed_error()
-            raise CompartmentCrashed(
-                self.peer,
-                getattr(ended, "returncode", None),
-                f"no answer within its timeout of {timeout} s, so it was ended",
-            ) from None
-        except ChannelClosed:
-            raise ProtocolError(f"compartment {self.peer!r} dropped the call without answering") from None
-        except ReplyTooLarge as refused:
-            raise ReplyTooLarge(f"compartment {self.peer!r}: {refused}") from None
+        except (PeerGone, CallTimeout, ChannelClosed, ReplyTooLarge) as failure:
+            raise self._failed(failure, op, target, name, timeout) from None
         finally:
             if bulk is not None and not healthy:
                 bulk.received()  # what this call lent is not waited for any more
@@ -219,6 +231,34 @@ class Link:
                     self._free.append(channel)
                 else:  # state unknown after an error mid-exchange: never reuse the channel
                     channel.close()
+        return self._answer(result)
+
+    def _failed(
+        self, failure: BaseException, op: int, target: int | str, name: str | None, timeout: float | None
+    ) -> BaseException:
+        """What a call raises when its exchange failed with ``failure`` (PeerGone, CallTimeout,
+        ChannelClosed or ReplyTooLarge)."""
+        if isinstance(failure, PeerGone):
+            self.closed = True
+            ended = self.closed_error()
+            if isinstance(ended, CompartmentCrashed):
+                ended.add_note(f"the call it was serving: {self._running(op, target, name)}")
+            return ended
+        if isinstance(failure, CallTimeout):
+            self.closed = True
+            self._transport.abort()
+            ended = self.closed_error()
+            return CompartmentCrashed(
+                self.peer,
+                getattr(ended, "returncode", None),
+                f"no answer within its timeout of {timeout} s, so it was ended",
+            )
+        if isinstance(failure, ChannelClosed):
+            return ProtocolError(f"compartment {self.peer!r} dropped the call without answering")
+        return ReplyTooLarge(f"compartment {self.peer!r}: {failure}")
+
+    def _answer(self, result: list[Any]) -> Any:
+        """What a call returns (or raises) for the peer's decoded answer frame ``result``."""
         kind = result[KIND]
         if kind == Kind.REPLY:
             if result[REPLY_RELEASES]:
@@ -317,6 +357,22 @@ class Link:
         """
         codec = self.codec
         imports = self.imports
+        try:
+            # A plain CALL frame (all plain values, valid as decode_frame would have it): of a handle
+            # we exported, called and answered in C as _execute's first case does (bytes); else
+            # its result to encode, or its fields for _execute. None: the Python path below.
+            served = plain_serve_call(
+                data, self._exported if self._plain_execute else None, NO_KWARGS, imports.dying, codec.raw_limit
+            )
+            if served is not None:
+                if type(served) is bytes:
+                    return served
+                result = served[0] if len(served) == 1 else self._execute(*served)
+                releases = imports.take_releases() if imports.dying else _NO_RELEASES
+                reply = plain_reply_frame(result, releases, codec.raw_limit)
+                return reply if reply is not None else encode_reply(codec, result, releases)
+        except BaseException as exc:  # everything, including SystemExit, belongs to the caller
+            return encode_error(codec, exc, imports.take_releases(), with_traceback=type(exc) is not StopIteration)
         try:
             call = decode_frame(codec, data)
         except ReplyTooLarge:  # its buffers are over the bound: refused whole, as the transport

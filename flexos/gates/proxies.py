@@ -584,6 +584,7 @@ _LOCAL_MODULE_ATTRS = frozenset(
 # Remote types whose instances a module proxy binds as by-name ModuleFunctions (a ModuleFunction
 # too: the app relaying to its own gate, which itself rebinds after a restart).
 _FUNCTION_TYPES = frozenset({"function", "builtin_function_or_method", "cython_function_or_method", "ModuleFunction"})
+_OP_CALL = Op.CALL  # read on every call of a module function
 
 
 class ModuleFunction:
@@ -610,7 +611,7 @@ class ModuleFunction:
             if not isinstance(found, RemoteObject):  # the app's own function, set on the module
                 return found(*args, **kwargs)
             function = self._flexos_bound = found
-        return function._flexos_link.call(Op.CALL, function._flexos_handle, None, args, kwargs)
+        return function._flexos_link.call(_OP_CALL, function._flexos_handle, None, args, kwargs)
 
     def __get__(self, obj: Any, owner: Any = None) -> Any:
         """Bind as a method, as a function does (a library's function set on an app class)."""

@@ -392,5 +392,6 @@ def instrument(link: Link) -> None:
     link.call = call  # type: ignore[method-assign]
     link.dispatch = dispatch  # type: ignore[method-assign]
     link._execute = execute  # type: ignore[method-assign]
+    link._plain_execute = False  # every call the peer makes goes through execute, to be labelled
     link.serve = serve  # type: ignore[method-assign]
     link.attach = attach  # type: ignore[method-assign]

@@ -20,6 +20,7 @@ import builtins
 import inspect
 import itertools
 import struct
+import sys
 import threading
 import types
 from collections import OrderedDict
@@ -562,6 +563,8 @@ class Codec:
         self.ext_hook = self._ext_hook
         self._encoding = encoding  # for packing: lend_buffers needs flexos._msgpack
         self._lending: dict[str, Any] = {}
+        # Bytes this long or longer are lent, so the hot path (frames.plain_call_frame) leaves them to the packer.
+        self.raw_limit = sys.maxsize
         self._pool: list[_Packing] = []
         self._kinds: dict[type, int] = {}
         self._values: dict[type, Callable[[Any], Any]] = {}  # builtin subclass -> its exact builtin value
@@ -580,12 +583,14 @@ class Codec:
 
         self._encoding = _msgpack
         self._lending = {"lend": lambda buffer: msgpack.ExtType(Ext.LOAN, lend(buffer)), "lend_threshold": threshold}
+        self.raw_limit = threshold
         self._pool.clear()
 
     def stop_lending(self) -> None:
         """Copy every buffer into the frame again (the lender is gone, e.g. after a fork)."""
         self._encoding = encoding
         self._lending = {}
+        self.raw_limit = sys.maxsize
         self._pool.clear()
 
     # -- exceptions that go out and come back ------------------------------------------------

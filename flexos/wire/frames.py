@@ -22,6 +22,7 @@ decoded frame is the validated msgpack list itself: no per-frame object on the h
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -217,5 +218,41 @@ def _check_releases(releases: Any) -> None:
 
 
 _NO_KWARGS: dict[str, Any] = {}
+
+
+# -- the hot path ---------------------------------------------------------------------------------
+# Frames whose values are all plain (None, bool, int within 64 bits, float, str, bytes below the
+# codec's lending threshold, lists and dicts of them) are built and read in C (flexos._msgpack):
+# byte for byte what encode_call / encode_reply make, and exactly what decode_frame accepts and
+# returns for them. Any other frame, malformed ones included, gets None (NOT_PLAIN from
+# plain_reply_value), and the caller takes the functions above, which decide as they always did.
+def _no_plain_frame(*fields: Any) -> None:
+    return None
+
+
+def _no_plain_value(data: bytes) -> Any:
+    return NOT_PLAIN
+
+
+if hasattr(encoding, "call_frame"):
+    NOT_PLAIN: Any = encoding.NOT_PLAIN
+    plain_call_frame: Callable[[int, int | str, str | None, Any, Any, Releases, int], bytes | None] = (
+        encoding.call_frame
+    )
+    plain_reply_frame: Callable[[Any, Releases, int], bytes | None] = encoding.reply_frame
+    plain_reply_value: Callable[[bytes], Any] = encoding.reply_value
+    plain_call_parts: Callable[[bytes, dict[str, Any]], tuple[int, int | str, str | None, Any, Any] | None] = (
+        encoding.call_parts
+    )
+    # serve_call(frame, objects, no_kwargs, dying, raw_limit): Link.dispatch's common case (see there).
+    plain_serve_call: Callable[[bytes, Any, dict[str, Any], Any, int], Any] = encoding.serve_call
+else:  # msgpack-python, where flexos._msgpack was not built: every frame takes the path above
+    NOT_PLAIN = object()
+    plain_call_frame = _no_plain_frame
+    plain_reply_frame = _no_plain_frame
+    plain_reply_value = _no_plain_value
+    plain_call_parts = _no_plain_frame
+    plain_serve_call = _no_plain_frame
+NO_KWARGS = _NO_KWARGS
 _TARGETS = frozenset({int, str})
 _NAMES = frozenset({str, type(None)})
