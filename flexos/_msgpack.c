@@ -964,7 +964,8 @@ decode_call(ModuleState *state, PyObject *frame, PyObject *no_kwargs, PyObject *
         goto not_plain;
     }
     long op_value = PyLong_AsLong(op);
-    if (op_value < 1 || op_value > 10 || !(PyLong_CheckExact(target) || PyUnicode_CheckExact(target)) ||
+    /* Op.IMPORT .. Op.UNPICKLE, as flexos/wire/frames.py's _OPS */
+    if (op_value < 1 || op_value > 11 || !(PyLong_CheckExact(target) || PyUnicode_CheckExact(target)) ||
         !(name == Py_None || PyUnicode_CheckExact(name))) {
         goto not_plain;
     }
