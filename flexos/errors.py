@@ -17,11 +17,9 @@ Every error that crosses from flexos into an app is a ``flexos.FlexosError``. Th
     ├── PeerGone                  (flexos.transports) the peer is dead      ┐ a transport's signals to
     ├── CallTimeout               (flexos.transports) no answer in time     │ its link, which raises
     ├── ChannelClosed             (flexos.transports) one channel dropped   ┘ the errors above instead
+    ├── RemoteTraceback           the __cause__ of an exception from a compartment: where it was raised there
     ├── BenchmarkFailed           (flexos.explore.engines) flexos explore's benchmark failed
     └── TraceError                (flexos.trace.runs) no run to learn from, or a record flexos cannot read
-
-    Exception
-    └── RemoteTraceback           where an exception arriving from a compartment was raised there
 
     UserWarning
     └── ConfigWarning             (flexos.config) a flexos.yaml is valid but likely not what was meant
@@ -123,14 +121,14 @@ _SHOWN_AS_ESCAPES = {
 }
 
 
-class RemoteTraceback(Exception):
+class RemoteTraceback(FlexosError):
     """Where an exception that arrives from a compartment was raised there: its traceback in that
     compartment, as text. flexos sets it as the ``__cause__`` of the exception the caller receives
     (as ``concurrent.futures`` does for a worker process's exception), so a traceback shows both
     sides while the exception's own ``__notes__`` stay exactly the library's.
 
-    Not a FlexosError: it reports no failure of flexos. The text is the compartment's to write;
-    control characters other than newlines and tabs are escaped before it is shown.
+    flexos never raises it. The text is the compartment's to write; control characters other
+    than newlines and tabs are escaped before it is shown.
     """
 
     def __init__(self, compartment: str, text: str) -> None:

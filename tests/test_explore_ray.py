@@ -204,9 +204,17 @@ def scenario_interrupt_and_kill(cluster: Any, out: Path) -> dict[str, Any]:
     results = out / "explore"
     before = len(replay_log())
     command = [str(FLEXOS), "explore", str(flagged), "--budget", str(BUDGET), "--out", str(results)]
+
+    def runs_ended() -> int:  # by the benchmark's record, or the exploration's own cache (both stream)
+        try:
+            logged = sum(e["event"] == "end" for e in replay_log()[before:])
+        except json.JSONDecodeError:  # a line being written
+            logged = 0
+        cache = results / "cache.jsonl"
+        return max(logged, len(cache.read_text().splitlines()) if cache.exists() else 0)
+
     interrupted, terminal = on_a_terminal(
-        [*command, "--engine", "ray", "--address", cluster.address],
-        lambda: sum(e["event"] == "end" for e in replay_log()[before:]) >= INTERRUPT_AFTER,
+        [*command, "--engine", "ray", "--address", cluster.address], lambda: runs_ended() >= INTERRUPT_AFTER
     )
     cached = [json.loads(line) for line in (results / "cache.jsonl").read_text().splitlines()]
     middle = len(replay_log())

@@ -604,9 +604,10 @@ def test_a_remote_error_prints_the_apps_frames_then_the_compartments_once(tmp_pa
     assert app[1:3] == ["Traceback (most recent call last):", '  File "remote.py", line 3, in <module>']
     assert app[-1].startswith("json.decoder.JSONDecodeError: Expecting property name")
     assert done.stderr.count("raised in compartment") == 1
-    assert remote[1:3] == [  # it starts at the library's frame, not the gate's dispatcher
+    assert remote[1:4] == [  # it starts at the library's frame, not the gate's dispatcher
+        "",
         "Traceback (most recent call last):",
-        f'  File "{Path(json_module_file()).parent / "__init__.py"}", line {remote[2].rsplit("line ", 1)[1]}',
+        f'  File "{Path(json_module_file()).parent / "__init__.py"}", line {remote[3].rsplit("line ", 1)[1]}',
     ]
 
 
