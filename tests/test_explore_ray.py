@@ -166,11 +166,23 @@ def scenario_sqlite(address: str, out: Path) -> dict[str, Any]:
     }
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def on_a_terminal(command: list[str], stop_when: Callable[[], bool]) -> tuple[int, str]:
     """Run ``command`` with stderr on a terminal (a pty), sending it SIGINT (Ctrl-C) once
     ``stop_when()`` holds; its return code and what the terminal showed."""
     primary, secondary = pty.openpty()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=secondary, stdin=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=secondary,
+        stdin=subprocess.DEVNULL,
+        # Ctrl-C works as on a terminal even where the suite runs with SIGINT ignored (a background
+        # job), which its children would inherit, and Python would then not install its handler.
+        preexec_fn=_default_sigint,
+    )
     os.close(secondary)
     shown: list[bytes] = []
 
