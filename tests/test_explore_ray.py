@@ -217,13 +217,11 @@ def scenario_interrupt_and_kill(cluster: Any, out: Path) -> dict[str, Any]:
     before = len(replay_log())
     command = [str(FLEXOS), "explore", str(flagged), "--budget", str(BUDGET), "--out", str(results)]
 
-    def runs_ended() -> int:  # by the benchmark's record, or the exploration's own cache (both stream)
+    def runs_ended() -> int:  # by the benchmark's own record
         try:
-            logged = sum(e["event"] == "end" for e in replay_log()[before:])
+            return sum(e["event"] == "end" for e in replay_log()[before:])
         except json.JSONDecodeError:  # a line being written
-            logged = 0
-        cache = results / "cache.jsonl"
-        return max(logged, len(cache.read_text().splitlines()) if cache.exists() else 0)
+            return 0
 
     interrupted, terminal = on_a_terminal(
         [*command, "--engine", "ray", "--address", cluster.address], lambda: runs_ended() >= INTERRUPT_AFTER
