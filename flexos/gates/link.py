@@ -81,7 +81,6 @@ from flexos.wire.operators import FUNCTIONS
 
 _NO_RELEASES: Releases = []  # shared: never appended to
 _SET_CAUSE = BaseException.__dict__["__cause__"].__set__  # never a property a peer's class defines
-_OP_CALL = Op.CALL
 # Mutable containers that an instance of an app's subclass holds as attributes: the app reads them
 # by reference (a live view), since its methods are the instance's and mutate its state in place.
 _LIVE_STATE = frozenset({list, dict, set})
@@ -588,14 +587,13 @@ class Link:
         builtin = getattr(cls, "_flexos_value", None)
         if builtin is not type(value):
             raise ProtocolError("value reference names a class that is no subclass of the value's type")
-        if builtin is dict or builtin is list:
-            if not self.peer_is_app:
-                raise ProtocolError(f"compartment {self.peer!r} sent a container copy: only the app's cross as copies")
-            proxy = self.imports.lookup_or_create_value(handle, lambda: new_value_proxy(cls, self, handle, value))
-            if isinstance(proxy, builtin):  # (not a proxy made when it crossed by reference)
-                refill_container(proxy, value)  # the contents as they are now, each time it crosses
-            return proxy
-        return self.imports.lookup_or_create_value(handle, lambda: new_value_proxy(cls, self, handle, value))
+        container = builtin is dict or builtin is list
+        if container and not self.peer_is_app:
+            raise ProtocolError(f"compartment {self.peer!r} sent a container copy: only the app's cross as copies")
+        proxy = self.imports.lookup_or_create_value(handle, lambda: new_value_proxy(cls, self, handle, value))
+        if container and isinstance(proxy, builtin):  # (not a proxy made when it crossed by reference)
+            refill_container(proxy, value)  # the contents as they are now, each time it crosses
+        return proxy
 
     def proxy_class(self, handle: int, module: str, qualname: str) -> type:
         """A class value from the peer: a mirror, whose calls run in the peer. Only an exception
