@@ -88,3 +88,10 @@ def test_the_tree_in_the_errors_docstring_names_every_class() -> None:
         assert line, f"{cls.__module__}.{name} is not drawn in flexos/errors.py's docstring"
         if cls.__module__ != "flexos.errors":
             assert f"({cls.__module__})" in line.group(), f"the tree should say {name} lives in {cls.__module__}"
+
+
+def test_a_remote_traceback_shows_the_compartments_control_characters_as_escapes():
+    """The compartment writes the text: a terminal must not act on what it sends (clear the screen,
+    reorder what is shown), nor is a newline or tab of a traceback lost."""
+    text = str(errors.RemoteTraceback("box", "Traceback\n\tline\x1b[2J\x07\u202eevil\x9b"))
+    assert text == "raised in compartment 'box':\n\nTraceback\n\tline\\x1b[2J\\x07\\u202eevil\\x9b"
