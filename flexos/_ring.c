@@ -18,6 +18,11 @@
  *       CLOSED (1: the peer closed its side), GONE (2: the watch fd fired), or AGAIN (3: the
  *       timeout passed, or a signal came; the caller checks its deadline and calls again).
  *       Our flag is clear whenever it returns.
+ *   route(...) once, then exchange(frame, seq, expected, budget_ns, park_ms) -> bytes | int
+ *       a whole round trip of one side: publish, wake the peer if it sleeps, then spin (if no
+ *       other thread of the process spins) or park, and take a one-fragment reply within the
+ *       fast limit. What is left to decide (a miss, a slow spin, fragments, a closed or dead
+ *       peer) comes back as an outcome for shm.py's policy; the frame is then not taken.
  *
  * Every offset is checked against the buffer, so a wrong one raises instead of touching memory
  * outside the mapping. The layout itself (what lives at which offset) is shm.py's.
@@ -41,7 +46,7 @@
 #endif
 
 enum { ARRIVED = 0, CLOSED = 1, GONE = 2, AGAIN = 3 };
-enum { MISSED = -1, NEEDS_CPU = -2 };
+enum { MISSED = -1, NEEDS_CPU = -2, NOT_SPUN = -3, PARKED_AGAIN = -4, PEER_CLOSED = -5, PEER_GONE = -6 };
 
 /* A gap this long between two looks at the clock while spinning means we did not run. */
 #define PREEMPTED_NS 20000
@@ -50,7 +55,17 @@ typedef struct {
     PyObject_HEAD
     Py_buffer view;
     int held;
+    /* One side's route through the channel, set once by route(): what exchange() uses. */
+    int routed;
+    char *out_payload, *out_hdr, *in_payload, *in_hdr, *peer_sleep, *my_sleep, *peer_closed;
+    Py_ssize_t capacity, fast_limit;
+    int peer_efd, my_efd, watch_fd;
+    short watch_events;
 } Ring;
+
+/* Threads of this process spinning right now, in any interpreter. A spinning thread holds its
+ * GIL, so a second spinner would only keep the first from seeing its reply: one spins at a time. */
+static int spinners = 0;
 
 static uint64_t now_ns(void) {
     struct timespec ts;
@@ -126,6 +141,24 @@ static void ring_dealloc(Ring *self) {
     Py_DECREF(type);
 }
 
+/* Poll the u64 at `word` until it is `value`, up to `budget` ns: the ns it took, MISSED or NEEDS_CPU. */
+static long long spin_for(uint64_t *word, uint64_t value, uint64_t budget) {
+    uint64_t start = now_ns(), last = start;
+    int preempted = 0;
+    for (;;) {
+        for (int i = 0; i < 16; i++) {
+            if (__atomic_load_n(word, __ATOMIC_ACQUIRE) == value)
+                return (long long)(now_ns() - start);
+            CPU_RELAX();
+        }
+        uint64_t now = now_ns();
+        preempted |= now - last > PREEMPTED_NS;
+        last = now;
+        if (now - start > budget)
+            return preempted ? NEEDS_CPU : MISSED;
+    }
+}
+
 static PyObject *ring_publish(Ring *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_ssize_t a[6];
     if (ssize_args(args, nargs, 6, a, 1 << 1) < 0) /* argument 1 is the frame */
@@ -160,22 +193,52 @@ static PyObject *ring_spin(Ring *self, PyObject *const *args, Py_ssize_t nargs) 
     char *word = at(self, a[0], 8, 8);
     if (!word)
         return NULL;
-    uint64_t value = (uint64_t)a[1];
-    uint64_t start = now_ns(), last = start, budget = a[2] > 0 ? (uint64_t)a[2] : 0;
-    int preempted = 0;
-    for (;;) {
-        for (int i = 0; i < 16; i++) {
-            if (__atomic_load_n((uint64_t *)word, __ATOMIC_ACQUIRE) == value)
-                return PyLong_FromUnsignedLongLong(now_ns() - start);
-            CPU_RELAX();
+    return PyLong_FromLongLong(spin_for((uint64_t *)word, (uint64_t)a[1], a[2] > 0 ? (uint64_t)a[2] : 0));
+}
+
+/* The sleeping side of the Dekker handshake (park() above): ARRIVED, CLOSED, GONE or AGAIN, or
+ * -1 with an exception set. Our flag is clear whenever it returns. */
+static int park_once(Ring *self, uint32_t *sleep_flag, uint64_t *word, uint64_t value, uint32_t *closed, int efd,
+                     int watch_fd, short watch_events, int timeout_ms) {
+    __atomic_store_n(sleep_flag, 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* our flag before the peer's sequence number (Dekker) */
+    int status;
+    if (__atomic_load_n(word, __ATOMIC_ACQUIRE) == value) {
+        status = ARRIVED;
+    } else if (__atomic_load_n(closed, __ATOMIC_ACQUIRE)) {
+        status = CLOSED;
+    } else {
+        struct pollfd fds[2] = {{.fd = efd, .events = POLLIN}, {.fd = watch_fd, .events = watch_events}};
+        int ready, error;
+        Py_BEGIN_ALLOW_THREADS
+        ready = poll(fds, 2, timeout_ms);
+        error = errno;
+        if (ready > 0 && fds[0].revents & POLLIN) {
+            uint64_t count;
+            ssize_t got = read(fds[0].fd, &count, sizeof count); /* non-blocking: a race may have drained it */
+            (void)got;
         }
-        uint64_t now = now_ns();
-        preempted |= now - last > PREEMPTED_NS;
-        last = now;
-        if (now - start > budget)
-            break;
+        Py_END_ALLOW_THREADS
+        if (!self->held) /* released (its channel closed) while we slept: the memory may be gone */
+            return GONE;
+        if (ready < 0 && error != EINTR) {
+            __atomic_store_n(sleep_flag, 0, __ATOMIC_RELAXED);
+            errno = error;
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        if (ready > 0 && (fds[1].revents || fds[0].revents & POLLNVAL)) {
+            status = GONE;
+        } else if (__atomic_load_n(word, __ATOMIC_ACQUIRE) == value) {
+            status = ARRIVED;
+        } else {
+            status = AGAIN;
+        }
     }
-    return PyLong_FromLong(preempted ? NEEDS_CPU : MISSED);
+    __atomic_store_n(sleep_flag, 0, __ATOMIC_RELAXED);
+    if (status == AGAIN && PyErr_CheckSignals() < 0)
+        return -1; /* a signal handler raised (KeyboardInterrupt): the wait ends with it */
+    return status;
 }
 
 static PyObject *ring_park(Ring *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -187,46 +250,108 @@ static PyObject *ring_park(Ring *self, PyObject *const *args, Py_ssize_t nargs) 
     char *closed = word ? at(self, a[3], 4, 4) : NULL;
     if (!closed)
         return NULL;
-    uint64_t value = (uint64_t)a[2];
-    uint32_t *sleep_flag = (uint32_t *)mine;
-    __atomic_store_n(sleep_flag, 1, __ATOMIC_RELAXED);
-    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* our flag before the peer's sequence number (Dekker) */
-    int status;
-    if (__atomic_load_n((uint64_t *)word, __ATOMIC_ACQUIRE) == value) {
-        status = ARRIVED;
-    } else if (__atomic_load_n((uint32_t *)closed, __ATOMIC_ACQUIRE)) {
-        status = CLOSED;
-    } else {
-        struct pollfd fds[2] = {{.fd = (int)a[4], .events = POLLIN}, {.fd = (int)a[5], .events = (short)a[6]}};
-        int ready, error;
-        Py_BEGIN_ALLOW_THREADS
-        ready = poll(fds, 2, (int)a[7]);
-        error = errno;
-        if (ready > 0 && fds[0].revents & POLLIN) {
-            uint64_t count;
-            ssize_t got = read(fds[0].fd, &count, sizeof count); /* non-blocking: a race may have drained it */
-            (void)got;
-        }
-        Py_END_ALLOW_THREADS
-        if (!self->held) /* released (its channel closed) while we slept: the memory may be gone */
-            return PyLong_FromLong(GONE);
-        if (ready < 0 && error != EINTR) {
-            __atomic_store_n(sleep_flag, 0, __ATOMIC_RELAXED);
-            errno = error;
-            return PyErr_SetFromErrno(PyExc_OSError);
-        }
-        if (ready > 0 && (fds[1].revents || fds[0].revents & POLLNVAL)) {
-            status = GONE;
-        } else if (__atomic_load_n((uint64_t *)word, __ATOMIC_ACQUIRE) == value) {
-            status = ARRIVED;
+    int status = park_once(self, (uint32_t *)mine, (uint64_t *)word, (uint64_t)a[2], (uint32_t *)closed, (int)a[4],
+                           (int)a[5], (short)a[6], (int)a[7]);
+    return status < 0 ? NULL : PyLong_FromLong(status);
+}
+
+static PyObject *ring_route(Ring *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_ssize_t a[13];
+    if (ssize_args(args, nargs, 13, a, 0) < 0)
+        return NULL;
+    if (self->routed) {
+        PyErr_SetString(PyExc_TypeError, "a Ring is routed once");
+        return NULL;
+    }
+    Py_ssize_t capacity = a[12], fast_limit = a[11];
+    char *out_payload = at(self, a[0], capacity, 1), *out_hdr = out_payload ? at(self, a[1], 24, 8) : NULL;
+    char *in_payload = out_hdr ? at(self, a[2], capacity, 1) : NULL, *in_hdr = in_payload ? at(self, a[3], 24, 8) : NULL;
+    char *peer_sleep = in_hdr ? at(self, a[4], 4, 4) : NULL, *my_sleep = peer_sleep ? at(self, a[5], 4, 4) : NULL;
+    char *peer_closed = my_sleep ? at(self, a[6], 4, 4) : NULL;
+    if (!peer_closed)
+        return NULL;
+    if (fast_limit < 0 || fast_limit > capacity || capacity > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "the fast limit must be within the capacity");
+        return NULL;
+    }
+    self->out_payload = out_payload, self->out_hdr = out_hdr, self->in_payload = in_payload, self->in_hdr = in_hdr;
+    self->peer_sleep = peer_sleep, self->my_sleep = my_sleep, self->peer_closed = peer_closed;
+    self->peer_efd = (int)a[7], self->my_efd = (int)a[8], self->watch_fd = (int)a[9], self->watch_events = (short)a[10];
+    self->fast_limit = fast_limit, self->capacity = capacity;
+    self->routed = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *ring_exchange(Ring *self, PyObject *const *args, Py_ssize_t nargs) {
+    Py_ssize_t a[5];
+    if (ssize_args(args, nargs, 5, a, 1) < 0) /* argument 0 is the frame */
+        return NULL;
+    if (!self->routed || !self->held) {
+        PyErr_SetString(PyExc_ValueError, self->held ? "the ring has no route" : "the ring's memory was released");
+        return NULL;
+    }
+    Py_buffer frame;
+    if (PyObject_GetBuffer(args[0], &frame, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (frame.len > self->capacity || a[1] < 0 || a[2] < 0) {
+        PyBuffer_Release(&frame);
+        PyErr_SetString(PyExc_ValueError, "frame over the capacity, or sequence number out of range");
+        return NULL;
+    }
+    memcpy(self->out_payload, frame.buf, (size_t)frame.len);
+    __atomic_store_n((uint32_t *)self->out_hdr, (uint32_t)frame.len, __ATOMIC_RELAXED);
+    __atomic_store_n((uint32_t *)(self->out_hdr + 4), 0u, __ATOMIC_RELAXED);
+    __atomic_store_n((uint64_t *)(self->out_hdr + 8), (uint64_t)a[1], __ATOMIC_RELEASE);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* the store above before the load below (Dekker) */
+    PyBuffer_Release(&frame);
+    if (__atomic_load_n((uint32_t *)self->peer_sleep, __ATOMIC_RELAXED)) {
+        uint64_t one = 1; /* EAGAIN: the peer saturated its counter, so its poll() returns anyway */
+        ssize_t wrote = write(self->peer_efd, &one, sizeof one);
+        (void)wrote;
+    }
+    uint64_t *word = (uint64_t *)(self->in_hdr + 8), expected = (uint64_t)a[2];
+    long long took = 0;
+    if (__atomic_load_n(word, __ATOMIC_ACQUIRE) != expected) {
+        if (a[3] > 0 && __atomic_load_n(&spinners, __ATOMIC_RELAXED) == 0) {
+            __atomic_add_fetch(&spinners, 1, __ATOMIC_RELAXED);
+            took = spin_for(word, expected, (uint64_t)a[3]);
+            __atomic_sub_fetch(&spinners, 1, __ATOMIC_RELAXED);
+            if (took < 0 || took > a[3] / 2) /* empty-handed, or it took most of the budget: the caller decides */
+                return PyLong_FromLongLong(took);
+        } else if (a[4] > 0) {
+            int status = park_once(self, (uint32_t *)self->my_sleep, word, expected, (uint32_t *)self->peer_closed,
+                                   self->my_efd, self->watch_fd, self->watch_events, (int)a[4]);
+            if (status < 0)
+                return NULL;
+            if (status != ARRIVED)
+                return PyLong_FromLong(status == CLOSED ? PEER_CLOSED : status == GONE ? PEER_GONE : PARKED_AGAIN);
         } else {
-            status = AGAIN;
+            return PyLong_FromLong(NOT_SPUN);
         }
     }
-    __atomic_store_n(sleep_flag, 0, __ATOMIC_RELAXED);
-    if (status == AGAIN && PyErr_CheckSignals() < 0)
-        return NULL; /* a signal handler raised (KeyboardInterrupt): the wait ends with it */
-    return PyLong_FromLong(status);
+    uint32_t len = __atomic_load_n((uint32_t *)self->in_hdr, __ATOMIC_RELAXED);
+    uint32_t flags = __atomic_load_n((uint32_t *)(self->in_hdr + 4), __ATOMIC_RELAXED);
+    if (flags || len > (uint64_t)self->fast_limit) /* fragments, a corrupt header, or over the bound */
+        return PyLong_FromLongLong(took);
+    PyObject *reply = PyBytes_FromStringAndSize(self->in_payload, (Py_ssize_t)len);
+    if (reply) /* picked up: tells a spinning peer we run */
+        __atomic_store_n((uint64_t *)(self->in_hdr + 16), expected, __ATOMIC_RELEASE);
+    return reply;
+}
+
+static PyObject *module_spinners(PyObject *module, PyObject *unused) {
+    return PyLong_FromLong(__atomic_load_n(&spinners, __ATOMIC_RELAXED));
+}
+
+static PyObject *module_hold_spin(PyObject *module, PyObject *arg) {
+    long delta = PyLong_AsLong(arg);
+    if (delta == -1 && PyErr_Occurred())
+        return NULL;
+    if (delta != 1 && delta != -1) {
+        PyErr_SetString(PyExc_ValueError, "hold_spin takes 1 (a spin starts) or -1 (it ended)");
+        return NULL;
+    }
+    return PyLong_FromLong(__atomic_add_fetch(&spinners, (int)delta, __ATOMIC_RELAXED));
 }
 
 static PyMethodDef ring_methods[] = {
@@ -236,6 +361,11 @@ static PyMethodDef ring_methods[] = {
      "spin(offset, value, budget_ns) -> ns it took, MISSED or NEEDS_CPU"},
     {"park", (PyCFunction)(void (*)(void))ring_park, METH_FASTCALL,
      "park(sleep_off, offset, value, closed_off, efd, watch_fd, watch_events, timeout_ms) -> status"},
+    {"route", (PyCFunction)(void (*)(void))ring_route, METH_FASTCALL,
+     "route(out_payload, out_hdr, in_payload, in_hdr, peer_sleep, my_sleep, peer_closed, peer_efd, my_efd, "
+     "watch_fd, watch_events, fast_limit, capacity): this side's offsets and fds, once"},
+    {"exchange", (PyCFunction)(void (*)(void))ring_exchange, METH_FASTCALL,
+     "exchange(frame, seq, expected, budget_ns, park_ms) -> the reply, or an outcome"},
     {"release", (PyCFunction)ring_release, METH_NOARGS, "release the ring's hold on its memory"},
     {NULL, NULL, 0, NULL},
 };
@@ -266,7 +396,11 @@ static int ring_exec(PyObject *module) {
         return -1;
     if (PyModule_AddIntConstant(module, "ARRIVED", ARRIVED) < 0 || PyModule_AddIntConstant(module, "CLOSED", CLOSED) < 0 ||
         PyModule_AddIntConstant(module, "GONE", GONE) < 0 || PyModule_AddIntConstant(module, "AGAIN", AGAIN) < 0 ||
-        PyModule_AddIntConstant(module, "MISSED", MISSED) < 0 || PyModule_AddIntConstant(module, "NEEDS_CPU", NEEDS_CPU) < 0)
+        PyModule_AddIntConstant(module, "MISSED", MISSED) < 0 || PyModule_AddIntConstant(module, "NEEDS_CPU", NEEDS_CPU) < 0 ||
+        PyModule_AddIntConstant(module, "NOT_SPUN", NOT_SPUN) < 0 ||
+        PyModule_AddIntConstant(module, "PARKED_AGAIN", PARKED_AGAIN) < 0 ||
+        PyModule_AddIntConstant(module, "PEER_CLOSED", PEER_CLOSED) < 0 ||
+        PyModule_AddIntConstant(module, "PEER_GONE", PEER_GONE) < 0)
         return -1;
     return 0;
 }
@@ -279,8 +413,15 @@ static PyModuleDef_Slot module_slots[] = {
     {0, NULL},
 };
 
+static PyMethodDef module_methods[] = {
+    {"spinners", module_spinners, METH_NOARGS, "spinners() -> threads of this process spinning now"},
+    {"hold_spin", module_hold_spin, METH_O, "hold_spin(1 | -1): a spin outside exchange() starts or ends"},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
+    .m_methods = module_methods,
     .m_name = "flexos._ring",
     .m_doc = "The hot path of a shared-memory channel between two processes (see flexos/transports/shm.py).",
     .m_size = 0,

@@ -8,6 +8,16 @@ GONE: int
 AGAIN: int
 MISSED: int
 NEEDS_CPU: int
+NOT_SPUN: int
+PARKED_AGAIN: int
+PEER_CLOSED: int
+PEER_GONE: int
+
+def spinners() -> int:
+    """Threads of this process spinning now, in every interpreter."""
+
+def hold_spin(delta: int, /) -> int:
+    """A spin outside :meth:`Ring.exchange` starts (1) or ends (-1): the count after."""
 
 class Ring:
     """Holds a writable export of ``memory`` until :meth:`release`; every offset is checked."""
@@ -35,6 +45,33 @@ class Ring:
         /,
     ) -> int:
         """Flag ourselves sleeping, look again, poll: ARRIVED, CLOSED, GONE or AGAIN."""
+
+    def route(
+        self,
+        out_payload: int,
+        out_hdr: int,
+        in_payload: int,
+        in_hdr: int,
+        peer_sleep: int,
+        my_sleep: int,
+        peer_closed: int,
+        peer_efd: int,
+        my_efd: int,
+        watch_fd: int,
+        watch_events: int,
+        fast_limit: int,
+        capacity: int,
+        /,
+    ) -> None:
+        """This side's offsets and descriptors, checked once, for :meth:`exchange`."""
+
+    def exchange(
+        self, frame: bytes | memoryview, seq: int, expected: int, budget_ns: int, park_ms: int, /
+    ) -> bytes | int:
+        """Publish ``frame`` as ``seq``, wake a sleeping peer, then spin up to ``budget_ns`` (if no
+        other thread spins) or park up to ``park_ms``: the reply ``expected`` if it came as one
+        fragment within the fast limit (and, spun for, in half the budget); else an outcome: ns
+        (there, not taken), MISSED, NEEDS_CPU, NOT_SPUN, PARKED_AGAIN, PEER_CLOSED or PEER_GONE."""
 
     def release(self) -> None:
         """Let go of the memory (before its mmap is closed)."""

@@ -10,13 +10,28 @@ import signal
 import struct
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from flexos._ring import AGAIN, ARRIVED, CLOSED, GONE, MISSED, NEEDS_CPU, Ring
+from flexos._ring import (
+    AGAIN,
+    ARRIVED,
+    CLOSED,
+    GONE,
+    MISSED,
+    NEEDS_CPU,
+    NOT_SPUN,
+    PARKED_AGAIN,
+    PEER_CLOSED,
+    PEER_GONE,
+    Ring,
+    hold_spin,
+    spinners,
+)
 
 SLEEP, CLOSED_FLAG, PEER_SLEEP, HEADER, PAYLOAD = 0, 4, 64, 128, 256
 
@@ -193,3 +208,156 @@ def test_a_released_ring_refuses_and_frees_its_memory(memory: mmap.mmap) -> None
 def test_read_only_memory_is_refused() -> None:
     with pytest.raises(BufferError):
         Ring(b"\0" * 4096)
+
+
+# -- exchange(): one side's whole round trip, routed once ------------------------------------------
+# A 4096-byte region as shm.py lays one out with a capacity of 1024: side 0's view of it.
+CAPACITY = 1024
+OUT_HDR, IN_HDR, OUT_PAYLOAD, IN_PAYLOAD = 128, 192, 256, 256 + CAPACITY
+MY_SLEEP, MY_CLOSED, THEIR_SLEEP, THEIR_CLOSED = 0, 4, 64, 68
+
+
+def routed(memory: mmap.mmap, fds: tuple[int, int, int], fast_limit: int = CAPACITY) -> tuple[Ring, int]:
+    """Side 0's Ring, with an eventfd of its own to park on and one that stands for the peer's."""
+    efd, watch_r, _ = fds
+    peer_efd = os.eventfd(0, os.EFD_NONBLOCK)
+    ring = Ring(memory)
+    ring.route(
+        OUT_PAYLOAD, OUT_HDR, IN_PAYLOAD, IN_HDR, THEIR_SLEEP, MY_SLEEP, THEIR_CLOSED, peer_efd, efd,
+        watch_r, select.POLLIN, fast_limit, CAPACITY,
+    )  # fmt: skip
+    return ring, peer_efd
+
+
+def answer(memory: mmap.mmap, frame: bytes, seq: int, flags: int = 0) -> None:
+    """What the peer does: its frame into our payload, then its header, seq last."""
+    memory[IN_PAYLOAD : IN_PAYLOAD + len(frame)] = frame
+    struct.pack_into("<IIQ", memory, IN_HDR, len(frame), flags, seq)
+
+
+def test_exchange_publishes_and_takes_a_reply_already_there(memory: mmap.mmap, fds: tuple[int, int, int]) -> None:
+    ring, peer_efd = routed(memory, fds)
+    answer(memory, b"pong", 1)
+    assert ring.exchange(b"ping", 1, 1, 0, 0) == b"pong"
+    assert memory[OUT_PAYLOAD : OUT_PAYLOAD + 4] == b"ping"
+    assert struct.unpack_from("<IIQ", memory, OUT_HDR) == (4, 0, 1)
+    assert struct.unpack_from("<Q", memory, IN_HDR + 16)[0] == 1  # acknowledged: we picked it up
+    with pytest.raises(BlockingIOError):  # the peer was awake: no wake-up was written
+        os.eventfd_read(peer_efd)
+    os.close(peer_efd)
+
+
+def test_exchange_wakes_a_sleeping_peer_and_says_when_it_neither_spun_nor_parked(
+    memory: mmap.mmap, fds: tuple[int, int, int]
+) -> None:
+    ring, peer_efd = routed(memory, fds)
+    struct.pack_into("<I", memory, THEIR_SLEEP, 1)
+    assert ring.exchange(b"ping", 1, 1, 0, 0) == NOT_SPUN
+    assert os.eventfd_read(peer_efd) == 1
+    assert struct.unpack_from("<Q", memory, IN_HDR + 16)[0] == 0  # nothing was taken
+    os.close(peer_efd)
+
+
+def test_exchange_spins_for_the_reply_or_reports_the_miss(tmp_path, fds: tuple[int, int, int]) -> None:
+    shared = tmp_path / "ring"
+    shared.write_bytes(bytes(4096))
+    with open(shared, "r+b") as file:
+        memory = mmap.mmap(file.fileno(), 4096)
+    ring, peer_efd = routed(memory, fds)
+    assert ring.exchange(b"ping", 1, 1, 1_000_000, 0) in (MISSED, NEEDS_CPU)
+    assert spinners() == 0  # the spin is over, and counted no more
+    # The peer: another process (a thread would need the GIL the spin holds), answering in 10 ms.
+    peer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import mmap, struct, time
+        with open({str(shared)!r}, "r+b") as file:
+            memory = mmap.mmap(file.fileno(), 4096)
+        time.sleep(0.01)
+        memory[{IN_PAYLOAD}:{IN_PAYLOAD + 4}] = b"late"
+        struct.pack_into("<IIQ", memory, {IN_HDR}, 4, 0, 1)
+    """)])  # fmt: skip
+    got = ring.exchange(b"ping", 2, 1, 5_000_000_000, 0)
+    assert peer.wait(10) == 0
+    # at most a few hundred ms of a 5 s budget: taken (one over half the budget is left to the caller)
+    assert got == b"late"
+    assert ring.exchange(b"ping", 3, 3, 1_000_000, 0) in (MISSED, NEEDS_CPU)  # seq 3 never comes
+    ring.release()
+    os.close(peer_efd)
+
+
+def test_exchange_leaves_fragments_and_oversized_frames_to_the_caller(
+    memory: mmap.mmap, fds: tuple[int, int, int]
+) -> None:
+    """A hostile peer's header (more fragments, or a length past the bound) is never taken here:
+    the caller's recv() checks it whole (and refuses a corrupt one)."""
+    ring, peer_efd = routed(memory, fds, fast_limit=16)
+    answer(memory, b"part", 1, flags=1)
+    assert ring.exchange(b"a", 1, 1, 0, 0) == 0  # arrived, not spun for, not taken
+    answer(memory, b"x" * 17, 2)
+    assert ring.exchange(b"b", 2, 2, 0, 0) == 0
+    struct.pack_into("<IIQ", memory, IN_HDR, 0xFFFFFFFF, 0, 3)  # a length far past the memory
+    assert ring.exchange(b"c", 3, 3, 0, 0) == 0
+    assert struct.unpack_from("<Q", memory, IN_HDR + 16)[0] == 0
+    os.close(peer_efd)
+
+
+def test_exchange_parks_until_woken_or_told_the_peer_closed(memory: mmap.mmap, fds: tuple[int, int, int]) -> None:
+    efd, _watch_r, watch_w = fds
+    ring, peer_efd = routed(memory, fds)
+
+    def reply_and_wake() -> None:
+        answer(memory, b"woken", 1)
+        os.eventfd_write(efd, 1)
+
+    threading.Timer(0.05, reply_and_wake).start()
+    assert ring.exchange(b"ping", 1, 1, 0, 5000) == b"woken"
+    assert struct.unpack_from("<I", memory, MY_SLEEP)[0] == 0
+    assert ring.exchange(b"ping", 2, 2, 0, 10) == PARKED_AGAIN  # nothing within 10 ms
+    struct.pack_into("<I", memory, THEIR_CLOSED, 1)
+    assert ring.exchange(b"ping", 3, 2, 0, 5000) == PEER_CLOSED
+    struct.pack_into("<I", memory, THEIR_CLOSED, 0)
+    os.write(watch_w, b"x")  # the peer's watch fd fires: it died
+    assert ring.exchange(b"ping", 4, 2, 0, 5000) == PEER_GONE
+    os.close(peer_efd)
+
+
+def test_one_thread_spins_at_a_time(memory: mmap.mmap, fds: tuple[int, int, int]) -> None:
+    """While another thread of this process spins (it holds its GIL), exchange() does not spin."""
+    ring, peer_efd = routed(memory, fds)
+    assert hold_spin(1) == 1
+    try:
+        assert ring.exchange(b"ping", 1, 1, 1_000_000_000, 0) == NOT_SPUN
+    finally:
+        assert hold_spin(-1) == 0
+    with pytest.raises(ValueError):
+        hold_spin(2)
+    os.close(peer_efd)
+
+
+@pytest.mark.parametrize(
+    "route",
+    [
+        (4096 - 100, OUT_HDR, IN_PAYLOAD, IN_HDR, 64, 0, 68),  # a payload that runs past the memory
+        (OUT_PAYLOAD, 4090, IN_PAYLOAD, IN_HDR, 64, 0, 68),  # a header past it
+        (OUT_PAYLOAD, OUT_HDR, IN_PAYLOAD, 129, 64, 0, 68),  # a misaligned header
+        (OUT_PAYLOAD, OUT_HDR, IN_PAYLOAD, IN_HDR, -4, 0, 68),  # a flag before it
+    ],
+)
+def test_a_route_outside_the_memory_is_refused(memory: mmap.mmap, route: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError):
+        Ring(memory).route(*route, 0, 0, 0, 0, CAPACITY, CAPACITY)
+
+
+def test_a_ring_is_routed_once_and_bounds_what_it_sends(memory: mmap.mmap, fds: tuple[int, int, int]) -> None:
+    ring, peer_efd = routed(memory, fds)
+    with pytest.raises(TypeError):
+        ring.route(OUT_PAYLOAD, OUT_HDR, IN_PAYLOAD, IN_HDR, 64, 0, 68, 0, 0, 0, 0, CAPACITY, CAPACITY)
+    with pytest.raises(ValueError):
+        ring.exchange(b"x" * (CAPACITY + 1), 1, 1, 0, 0)
+    with pytest.raises(ValueError):  # a fast limit over the capacity
+        Ring(memory).route(OUT_PAYLOAD, OUT_HDR, IN_PAYLOAD, IN_HDR, 64, 0, 68, 0, 0, 0, 0, CAPACITY + 1, CAPACITY)
+    with pytest.raises(ValueError):
+        Ring(memory).exchange(b"x", 1, 1, 0, 0)  # not routed
+    ring.release()
+    with pytest.raises(ValueError):
+        ring.exchange(b"x", 1, 1, 0, 0)
+    os.close(peer_efd)

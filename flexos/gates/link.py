@@ -207,7 +207,7 @@ class Link:
         bulk = self.bulk
         try:
             reply = channel.exchange(frame, deadline)
-            if bulk is not None:
+            if bulk is not None and bulk.lent_slots:  # none lent anywhere: none of ours to free
                 bulk.received(len(reply))
             value = plain_reply_value(reply)
             if value is not NOT_PLAIN:
@@ -217,6 +217,8 @@ class Link:
                 reply = channel.exchange(self.dispatch(reply), deadline)
                 if bulk is not None:
                     bulk.received(len(reply))
+            if bulk is not None:
+                bulk.bound(len(reply))
             result = decode_frame(codec, reply)
             healthy = True
         except (PeerGone, CallTimeout, ChannelClosed, ReplyTooLarge) as failure:
@@ -314,7 +316,7 @@ class Link:
         try:
             frame = channel.recv()
             while True:
-                if bulk is not None:
+                if bulk is not None and bulk.lent_slots:  # dispatch() bounds what the frame may lend
                     bulk.received(len(frame))
                 reply = self.dispatch(frame, deferred)
                 if deferred:  # free what the peer dropped while it reads our reply
@@ -372,6 +374,8 @@ class Link:
                 return reply if reply is not None else encode_reply(codec, result, releases)
         except BaseException as exc:  # everything, including SystemExit, belongs to the caller
             return encode_error(codec, exc, imports.take_releases(), with_traceback=type(exc) is not StopIteration)
+        if self.bulk is not None:
+            self.bulk.bound(len(data))
         try:
             call = decode_frame(codec, data)
         except ReplyTooLarge:  # its buffers are over the bound: refused whole, as the transport

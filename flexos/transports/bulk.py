@@ -105,6 +105,9 @@ class BulkPort:
         self._lock = threading.Lock()
         self._starts: list[int] = []  # slots in use in our arena: sorted starts, and their ends
         self._ends: list[int] = []
+        # Slots lent and not freed yet, over every thread: while none are, a frame's arrival
+        # has nothing to free, and the gates skip received() on their hot paths.
+        self.lent_slots = 0
         self._local = threading.local()
         self._transfers = 0
         self._unclaimed: dict[int, int] = {}
@@ -137,11 +140,13 @@ class BulkPort:
                 if start - previous_end >= rounded:
                     starts.insert(index, previous_end)
                     ends.insert(index, previous_end + rounded)
+                    self.lent_slots += 1
                     return previous_end
                 previous_end = ends[index]
             if len(self._out) - previous_end >= rounded:
                 starts.append(previous_end)
                 ends.append(previous_end + rounded)
+                self.lent_slots += 1
                 return previous_end
         return None
 
@@ -176,6 +181,11 @@ class BulkPort:
             pending.clear()
         local["budget"] = None if self._max_frame is None else self._max_frame - frame_size
 
+    def bound(self, frame_size: int) -> None:
+        """The frame of ``frame_size`` bytes this thread is about to decode may lend buffers up
+        to the bound, less its own size (what :meth:`received` sets, without freeing)."""
+        self._local.budget = None if self._max_frame is None else self._max_frame - frame_size
+
     def set_aside(self) -> list[int]:
         """The slots this thread lent on its channel, out of reach of :meth:`received` while it
         makes calls on other channels (their frames prove nothing about this one's)."""
@@ -195,6 +205,7 @@ class BulkPort:
                 if index < len(self._starts) and self._starts[index] == start:
                     del self._starts[index]
                     del self._ends[index]
+                    self.lent_slots -= 1
 
     def arena_in_use(self) -> int:
         """Bytes of our arena held by slots the peer has not decoded yet."""

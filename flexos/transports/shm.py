@@ -44,7 +44,20 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from flexos._ring import ARRIVED, CLOSED, GONE, MISSED, NEEDS_CPU, Ring
+from flexos._ring import (
+    ARRIVED,
+    CLOSED,
+    GONE,
+    MISSED,
+    NEEDS_CPU,
+    NOT_SPUN,
+    PARKED_AGAIN,
+    PEER_CLOSED,
+    PEER_GONE,
+    Ring,
+    hold_spin,
+    spinners,
+)
 from flexos.errors import ProtocolError
 from flexos.transports import CallTimeout, ChannelClosed, ControlHandler, PeerGone, ReplyTooLarge, ServedTransport
 from flexos.wire.control import CONTROL_MAX, OPEN_CHANNEL
@@ -70,9 +83,6 @@ _PROBE_SPIN_NS = 100_000
 _PROBE_EVERY_MIN, _PROBE_EVERY_MAX = 16, 1024
 _SUSPICIONS_TO_PARK = 3
 _PREEMPTED_NS = 20_000  # a gap this long between two looks at the clock: we did not run
-# Threads of this process spinning right now. A spinning thread holds the GIL, so a second
-# spinner would only keep the first from seeing its reply: later waiters block at once.
-_spinners: list[int] = []
 
 
 class RingChannel(ABC):
@@ -139,11 +149,15 @@ class RingChannel(ABC):
         seq = self._out_seq = self._out_seq + 1
         if self._publish(self._out_payload, frame, self._out_hdr, 0, seq, self._peer_sleep):
             self._wake_peer()
+        expected = self._in_seq + 1
+        if _SEQ.unpack_from(self._mm, self._in_hdr + _SEQ_AT)[0] != expected:
+            self._wait(self._in_hdr + _SEQ_AT, expected, deadline)
+        return self._take(expected, deadline)
+
+    def _take(self, expected: int, deadline: float | None) -> bytes:
+        """The peer's frame numbered ``expected``, which has arrived (its first fragment, at least)."""
         mm = self._mm
         hdr = self._in_hdr
-        expected = self._in_seq + 1
-        if _SEQ.unpack_from(mm, hdr + _SEQ_AT)[0] != expected:
-            self._wait(hdr + _SEQ_AT, expected, deadline)
         size, flags = _LEN_FLAGS.unpack_from(mm, hdr)
         if flags or size > self._fast_limit:
             return self.recv(deadline, resume=True)
@@ -240,10 +254,11 @@ class RingChannel(ABC):
           spin probes whether it runs elsewhere now.
 
         One thread per process spins at a time (a spinner holds the GIL; a second would keep the
-        first from seeing its reply). A channel confined to one CPU starts out parking, and
-        never probes when its peer is confined with it (:attr:`peer_inherits_affinity`).
+        first from seeing its reply): ``_ring.spinners()`` counts them, in every interpreter. A
+        channel confined to one CPU starts out parking, and never probes when its peer is
+        confined with it (:attr:`peer_inherits_affinity`).
         """
-        if _spinners:
+        if spinners():
             self.parked += 1
             return self._block(offset, value, deadline)
         if self._parking:
@@ -266,6 +281,13 @@ class RingChannel(ABC):
         if outcome >= 0:
             self._suspicions = 0
             return None
+        self._learn_from_miss(outcome, budget)
+        self.parked += 1
+        return self._block(offset, value, deadline)
+
+    def _learn_from_miss(self, outcome: int, budget: int) -> None:
+        """A spin of ``budget`` ns ended without the frame (MISSED or NEEDS_CPU): park from now
+        on, or spin less next time (``_wait`` says why)."""
         if outcome == NEEDS_CPU:
             self._suspicions += 1
             if self._suspicions >= _SUSPICIONS_TO_PARK:  # one could be the VM's steal time
@@ -273,8 +295,12 @@ class RingChannel(ABC):
                 self._waits_since_probe = 0
         elif self._peer_took_last():
             self._budget = min(self._budget_max, max(_SPIN_FLOOR_NS, budget // 2))
-        self.parked += 1
-        return self._block(offset, value, deadline)
+
+    def _spun_for(self, took: int) -> None:
+        """A spin found the frame after ``took`` ns: one that took most of the budget allows more."""
+        self.spun += 1
+        if took > self._budget // 2:
+            self._budget = min(self._budget_max, 2 * self._budget)
 
     def _peer_took_last(self) -> bool:
         """The peer picked up the last frame we sent (or we sent none)."""
@@ -283,17 +309,15 @@ class RingChannel(ABC):
     def _spin(self, offset: int, value: int, budget: int) -> int:
         """Spin up to ``budget`` ns for the sequence number at ``offset`` to be ``value``: the ns
         it took, or MISSED, or NEEDS_CPU (see ``_poll_for``)."""
-        _spinners.append(1)
+        hold_spin(1)
         try:
             outcome = self._poll_for(offset, value, budget)
         finally:
-            _spinners.pop()
+            hold_spin(-1)
         if outcome < 0:
             self.missed += 1
         else:
-            self.spun += 1
-            if outcome > self._budget // 2:  # it took most of the budget: allow more
-                self._budget = min(self._budget_max, 2 * self._budget)
+            self._spun_for(outcome)
         return outcome
 
     # -- the primitives, in Python (ShmChannel's are flexos/_ring.c's) ----------------------------
@@ -358,6 +382,22 @@ class ShmChannel(RingChannel):
         self._peer_efd = efd1 if side == 0 else efd0
         self._watch_fd = watch_fd
         self._watch_events = watch_events
+        ring.route(
+            self._out_payload,
+            self._out_hdr,
+            self._in_payload,
+            self._in_hdr,
+            self._peer_sleep,
+            self._my_sleep,
+            self._peer_closed,
+            self._peer_efd,
+            self._my_efd,
+            watch_fd,
+            watch_events,
+            self._fast_limit,
+            capacity,
+        )
+        self._ring_exchange = ring.exchange
 
     @classmethod
     def create(
@@ -377,6 +417,52 @@ class ShmChannel(RingChannel):
         efd0, efd1 = os.eventfd(0, flags), os.eventfd(0, flags)
         peer_fds = [os.dup(mem_fd), os.dup(efd0), os.dup(efd1)]
         return cls((mem_fd, efd0, efd1), 0, watch_fd, watch_events, capacity, spin_us, max_frame), peer_fds
+
+    def exchange(self, frame: bytes, deadline: float | None = None) -> bytes:
+        """RingChannel.exchange with its common case in one C call (``Ring.exchange``): publish,
+        wake the peer if it sleeps, then spin or park as the policy of ``_wait`` says, and take
+        a one-fragment reply. What that call leaves to decide comes back as an outcome."""
+        if len(frame) > self._capacity:
+            return super().exchange(frame, deadline)
+        seq = self._out_seq = self._out_seq + 1
+        expected = self._in_seq + 1
+        if not self._parking:
+            budget = self._budget
+            got = self._ring_exchange(frame, seq, expected, budget, 0)
+            if isinstance(got, bytes):
+                self._in_seq = expected
+                self.spun += 1
+                self._suspicions = 0
+                return got
+            if got >= 0:  # there, but not taken: a spin that took most of the budget, or fragments
+                self._spun_for(got)
+                self._suspicions = 0
+                return self._take(expected, deadline)
+            if got != NOT_SPUN:  # MISSED or NEEDS_CPU
+                self.missed += 1
+                self._learn_from_miss(got, budget)
+                self.parked += 1
+                self._block(self._in_hdr + _SEQ_AT, expected, deadline)
+                return self._take(expected, deadline)
+        elif deadline is None and (self._never_spin or self._waits_since_probe + 1 < self._probe_every):
+            self._waits_since_probe += 1  # a plain hand-over: no probe is due
+            self.parked += 1
+            got = self._ring_exchange(frame, seq, expected, 0, _BLOCK_POLL_MS)
+            if isinstance(got, bytes):
+                self._in_seq = expected
+                return got
+            if got == PEER_CLOSED:
+                raise ChannelClosed()
+            if got == PEER_GONE:
+                raise PeerGone()
+            if got == PARKED_AGAIN:
+                self._block(self._in_hdr + _SEQ_AT, expected, deadline)
+            return self._take(expected, deadline)
+        else:  # a probe is due, or a deadline holds: publish here, and wait as _wait decides
+            got = self._ring_exchange(frame, seq, expected, 0, 0)
+        if got == NOT_SPUN:
+            self._wait(self._in_hdr + _SEQ_AT, expected, deadline)
+        return self._take(expected, deadline)
 
     def _wake_peer(self) -> None:
         try:
