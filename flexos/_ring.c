@@ -22,7 +22,9 @@
  *       a whole round trip of one side: publish, wake the peer if it sleeps, then spin (if no
  *       other thread of the process spins) or park, and take a one-fragment reply within the
  *       fast limit. What is left to decide (a miss, a slow spin, fragments, a closed or dead
- *       peer) comes back as an outcome for shm.py's policy; the frame is then not taken.
+ *       peer) comes back as an outcome for shm.py's policy; the frame is then not taken. Routed
+ *       with hand_over (the peer shares our only CPU), a park after waking the peer first
+ *       yields the CPU to it once: one hand-over, never a yield loop.
  *
  * Every offset is checked against the buffer, so a wrong one raises instead of touching memory
  * outside the mapping. The layout itself (what lives at which offset) is shm.py's.
@@ -31,6 +33,7 @@
 #include <Python.h>
 #include <errno.h>
 #include <poll.h>
+#include <sched.h>
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
@@ -61,6 +64,7 @@ typedef struct {
     Py_ssize_t capacity, fast_limit;
     int peer_efd, my_efd, watch_fd;
     short watch_events;
+    int hand_over; /* the peer shares our only CPU: once woken, it gets the CPU before we park */
 } Ring;
 
 /* Threads of this process spinning right now, in any interpreter. A spinning thread holds its
@@ -256,8 +260,8 @@ static PyObject *ring_park(Ring *self, PyObject *const *args, Py_ssize_t nargs) 
 }
 
 static PyObject *ring_route(Ring *self, PyObject *const *args, Py_ssize_t nargs) {
-    Py_ssize_t a[13];
-    if (ssize_args(args, nargs, 13, a, 0) < 0)
+    Py_ssize_t a[14];
+    if (ssize_args(args, nargs, 14, a, 0) < 0)
         return NULL;
     if (self->routed) {
         PyErr_SetString(PyExc_TypeError, "a Ring is routed once");
@@ -277,7 +281,7 @@ static PyObject *ring_route(Ring *self, PyObject *const *args, Py_ssize_t nargs)
     self->out_payload = out_payload, self->out_hdr = out_hdr, self->in_payload = in_payload, self->in_hdr = in_hdr;
     self->peer_sleep = peer_sleep, self->my_sleep = my_sleep, self->peer_closed = peer_closed;
     self->peer_efd = (int)a[7], self->my_efd = (int)a[8], self->watch_fd = (int)a[9], self->watch_events = (short)a[10];
-    self->fast_limit = fast_limit, self->capacity = capacity;
+    self->fast_limit = fast_limit, self->capacity = capacity, self->hand_over = a[13] != 0;
     self->routed = 1;
     Py_RETURN_NONE;
 }
@@ -304,7 +308,8 @@ static PyObject *ring_exchange(Ring *self, PyObject *const *args, Py_ssize_t nar
     __atomic_store_n((uint64_t *)(self->out_hdr + 8), (uint64_t)a[1], __ATOMIC_RELEASE);
     __atomic_thread_fence(__ATOMIC_SEQ_CST); /* the store above before the load below (Dekker) */
     PyBuffer_Release(&frame);
-    if (__atomic_load_n((uint32_t *)self->peer_sleep, __ATOMIC_RELAXED)) {
+    int woke = __atomic_load_n((uint32_t *)self->peer_sleep, __ATOMIC_RELAXED) != 0;
+    if (woke) {
         uint64_t one = 1; /* EAGAIN: the peer saturated its counter, so its poll() returns anyway */
         ssize_t wrote = write(self->peer_efd, &one, sizeof one);
         (void)wrote;
@@ -319,6 +324,14 @@ static PyObject *ring_exchange(Ring *self, PyObject *const *args, Py_ssize_t nar
             if (took < 0 || took > a[3] / 2) /* empty-handed, or it took most of the budget: the caller decides */
                 return PyLong_FromLongLong(took);
         } else if (a[4] > 0) {
+            /* On one CPU the peer we just woke can only run once we stop: hand it the CPU now.
+             * It usually answers before it blocks again, and we find the reply without sleeping
+             * (without the poll, the wake-up it would write, and our read of it). */
+            if (woke && self->hand_over) {
+                Py_BEGIN_ALLOW_THREADS
+                sched_yield();
+                Py_END_ALLOW_THREADS
+            }
             int status = park_once(self, (uint32_t *)self->my_sleep, word, expected, (uint32_t *)self->peer_closed,
                                    self->my_efd, self->watch_fd, self->watch_events, (int)a[4]);
             if (status < 0)
@@ -363,7 +376,7 @@ static PyMethodDef ring_methods[] = {
      "park(sleep_off, offset, value, closed_off, efd, watch_fd, watch_events, timeout_ms) -> status"},
     {"route", (PyCFunction)(void (*)(void))ring_route, METH_FASTCALL,
      "route(out_payload, out_hdr, in_payload, in_hdr, peer_sleep, my_sleep, peer_closed, peer_efd, my_efd, "
-     "watch_fd, watch_events, fast_limit, capacity): this side's offsets and fds, once"},
+     "watch_fd, watch_events, fast_limit, capacity, hand_over): this side's offsets and fds, once"},
     {"exchange", (PyCFunction)(void (*)(void))ring_exchange, METH_FASTCALL,
      "exchange(frame, seq, expected, budget_ns, park_ms) -> the reply, or an outcome"},
     {"release", (PyCFunction)ring_release, METH_NOARGS, "release the ring's hold on its memory"},

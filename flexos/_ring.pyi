@@ -61,9 +61,11 @@ class Ring:
         watch_events: int,
         fast_limit: int,
         capacity: int,
+        hand_over: bool,
         /,
     ) -> None:
-        """This side's offsets and descriptors, checked once, for :meth:`exchange`."""
+        """This side's offsets and descriptors, checked once, for :meth:`exchange`; ``hand_over``:
+        the peer shares our only CPU, so a park after waking it yields the CPU to it once first."""
 
     def exchange(
         self, frame: bytes | memoryview, seq: int, expected: int, budget_ns: int, park_ms: int, /

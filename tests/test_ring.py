@@ -217,14 +217,16 @@ OUT_HDR, IN_HDR, OUT_PAYLOAD, IN_PAYLOAD = 128, 192, 256, 256 + CAPACITY
 MY_SLEEP, MY_CLOSED, THEIR_SLEEP, THEIR_CLOSED = 0, 4, 64, 68
 
 
-def routed(memory: mmap.mmap, fds: tuple[int, int, int], fast_limit: int = CAPACITY) -> tuple[Ring, int]:
+def routed(
+    memory: mmap.mmap, fds: tuple[int, int, int], fast_limit: int = CAPACITY, hand_over: bool = False
+) -> tuple[Ring, int]:
     """Side 0's Ring, with an eventfd of its own to park on and one that stands for the peer's."""
     efd, watch_r, _ = fds
     peer_efd = os.eventfd(0, os.EFD_NONBLOCK)
     ring = Ring(memory)
     ring.route(
         OUT_PAYLOAD, OUT_HDR, IN_PAYLOAD, IN_HDR, THEIR_SLEEP, MY_SLEEP, THEIR_CLOSED, peer_efd, efd,
-        watch_r, select.POLLIN, fast_limit, CAPACITY,
+        watch_r, select.POLLIN, fast_limit, CAPACITY, hand_over,
     )  # fmt: skip
     return ring, peer_efd
 
@@ -300,9 +302,15 @@ def test_exchange_leaves_fragments_and_oversized_frames_to_the_caller(
     os.close(peer_efd)
 
 
-def test_exchange_parks_until_woken_or_told_the_peer_closed(memory: mmap.mmap, fds: tuple[int, int, int]) -> None:
+@pytest.mark.parametrize("hand_over", [False, True])
+def test_exchange_parks_until_woken_or_told_the_peer_closed(
+    memory: mmap.mmap, fds: tuple[int, int, int], hand_over: bool
+) -> None:
+    """With ``hand_over`` (the peer shares our one CPU) a park that woke the peer yields to it
+    first: the outcomes are the same."""
     efd, _watch_r, watch_w = fds
-    ring, peer_efd = routed(memory, fds)
+    ring, peer_efd = routed(memory, fds, hand_over=hand_over)
+    struct.pack_into("<I", memory, THEIR_SLEEP, 1)  # the peer sleeps: every exchange wakes it
 
     def reply_and_wake() -> None:
         answer(memory, b"woken", 1)
@@ -317,6 +325,7 @@ def test_exchange_parks_until_woken_or_told_the_peer_closed(memory: mmap.mmap, f
     struct.pack_into("<I", memory, THEIR_CLOSED, 0)
     os.write(watch_w, b"x")  # the peer's watch fd fires: it died
     assert ring.exchange(b"ping", 4, 2, 0, 5000) == PEER_GONE
+    assert os.eventfd_read(peer_efd) == 4  # one wake-up per frame
     os.close(peer_efd)
 
 
@@ -344,17 +353,17 @@ def test_one_thread_spins_at_a_time(memory: mmap.mmap, fds: tuple[int, int, int]
 )
 def test_a_route_outside_the_memory_is_refused(memory: mmap.mmap, route: tuple[int, ...]) -> None:
     with pytest.raises(ValueError):
-        Ring(memory).route(*route, 0, 0, 0, 0, CAPACITY, CAPACITY)
+        Ring(memory).route(*route, 0, 0, 0, 0, CAPACITY, CAPACITY, False)
 
 
 def test_a_ring_is_routed_once_and_bounds_what_it_sends(memory: mmap.mmap, fds: tuple[int, int, int]) -> None:
     ring, peer_efd = routed(memory, fds)
     with pytest.raises(TypeError):
-        ring.route(OUT_PAYLOAD, OUT_HDR, IN_PAYLOAD, IN_HDR, 64, 0, 68, 0, 0, 0, 0, CAPACITY, CAPACITY)
+        ring.route(OUT_PAYLOAD, OUT_HDR, IN_PAYLOAD, IN_HDR, 64, 0, 68, 0, 0, 0, 0, CAPACITY, CAPACITY, False)
     with pytest.raises(ValueError):
         ring.exchange(b"x" * (CAPACITY + 1), 1, 1, 0, 0)
     with pytest.raises(ValueError):  # a fast limit over the capacity
-        Ring(memory).route(OUT_PAYLOAD, OUT_HDR, IN_PAYLOAD, IN_HDR, 64, 0, 68, 0, 0, 0, 0, CAPACITY + 1, CAPACITY)
+        Ring(memory).route(OUT_PAYLOAD, OUT_HDR, IN_PAYLOAD, IN_HDR, 64, 0, 68, 0, 0, 0, 0, CAPACITY + 1, CAPACITY, 0)
     with pytest.raises(ValueError):
         Ring(memory).exchange(b"x", 1, 1, 0, 0)  # not routed
     ring.release()

@@ -396,6 +396,7 @@ class ShmChannel(RingChannel):
             watch_events,
             self._fast_limit,
             capacity,
+            self._never_spin,  # the peer is confined to our one CPU: hand it over when we park
         )
         self._ring_exchange = ring.exchange
 
