@@ -931,22 +931,42 @@ reply_value(PyObject *module, PyObject *frame)
     return value;
 }
 
-/* The fields of a CALL frame [1, op, target, name, args, kwargs, []] of plain values that
+/* A release list as frames._check_releases accepts it: a list of [handle, count] pairs of ints. */
+static int
+valid_releases(PyObject *releases)
+{
+    if (!PyList_CheckExact(releases)) {
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(releases); i++) {
+        PyObject *pair = PyList_GET_ITEM(releases, i);
+        if (!PyList_CheckExact(pair) || PyList_GET_SIZE(pair) != 2 || !PyLong_CheckExact(PyList_GET_ITEM(pair, 0)) ||
+            !PyLong_CheckExact(PyList_GET_ITEM(pair, 1))) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* The fields of a CALL frame [1, op, target, name, args, kwargs, releases] of plain values that
  * frames.decode_frame would accept, as it gives them (absent args as (), absent kwargs as
- * `no_kwargs`), into `fields` (new references): 0; 1 for any other frame, malformed ones included
+ * `no_kwargs`), into `fields` (new references), and its releases into `*releases` (a new
+ * reference, or NULL when there are none): 0; 1 for any other frame, malformed ones included
  * (nothing is set then, and no error). */
 static int
-decode_call(ModuleState *state, PyObject *frame, PyObject *no_kwargs, PyObject **fields, long *op_out)
+decode_call(ModuleState *state, PyObject *frame, PyObject *no_kwargs, PyObject **fields, long *op_out,
+            PyObject **releases)
 {
     if (!PyBytes_CheckExact(frame)) {
         return 1;
     }
     const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(frame);
     Py_ssize_t n = PyBytes_GET_SIZE(frame);
-    if (n < 8 || data[0] != 0x97 || data[1] != 0x01 || data[n - 1] != 0x90) {
+    if (n < 8 || data[0] != 0x97 || data[1] != 0x01) {
         return 1;
     }
-    Reader reader = {data + 2, data + n - 1, NULL, state, 1};
+    Reader reader = {data + 2, data + n, NULL, state, 1};
+    *releases = NULL;
     for (int i = 0; i < 5; i++) {
         fields[i] = NULL;
     }
@@ -954,6 +974,18 @@ decode_call(ModuleState *state, PyObject *frame, PyObject *no_kwargs, PyObject *
         fields[i] = unpack_object(&reader, 1);
         if (fields[i] == NULL) {
             goto not_plain;
+        }
+    }
+    if (reader.p + 1 == reader.end && *reader.p == 0x90) {
+        reader.p++; /* no releases, the common case */
+    }
+    else {
+        *releases = unpack_object(&reader, 1);
+        if (*releases == NULL || !valid_releases(*releases)) {
+            goto not_plain;
+        }
+        if (PyList_GET_SIZE(*releases) == 0) {
+            Py_CLEAR(*releases);
         }
     }
     if (reader.p != reader.end) {
@@ -999,14 +1031,18 @@ not_plain:
     for (int i = 0; i < 5; i++) {
         Py_CLEAR(fields[i]);
     }
+    Py_CLEAR(*releases);
     PyErr_Clear(); /* any failure: decode_frame decides, and raises what it raises */
     return 1;
 }
 
+/* The fields as a tuple (op, target, name, args, kwargs), with the releases as a sixth item when
+ * there are some; steals every reference. */
 static PyObject *
-parts_tuple(PyObject **fields)
+parts_tuple(PyObject **fields, PyObject *releases)
 {
-    PyObject *parts = PyTuple_New(5);
+    Py_ssize_t size = releases == NULL ? 5 : 6;
+    PyObject *parts = PyTuple_New(size);
     for (int i = 0; i < 5; i++) {
         if (parts != NULL) {
             PyTuple_SET_ITEM(parts, i, fields[i]);
@@ -1015,29 +1051,39 @@ parts_tuple(PyObject **fields)
             Py_DECREF(fields[i]);
         }
     }
+    if (releases != NULL) {
+        if (parts != NULL) {
+            PyTuple_SET_ITEM(parts, 5, releases);
+        }
+        else {
+            Py_DECREF(releases);
+        }
+    }
     return parts;
 }
 
-/* call_parts(frame, no_kwargs) -> (op, target, name, args, kwargs) | None: decode_call's fields. */
+/* call_parts(frame, no_kwargs) -> (op, target, name, args, kwargs[, releases]) | None: decode_call's
+ * fields, and the releases when there are some. */
 static PyObject *
 call_parts(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 2) {
         return PyErr_Format(PyExc_TypeError, "call_parts() takes 2 arguments");
     }
-    PyObject *fields[5];
+    PyObject *fields[5], *releases;
     long op;
-    if (decode_call(PyModule_GetState(module), args[0], args[1], fields, &op)) {
+    if (decode_call(PyModule_GetState(module), args[0], args[1], fields, &op, &releases)) {
         Py_RETURN_NONE;
     }
-    return parts_tuple(fields);
+    return parts_tuple(fields, releases);
 }
 
 /* serve_call(frame, objects, no_kwargs, dying, raw_limit): Link.dispatch's common case. For a plain
  * CALL frame (decode_call) of op CALL naming a handle in `objects` (handle -> [object, count]),
  * calls the object as Link._execute does, obj(*args, **kwargs), and answers its REPLY frame
  * (bytes); or (result,) when that is not plain, or releases wait in `dying`, for the caller to
- * encode; the object's exception propagates. For another plain CALL frame: its fields, as
+ * encode; the object's exception propagates. For another plain CALL frame, or one that carries
+ * releases (which the link applies before or after the call, as it decides): its fields, as
  * call_parts (nothing was run); None for any frame that is not plain (nothing was run). `objects`
  * None: never call, give the fields. */
 static PyObject *
@@ -1051,10 +1097,13 @@ serve_call(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     ModuleState *state = PyModule_GetState(module);
-    PyObject *fields[5], *objects = args[1];
+    PyObject *fields[5], *objects = args[1], *releases;
     long op;
-    if (decode_call(state, args[0], args[2], fields, &op)) {
+    if (decode_call(state, args[0], args[2], fields, &op, &releases)) {
         Py_RETURN_NONE;
+    }
+    if (releases != NULL) {
+        return parts_tuple(fields, releases);
     }
     PyObject *entry = NULL;
     if (op == 5 && PyLong_CheckExact(fields[1]) && PyDict_CheckExact(objects)) {
@@ -1064,7 +1113,7 @@ serve_call(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
     }
     if (entry == NULL || !PyList_CheckExact(entry) || PyList_GET_SIZE(entry) < 1) {
-        return parts_tuple(fields); /* Link._execute decides */
+        return parts_tuple(fields, NULL); /* Link._execute decides */
     }
     PyObject *callee = Py_NewRef(PyList_GET_ITEM(entry, 0));
     PyObject *call_args = fields[3], *kwargs = fields[4];
@@ -1114,7 +1163,7 @@ static PyMethodDef methods[] = {
      "reply_frame(value, releases, raw_limit) -> bytes | None"},
     {"reply_value", reply_value, METH_O, "reply_value(frame) -> value | NOT_PLAIN"},
     {"call_parts", (PyCFunction)(void (*)(void))call_parts, METH_FASTCALL,
-     "call_parts(frame, no_kwargs) -> (op, target, name, args, kwargs) | None"},
+     "call_parts(frame, no_kwargs) -> (op, target, name, args, kwargs[, releases]) | None"},
     {"serve_call", (PyCFunction)(void (*)(void))serve_call, METH_FASTCALL,
      "serve_call(frame, objects, no_kwargs, dying, raw_limit) -> bytes | (result,) | fields | None"},
     {NULL, NULL, 0, NULL},

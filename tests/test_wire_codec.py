@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flexos.errors import GateError, ProtocolError
-from flexos.wire.codec import KEPT_EXCEPTIONS, Codec, Ext
+from flexos.wire.codec import KEPT_EXCEPTIONS, NOT_A_REFERENCE, Codec, Ext
 from flexos.wire.frames import (
     CALL_ARGS,
     CALL_KWARGS,
@@ -217,6 +217,57 @@ def test_objects_cross_by_handle_and_come_back_as_themselves():
     never_sent = msgpack.packb([2, msgpack.ExtType(9, struct.pack("<Q", 2)), []], use_bin_type=True)
     with pytest.raises(ProtocolError, match="never sent"):
         decode_frame(codec, never_sent)
+
+
+class _Plain:
+    """An object of an ordinary class: it crosses by reference."""
+
+
+def test_a_reference_reply_is_byte_for_byte_encode_replys_with_the_same_exports():
+    """Codec.reference_reply takes only a class the codec has met (encode_reply classifies it
+    first) and makes the frame and the exports encode_reply makes."""
+    fast_space, slow_space = _Space(), _Space()
+    fast, slow = Codec(fast_space), Codec(slow_space)
+    first = _Plain()
+    assert fast.reference_reply(first) is None and fast_space.exported == []  # not met yet: nothing done
+    assert encode_reply(fast, first, []) == encode_reply(slow, first, [])
+    second = _Plain()
+    assert fast.reference_reply(second) == encode_reply(slow, second, [])
+    assert fast_space.exported == slow_space.exported == [first, second]
+    assert fast_space.classes == slow_space.classes == [_Plain]
+    for value in (1, "x", (1, 2), _Plain, ValueError("e"), sys, None):  # other kinds are encode_reply's
+        encode_reply(fast, value, [])
+        assert fast.reference_reply(value) is None
+
+
+def test_a_reference_in_a_reply_is_decode_frames_and_anything_else_is_left_to_it():
+    codec = Codec(_Space())
+    frame = msgpack.packb([2, msgpack.ExtType(Ext.REF, struct.pack("<QQ", 7, 100)), []], use_bin_type=True)
+    assert codec.reference_in_reply(frame) == decode_frame(codec, frame)[REPLY_VALUE] == ("proxy", 7, 100)
+    not_references = [
+        msgpack.packb([2, msgpack.ExtType(Ext.REF, struct.pack("<QQ", 7, 100)), [[1, 1]]]),  # releases
+        msgpack.packb([2, msgpack.ExtType(Ext.BACK, struct.pack("<QQ", 7, 100)), []]),  # another code
+        msgpack.packb([1, msgpack.ExtType(Ext.REF, struct.pack("<QQ", 7, 100)), []]),  # another kind
+        msgpack.packb([2, msgpack.ExtType(Ext.REF, struct.pack("<QQ", 7, 100)), []])[:-1] + b"\x91",
+        msgpack.packb([2, 1, []]),
+        b"",
+    ]
+    for data in not_references:
+        assert codec.reference_in_reply(data) is NOT_A_REFERENCE
+
+
+def test_a_reference_the_space_refuses_is_the_same_protocol_error_on_either_path():
+    class Refusing(_Space):
+        def proxy(self, handle: int, class_handle: int) -> tuple[str, int, int]:
+            raise KeyError(class_handle)  # as a class handle never sent may surface
+
+    codec = Codec(Refusing())
+    frame = msgpack.packb([2, msgpack.ExtType(Ext.REF, struct.pack("<QQ", 7, 999)), []], use_bin_type=True)
+    with pytest.raises(ProtocolError) as fast:
+        codec.reference_in_reply(frame)
+    with pytest.raises(ProtocolError) as slow:
+        decode_frame(codec, frame)
+    assert str(fast.value) == str(slow.value)
 
 
 class _Undescribable(Exception):

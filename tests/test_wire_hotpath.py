@@ -208,6 +208,45 @@ def test_plain_call_parts_are_decode_frame(op, target, name, args, kwargs):
         assert parts[4] is NO_KWARGS
 
 
+release_lists = st.lists(st.lists(st.integers(-(2**63), 2**64 - 1), min_size=2, max_size=2), max_size=4)
+
+
+@given(ops, targets, names, st.none() | st.lists(plain_values, max_size=3), kwargs_maps, release_lists)
+@settings(max_examples=300, deadline=None)
+def test_the_releases_a_plain_call_carries_are_decode_frames(op, target, name, args, kwargs, releases):
+    """A call that carries releases (what the app's dead proxies free) stays on the hot path: its
+    fields, and its releases as a sixth item, are what decode_frame gives."""
+    data = msgpack.packb([Kind.CALL, op, target, name, args, kwargs, releases], use_bin_type=True)
+    parts = plain_call_parts(data, NO_KWARGS)
+    frame = decode_frame(Codec(_Space()), data)
+    assert parts is not None and _same(list(parts[:5]), frame[1:6])
+    assert (parts[5] if releases else []) == frame[6] == releases
+    assert len(parts) == (6 if releases else 5)
+
+
+# Release lists decode_frame refuses: the hot path must leave each to it.
+MALFORMED_RELEASES = {
+    "a pair of one": [[1]],
+    "a pair of three": [[1, 2, 3]],
+    "a bool handle": [[True, 1]],
+    "a float count": [[1, 1.0]],
+    "a str count": [[1, "1"]],
+    "a bare int": [1, 2],
+    "a map": {"a": 1},
+    "nested pairs": [[[1, 2], 1]],
+    "an int": 5,
+    "none": None,
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_RELEASES))
+def test_malformed_releases_are_left_to_decode_frame(case):
+    data = msgpack.packb([Kind.CALL, Op.CALL, 3, None, None, None, MALFORMED_RELEASES[case]], use_bin_type=True)
+    assert plain_call_parts(data, NO_KWARGS) is None
+    assert plain_serve_call(data, {3: [lambda: 1, 1]}, NO_KWARGS, [], NO_LIMIT) is None
+    assert _python_path(data) is ProtocolError
+
+
 class _RefusingSpace:
     """A reference space that knows no object: every reference is refused, as a link refuses a
     handle it never gave out."""
@@ -235,7 +274,8 @@ def _check_hostile(data: bytes) -> None:
         assert type(expected) is list and expected[0] == Kind.REPLY and _same(value, expected[1])
     parts = plain_call_parts(data, NO_KWARGS)
     if parts is not None:
-        assert type(expected) is list and expected[0] == Kind.CALL and _same(list(parts), expected[1:6])
+        assert type(expected) is list and expected[0] == Kind.CALL and _same(list(parts[:5]), expected[1:6])
+        assert _same(list(parts[5]) if len(parts) == 6 else [], expected[6])
 
 
 @given(st.binary(max_size=64))
@@ -361,6 +401,29 @@ SERVED = {
 }
 
 
+def test_releases_a_plain_call_carries_are_applied_as_the_python_path_applies_them():
+    """The link frees what a call's releases name, deferred when asked to, on either path."""
+    for plain in (True, False):
+        for deferred in (None, []):
+            link = Link("peer")
+            held = _Held()
+            assert link.export(held) == 1
+            dropped = link.export(object())
+            frame = msgpack.packb([1, Op.CALL, 1, None, [5], None, [[dropped, 1]]], use_bin_type=True)
+            saved = link_module.plain_serve_call
+            if not plain:
+                link_module.plain_serve_call = frames._no_plain_frame
+            try:
+                reply = link.dispatch(frame, deferred)
+            finally:
+                link_module.plain_serve_call = saved
+            assert decode_frame(link.codec, reply)[1] == [(5,), {}] and held.calls == [((5,), {})]
+            if deferred is None:
+                assert dropped not in link.exports.objects
+            else:
+                assert dropped in link.exports.objects and deferred == [[dropped, 1]]
+
+
 @pytest.mark.parametrize("case", sorted(SERVED))
 def test_a_plain_call_is_served_as_the_python_path_serves_it(case):
     frame = msgpack.packb(SERVED[case], use_bin_type=True)
@@ -420,6 +483,12 @@ def test_serve_call_answers():
     assert plain_serve_call(msgpack.packb([1, 5, 2, None, None, None, []]), objects, NO_KWARGS, [], NO_LIMIT) == ((1,),)
     with pytest.raises(ZeroDivisionError):
         plain_serve_call(msgpack.packb([1, 5, 3, None, None, None, []]), objects, NO_KWARGS, [], NO_LIMIT)
+    # Releases carried: the fields and the releases, nothing run (the link applies them first).
+    ran: list[int] = []
+    objects[4] = [lambda: ran.append(1), 1]
+    carrying = msgpack.packb([1, Op.CALL, 4, None, None, None, [[9, 2]]])
+    assert plain_serve_call(carrying, objects, NO_KWARGS, [], NO_LIMIT) == (Op.CALL, 4, None, (), NO_KWARGS, [[9, 2]])
+    assert not ran
     # Not a held handle, another op, or no objects given: the fields, nothing run.
     for frame, objs in (
         ([1, 5, 9, None, None, None, []], objects),

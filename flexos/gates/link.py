@@ -46,7 +46,7 @@ from flexos.transports import (
 from flexos.transports.bulk import BulkPort
 from flexos.wire.bulk import THRESHOLD as BULK_THRESHOLD
 from flexos.wire.classes import checked_description, describe_class
-from flexos.wire.codec import ByReference, Codec, Described, described_class
+from flexos.wire.codec import NOT_A_REFERENCE, ByReference, Codec, Described, described_class
 from flexos.wire.frames import (
     CALL_ARGS,
     CALL_KWARGS,
@@ -184,6 +184,9 @@ class Link:
                 value = plain_reply_value(reply)
                 if value is not NOT_PLAIN:
                     return value
+                value = codec.reference_in_reply(reply)
+                if value is not NOT_A_REFERENCE:
+                    return value
                 result = decode_frame(codec, reply)
             except (PeerGone, ReplyTooLarge) as failure:
                 raise self._failed(failure, op, target, name, None) from None
@@ -211,6 +214,10 @@ class Link:
                 bulk.received(len(reply))
             value = plain_reply_value(reply)
             if value is not NOT_PLAIN:
+                healthy = True
+                return value
+            value = codec.reference_in_reply(reply)
+            if value is not NOT_A_REFERENCE:
                 healthy = True
                 return value
             while self._inline is None and frame_kind(reply) == Kind.CALL:  # the peer calls back mid-call
@@ -361,16 +368,27 @@ class Link:
         try:
             # A plain CALL frame (all plain values, valid as decode_frame would have it): of a handle
             # we exported, called and answered in C as _execute's first case does (bytes); else
-            # its result to encode, or its fields for _execute. None: the Python path below.
+            # its result to encode, or its fields for _execute (and its releases, if it carries
+            # some). None: the Python path below.
             served = plain_serve_call(
                 data, self._exported if self._plain_execute else None, NO_KWARGS, imports.dying, codec.raw_limit
             )
             if served is not None:
                 if type(served) is bytes:
                     return served
-                result = served[0] if len(served) == 1 else self._execute(*served)
+                if len(served) == 6:  # a plain call carrying releases: applied as the path below does
+                    op, target, name, args, kwargs, releases = served
+                    if deferred is None:
+                        self.exports.release(releases)
+                    else:
+                        deferred.extend(releases)
+                    result = self._execute(op, target, name, args, kwargs)
+                else:
+                    result = served[0] if len(served) == 1 else self._execute(*served)
                 releases = imports.take_releases() if imports.dying else _NO_RELEASES
                 reply = plain_reply_frame(result, releases, codec.raw_limit)
+                if reply is None and not releases:  # an object by reference, the next most common
+                    reply = codec.reference_reply(result)
                 return reply if reply is not None else encode_reply(codec, result, releases)
         except BaseException as exc:  # everything, including SystemExit, belongs to the caller
             return encode_error(codec, exc, imports.take_releases(), with_traceback=type(exc) is not StopIteration)

@@ -296,6 +296,11 @@ def _public_properties(cls: type) -> tuple[str, ...]:
 
 _INTROSPECTION_TYPES = (types.FrameType, types.CodeType, types.TracebackType)
 _PAIR = struct.Struct("<QQ")  # REF payload: handle, class handle
+# A REPLY frame whose value is one REF and which carries no releases: fixarray 3, kind REPLY (2,
+# frames.Kind), fixext 16 of code REF, its pair, then an empty fixarray (Codec.reference_reply).
+_REFERENCE_REPLY_HEAD = bytes([0x93, 2, 0xD8, Ext.REF])
+_REFERENCE_REPLY_SIZE = len(_REFERENCE_REPLY_HEAD) + _PAIR.size + 1
+NOT_A_REFERENCE = object()  # what Codec.reference_in_reply returns for any other frame
 _NODE = struct.Struct("<I")  # NODE payload
 _HANDLE = struct.Struct("<Q")  # BACK payload
 # How a type crosses, as decided by Codec._classify.
@@ -752,6 +757,30 @@ class Codec:
     def _value_of(self, cls: type) -> Callable[[Any], Any]:
         """How to take the exact builtin value out of an instance of builtin subclass ``cls``."""
         return self._values[cls]
+
+    # -- an object by reference, the common result that is not plain ------------------------
+    def reference_reply(self, obj: Any) -> bytes | None:
+        """The REPLY frame ``[REPLY, REF(handle, class handle), []]`` of ``obj`` when it is an object
+        of an ordinary class this codec has met before: byte for byte what encode_reply makes, with
+        the same exports, without msgpack's detour through ``_default``. None: encode_reply decides."""
+        cls = type(obj)
+        if self._kinds.get(cls) != _PLAIN:
+            return None
+        space = self._space
+        handle = space.export(obj)
+        return _REFERENCE_REPLY_HEAD + _PAIR.pack(handle, space.export_class(cls)) + b"\x90"
+
+    def reference_in_reply(self, data: bytes) -> Any:
+        """The proxy a REPLY frame ``[REPLY, REF(handle, class handle), []]`` names, as decode_frame
+        would give it; NOT_A_REFERENCE for any other frame (decode_frame decides)."""
+        if len(data) != _REFERENCE_REPLY_SIZE or not data.startswith(_REFERENCE_REPLY_HEAD) or data[-1] != 0x90:
+            return NOT_A_REFERENCE
+        try:
+            return self._space.proxy(*_PAIR.unpack_from(data, len(_REFERENCE_REPLY_HEAD)))
+        except ProtocolError:
+            raise
+        except DECODE_ERRORS as exc:  # as decode_frame reports what its extension hook raised
+            raise ProtocolError(f"malformed value from compartment: {type(exc).__name__}: {exc}") from None
 
     # -- decoding ---------------------------------------------------------------------------
     def unpack(self, data: bytes) -> Any:

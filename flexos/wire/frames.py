@@ -241,9 +241,9 @@ if hasattr(encoding, "call_frame"):
     )
     plain_reply_frame: Callable[[Any, Releases, int], bytes | None] = encoding.reply_frame
     plain_reply_value: Callable[[bytes], Any] = encoding.reply_value
-    plain_call_parts: Callable[[bytes, dict[str, Any]], tuple[int, int | str, str | None, Any, Any] | None] = (
-        encoding.call_parts
-    )
+    # call_parts(frame, no_kwargs): (op, target, name, args, kwargs), and the releases as a sixth
+    # item when the frame carries some; None when it is not plain.
+    plain_call_parts: Callable[[bytes, dict[str, Any]], tuple[Any, ...] | None] = encoding.call_parts
     # serve_call(frame, objects, no_kwargs, dying, raw_limit): Link.dispatch's common case (see there).
     plain_serve_call: Callable[[bytes, Any, dict[str, Any], Any, int], Any] = encoding.serve_call
 else:  # msgpack-python, where flexos._msgpack was not built: every frame takes the path above
