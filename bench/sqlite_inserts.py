@@ -40,7 +40,7 @@ for _key, (_label, _placement) in list(CONFIGS.items()):
         del CONFIGS[_key]
 
 # configuration -> the most it may cost relative to no flexos
-GOAL_RATIOS = {"process": 1.5, "subinterp": 1.3}
+GOAL_RATIOS = {"process": 1.3, "subinterp": 1.2}
 # FlexOS (ASPLOS'22) figure 10, SQLite INSERTs relative to no isolation, for comparison.
 FLEXOS_PAPER_RATIOS = {"FlexOS MPK3": 1.96, "FlexOS EPT2": 3.2}
 

@@ -18,13 +18,15 @@
  *       CLOSED (1: the peer closed its side), GONE (2: the watch fd fired), or AGAIN (3: the
  *       timeout passed, or a signal came; the caller checks its deadline and calls again).
  *       Our flag is clear whenever it returns.
- *   route(...) once, then exchange(frame, seq, expected, budget_ns, park_ms) -> bytes | int
+ *   route(...) once, then exchange(frame, budget_ns, park_ms) -> bytes | int
  *       a whole round trip of one side: publish, wake the peer if it sleeps, then spin (if no
  *       other thread of the process spins) or park, and take a one-fragment reply within the
  *       fast limit. What is left to decide (a miss, a slow spin, fragments, a closed or dead
  *       peer) comes back as an outcome for shm.py's policy; the frame is then not taken. Routed
  *       with hand_over (the peer shares our only CPU), a park after waking the peer first
- *       yields the CPU to it once: one hand-over, never a yield loop.
+ *       yields the CPU to it once: one hand-over, never a yield loop. The sequence numbers
+ *       and the spin counters live here (out_seq, in_seq, spun, suspicions): shm.py reads
+ *       and writes them as attributes.
  *
  * Every offset is checked against the buffer, so a wrong one raises instead of touching memory
  * outside the mapping. The layout itself (what lives at which offset) is shm.py's.
@@ -65,6 +67,10 @@ typedef struct {
     int peer_efd, my_efd, watch_fd;
     short watch_events;
     int hand_over; /* the peer shares our only CPU: once woken, it gets the CPU before we park */
+    /* shm.py's RingChannel state that exchange() keeps itself (read and written there as attributes). */
+    unsigned long long out_seq, in_seq; /* the last frame sent, and taken */
+    unsigned long long spun;             /* waits that ended while spinning */
+    unsigned long long suspicions;       /* spins in a row that found the peer could not run */
 } Ring;
 
 /* Threads of this process spinning right now, in any interpreter. A spinning thread holds its
@@ -287,9 +293,10 @@ static PyObject *ring_route(Ring *self, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyObject *ring_exchange(Ring *self, PyObject *const *args, Py_ssize_t nargs) {
-    Py_ssize_t a[5];
-    if (ssize_args(args, nargs, 5, a, 1) < 0) /* argument 0 is the frame */
+    Py_ssize_t a[3];
+    if (ssize_args(args, nargs, 3, a, 1) < 0) /* argument 0 is the frame */
         return NULL;
+    Py_ssize_t budget = a[1], park_ms = a[2];
     if (!self->routed || !self->held) {
         PyErr_SetString(PyExc_ValueError, self->held ? "the ring has no route" : "the ring's memory was released");
         return NULL;
@@ -297,15 +304,15 @@ static PyObject *ring_exchange(Ring *self, PyObject *const *args, Py_ssize_t nar
     Py_buffer frame;
     if (PyObject_GetBuffer(args[0], &frame, PyBUF_SIMPLE) < 0)
         return NULL;
-    if (frame.len > self->capacity || a[1] < 0 || a[2] < 0) {
+    if (frame.len > self->capacity) {
         PyBuffer_Release(&frame);
-        PyErr_SetString(PyExc_ValueError, "frame over the capacity, or sequence number out of range");
+        PyErr_SetString(PyExc_ValueError, "frame over the capacity");
         return NULL;
     }
     memcpy(self->out_payload, frame.buf, (size_t)frame.len);
     __atomic_store_n((uint32_t *)self->out_hdr, (uint32_t)frame.len, __ATOMIC_RELAXED);
     __atomic_store_n((uint32_t *)(self->out_hdr + 4), 0u, __ATOMIC_RELAXED);
-    __atomic_store_n((uint64_t *)(self->out_hdr + 8), (uint64_t)a[1], __ATOMIC_RELEASE);
+    __atomic_store_n((uint64_t *)(self->out_hdr + 8), (uint64_t)++self->out_seq, __ATOMIC_RELEASE);
     __atomic_thread_fence(__ATOMIC_SEQ_CST); /* the store above before the load below (Dekker) */
     PyBuffer_Release(&frame);
     int woke = __atomic_load_n((uint32_t *)self->peer_sleep, __ATOMIC_RELAXED) != 0;
@@ -314,16 +321,16 @@ static PyObject *ring_exchange(Ring *self, PyObject *const *args, Py_ssize_t nar
         ssize_t wrote = write(self->peer_efd, &one, sizeof one);
         (void)wrote;
     }
-    uint64_t *word = (uint64_t *)(self->in_hdr + 8), expected = (uint64_t)a[2];
+    uint64_t *word = (uint64_t *)(self->in_hdr + 8), expected = (uint64_t)self->in_seq + 1;
     long long took = 0;
     if (__atomic_load_n(word, __ATOMIC_ACQUIRE) != expected) {
-        if (a[3] > 0 && __atomic_load_n(&spinners, __ATOMIC_RELAXED) == 0) {
+        if (budget > 0 && __atomic_load_n(&spinners, __ATOMIC_RELAXED) == 0) {
             __atomic_add_fetch(&spinners, 1, __ATOMIC_RELAXED);
-            took = spin_for(word, expected, (uint64_t)a[3]);
+            took = spin_for(word, expected, (uint64_t)budget);
             __atomic_sub_fetch(&spinners, 1, __ATOMIC_RELAXED);
-            if (took < 0 || took > a[3] / 2) /* empty-handed, or it took most of the budget: the caller decides */
+            if (took < 0 || took > budget / 2) /* empty-handed, or it took most of the budget: the caller decides */
                 return PyLong_FromLongLong(took);
-        } else if (a[4] > 0) {
+        } else if (park_ms > 0) {
             /* On one CPU the peer we just woke can only run once we stop: hand it the CPU now.
              * It usually answers before it blocks again, and we find the reply without sleeping
              * (without the poll, the wake-up it would write, and our read of it). */
@@ -333,7 +340,7 @@ static PyObject *ring_exchange(Ring *self, PyObject *const *args, Py_ssize_t nar
                 Py_END_ALLOW_THREADS
             }
             int status = park_once(self, (uint32_t *)self->my_sleep, word, expected, (uint32_t *)self->peer_closed,
-                                   self->my_efd, self->watch_fd, self->watch_events, (int)a[4]);
+                                   self->my_efd, self->watch_fd, self->watch_events, (int)park_ms);
             if (status < 0)
                 return NULL;
             if (status != ARRIVED)
@@ -347,8 +354,14 @@ static PyObject *ring_exchange(Ring *self, PyObject *const *args, Py_ssize_t nar
     if (flags || len > (uint64_t)self->fast_limit) /* fragments, a corrupt header, or over the bound */
         return PyLong_FromLongLong(took);
     PyObject *reply = PyBytes_FromStringAndSize(self->in_payload, (Py_ssize_t)len);
-    if (reply) /* picked up: tells a spinning peer we run */
+    if (reply) { /* picked up: tells a spinning peer we run */
         __atomic_store_n((uint64_t *)(self->in_hdr + 16), expected, __ATOMIC_RELEASE);
+        self->in_seq = expected;
+        if (budget > 0) { /* a spinning wait that ended well */
+            self->spun++;
+            self->suspicions = 0;
+        }
+    }
     return reply;
 }
 
@@ -378,12 +391,21 @@ static PyMethodDef ring_methods[] = {
      "route(out_payload, out_hdr, in_payload, in_hdr, peer_sleep, my_sleep, peer_closed, peer_efd, my_efd, "
      "watch_fd, watch_events, fast_limit, capacity, hand_over): this side's offsets and fds, once"},
     {"exchange", (PyCFunction)(void (*)(void))ring_exchange, METH_FASTCALL,
-     "exchange(frame, seq, expected, budget_ns, park_ms) -> the reply, or an outcome"},
+     "exchange(frame, budget_ns, park_ms) -> the reply, or an outcome"},
     {"release", (PyCFunction)ring_release, METH_NOARGS, "release the ring's hold on its memory"},
     {NULL, NULL, 0, NULL},
 };
 
+static PyMemberDef ring_members[] = {
+    {"out_seq", Py_T_ULONGLONG, offsetof(Ring, out_seq), 0, "the sequence number of the last frame sent"},
+    {"in_seq", Py_T_ULONGLONG, offsetof(Ring, in_seq), 0, "the sequence number of the last frame taken"},
+    {"spun", Py_T_ULONGLONG, offsetof(Ring, spun), 0, "waits that ended while spinning"},
+    {"suspicions", Py_T_ULONGLONG, offsetof(Ring, suspicions), 0, "spins in a row that found the peer could not run"},
+    {NULL},
+};
+
 static PyType_Slot ring_slots[] = {
+    {Py_tp_members, ring_members},
     {Py_tp_doc, "Ring(memory): the hot path of one shared-memory channel (see the module's docstring)."},
     {Py_tp_init, ring_init},
     {Py_tp_new, PyType_GenericNew},

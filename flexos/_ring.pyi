@@ -67,13 +67,17 @@ class Ring:
         """This side's offsets and descriptors, checked once, for :meth:`exchange`; ``hand_over``:
         the peer shares our only CPU, so a park after waking it yields the CPU to it once first."""
 
-    def exchange(
-        self, frame: bytes | memoryview, seq: int, expected: int, budget_ns: int, park_ms: int, /
-    ) -> bytes | int:
-        """Publish ``frame`` as ``seq``, wake a sleeping peer, then spin up to ``budget_ns`` (if no
-        other thread spins) or park up to ``park_ms``: the reply ``expected`` if it came as one
-        fragment within the fast limit (and, spun for, in half the budget); else an outcome: ns
-        (there, not taken), MISSED, NEEDS_CPU, NOT_SPUN, PARKED_AGAIN, PEER_CLOSED or PEER_GONE."""
+    out_seq: int
+    in_seq: int
+    spun: int
+    suspicions: int
+
+    def exchange(self, frame: bytes | memoryview, budget_ns: int, park_ms: int, /) -> bytes | int:
+        """Publish ``frame`` as ``out_seq + 1``, wake a sleeping peer, then spin up to ``budget_ns``
+        (if no other thread spins) or park up to ``park_ms``: the reply ``in_seq + 1`` if it came
+        as one fragment within the fast limit (and, spun for, in half the budget), counted in
+        ``in_seq`` (and ``spun``); else an outcome: ns (there, not taken), MISSED, NEEDS_CPU,
+        NOT_SPUN, PARKED_AGAIN, PEER_CLOSED or PEER_GONE."""
 
     def release(self) -> None:
         """Let go of the memory (before its mmap is closed)."""

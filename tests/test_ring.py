@@ -240,10 +240,15 @@ def answer(memory: mmap.mmap, frame: bytes, seq: int, flags: int = 0) -> None:
 def test_exchange_publishes_and_takes_a_reply_already_there(memory: mmap.mmap, fds: tuple[int, int, int]) -> None:
     ring, peer_efd = routed(memory, fds)
     answer(memory, b"pong", 1)
-    assert ring.exchange(b"ping", 1, 1, 0, 0) == b"pong"
+    assert ring.exchange(b"ping", 0, 0) == b"pong"
     assert memory[OUT_PAYLOAD : OUT_PAYLOAD + 4] == b"ping"
     assert struct.unpack_from("<IIQ", memory, OUT_HDR) == (4, 0, 1)
     assert struct.unpack_from("<Q", memory, IN_HDR + 16)[0] == 1  # acknowledged: we picked it up
+    assert (ring.out_seq, ring.in_seq, ring.spun) == (1, 1, 0)  # taken without a spin
+    ring.out_seq, ring.in_seq = 41, 6  # the channel's own numbering, which the Ring continues
+    answer(memory, b"again", 7)
+    assert ring.exchange(b"ping", 0, 0) == b"again"
+    assert struct.unpack_from("<IIQ", memory, OUT_HDR) == (4, 0, 42) and ring.in_seq == 7
     with pytest.raises(BlockingIOError):  # the peer was awake: no wake-up was written
         os.eventfd_read(peer_efd)
     os.close(peer_efd)
@@ -254,9 +259,10 @@ def test_exchange_wakes_a_sleeping_peer_and_says_when_it_neither_spun_nor_parked
 ) -> None:
     ring, peer_efd = routed(memory, fds)
     struct.pack_into("<I", memory, THEIR_SLEEP, 1)
-    assert ring.exchange(b"ping", 1, 1, 0, 0) == NOT_SPUN
+    assert ring.exchange(b"ping", 0, 0) == NOT_SPUN
     assert os.eventfd_read(peer_efd) == 1
     assert struct.unpack_from("<Q", memory, IN_HDR + 16)[0] == 0  # nothing was taken
+    assert (ring.out_seq, ring.in_seq) == (1, 0)
     os.close(peer_efd)
 
 
@@ -266,8 +272,10 @@ def test_exchange_spins_for_the_reply_or_reports_the_miss(tmp_path, fds: tuple[i
     with open(shared, "r+b") as file:
         memory = mmap.mmap(file.fileno(), 4096)
     ring, peer_efd = routed(memory, fds)
-    assert ring.exchange(b"ping", 1, 1, 1_000_000, 0) in (MISSED, NEEDS_CPU)
+    assert ring.exchange(b"ping", 1_000_000, 0) in (MISSED, NEEDS_CPU)
     assert spinners() == 0  # the spin is over, and counted no more
+    assert (ring.out_seq, ring.in_seq, ring.spun) == (1, 0, 0)
+    ring.suspicions = 2  # the policy's count (shm.py), which a spin that ends well clears
     # The peer: another process (a thread would need the GIL the spin holds), answering in 10 ms.
     peer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import mmap, struct, time
@@ -277,11 +285,13 @@ def test_exchange_spins_for_the_reply_or_reports_the_miss(tmp_path, fds: tuple[i
         memory[{IN_PAYLOAD}:{IN_PAYLOAD + 4}] = b"late"
         struct.pack_into("<IIQ", memory, {IN_HDR}, 4, 0, 1)
     """)])  # fmt: skip
-    got = ring.exchange(b"ping", 2, 1, 5_000_000_000, 0)
+    got = ring.exchange(b"ping", 5_000_000_000, 0)
     assert peer.wait(10) == 0
     # at most a few hundred ms of a 5 s budget: taken (one over half the budget is left to the caller)
     assert got == b"late"
-    assert ring.exchange(b"ping", 3, 3, 1_000_000, 0) in (MISSED, NEEDS_CPU)  # seq 3 never comes
+    assert (ring.out_seq, ring.in_seq, ring.spun, ring.suspicions) == (2, 1, 1, 0)
+    assert ring.exchange(b"ping", 1_000_000, 0) in (MISSED, NEEDS_CPU)  # seq 2 never comes
+    assert (ring.in_seq, ring.spun) == (1, 1)
     ring.release()
     os.close(peer_efd)
 
@@ -293,12 +303,15 @@ def test_exchange_leaves_fragments_and_oversized_frames_to_the_caller(
     the caller's recv() checks it whole (and refuses a corrupt one)."""
     ring, peer_efd = routed(memory, fds, fast_limit=16)
     answer(memory, b"part", 1, flags=1)
-    assert ring.exchange(b"a", 1, 1, 0, 0) == 0  # arrived, not spun for, not taken
+    assert ring.exchange(b"a", 0, 0) == 0  # arrived, not spun for, not taken
+    assert ring.in_seq == 0
+    ring.in_seq = 1  # as the caller's recv() would, taking it
     answer(memory, b"x" * 17, 2)
-    assert ring.exchange(b"b", 2, 2, 0, 0) == 0
+    assert ring.exchange(b"b", 0, 0) == 0
+    ring.in_seq = 2
     struct.pack_into("<IIQ", memory, IN_HDR, 0xFFFFFFFF, 0, 3)  # a length far past the memory
-    assert ring.exchange(b"c", 3, 3, 0, 0) == 0
-    assert struct.unpack_from("<Q", memory, IN_HDR + 16)[0] == 0
+    assert ring.exchange(b"c", 0, 0) == 0
+    assert struct.unpack_from("<Q", memory, IN_HDR + 16)[0] == 0 and ring.in_seq == 2
     os.close(peer_efd)
 
 
@@ -317,14 +330,15 @@ def test_exchange_parks_until_woken_or_told_the_peer_closed(
         os.eventfd_write(efd, 1)
 
     threading.Timer(0.05, reply_and_wake).start()
-    assert ring.exchange(b"ping", 1, 1, 0, 5000) == b"woken"
+    assert ring.exchange(b"ping", 0, 5000) == b"woken"
     assert struct.unpack_from("<I", memory, MY_SLEEP)[0] == 0
-    assert ring.exchange(b"ping", 2, 2, 0, 10) == PARKED_AGAIN  # nothing within 10 ms
+    assert ring.exchange(b"ping", 0, 10) == PARKED_AGAIN  # nothing within 10 ms
     struct.pack_into("<I", memory, THEIR_CLOSED, 1)
-    assert ring.exchange(b"ping", 3, 2, 0, 5000) == PEER_CLOSED
+    assert ring.exchange(b"ping", 0, 5000) == PEER_CLOSED
     struct.pack_into("<I", memory, THEIR_CLOSED, 0)
     os.write(watch_w, b"x")  # the peer's watch fd fires: it died
-    assert ring.exchange(b"ping", 4, 2, 0, 5000) == PEER_GONE
+    assert ring.exchange(b"ping", 0, 5000) == PEER_GONE
+    assert (ring.out_seq, ring.in_seq) == (4, 1)
     assert os.eventfd_read(peer_efd) == 4  # one wake-up per frame
     os.close(peer_efd)
 
@@ -334,7 +348,7 @@ def test_one_thread_spins_at_a_time(memory: mmap.mmap, fds: tuple[int, int, int]
     ring, peer_efd = routed(memory, fds)
     assert hold_spin(1) == 1
     try:
-        assert ring.exchange(b"ping", 1, 1, 1_000_000_000, 0) == NOT_SPUN
+        assert ring.exchange(b"ping", 1_000_000_000, 0) == NOT_SPUN
     finally:
         assert hold_spin(-1) == 0
     with pytest.raises(ValueError):
@@ -361,12 +375,13 @@ def test_a_ring_is_routed_once_and_bounds_what_it_sends(memory: mmap.mmap, fds: 
     with pytest.raises(TypeError):
         ring.route(OUT_PAYLOAD, OUT_HDR, IN_PAYLOAD, IN_HDR, 64, 0, 68, 0, 0, 0, 0, CAPACITY, CAPACITY, False)
     with pytest.raises(ValueError):
-        ring.exchange(b"x" * (CAPACITY + 1), 1, 1, 0, 0)
+        ring.exchange(b"x" * (CAPACITY + 1), 0, 0)
+    assert ring.out_seq == 0  # nothing was sent
     with pytest.raises(ValueError):  # a fast limit over the capacity
         Ring(memory).route(OUT_PAYLOAD, OUT_HDR, IN_PAYLOAD, IN_HDR, 64, 0, 68, 0, 0, 0, 0, CAPACITY + 1, CAPACITY, 0)
     with pytest.raises(ValueError):
-        Ring(memory).exchange(b"x", 1, 1, 0, 0)  # not routed
+        Ring(memory).exchange(b"x", 0, 0)  # not routed
     ring.release()
     with pytest.raises(ValueError):
-        ring.exchange(b"x", 1, 1, 0, 0)
+        ring.exchange(b"x", 0, 0)
     os.close(peer_efd)

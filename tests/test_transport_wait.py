@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import mmap
 import os
+import select
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -126,3 +128,27 @@ def test_a_process_confined_to_one_cpu_never_spins() -> None:
     assert done.returncode == 0, done.stderr
     spins, parked = map(int, done.stdout.split())
     assert spins == 0 and parked > 0
+
+
+@pytest.mark.parametrize("branch", ["spinning", "parking", "probing", "deadline"])
+def test_a_reply_already_there_is_taken_once_whichever_way_the_channel_waits(branch: str) -> None:
+    """Ring.exchange takes a reply it finds at once; the channel must not take it a second time
+    (which would skip a sequence number, and hang the next call waiting for one never sent)."""
+    watch_r, watch_w = os.pipe()
+    ours, fds = shm.ShmChannel.create(watch_r, select.POLLIN)
+    theirs = shm.ShmChannel((fds[0], fds[1], fds[2]), 1, watch_r, select.POLLIN)
+    ours._parking = branch != "spinning"
+    ours._never_spin = False
+    ours._waits_since_probe = ours._probe_every - 1 if branch == "probing" else 0
+    deadline = time.monotonic() + 60 if branch == "deadline" else None
+    try:
+        for n in range(3):
+            theirs.send(b"reply %d" % n)  # the peer's frame is there before ours goes out
+            assert ours.exchange(b"call %d" % n, deadline) == b"reply %d" % n
+            assert theirs.recv() == b"call %d" % n
+        assert ours._in_seq == ours._out_seq == 3
+    finally:
+        ours.close()
+        theirs.close()
+        os.close(watch_r)
+        os.close(watch_w)

@@ -22,7 +22,7 @@ from experiments.common.tables import median_by, print_table, read_csv, write_cs
 FOLDER = Path(__file__).resolve().parent
 APP = "sqlite"
 VARIANTS = mechanism_variants("fcalls", "subinterp", "process", "process-hardened")
-TARGETS = {"process": 1.5, "subinterp": 1.3}  # at most this many times no flexos
+TARGETS = {"process": 1.3, "subinterp": 1.2}  # at most this many times no flexos
 TMPFS = Path("/dev/shm")
 
 

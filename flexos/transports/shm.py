@@ -374,8 +374,8 @@ class ShmChannel(RingChannel):
             raise ProtocolError("channel memory is not a sealed region of the agreed size")
         mm = mmap.mmap(mem_fd, size)
         os.close(mem_fd)
+        self._ring = ring = Ring(mm)  # before the base's state: some of it lives there
         super().__init__(mm, 0, side, capacity, spin_us, max_frame)
-        self._ring = ring = Ring(mm)
         self._publish, self._poll_for = ring.publish, ring.spin
         self._efds = (efd0, efd1)
         self._my_efd = efd0 if side == 0 else efd1
@@ -419,22 +419,52 @@ class ShmChannel(RingChannel):
         peer_fds = [os.dup(mem_fd), os.dup(efd0), os.dup(efd1)]
         return cls((mem_fd, efd0, efd1), 0, watch_fd, watch_events, capacity, spin_us, max_frame), peer_fds
 
+    # What Ring.exchange keeps up to date itself: the base class's attributes, stored in the Ring.
+    @property
+    def _out_seq(self) -> int:
+        return self._ring.out_seq
+
+    @_out_seq.setter
+    def _out_seq(self, value: int) -> None:
+        self._ring.out_seq = value
+
+    @property
+    def _in_seq(self) -> int:
+        return self._ring.in_seq
+
+    @_in_seq.setter
+    def _in_seq(self, value: int) -> None:
+        self._ring.in_seq = value
+
+    @property
+    def spun(self) -> int:
+        return self._ring.spun
+
+    @spun.setter
+    def spun(self, value: int) -> None:
+        self._ring.spun = value
+
+    @property
+    def _suspicions(self) -> int:
+        return self._ring.suspicions
+
+    @_suspicions.setter
+    def _suspicions(self, value: int) -> None:
+        self._ring.suspicions = value
+
     def exchange(self, frame: bytes, deadline: float | None = None) -> bytes:
         """RingChannel.exchange with its common case in one C call (``Ring.exchange``): publish,
         wake the peer if it sleeps, then spin or park as the policy of ``_wait`` says, and take
-        a one-fragment reply. What that call leaves to decide comes back as an outcome."""
+        a one-fragment reply (counting a spin that found it). What that call leaves to decide
+        comes back as an outcome."""
         if len(frame) > self._capacity:
             return super().exchange(frame, deadline)
-        seq = self._out_seq = self._out_seq + 1
-        expected = self._in_seq + 1
         if not self._parking:
             budget = self._budget
-            got = self._ring_exchange(frame, seq, expected, budget, 0)
+            got = self._ring_exchange(frame, budget, 0)
             if isinstance(got, bytes):
-                self._in_seq = expected
-                self.spun += 1
-                self._suspicions = 0
                 return got
+            expected = self._in_seq + 1
             if got >= 0:  # there, but not taken: a spin that took most of the budget, or fragments
                 self._spun_for(got)
                 self._suspicions = 0
@@ -448,10 +478,10 @@ class ShmChannel(RingChannel):
         elif deadline is None and (self._never_spin or self._waits_since_probe + 1 < self._probe_every):
             self._waits_since_probe += 1  # a plain hand-over: no probe is due
             self.parked += 1
-            got = self._ring_exchange(frame, seq, expected, 0, _BLOCK_POLL_MS)
+            got = self._ring_exchange(frame, 0, _BLOCK_POLL_MS)
             if isinstance(got, bytes):
-                self._in_seq = expected
                 return got
+            expected = self._in_seq + 1
             if got == PEER_CLOSED:
                 raise ChannelClosed()
             if got == PEER_GONE:
@@ -460,7 +490,10 @@ class ShmChannel(RingChannel):
                 self._block(self._in_hdr + _SEQ_AT, expected, deadline)
             return self._take(expected, deadline)
         else:  # a probe is due, or a deadline holds: publish here, and wait as _wait decides
-            got = self._ring_exchange(frame, seq, expected, 0, 0)
+            got = self._ring_exchange(frame, 0, 0)
+            if isinstance(got, bytes):  # already there, and taken
+                return got
+            expected = self._in_seq + 1
         if got == NOT_SPUN:
             self._wait(self._in_hdr + _SEQ_AT, expected, deadline)
         return self._take(expected, deadline)
