@@ -352,6 +352,12 @@ class RingChannel(ABC):
                 return NEEDS_CPU if preempted else MISSED
 
 
+def _kept_in_ring(name: str) -> Any:
+    """A RingChannel attribute that a ShmChannel keeps in its Ring (``self._ring``), where
+    Ring.exchange reads and updates it without a Python frame."""
+    return property(lambda self: getattr(self._ring, name), lambda self, value: setattr(self._ring, name, value))
+
+
 class ShmChannel(RingChannel):
     """One side (0 or 1) of a shared-memory channel between two processes: a sealed memfd, and an
     eventfd per side that a sleeping side blocks on."""
@@ -420,37 +426,10 @@ class ShmChannel(RingChannel):
         return cls((mem_fd, efd0, efd1), 0, watch_fd, watch_events, capacity, spin_us, max_frame), peer_fds
 
     # What Ring.exchange keeps up to date itself: the base class's attributes, stored in the Ring.
-    @property
-    def _out_seq(self) -> int:
-        return self._ring.out_seq
-
-    @_out_seq.setter
-    def _out_seq(self, value: int) -> None:
-        self._ring.out_seq = value
-
-    @property
-    def _in_seq(self) -> int:
-        return self._ring.in_seq
-
-    @_in_seq.setter
-    def _in_seq(self, value: int) -> None:
-        self._ring.in_seq = value
-
-    @property
-    def spun(self) -> int:
-        return self._ring.spun
-
-    @spun.setter
-    def spun(self, value: int) -> None:
-        self._ring.spun = value
-
-    @property
-    def _suspicions(self) -> int:
-        return self._ring.suspicions
-
-    @_suspicions.setter
-    def _suspicions(self, value: int) -> None:
-        self._ring.suspicions = value
+    _out_seq = _kept_in_ring("out_seq")
+    _in_seq = _kept_in_ring("in_seq")
+    spun = _kept_in_ring("spun")
+    _suspicions = _kept_in_ring("suspicions")
 
     def exchange(self, frame: bytes, deadline: float | None = None) -> bytes:
         """RingChannel.exchange with its common case in one C call (``Ring.exchange``): publish,
