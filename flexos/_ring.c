@@ -338,6 +338,8 @@ static PyObject *ring_exchange(Ring *self, PyObject *const *args, Py_ssize_t nar
                 Py_BEGIN_ALLOW_THREADS
                 sched_yield();
                 Py_END_ALLOW_THREADS
+                if (!self->held) /* released (its channel closed) meanwhile: the memory may be gone */
+                    return PyLong_FromLong(PEER_GONE);
             }
             int status = park_once(self, (uint32_t *)self->my_sleep, word, expected, (uint32_t *)self->peer_closed,
                                    self->my_efd, self->watch_fd, self->watch_events, (int)park_ms);

@@ -356,6 +356,28 @@ def test_one_thread_spins_at_a_time(memory: mmap.mmap, fds: tuple[int, int, int]
     os.close(peer_efd)
 
 
+@pytest.mark.parametrize("hand_over", [False, True])
+def test_a_ring_released_and_unmapped_during_an_exchange_is_not_touched(
+    memory: mmap.mmap, fds: tuple[int, int, int], hand_over: bool
+) -> None:
+    """Another thread closing the channel while an exchange hands the CPU over or sleeps: it ends
+    as if the peer were gone, without a store into the unmapped memory."""
+    ring, peer_efd = routed(memory, fds, hand_over=hand_over)
+    struct.pack_into("<I", memory, THEIR_SLEEP, 1)  # the peer sleeps: the exchange wakes it first
+
+    def close_it() -> None:
+        time.sleep(0.05)
+        ring.release()
+        memory.close()  # unmapped: a store into it now would crash the process
+
+    closer = threading.Thread(target=close_it)
+    closer.start()
+    got = ring.exchange(b"ping", 0, 300)
+    closer.join()
+    assert got == PEER_GONE and memory.closed
+    os.close(peer_efd)
+
+
 @pytest.mark.parametrize(
     "route",
     [
