@@ -169,6 +169,17 @@ static long long spin_for(uint64_t *word, uint64_t value, uint64_t budget) {
     }
 }
 
+/* Copy the frame into the payload, store its length and flags, then its sequence number (a
+ * release store, so the reader that sees it sees the rest), fence, and say whether the peer sleeps. */
+static int store_frame(char *payload, char *header, Py_buffer *frame, uint32_t flags, uint64_t seq, char *peer_sleep) {
+    memcpy(payload, frame->buf, (size_t)frame->len);
+    __atomic_store_n((uint32_t *)header, (uint32_t)frame->len, __ATOMIC_RELAXED);
+    __atomic_store_n((uint32_t *)(header + 4), flags, __ATOMIC_RELAXED);
+    __atomic_store_n((uint64_t *)(header + 8), seq, __ATOMIC_RELEASE);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* the store above before the load below (Dekker) */
+    return __atomic_load_n((uint32_t *)peer_sleep, __ATOMIC_RELAXED) != 0;
+}
+
 static PyObject *ring_publish(Ring *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_ssize_t a[6];
     if (ssize_args(args, nargs, 6, a, 1 << 1) < 0) /* argument 1 is the frame */
@@ -185,15 +196,9 @@ static PyObject *ring_publish(Ring *self, PyObject *const *args, Py_ssize_t narg
         PyBuffer_Release(&frame);
         return NULL;
     }
-    memcpy(payload, frame.buf, (size_t)frame.len);
-    uint32_t len = (uint32_t)frame.len, flags = (uint32_t)a[3];
-    __atomic_store_n((uint32_t *)header, len, __ATOMIC_RELAXED);
-    __atomic_store_n((uint32_t *)(header + 4), flags, __ATOMIC_RELAXED);
-    __atomic_store_n((uint64_t *)(header + 8), (uint64_t)a[4], __ATOMIC_RELEASE);
-    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* the store above before the load below (Dekker) */
-    uint32_t sleeping = __atomic_load_n((uint32_t *)peer_sleep, __ATOMIC_RELAXED);
+    int sleeping = store_frame(payload, header, &frame, (uint32_t)a[3], (uint64_t)a[4], peer_sleep);
     PyBuffer_Release(&frame);
-    return PyBool_FromLong(sleeping != 0);
+    return PyBool_FromLong(sleeping);
 }
 
 static PyObject *ring_spin(Ring *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -309,13 +314,8 @@ static PyObject *ring_exchange(Ring *self, PyObject *const *args, Py_ssize_t nar
         PyErr_SetString(PyExc_ValueError, "frame over the capacity");
         return NULL;
     }
-    memcpy(self->out_payload, frame.buf, (size_t)frame.len);
-    __atomic_store_n((uint32_t *)self->out_hdr, (uint32_t)frame.len, __ATOMIC_RELAXED);
-    __atomic_store_n((uint32_t *)(self->out_hdr + 4), 0u, __ATOMIC_RELAXED);
-    __atomic_store_n((uint64_t *)(self->out_hdr + 8), (uint64_t)++self->out_seq, __ATOMIC_RELEASE);
-    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* the store above before the load below (Dekker) */
+    int woke = store_frame(self->out_payload, self->out_hdr, &frame, 0, ++self->out_seq, self->peer_sleep);
     PyBuffer_Release(&frame);
-    int woke = __atomic_load_n((uint32_t *)self->peer_sleep, __ATOMIC_RELAXED) != 0;
     if (woke) {
         uint64_t one = 1; /* EAGAIN: the peer saturated its counter, so its poll() returns anyway */
         ssize_t wrote = write(self->peer_efd, &one, sizeof one);

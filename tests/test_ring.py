@@ -124,6 +124,20 @@ def test_park_reports_a_closed_peer_a_dead_peer_and_a_timeout(memory: mmap.mmap,
     assert struct.unpack_from("<I", memory, SLEEP)[0] == 0
 
 
+def close_soon(ring: Ring, memory: mmap.mmap) -> threading.Thread:
+    """Another thread that, in 50 ms, releases the ring and unmaps its memory (a store into it
+    after that would crash the process)."""
+
+    def close_it() -> None:
+        time.sleep(0.05)
+        ring.release()
+        memory.close()
+
+    closer = threading.Thread(target=close_it)
+    closer.start()
+    return closer
+
+
 def test_a_ring_released_and_unmapped_during_a_park_is_not_touched(
     memory: mmap.mmap, fds: tuple[int, int, int]
 ) -> None:
@@ -131,13 +145,7 @@ def test_a_ring_released_and_unmapped_during_a_park_is_not_touched(
     ring = Ring(memory)
     efd, watch_r, _ = fds
 
-    def close_it() -> None:
-        time.sleep(0.05)
-        ring.release()
-        memory.close()  # unmapped: a store into it now would crash the process
-
-    closer = threading.Thread(target=close_it)
-    closer.start()
+    closer = close_soon(ring, memory)
     status = ring.park(SLEEP, HEADER + 8, 9, CLOSED_FLAG, efd, watch_r, select.POLLIN, 300)
     closer.join()
     assert status == GONE and memory.closed
@@ -365,13 +373,7 @@ def test_a_ring_released_and_unmapped_during_an_exchange_is_not_touched(
     ring, peer_efd = routed(memory, fds, hand_over=hand_over)
     struct.pack_into("<I", memory, THEIR_SLEEP, 1)  # the peer sleeps: the exchange wakes it first
 
-    def close_it() -> None:
-        time.sleep(0.05)
-        ring.release()
-        memory.close()  # unmapped: a store into it now would crash the process
-
-    closer = threading.Thread(target=close_it)
-    closer.start()
+    closer = close_soon(ring, memory)
     got = ring.exchange(b"ping", 0, 300)
     closer.join()
     assert got == PEER_GONE and memory.closed
