@@ -8,7 +8,8 @@ Rows, each a transfer of ``--mb`` MB, alternating over rounds (the order rotates
 - flexos process, ``bytes`` in / back: ``lib.take(data)`` (the library gets ``bytes``) and
   ``lib.give()`` (it returns ``bytes`` it holds);
 - flexos process, ``view`` in / back: the same with the library declared ``sharing: {buffers:
-  view}`` (the receiver gets a read-only memoryview of a sealed buffer).
+  view}`` (the receiver gets a read-only memoryview: the compartment of the app's arena in
+  place, the app of a copy of its own).
 
 GB/s is the payload over the median round; the ratios compare medians of the same run. Run::
 

@@ -1,6 +1,7 @@
 """``sharing: {buffers: view}`` in flexos.yaml reaches the gates: a library placed in a ``process``
-compartment that declares it gets large buffers as read-only views of sealed shared memory, and
-the app gets its large results so; a library that does not gets (and gives) its own copies."""
+compartment that declares it gets large buffers as read-only views (of the app's arena, in place),
+and the app gets its large results so (views of copies of its own); a library that does not gets
+(and gives) its own copies. Then the ports themselves, against a hostile peer."""
 
 from __future__ import annotations
 
@@ -200,3 +201,144 @@ def test_the_peer_cannot_change_a_view_it_lent(ports) -> None:
         assert bytes(view[:2]) == b"ok" and bytes(view) == b"ok" * (size // 2)
     finally:
         os.close(fd)
+
+
+# -- views in place: the app's arena slot stays the compartment's until it drops the view ---------
+
+
+def _arena_view(app: BulkPort, data: bytes) -> tuple[bytes, Loan]:
+    record = app.lend(data)
+    return record, bulk.decode_loan(record[: bulk.RECORD_SIZE], 1 << 20)
+
+
+def test_a_buffer_the_app_lends_is_viewed_in_place_until_the_view_is_dropped(ports) -> None:
+    """Zero-copy into the compartment: its view is of the app's arena (which it cannot write), and
+    the slot is not reused while any view of it lives, however many buffers cross meanwhile."""
+    app, compartment = ports(app_views=True, compartment_views=True)
+    record, loan = _arena_view(app, b"1" * THRESHOLD)
+    assert loan.placement == Placement.ARENA_VIEW
+    first = compartment.borrow(record)
+    assert type(first) is memoryview and first.readonly and bytes(first) == b"1" * THRESHOLD
+    part = first[10:20]  # a slice holds the slot as the view does
+    del first
+    for fill in b"23456789":
+        kept = compartment.borrow(app.lend(bytes([fill]) * THRESHOLD))
+        assert bytes(kept) == bytes([fill]) * THRESHOLD
+        del kept  # its slot comes back...
+    assert bytes(part) == b"1" * 10  # ...the first one's does not
+    assert app.arena_in_use() == THRESHOLD
+    part.release()
+    assert app.arena_in_use() == 0
+
+
+def test_a_view_in_place_is_read_only_all_the_way_down(ports) -> None:
+    """Neither the view nor what it is a view of (``view.obj``) gives a writable buffer."""
+    import ctypes
+
+    app, compartment = ports(app_views=True, compartment_views=True)
+    view = compartment.borrow(app.lend(b"x" * THRESHOLD))
+    with pytest.raises(TypeError):
+        (ctypes.c_char * THRESHOLD).from_buffer(view)
+    with pytest.raises(TypeError):
+        memoryview(view.obj)
+    assert bytes(view[:1]) == b"x"
+
+
+def test_a_compartment_that_keeps_every_view_makes_the_app_lend_sealed_buffers(ports) -> None:
+    """The app's arena fills with slots still viewed: further buffers cross as sealed memfds, as
+    large ones always do; nothing the compartment holds changes."""
+    app, compartment = ports(app_views=True, compartment_views=True)
+    size = 256 << 10  # four fill the 1 MiB arena
+    kept = [compartment.borrow(app.lend(bytes([i]) * size)) for i in range(6)]
+    assert [bytes(view[:1]) + bytes(view[-1:]) for view in kept] == [bytes([i, i]) for i in range(6)]
+    assert app.arena_in_use() == 4 * size
+    assert bulk.decode_loan(app.lend(b"s" * size)[: bulk.RECORD_SIZE], 1 << 20).placement == Placement.VIEW
+    compartment.borrow(app.lend(b"s" * size))  # (the descriptor of the sealed one above is still queued)
+    del kept
+    assert app.arena_in_use() == 0
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        bulk.encode_release([0]),  # a slot that is not lent
+        bulk.encode_release([4096]),  # not lent either: the one lent starts at 0
+        bulk.encode_release([0, 0]),  # the slot that is lent, twice
+    ],
+    ids=["not-lent", "no-slot-there", "twice"],
+)
+def test_a_release_of_what_was_not_lent_is_refused_and_ends_lending_in_place(ports, forged: bytes) -> None:
+    app, compartment = ports(app_views=True, compartment_views=True)
+    if forged != bulk.encode_release([0]):
+        kept = compartment.borrow(app.lend(b"k" * THRESHOLD))  # slot 0, viewed
+    compartment._sock.sendmsg([forged])
+    with pytest.raises(ProtocolError, match="released a buffer it was not lent"):
+        app.lend(b"n" * THRESHOLD)
+    record = app.lend(b"n" * THRESHOLD)  # later buffers are copied out: no word of the peer's needed
+    assert bulk.decode_loan(record[: bulk.RECORD_SIZE], 1 << 20).placement == Placement.ARENA
+    assert bytes(compartment.borrow(record)) == b"n" * THRESHOLD
+    if forged != bulk.encode_release([0]):
+        assert bytes(kept) == b"k" * THRESHOLD
+
+
+@pytest.mark.parametrize(
+    ("message", "error"),
+    [
+        (bulk.RELEASE_TAG, "malformed buffer release message"),  # no offset
+        (bulk.RELEASE_TAG + bytes(7), "malformed buffer release message"),
+        (bulk.RELEASE_TAG + bytes(8) * (bulk.MAX_RELEASES + 1), "malformed buffer release message"),
+    ],
+    ids=["no-offset", "short-offset", "too-many"],
+)
+def test_a_malformed_release_message_is_refused(ports, message: bytes, error: str) -> None:
+    app, compartment = ports(app_views=True, compartment_views=True)
+    kept = compartment.borrow(app.lend(b"k" * THRESHOLD))
+    compartment._sock.sendmsg([message])
+    with pytest.raises(ProtocolError, match=error):
+        app.arena_in_use()
+    assert bytes(kept) == b"k" * THRESHOLD
+
+
+def test_a_release_with_a_descriptor_is_no_release(ports) -> None:
+    """A descriptor never rides a RELEASE: the message is taken for a (malformed) transfer, and the
+    descriptor closed."""
+    app, compartment = ports(app_views=True, compartment_views=True)
+    compartment.borrow(app.lend(b"k" * THRESHOLD))
+    fd = _memfd(b"z", 0)
+    before = len(os.listdir("/proc/self/fd"))
+    try:
+        socket.send_fds(compartment._sock, [bulk.encode_release([0])], [fd])
+    finally:
+        os.close(fd)
+    with pytest.raises(ProtocolError, match="malformed buffer transfer message"):
+        app.arena_in_use()
+    assert len(os.listdir("/proc/self/fd")) < before
+
+
+def test_the_app_views_its_own_copy_of_what_the_compartment_lends(ports) -> None:
+    """The compartment's arena is its own to write: the app's view is of a copy in memory of the
+    app's, which the compartment's later writes never reach; the copy's slot is reused once the
+    view is dropped."""
+    app, compartment = ports(app_views=True, compartment_views=True)
+    record = compartment.lend(b"c" * THRESHOLD)
+    assert bulk.decode_loan(record[: bulk.RECORD_SIZE], 1 << 20).placement == Placement.ARENA
+    view = app.borrow(record)
+    compartment._out[:THRESHOLD] = b"X" * THRESHOLD  # the sender rewrites its slot
+    assert type(view) is memoryview and view.readonly and bytes(view) == b"c" * THRESHOLD
+    assert app.copies_in_use() == THRESHOLD
+    del view
+    assert app.copies_in_use() == 0
+
+
+def test_a_view_of_a_copy_is_a_fresh_object_when_the_copies_are_full(ports) -> None:
+    app, compartment = ports(app_views=True, compartment_views=True)
+    size = 256 << 10
+    kept = []
+    for i in range(6):  # the copies' space is the arena's size (1 MiB): four slots
+        kept.append(app.borrow(compartment.lend(bytes([i]) * size)))
+        compartment.received()  # the app's next frame: the compartment's slot is free again
+    assert [bytes(view[:1]) for view in kept] == [bytes([i]) for i in range(6)]
+    assert all(view.readonly for view in kept)
+    assert app.copies_in_use() == 4 * size
+    del kept
+    assert app.copies_in_use() == 0

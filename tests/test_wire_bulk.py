@@ -44,18 +44,23 @@ def ports() -> Iterator[tuple[BulkPort, BulkPort]]:
 # -- records --------------------------------------------------------------------------------------
 
 
+IN_ARENA = [Placement.ARENA, Placement.ARENA_VIEW]
+
+
+@pytest.mark.parametrize("placement", IN_ARENA)
 @pytest.mark.parametrize(("where", "length"), [(0, 0), (0, ARENA), (ARENA, 0), (ARENA - 1, 1), (4096, ARENA - 4096)])
-def test_an_arena_loan_inside_the_arena_decodes(where: int, length: int) -> None:
-    loan = Loan(Kind.BYTEARRAY, Placement.ARENA, where, length)
+def test_an_arena_loan_inside_the_arena_decodes(where: int, length: int, placement: int) -> None:
+    loan = Loan(Kind.BYTEARRAY, placement, where, length)
     assert bulk.decode_loan(bulk.encode_loan(loan), ARENA) == loan
 
 
+@pytest.mark.parametrize("placement", IN_ARENA)
 @pytest.mark.parametrize(
     ("where", "length"), [(ARENA + 1, 0), (ARENA, 1), (ARENA - 1, 2), (0, ARENA + 1), (2**64 - 1, 2), (2, 2**64 - 1)]
 )
-def test_an_arena_loan_past_the_end_is_refused(where: int, length: int) -> None:
+def test_an_arena_loan_past_the_end_is_refused(where: int, length: int, placement: int) -> None:
     with pytest.raises(ProtocolError, match="outside the 1048576-byte arena"):
-        bulk.decode_loan(bulk.encode_loan(Loan(Kind.BYTES, Placement.ARENA, where, length)), ARENA)
+        bulk.decode_loan(bulk.encode_loan(Loan(Kind.BYTES, placement, where, length)), ARENA)
 
 
 def test_a_sealed_loan_names_a_transfer_not_an_offset() -> None:
@@ -69,7 +74,7 @@ def test_a_sealed_loan_names_a_transfer_not_an_offset() -> None:
         (bytes(bulk.RECORD_SIZE - 1), "malformed"),
         (bytes(bulk.RECORD_SIZE + 1), "malformed"),
         (bytes([3]) + bytes(bulk.RECORD_SIZE - 1), "unknown kind 3"),
-        (bytes([0, 3]) + bytes(bulk.RECORD_SIZE - 2), "unknown placement 3"),
+        (bytes([0, 4]) + bytes(bulk.RECORD_SIZE - 2), "unknown placement 4"),
     ],
 )
 def test_a_malformed_record_is_refused(payload: bytes, error: str) -> None:
@@ -88,6 +93,24 @@ def test_a_transfer_message_is_exactly_one_id_and_one_descriptor() -> None:
     ]:
         with pytest.raises(ProtocolError, match="malformed buffer transfer message"):
             bulk.decode_transfer(message, fds, flags)
+
+
+def test_a_release_message_is_the_tag_and_one_to_max_releases_offsets() -> None:
+    starts = [0, 4096, 2**64 - 4096]
+    message = bulk.encode_release(starts)
+    assert bulk.is_release(message, []) and bulk.decode_release(message, []) == starts
+    most = bulk.encode_release(list(range(bulk.MAX_RELEASES)))
+    assert len(most) == bulk.MAX_MESSAGE and bulk.decode_release(most, []) == list(range(bulk.MAX_RELEASES))
+    # A transfer whose id begins with the tag's byte is still a transfer: it brings a descriptor.
+    assert not bulk.is_release(bulk.encode_transfer(ord("R")), [3])
+    for malformed, flags in [
+        (bulk.RELEASE_TAG, 0),
+        (bulk.RELEASE_TAG + bytes(9), 0),
+        (bulk.encode_release(list(range(bulk.MAX_RELEASES + 1))), 0),
+        (message, socket.MSG_TRUNC),
+    ]:
+        with pytest.raises(ProtocolError, match="malformed buffer release message"):
+            bulk.decode_release(malformed, [], flags)
 
 
 @pytest.mark.parametrize(

@@ -13,25 +13,35 @@ more crosses through shared memory instead, with one copy on each side at most:
   through a read-write reopening of its descriptor. A channel is a strict alternation, so the
   peer's next frame on it proves it decoded ours: the sending thread frees its slots then
   (:meth:`BulkPort.received`; a call it makes on another channel meanwhile proves nothing).
-- **sealed buffers** (the ``view`` sharing strategy, and any buffer that does not fit the arena):
-  the sender writes the buffer into a memfd of its own, seals it against writing, shrinking and
-  growing, and passes the descriptor over the port's socket before the frame; the receiver checks
-  the seals and either maps it read-only (a zero-copy, immutable view, unmapped when the view is
-  dropped) or copies it out.
+- **views** (the ``view`` sharing strategy): the receiver gets a read-only ``memoryview`` and no
+  copy of its own. App → compartment, in place: the app copies the buffer into a slot of its
+  arena, which the compartment cannot write, and keeps that slot (placement ARENA_VIEW) until
+  the compartment's last view of it is dropped and a RELEASE message says so; a peer that
+  releases what it was not lent gets copies from then on. Compartment → app: the compartment
+  can write its own arena, so the app copies what it lends into memory of its own, pre-faulted
+  after first use and reused once the view is dropped: what the app checked cannot change.
+- **sealed buffers** (a buffer that does not fit the arena, under either strategy): the sender
+  writes the buffer into a memfd of its own, seals it against writing, shrinking and growing, and
+  passes the descriptor over the port's socket before the frame; the receiver checks the seals
+  and either maps it read-only (under ``view``: an immutable view, unmapped when it is dropped)
+  or copies it out.
 
-The socket is read only by a decoding thread, never waited on: the descriptor was queued before
-the frame that names it, so a loan whose descriptor is not there is the peer's lie.
+The socket is never waited on: a descriptor is queued before the frame that names it, so a loan
+whose descriptor is not there is the peer's lie; RELEASE messages are taken when the sender next
+lends a buffer (or counts its arena).
 """
 
 from __future__ import annotations
 
 import bisect
 import fcntl
+import inspect
 import mmap
 import os
 import socket
 import sys
 import threading
+from collections import deque
 from typing import Any
 
 from flexos.errors import GateError, ProtocolError
@@ -44,9 +54,11 @@ from flexos.wire.bulk import BUFFER_SEALS, KIND_OF_TYPE, Kind, Loan, Placement
 DEFAULT_ARENA = 256 << 20
 _ALIGN = 4096
 _UNCLAIMED = 64  # descriptors of sealed buffers received but not yet named by a frame, at most
-_TRANSFER_SIZE = 8
 # A view's mapping holds no descriptor (Python 3.13+): with one each, many kept views would run out of them.
 _UNTRACKED: dict[str, Any] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+# A view whose dropping frees its slot needs a Python buffer exporter (PEP 688, Python 3.12+);
+# before, views are of sealed buffers (lent) and of fresh copies (received) only.
+_SLOT_VIEWS = sys.version_info >= (3, 12)
 
 
 def open_port(
@@ -92,6 +104,10 @@ class BulkPort:
             out_size, in_size = os.fstat(out_fd).st_size, os.fstat(in_fd).st_size
             bulk.check_arena(out_fd, out_size)
             bulk.check_arena(in_fd, in_size)
+            # An arena sealed against new writable mappings is the app's (open_port): the
+            # compartment cannot write it, so the app may lend slots of it to be viewed in place.
+            self._lends_in_place = views and _SLOT_VIEWS and _future_write_sealed(out_fd)
+            self._views_in_place = views and _SLOT_VIEWS and _future_write_sealed(in_fd)
             if written is None:
                 written = mmap.mmap(out_fd, out_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             self._out = written
@@ -103,11 +119,19 @@ class BulkPort:
         self._max_frame = max_frame
         self.views = views
         self._lock = threading.Lock()
-        self._starts: list[int] = []  # slots in use in our arena: sorted starts, and their ends
-        self._ends: list[int] = []
-        # Slots lent and not freed yet, over every thread: while none are, a frame's arrival
-        # has nothing to free, and the gates skip received() on their hot paths.
+        self._arena = _Slots(len(self._out))
+        # Slots lent and not freed yet, over every thread, other than those lent to be viewed in
+        # place: while none are, a frame's arrival has nothing to free, and the gates skip
+        # received() on their hot paths.
         self.lent_slots = 0
+        self._viewed: set[int] = set()  # our slots the peer views in place, until it releases them
+        self._copies: tuple[mmap.mmap, _Slots] | None = None  # (receiving, views) where views are copied to
+        # A dropped view's slot, noted without a lock (the garbage collector may drop a view in
+        # any code of this thread, this port's own included): the peer's slots we viewed in
+        # place, to send back in RELEASE messages, and the slots of our copies, to free.
+        self._released: deque[int] = deque()
+        self._freed_copies: deque[int] = deque()
+        self._send_lock = threading.Lock()
         self._local = threading.local()
         self._transfers = 0
         self._unclaimed: dict[int, int] = {}
@@ -121,34 +145,28 @@ class BulkPort:
         shape = bulk.view_shape(view) if kind == Kind.MEMORYVIEW else b""
         data = view.cast("B") if view.format != "B" or view.ndim != 1 else view
         size = data.nbytes
-        start = None if self.views else self._allocate(size)
-        if start is None:
-            placement = Placement.VIEW if self.views else Placement.SEALED
-            return bulk.encode_loan(Loan(kind, placement, self._send_sealed(data), size)) + shape
-        self._out[start : start + size] = data
-        pending = self._local.__dict__.setdefault("pending", [])
-        pending.append(start)
-        return bulk.encode_loan(Loan(kind, Placement.ARENA, start, size)) + shape
-
-    def _allocate(self, size: int) -> int | None:
-        """The start of a free slot of ``size`` bytes in our arena (first fit), or None if full."""
-        rounded = -(-max(size, 1) // _ALIGN) * _ALIGN
-        with self._lock:
-            starts, ends = self._starts, self._ends
-            previous_end = 0
-            for index, start in enumerate(starts):
-                if start - previous_end >= rounded:
-                    starts.insert(index, previous_end)
-                    ends.insert(index, previous_end + rounded)
+        if self._released:
+            self._send_releases()
+        if self._lends_in_place:
+            self._collect_releases()
+            with self._lock:
+                start = self._arena.take(size)
+                if start is not None:
+                    self._viewed.add(start)
+            if start is not None:
+                self._out[start : start + size] = data
+                return bulk.encode_loan(Loan(kind, Placement.ARENA_VIEW, start, size)) + shape
+        else:
+            with self._lock:
+                start = self._arena.take(size)
+                if start is not None:
                     self.lent_slots += 1
-                    return previous_end
-                previous_end = ends[index]
-            if len(self._out) - previous_end >= rounded:
-                starts.append(previous_end)
-                ends.append(previous_end + rounded)
-                self.lent_slots += 1
-                return previous_end
-        return None
+            if start is not None:
+                self._out[start : start + size] = data
+                self._local.__dict__.setdefault("pending", []).append(start)
+                return bulk.encode_loan(Loan(kind, Placement.ARENA, start, size)) + shape
+        placement = Placement.VIEW if self.views else Placement.SEALED
+        return bulk.encode_loan(Loan(kind, placement, self._send_sealed(data), size)) + shape
 
     def _send_sealed(self, data: memoryview) -> int:
         fd = os.memfd_create("flexos-buffer", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -201,21 +219,62 @@ class BulkPort:
     def release(self, starts: list[int]) -> None:
         with self._lock:
             for start in starts:
-                index = bisect.bisect_left(self._starts, start)
-                if index < len(self._starts) and self._starts[index] == start:
-                    del self._starts[index]
-                    del self._ends[index]
+                if self._arena.free(start):
                     self.lent_slots -= 1
 
     def arena_in_use(self) -> int:
-        """Bytes of our arena held by slots the peer has not decoded yet."""
+        """Bytes of our arena held by slots the peer has not decoded, or still views, yet."""
+        if self._viewed:
+            self._collect_releases()
         with self._lock:
-            return sum(end - start for start, end in zip(self._starts, self._ends, strict=True))
+            return self._arena.in_use()
+
+    def _collect_releases(self) -> None:
+        """Free the slots the peer's RELEASE messages name (queued on the socket, never waited for).
+        A peer that releases what it was not lent is lent nothing in place any more (copies need
+        no word of its), and this is its ProtocolError."""
+        with self._claim_lock:
+            try:
+                while self._take_message():
+                    pass
+            except ProtocolError:
+                self._lends_in_place = False
+                raise
+
+    def _take_message(self) -> bool:
+        """Take one message from the socket, if one is there: a RELEASE is applied, a sealed
+        buffer's descriptor kept until a frame names it. ProtocolError if the peer lies."""
+        try:
+            message, fds, flags, _addr = socket.recv_fds(self._sock, bulk.MAX_MESSAGE + 1, 1)
+        except BlockingIOError:
+            return False
+        if bulk.is_release(message, fds):
+            starts = bulk.decode_release(message, fds, flags)
+            with self._lock:
+                if not set(starts) <= self._viewed or len(set(starts)) != len(starts):
+                    raise ProtocolError("peer released a buffer it was not lent to view")
+                for start in starts:
+                    self._viewed.discard(start)
+                    self._arena.free(start)
+            return True
+        try:
+            number = bulk.decode_transfer(message, fds, flags)
+        except ProtocolError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        if number in self._unclaimed or len(self._unclaimed) >= _UNCLAIMED:
+            os.close(fds[0])
+            raise ProtocolError("peer sent descriptors of buffers it never named")
+        self._unclaimed[number] = fds[0]
+        return True
 
     # -- receiving --------------------------------------------------------------------------------
     def borrow(self, payload: bytes) -> Any:
         """The value a LOAN record of the peer's names: our own copy, or, under the ``view``
         strategy, a read-only view of an immutable buffer; ProtocolError if the record lies."""
+        if self._released:
+            self._send_releases()
         loan = bulk.decode_loan(payload[: bulk.RECORD_SIZE], self._in_size)
         shape = bulk.decode_view_shape(payload[bulk.RECORD_SIZE :], loan)
         budget = self._local.__dict__.get("budget", self._max_frame)
@@ -223,8 +282,14 @@ class BulkPort:
             if loan.length > budget:
                 raise ReplyTooLarge(f"a frame lent buffers over the max_reply of {self._max_frame} bytes")
             self._local.budget = budget - loan.length
+        if loan.placement == Placement.ARENA_VIEW:
+            if not self._views_in_place:
+                raise ProtocolError("peer lent a buffer to be viewed in an arena it can write")
+            return bulk.shaped_view(memoryview(_Viewed(self, loan.where, loan.length)), shape)
         if loan.placement == Placement.ARENA:
             start, end = loan.where, loan.where + loan.length
+            if self.views:
+                return bulk.shaped_view(self._copy_to_view(start, end), shape)
             if loan.kind == Kind.BYTEARRAY:
                 with memoryview(self._in) as whole:
                     return bytearray(whole[start:end])
@@ -248,25 +313,70 @@ class BulkPort:
     def _claim(self, transfer: int) -> int:
         """The descriptor that came with sealed buffer ``transfer`` (already queued: never waits)."""
         with self._claim_lock:
-            unclaimed = self._unclaimed
-            while transfer not in unclaimed:
+            while transfer not in self._unclaimed:
+                if not self._take_message():
+                    raise ProtocolError(f"peer named sealed buffer {transfer}, whose descriptor it never sent")
+            return self._unclaimed.pop(transfer)
+
+    def _copy_to_view(self, start: int, end: int) -> memoryview:
+        """A read-only view of our own copy of the peer's arena bytes [start, end): in a pre-faulted
+        mapping of ours, reused once the view is dropped (a fresh object when that is full)."""
+        if not _SLOT_VIEWS:
+            with memoryview(self._in) as whole:
+                return memoryview(whole[start:end].tobytes())
+        if self._copies is None:
+            with self._lock:
+                if self._copies is None:
+                    self._copies = (mmap.mmap(-1, self._in_size, mmap.MAP_PRIVATE), _Slots(self._in_size))
+        copies, slots = self._copies
+        length = end - start
+        with self._lock:
+            while self._freed_copies:
+                slots.free(self._freed_copies.popleft())
+            at = slots.take(length)
+        with memoryview(self._in) as whole:
+            if at is None:
+                return memoryview(whole[start:end].tobytes())
+            with memoryview(copies) as ours:
+                ours[at : at + length] = whole[start:end]
+        return memoryview(_Viewed(self, at, length, copies))
+
+    def copies_in_use(self) -> int:
+        """Bytes of our copies (of the peer's arena, under ``view``) that views still hold."""
+        if self._copies is None:
+            return 0
+        with self._lock:
+            while self._freed_copies:
+                self._copies[1].free(self._freed_copies.popleft())
+            return self._copies[1].in_use()
+
+    def _done_viewing(self, start: int, copies: mmap.mmap | None) -> None:
+        """A view made by :meth:`borrow` was dropped: free our copy's slot (at the next copy), or
+        tell the peer it may reuse its arena slot (a RELEASE message, now if no other thread is
+        sending; else with the next one)."""
+        if copies is None:
+            self._released.append(start)
+            self._send_releases()
+        elif self._copies is not None and self._copies[0] is copies:
+            self._freed_copies.append(start)
+
+    def _send_releases(self) -> None:
+        if not self._send_lock.acquire(blocking=False):
+            return
+        try:
+            released = self._released
+            while released:
+                batch = [released.popleft() for _ in range(min(len(released), bulk.MAX_RELEASES))]
                 try:
-                    message, fds, flags, _addr = socket.recv_fds(self._sock, _TRANSFER_SIZE + 1, 1)
-                except BlockingIOError:
-                    raise ProtocolError(
-                        f"peer named sealed buffer {transfer}, whose descriptor it never sent"
-                    ) from None
-                try:
-                    number = bulk.decode_transfer(message, fds, flags)
-                except ProtocolError:
-                    for fd in fds:
-                        os.close(fd)
-                    raise
-                if number in unclaimed or len(unclaimed) >= _UNCLAIMED:
-                    os.close(fds[0])
-                    raise ProtocolError("peer sent descriptors of buffers it never named")
-                unclaimed[number] = fds[0]
-            return unclaimed.pop(transfer)
+                    self._sock.sendmsg([bulk.encode_release(batch)])
+                except BlockingIOError:  # the peer has not read the last ones: with the next view
+                    released.extendleft(reversed(batch))
+                    return
+                except OSError:  # the port is closed: the peer's arena went with it
+                    released.clear()
+                    return
+        finally:
+            self._send_lock.release()
 
     def unclaimed(self) -> int:
         """Descriptors received and not yet named by a frame (they stay open until then)."""
@@ -278,11 +388,88 @@ class BulkPort:
             for fd in self._unclaimed.values():
                 os.close(fd)
             self._unclaimed.clear()
-        for mapping in (self._out, self._in):
+        for mapping in (self._out, self._in, *(self._copies or ())[:1]):
             try:
                 mapping.close()
             except BufferError:  # a view still holds it: it goes with the last view
                 pass
+
+
+class _Slots:
+    """Which page-aligned slots of a region of ``size`` bytes are taken (first fit); the caller
+    holds the port's lock."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._starts: list[int] = []  # sorted starts, and their ends
+        self._ends: list[int] = []
+
+    def take(self, size: int) -> int | None:
+        """The start of a free slot of ``size`` bytes, now taken, or None if none is free."""
+        rounded = -(-max(size, 1) // _ALIGN) * _ALIGN
+        starts, ends = self._starts, self._ends
+        previous_end = 0
+        for index, start in enumerate(starts):
+            if start - previous_end >= rounded:
+                starts.insert(index, previous_end)
+                ends.insert(index, previous_end + rounded)
+                return previous_end
+            previous_end = ends[index]
+        if self._size - previous_end >= rounded:
+            starts.append(previous_end)
+            ends.append(previous_end + rounded)
+            return previous_end
+        return None
+
+    def free(self, start: int) -> bool:
+        """Free the slot at ``start``; False if none starts there."""
+        index = bisect.bisect_left(self._starts, start)
+        if index < len(self._starts) and self._starts[index] == start:
+            del self._starts[index]
+            del self._ends[index]
+            return True
+        return False
+
+    def in_use(self) -> int:
+        return sum(end - start for start, end in zip(self._starts, self._ends, strict=True))
+
+
+class _Viewed:
+    """What a view a port hands out is a view of: ``length`` bytes at ``start`` of the peer's
+    arena (viewed in place) or of ``copies``, our own copy. Exported read-only only; once the last
+    export is released the slot is freed (:meth:`BulkPort._done_viewing`) and it exports no more."""
+
+    __slots__ = ("_copies", "_exports", "_length", "_port", "_start")
+
+    def __init__(self, port: BulkPort, start: int, length: int, copies: mmap.mmap | None = None) -> None:
+        self._port: BulkPort | None = port
+        self._start = start
+        self._length = length
+        self._copies = copies
+        self._exports = 0
+
+    def __buffer__(self, flags: int) -> memoryview:
+        port = self._port
+        if port is None:
+            raise BufferError("this buffer was released")
+        if flags & inspect.BufferFlags.WRITABLE:
+            raise BufferError("a viewed buffer is read-only")
+        region = port._in if self._copies is None else self._copies
+        with memoryview(region) as whole:
+            view = whole[self._start : self._start + self._length].toreadonly()
+        self._exports += 1
+        return view
+
+    def __release_buffer__(self, view: memoryview) -> None:
+        view.release()
+        self._exports -= 1
+        if self._exports == 0 and self._port is not None:
+            port, self._port = self._port, None
+            port._done_viewing(self._start, self._copies)
+
+
+def _future_write_sealed(fd: int) -> bool:
+    return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_FUTURE_WRITE)
 
 
 def _read_all(fd: int, length: int) -> bytes:

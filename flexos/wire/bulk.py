@@ -24,10 +24,15 @@ from flexos.errors import ProtocolError
 #: costs less than a loan's bookkeeping).
 THRESHOLD = 64 << 10
 
-# kind, placement, offset (ARENA) or transfer id (SEALED), length
+# kind, placement, offset (ARENA, ARENA_VIEW) or transfer id (SEALED, VIEW), length
 _RECORD = struct.Struct("<BBxxxxxxQQ")
 RECORD_SIZE = _RECORD.size
 _TRANSFER = struct.Struct("<Q")  # what a SEALED buffer's descriptor travels with: its transfer id
+# A receiver's RELEASE message: this tag, then the u64 offsets of the ARENA_VIEW slots it is done with.
+RELEASE_TAG = b"R"
+_OFFSET = struct.Struct("<Q")
+MAX_RELEASES = 64  # offsets in one RELEASE message, at most
+MAX_MESSAGE = len(RELEASE_TAG) + MAX_RELEASES * _OFFSET.size
 
 
 class Kind:
@@ -44,6 +49,9 @@ class Placement:
     ARENA = 0  # in the sender's arena at an offset: the receiver copies them out as it decodes
     SEALED = 1  # in a sealed memfd of its own, passed beside the frame: the receiver copies it out
     VIEW = 2  # the same, lent to be viewed: a receiver under the ``view`` strategy maps it read-only
+    # In the app's arena, lent to be viewed in place: the compartment (which cannot write that
+    # arena) views it read-only, and the app keeps the slot until a RELEASE message frees it.
+    ARENA_VIEW = 3
 
 
 # The element formats a memoryview keeps across a gate (native single characters, which
@@ -76,7 +84,7 @@ def decode_loan(payload: bytes, arena_size: int) -> Loan:
     kind, placement, where, length = _RECORD.unpack(payload)
     if kind not in (Kind.BYTES, Kind.BYTEARRAY, Kind.MEMORYVIEW):
         raise ProtocolError(f"buffer loan of unknown kind {kind}")
-    if placement == Placement.ARENA:
+    if placement in (Placement.ARENA, Placement.ARENA_VIEW):
         if where > arena_size or length > arena_size - where:
             raise ProtocolError(f"buffer loan [{where}, +{length}) lies outside the {arena_size}-byte arena")
     elif placement not in (Placement.SEALED, Placement.VIEW):
@@ -94,6 +102,26 @@ def decode_transfer(message: bytes, fds: list[int], flags: int = 0) -> int:
     if len(message) != _TRANSFER.size or len(fds) != 1 or flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
         raise ProtocolError("malformed buffer transfer message")
     return int(_TRANSFER.unpack(message)[0])
+
+
+def encode_release(starts: list[int]) -> bytes:
+    """The RELEASE message of up to :data:`MAX_RELEASES` ARENA_VIEW slots the receiver is done with."""
+    return RELEASE_TAG + b"".join(_OFFSET.pack(start) for start in starts)
+
+
+def is_release(message: bytes, fds: list[int]) -> bool:
+    """Whether a message on the port's socket is meant as a RELEASE: the tag, and no descriptor
+    (which every transfer brings); anything else must be a transfer."""
+    return not fds and message.startswith(RELEASE_TAG)
+
+
+def decode_release(message: bytes, fds: list[int], flags: int = 0) -> list[int]:
+    """The slots a RELEASE message frees (one to :data:`MAX_RELEASES`)."""
+    truncated = flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC)
+    count, partial = divmod(len(message) - len(RELEASE_TAG), _OFFSET.size)
+    if not is_release(message, fds) or not 1 <= count <= MAX_RELEASES or partial or truncated:
+        raise ProtocolError("malformed buffer release message")
+    return [start for (start,) in _OFFSET.iter_unpack(message[len(RELEASE_TAG) :])]
 
 
 def check_arena(fd: int, size: int) -> None:

@@ -131,9 +131,11 @@ def test_an_arena_loan_up_to_the_very_end_is_honoured(booted: Booted) -> None:
         (b"", "malformed buffer loan"),
         (bytes([3]) + bytes(23), "unknown kind 3"),
         (bytes([255]) + bytes(23), "unknown kind 255"),
-        (bytes([0, 3]) + bytes(22), "unknown placement 3"),
+        (bytes([0, 4]) + bytes(22), "unknown placement 4"),
+        # ARENA_VIEW: only the app's arena, which the compartment cannot write, is viewed in place
+        (bytes([0, 3]) + bytes(22), "lent a buffer to be viewed in an arena it can write"),
     ],
-    ids=["short", "trailing", "empty", "kind-3", "kind-255", "placement-3"],
+    ids=["short", "trailing", "empty", "kind-3", "kind-255", "placement-4", "arena-view-from-compartment"],
 )
 def test_a_malformed_loan_record_is_refused(booted: Booted, payload: bytes, error: str) -> None:
     with pytest.raises(ProtocolError, match=error):
@@ -368,6 +370,39 @@ def test_under_view_a_buffer_arrives_as_a_read_only_view_the_sender_cannot_chang
         viewed[0] = 0
     assert booted.box.mutate_kept(index) == MiB  # the compartment changes its original
     assert bytes(viewed) == b"\x20" * MiB
+
+
+def test_under_view_what_the_compartment_keeps_is_the_apps_arena_untouched_until_it_lets_go(
+    boot_bulkbox: Callable[..., Booted],
+) -> None:
+    """Zero-copy in: the compartment views the app's arena in place. Many later transfers both ways
+    never reuse a slot it still views; once it drops its views the app's arena is empty again."""
+    booted = boot_bulkbox(buffers="view")
+    indices = [booted.box.keep(bytes([i]) * MiB) for i in range(20)]
+    for i in range(20):
+        assert bytes(booted.box.echo(bytes([100 + i]) * MiB)) == bytes([100 + i]) * MiB
+    assert [booted.box.kept_digest(index) for index in indices] == [_digest(bytes([i]) * MiB) for i in range(20)]
+    assert booted.port.arena_in_use() == 20 * MiB
+    booted.box.forget()
+    booted.box.echo("the views are dropped before this call is served")
+    assert booted.port.arena_in_use() == 0
+    booted.still_works()
+
+
+def test_a_forged_release_costs_the_compartment_its_views_in_place(boot_bulkbox: Callable[..., Booted]) -> None:
+    """The compartment says a slot it still views (or one never lent) is free: the app's next
+    large call is a ProtocolError, the app lends it nothing in place again (copies instead, which
+    need no word of its), and what the compartment keeps is still what it was lent."""
+    booted = boot_bulkbox(buffers="view")
+    index = booted.box.keep(b"\x01" * MiB)
+    assert booted.box.forge_release([0, 123 << 12]) == "sent"
+    with pytest.raises(ProtocolError, match="released a buffer it was not lent"):
+        booted.box.echo(b"\x02" * MiB)
+    assert booted.box.kept_digest(index) == _digest(b"\x01" * MiB)
+    assert booted.box.describe(b"\x03" * MiB)[:4] == ["memoryview", MiB, _digest(b"\x03" * MiB), True]
+    booted.box.forget()  # the slot it really views comes back when it lets go, as before
+    booted.box.echo("the views are dropped before this call is served")
+    booted.still_works()
 
 
 # -- reclamation ---------------------------------------------------------------------------------
