@@ -26,7 +26,10 @@ ACK = 128 + 16  # direction 0->1's acknowledgement: the peer picked up our frame
 
 class ScriptedPeer(RingChannel):
     """Side 0 of a channel that has sent one frame; each spin ends as the test scripts it (the
-    ns it took, MISSED or NEEDS_CPU), and a park finds the answer."""
+    ns it took, MISSED or NEEDS_CPU), and a park finds the answer after ``park_ns`` on the
+    scripted clock (``clock``, which ``shm._now_ns`` reads in these tests)."""
+
+    clock = 0
 
     def __init__(self, spin_us: float = 200) -> None:
         super().__init__(mmap.mmap(-1, 256 + 2 * 4096), 0, 0, 4096, spin_us)
@@ -35,12 +38,14 @@ class ScriptedPeer(RingChannel):
         self.spins: list[int] = []  # the budget of each spin
         self._poll_for = self._scripted
         self.next_value = 1
+        self.park_ns = 0
 
     def _scripted(self, offset: int, value: int, budget: int) -> int:
         self.spins.append(budget)
         return self.outcome
 
     def _block(self, offset: int, value: int, deadline: float | None = None) -> None:
+        ScriptedPeer.clock += self.park_ns
         shm._SEQ.pack_into(self._mm, offset, value)
 
     def _wake_peer(self) -> None:
@@ -51,6 +56,11 @@ class ScriptedPeer(RingChannel):
         shm._SEQ.pack_into(self._mm, ACK, self._out_seq if peer_took_it else 0)
         value, self.next_value = self.next_value, self.next_value + 1
         self._wait(SEQ, value)
+
+
+@pytest.fixture(autouse=True)
+def scripted_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shm, "_now_ns", lambda: ScriptedPeer.clock)
 
 
 @pytest.fixture(autouse=True)
@@ -87,7 +97,9 @@ def test_a_failed_probe_doubles_the_probing_interval_and_a_successful_one_resume
 
 
 def test_a_peer_that_runs_but_answers_late_halves_the_budget_down_to_a_floor() -> None:
+    """Late: the whole wait took longer than the most the channel spins (1 ms here)."""
     channel = ScriptedPeer(1_000)
+    channel.park_ns = 2_000_000
     channel.wait_once(shm.MISSED)
     assert not channel._parking and channel._budget == 500_000
     channel.wait_once(shm.MISSED, peer_took_it=False)  # not picked up yet: maybe waking, budget kept
@@ -97,6 +109,24 @@ def test_a_peer_that_runs_but_answers_late_halves_the_budget_down_to_a_floor() -
     assert not channel._parking and channel._budget == shm._SPIN_FLOOR_NS
     channel.wait_once(shm._SPIN_FLOOR_NS)  # it took the whole budget: allow more
     assert channel._budget == 2 * shm._SPIN_FLOOR_NS
+
+
+def test_a_reply_that_came_soon_after_the_spin_gave_up_is_spun_for_next_time() -> None:
+    """A call a little slower than the budget (the park found the answer at once): the budget
+    becomes twice the whole wait, within the most the channel spins, so that the next like it
+    ends spinning instead of in a wake-up."""
+    channel = ScriptedPeer(1_000)
+    channel._budget = shm._SPIN_FLOOR_NS
+    channel.park_ns = 10_000
+    channel.wait_once(shm.MISSED)
+    assert channel._budget == 2 * (shm._SPIN_FLOOR_NS + 10_000)
+    channel.park_ns = 200_000
+    channel.wait_once(shm.MISSED)
+    assert channel._budget == 2 * (60_000 + 200_000)
+    channel.wait_once(shm.MISSED)  # 520 + 200 us: within the 1 ms it may spin, but twice is more
+    assert channel._budget == 1_000_000
+    channel.wait_once(shm.MISSED, peer_took_it=False)  # not picked up: nothing learnt
+    assert channel._budget == 1_000_000 and not channel._parking
 
 
 def test_a_process_confined_to_one_cpu_never_spins() -> None:

@@ -83,6 +83,7 @@ _PROBE_SPIN_NS = 100_000
 _PROBE_EVERY_MIN, _PROBE_EVERY_MAX = 16, 1024
 _SUSPICIONS_TO_PARK = 3
 _PREEMPTED_NS = 20_000  # a gap this long between two looks at the clock: we did not run
+_now_ns = time.monotonic_ns  # how long a park took (a module attribute: tests script it)
 
 
 class RingChannel(ABC):
@@ -245,10 +246,12 @@ class RingChannel(ABC):
         while two spinning sides get spread over the CPUs by its load balancer.
 
         - *spinning*: spin up to the budget. If the peer could not run, spinning only delays it:
-          park from now on. If it runs elsewhere and picked our frame up (its ack), this is a
-          slow call or the pause before the app's next call: halve the budget (down to a floor),
-          so that a compartment waiting for its next call does not burn a CPU; a frame that
-          took most of the budget doubles it again.
+          park from now on. If it runs elsewhere and picked our frame up (its ack), park, and
+          time the whole wait: one that ended within the most we spin (a call a little slower
+          than the budget) sets the budget to twice it, so that the next like it ends spinning,
+          not in a wake-up; a longer one (a slow call, or the pause before the app's next call)
+          halves it (down to a floor), so that a compartment waiting for its next call does not
+          burn a CPU. A frame that took most of the budget doubles it.
         - *parking*: block on the first miss, one hand-over per wait (no yield loops); every
           ``_probe_every`` waits (doubling while probes find the peer needs our CPU) one short
           spin probes whether it runs elsewhere now.
@@ -281,20 +284,28 @@ class RingChannel(ABC):
         if outcome >= 0:
             self._suspicions = 0
             return None
-        self._learn_from_miss(outcome, budget)
-        self.parked += 1
-        return self._block(offset, value, deadline)
+        return self._park_after_miss(outcome, budget, offset, value, deadline)
 
-    def _learn_from_miss(self, outcome: int, budget: int) -> None:
-        """A spin of ``budget`` ns ended without the frame (MISSED or NEEDS_CPU): park from now
-        on, or spin less next time (``_wait`` says why)."""
+    def _park_after_miss(self, outcome: int, budget: int, offset: int, value: int, deadline: float | None) -> None:
+        """A spin of ``budget`` ns ended without the frame (MISSED or NEEDS_CPU): park until it
+        comes, and learn to park from now on, or how long to spin next time (``_wait`` says why)."""
+        self.parked += 1
         if outcome == NEEDS_CPU:
             self._suspicions += 1
             if self._suspicions >= _SUSPICIONS_TO_PARK:  # one could be the VM's steal time
                 self._parking = True
                 self._waits_since_probe = 0
-        elif self._peer_took_last():
-            self._budget = min(self._budget_max, max(_SPIN_FLOOR_NS, budget // 2))
+            return self._block(offset, value, deadline)
+        if not self._peer_took_last():  # not picked up yet: the peer may be waking, nothing to learn
+            return self._block(offset, value, deadline)
+        parked_at = _now_ns()
+        self._block(offset, value, deadline)
+        waited = budget + _now_ns() - parked_at
+        if waited <= self._budget_max:
+            self._budget = min(self._budget_max, 2 * waited)
+        else:
+            self._budget = max(_SPIN_FLOOR_NS, budget // 2)
+        return None
 
     def _spun_for(self, took: int) -> None:
         """A spin found the frame after ``took`` ns: one that took most of the budget allows more."""
@@ -450,9 +461,7 @@ class ShmChannel(RingChannel):
                 return self._take(expected, deadline)
             if got != NOT_SPUN:  # MISSED or NEEDS_CPU
                 self.missed += 1
-                self._learn_from_miss(got, budget)
-                self.parked += 1
-                self._block(self._in_hdr + _SEQ_AT, expected, deadline)
+                self._park_after_miss(got, budget, self._in_hdr + _SEQ_AT, expected, deadline)
                 return self._take(expected, deadline)
         elif deadline is None and (self._never_spin or self._waits_since_probe + 1 < self._probe_every):
             self._waits_since_probe += 1  # a plain hand-over: no probe is due
