@@ -177,11 +177,13 @@ class Peers:
         self._rpyc_proc = ctx.Process(target=serve_rpyc, args=(socket_path,), daemon=True)
         self._rpyc_proc.start()
         deadline = time.monotonic() + 30
-        while not os.path.exists(socket_path):
+        while self._rpyc_conn is None:  # its socket exists once bound, and takes connections once listening
             if time.monotonic() > deadline or not self._rpyc_proc.is_alive():
                 raise RuntimeError("the RPyC server did not start")
-            time.sleep(0.01)
-        self._rpyc_conn = unix_connect(socket_path)
+            try:
+                self._rpyc_conn = unix_connect(socket_path)
+            except (FileNotFoundError, ConnectionRefusedError):
+                time.sleep(0.01)
         self.calls["rpyc"] = self._rpyc_conn.root.f  # a cached netref to the remote function
 
         self._boot_flexos()

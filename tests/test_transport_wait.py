@@ -111,22 +111,41 @@ def test_a_peer_that_runs_but_answers_late_halves_the_budget_down_to_a_floor() -
     assert channel._budget == 2 * shm._SPIN_FLOOR_NS
 
 
-def test_a_reply_that_came_soon_after_the_spin_gave_up_is_spun_for_next_time() -> None:
-    """A call a little slower than the budget (the park found the answer at once): the budget
-    becomes twice the whole wait, within the most the channel spins, so that the next like it
-    ends spinning instead of in a wake-up."""
+def test_calls_a_little_slower_than_the_budget_in_a_row_are_spun_for_next_time() -> None:
+    """Every wait ends parked, soon after the spin gave up (within the 1 ms the channel may
+    spin): the fourth in a row sets the budget to twice its length, so the next ones end
+    spinning instead of in a wake-up; never more than the most it spins."""
     channel = ScriptedPeer(1_000)
     channel._budget = shm._SPIN_FLOOR_NS
     channel.park_ns = 10_000
+    for _ in range(shm._SLOW_WAITS_TO_GROW - 1):
+        channel.wait_once(shm.MISSED)
+        assert channel._budget == shm._SPIN_FLOOR_NS
     channel.wait_once(shm.MISSED)
     assert channel._budget == 2 * (shm._SPIN_FLOOR_NS + 10_000)
-    channel.park_ns = 200_000
-    channel.wait_once(shm.MISSED)
-    assert channel._budget == 2 * (60_000 + 200_000)
-    channel.wait_once(shm.MISSED)  # 520 + 200 us: within the 1 ms it may spin, but twice is more
+    channel.park_ns = 600_000  # each wait still within the 1 ms, but twice one is more
+    for _ in range(shm._SLOW_WAITS_TO_GROW):
+        channel.wait_once(shm.MISSED)
     assert channel._budget == 1_000_000
-    channel.wait_once(shm.MISSED, peer_took_it=False)  # not picked up: nothing learnt
-    assert channel._budget == 1_000_000 and not channel._parking
+
+
+def test_one_slow_wait_among_answers_found_spinning_only_halves_the_budget() -> None:
+    """On a busy machine a peer preempted mid-call answers late now and then: spinning longer
+    would steal its CPU. A streak of slow waits is broken by any answer found spinning, and by
+    a wait longer than the most the channel spins."""
+    channel = ScriptedPeer(1_000)
+    channel.park_ns = 10_000
+    for _ in range(4 * shm._SLOW_WAITS_TO_GROW):
+        channel.wait_once(shm.MISSED)
+        channel.wait_once(1_000)  # the next answer is found spinning
+    assert channel._budget == shm._SPIN_FLOOR_NS
+    for _ in range(shm._SLOW_WAITS_TO_GROW - 1):
+        channel.wait_once(shm.MISSED)
+    channel.park_ns = 2_000_000
+    channel.wait_once(shm.MISSED)  # over the most it spins: a slow call
+    channel.park_ns = 10_000
+    channel.wait_once(shm.MISSED)
+    assert channel._budget == shm._SPIN_FLOOR_NS
 
 
 def test_a_process_confined_to_one_cpu_never_spins() -> None:

@@ -82,6 +82,7 @@ _SPIN_FLOOR_NS = 20_000
 _PROBE_SPIN_NS = 100_000
 _PROBE_EVERY_MIN, _PROBE_EVERY_MAX = 16, 1024
 _SUSPICIONS_TO_PARK = 3
+_SLOW_WAITS_TO_GROW = 4  # parked waits in a row that a longer spin would have caught
 _PREEMPTED_NS = 20_000  # a gap this long between two looks at the clock: we did not run
 _now_ns = time.monotonic_ns  # how long a park took (a module attribute: tests script it)
 
@@ -121,6 +122,8 @@ class RingChannel(ABC):
         self._probe_every = _PROBE_EVERY_MAX if one_cpu else _PROBE_EVERY_MIN
         self._waits_since_probe = 0
         self._suspicions = 0  # spins in a row that found the peer could not run
+        self._slow_waits = 0  # parked waits in a row that ended within the most we spin
+        self._spun_at_slow_wait = 0  # ``spun`` at the last of them
         # What stores a frame and what polls for one: attributes, so that a subclass's C versions
         # are called without a Python frame in between.
         self._publish: Callable[[int, bytes | memoryview, int, int, int, int], bool] = self._python_publish
@@ -246,12 +249,14 @@ class RingChannel(ABC):
         while two spinning sides get spread over the CPUs by its load balancer.
 
         - *spinning*: spin up to the budget. If the peer could not run, spinning only delays it:
-          park from now on. If it runs elsewhere and picked our frame up (its ack), park, and
-          time the whole wait: one that ended within the most we spin (a call a little slower
-          than the budget) sets the budget to twice it, so that the next like it ends spinning,
-          not in a wake-up; a longer one (a slow call, or the pause before the app's next call)
-          halves it (down to a floor), so that a compartment waiting for its next call does not
-          burn a CPU. A frame that took most of the budget doubles it.
+          park from now on. If it runs elsewhere and picked our frame up (its ack), this is a
+          slow call or the pause before the app's next call: halve the budget (down to a floor),
+          so that a compartment waiting for its next call does not burn a CPU; a frame that
+          took most of the budget doubles it again. But when every wait in a row ends (parked)
+          within the most we spin, the peer's calls are just slower than the budget: the
+          fourth such wait sets the budget to twice its length, so that the next ones end
+          spinning, not in a wake-up. (One such wait among answers found spinning is the peer
+          preempted on a busy machine, where spinning longer would only steal its CPU.)
         - *parking*: block on the first miss, one hand-over per wait (no yield loops); every
           ``_probe_every`` waits (doubling while probes find the peer needs our CPU) one short
           spin probes whether it runs elsewhere now.
@@ -301,10 +306,16 @@ class RingChannel(ABC):
         parked_at = _now_ns()
         self._block(offset, value, deadline)
         waited = budget + _now_ns() - parked_at
-        if waited <= self._budget_max:
-            self._budget = min(self._budget_max, 2 * waited)
-        else:
-            self._budget = max(_SPIN_FLOOR_NS, budget // 2)
+        if waited > self._budget_max:
+            self._slow_waits = 0
+        else:  # one more in a row, unless a spin found an answer since the last
+            self._slow_waits = self._slow_waits + 1 if self.spun == self._spun_at_slow_wait else 1
+            self._spun_at_slow_wait = self.spun
+            if self._slow_waits >= _SLOW_WAITS_TO_GROW:
+                self._slow_waits = 0
+                self._budget = min(self._budget_max, 2 * waited)
+                return None
+        self._budget = max(_SPIN_FLOOR_NS, budget // 2)
         return None
 
     def _spun_for(self, took: int) -> None:
