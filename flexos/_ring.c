@@ -19,7 +19,8 @@
  *       timeout passed, or a signal came; the caller checks its deadline and calls again).
  *       Our flag is clear whenever it returns.
  *   route(...) once, then exchange(frame, budget_ns, park_ms) -> bytes | int
- *       a whole round trip of one side: publish, wake the peer if it sleeps, then spin (if no
+ *       a whole round trip of one side: publish (unless frame is None: then only its second
+ *       half, waiting for the peer's next frame), wake the peer if it sleeps, then spin (if no
  *       other thread of the process spins) or park, and take a one-fragment reply within the
  *       fast limit. What is left to decide (a miss, a slow spin, fragments, a closed or dead
  *       peer) comes back as an outcome for shm.py's policy; the frame is then not taken. Routed
@@ -306,16 +307,19 @@ static PyObject *ring_exchange(Ring *self, PyObject *const *args, Py_ssize_t nar
         PyErr_SetString(PyExc_ValueError, self->held ? "the ring has no route" : "the ring's memory was released");
         return NULL;
     }
-    Py_buffer frame;
-    if (PyObject_GetBuffer(args[0], &frame, PyBUF_SIMPLE) < 0)
-        return NULL;
-    if (frame.len > self->capacity) {
+    int woke = 0;
+    if (args[0] != Py_None) { /* None: nothing to send, only the peer's next frame to wait for */
+        Py_buffer frame;
+        if (PyObject_GetBuffer(args[0], &frame, PyBUF_SIMPLE) < 0)
+            return NULL;
+        if (frame.len > self->capacity) {
+            PyBuffer_Release(&frame);
+            PyErr_SetString(PyExc_ValueError, "frame over the capacity");
+            return NULL;
+        }
+        woke = store_frame(self->out_payload, self->out_hdr, &frame, 0, ++self->out_seq, self->peer_sleep);
         PyBuffer_Release(&frame);
-        PyErr_SetString(PyExc_ValueError, "frame over the capacity");
-        return NULL;
     }
-    int woke = store_frame(self->out_payload, self->out_hdr, &frame, 0, ++self->out_seq, self->peer_sleep);
-    PyBuffer_Release(&frame);
     if (woke) {
         uint64_t one = 1; /* EAGAIN: the peer saturated its counter, so its poll() returns anyway */
         ssize_t wrote = write(self->peer_efd, &one, sizeof one);

@@ -72,12 +72,12 @@ class Ring:
     spun: int
     suspicions: int
 
-    def exchange(self, frame: bytes | memoryview, budget_ns: int, park_ms: int, /) -> bytes | int:
-        """Publish ``frame`` as ``out_seq + 1``, wake a sleeping peer, then spin up to ``budget_ns``
-        (if no other thread spins) or park up to ``park_ms``: the reply ``in_seq + 1`` if it came
-        as one fragment within the fast limit (and, spun for, in half the budget), counted in
-        ``in_seq`` (and ``spun``); else an outcome: ns (there, not taken), MISSED, NEEDS_CPU,
-        NOT_SPUN, PARKED_AGAIN, PEER_CLOSED or PEER_GONE."""
+    def exchange(self, frame: bytes | memoryview | None, budget_ns: int, park_ms: int, /) -> bytes | int:
+        """Publish ``frame`` as ``out_seq + 1`` (None: publish nothing), wake a sleeping peer,
+        then spin up to ``budget_ns`` (if no other thread spins) or park up to ``park_ms``: the
+        reply ``in_seq + 1`` if it came as one fragment within the fast limit (and, spun for, in
+        half the budget), counted in ``in_seq`` (and ``spun``); else an outcome: ns (there, not
+        taken), MISSED, NEEDS_CPU, NOT_SPUN, PARKED_AGAIN, PEER_CLOSED or PEER_GONE."""
 
     def release(self) -> None:
         """Let go of the memory (before its mmap is closed)."""

@@ -262,6 +262,33 @@ def test_exchange_publishes_and_takes_a_reply_already_there(memory: mmap.mmap, f
     os.close(peer_efd)
 
 
+def test_exchange_of_none_publishes_nothing_and_takes_or_waits_for_the_next_frame(
+    memory: mmap.mmap, fds: tuple[int, int, int]
+) -> None:
+    """The second half of a round trip alone (a server that already sent its reply): no frame,
+    header or wake-up of ours, even with the peer asleep; the peer's next frame taken as ever."""
+    efd, _watch_r, _watch_w = fds
+    ring, peer_efd = routed(memory, fds)
+    struct.pack_into("<I", memory, THEIR_SLEEP, 1)
+    assert ring.exchange(None, 0, 0) == NOT_SPUN
+    answer(memory, b"call", 1)
+    assert ring.exchange(None, 0, 0) == b"call"
+    assert struct.unpack_from("<IIQ", memory, OUT_HDR) == (0, 0, 0) and memory[OUT_PAYLOAD] == 0
+    assert (ring.out_seq, ring.in_seq) == (0, 1)
+    assert struct.unpack_from("<Q", memory, IN_HDR + 16)[0] == 1
+
+    def call_and_wake() -> None:
+        answer(memory, b"next", 2)
+        os.eventfd_write(efd, 1)
+
+    threading.Timer(0.05, call_and_wake).start()
+    assert ring.exchange(None, 0, 5000) == b"next"  # parked until the peer's frame came
+    assert ring.exchange(None, 1_000_000, 0) in (MISSED, NEEDS_CPU)  # spun 1 ms: nothing came
+    with pytest.raises(BlockingIOError):
+        os.eventfd_read(peer_efd)
+    os.close(peer_efd)
+
+
 def test_exchange_wakes_a_sleeping_peer_and_says_when_it_neither_spun_nor_parked(
     memory: mmap.mmap, fds: tuple[int, int, int]
 ) -> None:

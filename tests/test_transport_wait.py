@@ -13,6 +13,7 @@ import select
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -199,5 +200,37 @@ def test_a_reply_already_there_is_taken_once_whichever_way_the_channel_waits(bra
     finally:
         ours.close()
         theirs.close()
+        os.close(watch_r)
+        os.close(watch_w)
+
+
+@pytest.mark.parametrize("branch", ["spinning", "parking", "probing", "deadline"])
+def test_a_server_waits_for_the_next_call_whichever_way_the_channel_waits(branch: str) -> None:
+    """recv() is the second half of an exchange (Ring.exchange of no frame): frames already
+    there, frames that come while it waits and frames in fragments arrive whole and in order,
+    and nothing of ours is sent meanwhile."""
+    watch_r, watch_w = os.pipe()
+    caller, fds = shm.ShmChannel.create(watch_r, select.POLLIN)
+    server = shm.ShmChannel((fds[0], fds[1], fds[2]), 1, watch_r, select.POLLIN)
+    server._parking = branch != "spinning"
+    server._never_spin = False
+    server._waits_since_probe = server._probe_every - 1 if branch == "probing" else 0
+    deadline = time.monotonic() + 60 if branch == "deadline" else None
+    large = bytes(range(256)) * (3 * shm.DEFAULT_CAPACITY // 256)  # three fragments and more
+    try:
+        caller.send(b"call 0")
+        assert server.recv(deadline) == b"call 0"
+        late = threading.Timer(0.05, caller.send, (b"call 1",))
+        late.start()
+        assert server.recv(deadline) == b"call 1"
+        late.join()
+        sender = threading.Thread(target=caller.send, args=(large,))
+        sender.start()
+        assert server.recv(deadline) == large
+        sender.join()
+        assert server._out_seq == 0 and server._in_seq == caller._out_seq
+    finally:
+        caller.close()
+        server.close()
         os.close(watch_r)
         os.close(watch_w)

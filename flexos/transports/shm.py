@@ -460,6 +460,17 @@ class ShmChannel(RingChannel):
         comes back as an outcome."""
         if len(frame) > self._capacity:
             return super().exchange(frame, deadline)
+        return self._round_trip(frame, deadline)
+
+    def recv(self, deadline: float | None = None, *, resume: bool = False) -> bytes:
+        """RingChannel.recv, its common case as the second half of :meth:`exchange` (a server
+        that sent its reply, then freed what the peer dropped, waits so for the next call)."""
+        if resume:
+            return super().recv(deadline, resume=True)
+        return self._round_trip(None, deadline)
+
+    def _round_trip(self, frame: bytes | None, deadline: float | None) -> bytes:
+        """Publish ``frame`` (None: nothing), then wait for the peer's next frame and take it."""
         if not self._parking:
             budget = self._budget
             got = self._ring_exchange(frame, budget, 0)
