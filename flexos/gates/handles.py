@@ -135,7 +135,8 @@ class ImportTable:
         ref = self._refs.get(handle)
         return ref() if ref is not None else None
 
-    def lookup_or_create(self, handle: int, create: Callable[[], Any]) -> Any:
+    def lookup_or_create(self, handle: int, create: Callable[..., Any], *args: Any) -> Any:
+        """Our live proxy of ``handle`` (counting one more receipt), else ``create(*args)``'s."""
         with self._lock:
             ref = self._refs.get(handle)
             if ref is not None:
@@ -144,7 +145,7 @@ class ImportTable:
                     ref.count += 1
                     # (an anchor if the peer named this handle as a value before: its proxy)
                     return proxy.proxy if type(proxy) is _Anchor else proxy
-            proxy = create()
+            proxy = create(*args)
             ref = _ProxyRef(proxy, self._dead.append)
             ref.handle = handle
             ref.count = 1

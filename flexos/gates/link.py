@@ -602,7 +602,7 @@ class Link:
         cls = self._classes.get(class_handle) or self._mirror(class_handle)
         if not issubclass(cls, RemoteObject):  # an exception class: its instances cross by value
             raise ProtocolError("object reference names a class that cannot have proxies")
-        return self.imports.lookup_or_create(handle, lambda: new_proxy(cls, self, handle))
+        return self.imports.lookup_or_create(handle, new_proxy, cls, self, handle)
 
     def value_proxy(self, handle: int, class_handle: int, value: Any) -> Any:
         cls = self._classes.get(class_handle) or self._mirror(class_handle)
