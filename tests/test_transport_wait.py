@@ -7,6 +7,7 @@ No timing is asserted, only which way the channel chose.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import select
@@ -15,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -180,23 +182,21 @@ def test_a_process_confined_to_one_cpu_never_spins() -> None:
     assert spins == 0 and parked > 0
 
 
-@pytest.mark.parametrize("branch", ["spinning", "parking", "probing", "deadline"])
-def test_a_reply_already_there_is_taken_once_whichever_way_the_channel_waits(branch: str) -> None:
-    """Ring.exchange takes a reply it finds at once; the channel must not take it a second time
-    (which would skip a sequence number, and hang the next call waiting for one never sent)."""
+WAIT_BRANCHES = ["spinning", "parking", "probing", "deadline"]
+
+
+@contextlib.contextmanager
+def channel_pair(branch: str) -> Iterator[tuple[shm.ShmChannel, shm.ShmChannel, float | None]]:
+    """Two real ShmChannel sides (ours, theirs) and a deadline; ours waits the way ``branch``
+    names (one of WAIT_BRANCHES)."""
     watch_r, watch_w = os.pipe()
     ours, fds = shm.ShmChannel.create(watch_r, select.POLLIN)
     theirs = shm.ShmChannel((fds[0], fds[1], fds[2]), 1, watch_r, select.POLLIN)
     ours._parking = branch != "spinning"
     ours._never_spin = False
     ours._waits_since_probe = ours._probe_every - 1 if branch == "probing" else 0
-    deadline = time.monotonic() + 60 if branch == "deadline" else None
     try:
-        for n in range(3):
-            theirs.send(b"reply %d" % n)  # the peer's frame is there before ours goes out
-            assert ours.exchange(b"call %d" % n, deadline) == b"reply %d" % n
-            assert theirs.recv() == b"call %d" % n
-        assert ours._in_seq == ours._out_seq == 3
+        yield ours, theirs, time.monotonic() + 60 if branch == "deadline" else None
     finally:
         ours.close()
         theirs.close()
@@ -204,20 +204,25 @@ def test_a_reply_already_there_is_taken_once_whichever_way_the_channel_waits(bra
         os.close(watch_w)
 
 
-@pytest.mark.parametrize("branch", ["spinning", "parking", "probing", "deadline"])
+@pytest.mark.parametrize("branch", WAIT_BRANCHES)
+def test_a_reply_already_there_is_taken_once_whichever_way_the_channel_waits(branch: str) -> None:
+    """Ring.exchange takes a reply it finds at once; the channel must not take it a second time
+    (which would skip a sequence number, and hang the next call waiting for one never sent)."""
+    with channel_pair(branch) as (ours, theirs, deadline):
+        for n in range(3):
+            theirs.send(b"reply %d" % n)  # the peer's frame is there before ours goes out
+            assert ours.exchange(b"call %d" % n, deadline) == b"reply %d" % n
+            assert theirs.recv() == b"call %d" % n
+        assert ours._in_seq == ours._out_seq == 3
+
+
+@pytest.mark.parametrize("branch", WAIT_BRANCHES)
 def test_a_server_waits_for_the_next_call_whichever_way_the_channel_waits(branch: str) -> None:
     """recv() is the second half of an exchange (Ring.exchange of no frame): frames already
     there, frames that come while it waits and frames in fragments arrive whole and in order,
     and nothing of ours is sent meanwhile."""
-    watch_r, watch_w = os.pipe()
-    caller, fds = shm.ShmChannel.create(watch_r, select.POLLIN)
-    server = shm.ShmChannel((fds[0], fds[1], fds[2]), 1, watch_r, select.POLLIN)
-    server._parking = branch != "spinning"
-    server._never_spin = False
-    server._waits_since_probe = server._probe_every - 1 if branch == "probing" else 0
-    deadline = time.monotonic() + 60 if branch == "deadline" else None
     large = bytes(range(256)) * (3 * shm.DEFAULT_CAPACITY // 256)  # three fragments and more
-    try:
+    with channel_pair(branch) as (server, caller, deadline):
         caller.send(b"call 0")
         assert server.recv(deadline) == b"call 0"
         late = threading.Timer(0.05, caller.send, (b"call 1",))
@@ -229,8 +234,3 @@ def test_a_server_waits_for_the_next_call_whichever_way_the_channel_waits(branch
         assert server.recv(deadline) == large
         sender.join()
         assert server._out_seq == 0 and server._in_seq == caller._out_seq
-    finally:
-        caller.close()
-        server.close()
-        os.close(watch_r)
-        os.close(watch_w)
