@@ -1143,7 +1143,7 @@ def test_buffers_view_outside_a_process_compartment_is_refused(tmp_path: Path, d
     problem = only_problem(path)
     assert problem.startswith(
         f"{path}:10: library 'json': buffers: view needs a 'process' compartment (its gates lend large buffers "
-        f"as read-only views of sealed shared memory); 'box' is a {driver!r} compartment, whose gates {does}"
+        f"as read-only views, not copies); 'box' is a {driver!r} compartment, whose gates {does}"
     )
     assert problem.endswith(
         "remove the key (buffers: copy is the default) or move the library to a 'process' compartment"

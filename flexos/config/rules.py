@@ -197,7 +197,7 @@ def buffer_views_need_a_port(
     return src.error(
         ("libraries", module, "sharing", "buffers"),
         f"library {module!r}: buffers: view needs a {_drivers_that('buffer_views')} compartment (its gates lend "
-        f"large buffers as read-only views of sealed shared memory); {library.compartment!r} is a {driver.name!r} "
+        f"large buffers as read-only views, not copies); {library.compartment!r} is a {driver.name!r} "
         f"compartment, whose gates {driver.large_buffers}; remove the key (buffers: copy is the default) or move "
         f"the library to a {_drivers_that('buffer_views')} compartment",
     )

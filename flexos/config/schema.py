@@ -288,8 +288,8 @@ class CompartmentEntry(StrictModel):
 
 class LibrarySharing(StrictModel):
     """How a library's data crosses its compartment's gates where the default is wrong (FlexOS's
-    shared heap / DSS / whitelists): ``buffers: view`` lends large bytes-like values as read-only
-    views of sealed shared memory instead of copying them (flexos.config.rules says where)."""
+    shared heap / DSS / whitelists): ``buffers: view`` hands large bytes-like values over as
+    read-only views instead of copies of the receiver's own (flexos.config.rules says where)."""
 
     buffers: Literal["copy", "view"] = "copy"
 

@@ -118,8 +118,8 @@ class Driver(ABC):
     #: ``timeout:`` can be enforced (a stuck call runs on a thread that is not the caller's).
     supports_timeout: ClassVar[bool] = False
     #: ``sharing: {buffers: view}`` is honoured: large bytes-like values cross between the app and
-    #: the compartment as read-only views of sealed shared memory (the bulk port,
-    #: flexos/transports/bulk.py), immutable for both sides.
+    #: the compartment as read-only views, not copies (the bulk port, flexos/transports/bulk.py:
+    #: of the app's arena in the compartment, of the app's own copy in the app), immutable for both.
     buffer_views: ClassVar[bool] = False
     #: What its gates do with a large bytes-like value instead, as a refusal of ``buffers: view`` says.
     large_buffers: ClassVar[str] = "copy them"
